@@ -1,0 +1,188 @@
+//! Settings: where the database is, which mode (live or test), keys, webhook secrets,
+//! and which Stripe API base to talk to.
+//!
+//! [`Config::from_env`] reads the variables named in the crate docs; every field can
+//! also be set in code, so tests and host apps need no environment at all.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+
+/// Default database when `DATABASE_URL` is not set: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://stripe-mirror.db";
+
+/// Everything the mirror needs to know, in one place.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `sqlite://path`, a bare SQLite path, or `postgres://...`.
+    pub database_url: String,
+    /// Live mode (`STRIPE_LIVE_MODE`): which keys are used and which rows reads return.
+    pub live_mode: bool,
+    /// `STRIPE_SECRET_KEY`: overrides the per-mode keys below.
+    pub secret_key: Option<Secret>,
+    /// `STRIPE_TEST_SECRET_KEY`.
+    pub test_secret_key: Option<Secret>,
+    /// `STRIPE_LIVE_SECRET_KEY`.
+    pub live_secret_key: Option<Secret>,
+    /// `STRIPE_TEST_PUBLISHABLE_KEY`.
+    pub test_publishable_key: Option<String>,
+    /// `STRIPE_LIVE_PUBLISHABLE_KEY`.
+    pub live_publishable_key: Option<String>,
+    /// `STRIPE_WEBHOOK_SECRET`, comma separated: any of them may sign a delivery (rotation).
+    pub webhook_secrets: Vec<Secret>,
+    /// `STRIPE_API_BASE`: e.g. `http://127.0.0.1:8420/` for a local fake Stripe.
+    pub api_base: Option<String>,
+    /// Largest number of pooled database connections.
+    pub pool_size: u32,
+    /// How long to wait for a pooled connection before answering "unavailable".
+    pub connection_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            live_mode: false,
+            secret_key: None,
+            test_secret_key: None,
+            live_secret_key: None,
+            test_publishable_key: None,
+            live_publishable_key: None,
+            webhook_secrets: Vec::new(),
+            api_base: None,
+            pool_size: 8,
+            connection_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for the given database, everything else default.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Config {
+            database_url: database_url.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Reads the environment (see the crate docs for the variable names).
+    ///
+    /// ```
+    /// # unsafe { std::env::remove_var("DATABASE_URL") };
+    /// let config = stripe_mirror::Config::from_env().unwrap();
+    /// assert_eq!(config.database_url, "sqlite://stripe-mirror.db");
+    /// ```
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_env`], reading variables through `get` (handy in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let secret = |name: &str| get(name).map(|v| Secret::new(v.trim()));
+        let live_mode = match get("STRIPE_LIVE_MODE").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if ["1", "true", "yes", "on"].contains(&v.to_ascii_lowercase().as_str()) => {
+                true
+            }
+            Some(v) if ["0", "false", "no", "off"].contains(&v.to_ascii_lowercase().as_str()) => {
+                false
+            }
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "STRIPE_LIVE_MODE={v:?} is not a boolean; use true or false"
+                )));
+            }
+        };
+        Ok(Config {
+            database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            live_mode,
+            secret_key: secret("STRIPE_SECRET_KEY"),
+            test_secret_key: secret("STRIPE_TEST_SECRET_KEY"),
+            live_secret_key: secret("STRIPE_LIVE_SECRET_KEY"),
+            test_publishable_key: get("STRIPE_TEST_PUBLISHABLE_KEY"),
+            live_publishable_key: get("STRIPE_LIVE_PUBLISHABLE_KEY"),
+            webhook_secrets: get("STRIPE_WEBHOOK_SECRET")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(Secret::new)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            api_base: get("STRIPE_API_BASE"),
+            ..Config::default()
+        })
+    }
+
+    /// The secret key from the environment for the current mode, if any:
+    /// `STRIPE_SECRET_KEY` first, then the per-mode variable.
+    pub fn env_secret_key(&self) -> Option<&Secret> {
+        self.secret_key.as_ref().or(if self.live_mode {
+            self.live_secret_key.as_ref()
+        } else {
+            self.test_secret_key.as_ref()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| {
+            owned
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn defaults_without_environment() {
+        let c = Config::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert!(!c.live_mode);
+        assert!(c.env_secret_key().is_none());
+    }
+
+    #[test]
+    fn secret_key_precedence_and_rotation_list() {
+        let c = Config::from_lookup(lookup(&[
+            ("STRIPE_TEST_SECRET_KEY", "sk_test_aaaaaaaaaaaa1111"),
+            ("STRIPE_LIVE_SECRET_KEY", "sk_live_bbbbbbbbbbbb2222"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_one, whsec_two,"),
+            ("STRIPE_LIVE_MODE", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.env_secret_key().unwrap().expose(),
+            "sk_live_bbbbbbbbbbbb2222"
+        );
+        assert_eq!(c.webhook_secrets.len(), 2);
+        let c = Config::from_lookup(lookup(&[
+            ("STRIPE_TEST_SECRET_KEY", "sk_test_aaaaaaaaaaaa1111"),
+            ("STRIPE_SECRET_KEY", "sk_test_override00003333"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.env_secret_key().unwrap().expose(),
+            "sk_test_override00003333"
+        );
+        // Debug output of the config never holds a key.
+        assert!(!format!("{c:?}").contains("override0000"));
+    }
+
+    #[test]
+    fn bad_live_mode_is_a_clear_error() {
+        let err = Config::from_lookup(lookup(&[("STRIPE_LIVE_MODE", "maybe")])).unwrap_err();
+        assert!(err.to_string().contains("STRIPE_LIVE_MODE"), "{err}");
+    }
+}

@@ -1,0 +1,288 @@
+//! Storage: one pool over SQLite or Postgres, the embedded migrations, and the
+//! `Conn` handle the rest of the crate queries through.
+//!
+//! Diesel is synchronous, so every piece of database work runs on tokio's blocking
+//! pool ([`Database::run`]); the async executor never waits on a query. Code that
+//! queries is written once and compiled for each backend by the [`on_conn!`] macro,
+//! which keeps this a thin enum rather than a generic maze of trait bounds.
+
+pub(crate) mod schema;
+
+use std::time::Duration;
+
+#[cfg(feature = "postgres")]
+use diesel::PgConnection;
+#[cfg(feature = "sqlite")]
+use diesel::SqliteConnection;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::error::{Error, Result};
+
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+compile_error!("stripe-mirror needs at least one database feature: `sqlite` or `postgres`");
+
+#[cfg(feature = "sqlite")]
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+#[cfg(feature = "postgres")]
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// Which database a [`Mirror`](crate::Mirror) stores into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// An embedded SQLite file (WAL mode): the default, for one machine.
+    Sqlite,
+    /// A PostgreSQL server: for production and several app instances.
+    Postgres,
+}
+
+/// A borrowed connection of either backend.
+pub(crate) enum Conn<'a> {
+    #[cfg(feature = "sqlite")]
+    Sqlite(&'a mut SqliteConnection),
+    #[cfg(feature = "postgres")]
+    Postgres(&'a mut PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to the concrete diesel connection of `$conn`.
+/// The body is compiled once per enabled backend.
+macro_rules! on_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            #[cfg(feature = "sqlite")]
+            $crate::db::Conn::Sqlite(inner) => {
+                let $c: &mut ::diesel::SqliteConnection = &mut **inner;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            $crate::db::Conn::Postgres(inner) => {
+                let $c: &mut ::diesel::PgConnection = &mut **inner;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_conn;
+
+impl Conn<'_> {
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Conn::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two
+    /// writers queue on the busy timeout instead of failing on lock upgrade.
+    pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Conn::Sqlite(c) => c.immediate_transaction(|c| f(&mut Conn::Sqlite(c))),
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => c.transaction(|c| f(&mut Conn::Postgres(c))),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Pool {
+    #[cfg(feature = "sqlite")]
+    Sqlite(r2d2::Pool<ConnectionManager<SqliteConnection>>),
+    #[cfg(feature = "postgres")]
+    Postgres(r2d2::Pool<ConnectionManager<PgConnection>>),
+}
+
+/// The connection pool; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Database {
+    pool: Pool,
+}
+
+#[cfg(feature = "sqlite")]
+#[derive(Debug)]
+struct SqlitePragmas;
+
+#[cfg(feature = "sqlite")]
+impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> std::result::Result<(), r2d2::Error> {
+        // WAL lets readers run beside the writer; busy_timeout makes writers queue.
+        conn.batch_execute(
+            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = NORMAL;",
+        )
+        .map_err(r2d2::Error::QueryError)
+    }
+}
+
+/// Where a database URL points.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Sqlite(String),
+    Postgres(String),
+}
+
+pub(crate) fn parse_url(url: &str) -> Target {
+    let url = url.trim();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Target::Postgres(url.to_owned())
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Target::Sqlite(path.to_owned())
+    } else if let Some(path) = url.strip_prefix("sqlite:") {
+        Target::Sqlite(path.to_owned())
+    } else {
+        Target::Sqlite(url.to_owned())
+    }
+}
+
+/// The URL with any password replaced, for error messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => {
+                    format!("{}://{}:***{}", &url[..scheme], &creds[..colon], &url[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Database {
+    /// Opens a pool for `url`. Fails fast when the database cannot be reached.
+    pub(crate) fn open(url: &str, size: u32, timeout: Duration) -> Result<Self> {
+        let unavailable =
+            |e: r2d2::PoolError| Error::Unavailable(format!("{}: {e}", redact_url(url)));
+        let pool = match parse_url(url) {
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite(path) => {
+                // An in-memory database exists once per connection: keep a single one.
+                let size = if path.contains(":memory:") { 1 } else { size };
+                Pool::Sqlite(
+                    r2d2::Pool::builder()
+                        .max_size(size)
+                        .connection_timeout(timeout)
+                        .connection_customizer(Box::new(SqlitePragmas))
+                        .build(ConnectionManager::new(path))
+                        .map_err(unavailable)?,
+                )
+            }
+            #[cfg(feature = "postgres")]
+            Target::Postgres(url) => Pool::Postgres(
+                r2d2::Pool::builder()
+                    .max_size(size)
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(url.clone()))
+                    .map_err(unavailable)?,
+            ),
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(Error::Config(format!(
+                    "DATABASE_URL {} needs the `{}` feature of stripe-mirror",
+                    redact_url(url),
+                    if matches!(other, Target::Postgres(_)) {
+                        "postgres"
+                    } else {
+                        "sqlite"
+                    }
+                )));
+            }
+        };
+        Ok(Database { pool })
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        match self.pool {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Runs `f` with a pooled connection, on the calling thread (blocking).
+    pub(crate) fn run_blocking<R>(&self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
+        let unavailable = |e: r2d2::PoolError| Error::Unavailable(e.to_string());
+        match &self.pool {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(p) => f(&mut Conn::Sqlite(&mut *p.get().map_err(unavailable)?)),
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(p) => f(&mut Conn::Postgres(&mut *p.get().map_err(unavailable)?)),
+        }
+    }
+
+    /// Runs `f` with a pooled connection on tokio's blocking pool.
+    pub(crate) async fn run<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.run_blocking(f))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Applies pending migrations; safe to call from several processes at once.
+    pub(crate) fn migrate(&self) -> Result<()> {
+        self.run_blocking(|conn| match conn {
+            #[cfg(feature = "sqlite")]
+            Conn::Sqlite(c) => c.immediate_transaction(|c| {
+                c.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map(|_| ())
+                    .map_err(|e| Error::Migration(e.to_string()))
+            }),
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => {
+                // Instances starting together queue on an advisory lock instead of racing.
+                diesel::sql_query("SELECT pg_advisory_lock(724514159)").execute(*c)?;
+                let result = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|_| ())
+                    .map_err(|e| Error::Migration(e.to_string()));
+                diesel::sql_query("SELECT pg_advisory_unlock(724514159)").execute(*c)?;
+                result
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_backend() {
+        assert_eq!(parse_url("sqlite://a.db"), Target::Sqlite("a.db".into()));
+        assert_eq!(parse_url("a.db"), Target::Sqlite("a.db".into()));
+        assert_eq!(
+            parse_url("sqlite::memory:"),
+            Target::Sqlite(":memory:".into())
+        );
+        assert!(matches!(
+            parse_url("postgres://u@h/db"),
+            Target::Postgres(_)
+        ));
+        assert!(matches!(
+            parse_url("postgresql://u@h/db"),
+            Target::Postgres(_)
+        ));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,93 @@
+//! The entry point: a [`Mirror`] holds the configuration and the database pool.
+//! Everything else (models, sync, webhooks) takes a `&Mirror`.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::db::{Backend, Database};
+use crate::error::Result;
+
+/// A handle on the local mirror of a Stripe account. Cheap to clone and share.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use stripe_mirror::{Config, Mirror};
+/// let mirror = Mirror::connect(Config::new("sqlite::memory:")).await?;
+/// assert!(!mirror.live_mode());
+/// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Mirror {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    db: Database,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("backend", &self.backend())
+            .field("live_mode", &self.live_mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mirror {
+    /// Opens the database named in `config` and applies pending migrations.
+    pub async fn connect(config: Config) -> Result<Mirror> {
+        let mirror = Self::open(config).await?;
+        mirror.migrate().await?;
+        Ok(mirror)
+    }
+
+    /// [`Mirror::connect`] with [`Config::from_env`].
+    pub async fn from_env() -> Result<Mirror> {
+        Self::connect(Config::from_env()?).await
+    }
+
+    /// Opens the database without migrating (when migrations run as a separate step).
+    pub async fn open(config: Config) -> Result<Mirror> {
+        let (url, size, timeout) = (
+            config.database_url.clone(),
+            config.pool_size,
+            config.connection_timeout,
+        );
+        let db = tokio::task::spawn_blocking(move || Database::open(&url, size, timeout))
+            .await
+            .map_err(|e| crate::Error::Task(e.to_string()))??;
+        Ok(Mirror {
+            inner: Arc::new(Inner { config, db }),
+        })
+    }
+
+    /// Applies the embedded migrations for this backend. Idempotent; several
+    /// processes may call it at once.
+    pub async fn migrate(&self) -> Result<()> {
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || db.migrate())
+            .await
+            .map_err(|e| crate::Error::Task(e.to_string()))?
+    }
+
+    /// The configuration this mirror was opened with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Live mode: reads and keys are for live data.
+    pub fn live_mode(&self) -> bool {
+        self.inner.config.live_mode
+    }
+
+    /// SQLite or Postgres.
+    pub fn backend(&self) -> Backend {
+        self.inner.db.backend()
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.inner.db
+    }
+}

@@ -1,0 +1,305 @@
+//! ApiKey: Stripe keys stored in the database, so a host app can rotate keys
+//! without a redeploy. The kind and mode come from the key's prefix.
+
+use std::fmt;
+
+use diesel::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::Mirror;
+use crate::db::on_conn;
+use crate::db::schema::stripe_api_keys;
+use crate::error::{Error, Result};
+use crate::secret::{Secret, mask};
+
+/// What a key may do, from its prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiKeyKind {
+    /// `pk_`: safe to give to browsers (Stripe.js).
+    Publishable,
+    /// `sk_`: full API access.
+    Secret,
+    /// `rk_`: API access limited to what the key was granted.
+    Restricted,
+}
+
+impl ApiKeyKind {
+    /// The name stored in the `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyKind::Publishable => "publishable",
+            ApiKeyKind::Secret => "secret",
+            ApiKeyKind::Restricted => "restricted",
+        }
+    }
+
+    fn from_column(s: &str) -> Self {
+        match s {
+            "publishable" => ApiKeyKind::Publishable,
+            "restricted" => ApiKeyKind::Restricted,
+            _ => ApiKeyKind::Secret,
+        }
+    }
+}
+
+/// A Stripe API key kept in `stripe_api_keys`.
+///
+/// `Debug` and `Display` show the key masked (`sk_test_...abcd`).
+#[derive(Clone)]
+pub struct ApiKey {
+    /// Stable id derived from the key (`key_` and a hash prefix), safe to show.
+    pub id: String,
+    /// Publishable, secret or restricted.
+    pub kind: ApiKeyKind,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// An optional label.
+    pub name: Option<String>,
+    /// Unix time it was added.
+    pub created_at: i64,
+    secret: Secret,
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = stripe_api_keys)]
+struct ApiKeyRow {
+    id: String,
+    kind: String,
+    livemode: bool,
+    secret: String,
+    name: Option<String>,
+    created_at: i64,
+}
+
+impl From<ApiKeyRow> for ApiKey {
+    fn from(row: ApiKeyRow) -> Self {
+        ApiKey {
+            id: row.id,
+            kind: ApiKeyKind::from_column(&row.kind),
+            livemode: row.livemode,
+            name: row.name,
+            created_at: row.created_at,
+            secret: Secret::new(row.secret),
+        }
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("livemode", &self.livemode)
+            .field("name", &self.name)
+            .field("secret", &self.secret)
+            .finish()
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.secret.masked())
+    }
+}
+
+/// Reads kind and mode from a key's prefix; refuses anything not shaped like a Stripe key.
+///
+/// ```
+/// use stripe_mirror::{ApiKeyKind, models::api_key::parse_key};
+/// assert_eq!(parse_key("sk_test_4eC39HqLyjWDarjtT1zdp7dc").unwrap(), (ApiKeyKind::Secret, false));
+/// assert!(parse_key("sk_prod_123").is_err());
+/// ```
+pub fn parse_key(key: &str) -> Result<(ApiKeyKind, bool)> {
+    let invalid = |reason| Error::InvalidApiKey {
+        key: mask(key),
+        reason,
+    };
+    let kind = match key.get(..3) {
+        Some("pk_") => ApiKeyKind::Publishable,
+        Some("sk_") => ApiKeyKind::Secret,
+        Some("rk_") => ApiKeyKind::Restricted,
+        _ => return Err(invalid("unknown prefix")),
+    };
+    let livemode = match key.get(3..8) {
+        Some("test_") => false,
+        Some("live_") => true,
+        _ => return Err(invalid("no test_ or live_ mode marker")),
+    };
+    let rest = &key[8..];
+    if rest.is_empty() {
+        return Err(invalid("nothing after the prefix"));
+    }
+    if !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(invalid("contains characters a Stripe key never has"));
+    }
+    Ok((kind, livemode))
+}
+
+fn key_id(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    format!("key_{}", &hex::encode(digest)[..24])
+}
+
+impl ApiKey {
+    /// The key itself. Never log it.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// Stores `secret` (once; a second call returns the stored key).
+    ///
+    /// ```
+    /// # tokio_test(async {
+    /// # let mirror = stripe_mirror::Mirror::connect(stripe_mirror::Config::new("sqlite::memory:")).await?;
+    /// use stripe_mirror::{ApiKey, ApiKeyKind};
+    /// let key = ApiKey::get_or_create(&mirror, "sk_test_4eC39HqLyjWDarjtT1zdp7dc").await?;
+    /// assert_eq!(key.kind, ApiKeyKind::Secret);
+    /// assert_eq!(key.to_string(), "sk_test_...p7dc");
+    /// # Ok::<_, stripe_mirror::Error>(()) });
+    /// # fn tokio_test<F: std::future::Future<Output = Result<(), stripe_mirror::Error>>>(f: F) {
+    /// #     tokio::runtime::Runtime::new().unwrap().block_on(f).unwrap() }
+    /// ```
+    pub async fn get_or_create(mirror: &Mirror, secret: &str) -> Result<ApiKey> {
+        let secret = secret.trim().to_owned();
+        let (kind, livemode) = parse_key(&secret)?;
+        let row = ApiKeyRow {
+            id: key_id(&secret),
+            kind: kind.as_str().to_owned(),
+            livemode,
+            secret,
+            name: None,
+            created_at: chrono::Utc::now().timestamp(),
+        };
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => {
+                    diesel::insert_into(stripe_api_keys::table)
+                        .values(&row)
+                        .on_conflict(stripe_api_keys::id)
+                        .do_nothing()
+                        .execute(c)?;
+                    stripe_api_keys::table
+                        .find(&row.id)
+                        .select(ApiKeyRow::as_select())
+                        .first(c)?
+                })
+                .into())
+            })
+            .await
+    }
+
+    /// All stored keys, oldest first.
+    pub async fn list(mirror: &Mirror) -> Result<Vec<ApiKey>> {
+        mirror
+            .db()
+            .run(|conn| {
+                let rows: Vec<ApiKeyRow> = on_conn!(conn, c => stripe_api_keys::table
+                    .order((stripe_api_keys::created_at.asc(), stripe_api_keys::id.asc()))
+                    .select(ApiKeyRow::as_select())
+                    .load(c))?;
+                Ok(rows.into_iter().map(ApiKey::from).collect())
+            })
+            .await
+    }
+
+    /// Removes a stored key by its id; true when one was removed.
+    pub async fn remove(mirror: &Mirror, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => diesel::delete(stripe_api_keys::table.find(&id)).execute(c))? > 0)
+            })
+            .await
+    }
+
+    /// The most recently added stored key of `kind` in the given mode.
+    pub async fn latest(
+        mirror: &Mirror,
+        kind: ApiKeyKind,
+        livemode: bool,
+    ) -> Result<Option<ApiKey>> {
+        mirror
+            .db()
+            .run(move |conn| {
+                let row: Option<ApiKeyRow> = on_conn!(conn, c => stripe_api_keys::table
+                    .filter(stripe_api_keys::kind.eq(kind.as_str()))
+                    .filter(stripe_api_keys::livemode.eq(livemode))
+                    .order((stripe_api_keys::created_at.desc(), stripe_api_keys::id.desc()))
+                    .select(ApiKeyRow::as_select())
+                    .first(c)
+                    .optional())?;
+                Ok(row.map(ApiKey::from))
+            })
+            .await
+    }
+
+    /// The secret key for the mirror's current mode: a stored secret key first, then
+    /// `STRIPE_SECRET_KEY`, then `STRIPE_TEST_SECRET_KEY` / `STRIPE_LIVE_SECRET_KEY`.
+    pub async fn default_secret_key(mirror: &Mirror) -> Result<Secret> {
+        let live = mirror.live_mode();
+        if let Some(key) = Self::latest(mirror, ApiKeyKind::Secret, live).await? {
+            return Ok(key.secret);
+        }
+        mirror.config().env_secret_key().cloned().ok_or(if live {
+            Error::NoApiKey {
+                mode: "live",
+                env: "LIVE",
+            }
+        } else {
+            Error::NoApiKey {
+                mode: "test",
+                env: "TEST",
+            }
+        })
+    }
+
+    /// The publishable key for the current mode: stored first, then the environment.
+    pub async fn default_publishable_key(mirror: &Mirror) -> Result<Option<String>> {
+        let live = mirror.live_mode();
+        if let Some(key) = Self::latest(mirror, ApiKeyKind::Publishable, live).await? {
+            return Ok(Some(key.secret.expose().to_owned()));
+        }
+        let config = mirror.config();
+        Ok(if live {
+            config.live_publishable_key.clone()
+        } else {
+            config.test_publishable_key.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_give_kind_and_mode() {
+        assert_eq!(
+            parse_key("pk_live_abc123").unwrap(),
+            (ApiKeyKind::Publishable, true)
+        );
+        assert_eq!(
+            parse_key("rk_test_abc").unwrap(),
+            (ApiKeyKind::Restricted, false)
+        );
+        for bad in [
+            "",
+            "sk_",
+            "sk_test_",
+            "xk_test_abc",
+            "sk_tst_abcdef",
+            "sk_test_ab cd",
+            "sk_test_\u{e9}\u{e9}",
+        ] {
+            let err = parse_key(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid Stripe API key"), "{bad}: {err}");
+        }
+        // The message never holds the whole key.
+        let err = parse_key("sk_test_secretvalue!!xyz9")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secretvalue"), "{err}");
+    }
+}

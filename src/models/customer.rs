@@ -1,0 +1,144 @@
+//! Customer: a Stripe customer, linked to the host app's user (the subscriber).
+
+use diesel::prelude::*;
+
+use crate::Mirror;
+use crate::db::schema::stripe_customers;
+use crate::db::{Conn, on_conn};
+use crate::error::{Error, Result};
+use crate::models::subscription::Subscription;
+use crate::sync::upsert::{SqlValue, mirror_table};
+use crate::sync::{Model, sync_methods};
+
+/// The metadata key holding the host app's subscriber id on a Stripe customer.
+pub const SUBSCRIBER_METADATA_KEY: &str = "stripe_mirror_subscriber";
+
+/// A mirrored Stripe customer.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = stripe_customers)]
+pub struct Customer {
+    /// Stripe id (`cus_...`).
+    pub id: String,
+    /// Whether it lives in live mode.
+    pub livemode: bool,
+    /// Email address, if Stripe has one.
+    pub email: Option<String>,
+    /// Name, if Stripe has one.
+    pub name: Option<String>,
+    /// The host app's user this customer belongs to (from metadata or Checkout).
+    pub subscriber_id: Option<String>,
+    /// Unix time Stripe created it.
+    pub created: Option<i64>,
+    /// Deleted in Stripe: a tombstone.
+    pub deleted: bool,
+    /// Unix time of the data held (event `created` or fetch time).
+    pub stamp: i64,
+    /// Unix time this row was last written.
+    pub synced_at: i64,
+    pub(crate) data: String,
+}
+
+mirror_table!(CUSTOMERS {
+    kind: "customer",
+    table: "stripe_customers",
+    accepts: &["customer"],
+    columns: &["email", "name", "subscriber_id"],
+    // Checkout links a subscriber without touching Stripe metadata; keep that link.
+    keep_when_null: &["subscriber_id"],
+    extract: |f| {
+        Ok(vec![
+            SqlValue::Text(f.str("email")?),
+            SqlValue::Text(f.str("name")?),
+            SqlValue::Text(f.str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?),
+        ])
+    },
+    children: None,
+});
+
+impl Model for Customer {
+    const TABLE: &'static crate::sync::MirrorTable = &CUSTOMERS;
+    fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>> {
+        Ok(on_conn!(conn, c => stripe_customers::table
+            .find(id)
+            .select(Customer::as_select())
+            .first(c)
+            .optional())?)
+    }
+}
+
+sync_methods!(Customer, "customer");
+
+impl Customer {
+    /// The customer of a host-app subscriber in the current mode (not deleted).
+    pub async fn by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Option<Customer>> {
+        let (subscriber_id, live) = (subscriber_id.to_owned(), mirror.live_mode());
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_customers::table
+                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
+                    .filter(stripe_customers::livemode.eq(live))
+                    .filter(stripe_customers::deleted.eq(false))
+                    .order(stripe_customers::created.desc())
+                    .select(Customer::as_select())
+                    .first(c)
+                    .optional())?)
+            })
+            .await
+    }
+
+    /// All of this customer's mirrored subscriptions (any status), newest first.
+    pub async fn subscriptions(&self, mirror: &Mirror) -> Result<Vec<Subscription>> {
+        Subscription::for_customer(mirror, &self.id).await
+    }
+
+    /// The subscriptions that grant access now ([`Subscription::is_valid`]).
+    pub async fn valid_subscriptions(&self, mirror: &Mirror) -> Result<Vec<Subscription>> {
+        let mut subs = self.subscriptions(mirror).await?;
+        subs.retain(Subscription::is_valid);
+        Ok(subs)
+    }
+
+    /// The subscriptions whose status is `active` or `trialing`.
+    pub async fn active_subscriptions(&self, mirror: &Mirror) -> Result<Vec<Subscription>> {
+        let mut subs = self.subscriptions(mirror).await?;
+        subs.retain(Subscription::is_status_current);
+        Ok(subs)
+    }
+
+    /// The customer's one valid subscription, `None` without one.
+    ///
+    /// Several valid subscriptions is [`Error::MultipleSubscriptions`]: use
+    /// [`Customer::valid_subscriptions`] when a customer may hold several.
+    pub async fn subscription(&self, mirror: &Mirror) -> Result<Option<Subscription>> {
+        let mut valid = self.valid_subscriptions(mirror).await?;
+        match valid.len() {
+            0 => Ok(None),
+            1 => Ok(valid.pop()),
+            count => Err(Error::MultipleSubscriptions {
+                customer: self.id.clone(),
+                count,
+            }),
+        }
+    }
+
+    /// Whether the customer has at least one valid subscription.
+    pub async fn has_valid_subscription(&self, mirror: &Mirror) -> Result<bool> {
+        Ok(!self.valid_subscriptions(mirror).await?.is_empty())
+    }
+
+    /// Whether a valid subscription of this customer includes any of `product_ids`.
+    pub async fn is_subscribed_to(&self, mirror: &Mirror, product_ids: &[&str]) -> Result<bool> {
+        for sub in self.valid_subscriptions(mirror).await? {
+            let items = sub.items(mirror).await?;
+            if items.iter().any(|i| {
+                i.product_id
+                    .as_deref()
+                    .is_some_and(|p| product_ids.contains(&p))
+            }) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,320 @@
+//! Subscription and its items. Items are mirrored with their subscription: written
+//! when it is, and tombstoned when they leave its `items` list.
+
+use diesel::prelude::*;
+use serde_json::Value;
+
+use crate::Mirror;
+use crate::db::schema::{stripe_subscription_items, stripe_subscriptions};
+use crate::db::{Conn, on_conn};
+use crate::error::{Error, Result};
+use crate::sync::fields::Fields;
+use crate::sync::upsert::{Children, SqlValue, mirror_table};
+use crate::sync::{Model, sync_methods};
+
+/// Statuses that grant access ([`Subscription::is_status_current`]).
+pub const CURRENT_STATUSES: [&str; 2] = ["active", "trialing"];
+
+/// A mirrored Stripe subscription.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = stripe_subscriptions)]
+pub struct Subscription {
+    /// Stripe id (`sub_...`).
+    pub id: String,
+    /// Whether it lives in live mode.
+    pub livemode: bool,
+    /// The customer's Stripe id.
+    pub customer_id: Option<String>,
+    /// `active`, `trialing`, `past_due`, `canceled`, `unpaid`, `incomplete`, ...
+    pub status: Option<String>,
+    /// Start of the current period (unix); read from the items on API 2025-03-31 and later.
+    pub current_period_start: Option<i64>,
+    /// End of the current period (unix); read from the items on API 2025-03-31 and later.
+    pub current_period_end: Option<i64>,
+    /// Cancels when the current period ends.
+    pub cancel_at_period_end: Option<bool>,
+    /// When a scheduled cancellation takes effect (unix).
+    pub cancel_at: Option<i64>,
+    /// When it was canceled (unix).
+    pub canceled_at: Option<i64>,
+    /// When it ended (unix).
+    pub ended_at: Option<i64>,
+    /// Trial start (unix).
+    pub trial_start: Option<i64>,
+    /// Trial end (unix).
+    pub trial_end: Option<i64>,
+    /// Unix time Stripe created it.
+    pub created: Option<i64>,
+    /// Deleted in Stripe: a tombstone.
+    pub deleted: bool,
+    /// Unix time of the data held (event `created` or fetch time).
+    pub stamp: i64,
+    /// Unix time this row was last written.
+    pub synced_at: i64,
+    pub(crate) data: String,
+}
+
+/// One item of a subscription: a price (or legacy plan) and a quantity.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = stripe_subscription_items)]
+pub struct SubscriptionItem {
+    /// Stripe id (`si_...`).
+    pub id: String,
+    /// Whether it lives in live mode.
+    pub livemode: bool,
+    /// The subscription's Stripe id.
+    pub subscription_id: Option<String>,
+    /// The price's Stripe id (a legacy plan's id when the item has a plan).
+    pub price_id: Option<String>,
+    /// The product's Stripe id.
+    pub product_id: Option<String>,
+    /// Quantity.
+    pub quantity: Option<i64>,
+    /// Start of the item's current period (unix).
+    pub current_period_start: Option<i64>,
+    /// End of the item's current period (unix).
+    pub current_period_end: Option<i64>,
+    /// Unix time Stripe created it.
+    pub created: Option<i64>,
+    /// No longer part of its subscription, or deleted.
+    pub deleted: bool,
+    /// Unix time of the data held.
+    pub stamp: i64,
+    /// Unix time this row was last written.
+    pub synced_at: i64,
+    pub(crate) data: String,
+}
+
+/// The item list of a subscription (`items.data`), empty when absent.
+fn item_list<'a>(f: &Fields<'a>) -> Result<Vec<&'a Value>> {
+    match f.get("items.data") {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items.iter().collect()),
+        Some(_) => Err(Error::mapping(
+            f.kind,
+            f.id,
+            "items.data",
+            "is not an array",
+        )),
+    }
+}
+
+/// The period bounds: top level before API 2025-03-31, per item after.
+fn period(f: &Fields<'_>) -> Result<(Option<i64>, Option<i64>)> {
+    let (mut starts, mut ends) = (
+        vec![f.i64("current_period_start")?],
+        vec![f.i64("current_period_end")?],
+    );
+    for i in 0..item_list(f)?.len() {
+        starts.push(f.i64(&format!("items.data.{i}.current_period_start"))?);
+        ends.push(f.i64(&format!("items.data.{i}.current_period_end"))?);
+    }
+    Ok((
+        starts.into_iter().flatten().min(),
+        ends.into_iter().flatten().max(),
+    ))
+}
+
+mirror_table!(SUBSCRIPTION_ITEMS {
+    kind: "subscription_item",
+    table: "stripe_subscription_items",
+    accepts: &["subscription_item"],
+    columns: &[
+        "subscription_id",
+        "price_id",
+        "product_id",
+        "quantity",
+        "current_period_start",
+        "current_period_end"
+    ],
+    keep_when_null: &[],
+    extract: |f| {
+        // A legacy item carries a `plan`; a current one a `price` (and a `plan` copy).
+        let price_id = f.required("price", f.first(&["price", "plan"], Fields::id_ref)?)?;
+        Ok(vec![
+            SqlValue::Text(f.id_ref("subscription")?),
+            SqlValue::Text(price_id),
+            SqlValue::Text(f.first(&["price.product", "plan.product"], Fields::id_ref)?),
+            SqlValue::Int(f.i64("quantity")?),
+            SqlValue::Int(f.i64("current_period_start")?),
+            SqlValue::Int(f.i64("current_period_end")?),
+        ])
+    },
+    children: None,
+});
+
+static ITEMS: Children = Children {
+    table: &SUBSCRIPTION_ITEMS,
+    parent_column: "subscription_id",
+    list: item_list,
+};
+
+mirror_table!(SUBSCRIPTIONS {
+    kind: "subscription",
+    table: "stripe_subscriptions",
+    accepts: &["subscription"],
+    columns: &[
+        "customer_id",
+        "status",
+        "current_period_start",
+        "current_period_end",
+        "cancel_at_period_end",
+        "cancel_at",
+        "canceled_at",
+        "ended_at",
+        "trial_start",
+        "trial_end",
+    ],
+    keep_when_null: &[],
+    extract: |f| {
+        let (start, end) = period(f)?;
+        Ok(vec![
+            SqlValue::Text(f.required("customer", f.id_ref("customer")?)?),
+            SqlValue::Text(f.required("status", f.str("status")?)?),
+            SqlValue::Int(start),
+            SqlValue::Int(end),
+            SqlValue::Bool(f.bool("cancel_at_period_end")?),
+            SqlValue::Int(f.i64("cancel_at")?),
+            SqlValue::Int(f.i64("canceled_at")?),
+            SqlValue::Int(f.i64("ended_at")?),
+            SqlValue::Int(f.i64("trial_start")?),
+            SqlValue::Int(f.i64("trial_end")?),
+        ])
+    },
+    children: Some(&ITEMS),
+});
+
+impl Model for Subscription {
+    const TABLE: &'static crate::sync::MirrorTable = &SUBSCRIPTIONS;
+    fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>> {
+        Ok(on_conn!(conn, c => stripe_subscriptions::table
+            .find(id)
+            .select(Subscription::as_select())
+            .first(c)
+            .optional())?)
+    }
+}
+
+impl Model for SubscriptionItem {
+    const TABLE: &'static crate::sync::MirrorTable = &SUBSCRIPTION_ITEMS;
+    fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>> {
+        Ok(on_conn!(conn, c => stripe_subscription_items::table
+            .find(id)
+            .select(SubscriptionItem::as_select())
+            .first(c)
+            .optional())?)
+    }
+}
+
+sync_methods!(Subscription, "subscription");
+
+impl SubscriptionItem {
+    /// The raw Stripe object as last mirrored.
+    pub fn data(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The mirrored item with this Stripe id, tombstones included.
+    pub async fn get(mirror: &Mirror, id: &str) -> Result<Option<Self>> {
+        let id = id.to_owned();
+        mirror.db().run(move |conn| Self::find(conn, &id)).await
+    }
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl Subscription {
+    /// A customer's subscriptions (any status, not deleted), newest first.
+    pub async fn for_customer(mirror: &Mirror, customer_id: &str) -> Result<Vec<Subscription>> {
+        let customer_id = customer_id.to_owned();
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_subscriptions::table
+                    .filter(stripe_subscriptions::customer_id.eq(&customer_id))
+                    .filter(stripe_subscriptions::deleted.eq(false))
+                    .order((stripe_subscriptions::created.desc(), stripe_subscriptions::id.desc()))
+                    .select(Subscription::as_select())
+                    .load(c))?)
+            })
+            .await
+    }
+
+    /// The subscription's current items (not removed), by id.
+    pub async fn items(&self, mirror: &Mirror) -> Result<Vec<SubscriptionItem>> {
+        let id = self.id.clone();
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_subscription_items::table
+                    .filter(stripe_subscription_items::subscription_id.eq(&id))
+                    .filter(stripe_subscription_items::deleted.eq(false))
+                    .order(stripe_subscription_items::id)
+                    .select(SubscriptionItem::as_select())
+                    .load(c))?)
+            })
+            .await
+    }
+
+    /// Status is `active` or `trialing`.
+    pub fn is_status_current(&self) -> bool {
+        !self.deleted
+            && self
+                .status
+                .as_deref()
+                .is_some_and(|s| CURRENT_STATUSES.contains(&s))
+    }
+
+    /// The paid period (or the trial) has not ended.
+    pub fn is_period_current(&self) -> bool {
+        self.is_period_current_at(unix_now())
+    }
+
+    /// [`Subscription::is_period_current`] at a given unix time.
+    pub fn is_period_current_at(&self, now: i64) -> bool {
+        self.current_period_end.is_some_and(|end| end > now)
+            || self.trial_end.is_some_and(|end| end > now)
+    }
+
+    /// Grants access now: status current, and a subscription set to cancel at period
+    /// end only while its period lasts (dj-stripe's `is_valid`).
+    pub fn is_valid(&self) -> bool {
+        self.is_valid_at(unix_now())
+    }
+
+    /// [`Subscription::is_valid`] at a given unix time.
+    pub fn is_valid_at(&self, now: i64) -> bool {
+        if !self.is_status_current() {
+            return false;
+        }
+        !(self.cancel_at_period_end == Some(true) || self.cancel_at.is_some())
+            || self.is_period_current_at(now)
+    }
+
+    /// In a trial that has not ended.
+    pub fn on_trial(&self) -> bool {
+        self.on_trial_at(unix_now())
+    }
+
+    /// [`Subscription::on_trial`] at a given unix time.
+    pub fn on_trial_at(&self, now: i64) -> bool {
+        self.status.as_deref() == Some("trialing") && self.trial_end.is_none_or(|end| end > now)
+    }
+
+    /// Canceled (at period end or at a set time) but still within the paid period.
+    pub fn on_grace_period(&self) -> bool {
+        self.on_grace_period_at(unix_now())
+    }
+
+    /// [`Subscription::on_grace_period`] at a given unix time.
+    pub fn on_grace_period_at(&self, now: i64) -> bool {
+        let ends = if self.cancel_at_period_end == Some(true) {
+            self.current_period_end
+        } else {
+            self.cancel_at
+        };
+        self.is_status_current() && ends.is_some_and(|end| end > now)
+    }
+}

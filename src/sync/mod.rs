@@ -1,0 +1,93 @@
+//! Keeping rows true to Stripe: the JSON-to-row mapping ([`fields`]), the one upsert
+//! with its stale-write guard ([`upsert`]), and the generic entry points every model
+//! shares ([`Model`], [`sync_from_stripe_data`], [`tombstone`]).
+
+pub(crate) mod fields;
+pub(crate) mod upsert;
+
+use serde_json::{Value, json};
+
+use crate::db::Conn;
+use crate::error::{Error, Result};
+use crate::mirror::Mirror;
+pub(crate) use upsert::{MirrorTable, now};
+
+/// A mirrored model: its table description and how to load one row.
+pub(crate) trait Model: Sized + Send + 'static {
+    /// How Stripe objects map onto this model's table.
+    const TABLE: &'static MirrorTable;
+    /// Loads a row by Stripe id, tombstones included.
+    fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>>;
+}
+
+/// Upserts `data` (a Stripe object) stamped `stamp`, returns the row as it now is.
+pub(crate) async fn sync_from_stripe_data<M: Model>(
+    mirror: &Mirror,
+    data: Value,
+    stamp: i64,
+) -> Result<M> {
+    mirror
+        .db()
+        .run(move |conn| {
+            let row = M::TABLE.row(&data, stamp, None)?;
+            conn.write(|c| {
+                M::TABLE.write(c, &row, &data)?;
+                M::find(c, &row.id)?.ok_or_else(|| Error::NotFound {
+                    object: M::TABLE.kind,
+                    id: row.id.clone(),
+                })
+            })
+        })
+        .await
+}
+
+/// Marks `id` deleted as of `stamp`, keeping the last data seen.
+pub(crate) async fn tombstone<M: Model>(mirror: &Mirror, id: &str, stamp: i64) -> Result<M> {
+    let data = json!({ "id": id, "object": M::TABLE.accepts[0], "deleted": true });
+    sync_from_stripe_data::<M>(mirror, data, stamp).await
+}
+
+/// Adds the shared sync methods to a model.
+macro_rules! sync_methods {
+    ($model:ty, $object:literal) => {
+        impl $model {
+            #[doc = concat!("Upserts a Stripe ", $object, " object (raw JSON) into the mirror, stamped now, and returns the row.")]
+            ///
+            /// Data older than what the row holds, or a live object for a deleted row,
+            /// changes nothing: the row as it is comes back.
+            pub async fn sync_from_stripe_data(
+                mirror: &$crate::Mirror,
+                data: &serde_json::Value,
+            ) -> $crate::Result<Self> {
+                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), $crate::sync::now()).await
+            }
+
+            /// Like `sync_from_stripe_data`, with the freshness stamp given (unix seconds:
+            /// an event's `created`, or when the data was fetched).
+            pub async fn sync_from_stripe_data_at(
+                mirror: &$crate::Mirror,
+                data: &serde_json::Value,
+                stamp: i64,
+            ) -> $crate::Result<Self> {
+                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), stamp).await
+            }
+
+            #[doc = concat!("Marks the ", $object, " deleted in the mirror (a tombstone no older data can resurrect).")]
+            pub async fn mark_deleted(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Self> {
+                $crate::sync::tombstone::<Self>(mirror, id, $crate::sync::now()).await
+            }
+
+            #[doc = concat!("The mirrored ", $object, " with this Stripe id, tombstones included. No Stripe call.")]
+            pub async fn get(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Option<Self>> {
+                let id = id.to_owned();
+                mirror.db().run(move |conn| <Self as $crate::sync::Model>::find(conn, &id)).await
+            }
+
+            /// The raw Stripe object as last mirrored.
+            pub fn data(&self) -> serde_json::Value {
+                serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
+            }
+        }
+    };
+}
+pub(crate) use sync_methods;
