@@ -52,6 +52,7 @@ mirror_table!(CUSTOMERS {
             SqlValue::Text(f.str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?),
         ])
     },
+    final_tombstones: true,
     children: None,
 });
 

@@ -76,6 +76,7 @@ mirror_table!(PRICES {
             SqlValue::Text(f.str("lookup_key")?),
         ])
     },
+    final_tombstones: true,
     children: None,
 });
 

@@ -43,6 +43,7 @@ mirror_table!(PRODUCTS {
         SqlValue::Text(f.str("name")?),
         SqlValue::Bool(f.bool("active")?)
     ]),
+    final_tombstones: true,
     children: None,
 });
 

@@ -140,6 +140,7 @@ mirror_table!(SUBSCRIPTION_ITEMS {
             SqlValue::Int(f.i64("current_period_end")?),
         ])
     },
+    final_tombstones: false,
     children: None,
 });
 
@@ -181,6 +182,7 @@ mirror_table!(SUBSCRIPTIONS {
             SqlValue::Int(f.i64("trial_end")?),
         ])
     },
+    final_tombstones: true,
     children: Some(&ITEMS),
 });
 

@@ -40,6 +40,10 @@ pub(crate) struct MirrorTable {
     pub keep_when_null: &'static [&'static str],
     /// Reads the typed column values from the object.
     pub extract: fn(&Fields<'_>) -> Result<Vec<SqlValue>>,
+    /// Whether a tombstone is final. True for objects Stripe deletes for good; false
+    /// for children tombstoned only because they left their parent's list, which fresher
+    /// parent data may list again.
+    pub final_tombstones: bool,
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
     /// The upsert statements, built on first use (SQLite, Postgres).
@@ -161,8 +165,9 @@ impl MirrorTable {
                 .collect();
             Statements {
                 live: format!(
-                    "{insert}{} WHERE {t}.deleted = FALSE AND {t}.stamp <= excluded.stamp",
-                    sets.join(", ")
+                    "{insert}{} WHERE {}{t}.stamp <= excluded.stamp",
+                    sets.join(", "),
+                    if self.final_tombstones { format!("{t}.deleted = FALSE AND ") } else { String::new() }
                 ),
                 delete: format!(
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, \
@@ -182,10 +187,11 @@ impl MirrorTable {
             &stmts.live
         };
         let changed = execute(conn, sql, &row.values)? > 0;
-        if changed && !row.deleted {
-            if let Some(children) = self.children {
-                self.write_children(conn, children, row, value)?;
-            }
+        if let Some(children) = self.children
+            && changed
+            && !row.deleted
+        {
+            self.write_children(conn, children, row, value)?;
         }
         Ok(changed)
     }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Starts or stops a throwaway PostgreSQL server for the tests, on 127.0.0.1 only.
+#   scripts/postgres.sh start   -> prints the admin URL; also written to .run/postgres.url
+#   scripts/postgres.sh stop
+# Postgres refuses to run as root, so as root it runs as the `postgres` user.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN="$PWD/.run"
+DIR="$RUN/pg"
+PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
+mkdir -p "$RUN"
+
+find_bin() {
+  if command -v initdb >/dev/null 2>&1; then dirname "$(command -v initdb)"; return; fi
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -z "$d" ]; then
+    echo "postgres: installing Debian's postgresql package" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) >&2
+    d=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  fi
+  echo "$d"
+}
+
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case "${1:-}" in
+  start)
+    BIN=$(find_bin)
+    if [ -f "$DIR/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$DIR" status >/dev/null 2>&1; then
+      :
+    else
+      rm -rf "$DIR"; mkdir -p "$DIR"
+      [ "$(id -u)" = 0 ] && chown postgres "$DIR" && chmod 700 "$DIR"
+      as_pg "$BIN/initdb" -D "$DIR" -A trust -U postgres >"$RUN/initdb.log" 2>&1
+      as_pg "$BIN/pg_ctl" -D "$DIR" -w -t 60 \
+        -o "-h 127.0.0.1 -p $PORT -k $DIR -c fsync=off -c max_connections=200" \
+        -l "$DIR/server.log" start >/dev/null
+    fi
+    URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+    echo "$URL" >"$RUN/postgres.url"
+    echo "$URL"
+    ;;
+  stop)
+    BIN=$(find_bin)
+    if [ -f "$DIR/postmaster.pid" ]; then
+      as_pg "$BIN/pg_ctl" -D "$DIR" -m fast stop >/dev/null 2>&1 || kill "$(head -n 1 "$DIR/postmaster.pid")" 2>/dev/null || true
+    fi
+    ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: starts what the tests need (a real
+# PostgreSQL server on 127.0.0.1), runs every test on SQLite and Postgres, stops
+# what it started. Used by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cleanup() { scripts/postgres.sh stop || true; }
+trap cleanup EXIT
+
+PG_URL=$(scripts/postgres.sh start)
+export STRIPE_MIRROR_TEST_POSTGRES="$PG_URL"
+export STRIPE_MIRROR_REQUIRE_POSTGRES=1
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --all-features -- -D warnings
+
+echo "== each backend feature builds on its own"
+cargo check --lib --no-default-features --features sqlite
+cargo check --lib --no-default-features --features postgres
+
+echo "== tests (SQLite file + Postgres at $PG_URL)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --all-features --no-fail-fast
+else
+  cargo test --all-features --no-fail-fast --lib --bins --tests --examples
+fi
+cargo test --all-features --doc
+
+echo "== docs"
+RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
+echo "all tests passed"

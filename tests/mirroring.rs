@@ -1,0 +1,453 @@
+//! JSON to row: Stripe's current fixtures and old (localstripe-era) shapes mirror
+//! with the right typed columns; bad shapes are clear errors; stale writes and
+//! resurrections change nothing. Every test runs on SQLite and Postgres.
+
+mod common;
+
+use common::{backends, fixture, local_fixture};
+use serde_json::json;
+use stripe_mirror::{Customer, Error, Price, Product, Subscription, SubscriptionItem};
+
+#[tokio::test]
+async fn current_fixtures_mirror_with_typed_columns() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+
+        let c = Customer::sync_from_stripe_data(&m, &fixture("customer"))
+            .await
+            .unwrap();
+        assert_eq!(c.id, "cus_QXg1o8vcGmoR32", "{n}");
+        assert_eq!(
+            (c.livemode, c.created, c.deleted),
+            (false, Some(1234567890), false),
+            "{n}"
+        );
+        assert_eq!(
+            c.data()["invoice_prefix"],
+            "7FE1103",
+            "{n}: raw object kept"
+        );
+
+        let p = Product::sync_from_stripe_data(&m, &fixture("product"))
+            .await
+            .unwrap();
+        let expected_name = fixture("product")["name"].as_str().map(str::to_owned);
+        assert_eq!((p.name, p.active), (expected_name, Some(true)), "{n}");
+
+        let price = Price::sync_from_stripe_data(&m, &fixture("price"))
+            .await
+            .unwrap();
+        assert_eq!(
+            price.product_id.as_deref(),
+            Some("prod_QXg1hqf4jFNsqG"),
+            "{n}"
+        );
+        assert_eq!(price.unit_amount, Some(2000), "{n}");
+        assert_eq!(price.currency.as_deref(), Some("usd"), "{n}");
+        assert_eq!(price.recurring_interval.as_deref(), Some("month"), "{n}");
+        assert_eq!(price.recurring_interval_count, Some(1), "{n}");
+        assert_eq!(price.active, Some(true), "{n}");
+
+        // A plan is accepted where a price is expected.
+        let mut plan = fixture("plan");
+        plan["id"] = json!("plan_fixture");
+        let plan = Price::sync_from_stripe_data(&m, &plan).await.unwrap();
+        assert_eq!(
+            (plan.unit_amount, plan.recurring_interval.as_deref()),
+            (Some(2000), Some("month")),
+            "{n}"
+        );
+        assert_eq!(
+            plan.product_id.as_deref(),
+            Some("prod_QXg1hqf4jFNsqG"),
+            "{n}"
+        );
+
+        let sub_json = fixture("subscription");
+        let sub = Subscription::sync_from_stripe_data(&m, &sub_json)
+            .await
+            .unwrap();
+        assert_eq!(
+            sub.customer_id.as_deref(),
+            Some("cus_QXg1o8vcGmoR32"),
+            "{n}"
+        );
+        assert_eq!(sub.status.as_deref(), Some("active"), "{n}");
+        // On current API versions the period lives on the items.
+        let item_end = sub_json["items"]["data"][0]["current_period_end"].as_i64();
+        assert!(sub_json.get("current_period_end").is_none());
+        assert_eq!(sub.current_period_end, item_end, "{n}");
+        assert_eq!(sub.cancel_at, Some(1234567890), "{n}");
+        let items = sub.items(&m).await.unwrap();
+        assert_eq!(items.len(), 1, "{n}");
+        assert_eq!(items[0].id, "si_QXhVnC2h0Jczwc", "{n}");
+        assert_eq!(
+            items[0].subscription_id.as_deref(),
+            Some(sub.id.as_str()),
+            "{n}"
+        );
+        assert_eq!(
+            items[0].price_id.as_deref(),
+            Some("price_1PgafmB7WZ01zgkW6dKueIc5"),
+            "{n}"
+        );
+        assert_eq!(
+            items[0].product_id.as_deref(),
+            Some("prod_QXg1hqf4jFNsqG"),
+            "{n}"
+        );
+
+        // The standalone subscription_item fixture mirrors through the same mechanism.
+        let subscription_item = fixture("subscription_item");
+        assert_eq!(subscription_item["object"], "subscription_item");
+    }
+}
+
+#[tokio::test]
+async fn deleted_fixtures_become_tombstones() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        Customer::sync_from_stripe_data(&m, &fixture("customer"))
+            .await
+            .unwrap();
+        let c = Customer::sync_from_stripe_data(&m, &fixture("deleted_customer"))
+            .await
+            .unwrap();
+        assert!(c.deleted, "{n}");
+        assert_eq!(
+            c.data()["invoice_prefix"],
+            "7FE1103",
+            "{n}: last full data kept"
+        );
+
+        let p = Product::sync_from_stripe_data(&m, &fixture("deleted_product"))
+            .await
+            .unwrap();
+        assert!(
+            p.deleted,
+            "{n}: an unseen deleted object is stored as a tombstone"
+        );
+        for name in ["deleted_price", "deleted_plan"] {
+            let price = Price::sync_from_stripe_data(&m, &fixture(name))
+                .await
+                .unwrap();
+            assert!(price.deleted, "{n}: {name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn legacy_shapes_mirror() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let c = Customer::sync_from_stripe_data(&m, &local_fixture("legacy_customer.json"))
+            .await
+            .unwrap();
+        assert_eq!(c.email.as_deref(), Some("legacy@example.com"), "{n}");
+        assert_eq!(c.subscriber_id.as_deref(), Some("user-legacy"), "{n}");
+
+        let plan = Price::sync_from_stripe_data(&m, &local_fixture("legacy_plan.json"))
+            .await
+            .unwrap();
+        assert_eq!(plan.unit_amount, Some(900), "{n}");
+        assert_eq!(plan.currency.as_deref(), Some("eur"), "{n}");
+        assert_eq!(plan.recurring_interval.as_deref(), Some("month"), "{n}");
+        assert_eq!(plan.product_id.as_deref(), Some("prod_legacy01"), "{n}");
+
+        let sub =
+            Subscription::sync_from_stripe_data(&m, &local_fixture("legacy_subscription.json"))
+                .await
+                .unwrap();
+        assert_eq!(sub.current_period_start, Some(1546300800), "{n}");
+        assert_eq!(
+            sub.current_period_end,
+            Some(4102444800),
+            "{n}: top-level period"
+        );
+        assert_eq!(sub.cancel_at_period_end, Some(false), "{n}");
+        let items = sub.items(&m).await.unwrap();
+        assert_eq!(items.len(), 1, "{n}");
+        assert_eq!(
+            items[0].price_id.as_deref(),
+            Some("basic-monthly"),
+            "{n}: plan as price"
+        );
+        assert_eq!(items[0].product_id.as_deref(), Some("prod_legacy01"), "{n}");
+        assert_eq!(items[0].quantity, Some(2), "{n}");
+        assert!(
+            c.subscription(&m)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.id == "sub_legacy01"),
+            "{n}"
+        );
+        assert!(
+            c.is_subscribed_to(&m, &["prod_legacy01"]).await.unwrap(),
+            "{n}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_shapes_are_clear_errors_and_store_nothing() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let cases = [
+            (json!({"id": "prod_1", "object": "customer"}), "object"),
+            (json!({"object": "product"}), "id"),
+            (
+                json!({"id": "prod_2", "object": "product", "name": 42}),
+                "name",
+            ),
+            (
+                json!({"id": "prod_3", "object": "product", "active": "yes"}),
+                "active",
+            ),
+            (
+                json!({"id": "prod_4", "object": "product", "created": 1.5}),
+                "created",
+            ),
+        ];
+        for (value, field) in cases {
+            let err = Product::sync_from_stripe_data(&m, &value)
+                .await
+                .unwrap_err();
+            match &err {
+                Error::Mapping { field: f, .. } => assert_eq!(f, field, "{n}: {err}"),
+                other => panic!("{n}: expected a mapping error, got {other}"),
+            }
+            assert!(
+                err.to_string().contains(&format!("`{field}`")),
+                "{n}: {err}"
+            );
+        }
+        let err = Subscription::sync_from_stripe_data(
+            &m,
+            &json!({"id": "sub_x", "object": "subscription", "status": "active"}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("sub_x") && err.to_string().contains("customer"),
+            "{n}: {err}"
+        );
+        let err = Subscription::sync_from_stripe_data(
+            &m,
+            &json!({"id": "sub_y", "object": "subscription", "customer": "cus_1", "status": "active", "items": {"data": [{"id": "si_1", "object": "subscription_item", "price": 7}]}}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("si_1") && err.to_string().contains("price"),
+            "{n}: {err}"
+        );
+        // Nothing half-written: the subscription row is not there either.
+        assert!(
+            Subscription::get(&m, "sub_y").await.unwrap().is_none(),
+            "{n}"
+        );
+        assert!(Product::get(&m, "prod_2").await.unwrap().is_none(), "{n}");
+    }
+}
+
+fn sub_version(status: &str, items: &[(&str, &str)]) -> serde_json::Value {
+    json!({
+        "id": "sub_v", "object": "subscription", "customer": "cus_v", "status": status, "livemode": false,
+        "items": {"data": items.iter().map(|(id, price)| json!({
+            "id": id, "object": "subscription_item", "price": {"id": price, "product": "prod_v"},
+            "current_period_end": 4102444800_i64,
+        })).collect::<Vec<_>>()},
+    })
+}
+
+#[tokio::test]
+async fn stale_writes_change_nothing() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let s = Subscription::sync_from_stripe_data_at(
+            &m,
+            &sub_version("past_due", &[("si_a", "price_a")]),
+            200,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.stamp, 200);
+        // Older data: refused, row and items untouched.
+        let s = Subscription::sync_from_stripe_data_at(
+            &m,
+            &sub_version("active", &[("si_b", "price_b")]),
+            100,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (s.status.as_deref(), s.stamp),
+            (Some("past_due"), 200),
+            "{n}"
+        );
+        let items = s.items(&m).await.unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["si_a"],
+            "{n}"
+        );
+        // Newer data applies, and the item that left the list becomes a tombstone.
+        let s = Subscription::sync_from_stripe_data_at(
+            &m,
+            &sub_version("active", &[("si_b", "price_b")]),
+            300,
+        )
+        .await
+        .unwrap();
+        assert_eq!((s.status.as_deref(), s.stamp), (Some("active"), 300), "{n}");
+        let items = s.items(&m).await.unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["si_b"],
+            "{n}"
+        );
+        assert!(
+            SubscriptionItem::get(&m, "si_a")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{n}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tombstones_cannot_be_resurrected() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let live = json!({"id": "prod_t", "object": "product", "name": "Pro", "active": true});
+        Product::sync_from_stripe_data_at(&m, &live, 100)
+            .await
+            .unwrap();
+        let dead = Product::mark_deleted(&m, "prod_t").await.unwrap();
+        assert!(dead.deleted, "{n}");
+        // A late update, even stamped newer than the delete, cannot bring it back.
+        let mut later = live.clone();
+        later["name"] = json!("Pro 2");
+        let p = Product::sync_from_stripe_data_at(&m, &later, dead.stamp + 1000)
+            .await
+            .unwrap();
+        assert!(p.deleted, "{n}");
+        assert_eq!(p.name.as_deref(), Some("Pro"), "{n}");
+        // A late delete with an old stamp still deletes, and keeps the newer stamp.
+        Product::sync_from_stripe_data_at(
+            &m,
+            &json!({"id": "prod_u", "object": "product", "name": "U"}),
+            500,
+        )
+        .await
+        .unwrap();
+        let u = Product::sync_from_stripe_data_at(
+            &m,
+            &json!({"id": "prod_u", "object": "product", "deleted": true}),
+            10,
+        )
+        .await
+        .unwrap();
+        assert!(u.deleted && u.stamp == 500, "{n}");
+        assert!(
+            !Product::list_active(&m)
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.id == "prod_u"),
+            "{n}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_writers_end_with_the_freshest_version() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let mut tasks = Vec::new();
+        for round in 0..5 {
+            for writer in 0..8_i64 {
+                let m = m.clone();
+                tasks.push(tokio::spawn(async move {
+                    let stamp = 1000 + writer * 10 + round;
+                    let item = format!("si_w{writer}");
+                    let value =
+                        sub_version(&format!("status_{stamp}"), &[(item.as_str(), "price_w")]);
+                    Subscription::sync_from_stripe_data_at(&m, &value, stamp).await
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+        let s = Subscription::get(&m, "sub_v").await.unwrap().unwrap();
+        assert_eq!(
+            (s.status.as_deref(), s.stamp),
+            (Some("status_1074"), 1074),
+            "{n}"
+        );
+        let items = s.items(&m).await.unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["si_w7"],
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn eight_threads_on_postgres_without_errors() {
+    // Real OS threads, each with its own runtime, as separate app workers would be.
+    let Some(url) = common::postgres_url() else {
+        return;
+    };
+    let config = stripe_mirror::Config::new(url);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt.block_on(stripe_mirror::Mirror::connect(config)).unwrap();
+    let handles: Vec<_> = (0..8_i64)
+        .map(|t| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                for i in 0..25_i64 {
+                    let stamp = 10_000 + i * 8 + t;
+                    let value = sub_version(
+                        &format!("s{stamp}"),
+                        &[("si_same", "price_x"), (&format!("si_t{t}"), "price_y")],
+                    );
+                    rt.block_on(Subscription::sync_from_stripe_data_at(&m, &value, stamp))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer thread");
+    }
+    let s = rt
+        .block_on(Subscription::get(&m, "sub_v"))
+        .unwrap()
+        .unwrap();
+    let freshest = 10_000 + 24 * 8 + 7;
+    assert_eq!(
+        (s.status.clone().unwrap(), s.stamp),
+        (format!("s{freshest}"), freshest)
+    );
+    let items = rt.block_on(s.items(&m)).unwrap();
+    assert_eq!(
+        items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["si_same", "si_t7"]
+    );
+}
