@@ -36,6 +36,7 @@
 //! - [`models`]: one file per mirrored object, with its reads.
 //! - `sync`: the one JSON-to-row mapping, stale-write guard and upsert all models share.
 //! - [`stripe`]: talking to the Stripe API.
+//! - [`webhooks`]: the handler registry and the webhook pipeline.
 //! - [`error`]: the one [`Error`] enum.
 //!
 //! ## Environment
@@ -56,6 +57,7 @@
 //! |---|---|
 //! | `sqlite` (default) | SQLite storage, bundled libsqlite3 |
 //! | `postgres` | Postgres storage (libpq) |
+//! | `axum` | [`axum::webhook_router`]: `POST /stripe/webhook` |
 //!
 //! ## Postgres and the raw object
 //!
@@ -63,6 +65,8 @@
 //! both. On Postgres, query it with a cast: `SELECT data::jsonb -> 'metadata' FROM stripe_customers`.
 #![warn(missing_docs)]
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod config;
 pub(crate) mod db;
 pub mod error;
@@ -71,6 +75,7 @@ pub mod models;
 mod secret;
 pub mod stripe;
 pub(crate) mod sync;
+pub mod webhooks;
 
 pub use config::Config;
 pub use db::Backend;
@@ -82,3 +87,8 @@ pub use models::price::Price;
 pub use models::product::Product;
 pub use models::subscription::{Subscription, SubscriptionItem};
 pub use secret::Secret;
+pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
+
+/// async-stripe's generated object types, for typed access to event payloads
+/// ([`Event::object_as`]).
+pub use stripe_shared as types;

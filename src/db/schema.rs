@@ -111,8 +111,10 @@ diesel::table! {
         created -> BigInt,
         data -> Text,
         status -> Text,
+        synced -> Bool,
         error -> Nullable<Text>,
         attempts -> Integer,
+        claimed_at -> Nullable<BigInt>,
         received_at -> BigInt,
         processed_at -> Nullable<BigInt>,
     }

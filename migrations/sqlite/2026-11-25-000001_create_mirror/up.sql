@@ -93,7 +93,9 @@ CREATE TABLE stripe_api_keys (
     created_at BIGINT NOT NULL
 );
 
--- Each Stripe event once, by id, with its processing status.
+-- Each Stripe event once, by id, with its processing status: pending, processing
+-- (claimed by a worker at claimed_at), processed or failed; synced once the built-in
+-- sync has applied it.
 CREATE TABLE stripe_events (
     id TEXT PRIMARY KEY NOT NULL,
     type TEXT NOT NULL,
@@ -102,8 +104,10 @@ CREATE TABLE stripe_events (
     created BIGINT NOT NULL,
     data TEXT NOT NULL,
     status TEXT NOT NULL,
+    synced BOOLEAN NOT NULL DEFAULT FALSE,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_at BIGINT,
     received_at BIGINT NOT NULL,
     processed_at BIGINT
 );

@@ -1,0 +1,84 @@
+//! axum integration (feature `axum`): mounts the webhook pipeline at
+//! `/stripe/webhook`, handing it the raw body untouched.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures_util::StreamExt;
+
+use crate::Mirror;
+use crate::webhooks::{WebhookRequest, Webhooks};
+
+/// The path Stripe (and `stripe listen --forward-to`) posts to.
+pub const WEBHOOK_PATH: &str = "/stripe/webhook";
+
+#[derive(Clone)]
+struct WebhookState {
+    mirror: Mirror,
+    webhooks: Webhooks,
+}
+
+/// A router serving `POST /stripe/webhook`; merge it into your app's router.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) {
+/// use stripe_mirror::Webhooks;
+/// let app = axum::Router::new().merge(stripe_mirror::axum::webhook_router(mirror, Webhooks::new()));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await.unwrap();
+/// axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await.unwrap();
+/// # }
+/// ```
+pub fn webhook_router(mirror: Mirror, webhooks: Webhooks) -> Router {
+    Router::new()
+        .route(WEBHOOK_PATH, post(receive))
+        .with_state(WebhookState { mirror, webhooks })
+}
+
+/// Reads the body up to the cap (plus one byte, to know it was over), then hands the
+/// request to [`Webhooks::receive`]. axum's own body limit does not apply here: the
+/// pipeline logs oversized deliveries and answers 413 itself.
+async fn receive(State(state): State<WebhookState>, request: Request) -> Response {
+    let remote = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let cap = state.webhooks.max_body();
+    let (mut body, mut size) = (Vec::new(), 0usize);
+    let mut stream = request.into_body().into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        size += chunk.len();
+        if body.len() <= cap {
+            body.extend_from_slice(&chunk[..chunk.len().min(cap + 1 - body.len())]);
+        }
+    }
+    let request = WebhookRequest {
+        headers,
+        body,
+        body_size: Some(size),
+        remote_addr: remote,
+    };
+    let answer = state.webhooks.receive(&state.mirror, request).await;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Body::from(answer.body())).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

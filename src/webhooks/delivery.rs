@@ -1,0 +1,170 @@
+//! The delivery log: every webhook request, valid or not, is written to
+//! `stripe_webhook_deliveries` before anything else happens to it, and its outcome
+//! is written back at the end (dj-stripe's WebhookEventTrigger).
+
+use diesel::prelude::*;
+
+use crate::db::schema::stripe_webhook_deliveries as deliveries;
+use crate::db::{Conn, on_conn};
+use crate::error::Result;
+use crate::sync::now;
+
+/// What happened to one delivery, as stored in `outcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Logged, not yet finished (a crash leaves this).
+    Received,
+    /// Verified, stored, synced and every handler succeeded.
+    Processed,
+    /// The event was already processed: nothing ran again.
+    Duplicate,
+    /// Another worker is processing the event now; Stripe will retry.
+    InProgress,
+    /// The signature header was missing, malformed, stale or did not match.
+    InvalidSignature,
+    /// The body was not an event (not JSON, no id or type, not UTF-8).
+    Malformed,
+    /// The event's object had a shape the mirror cannot map.
+    InvalidObject,
+    /// The body was over the configured cap.
+    TooLarge,
+    /// A handler failed or panicked; the event is stored as failed.
+    HandlerFailed,
+    /// Our side failed (database); Stripe will retry.
+    Error,
+}
+
+impl Outcome {
+    /// The name stored in the `outcome` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Received => "received",
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::InProgress => "in_progress",
+            Outcome::InvalidSignature => "invalid_signature",
+            Outcome::Malformed => "malformed",
+            Outcome::InvalidObject => "invalid_object",
+            Outcome::TooLarge => "too_large",
+            Outcome::HandlerFailed => "handler_failed",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// The HTTP status answered for this outcome.
+    pub fn status(self) -> u16 {
+        match self {
+            Outcome::Received | Outcome::Processed | Outcome::Duplicate => 200,
+            Outcome::InProgress => 409,
+            Outcome::InvalidSignature | Outcome::Malformed | Outcome::InvalidObject => 400,
+            Outcome::TooLarge => 413,
+            Outcome::HandlerFailed | Outcome::Error => 500,
+        }
+    }
+}
+
+/// Headers worth nothing to an attacker only; these are never stored.
+const REDACTED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+/// Inserts the delivery row; returns its id.
+pub(crate) fn log(
+    conn: &mut Conn<'_>,
+    remote_addr: Option<&str>,
+    headers: &[(String, String)],
+    body: &[u8],
+    body_size: usize,
+) -> Result<i64> {
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            let v = if REDACTED_HEADERS.contains(&k.as_str()) {
+                "[redacted]".to_owned()
+            } else {
+                v.clone()
+            };
+            (k, serde_json::Value::String(v))
+        })
+        .collect();
+    let values = (
+        deliveries::received_at.eq(now()),
+        deliveries::remote_addr.eq(remote_addr),
+        deliveries::headers.eq(serde_json::Value::Object(headers).to_string()),
+        deliveries::body.eq(body),
+        deliveries::body_size.eq(body_size as i64),
+        deliveries::body_truncated.eq(body.len() < body_size),
+        deliveries::outcome.eq(Outcome::Received.as_str()),
+    );
+    Ok(on_conn!(conn, c => diesel::insert_into(deliveries::table)
+        .values(values)
+        .returning(deliveries::id)
+        .get_result(c))?)
+}
+
+/// Writes a delivery's outcome.
+pub(crate) fn finish(
+    conn: &mut Conn<'_>,
+    id: i64,
+    valid: bool,
+    event_id: Option<&str>,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<()> {
+    on_conn!(conn, c => diesel::update(deliveries::table.find(id))
+        .set((
+            deliveries::valid.eq(valid),
+            deliveries::event_id.eq(event_id),
+            deliveries::outcome.eq(outcome.as_str()),
+            deliveries::status_code.eq(outcome.status() as i32),
+            deliveries::error.eq(error),
+        ))
+        .execute(c))?;
+    Ok(())
+}
+
+/// One logged delivery, for inspection.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = deliveries)]
+pub struct Delivery {
+    /// Row id.
+    pub id: i64,
+    /// Unix time received.
+    pub received_at: i64,
+    /// The peer's address, when known.
+    pub remote_addr: Option<String>,
+    /// Request headers as a JSON object (credentials redacted).
+    pub headers: String,
+    /// The body as received, up to the cap.
+    pub body: Vec<u8>,
+    /// The full body size in bytes.
+    pub body_size: i64,
+    /// The body was cut at the cap.
+    pub body_truncated: bool,
+    /// The signature verified.
+    pub valid: bool,
+    /// The event id, once read.
+    pub event_id: Option<String>,
+    /// What happened ([`Outcome::as_str`]).
+    pub outcome: String,
+    /// The HTTP status answered.
+    pub status_code: Option<i32>,
+    /// The error, when there was one.
+    pub error: Option<String>,
+}
+
+impl Delivery {
+    /// The most recent deliveries, newest first.
+    pub async fn recent(mirror: &crate::Mirror, limit: i64) -> Result<Vec<Delivery>> {
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => deliveries::table
+                    .order(deliveries::id.desc())
+                    .limit(limit)
+                    .select(Delivery::as_select())
+                    .load(c))?)
+            })
+            .await
+    }
+}
