@@ -5,12 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cleanup() { scripts/postgres.sh stop || true; }
+cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; }
 trap cleanup EXIT
 
 PG_URL=$(scripts/postgres.sh start)
 export STRIPE_MIRROR_TEST_POSTGRES="$PG_URL"
 export STRIPE_MIRROR_REQUIRE_POSTGRES=1
+# localstripe and the official Stripe SDK (pinned, in .run/venv), on 127.0.0.1.
+export STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
+export STRIPE_MIRROR_TEST_PYTHON="$PWD/.run/venv/bin/python"
 
 echo "== format and lints"
 cargo fmt --all -- --check
@@ -20,7 +23,8 @@ echo "== each backend feature builds on its own"
 cargo check --lib --no-default-features --features sqlite
 cargo check --lib --no-default-features --features postgres
 
-echo "== tests (SQLite file + Postgres at $PG_URL)"
+echo "== tests (SQLite file + Postgres at $PG_URL, localstripe at $STRIPE_MIRROR_TEST_LOCALSTRIPE)"
+cargo build --all-features --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast
 else

@@ -705,3 +705,44 @@ print("t=%d,v1=%s" % (t, stripe.WebhookSignature._compute_signature("%d.%s" % (t
         .await;
     assert_eq!(r.outcome, Outcome::Processed, "{:?}", r.error);
 }
+
+#[tokio::test]
+async fn database_outage_is_503_and_recovers() {
+    use diesel::{Connection, RunQueryDsl};
+    let Some(url) = common::postgres_url() else {
+        return;
+    };
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let mut config = stripe_mirror::Config::new(url);
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    config.connection_timeout = std::time::Duration::from_millis(500);
+    let m = Mirror::connect(config).await.unwrap();
+    let admin = std::env::var("STRIPE_MIRROR_TEST_POSTGRES").unwrap();
+    let mut conn = diesel::PgConnection::establish(&admin).unwrap();
+    let mut sql = |q: String| diesel::sql_query(q).execute(&mut conn).unwrap();
+    sql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    sql(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+    ));
+
+    let log: Log = Default::default();
+    let webhooks = Webhooks::new().on_any(recorder(&log, "h"));
+    let ev = event(
+        "evt_outage",
+        "product.created",
+        now(),
+        json!({"id": "prod_outage", "object": "product"}),
+    );
+    let r = webhooks.receive(&m, post(&ev)).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "no handler ran without the database"
+    );
+
+    sql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    let r = webhooks.receive(&m, post(&ev)).await;
+    assert_eq!((r.status, r.outcome), (200, Outcome::Processed), "{r:?}");
+    assert!(Product::get(&m, "prod_outage").await.unwrap().is_some());
+    assert_eq!(log.lock().unwrap().len(), 1);
+}

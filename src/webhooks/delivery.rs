@@ -74,6 +74,7 @@ pub(crate) fn log(
     headers: &[(String, String)],
     body: &[u8],
     body_size: usize,
+    valid: bool,
 ) -> Result<i64> {
     let headers: serde_json::Map<String, serde_json::Value> = headers
         .iter()
@@ -94,6 +95,7 @@ pub(crate) fn log(
         deliveries::body.eq(body),
         deliveries::body_size.eq(body_size as i64),
         deliveries::body_truncated.eq(body.len() < body_size),
+        deliveries::valid.eq(valid),
         deliveries::outcome.eq(Outcome::Received.as_str()),
     );
     Ok(on_conn!(conn, c => diesel::insert_into(deliveries::table)

@@ -330,7 +330,7 @@ impl Webhooks {
             .db()
             .run(move |conn| {
                 let delivery_id =
-                    delivery::log(conn, remote.as_deref(), &headers, &body, body_size)?;
+                    delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
                 let claim = match checked {
                     Err(failure) => Err(failure),
                     Ok(event) => claim_and_sync(conn, &event, false)

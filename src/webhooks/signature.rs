@@ -144,15 +144,15 @@ mod tests {
             Err(SignatureError::NoMatch)
         );
         assert_eq!(
-            verify(&good, b"bodx", &[new.clone()], 300, 1000),
+            verify(&good, b"bodx", std::slice::from_ref(&new), 300, 1000),
             Err(SignatureError::NoMatch)
         );
         assert!(matches!(
-            verify(&good, b"body", &[new.clone()], 300, 1301),
+            verify(&good, b"body", std::slice::from_ref(&new), 300, 1301),
             Err(SignatureError::OutsideTolerance { .. })
         ));
         assert_eq!(
-            verify(&good, b"body", &[new.clone()], 0, 99999),
+            verify(&good, b"body", std::slice::from_ref(&new), 0, 99999),
             Ok(1000),
             "0 disables the tolerance"
         );
