@@ -37,6 +37,12 @@ pub struct Config {
     pub pool_size: u32,
     /// How long to wait for a pooled connection before answering "unavailable".
     pub connection_timeout: Duration,
+    /// Timeout of one Stripe API attempt.
+    pub stripe_timeout: Duration,
+    /// Retries of a Stripe request that failed with 409, 429, 5xx or a network error.
+    pub stripe_retries: u32,
+    /// First wait before a retry; it doubles each time.
+    pub stripe_retry_backoff: Duration,
 }
 
 impl Default for Config {
@@ -53,6 +59,9 @@ impl Default for Config {
             api_base: None,
             pool_size: 8,
             connection_timeout: Duration::from_secs(5),
+            stripe_timeout: Duration::from_secs(30),
+            stripe_retries: 4,
+            stripe_retry_backoff: Duration::from_millis(500),
         }
     }
 }

@@ -74,7 +74,7 @@ mod mirror;
 pub mod models;
 mod secret;
 pub mod stripe;
-pub(crate) mod sync;
+pub mod sync;
 pub mod webhooks;
 
 pub use config::Config;
@@ -82,11 +82,12 @@ pub use db::Backend;
 pub use error::{Error, Result};
 pub use mirror::Mirror;
 pub use models::api_key::{ApiKey, ApiKeyKind};
-pub use models::customer::{Customer, SUBSCRIBER_METADATA_KEY};
+pub use models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
 pub use models::price::Price;
 pub use models::product::Product;
 pub use models::subscription::{Subscription, SubscriptionItem};
 pub use secret::Secret;
+pub use sync::remote::{SyncOptions, SyncProgress, SyncReport, sync_all};
 pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
 
 /// async-stripe's generated object types, for typed access to event payloads

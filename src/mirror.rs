@@ -6,6 +6,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::db::{Backend, Database};
 use crate::error::Result;
+use crate::models::api_key::ApiKey;
+use crate::stripe::StripeClient;
 
 /// A handle on the local mirror of a Stripe account. Cheap to clone and share.
 ///
@@ -24,6 +26,10 @@ pub struct Mirror {
 struct Inner {
     config: Config,
     db: Database,
+    /// The client for the current key, rebuilt when the key changes.
+    stripe: std::sync::Mutex<Option<(String, StripeClient)>>,
+    /// Serialises `Customer::get_or_create` per subscriber within this process.
+    pub(crate) creating: crate::sync::KeyedLocks,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -59,7 +65,12 @@ impl Mirror {
             .await
             .map_err(|e| crate::Error::Task(e.to_string()))??;
         Ok(Mirror {
-            inner: Arc::new(Inner { config, db }),
+            inner: Arc::new(Inner {
+                config,
+                db,
+                stripe: Default::default(),
+                creating: Default::default(),
+            }),
         })
     }
 
@@ -85,6 +96,27 @@ impl Mirror {
     /// SQLite or Postgres.
     pub fn backend(&self) -> Backend {
         self.inner.db.backend()
+    }
+
+    /// A Stripe client with the current mode's secret key ([`ApiKey::default_secret_key`])
+    /// at the configured API base.
+    pub async fn stripe(&self) -> Result<StripeClient> {
+        let key = ApiKey::default_secret_key(self).await?;
+        let mut cached = self.inner.stripe.lock().expect("not poisoned");
+        if let Some((k, client)) = cached.as_ref()
+            && k == key.expose()
+        {
+            return Ok(client.clone());
+        }
+        let c = &self.inner.config;
+        let client = StripeClient::new(&key, c.api_base.as_deref(), c.stripe_timeout)?
+            .with_retries(c.stripe_retries, c.stripe_retry_backoff);
+        *cached = Some((key.expose().to_owned(), client.clone()));
+        Ok(client)
+    }
+
+    pub(crate) fn creating(&self) -> &crate::sync::KeyedLocks {
+        &self.inner.creating
     }
 
     pub(crate) fn db(&self) -> &Database {

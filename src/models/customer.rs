@@ -1,6 +1,7 @@
 //! Customer: a Stripe customer, linked to the host app's user (the subscriber).
 
 use diesel::prelude::*;
+use sha2::Digest;
 
 use crate::Mirror;
 use crate::db::schema::stripe_customers;
@@ -12,6 +13,26 @@ use crate::sync::{Model, sync_methods};
 
 /// The metadata key holding the host app's subscriber id on a Stripe customer.
 pub const SUBSCRIBER_METADATA_KEY: &str = "stripe_mirror_subscriber";
+
+/// The host app's user behind a Stripe customer (dj-stripe's "subscriber").
+///
+/// ```
+/// struct User { id: u64, email: String }
+/// impl stripe_mirror::Subscriber for User {
+///     fn subscriber_id(&self) -> String { self.id.to_string() }
+///     fn email(&self) -> Option<String> { Some(self.email.clone()) }
+/// }
+/// ```
+pub trait Subscriber {
+    /// A stable id for this user, unique in the host app.
+    fn subscriber_id(&self) -> String;
+    /// The email to put on the Stripe customer.
+    fn email(&self) -> Option<String>;
+    /// The name to put on the Stripe customer.
+    fn name(&self) -> Option<String> {
+        None
+    }
+}
 
 /// A mirrored Stripe customer.
 #[derive(Clone, Debug, Queryable, Selectable)]
@@ -86,6 +107,45 @@ impl Customer {
                     .optional())?)
             })
             .await
+    }
+
+    /// The subscriber's customer in the current mode: from the mirror when there is
+    /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
+    /// derived from subscriber and mode, so a repeat or a concurrent call cannot create
+    /// a second one) and stored at once.
+    pub async fn get_or_create(mirror: &Mirror, subscriber: &impl Subscriber) -> Result<Customer> {
+        let id = subscriber.subscriber_id();
+        if let Some(found) = Self::by_subscriber(mirror, &id).await? {
+            return Ok(found);
+        }
+        // Concurrent callers in this process wait here; the first one creates.
+        let lock = mirror.creating().get(&id);
+        let _guard = lock.lock().await;
+        if let Some(found) = Self::by_subscriber(mirror, &id).await? {
+            return Ok(found);
+        }
+        let mode = if mirror.live_mode() { "live" } else { "test" };
+        let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+        let key = format!("stripe-mirror-customer-{mode}-{}", &digest[..40]);
+        let mut form = serde_json::json!({ "metadata": { SUBSCRIBER_METADATA_KEY: id } });
+        if let Some(email) = subscriber.email() {
+            form["email"] = email.into();
+        }
+        if let Some(name) = subscriber.name() {
+            form["name"] = name.into();
+        }
+        let stamp = crate::sync::now();
+        let created = mirror
+            .stripe()
+            .await?
+            .post(
+                "/customers",
+                &form,
+                Some(key),
+                Some(&format!("customer of subscriber {id}")),
+            )
+            .await?;
+        crate::sync::sync_from_stripe_data::<Customer>(mirror, created, stamp).await
     }
 
     /// All of this customer's mirrored subscriptions (any status), newest first.

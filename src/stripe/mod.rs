@@ -1,5 +1,10 @@
 //! Talking to Stripe: the async-stripe client wrapper and its errors.
 
+mod client;
+
+pub use client::StripeClient;
+pub(crate) use client::is_missing;
+
 use std::fmt;
 
 /// A failed call to the Stripe API: which request, which object, and what Stripe said.

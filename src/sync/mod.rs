@@ -3,6 +3,7 @@
 //! shares ([`Model`], [`sync_from_stripe_data`], [`tombstone`]).
 
 pub(crate) mod fields;
+pub mod remote;
 pub(crate) mod upsert;
 
 use serde_json::{Value, json};
@@ -10,6 +11,7 @@ use serde_json::{Value, json};
 use crate::db::Conn;
 use crate::error::{Error, Result};
 use crate::mirror::Mirror;
+pub(crate) use remote::KeyedLocks;
 pub(crate) use upsert::{MirrorTable, now};
 
 /// A mirrored model: its table description and how to load one row.
@@ -81,6 +83,12 @@ macro_rules! sync_methods {
             pub async fn get(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Option<Self>> {
                 let id = id.to_owned();
                 mirror.db().run(move |conn| <Self as $crate::sync::Model>::find(conn, &id)).await
+            }
+
+            #[doc = concat!("Fetches the ", $object, " from Stripe and upserts it (stamped with the fetch time);")]
+            /// an object Stripe reports missing becomes a tombstone.
+            pub async fn sync(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Self> {
+                $crate::sync::remote::sync_one::<Self>(mirror, id).await
             }
 
             /// The raw Stripe object as last mirrored.

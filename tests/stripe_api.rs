@@ -1,0 +1,379 @@
+//! Talking to Stripe: get_or_create, sync and sync_all against a real localstripe
+//! (started by scripts/test.sh on 127.0.0.1), and retries, idempotency keys and bad
+//! bodies against an in-process stub for what localstripe cannot do (injected 429,
+//! 500 storms, malformed bodies). Every test runs on SQLite and Postgres.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stripe_mirror::{
+    Config, Customer, Error, Mirror, Product, Secret, Subscriber, Subscription, SyncOptions,
+    sync_all,
+};
+
+const KEY: &str = "sk_test_apitests0000000000000";
+
+fn localstripe() -> Option<String> {
+    match std::env::var("STRIPE_MIRROR_TEST_LOCALSTRIPE") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "scripts/test.sh sets STRIPE_MIRROR_TEST_LOCALSTRIPE"
+            );
+            None
+        }
+    }
+}
+
+fn with_api(config: &Config, base: &str) -> Config {
+    let mut c = config.clone();
+    c.api_base = Some(base.to_owned());
+    c.secret_key = Some(Secret::new(KEY));
+    c.stripe_retry_backoff = Duration::from_millis(20);
+    c
+}
+
+fn call(method: &str, url: &str, form: &[(&str, &str)]) -> Value {
+    let auth = format!("Bearer {KEY}");
+    let mut response = match method {
+        "POST" => ureq::post(url)
+            .header("Authorization", &auth)
+            .send_form(form.iter().copied()),
+        "DELETE" => ureq::delete(url).header("Authorization", &auth).call(),
+        _ => ureq::get(url).header("Authorization", &auth).call(),
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+struct User(String);
+impl Subscriber for User {
+    fn subscriber_id(&self) -> String {
+        self.0.clone()
+    }
+    fn email(&self) -> Option<String> {
+        Some(format!("{}@example.com", self.0))
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap()
+    )
+}
+
+#[tokio::test]
+async fn get_or_create_makes_one_customer_even_when_called_concurrently() {
+    let Some(base) = localstripe() else { return };
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let user = unique("user");
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (m, user) = (m.clone(), User(user.clone()));
+                tokio::spawn(async move { Customer::get_or_create(&m, &user).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(
+                t.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", b.name))
+                    .id,
+            );
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "{}: {ids:?}", b.name);
+        let listed = call("GET", &format!("{base}v1/customers?limit=100"), &[]);
+        let in_stripe = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["metadata"]["stripe_mirror_subscriber"] == json!(user))
+            .count();
+        assert_eq!(in_stripe, 1, "{}: one Stripe customer", b.name);
+        let c = Customer::by_subscriber(&m, &user).await.unwrap().unwrap();
+        assert_eq!(
+            (c.id.as_str(), c.email.clone()),
+            (ids[0].as_str(), Some(format!("{user}@example.com"))),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn sync_follows_stripe_and_tombstones_what_it_lost() {
+    let Some(base) = localstripe() else { return };
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let c = Customer::get_or_create(&m, &User(unique("sync")))
+            .await
+            .unwrap();
+        call(
+            "POST",
+            &format!("{base}v1/customers/{}", c.id),
+            &[
+                ("email", "changed@example.com"),
+                ("invoice_settings[default_payment_method]", "pm_card_visa"),
+            ],
+        );
+        let synced = Customer::sync(&m, &c.id).await.unwrap();
+        assert_eq!(
+            synced.email.as_deref(),
+            Some("changed@example.com"),
+            "{}",
+            b.name
+        );
+
+        let product = call(
+            "POST",
+            &format!("{base}v1/products"),
+            &[("name", "Sync Pro"), ("type", "service")],
+        );
+        let pid = product["id"].as_str().unwrap();
+        assert_eq!(
+            Product::sync(&m, pid).await.unwrap().name.as_deref(),
+            Some("Sync Pro")
+        );
+        let plan = call(
+            "POST",
+            &format!("{base}v1/plans"),
+            &[
+                ("product", pid),
+                ("amount", "900"),
+                ("currency", "usd"),
+                ("interval", "month"),
+            ],
+        );
+        let sub = call(
+            "POST",
+            &format!("{base}v1/subscriptions"),
+            &[
+                ("customer", &c.id),
+                ("items[0][plan]", plan["id"].as_str().unwrap()),
+            ],
+        );
+        let sid = sub["id"].as_str().unwrap();
+        let s = Subscription::sync(&m, sid).await.unwrap();
+        assert!(s.is_valid(), "{}: {s:?}", b.name);
+        assert_eq!(
+            s.items(&m).await.unwrap()[0].product_id.as_deref(),
+            Some(pid)
+        );
+        call("DELETE", &format!("{base}v1/subscriptions/{sid}"), &[]);
+        let s = Subscription::sync(&m, sid).await.unwrap();
+        assert_eq!(s.status.as_deref(), Some("canceled"), "{}", b.name);
+
+        call("DELETE", &format!("{base}v1/customers/{}", c.id), &[]);
+        let gone = Customer::sync(&m, &c.id).await.unwrap();
+        assert!(
+            gone.deleted,
+            "{}: missing in Stripe becomes a tombstone",
+            b.name
+        );
+        assert!(
+            Customer::by_subscriber(&m, gone.subscriber_id.as_deref().unwrap())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
+async fn sync_all_pages_through_everything_without_overwriting_fresher_data() {
+    let Some(base) = localstripe() else { return };
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let tag = unique("all");
+        let mut ids = Vec::new();
+        for i in 0..7 {
+            let c = call(
+                "POST",
+                &format!("{base}v1/customers"),
+                &[("email", &format!("{tag}-{i}@example.com"))],
+            );
+            ids.push(c["id"].as_str().unwrap().to_owned());
+        }
+        // A webhook already wrote fresher data for one of them.
+        let fresher = json!({"id": ids[0], "object": "customer", "email": "fresher@example.com"});
+        Customer::sync_from_stripe_data_at(&m, &fresher, chrono::Utc::now().timestamp() + 3600)
+            .await
+            .unwrap();
+        let mut pages = Vec::new();
+        let report = sync_all(
+            &m,
+            &SyncOptions::default()
+                .page_size(3)
+                .objects(&["customer", "product", "subscription"]),
+            |p| pages.push(p.clone()),
+        )
+        .await
+        .unwrap();
+        assert!(
+            report.failures.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.failures
+        );
+        assert!(
+            report.counts["customer"] >= 7,
+            "{}: {:?}",
+            b.name,
+            report.counts
+        );
+        assert!(
+            pages.iter().filter(|p| p.object == "customer").count() >= 3,
+            "{}: paged by 3",
+            b.name
+        );
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            let c = Customer::get(&m, id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{}: {id} mirrored", b.name));
+            assert_eq!(c.email, Some(format!("{tag}-{i}@example.com")));
+        }
+        assert_eq!(
+            Customer::get(&m, &ids[0])
+                .await
+                .unwrap()
+                .unwrap()
+                .email
+                .as_deref(),
+            Some("fresher@example.com"),
+            "{}",
+            b.name
+        );
+    }
+}
+
+/// A stub for what no fake Stripe serves: scripted statuses, recorded idempotency keys.
+async fn stub(script: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    use axum::{Router, extract::Request, routing::any};
+    let keys: Arc<Mutex<Vec<Option<String>>>> = Default::default();
+    let script = Arc::new(Mutex::new(script.into_iter()));
+    let k = keys.clone();
+    let app = Router::new().fallback(any(move |req: Request| {
+        let (k, script) = (k.clone(), script.clone());
+        async move {
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned());
+            k.lock().unwrap().push(key);
+            let (status, body) = script.lock().unwrap().next().unwrap_or((
+                500,
+                r#"{"error":{"type":"api_error","message":"script ran out"}}"#,
+            ));
+            (axum::http::StatusCode::from_u16(status).unwrap(), body)
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), keys)
+}
+
+const RATE_LIMITED: &str = r#"{"error":{"type":"invalid_request_error","code":"rate_limit","message":"Too many requests","request_log_url":"https://dashboard.stripe.com/test/logs/req_abc123?t=1"}}"#;
+const CUSTOMER: &str = r#"{"id":"cus_stub","object":"customer","email":"stub@example.com","livemode":false,"metadata":{"stripe_mirror_subscriber":"stub-user"},"brand_new_field":{"x":1}}"#;
+
+#[tokio::test]
+async fn a_429_is_retried_with_one_idempotency_key() {
+    for b in common::backends() {
+        let (base, keys) = stub(vec![
+            (429, RATE_LIMITED),
+            (429, RATE_LIMITED),
+            (200, CUSTOMER),
+        ])
+        .await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let c = Customer::get_or_create(&m, &User("stub-user".into()))
+            .await
+            .unwrap();
+        assert_eq!(c.id, "cus_stub", "{}", b.name);
+        assert_eq!(
+            c.data()["brand_new_field"]["x"],
+            1,
+            "{}: unknown fields kept",
+            b.name
+        );
+        let keys = keys.lock().unwrap().clone();
+        assert_eq!(keys.len(), 3, "{}", b.name);
+        assert!(
+            keys[0]
+                .as_deref()
+                .is_some_and(|k| k.starts_with("stripe-mirror-customer-test-")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.iter().all(|k| *k == keys[0]),
+            "{}: one key across retries: {keys:?}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_500_storm_gives_up_with_a_clear_error() {
+    let b = &common::backends()[0];
+    let (base, keys) = stub(vec![]).await;
+    let mut config = with_api(&b.config, &base);
+    config.stripe_retries = 3;
+    let m = Mirror::connect(config).await.unwrap();
+    let err = Customer::sync(&m, "cus_storm").await.unwrap_err();
+    assert_eq!(keys.lock().unwrap().len(), 4, "first try and 3 retries");
+    let text = err.to_string();
+    for part in [
+        "GET /v1/customers/cus_storm",
+        "customer cus_storm",
+        "HTTP 500",
+        "api_error",
+        "script ran out",
+        "after 4 attempts",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from {text}");
+    }
+    assert!(!text.contains(KEY), "no key in errors");
+    assert!(
+        Customer::get(&m, "cus_storm").await.unwrap().is_none(),
+        "nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn errors_name_stripes_code_and_request_id_and_bad_bodies_are_refused() {
+    let b = &common::backends()[0];
+    let (base, _) = stub(vec![
+        (400, r#"{"error":{"type":"invalid_request_error","code":"parameter_invalid_empty","message":"You passed an empty string","request_log_url":"https://dashboard.stripe.com/test/logs/req_xyz789?t=1"}}"#),
+        (200, "this is not json"),
+        (200, r#"{"id":"cus_wrong","object":"invoice"}"#),
+    ])
+    .await;
+    let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+    let err = Customer::sync(&m, "cus_1").await.unwrap_err().to_string();
+    for part in [
+        "HTTP 400",
+        "invalid_request_error",
+        "parameter_invalid_empty",
+        "empty string",
+        "req_xyz789",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from {err}");
+    }
+    let err = Customer::sync(&m, "cus_2").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Stripe(e) if e.message.contains("not JSON")),
+        "{err}"
+    );
+    let err = Customer::sync(&m, "cus_3").await.unwrap_err();
+    assert!(matches!(&err, Error::Mapping { .. }), "{err}");
+}
