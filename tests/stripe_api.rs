@@ -377,3 +377,42 @@ async fn errors_name_stripes_code_and_request_id_and_bad_bodies_are_refused() {
     let err = Customer::sync(&m, "cus_3").await.unwrap_err();
     assert!(matches!(&err, Error::Mapping { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn webhooks_can_refetch_the_object_instead_of_trusting_the_payload() {
+    use stripe_mirror::webhooks::{Outcome, signature::sign};
+    use stripe_mirror::{WebhookRequest, Webhooks};
+    let Some(base) = localstripe() else { return };
+    for b in common::backends() {
+        let mut config = with_api(&b.config, &base);
+        config.webhook_secrets = vec![Secret::new("whsec_refetch")];
+        let m = Mirror::connect(config).await.unwrap();
+        let c = call(
+            "POST",
+            &format!("{base}v1/customers"),
+            &[("email", "api-truth@example.com")],
+        );
+        let id = c["id"].as_str().unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let event = json!({"id": unique("evt_rf"), "object": "event", "type": "customer.updated", "created": now - 60,
+                           "data": {"object": {"id": id, "object": "customer", "email": "stale-payload@example.com"}}});
+        let body = event.to_string();
+        let request = WebhookRequest::new(body.clone()).header(
+            "Stripe-Signature",
+            sign(body.as_bytes(), &Secret::new("whsec_refetch"), now),
+        );
+        let r = Webhooks::new()
+            .refetch(&["customer"])
+            .receive(&m, request)
+            .await;
+        assert_eq!(r.outcome, Outcome::Processed, "{}: {:?}", b.name, r.error);
+        let row = Customer::get(&m, id).await.unwrap().unwrap();
+        assert_eq!(
+            row.email.as_deref(),
+            Some("api-truth@example.com"),
+            "{}",
+            b.name
+        );
+        assert!(row.stamp >= now, "{}: stamped with the fetch time", b.name);
+    }
+}

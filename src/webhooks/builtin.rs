@@ -13,7 +13,7 @@ use crate::sync::MirrorTable;
 use crate::webhooks::event::Event;
 
 /// The table an event's object is mirrored into, if the crate mirrors it.
-fn table_for(event: &Event) -> Option<&'static MirrorTable> {
+pub(crate) fn table_for(event: &Event) -> Option<&'static MirrorTable> {
     let kind = event.object().get("object").and_then(Value::as_str)?;
     let family = event.event_type.split('.').next()?;
     // Only the object families the mirror owns; `customer.discount.*` carries a discount.
@@ -34,7 +34,11 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     let Some(table) = table_for(event) else {
         return Ok(());
     };
-    let mut object = event.object().clone();
+    // A re-fetched object is stamped with its fetch time; the payload with the event's.
+    let (mut object, stamp) = match &event.refetched {
+        Some((object, fetched_at)) => (object.clone(), *fetched_at),
+        None => (event.object().clone(), event.created),
+    };
     // `customer.deleted`, `product.deleted`, ... carry the object as it was; a deleted
     // subscription is a canceled one, which its payload already says.
     if event.event_type.ends_with(".deleted")
@@ -43,7 +47,7 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     {
         object["deleted"] = json!(true);
     }
-    let row = table.row(&object, event.created, Some(event.livemode))?;
+    let row = table.row(&object, stamp, Some(event.livemode))?;
     table.write(conn, &row, &object)?;
     Ok(())
 }

@@ -26,6 +26,8 @@ pub struct Event {
     pub attempts: i32,
     /// The whole event JSON.
     pub raw: Value,
+    /// The object as re-fetched from the API and when, if the registry asked for that.
+    pub(crate) refetched: Option<(Value, i64)>,
 }
 
 impl Event {
@@ -58,6 +60,7 @@ impl Event {
                 .unwrap_or_else(now),
             attempts: 0,
             raw,
+            refetched: None,
         })
     }
 

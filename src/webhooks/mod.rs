@@ -75,6 +75,8 @@ struct Registry {
     wildcard: Vec<(String, BoxHandler)>,
     tolerance_secs: i64,
     body_limit: usize,
+    /// Object kinds re-fetched from the API instead of trusting the payload.
+    refetch: Vec<String>,
 }
 
 impl Default for Webhooks {
@@ -237,6 +239,7 @@ impl Webhooks {
                 wildcard: Vec::new(),
                 tolerance_secs: signature::DEFAULT_TOLERANCE_SECS,
                 body_limit: DEFAULT_BODY_LIMIT,
+                refetch: Vec::new(),
             }),
         }
     }
@@ -291,6 +294,17 @@ impl Webhooks {
         self
     }
 
+    /// For these object kinds (`customer`, `product`, `price`, `subscription`), the
+    /// built-in sync re-fetches the object from the Stripe API and mirrors that (stamped
+    /// with the fetch time) instead of trusting the event payload, as dj-stripe does.
+    /// A failed fetch answers 500, so Stripe retries the delivery.
+    pub fn refetch(mut self, kinds: &[&str]) -> Self {
+        self.registry()
+            .refetch
+            .extend(kinds.iter().map(|k| k.to_string()));
+        self
+    }
+
     /// The configured body cap.
     pub fn max_body(&self) -> usize {
         self.inner.body_limit
@@ -325,6 +339,13 @@ impl Webhooks {
         let valid = checked.is_ok();
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
         let (headers, remote) = (request.headers, request.remote_addr);
+        // With re-fetching, the API call sits between logging and claiming (never
+        // inside a transaction), so those become two round trips.
+        let refetch = checked.as_ref().ok().and_then(|e| self.refetch_target(e));
+        let (checked, deferred) = match (checked, refetch.is_some()) {
+            (Ok(event), true) => (Err(None), Some(event)),
+            (checked, _) => (checked.map_err(Some), None),
+        };
 
         let first = mirror
             .db()
@@ -335,7 +356,7 @@ impl Webhooks {
                     Err(failure) => Err(failure),
                     Ok(event) => claim_and_sync(conn, &event, false)
                         .map(|claim| (event, claim))
-                        .map_err(Failure::from_error),
+                        .map_err(|e| Some(Failure::from_error(e))),
                 };
                 Ok((delivery_id, claim))
             })
@@ -346,6 +367,27 @@ impl Webhooks {
                 tracing::error!(error = %err, "webhook delivery could not be logged");
                 return respond(event_id, Err(Failure::from_error(err)));
             }
+        };
+        let claim = match (claim, deferred, refetch) {
+            (Err(None), Some(mut event), Some(path)) => match self.fetch(mirror, &path).await {
+                Ok(fetched) => {
+                    event.refetched = Some(fetched);
+                    mirror
+                        .db()
+                        .run(move |conn| {
+                            claim_and_sync(conn, &event, false).map(|claim| (event, claim))
+                        })
+                        .await
+                        .map_err(Failure::from_error)
+                }
+                Err(err) => Err(Failure::from_error(err)),
+            },
+            (Err(Some(failure)), _, _) => Err(failure),
+            (Ok(claimed), _, _) => Ok(claimed),
+            (Err(None), _, _) => Err(Failure::new(
+                Outcome::Error,
+                "internal: deferred event lost",
+            )),
         };
 
         let (claimed, result) = match claim {
@@ -389,6 +431,28 @@ impl Webhooks {
                 respond(event_id, Err(Failure::from_error(err)))
             }
         }
+    }
+
+    /// The API path of the event's object, when its kind is re-fetched.
+    fn refetch_target(&self, event: &Event) -> Option<String> {
+        let table = builtin::table_for(event)?;
+        let id = event.object().get("id")?.as_str()?;
+        let wanted = self
+            .inner
+            .refetch
+            .iter()
+            .any(|k| k == table.kind || (table.kind == "price" && k == "plan"));
+        wanted.then(|| format!("{}/{id}", crate::sync::remote::api_path(table)))
+    }
+
+    async fn fetch(&self, mirror: &Mirror, path: &str) -> Result<(serde_json::Value, i64)> {
+        let stamp = now();
+        let value = mirror
+            .stripe()
+            .await?
+            .get(path, &serde_json::json!({}), Some(path))
+            .await?;
+        Ok((value, stamp))
     }
 
     /// Size, signature and shape: everything decided without the database.
