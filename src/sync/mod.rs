@@ -1,6 +1,6 @@
-//! Keeping rows true to Stripe: the JSON-to-row mapping ([`fields`]), the one upsert
-//! with its stale-write guard ([`upsert`]), and the generic entry points every model
-//! shares ([`Model`], [`sync_from_stripe_data`], [`tombstone`]).
+//! Keeping rows true to Stripe: the JSON-to-row mapping (`fields`), the one upsert
+//! with its stale-write guard (`upsert`), the entry points every model shares, and
+//! sync from the API ([`remote`]: `sync`, [`sync_all`](remote::sync_all)).
 
 pub(crate) mod fields;
 pub mod remote;
