@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: starts what the tests need (a real
-# PostgreSQL server on 127.0.0.1), runs every test on SQLite and Postgres, stops
+# PostgreSQL server, localstripe and stripe-stateful-mock, all on 127.0.0.1), runs every test on SQLite and Postgres, stops
 # what it started. Used by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; }
+cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; scripts/stripe-mock.sh stop || true; }
 trap cleanup EXIT
 
 PG_URL=$(scripts/postgres.sh start)
@@ -14,6 +14,8 @@ export STRIPE_MIRROR_REQUIRE_POSTGRES=1
 # localstripe and the official Stripe SDK (pinned, in .run/venv), on 127.0.0.1.
 export STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
 export STRIPE_MIRROR_TEST_PYTHON="$PWD/.run/venv/bin/python"
+# stripe-stateful-mock (pinned, npm, in .run/ssm), on 127.0.0.1.
+export STRIPE_MIRROR_TEST_STRIPE_MOCK=$(scripts/stripe-mock.sh start 8430)
 
 echo "== format and lints"
 cargo fmt --all -- --check

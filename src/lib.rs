@@ -37,6 +37,7 @@
 //! - `sync`: the one JSON-to-row mapping, stale-write guard and upsert all models share.
 //! - [`stripe`]: talking to the Stripe API.
 //! - [`webhooks`]: the handler registry and the webhook pipeline.
+//! - [`demo`]: the demo catalogue (Basic, Starter, Pro) for test mode.
 //! - [`error`]: the one [`Error`] enum.
 //!
 //! ## Environment
@@ -69,6 +70,7 @@
 pub mod axum;
 pub mod config;
 pub(crate) mod db;
+pub mod demo;
 pub mod error;
 mod mirror;
 pub mod models;
@@ -79,6 +81,7 @@ pub mod webhooks;
 
 pub use config::Config;
 pub use db::Backend;
+pub use demo::bootstrap_demo_products;
 pub use error::{Error, Result};
 pub use mirror::Mirror;
 pub use models::api_key::{ApiKey, ApiKeyKind};

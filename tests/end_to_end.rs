@@ -206,3 +206,56 @@ async fn localstripe_events_reach_the_mirror_through_the_example_server() {
         drop(server);
     }
 }
+
+/// The README's main job (`scripts/demo.sh` runs this example) against localstripe:
+/// bootstrap, get_or_create, subscribe to Pro, sync, print; on both backends.
+#[tokio::test]
+async fn the_quickstart_runs_the_whole_loop() {
+    let Some(base) = localstripe() else { return };
+    let binary = example_binary().with_file_name("quickstart");
+    assert!(binary.exists(), "{} not built", binary.display());
+    for b in common::backends() {
+        let out = Command::new(&binary)
+            .env("DATABASE_URL", &b.config.database_url)
+            .env("STRIPE_API_BASE", format!("{base}/"))
+            .env("STRIPE_SECRET_KEY", KEY)
+            .env_remove("STRIPE_TEST_SECRET_KEY")
+            .env_remove("STRIPE_LIVE_MODE")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {stdout}\n{}",
+            b.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in [
+            "stripe_mirror_demo_pro",
+            "30 usd/month, 300 usd/year",
+            "subscriber=demo-user-1 active to Pro (valid: true)",
+            "subscribed to Pro: true",
+        ] {
+            assert!(
+                stdout.contains(line),
+                "{}: {line:?} missing from\n{stdout}",
+                b.name
+            );
+        }
+        // What it printed is what the database holds.
+        let mirror = Mirror::connect(b.config.clone()).await.unwrap();
+        let customer = Customer::by_subscriber(&mirror, "demo-user-1")
+            .await
+            .unwrap()
+            .expect("customer mirrored");
+        let sub = customer
+            .subscription(&mirror)
+            .await
+            .unwrap()
+            .expect("one valid subscription");
+        assert_eq!(
+            sub.items(&mirror).await.unwrap()[0].product_id.as_deref(),
+            Some("stripe_mirror_demo_pro")
+        );
+    }
+}

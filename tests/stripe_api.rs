@@ -416,3 +416,187 @@ async fn webhooks_can_refetch_the_object_instead_of_trusting_the_payload() {
         assert!(row.stamp >= now, "{}: stamped with the fetch time", b.name);
     }
 }
+
+fn stripe_mock() -> Option<String> {
+    match std::env::var("STRIPE_MIRROR_TEST_STRIPE_MOCK") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "scripts/test.sh sets STRIPE_MIRROR_TEST_STRIPE_MOCK"
+            );
+            None
+        }
+    }
+}
+
+fn price_count(base: &str) -> usize {
+    let listed = call("GET", &format!("{base}v1/prices?limit=100"), &[]);
+    listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["lookup_key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("stripe_mirror_demo_"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn bootstrap_demo_products_is_idempotent_on_both_fakes() {
+    use stripe_mirror::bootstrap_demo_products;
+    // stripe-stateful-mock implements prices itself; localstripe through the launcher's layer.
+    for base in [stripe_mock(), localstripe()].into_iter().flatten() {
+        for b in common::backends() {
+            let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+            let first = bootstrap_demo_products(&m)
+                .await
+                .unwrap_or_else(|e| panic!("{base} {}: {e}", b.name));
+            let prices_after_first = price_count(&base);
+            let second = bootstrap_demo_products(&m).await.unwrap();
+            assert_eq!(
+                price_count(&base),
+                prices_after_first,
+                "{base} {}: second run created nothing",
+                b.name
+            );
+            assert_eq!(
+                prices_after_first, 6,
+                "{base}: three products, two prices each"
+            );
+            let ids = |plans: &[stripe_mirror::demo::DemoPlan]| {
+                plans
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.product.id.clone(),
+                            p.monthly.id.clone(),
+                            p.yearly.id.clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&first), ids(&second), "{base} {}", b.name);
+            let names: Vec<_> = first
+                .iter()
+                .map(|p| p.product.name.clone().unwrap())
+                .collect();
+            assert_eq!(names, ["Basic", "Starter", "Pro"]);
+            let pro = &first[2];
+            assert_eq!(
+                (
+                    pro.monthly.unit_amount,
+                    pro.monthly.recurring_interval.as_deref()
+                ),
+                (Some(3000), Some("month"))
+            );
+            assert_eq!(
+                (
+                    pro.yearly.unit_amount,
+                    pro.yearly.recurring_interval.as_deref()
+                ),
+                (Some(30000), Some("year"))
+            );
+            // Mirrored: the product's active prices come from the local database.
+            let prices = Product::get(&m, &pro.product.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .active_prices(&m)
+                .await
+                .unwrap();
+            assert_eq!(prices.len(), 2, "{base} {}", b.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_refuses_live_mode() {
+    let b = &common::backends()[0];
+    let mut config = with_api(&b.config, "http://127.0.0.1:9/");
+    config.live_mode = true;
+    config.secret_key = Some(Secret::new("sk_live_shouldneverbeused000"));
+    let m = Mirror::connect(config).await.unwrap();
+    let err = stripe_mirror::bootstrap_demo_products(&m)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("live mode"), "{err}");
+}
+
+#[tokio::test]
+async fn prices_sync_and_backfill_against_stripe_stateful_mock() {
+    let Some(base) = stripe_mock() else { return };
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let product = call("POST", &format!("{base}v1/products"), &[("name", "Mocked")]);
+        let pid = product["id"].as_str().unwrap();
+        let price = call(
+            "POST",
+            &format!("{base}v1/prices"),
+            &[
+                ("product", pid),
+                ("currency", "eur"),
+                ("unit_amount", "1234"),
+                ("recurring[interval]", "year"),
+            ],
+        );
+        let synced = stripe_mirror::Price::sync(&m, price["id"].as_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                synced.unit_amount,
+                synced.currency.as_deref(),
+                synced.recurring_interval.as_deref()
+            ),
+            (Some(1234), Some("eur"), Some("year")),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            synced.product(&m).await.unwrap().map(|p| p.id),
+            None,
+            "{}: product not fetched implicitly",
+            b.name
+        );
+        let report = sync_all(
+            &m,
+            &SyncOptions::default()
+                .objects(&["product", "price"])
+                .page_size(2),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert!(
+            report.counts["price"] >= 1 && report.counts["product"] >= 1,
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(
+            synced.product(&m).await.unwrap().unwrap().name.as_deref(),
+            Some("Mocked"),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn get_or_create_idempotency_key_holds_across_processes() {
+    // Two mirrors with their own databases stand for two app instances: no shared
+    // lock, no shared row. Only Stripe's Idempotency-Key replay can make them agree.
+    let Some(base) = stripe_mock() else { return };
+    let (a, b) = (common::backends().remove(0), common::backends().remove(0));
+    let ma = Mirror::connect(with_api(&a.config, &base)).await.unwrap();
+    let mb = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+    let user = User(unique("cross"));
+    let (ca, cb) = tokio::join!(
+        Customer::get_or_create(&ma, &user),
+        Customer::get_or_create(&mb, &user)
+    );
+    assert_eq!(ca.unwrap().id, cb.unwrap().id);
+}

@@ -228,6 +228,32 @@ fn unix_now() -> i64 {
 }
 
 impl Subscription {
+    /// Subscribes `customer_id` to `price_ids` in Stripe (the customer needs a default
+    /// payment method, or a trial) and mirrors the new subscription at once.
+    pub async fn create(
+        mirror: &Mirror,
+        customer_id: &str,
+        price_ids: &[&str],
+    ) -> Result<Subscription> {
+        let items: Vec<Value> = price_ids
+            .iter()
+            .map(|p| serde_json::json!({ "price": p }))
+            .collect();
+        let form = serde_json::json!({ "customer": customer_id, "items": items });
+        let stamp = crate::sync::now();
+        let created = mirror
+            .stripe()
+            .await?
+            .post(
+                "/subscriptions",
+                &form,
+                None,
+                Some(&format!("subscription of customer {customer_id}")),
+            )
+            .await?;
+        crate::sync::sync_from_stripe_data::<Subscription>(mirror, created, stamp).await
+    }
+
     /// A customer's subscriptions (any status, not deleted), newest first.
     pub async fn for_customer(mirror: &Mirror, customer_id: &str) -> Result<Vec<Subscription>> {
         let customer_id = customer_id.to_owned();
