@@ -168,6 +168,19 @@ async fn sync_follows_stripe_and_tombstones_what_it_lost() {
             s.items(&m).await.unwrap()[0].product_id.as_deref(),
             Some(pid)
         );
+        call(
+            "POST",
+            &format!("{base}v1/subscriptions/{sid}"),
+            &[("cancel_at_period_end", "true")],
+        );
+        let s = Subscription::sync(&m, sid).await.unwrap();
+        assert_eq!(
+            s.cancel_at_period_end,
+            Some(true),
+            "{}: update mirrored",
+            b.name
+        );
+        assert!(s.on_grace_period() && s.is_valid(), "{}: {s:?}", b.name);
         call("DELETE", &format!("{base}v1/subscriptions/{sid}"), &[]);
         let s = Subscription::sync(&m, sid).await.unwrap();
         assert_eq!(s.status.as_deref(), Some("canceled"), "{}", b.name);
@@ -284,14 +297,15 @@ async fn stub(script: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Option
 }
 
 const RATE_LIMITED: &str = r#"{"error":{"type":"invalid_request_error","code":"rate_limit","message":"Too many requests","request_log_url":"https://dashboard.stripe.com/test/logs/req_abc123?t=1"}}"#;
+const LOCK_TIMEOUT: &str = r#"{"error":{"type":"invalid_request_error","code":"lock_timeout","message":"This object cannot be accessed right now"}}"#;
 const CUSTOMER: &str = r#"{"id":"cus_stub","object":"customer","email":"stub@example.com","livemode":false,"metadata":{"stripe_mirror_subscriber":"stub-user"},"brand_new_field":{"x":1}}"#;
 
 #[tokio::test]
-async fn a_429_is_retried_with_one_idempotency_key() {
+async fn a_429_and_a_409_are_retried_with_one_idempotency_key() {
     for b in common::backends() {
         let (base, keys) = stub(vec![
             (429, RATE_LIMITED),
-            (429, RATE_LIMITED),
+            (409, LOCK_TIMEOUT),
             (200, CUSTOMER),
         ])
         .await;
@@ -599,4 +613,75 @@ async fn get_or_create_idempotency_key_holds_across_processes() {
         Customer::get_or_create(&mb, &user)
     );
     assert_eq!(ca.unwrap().id, cb.unwrap().id);
+}
+
+#[tokio::test]
+async fn sync_all_collects_bad_objects_or_stops_at_the_first_when_asked() {
+    const PAGE: &str = r#"{"object":"list","has_more":false,"data":[
+        {"id":"prod_ok","object":"product","name":"Fine"},
+        {"id":"prod_bad","object":"product","name":17},
+        {"id":"prod_ok2","object":"product","name":"Also fine"}]}"#;
+    for b in common::backends() {
+        let (base, _) = stub(vec![(200, PAGE), (200, PAGE)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let report = sync_all(&m, &SyncOptions::default().objects(&["product"]), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.counts["product"], 2, "{}", b.name);
+        assert_eq!(report.failures.len(), 1, "{}", b.name);
+        assert_eq!(report.failures[0].1, "prod_bad");
+        assert!(
+            report.failures[0].2.contains("`name`"),
+            "{:?}",
+            report.failures
+        );
+        assert!(Product::get(&m, "prod_ok2").await.unwrap().is_some());
+
+        let fresh = Mirror::connect(with_api(&common::backends()[0].config, &base))
+            .await
+            .unwrap();
+        let err = sync_all(
+            &fresh,
+            &SyncOptions::default().objects(&["product"]).fail_fast(true),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Mapping { .. }), "{err}");
+        assert!(
+            Product::get(&fresh, "prod_ok").await.unwrap().is_none(),
+            "{}: the page's transaction rolled back",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_hangs_times_out_with_a_clear_error() {
+    use axum::{Router, routing::any};
+    let app = Router::new().fallback(any(|| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        "late"
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let b = &common::backends()[0];
+    let mut config = with_api(&b.config, &format!("http://{addr}/"));
+    config.stripe_timeout = Duration::from_millis(200);
+    config.stripe_retries = 1;
+    let m = Mirror::connect(config).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = Customer::sync(&m, "cus_slow")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("timeout") && err.contains("GET /v1/customers/cus_slow"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up instead of waiting 30 s"
+    );
 }
