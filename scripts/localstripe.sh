@@ -11,6 +11,7 @@ VENV="$RUN/venv"
 LOCALSTRIPE_VERSION=1.15.10
 STRIPE_SDK_VERSION=11.6.0
 mkdir -p "$RUN"
+. scripts/lib.sh
 
 install() {
   if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import localstripe, stripe" 2>/dev/null; then
@@ -24,22 +25,11 @@ case "${1:-}" in
   start)
     install
     PORT="${2:-8420}"
-    PIDFILE="$RUN/localstripe-$PORT.pid"
-    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then kill "$(cat "$PIDFILE")"; sleep 0.5; fi
-    "$VENV/bin/python" scripts/localstripe_server.py "$PORT" >"$RUN/localstripe-$PORT.log" 2>&1 &
-    echo $! >"$PIDFILE"
-    for _ in $(seq 1 100); do
-      if (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then echo "http://127.0.0.1:$PORT/"; exit 0; fi
-      sleep 0.1
-    done
-    echo "localstripe did not start; see $RUN/localstripe-$PORT.log" >&2; exit 1
+    start_server localstripe "$PORT" "$VENV/bin/python" scripts/localstripe_server.py "$PORT"
+    echo "http://127.0.0.1:$PORT/"
     ;;
   stop)
-    for f in "$RUN"/localstripe-*.pid; do
-      [ -f "$f" ] || continue
-      kill "$(cat "$f")" 2>/dev/null || true
-      rm -f "$f"
-    done
+    stop_servers localstripe
     ;;
   *) echo "usage: $0 install|start [PORT]|stop" >&2; exit 2 ;;
 esac

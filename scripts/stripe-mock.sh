@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
 VERSION=0.0.16
 mkdir -p "$RUN/ssm"
+. scripts/lib.sh
 
 install() {
   if [ ! -f "$RUN/ssm/node_modules/stripe-stateful-mock/package.json" ] \
@@ -21,22 +22,11 @@ case "${1:-}" in
   start)
     install
     PORT="${2:-8430}"
-    PIDFILE="$RUN/stripe-mock-$PORT.pid"
-    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then kill "$(cat "$PIDFILE")"; sleep 0.5; fi
-    node scripts/stripe_stateful_mock.js "$PORT" >"$RUN/stripe-mock-$PORT.log" 2>&1 &
-    echo $! >"$PIDFILE"
-    for _ in $(seq 1 100); do
-      if (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then echo "http://127.0.0.1:$PORT/"; exit 0; fi
-      sleep 0.1
-    done
-    echo "stripe-stateful-mock did not start; see $RUN/stripe-mock-$PORT.log" >&2; exit 1
+    start_server stripe-mock "$PORT" node scripts/stripe_stateful_mock.js "$PORT"
+    echo "http://127.0.0.1:$PORT/"
     ;;
   stop)
-    for f in "$RUN"/stripe-mock-*.pid; do
-      [ -f "$f" ] || continue
-      kill "$(cat "$f")" 2>/dev/null || true
-      rm -f "$f"
-    done
+    stop_servers stripe-mock
     ;;
   *) echo "usage: $0 install|start [PORT]|stop" >&2; exit 2 ;;
 esac

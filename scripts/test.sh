@@ -10,7 +10,7 @@ trap cleanup EXIT
 
 PG_URL=$(scripts/postgres.sh start)
 export STRIPE_MIRROR_TEST_POSTGRES="$PG_URL"
-export STRIPE_MIRROR_REQUIRE_POSTGRES=1
+export STRIPE_MIRROR_REQUIRE_PEERS=1
 # localstripe and the official Stripe SDK (pinned, in .run/venv), on 127.0.0.1.
 export STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
 export STRIPE_MIRROR_TEST_PYTHON="$PWD/.run/venv/bin/python"

@@ -15,17 +15,7 @@ const SECRET: &str = "whsec_end_to_end_0123456789";
 const KEY: &str = "sk_test_endtoend000000000000";
 
 fn localstripe() -> Option<String> {
-    match std::env::var("STRIPE_MIRROR_TEST_LOCALSTRIPE") {
-        Ok(url) if !url.is_empty() => Some(url.trim_end_matches('/').to_owned()),
-        _ => {
-            assert!(
-                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "scripts/test.sh sets STRIPE_MIRROR_TEST_LOCALSTRIPE"
-            );
-            eprintln!("note: localstripe tests skipped (run scripts/test.sh)");
-            None
-        }
-    }
+    common::peer("STRIPE_MIRROR_TEST_LOCALSTRIPE").map(|url| url.trim_end_matches('/').to_owned())
 }
 
 fn post(url: &str, form: &[(&str, &str)]) -> serde_json::Value {

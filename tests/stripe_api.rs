@@ -17,16 +17,7 @@ use stripe_mirror::{
 const KEY: &str = "sk_test_apitests0000000000000";
 
 fn localstripe() -> Option<String> {
-    match std::env::var("STRIPE_MIRROR_TEST_LOCALSTRIPE") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "scripts/test.sh sets STRIPE_MIRROR_TEST_LOCALSTRIPE"
-            );
-            None
-        }
-    }
+    common::peer("STRIPE_MIRROR_TEST_LOCALSTRIPE")
 }
 
 fn with_api(config: &Config, base: &str) -> Config {
@@ -432,16 +423,7 @@ async fn webhooks_can_refetch_the_object_instead_of_trusting_the_payload() {
 }
 
 fn stripe_mock() -> Option<String> {
-    match std::env::var("STRIPE_MIRROR_TEST_STRIPE_MOCK") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "scripts/test.sh sets STRIPE_MIRROR_TEST_STRIPE_MOCK"
-            );
-            None
-        }
-    }
+    common::peer("STRIPE_MIRROR_TEST_STRIPE_MOCK")
 }
 
 fn price_count(base: &str) -> usize {

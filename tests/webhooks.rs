@@ -658,16 +658,8 @@ async fn async_stripe_webhook_headers_verify() {
 /// like we do.
 #[tokio::test]
 async fn official_stripe_sdk_agrees() {
-    let python = match std::env::var("STRIPE_MIRROR_TEST_PYTHON") {
-        Ok(p) => p,
-        Err(_) => {
-            assert!(
-                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "scripts/test.sh sets STRIPE_MIRROR_TEST_PYTHON"
-            );
-            eprintln!("note: Stripe SDK cross-check skipped (run scripts/test.sh)");
-            return;
-        }
+    let Some(python) = common::peer("STRIPE_MIRROR_TEST_PYTHON") else {
+        return;
     };
     let body = event(
         "evt_py",

@@ -2,7 +2,8 @@
 //!
 //! SQLite is always a real file in a temporary directory. Postgres is a real server
 //! started by `scripts/postgres.sh` (the test script sets `STRIPE_MIRROR_TEST_POSTGRES`
-//! to its admin URL and `STRIPE_MIRROR_REQUIRE_POSTGRES=1`); each call gets a new database.
+//! to its admin URL); each call gets a new database. The other peers (localstripe,
+//! stripe-stateful-mock, the Stripe Python SDK) come the same way, through [`peer`].
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,19 +20,26 @@ pub struct Backend {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A new, empty Postgres database on the test server, if there is one.
-pub fn postgres_url() -> Option<String> {
-    let admin = match std::env::var("STRIPE_MIRROR_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => url,
+/// A test peer's address from the environment (`STRIPE_MIRROR_TEST_*`, set by
+/// scripts/test.sh). Outside the script the tests needing it are skipped; under it
+/// (`STRIPE_MIRROR_REQUIRE_PEERS=1`) a missing peer fails the test.
+pub fn peer(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
         _ => {
             assert!(
-                std::env::var("STRIPE_MIRROR_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "STRIPE_MIRROR_TEST_POSTGRES is not set: run scripts/test.sh"
+                std::env::var("STRIPE_MIRROR_REQUIRE_PEERS").as_deref() != Ok("1"),
+                "{var} is not set: run scripts/test.sh"
             );
-            eprintln!("note: Postgres tests skipped (run scripts/test.sh for the full suite)");
-            return None;
+            eprintln!("note: tests needing {var} skipped (run scripts/test.sh for the full suite)");
+            None
         }
-    };
+    }
+}
+
+/// A new, empty Postgres database on the test server, if there is one.
+pub fn postgres_url() -> Option<String> {
+    let admin = peer("STRIPE_MIRROR_TEST_POSTGRES")?;
     let name = format!(
         "sm_{}_{}_{}",
         std::process::id(),
