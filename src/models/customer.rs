@@ -62,6 +62,7 @@ pub struct Customer {
 mirror_table!(CUSTOMERS {
     kind: "customer",
     table: "stripe_customers",
+    api_path: Some("/customers"),
     accepts: &["customer"],
     columns: &["email", "name", "subscriber_id"],
     // Checkout links a subscriber without touching Stripe metadata; keep that link.

@@ -6,3 +6,20 @@ pub mod customer;
 pub mod price;
 pub mod product;
 pub mod subscription;
+
+/// Every top-level mirrored object, for code that picks a table by kind (webhooks, `sync_all`).
+pub(crate) static MIRRORED: [&crate::sync::MirrorTable; 4] = [
+    &customer::CUSTOMERS,
+    &product::PRODUCTS,
+    &price::PRICES,
+    &subscription::SUBSCRIPTIONS,
+];
+
+/// The mirrored table for an object kind (`customer`) or its plural, or a `plan`.
+pub(crate) fn table_for_kind(kind: &str) -> Option<&'static crate::sync::MirrorTable> {
+    let singular = kind.strip_suffix('s').unwrap_or(kind);
+    MIRRORED
+        .iter()
+        .copied()
+        .find(|t| t.accepts.contains(&kind) || t.accepts.contains(&singular))
+}

@@ -48,6 +48,7 @@ pub struct Price {
 mirror_table!(PRICES {
     kind: "price",
     table: "stripe_prices",
+    api_path: Some("/prices"),
     accepts: &["price", "plan"],
     columns: &[
         "product_id",

@@ -36,6 +36,7 @@ pub struct Product {
 mirror_table!(PRODUCTS {
     kind: "product",
     table: "stripe_products",
+    api_path: Some("/products"),
     accepts: &["product"],
     columns: &["name", "active"],
     keep_when_null: &[],

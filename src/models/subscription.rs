@@ -118,6 +118,7 @@ fn period(f: &Fields<'_>) -> Result<(Option<i64>, Option<i64>)> {
 mirror_table!(SUBSCRIPTION_ITEMS {
     kind: "subscription_item",
     table: "stripe_subscription_items",
+    api_path: None,
     accepts: &["subscription_item"],
     columns: &[
         "subscription_id",
@@ -153,6 +154,7 @@ static ITEMS: Children = Children {
 mirror_table!(SUBSCRIPTIONS {
     kind: "subscription",
     table: "stripe_subscriptions",
+    api_path: Some("/subscriptions"),
     accepts: &["subscription"],
     columns: &[
         "customer_id",

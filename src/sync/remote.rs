@@ -26,15 +26,9 @@ impl KeyedLocks {
     }
 }
 
-/// Where each mirrored kind lives in the API.
+/// Where a mirrored kind lives in the API.
 pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
-    match table.kind {
-        "customer" => "/customers",
-        "product" => "/products",
-        "price" => "/prices",
-        "subscription" => "/subscriptions",
-        other => unreachable!("no API path for {other}"),
-    }
+    table.api_path.expect("only top-level objects are fetched")
 }
 
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
@@ -115,16 +109,10 @@ pub struct SyncReport {
 }
 
 fn table_named(kind: &str) -> Result<&'static MirrorTable> {
-    Ok(match kind {
-        "customer" | "customers" => &crate::models::customer::CUSTOMERS,
-        "product" | "products" => &crate::models::product::PRODUCTS,
-        "price" | "prices" => &crate::models::price::PRICES,
-        "subscription" | "subscriptions" => &crate::models::subscription::SUBSCRIPTIONS,
-        other => {
-            return Err(Error::Config(format!(
-                "cannot sync {other:?}: use customer, product, price or subscription"
-            )));
-        }
+    crate::models::table_for_kind(kind).ok_or_else(|| {
+        Error::Config(format!(
+            "cannot sync {kind:?}: use customer, product, price or subscription"
+        ))
     })
 }
 

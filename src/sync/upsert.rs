@@ -32,6 +32,9 @@ pub(crate) struct MirrorTable {
     pub kind: &'static str,
     /// The table: `stripe_customers`.
     pub table: &'static str,
+    /// Where the object lives in the Stripe API (`/customers`); `None` for objects only
+    /// mirrored inside their parent.
+    pub api_path: Option<&'static str>,
     /// The `object` values accepted (`price` also takes the legacy `plan`).
     pub accepts: &'static [&'static str],
     /// The typed columns, in the order `extract` returns them.

@@ -12,18 +12,12 @@ use crate::models::customer::SUBSCRIBER_METADATA_KEY;
 use crate::sync::MirrorTable;
 use crate::webhooks::event::Event;
 
-/// The table an event's object is mirrored into, if the crate mirrors it.
+/// The table an event's object is mirrored into, if the crate mirrors it: chosen by
+/// the object itself, so `customer.discount.*` (a discount) and `invoice.*` are left
+/// alone while `customer.subscription.*` lands in subscriptions.
 pub(crate) fn table_for(event: &Event) -> Option<&'static MirrorTable> {
     let kind = event.object().get("object").and_then(Value::as_str)?;
-    let family = event.event_type.split('.').next()?;
-    // Only the object families the mirror owns; `customer.discount.*` carries a discount.
-    Some(match (family, kind) {
-        ("customer", "customer") => &crate::models::customer::CUSTOMERS,
-        ("customer", "subscription") => &crate::models::subscription::SUBSCRIPTIONS,
-        ("product", "product") => &crate::models::product::PRODUCTS,
-        ("price" | "plan", "price" | "plan") => &crate::models::price::PRICES,
-        _ => return None,
-    })
+    crate::models::table_for_kind(kind)
 }
 
 /// Applies the event's built-in sync.
