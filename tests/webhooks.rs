@@ -738,3 +738,63 @@ async fn database_outage_is_503_and_recovers() {
     assert!(Product::get(&m, "prod_outage").await.unwrap().is_some());
     assert_eq!(log.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn events_no_handler_listens_to_are_finished_with_their_sync() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        // A handler for another type only: product events take the one-round-trip path.
+        let log: Log = Default::default();
+        let webhooks = Webhooks::new().on("invoice.paid", recorder(&log, "invoice"));
+        let ev = event(
+            "evt_fast",
+            "product.created",
+            now(),
+            json!({"id": "prod_fast", "object": "product", "name": "Fast"}),
+        );
+        let r = webhooks.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Processed),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        let d = &Delivery::recent(&m, 1).await.unwrap()[0];
+        assert_eq!(
+            (d.outcome.as_str(), d.status_code, d.valid),
+            ("processed", Some(200), true),
+            "{}",
+            b.name
+        );
+        assert_eq!(d.event_id.as_deref(), Some("evt_fast"));
+        assert_eq!(
+            Product::get(&m, "prod_fast")
+                .await
+                .unwrap()
+                .unwrap()
+                .name
+                .as_deref(),
+            Some("Fast")
+        );
+        // Stored as processed: a redelivery runs nothing, and nothing is left to replay.
+        assert_eq!(
+            webhooks.receive(&m, post(&ev)).await.outcome,
+            Outcome::Duplicate,
+            "{}",
+            b.name
+        );
+        let report = webhooks
+            .process_events(
+                &m,
+                &EventFilter {
+                    failed: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(report, Default::default(), "{}", b.name);
+        assert!(log.lock().unwrap().is_empty());
+    }
+}

@@ -72,15 +72,6 @@ macro_rules! on_conn {
 pub(crate) use on_conn;
 
 impl Conn<'_> {
-    pub(crate) fn backend(&self) -> Backend {
-        match self {
-            #[cfg(feature = "sqlite")]
-            Conn::Sqlite(_) => Backend::Sqlite,
-            #[cfg(feature = "postgres")]
-            Conn::Postgres(_) => Backend::Postgres,
-        }
-    }
-
     /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two
     /// writers queue on the busy timeout instead of failing on lock upgrade.
     pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {

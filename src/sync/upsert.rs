@@ -11,10 +11,12 @@
 use std::sync::OnceLock;
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, Bool, HasSqlType, Nullable, Text};
 use serde_json::Value;
 
-use crate::db::{Backend, Conn};
+use crate::db::{Conn, on_conn};
 use crate::error::{Error, Result};
 use crate::sync::fields::Fields;
 
@@ -49,8 +51,8 @@ pub(crate) struct MirrorTable {
     pub final_tombstones: bool,
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
-    /// The upsert statements, built on first use (SQLite, Postgres).
-    pub sql: [OnceLock<Statements>; 2],
+    /// The upsert statements, built on first use.
+    pub sql: OnceLock<Statements>,
 }
 
 /// Child objects that live inside a parent object and are replaced with it.
@@ -137,24 +139,16 @@ impl MirrorTable {
         })
     }
 
-    fn statements(&self, backend: Backend) -> &Statements {
-        let slot = match backend {
-            Backend::Sqlite => &self.sql[0],
-            Backend::Postgres => &self.sql[1],
-        };
-        slot.get_or_init(|| {
+    /// The upsert statements, built once. `?` marks each bind; [`Bound`] turns it into
+    /// the backend's placeholder, so one text serves SQLite and Postgres.
+    fn statements(&self) -> &Statements {
+        self.sql.get_or_init(|| {
             let t = self.table;
             let cols: Vec<&str> = COMMON.iter().chain(self.columns).copied().collect();
-            let placeholders: Vec<String> = (1..=cols.len())
-                .map(|i| match backend {
-                    Backend::Sqlite => "?".to_owned(),
-                    Backend::Postgres => format!("${i}"),
-                })
-                .collect();
             let insert = format!(
                 "INSERT INTO {t} ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET ",
                 cols.join(", "),
-                placeholders.join(", ")
+                vec!["?"; cols.len()].join(", ")
             );
             let sets: Vec<String> = cols[1..]
                 .iter()
@@ -183,7 +177,7 @@ impl MirrorTable {
     /// Writes `row` through the guard; true when the row changed. Children are
     /// written only when the parent write applied. Call inside a transaction.
     pub(crate) fn write(&self, conn: &mut Conn<'_>, row: &Row, value: &Value) -> Result<bool> {
-        let stmts = self.statements(conn.backend());
+        let stmts = self.statements();
         let sql = if row.deleted {
             &stmts.delete
         } else {
@@ -235,17 +229,9 @@ impl MirrorTable {
             children.table.write(conn, row, child)?;
         }
         // Children no longer listed are gone from the parent: tombstone them.
-        let t = children.table.table;
-        let p = |i: usize| match conn.backend() {
-            Backend::Sqlite => "?".to_owned(),
-            Backend::Postgres => format!("${i}"),
-        };
+        let (t, pc) = (children.table.table, children.parent_column);
         let mut sql = format!(
-            "UPDATE {t} SET deleted = TRUE, stamp = {s} WHERE {pc} = {pid} AND deleted = FALSE AND stamp <= {s2}",
-            s = p(1),
-            pc = children.parent_column,
-            pid = p(2),
-            s2 = p(3)
+            "UPDATE {t} SET deleted = TRUE, stamp = ? WHERE {pc} = ? AND deleted = FALSE AND stamp <= ?"
         );
         let mut binds = vec![
             SqlValue::Int(Some(stamp)),
@@ -253,8 +239,10 @@ impl MirrorTable {
             SqlValue::Int(Some(stamp)),
         ];
         if !rows.is_empty() {
-            let list: Vec<String> = (0..rows.len()).map(|i| p(4 + i)).collect();
-            sql.push_str(&format!(" AND id NOT IN ({})", list.join(", ")));
+            sql.push_str(&format!(
+                " AND id NOT IN ({})",
+                vec!["?"; rows.len()].join(", ")
+            ));
             binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
         }
         execute(conn, &sql, &binds)?;
@@ -262,27 +250,52 @@ impl MirrorTable {
     }
 }
 
-/// Runs a statement with positional binds on either backend.
-pub(crate) fn execute(conn: &mut Conn<'_>, sql: &str, values: &[SqlValue]) -> Result<usize> {
-    macro_rules! bound {
-        ($db:ty) => {{
-            let mut q = diesel::sql_query(sql).into_boxed::<$db>();
-            for v in values {
-                q = match v {
-                    SqlValue::Text(s) => q.bind::<Nullable<Text>, _>(s.clone()),
-                    SqlValue::Int(i) => q.bind::<Nullable<BigInt>, _>(*i),
-                    SqlValue::Bool(b) => q.bind::<Nullable<Bool>, _>(*b),
-                };
+/// A statement whose `?` marks are bound to `values` in order. Unlike `sql_query`,
+/// diesel may cache its prepared form: the text is fixed per table, so each upsert
+/// is parsed and planned once per connection.
+struct Bound<'a> {
+    sql: &'a str,
+    values: &'a [SqlValue],
+}
+
+impl QueryId for Bound<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<DB> QueryFragment<DB> for Bound<'_>
+where
+    DB: diesel::backend::Backend + HasSqlType<Text> + HasSqlType<BigInt> + HasSqlType<Bool>,
+    Option<String>: ToSql<Nullable<Text>, DB>,
+    Option<i64>: ToSql<Nullable<BigInt>, DB>,
+    Option<bool>: ToSql<Nullable<Bool>, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        let mut values = self.values.iter();
+        for (i, piece) in self.sql.split('?').enumerate() {
+            if i > 0 {
+                match values.next() {
+                    Some(SqlValue::Text(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
+                    Some(SqlValue::Int(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
+                    Some(SqlValue::Bool(v)) => out.push_bind_param::<Nullable<Bool>, _>(v)?,
+                    None => {
+                        return Err(diesel::result::Error::QueryBuilderError(
+                            "fewer values than `?` marks".into(),
+                        ));
+                    }
+                }
             }
-            q
-        }};
+            out.push_sql(piece);
+        }
+        Ok(())
     }
-    Ok(match conn {
-        #[cfg(feature = "sqlite")]
-        Conn::Sqlite(c) => bound!(diesel::sqlite::Sqlite).execute(*c)?,
-        #[cfg(feature = "postgres")]
-        Conn::Postgres(c) => bound!(diesel::pg::Pg).execute(*c)?,
-    })
+}
+
+impl<C> RunQueryDsl<C> for Bound<'_> {}
+
+/// Runs a statement with `?`-marked binds on either backend.
+pub(crate) fn execute(conn: &mut Conn<'_>, sql: &str, values: &[SqlValue]) -> Result<usize> {
+    Ok(on_conn!(conn, c => Bound { sql, values }.execute(c))?)
 }
 
 /// Declares a [`MirrorTable`] static.
@@ -290,7 +303,7 @@ macro_rules! mirror_table {
     ($name:ident { $($field:ident : $value:expr),* $(,)? }) => {
         pub(crate) static $name: $crate::sync::upsert::MirrorTable = $crate::sync::upsert::MirrorTable {
             $($field: $value,)*
-            sql: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+            sql: std::sync::OnceLock::new(),
         };
     };
 }

@@ -152,22 +152,20 @@ pub(crate) fn insert_and_claim(conn: &mut Conn<'_>, event: &Event, force: bool) 
         let claimable = stripe_events::status
             .eq_any(statuses)
             .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(t - STALE_CLAIM_SECS)));
-        let claimed = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
+        let claimed: Option<bool> = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
             .set((
                 stripe_events::status.eq(status::PROCESSING),
                 stripe_events::attempts.eq(stripe_events::attempts + 1),
                 stripe_events::claimed_at.eq(t),
             ))
-            .execute(c)?;
-        let row: (String, bool) = stripe_events::table
-            .find(&event.id)
-            .select((stripe_events::status, stripe_events::synced))
-            .first(c)?;
-        Ok(match (claimed, row.0.as_str()) {
-            (1, _) => Claim::Claimed { synced: row.1 },
-            (_, status::PROCESSED) => Claim::Done,
-            _ => Claim::Busy,
-        })
+            .returning(stripe_events::synced)
+            .get_result(c)
+            .optional()?;
+        if let Some(synced) = claimed {
+            return Ok(Claim::Claimed { synced });
+        }
+        let current: String = stripe_events::table.find(&event.id).select(stripe_events::status).first(c)?;
+        Ok(if current == status::PROCESSED { Claim::Done } else { Claim::Busy })
     })
 }
 

@@ -109,7 +109,8 @@ impl Webhooks {
     ///
     /// Two database round trips on the blocking pool: one logs the delivery and, for a
     /// valid event, stores, claims and syncs it in one transaction; the other records
-    /// the outcome after the handlers ran.
+    /// the outcome after the handlers ran. An event no handler listens to is finished
+    /// in the first round trip.
     pub async fn receive(&self, mirror: &Mirror, request: WebhookRequest) -> WebhookResponse {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
         let mut body = request.body;
@@ -121,6 +122,9 @@ impl Webhooks {
         // With re-fetching, the API call sits between logging and claiming (never
         // inside a transaction), so those become two round trips.
         let refetch = checked.as_ref().ok().and_then(|e| self.refetch_target(e));
+        let unhandled = checked
+            .as_ref()
+            .is_ok_and(|e| !self.has_handlers(&e.event_type));
         let (checked, deferred) = match (checked, refetch.is_some()) {
             (Ok(event), true) => (Err(None), Some(event)),
             (checked, _) => (checked.map_err(Some), None),
@@ -133,15 +137,22 @@ impl Webhooks {
                     delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
                 let claim = match checked {
                     Err(failure) => Err(failure),
-                    Ok(event) => claim_and_sync(conn, &event, false)
+                    Ok(event) => claim_and_sync(conn, &event, false, unhandled)
                         .map(|claim| (event, claim))
                         .map_err(|e| Some(Failure::from_error(e))),
                 };
-                Ok((delivery_id, claim))
+                // Nothing else will run for this event: record the outcome now.
+                if unhandled && let Ok((event, Claim::Claimed { .. })) = &claim {
+                    let id = Some(event.id.as_str());
+                    delivery::finish(conn, delivery_id, valid, id, Outcome::Processed, None)?;
+                    return Ok((delivery_id, Err(None), true));
+                }
+                Ok((delivery_id, claim, false))
             })
             .await;
         let (delivery_id, claim) = match first {
-            Ok(step) => step,
+            Ok((_, _, true)) => return respond(event_id, Ok(Outcome::Processed)),
+            Ok((delivery_id, claim, false)) => (delivery_id, claim),
             Err(err) => {
                 tracing::error!(error = %err, "webhook delivery could not be logged");
                 return respond(event_id, Err(Failure::from_error(err)));
@@ -154,7 +165,7 @@ impl Webhooks {
                     mirror
                         .db()
                         .run(move |conn| {
-                            claim_and_sync(conn, &event, false).map(|claim| (event, claim))
+                            claim_and_sync(conn, &event, false, false).map(|claim| (event, claim))
                         })
                         .await
                         .map_err(Failure::from_error)
@@ -189,17 +200,20 @@ impl Webhooks {
         let recorded = mirror
             .db()
             .run(move |conn| {
-                if claimed && let Some(id) = &id {
-                    event::finish(conn, id, error.as_deref())?;
-                }
-                delivery::finish(
-                    conn,
-                    delivery_id,
-                    valid,
-                    id.as_deref(),
-                    outcome,
-                    error.as_deref(),
-                )
+                // One transaction for both records: one commit instead of two.
+                conn.write(|conn| {
+                    if claimed && let Some(id) = &id {
+                        event::finish(conn, id, error.as_deref())?;
+                    }
+                    delivery::finish(
+                        conn,
+                        delivery_id,
+                        valid,
+                        id.as_deref(),
+                        outcome,
+                        error.as_deref(),
+                    )
+                })
             })
             .await;
         match recorded {
@@ -279,18 +293,25 @@ impl Webhooks {
 }
 
 /// Stores and claims the event and, when it is ours and not yet synced, applies the
-/// built-in sync, all in one transaction. A bad object shape rolls the sync back and
+/// built-in sync, all in one transaction (which also marks it processed when `finish`). A bad object shape rolls the sync back and
 /// stores the event as failed, so a later replay can retry it.
 pub(crate) fn claim_and_sync(
     conn: &mut crate::db::Conn<'_>,
     event: &Event,
     force: bool,
+    finish: bool,
 ) -> Result<Claim> {
     let attempt = conn.write(|c| {
         let claim = event::insert_and_claim(c, event, force)?;
-        if let Claim::Claimed { synced: false, .. } = claim {
-            builtin::apply(c, event)?;
-            event::mark_synced(c, &event.id)?;
+        if let Claim::Claimed { synced } = claim {
+            if !synced {
+                builtin::apply(c, event)?;
+                event::mark_synced(c, &event.id)?;
+            }
+            // No handler will run: the event is processed with its sync.
+            if finish {
+                event::finish(c, &event.id, None)?;
+            }
         }
         Ok(claim)
     });

@@ -176,6 +176,16 @@ impl Webhooks {
         self.handlers_for(event_type).len()
     }
 
+    /// Whether any handler listens to `event_type` (without cloning them).
+    pub(crate) fn has_handlers(&self, event_type: &str) -> bool {
+        self.inner.exact.contains_key(event_type)
+            || self
+                .inner
+                .wildcard
+                .iter()
+                .any(|(p, _)| event_type.starts_with(p.as_str()))
+    }
+
     fn handlers_for(&self, event_type: &str) -> Vec<BoxHandler> {
         let exact = self.inner.exact.get(event_type).into_iter().flatten();
         let wild = self

@@ -68,7 +68,7 @@ impl Webhooks {
             let e = event.clone();
             let claim = match mirror
                 .db()
-                .run(move |conn| claim_and_sync(conn, &e, force))
+                .run(move |conn| claim_and_sync(conn, &e, force, false))
                 .await
             {
                 Ok(claim) => claim,
