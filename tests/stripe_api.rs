@@ -41,6 +41,23 @@ fn call(method: &str, url: &str, form: &[(&str, &str)]) -> Value {
     serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
 }
 
+/// Every object of a list endpoint, following pagination (the fakes live across tests).
+fn list_all(base: &str, path: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = call("GET", &format!("{base}v1/{path}?limit=100{after}"), &[]);
+        let data = page["data"].as_array().cloned().unwrap_or_default();
+        all.extend(data.iter().cloned());
+        match data.last().and_then(|o| o["id"].as_str()) {
+            Some(last) if page["has_more"] == json!(true) => {
+                after = format!("&starting_after={last}")
+            }
+            _ => return all,
+        }
+    }
+}
+
 struct User(String);
 impl Subscriber for User {
     fn subscriber_id(&self) -> String {
@@ -82,10 +99,7 @@ async fn get_or_create_makes_one_customer_even_when_called_concurrently() {
         }
         ids.dedup();
         assert_eq!(ids.len(), 1, "{}: {ids:?}", b.name);
-        let listed = call("GET", &format!("{base}v1/customers?limit=100"), &[]);
-        let in_stripe = listed["data"]
-            .as_array()
-            .unwrap()
+        let in_stripe = list_all(&base, "customers")
             .iter()
             .filter(|c| c["metadata"]["stripe_mirror_subscriber"] == json!(user))
             .count();
@@ -329,58 +343,60 @@ async fn a_429_and_a_409_are_retried_with_one_idempotency_key() {
 
 #[tokio::test]
 async fn a_500_storm_gives_up_with_a_clear_error() {
-    let b = &common::backends()[0];
-    let (base, keys) = stub(vec![]).await;
-    let mut config = with_api(&b.config, &base);
-    config.stripe_retries = 3;
-    let m = Mirror::connect(config).await.unwrap();
-    let err = Customer::sync(&m, "cus_storm").await.unwrap_err();
-    assert_eq!(keys.lock().unwrap().len(), 4, "first try and 3 retries");
-    let text = err.to_string();
-    for part in [
-        "GET /v1/customers/cus_storm",
-        "customer cus_storm",
-        "HTTP 500",
-        "api_error",
-        "script ran out",
-        "after 4 attempts",
-    ] {
-        assert!(text.contains(part), "{part:?} missing from {text}");
+    for b in &common::backends() {
+        let (base, keys) = stub(vec![]).await;
+        let mut config = with_api(&b.config, &base);
+        config.stripe_retries = 3;
+        let m = Mirror::connect(config).await.unwrap();
+        let err = Customer::sync(&m, "cus_storm").await.unwrap_err();
+        assert_eq!(keys.lock().unwrap().len(), 4, "first try and 3 retries");
+        let text = err.to_string();
+        for part in [
+            "GET /v1/customers/cus_storm",
+            "customer cus_storm",
+            "HTTP 500",
+            "api_error",
+            "script ran out",
+            "after 4 attempts",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+        assert!(!text.contains(KEY), "no key in errors");
+        assert!(
+            Customer::get(&m, "cus_storm").await.unwrap().is_none(),
+            "nothing stored"
+        );
     }
-    assert!(!text.contains(KEY), "no key in errors");
-    assert!(
-        Customer::get(&m, "cus_storm").await.unwrap().is_none(),
-        "nothing stored"
-    );
 }
 
 #[tokio::test]
 async fn errors_name_stripes_code_and_request_id_and_bad_bodies_are_refused() {
-    let b = &common::backends()[0];
-    let (base, _) = stub(vec![
+    for b in &common::backends() {
+        let (base, _) = stub(vec![
         (400, r#"{"error":{"type":"invalid_request_error","code":"parameter_invalid_empty","message":"You passed an empty string","request_log_url":"https://dashboard.stripe.com/test/logs/req_xyz789?t=1"}}"#),
         (200, "this is not json"),
         (200, r#"{"id":"cus_wrong","object":"invoice"}"#),
     ])
     .await;
-    let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
-    let err = Customer::sync(&m, "cus_1").await.unwrap_err().to_string();
-    for part in [
-        "HTTP 400",
-        "invalid_request_error",
-        "parameter_invalid_empty",
-        "empty string",
-        "req_xyz789",
-    ] {
-        assert!(err.contains(part), "{part:?} missing from {err}");
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let err = Customer::sync(&m, "cus_1").await.unwrap_err().to_string();
+        for part in [
+            "HTTP 400",
+            "invalid_request_error",
+            "parameter_invalid_empty",
+            "empty string",
+            "req_xyz789",
+        ] {
+            assert!(err.contains(part), "{part:?} missing from {err}");
+        }
+        let err = Customer::sync(&m, "cus_2").await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Stripe(e) if e.message.contains("not JSON")),
+            "{err}"
+        );
+        let err = Customer::sync(&m, "cus_3").await.unwrap_err();
+        assert!(matches!(&err, Error::Mapping { .. }), "{err}");
     }
-    let err = Customer::sync(&m, "cus_2").await.unwrap_err();
-    assert!(
-        matches!(&err, Error::Stripe(e) if e.message.contains("not JSON")),
-        "{err}"
-    );
-    let err = Customer::sync(&m, "cus_3").await.unwrap_err();
-    assert!(matches!(&err, Error::Mapping { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -427,10 +443,7 @@ fn stripe_mock() -> Option<String> {
 }
 
 fn price_count(base: &str) -> usize {
-    let listed = call("GET", &format!("{base}v1/prices?limit=100"), &[]);
-    listed["data"]
-        .as_array()
-        .unwrap()
+    list_all(base, "prices")
         .iter()
         .filter(|p| {
             p["lookup_key"]
@@ -510,16 +523,17 @@ async fn bootstrap_demo_products_is_idempotent_on_both_fakes() {
 
 #[tokio::test]
 async fn bootstrap_refuses_live_mode() {
-    let b = &common::backends()[0];
-    let mut config = with_api(&b.config, "http://127.0.0.1:9/");
-    config.live_mode = true;
-    config.secret_key = Some(Secret::new("sk_live_shouldneverbeused000"));
-    let m = Mirror::connect(config).await.unwrap();
-    let err = stripe_mirror::bootstrap_demo_products(&m)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("live mode"), "{err}");
+    for b in &common::backends() {
+        let mut config = with_api(&b.config, "http://127.0.0.1:9/");
+        config.live_mode = true;
+        config.secret_key = Some(Secret::new("sk_live_shouldneverbeused000"));
+        let m = Mirror::connect(config).await.unwrap();
+        let err = stripe_mirror::bootstrap_demo_products(&m)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("live mode"), "{err}");
+    }
 }
 
 #[tokio::test]
@@ -648,22 +662,23 @@ async fn a_request_that_hangs_times_out_with_a_clear_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let b = &common::backends()[0];
-    let mut config = with_api(&b.config, &format!("http://{addr}/"));
-    config.stripe_timeout = Duration::from_millis(200);
-    config.stripe_retries = 1;
-    let m = Mirror::connect(config).await.unwrap();
-    let started = std::time::Instant::now();
-    let err = Customer::sync(&m, "cus_slow")
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("timeout") && err.contains("GET /v1/customers/cus_slow"),
-        "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "gave up instead of waiting 30 s"
-    );
+    for b in &common::backends() {
+        let mut config = with_api(&b.config, &format!("http://{addr}/"));
+        config.stripe_timeout = Duration::from_millis(200);
+        config.stripe_retries = 1;
+        let m = Mirror::connect(config).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = Customer::sync(&m, "cus_slow")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("timeout") && err.contains("GET /v1/customers/cus_slow"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "gave up instead of waiting 30 s"
+        );
+    }
 }
