@@ -33,6 +33,14 @@ pub struct DemoPlan {
 }
 
 /// Creates (once) and mirrors the demo catalogue. Refuses to run in live mode.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// for plan in stripe_mirror::bootstrap_demo_products(&mirror).await? {
+///     println!("{}: {} monthly, {} yearly", plan.key, plan.monthly.id, plan.yearly.id);
+/// }
+/// # Ok(()) }
+/// ```
 pub async fn bootstrap_demo_products(mirror: &Mirror) -> Result<Vec<DemoPlan>> {
     if mirror.live_mode() {
         return Err(Error::Config(

@@ -114,6 +114,20 @@ impl Customer {
     /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
     /// derived from subscriber and mode, so a repeat or a concurrent call cannot create
     /// a second one) and stored at once.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+    /// use stripe_mirror::{Customer, Subscriber};
+    /// struct User { id: u64, email: String }
+    /// impl Subscriber for User {
+    ///     fn subscriber_id(&self) -> String { self.id.to_string() }
+    ///     fn email(&self) -> Option<String> { Some(self.email.clone()) }
+    /// }
+    /// let user = User { id: 42, email: "ada@example.com".into() };
+    /// let customer = Customer::get_or_create(&mirror, &user).await?;
+    /// assert_eq!(customer.subscriber_id.as_deref(), Some("42"));
+    /// # Ok(()) }
+    /// ```
     pub async fn get_or_create(mirror: &Mirror, subscriber: &impl Subscriber) -> Result<Customer> {
         let id = subscriber.subscriber_id();
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {

@@ -119,6 +119,19 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// Mirrors every object of the chosen kinds (the `djstripe_sync_models` analogue):
 /// follows pagination to the end one page at a time (memory stays flat), upserts each
 /// page in one transaction, never overwrites fresher data, and reports progress.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// use stripe_mirror::{SyncOptions, sync_all};
+/// let report = sync_all(&mirror, &SyncOptions::default(), |p| eprintln!("{}: {}", p.object, p.done)).await?;
+/// for (kind, count) in &report.counts {
+///     println!("{kind}: {count} mirrored");
+/// }
+/// for (kind, id, error) in &report.failures {
+///     eprintln!("{kind} {id} skipped: {error}");
+/// }
+/// # Ok(()) }
+/// ```
 pub async fn sync_all(
     mirror: &Mirror,
     options: &SyncOptions,
