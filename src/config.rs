@@ -13,7 +13,9 @@ use crate::secret::Secret;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://stripe-mirror.db";
 
 /// Everything the mirror needs to know, in one place.
-#[derive(Clone, Debug)]
+///
+/// `Debug` masks keys and secrets and hides a database password.
+#[derive(Clone)]
 pub struct Config {
     /// `sqlite://path`, a bare SQLite path, or `postgres://...`.
     pub database_url: String,
@@ -43,6 +45,27 @@ pub struct Config {
     pub stripe_retries: u32,
     /// First wait before a retry; it doubles each time.
     pub stripe_retry_backoff: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &crate::db::redact_url(&self.database_url))
+            .field("live_mode", &self.live_mode)
+            .field("secret_key", &self.secret_key)
+            .field("test_secret_key", &self.test_secret_key)
+            .field("live_secret_key", &self.live_secret_key)
+            .field("test_publishable_key", &self.test_publishable_key)
+            .field("live_publishable_key", &self.live_publishable_key)
+            .field("webhook_secrets", &self.webhook_secrets)
+            .field("api_base", &self.api_base)
+            .field("pool_size", &self.pool_size)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("stripe_timeout", &self.stripe_timeout)
+            .field("stripe_retries", &self.stripe_retries)
+            .field("stripe_retry_backoff", &self.stripe_retry_backoff)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -185,8 +208,18 @@ mod tests {
             c.env_secret_key().unwrap().expose(),
             "sk_test_override00003333"
         );
-        // Debug output of the config never holds a key.
+        // Debug output of the config never holds a key or a database password.
         assert!(!format!("{c:?}").contains("override0000"));
+        let c = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://app:hunter2@db:5432/app"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_abcdefghijklmnop"),
+        ]))
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("abcdefghijkl"),
+            "{shown}"
+        );
     }
 
     #[test]
