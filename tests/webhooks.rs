@@ -726,7 +726,7 @@ async fn database_outage_is_503_and_recovers() {
         json!({"id": "prod_outage", "object": "product"}),
     );
     let r = webhooks.receive(&m, post(&ev)).await;
-    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!((r.status, r.outcome), (503, Outcome::Unavailable), "{r:?}");
     assert!(
         log.lock().unwrap().is_empty(),
         "no handler ran without the database"

@@ -31,8 +31,10 @@ pub enum Outcome {
     TooLarge,
     /// A handler failed or panicked; the event is stored as failed.
     HandlerFailed,
-    /// Our side failed (database); Stripe will retry.
+    /// Our side failed (a query, our configuration); Stripe will retry.
     Error,
+    /// The database could not be reached; Stripe will retry.
+    Unavailable,
 }
 
 impl Outcome {
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::HandlerFailed => "handler_failed",
             Outcome::Error => "error",
+            Outcome::Unavailable => "unavailable",
         }
     }
 
@@ -60,6 +63,7 @@ impl Outcome {
             Outcome::InvalidSignature | Outcome::Malformed | Outcome::InvalidObject => 400,
             Outcome::TooLarge => 413,
             Outcome::HandlerFailed | Outcome::Error => 500,
+            Outcome::Unavailable => 503,
         }
     }
 }

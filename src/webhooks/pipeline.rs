@@ -65,7 +65,6 @@ impl WebhookResponse {
 /// How a pipeline step failed, and what to answer.
 pub(crate) struct Failure {
     pub(crate) outcome: Outcome,
-    pub(crate) status: u16,
     pub(crate) error: String,
 }
 
@@ -73,7 +72,6 @@ impl Failure {
     pub(crate) fn new(outcome: Outcome, error: impl ToString) -> Self {
         Failure {
             outcome,
-            status: outcome.status(),
             error: error.to_string(),
         }
     }
@@ -82,11 +80,7 @@ impl Failure {
     pub(crate) fn from_error(err: Error) -> Self {
         match &err {
             Error::Mapping { .. } => Failure::new(Outcome::InvalidObject, err),
-            _ if is_unavailable(&err) => Failure {
-                outcome: Outcome::Error,
-                status: 503,
-                error: err.to_string(),
-            },
+            _ if is_unavailable(&err) => Failure::new(Outcome::Unavailable, err),
             _ => Failure::new(Outcome::Error, err),
         }
     }
@@ -104,115 +98,97 @@ fn is_unavailable(err: &Error) -> bool {
     )
 }
 
+/// Where a request stands after a database round trip.
+enum Step {
+    /// Decided, and the delivery's outcome recorded: answer this.
+    Answer(std::result::Result<Outcome, Failure>),
+    /// Stored, claimed and synced: the handlers run next, then the outcome is recorded.
+    Handlers(Event),
+    /// Verified and logged; its object is re-fetched from the API before claiming.
+    Refetch(Event, String),
+}
+
 impl Webhooks {
     /// Handles one webhook request from start to answer. Never panics on any input.
     ///
-    /// Two database round trips on the blocking pool: one logs the delivery and, for a
-    /// valid event, stores, claims and syncs it in one transaction; the other records
-    /// the outcome after the handlers ran. An event no handler listens to is finished
-    /// in the first round trip.
+    /// One database round trip (on the blocking pool) logs the delivery and, for a
+    /// valid event, stores, claims and syncs it in one transaction; when no handler
+    /// listens, or the request is refused, its outcome is recorded in the same trip.
+    /// Handlers add a second trip to record their outcome; `refetch` adds the API call
+    /// and a trip to claim after it.
     pub async fn receive(&self, mirror: &Mirror, request: WebhookRequest) -> WebhookResponse {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
         let mut body = request.body;
         body.truncate(self.inner.body_limit);
         let checked = self.check(mirror, &request.headers, &body, body_size);
-        let valid = checked.is_ok();
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
-        let (headers, remote) = (request.headers, request.remote_addr);
-        // With re-fetching, the API call sits between logging and claiming (never
-        // inside a transaction), so those become two round trips.
         let refetch = checked.as_ref().ok().and_then(|e| self.refetch_target(e));
-        let unhandled = checked
-            .as_ref()
-            .is_ok_and(|e| !self.has_handlers(&e.event_type));
-        let (checked, deferred) = match (checked, refetch.is_some()) {
-            (Ok(event), true) => (Err(None), Some(event)),
-            (checked, _) => (checked.map_err(Some), None),
-        };
-
+        let this = self.clone();
+        let (headers, remote) = (request.headers, request.remote_addr);
         let first = mirror
             .db()
             .run(move |conn| {
-                let delivery_id =
-                    delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
-                let claim = match checked {
-                    Err(failure) => Err(failure),
-                    Ok(event) => claim_and_sync(conn, &event, false, unhandled)
-                        .map(|claim| (event, claim))
-                        .map_err(|e| Some(Failure::from_error(e))),
+                let valid = checked.is_ok();
+                let id = delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
+                let step = match (checked, refetch) {
+                    (Err(failure), _) => {
+                        delivery::finish(
+                            conn,
+                            id,
+                            false,
+                            None,
+                            failure.outcome,
+                            Some(&failure.error),
+                        )?;
+                        Step::Answer(Err(failure))
+                    }
+                    // The API call must not sit inside a transaction: claim after it.
+                    (Ok(event), Some(path)) => Step::Refetch(event, path),
+                    (Ok(event), None) => this.claim(conn, id, event)?,
                 };
-                // Nothing else will run for this event: record the outcome now.
-                if unhandled && let Ok((event, Claim::Claimed { .. })) = &claim {
-                    let id = Some(event.id.as_str());
-                    delivery::finish(conn, delivery_id, valid, id, Outcome::Processed, None)?;
-                    return Ok((delivery_id, Err(None), true));
-                }
-                Ok((delivery_id, claim, false))
+                Ok((id, step))
             })
             .await;
-        let (delivery_id, claim) = match first {
-            Ok((_, _, true)) => return respond(event_id, Ok(Outcome::Processed)),
-            Ok((delivery_id, claim, false)) => (delivery_id, claim),
+        let (delivery_id, mut step) = match first {
+            Ok(first) => first,
             Err(err) => {
                 tracing::error!(error = %err, "webhook delivery could not be logged");
                 return respond(event_id, Err(Failure::from_error(err)));
             }
         };
-        let claim = match (claim, deferred, refetch) {
-            (Err(None), Some(mut event), Some(path)) => match self.fetch(mirror, &path).await {
+        if let Step::Refetch(mut event, path) = step {
+            step = match self.fetch(mirror, &path).await {
                 Ok(fetched) => {
                     event.refetched = Some(fetched);
+                    let this = self.clone();
                     mirror
                         .db()
-                        .run(move |conn| {
-                            claim_and_sync(conn, &event, false, false).map(|claim| (event, claim))
-                        })
+                        .run(move |conn| this.claim(conn, delivery_id, event))
                         .await
-                        .map_err(Failure::from_error)
                 }
-                Err(err) => Err(Failure::from_error(err)),
-            },
-            (Err(Some(failure)), _, _) => Err(failure),
-            (Ok(claimed), _, _) => Ok(claimed),
-            (Err(None), _, _) => Err(Failure::new(
-                Outcome::Error,
-                "internal: deferred event lost",
-            )),
+                Err(err) => Err(err),
+            }
+            .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
+        }
+        let event = match step {
+            Step::Handlers(event) => event,
+            Step::Answer(result) => return respond(event_id, result),
+            Step::Refetch(..) => unreachable!("re-fetched above"),
         };
 
-        let (claimed, result) = match claim {
-            Ok((event, Claim::Claimed { .. })) => (true, self.run_handlers(mirror, event).await),
-            Ok((_, Claim::Done)) => (false, Ok(Outcome::Duplicate)),
-            Ok((_, Claim::Busy)) => (
-                false,
-                Err(Failure::new(
-                    Outcome::InProgress,
-                    "another worker is processing this event",
-                )),
-            ),
-            Err(failure) => (false, Err(failure)),
-        };
-        let id = event_id.clone();
-        let (outcome, error) = match &result {
-            Ok(outcome) => (*outcome, None),
-            Err(f) => (f.outcome, Some(f.error.clone())),
+        let result = self.run_handlers(mirror, event).await;
+        let (id, outcome, error) = match &result {
+            Ok(outcome) => (event_id.clone(), *outcome, None),
+            Err(f) => (event_id.clone(), f.outcome, Some(f.error.clone())),
         };
         let recorded = mirror
             .db()
             .run(move |conn| {
                 // One transaction for both records: one commit instead of two.
                 conn.write(|conn| {
-                    if claimed && let Some(id) = &id {
-                        event::finish(conn, id, error.as_deref())?;
-                    }
-                    delivery::finish(
-                        conn,
-                        delivery_id,
-                        valid,
-                        id.as_deref(),
-                        outcome,
-                        error.as_deref(),
-                    )
+                    let id = id.as_deref().expect("a claimed event has an id");
+                    event::finish(conn, id, error.as_deref())?;
+                    delivery::finish(conn, delivery_id, true, Some(id), outcome, error.as_deref())
                 })
             })
             .await;
@@ -224,6 +200,34 @@ impl Webhooks {
                 respond(event_id, Err(Failure::from_error(err)))
             }
         }
+    }
+
+    /// Stores, claims and syncs a verified event, and records the delivery's outcome
+    /// unless handlers still have to run. A database failure is returned as an error.
+    fn claim(
+        &self,
+        conn: &mut crate::db::Conn<'_>,
+        delivery_id: i64,
+        event: Event,
+    ) -> Result<Step> {
+        let unhandled = !self.has_handlers(&event.event_type);
+        let answer = match claim_and_sync(conn, &event, false, unhandled) {
+            Ok(Claim::Claimed { .. }) if !unhandled => return Ok(Step::Handlers(event)),
+            Ok(Claim::Claimed { .. }) => Ok(Outcome::Processed),
+            Ok(Claim::Done) => Ok(Outcome::Duplicate),
+            Ok(Claim::Busy) => Err(Failure::new(
+                Outcome::InProgress,
+                "another worker is processing this event",
+            )),
+            // A bad object shape (400) or our failure (5xx); recorded if the database lets us.
+            Err(err) => Err(Failure::from_error(err)),
+        };
+        let (outcome, error) = match &answer {
+            Ok(outcome) => (*outcome, None),
+            Err(f) => (f.outcome, Some(f.error.as_str())),
+        };
+        delivery::finish(conn, delivery_id, true, Some(&event.id), outcome, error)?;
+        Ok(Step::Answer(answer))
     }
 
     /// The API path of the event's object, when its kind is re-fetched.
@@ -341,7 +345,7 @@ fn respond(
             error: None,
         },
         Err(f) => WebhookResponse {
-            status: f.status,
+            status: f.outcome.status(),
             outcome: f.outcome,
             event_id,
             error: Some(f.error),
