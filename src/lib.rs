@@ -59,6 +59,7 @@
 //! | `sqlite` (default) | SQLite storage, bundled libsqlite3 |
 //! | `postgres` | Postgres storage (libpq) |
 //! | `axum` | [`axum::webhook_router`]: `POST /stripe/webhook` |
+//! | `cli` | the `stripe-mirror` command: migrate, sync, bootstrap-demo-products, process-events, api-keys, serve |
 //!
 //! ## Postgres and the raw object
 //!

@@ -1,0 +1,195 @@
+//! The `stripe-mirror` command: migrate, sync, demo products, replay events, API keys,
+//! and a webhook server. It only parses arguments and calls the library.
+//!
+//! Settings come from the environment (`DATABASE_URL`, `STRIPE_*`; see the crate docs).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stripe_mirror::webhooks::EventFilter;
+use stripe_mirror::{ApiKey, Config, Mirror, SyncOptions, Webhooks};
+
+/// Keeps a local SQL mirror of a Stripe account.
+#[derive(Parser)]
+#[command(name = "stripe-mirror", version, about)]
+struct Cli {
+    /// Database URL (overrides DATABASE_URL).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations.
+    Migrate,
+    /// Mirror every object of these kinds from Stripe (default: all).
+    Sync {
+        /// customer, product, price, subscription
+        objects: Vec<String>,
+        /// Stop at the first object that cannot be mirrored.
+        #[arg(long)]
+        fail_fast: bool,
+    },
+    /// Create (once) the Basic, Starter and Pro demo products in test mode.
+    BootstrapDemoProducts,
+    /// Re-run stored webhook events (with no option: the failed ones).
+    ProcessEvents {
+        /// Events whose processing failed.
+        #[arg(long)]
+        failed: bool,
+        /// These event ids (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Events whose type matches, e.g. `customer.*`.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+    },
+    /// Manage Stripe API keys stored in the database.
+    #[command(subcommand)]
+    ApiKeys(ApiKeys),
+    /// Serve the webhook endpoint at /stripe/webhook.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeys {
+    /// Store a key (its kind and mode come from its prefix).
+    Add {
+        /// The key: pk_, sk_ or rk_, then test_ or live_.
+        key: String,
+    },
+    /// List stored keys, masked.
+    List,
+    /// Remove a stored key by its id.
+    Remove {
+        /// The id shown by `list`.
+        id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = Config::from_env()?;
+    if let Some(url) = cli.database_url {
+        config.database_url = url;
+    }
+    let mirror = Mirror::connect(config).await?;
+    match cli.command {
+        Command::Migrate => println!("database is up to date"),
+        Command::Sync { objects, fail_fast } => {
+            let mut options = SyncOptions::default().fail_fast(fail_fast);
+            if !objects.is_empty() {
+                options = options.objects(&objects.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+            let report = stripe_mirror::sync_all(&mirror, &options, |p| {
+                eprint!("\r{}: {} mirrored", p.object, p.done)
+            })
+            .await?;
+            eprintln!();
+            for (kind, count) in &report.counts {
+                println!("{kind}: {count}");
+            }
+            for (kind, id, error) in &report.failures {
+                println!("failed {kind} {id}: {error}");
+            }
+        }
+        Command::BootstrapDemoProducts => {
+            for plan in stripe_mirror::bootstrap_demo_products(&mirror).await? {
+                println!(
+                    "{} {} monthly={} yearly={}",
+                    plan.key, plan.product.id, plan.monthly.id, plan.yearly.id
+                );
+            }
+        }
+        Command::ProcessEvents {
+            failed,
+            ids,
+            event_type,
+        } => {
+            let filter = EventFilter {
+                failed: failed || (ids.is_empty() && event_type.is_none()),
+                ids,
+                event_type,
+            };
+            let report = Webhooks::new().process_events(&mirror, &filter).await?;
+            println!(
+                "processed {}, failed {}, busy {}",
+                report.processed,
+                report.failed.len(),
+                report.busy
+            );
+            for (id, error) in &report.failed {
+                println!("failed {id}: {error}");
+            }
+        }
+        Command::ApiKeys(ApiKeys::Add { key }) => {
+            let key = ApiKey::get_or_create(&mirror, &key).await?;
+            println!(
+                "{} {} {} {}",
+                key.id,
+                key.kind.as_str(),
+                if key.livemode { "live" } else { "test" },
+                key
+            );
+        }
+        Command::ApiKeys(ApiKeys::List) => {
+            for key in ApiKey::list(&mirror).await? {
+                println!(
+                    "{} {} {} {}",
+                    key.id,
+                    key.kind.as_str(),
+                    if key.livemode { "live" } else { "test" },
+                    key
+                );
+            }
+        }
+        Command::ApiKeys(ApiKeys::Remove { id }) => {
+            if !ApiKey::remove(&mirror, &id).await? {
+                return Err(format!("no stored key with id {id}").into());
+            }
+            println!("removed {id}");
+        }
+        Command::Serve { listen } => {
+            if mirror.config().webhook_secrets.is_empty() {
+                eprintln!(
+                    "warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused"
+                );
+            }
+            let app = stripe_mirror::axum::webhook_router(mirror, Webhooks::new());
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!(
+                "listening on http://{}/stripe/webhook",
+                listener.local_addr()?
+            );
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
