@@ -73,11 +73,22 @@ pub(crate) use on_conn;
 
 impl Conn<'_> {
     /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two
-    /// writers queue on the busy timeout instead of failing on lock upgrade.
+    /// writers queue on the busy timeout instead of failing on lock upgrade. Nested
+    /// calls become savepoints on both backends.
     pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
         match self {
             #[cfg(feature = "sqlite")]
-            Conn::Sqlite(c) => c.immediate_transaction(|c| f(&mut Conn::Sqlite(c))),
+            Conn::Sqlite(c) => {
+                use diesel::connection::{AnsiTransactionManager, TransactionManager};
+                // `BEGIN IMMEDIATE` cannot nest: inside a transaction, use a savepoint.
+                let depth =
+                    AnsiTransactionManager::transaction_manager_status_mut(*c).transaction_depth();
+                if matches!(depth, Ok(Some(_))) {
+                    c.transaction(|c| f(&mut Conn::Sqlite(c)))
+                } else {
+                    c.immediate_transaction(|c| f(&mut Conn::Sqlite(c)))
+                }
+            }
             #[cfg(feature = "postgres")]
             Conn::Postgres(c) => c.transaction(|c| f(&mut Conn::Postgres(c))),
         }

@@ -211,23 +211,27 @@ impl Webhooks {
         event: Event,
     ) -> Result<Step> {
         let unhandled = !self.has_handlers(&event.event_type);
-        let answer = match claim_and_sync(conn, &event, false, unhandled) {
-            Ok(Claim::Claimed { .. }) if !unhandled => return Ok(Step::Handlers(event)),
-            Ok(Claim::Claimed { .. }) => Ok(Outcome::Processed),
-            Ok(Claim::Done) => Ok(Outcome::Duplicate),
-            Ok(Claim::Busy) => Err(Failure::new(
-                Outcome::InProgress,
-                "another worker is processing this event",
-            )),
-            // A bad object shape (400) or our failure (5xx); recorded if the database lets us.
-            Err(err) => Err(Failure::from_error(err)),
-        };
-        let (outcome, error) = match &answer {
-            Ok(outcome) => (*outcome, None),
-            Err(f) => (f.outcome, Some(f.error.as_str())),
-        };
-        delivery::finish(conn, delivery_id, true, Some(&event.id), outcome, error)?;
-        Ok(Step::Answer(answer))
+        // One transaction for the claim and the delivery's outcome: one commit per
+        // event when no handler runs (the claim itself nests as a savepoint).
+        conn.write(|conn| {
+            let answer = match claim_and_sync(conn, &event, false, unhandled) {
+                Ok(Claim::Claimed { .. }) if !unhandled => return Ok(Step::Handlers(event)),
+                Ok(Claim::Claimed { .. }) => Ok(Outcome::Processed),
+                Ok(Claim::Done) => Ok(Outcome::Duplicate),
+                Ok(Claim::Busy) => Err(Failure::new(
+                    Outcome::InProgress,
+                    "another worker is processing this event",
+                )),
+                // A bad object shape (400) or our failure (5xx); recorded if the database lets us.
+                Err(err) => Err(Failure::from_error(err)),
+            };
+            let (outcome, error) = match &answer {
+                Ok(outcome) => (*outcome, None),
+                Err(f) => (f.outcome, Some(f.error.as_str())),
+            };
+            delivery::finish(conn, delivery_id, true, Some(&event.id), outcome, error)?;
+            Ok(Step::Answer(answer))
+        })
     }
 
     /// The API path of the event's object, when its kind is re-fetched.
