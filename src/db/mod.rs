@@ -84,7 +84,7 @@ impl Conn<'_> {
                 let depth =
                     AnsiTransactionManager::transaction_manager_status_mut(*c).transaction_depth();
                 if matches!(depth, Ok(Some(_))) {
-                    c.transaction(|c| f(&mut Conn::Sqlite(c)))
+                    diesel::Connection::transaction(*c, |c| f(&mut Conn::Sqlite(c)))
                 } else {
                     c.immediate_transaction(|c| f(&mut Conn::Sqlite(c)))
                 }
