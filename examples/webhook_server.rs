@@ -27,9 +27,6 @@ async fn subscription_changed(event: Event, mirror: Mirror) -> Result<(), Handle
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mirror = Mirror::from_env().await?;
-    if mirror.config().webhook_secrets.is_empty() {
-        eprintln!("warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused");
-    }
     let webhooks = Webhooks::new()
         .on("customer.subscription.*", subscription_changed)
         .on_any(|event: Event, _mirror: Mirror| async move {
@@ -40,16 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: SocketAddr = std::env::var("LISTEN_ADDR")
         .unwrap_or_else(|_| "127.0.0.1:8000".into())
         .parse()?;
-    let app = stripe_mirror::axum::webhook_router(mirror, webhooks);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!(
-        "listening on http://{}/stripe/webhook",
-        listener.local_addr()?
-    );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await?;
+    stripe_mirror::axum::serve(mirror, webhooks, listener).await?;
     Ok(())
 }

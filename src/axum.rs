@@ -39,6 +39,36 @@ pub fn webhook_router(mirror: Mirror, webhooks: Webhooks) -> Router {
         .with_state(WebhookState { mirror, webhooks })
 }
 
+/// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
+/// for the delivery log; warns when no webhook secret is configured.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+/// stripe_mirror::axum::serve(mirror, stripe_mirror::Webhooks::new(), listener).await
+/// # }
+/// ```
+pub async fn serve(
+    mirror: Mirror,
+    webhooks: Webhooks,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    if mirror.config().webhook_secrets.is_empty() {
+        tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: every delivery will be refused");
+        eprintln!("warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused");
+    }
+    println!(
+        "listening on http://{}{WEBHOOK_PATH}",
+        listener.local_addr()?
+    );
+    let app = webhook_router(mirror, webhooks);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
 /// Reads the body up to the cap (plus one byte, to know it was over), then hands the
 /// request to [`Webhooks::receive`]. axum's own body limit does not apply here: the
 /// pipeline logs oversized deliveries and answers 413 itself.

@@ -147,23 +147,11 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::ApiKeys(ApiKeys::Add { key }) => {
             let key = ApiKey::get_or_create(&mirror, &key).await?;
-            println!(
-                "{} {} {} {}",
-                key.id,
-                key.kind.as_str(),
-                if key.livemode { "live" } else { "test" },
-                key
-            );
+            println!("{}", key_line(&key));
         }
         Command::ApiKeys(ApiKeys::List) => {
             for key in ApiKey::list(&mirror).await? {
-                println!(
-                    "{} {} {} {}",
-                    key.id,
-                    key.kind.as_str(),
-                    if key.livemode { "live" } else { "test" },
-                    key
-                );
+                println!("{}", key_line(&key));
             }
         }
         Command::ApiKeys(ApiKeys::Remove { id }) => {
@@ -173,23 +161,15 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("removed {id}");
         }
         Command::Serve { listen } => {
-            if mirror.config().webhook_secrets.is_empty() {
-                eprintln!(
-                    "warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused"
-                );
-            }
-            let app = stripe_mirror::axum::webhook_router(mirror, Webhooks::new());
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            println!(
-                "listening on http://{}/stripe/webhook",
-                listener.local_addr()?
-            );
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await?;
+            stripe_mirror::axum::serve(mirror, Webhooks::new(), listener).await?;
         }
     }
     Ok(())
+}
+
+/// One stored key as `list` and `add` print it: id, kind, mode, the key masked.
+fn key_line(key: &ApiKey) -> String {
+    let mode = if key.livemode { "live" } else { "test" };
+    format!("{} {} {mode} {key}", key.id, key.kind.as_str())
 }
