@@ -98,9 +98,42 @@ async fn current_fixtures_mirror_with_typed_columns() {
             "{n}"
         );
 
-        // The standalone subscription_item fixture mirrors through the same mechanism.
-        let subscription_item = fixture("subscription_item");
-        assert_eq!(subscription_item["object"], "subscription_item");
+        // Stripe's standalone subscription_item fixture, as an item of a subscription.
+        let item = fixture("subscription_item");
+        let mut with_item = sub_json.clone();
+        with_item["id"] = json!("sub_with_fixture_item");
+        with_item["items"]["data"] = json!([item.clone()]);
+        let s2 = Subscription::sync_from_stripe_data(&m, &with_item)
+            .await
+            .unwrap();
+        let items = s2.items(&m).await.unwrap();
+        assert_eq!(items.len(), 1, "{n}");
+        assert_eq!(items[0].id, item["id"].as_str().unwrap(), "{n}");
+        assert_eq!(
+            items[0].subscription_id.as_deref(),
+            Some("sub_with_fixture_item"),
+            "{n}: the parent id wins"
+        );
+        assert_eq!(
+            items[0].price_id.as_deref(),
+            item["price"]["id"].as_str(),
+            "{n}"
+        );
+        assert_eq!(
+            items[0].product_id.as_deref(),
+            item["price"]["product"].as_str(),
+            "{n}"
+        );
+        assert_eq!(
+            items[0].current_period_end,
+            item["current_period_end"].as_i64(),
+            "{n}"
+        );
+        assert_eq!(
+            s2.current_period_end,
+            item["current_period_end"].as_i64(),
+            "{n}"
+        );
     }
 }
 

@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use sha2::Digest;
 
 use crate::Mirror;
-use crate::db::schema::stripe_customers;
+use crate::db::schema::{stripe_customers, stripe_subscription_items};
 use crate::db::{Conn, on_conn};
 use crate::error::{Error, Result};
 use crate::models::subscription::Subscription;
@@ -205,16 +205,28 @@ impl Customer {
 
     /// Whether a valid subscription of this customer includes any of `product_ids`.
     pub async fn is_subscribed_to(&self, mirror: &Mirror, product_ids: &[&str]) -> Result<bool> {
-        for sub in self.valid_subscriptions(mirror).await? {
-            let items = sub.items(mirror).await?;
-            if items.iter().any(|i| {
-                i.product_id
-                    .as_deref()
-                    .is_some_and(|p| product_ids.contains(&p))
-            }) {
-                return Ok(true);
-            }
+        let valid: Vec<String> = self
+            .valid_subscriptions(mirror)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        if valid.is_empty() || product_ids.is_empty() {
+            return Ok(false);
         }
-        Ok(false)
+        let products: Vec<String> = product_ids.iter().map(|p| p.to_string()).collect();
+        // One query over all valid subscriptions' current items.
+        mirror
+            .db()
+            .run(move |conn| {
+                let found: i64 = on_conn!(conn, c => stripe_subscription_items::table
+                    .filter(stripe_subscription_items::subscription_id.eq_any(&valid))
+                    .filter(stripe_subscription_items::product_id.eq_any(&products))
+                    .filter(stripe_subscription_items::deleted.eq(false))
+                    .count()
+                    .get_result(c))?;
+                Ok(found > 0)
+            })
+            .await
     }
 }

@@ -12,7 +12,8 @@ pub struct EventFilter {
     pub failed: bool,
     /// These event ids, whatever their status.
     pub ids: Vec<String>,
-    /// Events whose type matches (`customer.*`, `invoice.paid`), among failed or pending ones.
+    /// Events whose type matches (`customer.*`, `invoice.paid`): with `failed`, the
+    /// failed ones of that type; alone, every stored event of that type.
     pub event_type: Option<String>,
 }
 
@@ -36,6 +37,9 @@ impl Webhooks {
         mirror: &Mirror,
         filter: &EventFilter,
     ) -> Result<ProcessReport> {
+        if filter.ids.is_empty() && filter.event_type.is_none() && !filter.failed {
+            return Ok(ProcessReport::default());
+        }
         let f = filter.clone();
         let events: Vec<Event> = mirror
             .db()
@@ -60,9 +64,6 @@ impl Webhooks {
             .await?;
         // Only an explicit choice of events replays processed ones.
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
-        if filter.ids.is_empty() && filter.event_type.is_none() && !filter.failed {
-            return Ok(ProcessReport::default());
-        }
         let mut report = ProcessReport::default();
         for event in events {
             let e = event.clone();
