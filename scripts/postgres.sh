@@ -3,6 +3,8 @@
 #   scripts/postgres.sh start   -> prints the admin URL; also written to .run/postgres.url
 #   scripts/postgres.sh stop
 # Postgres refuses to run as root, so as root it runs as the `postgres` user.
+# Durability settings are Postgres's defaults (fsync on), as in production: the tests
+# and benchmarks measure what users get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
@@ -36,7 +38,7 @@ case "${1:-}" in
       [ "$(id -u)" = 0 ] && chown postgres "$DIR" && chmod 700 "$DIR"
       as_pg "$BIN/initdb" -D "$DIR" -A trust -U postgres >"$RUN/initdb.log" 2>&1
       as_pg "$BIN/pg_ctl" -D "$DIR" -w -t 60 \
-        -o "-h 127.0.0.1 -p $PORT -k $DIR -c fsync=off -c max_connections=200" \
+        -o "-h 127.0.0.1 -p $PORT -k $DIR -c max_connections=200" \
         -l "$DIR/server.log" start >/dev/null
     fi
     URL="postgres://postgres@127.0.0.1:$PORT/postgres"

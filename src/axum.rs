@@ -69,9 +69,10 @@ pub async fn serve(
     .await
 }
 
-/// Reads the body up to the cap (plus one byte, to know it was over), then hands the
-/// request to [`Webhooks::receive`]. axum's own body limit does not apply here: the
-/// pipeline logs oversized deliveries and answers 413 itself.
+/// Reads the body up to the cap plus one byte (enough to know it is over) and stops
+/// there, within the read timeout ([`Webhooks::read_timeout`]), then hands the request
+/// to [`Webhooks::receive`]. axum's own body limit does not apply here: the pipeline
+/// logs oversized (413) and too slow (408) deliveries and answers them itself.
 async fn receive(State(state): State<WebhookState>, request: Request) -> Response {
     let remote = request
         .extensions()
@@ -88,20 +89,28 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
         })
         .collect();
     let cap = state.webhooks.max_body();
-    let (mut body, mut size) = (Vec::new(), 0usize);
+    let mut body = Vec::new();
     let mut stream = request.into_body().into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { break };
-        size += chunk.len();
-        if body.len() <= cap {
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            // A broken stream ends the body: the signature check refuses what arrived.
+            let Ok(chunk) = chunk else { break };
             body.extend_from_slice(&chunk[..chunk.len().min(cap + 1 - body.len())]);
+            if body.len() > cap {
+                // Over the cap: the rest is never read (the connection is then closed).
+                break;
+            }
         }
-    }
+    };
+    let timed_out = tokio::time::timeout(state.webhooks.max_read_time(), read)
+        .await
+        .is_err();
     let request = WebhookRequest {
         headers,
         body,
-        body_size: Some(size),
+        body_size: None,
         remote_addr: remote,
+        timed_out,
     };
     let answer = state.webhooks.receive(&state.mirror, request).await;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
@@ -45,6 +46,9 @@ pub struct Config {
     pub stripe_retries: u32,
     /// First wait before a retry; it doubles each time.
     pub stripe_retry_backoff: Duration,
+    /// The host's clock (the system's unless a test injects one): used for signature
+    /// tolerance, claim leases and data the host hands in, never to judge Stripe data.
+    pub clock: Clock,
 }
 
 impl std::fmt::Debug for Config {
@@ -64,6 +68,7 @@ impl std::fmt::Debug for Config {
             .field("stripe_timeout", &self.stripe_timeout)
             .field("stripe_retries", &self.stripe_retries)
             .field("stripe_retry_backoff", &self.stripe_retry_backoff)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -85,6 +90,7 @@ impl Default for Config {
             stripe_timeout: Duration::from_secs(30),
             stripe_retries: 4,
             stripe_retry_backoff: Duration::from_millis(500),
+            clock: Clock::system(),
         }
     }
 }

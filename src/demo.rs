@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use crate::Mirror;
 use crate::error::{Error, Result};
 use crate::models::{price::Price, product::Product};
-use crate::stripe::{StripeClient, is_missing};
-use crate::sync::{now, sync_from_stripe_data};
+use crate::stripe::{Answer, StripeClient, is_missing};
+use crate::sync::sync_from_stripe_data;
 
 /// The plans: key, name, monthly and yearly amounts in US cents.
 pub const DEMO_PLANS: [(&str, &str, i64, i64); 3] = [
@@ -50,24 +50,24 @@ pub async fn bootstrap_demo_products(mirror: &Mirror) -> Result<Vec<DemoPlan>> {
     let client = mirror.stripe().await?;
     let mut plans = Vec::new();
     for (key, name, monthly, yearly) in DEMO_PLANS {
-        let stamp = now();
         let product = ensure_product(&client, key, name).await?;
-        let product_id = product["id"].as_str().unwrap_or_default().to_owned();
-        let existing = client
-            .get(
+        let product_id = product.value["id"].as_str().unwrap_or_default().to_owned();
+        let listed = client
+            .get_at(
                 "/prices",
                 &json!({ "product": product_id, "limit": 100 }),
                 Some(&format!("prices of product {product_id}")),
             )
             .await?;
-        let existing = existing
+        let existing = listed
+            .value
             .get("data")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
         let monthly = ensure_price(
             &client,
-            &existing,
+            (&existing, listed.at),
             &product_id,
             &format!("stripe_mirror_demo_{key}_monthly"),
             monthly,
@@ -76,7 +76,7 @@ pub async fn bootstrap_demo_products(mirror: &Mirror) -> Result<Vec<DemoPlan>> {
         .await?;
         let yearly = ensure_price(
             &client,
-            &existing,
+            (&existing, listed.at),
             &product_id,
             &format!("stripe_mirror_demo_{key}_yearly"),
             yearly,
@@ -85,19 +85,19 @@ pub async fn bootstrap_demo_products(mirror: &Mirror) -> Result<Vec<DemoPlan>> {
         .await?;
         plans.push(DemoPlan {
             key,
-            product: sync_from_stripe_data::<Product>(mirror, product, stamp).await?,
-            monthly: sync_from_stripe_data::<Price>(mirror, monthly, stamp).await?,
-            yearly: sync_from_stripe_data::<Price>(mirror, yearly, stamp).await?,
+            product: sync_from_stripe_data::<Product>(mirror, product.value, product.at).await?,
+            monthly: sync_from_stripe_data::<Price>(mirror, monthly.value, monthly.at).await?,
+            yearly: sync_from_stripe_data::<Price>(mirror, yearly.value, yearly.at).await?,
         });
     }
     Ok(plans)
 }
 
-async fn ensure_product(client: &StripeClient, key: &str, name: &str) -> Result<Value> {
+async fn ensure_product(client: &StripeClient, key: &str, name: &str) -> Result<Answer> {
     let id = format!("stripe_mirror_demo_{key}");
     let object = format!("product {id}");
     match client
-        .get(&format!("/products/{id}"), &json!({}), Some(&object))
+        .get_at(&format!("/products/{id}"), &json!({}), Some(&object))
         .await
     {
         Ok(found) => return Ok(found),
@@ -106,7 +106,7 @@ async fn ensure_product(client: &StripeClient, key: &str, name: &str) -> Result<
     }
     let form = json!({ "id": id, "name": name, "type": "service", "metadata": { "stripe_mirror_demo": key } });
     match client
-        .post(
+        .post_at(
             "/products",
             &form,
             Some(format!("stripe-mirror-demo-product-{id}")),
@@ -118,7 +118,7 @@ async fn ensure_product(client: &StripeClient, key: &str, name: &str) -> Result<
         // Another bootstrap created it meanwhile.
         Err(_) => {
             client
-                .get(&format!("/products/{id}"), &json!({}), Some(&object))
+                .get_at(&format!("/products/{id}"), &json!({}), Some(&object))
                 .await
         }
     }
@@ -126,26 +126,29 @@ async fn ensure_product(client: &StripeClient, key: &str, name: &str) -> Result<
 
 async fn ensure_price(
     client: &StripeClient,
-    existing: &[Value],
+    (existing, listed_at): (&[Value], i64),
     product: &str,
     lookup_key: &str,
     amount: i64,
     interval: &str,
-) -> Result<Value> {
+) -> Result<Answer> {
     let found = existing.iter().find(|p| {
         p["lookup_key"] == json!(lookup_key)
             && p["product"] == json!(product)
             && p["active"] != json!(false)
     });
     if let Some(price) = found {
-        return Ok(price.clone());
+        return Ok(Answer {
+            value: price.clone(),
+            at: listed_at,
+        });
     }
     let form = json!({
         "product": product, "currency": "usd", "unit_amount": amount,
         "recurring": { "interval": interval }, "lookup_key": lookup_key,
     });
     client
-        .post(
+        .post_at(
             "/prices",
             &form,
             Some(format!("stripe-mirror-demo-price-{lookup_key}")),

@@ -30,7 +30,7 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: settings, from code or the environment.
+//! - [`config`]: settings, from code or the environment; [`Clock`], the host's clock.
 //! - [`Mirror`]: the entry point, holding the config and the database pool.
 //! - `db`: the pool over SQLite or Postgres and the embedded migrations.
 //! - [`models`]: one file per mirrored object, with its reads.
@@ -69,6 +69,7 @@
 
 #[cfg(feature = "axum")]
 pub mod axum;
+mod clock;
 pub mod config;
 pub(crate) mod db;
 pub mod demo;
@@ -80,6 +81,7 @@ pub mod stripe;
 pub mod sync;
 pub mod webhooks;
 
+pub use clock::Clock;
 pub use config::Config;
 pub use db::Backend;
 pub use demo::bootstrap_demo_products;

@@ -93,6 +93,11 @@ impl Mirror {
         self.inner.config.live_mode
     }
 
+    /// Unix seconds now on the host's clock ([`Config::clock`]).
+    pub fn now(&self) -> i64 {
+        self.inner.config.clock.now()
+    }
+
     /// SQLite or Postgres.
     pub fn backend(&self) -> Backend {
         self.inner.db.backend()
@@ -110,7 +115,8 @@ impl Mirror {
         }
         let c = &self.inner.config;
         let client = StripeClient::new(&key, c.api_base.as_deref(), c.stripe_timeout)?
-            .with_retries(c.stripe_retries, c.stripe_retry_backoff);
+            .with_retries(c.stripe_retries, c.stripe_retry_backoff)
+            .with_clock(c.clock.clone());
         *cached = Some((key.expose().to_owned(), client.clone()));
         Ok(client)
     }

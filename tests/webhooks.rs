@@ -495,6 +495,12 @@ async fn bad_input_table() {
                 400,
                 Outcome::InvalidSignature,
             ),
+            (
+                "unsigned body of 20 KiB",
+                WebhookRequest::new(vec![b'x'; 20 * 1024]),
+                400,
+                Outcome::InvalidSignature,
+            ),
             ("not JSON", signed(b"hello"), 400, Outcome::Malformed),
             (
                 "JSON without id or type",
@@ -574,12 +580,22 @@ async fn bad_input_table() {
             assert_eq!(d.outcome, outcome.as_str(), "{n}: {name}");
             assert_eq!(d.status_code, Some(status as i32), "{n}: {name}");
             assert_eq!(d.body_size as usize, body.len(), "{n}: {name}");
+            // Verified deliveries keep their body up to the cap; refused ones 4 KiB.
+            let refused = matches!(
+                outcome,
+                Outcome::InvalidSignature | Outcome::Malformed | Outcome::TooLarge
+            );
+            let kept = if refused {
+                stripe_mirror::webhooks::delivery::REFUSED_BODY_LOG_LIMIT
+            } else {
+                64 * 1024
+            };
             assert_eq!(
                 d.body,
-                body[..body.len().min(64 * 1024)],
-                "{n}: {name}: body kept up to the cap"
+                body[..body.len().min(kept)],
+                "{n}: {name}: body kept up to {kept} bytes"
             );
-            assert_eq!(d.body_truncated, body.len() > 64 * 1024, "{n}: {name}");
+            assert_eq!(d.body_truncated, body.len() > kept, "{n}: {name}");
             if status != 200 {
                 assert!(
                     d.error.as_deref().is_some_and(|e| !e.is_empty()),
@@ -657,10 +673,9 @@ async fn async_stripe_webhook_headers_verify() {
 /// The official Stripe Python SDK (pinned in scripts/test.sh) signs and verifies
 /// like we do.
 #[tokio::test]
+#[ignore = "needs the Stripe Python SDK: run scripts/test.sh"]
 async fn official_stripe_sdk_agrees() {
-    let Some(python) = common::peer("STRIPE_MIRROR_TEST_PYTHON") else {
-        return;
-    };
+    let python = common::peer("STRIPE_MIRROR_TEST_PYTHON");
     let body = event(
         "evt_py",
         "product.created",
@@ -699,11 +714,10 @@ print("t=%d,v1=%s" % (t, stripe.WebhookSignature._compute_signature("%d.%s" % (t
 }
 
 #[tokio::test]
+#[cfg(feature = "postgres")]
 async fn database_outage_is_503_and_recovers() {
     use diesel::{Connection, RunQueryDsl};
-    let Some(url) = common::postgres_url() else {
-        return;
-    };
+    let url = common::postgres_url();
     let db = url.rsplit('/').next().unwrap().to_owned();
     let mut config = stripe_mirror::Config::new(url);
     config.webhook_secrets = vec![Secret::new(SECRET)];

@@ -1,10 +1,11 @@
-//! The `stripe-mirror` command: migrate, sync, demo products, replay events, API keys,
-//! and a webhook server. It only parses arguments and calls the library.
+//! The `stripe-mirror` command: migrate, sync, demo products, replay events, prune the
+//! webhook log, API keys, and a webhook server. It only parses arguments and calls the library.
 //!
 //! Settings come from the environment (`DATABASE_URL`, `STRIPE_*`; see the crate docs).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stripe_mirror::webhooks::EventFilter;
@@ -46,6 +47,13 @@ enum Command {
         /// Events whose type matches, e.g. `customer.*`.
         #[arg(long = "type")]
         event_type: Option<String>,
+    },
+    /// Delete deliveries and processed events older than a duration; failed and
+    /// pending events, and their deliveries, are kept.
+    Prune {
+        /// Age to keep: a number and a unit, e.g. 30d, 12h, 90m, 3600s.
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
     },
     /// Manage Stripe API keys stored in the database.
     #[command(subcommand)]
@@ -145,6 +153,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("failed {id}: {error}");
             }
         }
+        Command::Prune { older_than } => {
+            let report = stripe_mirror::webhooks::prune(&mirror, older_than).await?;
+            println!(
+                "removed {} deliveries and {} processed events",
+                report.deliveries, report.events
+            );
+        }
         Command::ApiKeys(ApiKeys::Add { key }) => {
             let key = ApiKey::get_or_create(&mirror, &key).await?;
             println!("{}", key_line(&key));
@@ -168,8 +183,48 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A duration as `prune` takes it: a whole number and a unit, `s`, `m`, `h` or `d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: use e.g. 30d, 12h, 90m or 3600s"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number: use e.g. 30d"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h or d")),
+    };
+    number
+        .checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
 /// One stored key as `list` and `add` print it: id, kind, mode, the key masked.
 fn key_line(key: &ApiKey) -> String {
     let mode = if key.livemode { "live" } else { "test" };
     format!("{} {} {mode} {key}", key.id, key.kind.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_their_unit() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(90 * 60)));
+        assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["30", "d", "", "30w", "-1d", "1.5h", "30 d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

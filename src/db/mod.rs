@@ -117,9 +117,12 @@ struct SqlitePragmas;
 impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> std::result::Result<(), r2d2::Error> {
         // WAL lets readers run beside the writer; busy_timeout makes writers queue.
+        // synchronous = FULL syncs the WAL at every commit: a webhook is answered 200
+        // only once its event is on disk, and Stripe never redelivers an event it got a
+        // 200 for (NORMAL could lose the last commits on power failure).
         conn.batch_execute(
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = NORMAL;",
+             PRAGMA synchronous = FULL;",
         )
         .map_err(r2d2::Error::QueryError)
     }
@@ -263,6 +266,31 @@ impl Database {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every pooled SQLite connection syncs each commit (2 = FULL): a 200 is durable.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn sqlite_commits_are_durable() {
+        #[derive(diesel::QueryableByName)]
+        struct Synchronous {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            synchronous: i32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("durable.db").display());
+        let db = Database::open(&url, 2, Duration::from_secs(5)).unwrap();
+        for _ in 0..2 {
+            let value = db
+                .run_blocking(|conn| {
+                    Ok(on_conn!(conn, c => diesel::RunQueryDsl::get_result::<Synchronous>(
+                        diesel::sql_query("PRAGMA synchronous"),
+                        c
+                    ))?)
+                })
+                .unwrap();
+            assert_eq!(value.synchronous, 2, "PRAGMA synchronous is FULL");
+        }
+    }
 
     #[test]
     fn urls_pick_the_backend() {

@@ -14,6 +14,9 @@ diesel::table! {
         email -> Nullable<Text>,
         name -> Nullable<Text>,
         subscriber_id -> Nullable<Text>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
     }
 }
 
@@ -28,6 +31,9 @@ diesel::table! {
         created -> Nullable<BigInt>,
         name -> Nullable<Text>,
         active -> Nullable<Bool>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
     }
 }
 
@@ -47,6 +53,9 @@ diesel::table! {
         recurring_interval -> Nullable<Text>,
         recurring_interval_count -> Nullable<BigInt>,
         lookup_key -> Nullable<Text>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
     }
 }
 
@@ -69,6 +78,9 @@ diesel::table! {
         ended_at -> Nullable<BigInt>,
         trial_start -> Nullable<BigInt>,
         trial_end -> Nullable<BigInt>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
     }
 }
 
@@ -87,6 +99,9 @@ diesel::table! {
         quantity -> Nullable<BigInt>,
         current_period_start -> Nullable<BigInt>,
         current_period_end -> Nullable<BigInt>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
     }
 }
 
@@ -117,6 +132,7 @@ diesel::table! {
         claimed_at -> Nullable<BigInt>,
         received_at -> BigInt,
         processed_at -> Nullable<BigInt>,
+        handlers -> Text,
     }
 }
 

@@ -102,7 +102,13 @@ impl Customer {
                     .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
                     .filter(stripe_customers::livemode.eq(live))
                     .filter(stripe_customers::deleted.eq(false))
-                    .order(stripe_customers::created.desc())
+                    // Newest first; rows not seen whole yet (no `created`) last on both
+                    // backends (Postgres sorts NULL first in DESC, SQLite last); then by id.
+                    .order((
+                        stripe_customers::created.is_null().asc(),
+                        stripe_customers::created.desc(),
+                        stripe_customers::id.asc(),
+                    ))
                     .select(Customer::as_select())
                     .first(c)
                     .optional())?)
@@ -149,18 +155,17 @@ impl Customer {
         if let Some(name) = subscriber.name() {
             form["name"] = name.into();
         }
-        let stamp = crate::sync::now();
         let created = mirror
             .stripe()
             .await?
-            .post(
+            .post_at(
                 "/customers",
                 &form,
                 Some(key),
                 Some(&format!("customer of subscriber {id}")),
             )
             .await?;
-        crate::sync::sync_from_stripe_data::<Customer>(mirror, created, stamp).await
+        crate::sync::sync_from_stripe_data::<Customer>(mirror, created.value, created.at).await
     }
 
     /// All of this customer's mirrored subscriptions (any status), newest first.

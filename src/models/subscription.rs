@@ -242,18 +242,17 @@ impl Subscription {
             .map(|p| serde_json::json!({ "price": p }))
             .collect();
         let form = serde_json::json!({ "customer": customer_id, "items": items });
-        let stamp = crate::sync::now();
         let created = mirror
             .stripe()
             .await?
-            .post(
+            .post_at(
                 "/subscriptions",
                 &form,
                 None,
                 Some(&format!("subscription of customer {customer_id}")),
             )
             .await?;
-        crate::sync::sync_from_stripe_data::<Subscription>(mirror, created, stamp).await
+        crate::sync::sync_from_stripe_data::<Subscription>(mirror, created.value, created.at).await
     }
 
     /// A customer's subscriptions (any status, not deleted), newest first.

@@ -1,80 +1,98 @@
-//! The Stripe client: async-stripe's HTTP client underneath, with the crate's own
-//! retry loop (one idempotency key across every attempt of a POST, exponential
-//! backoff on 409, 429 and 5xx) and lenient parsing of the raw response body.
+//! The Stripe client: a small HTTP transport (hyper with rustls, the stack
+//! async-stripe itself uses) driven by async-stripe's request builders, with the
+//! crate's own retry loop (one idempotency key across every attempt of a POST,
+//! exponential backoff on 409, 429 and 5xx, honouring `Stripe-Should-Retry`) and
+//! lenient parsing of the raw response body.
+//!
+//! The transport is ours rather than async-stripe's `Client` because the response
+//! headers matter: `Date` is Stripe's clock, which stamps the data (the host's clock
+//! may be minutes off, and then the mirror would refuse or wrongly accept events), and
+//! `Request-Id` is what Stripe support asks for.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use stripe_client_core::{IdempotencyKey, RequestBuilder, RequestStrategy, StripeMethod};
+use stripe_client_core::{RequestBuilder, StripeMethod};
 
 use super::StripeApiError;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
+const DEFAULT_API_BASE: &str = "https://api.stripe.com/";
+const USER_AGENT_VALUE: &str = concat!("stripe-mirror/", env!("CARGO_PKG_VERSION"));
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// Talks to the Stripe API (or a fake of it at `STRIPE_API_BASE`).
 #[derive(Clone)]
 pub struct StripeClient {
-    inner: stripe::Client,
+    http: HyperClient<Connector, Full<Bytes>>,
+    api_base: String,
+    authorization: HeaderValue,
+    timeout: Duration,
     retries: u32,
     backoff: Duration,
+    clock: crate::Clock,
 }
 
 impl std::fmt::Debug for StripeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StripeClient")
+            .field("api_base", &self.api_base)
             .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }
 
-/// Captures the raw body of a response, so nothing the typed structs do not know is lost.
-struct Raw<'a> {
-    client: &'a stripe::Client,
-    body: Mutex<Option<Bytes>>,
+/// A successful response: the object, and when Stripe answered (unix seconds on
+/// Stripe's clock, from the `Date` header; see [`stripe_time`]).
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub value: Value,
+    pub at: i64,
 }
 
-impl stripe_client_core::StripeClient for Raw<'_> {
-    type Err = stripe::StripeError;
-
-    async fn execute(
-        &self,
-        req: stripe_client_core::CustomizedStripeRequest,
-    ) -> std::result::Result<Bytes, Self::Err> {
-        let body = self.client.execute(req).await?;
-        *self.body.lock().expect("not poisoned") = Some(body);
-        // The typed layer parses this placeholder; the real body is kept above.
-        Ok(Bytes::from_static(b"null"))
-    }
-}
-
-fn retryable(err: &stripe::StripeError) -> bool {
-    match err {
-        stripe::StripeError::Stripe(_, status) => matches!(status, 409 | 429 | 500..=599),
-        stripe::StripeError::ClientError(_) | stripe::StripeError::Timeout => true,
-        // An error status whose body was not Stripe's error JSON (a proxy's 502 page).
-        stripe::StripeError::JSONDeserialize(_) => true,
-        stripe::StripeError::ConfigError(_) => false,
-    }
+/// One attempt's raw outcome.
+struct Reply {
+    status: u16,
+    date: Option<i64>,
+    should_retry: Option<bool>,
+    request_id: Option<String>,
+    body: Bytes,
 }
 
 impl StripeClient {
     /// A client for `key` at `api_base` (Stripe's own API when `None`).
     pub fn new(key: &Secret, api_base: Option<&str>, timeout: Duration) -> Result<Self> {
-        let mut builder = stripe::ClientBuilder::new(key.expose())
-            .request_strategy(RequestStrategy::Once)
-            .timeout(timeout);
-        if let Some(base) = api_base {
-            builder = builder.url(base);
+        let mut api_base = api_base.unwrap_or(DEFAULT_API_BASE).trim().to_owned();
+        if !api_base.ends_with('/') {
+            api_base.push('/');
         }
-        let inner = builder
-            .build()
-            .map_err(|e| Error::Config(format!("Stripe client for key {key}: {e}")))?;
+        api_base
+            .parse::<hyper::Uri>()
+            .map_err(|e| Error::Config(format!("STRIPE_API_BASE {api_base:?} is not a URL: {e}")))?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+            .map_err(|_| Error::Config(format!("Stripe key {key} holds characters a header cannot")))?;
+        authorization.set_sensitive(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
         Ok(StripeClient {
-            inner,
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            api_base,
+            authorization,
+            timeout,
             retries: 4,
             backoff: Duration::from_millis(500),
+            clock: crate::Clock::system(),
         })
     }
 
@@ -85,10 +103,22 @@ impl StripeClient {
         self
     }
 
+    /// The host clock, read only when an answer has no `Date` and its object carries
+    /// no time of its own.
+    pub fn with_clock(mut self, clock: crate::Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// `GET /v1{path}` with query parameters (a JSON object, Stripe's bracket encoding).
     pub async fn get(&self, path: &str, query: &Value, object: Option<&str>) -> Result<Value> {
-        let req = || RequestBuilder::new(StripeMethod::Get, path).query(query);
-        self.send("GET", path, object, req, None).await
+        Ok(self.get_at(path, query, object).await?.value)
+    }
+
+    /// `GET`, with when Stripe answered.
+    pub(crate) async fn get_at(&self, path: &str, query: &Value, object: Option<&str>) -> Result<Answer> {
+        let req = RequestBuilder::new(StripeMethod::Get, path).query(query);
+        self.send(req, object, None).await
     }
 
     /// `POST /v1{path}` with a form (a JSON object); `idempotency_key` makes the create
@@ -100,83 +130,168 @@ impl StripeClient {
         idempotency_key: Option<String>,
         object: Option<&str>,
     ) -> Result<Value> {
+        Ok(self.post_at(path, form, idempotency_key, object).await?.value)
+    }
+
+    /// `POST`, with when Stripe answered.
+    pub(crate) async fn post_at(
+        &self,
+        path: &str,
+        form: &Value,
+        idempotency_key: Option<String>,
+        object: Option<&str>,
+    ) -> Result<Answer> {
         let key = match idempotency_key {
-            Some(k) => IdempotencyKey::new(k)
+            Some(k) => stripe_client_core::IdempotencyKey::new(k)
                 .map_err(|e| Error::Config(format!("idempotency key: {e}")))?,
-            None => IdempotencyKey::new_uuid_v4(),
+            None => stripe_client_core::IdempotencyKey::new_uuid_v4(),
         };
-        let req = || RequestBuilder::new(StripeMethod::Post, path).form(form);
-        self.send("POST", path, object, req, Some(key)).await
+        let req = RequestBuilder::new(StripeMethod::Post, path).form(form);
+        self.send(req, object, Some(key.as_str().to_owned())).await
     }
 
     /// `DELETE /v1{path}`.
     pub async fn delete(&self, path: &str, object: Option<&str>) -> Result<Value> {
-        let req = || RequestBuilder::new(StripeMethod::Delete, path);
-        self.send("DELETE", path, object, req, None).await
+        let req = RequestBuilder::new(StripeMethod::Delete, path);
+        Ok(self.send(req, object, None).await?.value)
     }
 
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        object: Option<&str>,
-        build: impl Fn() -> RequestBuilder,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Value> {
-        let request = format!("{method} /v1{path}");
+    async fn attempt(&self, req: &RequestBuilder, idempotency_key: Option<&str>) -> std::result::Result<Reply, String> {
+        let mut uri = format!("{}v1{}", self.api_base, req.path);
+        if let Some(query) = &req.query {
+            uri.push('?');
+            uri.push_str(query);
+        }
+        let mut builder = hyper::Request::builder()
+            .method(match req.method {
+                StripeMethod::Get => hyper::Method::GET,
+                StripeMethod::Post => hyper::Method::POST,
+                StripeMethod::Delete => hyper::Method::DELETE,
+            })
+            .uri(uri)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .header("stripe-version", stripe_shared::version::VERSION.as_str());
+        if let Some(key) = idempotency_key {
+            builder = builder.header("idempotency-key", key);
+        }
+        if req.body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(req.body.clone().unwrap_or_default())))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| e.to_string())?;
+            let headers = response.headers();
+            let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let (status, date) = (response.status().as_u16(), text("date").and_then(|d| stripe_time(&d)));
+            let should_retry = text("stripe-should-retry").and_then(|v| v.parse().ok());
+            let request_id = text("request-id");
+            let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok(Reply { status, date, should_retry, request_id, body })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+    }
+
+    async fn send(&self, req: RequestBuilder, object: Option<&str>, idempotency_key: Option<String>) -> Result<Answer> {
+        let method = match req.method {
+            StripeMethod::Get => "GET",
+            StripeMethod::Post => "POST",
+            StripeMethod::Delete => "DELETE",
+        };
+        let request = format!("{method} /v1{}", req.path);
         let mut attempt = 0;
         loop {
-            let raw = Raw {
-                client: &self.inner,
-                body: Mutex::new(None),
+            let failure = match self.attempt(&req, idempotency_key.as_deref()).await {
+                Ok(reply) if (200..300).contains(&reply.status) => {
+                    let value: Value = serde_json::from_slice(&reply.body).map_err(|e| {
+                        api_error(&request, object, Some(reply.status), format!("response is not JSON ({e}): {}", preview(&reply.body)))
+                    })?;
+                    // No `Date` (a proxy dropped it): the newest time the object carries,
+                    // a lower bound of Stripe's clock; the host's clock only as a last resort.
+                    let at = reply.date.or_else(|| newest_timestamp(&value)).unwrap_or_else(|| self.clock.now());
+                    return Ok(Answer { value, at });
+                }
+                Ok(reply) => {
+                    let retry = reply.should_retry.unwrap_or(matches!(reply.status, 409 | 429 | 500..=599));
+                    (retry, stripe_error(&request, object, &reply))
+                }
+                Err(network) => (true, api_error(&request, object, None, network)),
             };
-            let strategy = key
-                .clone()
-                .map_or(RequestStrategy::Once, RequestStrategy::Idempotent);
-            let result = build()
-                .customize::<Option<bool>>()
-                .request_strategy(strategy)
-                .send(&raw)
-                .await;
-            match result {
-                Ok(_) => {
-                    let body = raw
-                        .body
-                        .into_inner()
-                        .expect("not poisoned")
-                        .unwrap_or_default();
-                    return serde_json::from_slice(&body).map_err(|e| {
-                        api_error(
-                            &request,
-                            object,
-                            None,
-                            format!("response is not JSON ({e}): {}", preview(&body)),
-                        )
-                    });
-                }
-                Err(err) if attempt < self.retries && retryable(&err) => {
-                    let wait = self.backoff * 2u32.saturating_pow(attempt);
-                    tracing::warn!(%request, attempt, error = %short(&err), "Stripe request failed; retrying in {wait:?}");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(err) => return Err(convert(&request, object, err, attempt + 1)),
+            let (retry, err) = failure;
+            if retry && attempt < self.retries {
+                let wait = self.backoff * 2u32.saturating_pow(attempt);
+                tracing::warn!(%request, attempt, error = %err, "Stripe request failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+                continue;
             }
+            return Err(match err {
+                Error::Stripe(mut e) if attempt > 0 => {
+                    e.message.push_str(&format!(" (after {} attempts)", attempt + 1));
+                    Error::Stripe(e)
+                }
+                other => other,
+            });
         }
     }
+}
+
+/// Parses an HTTP `Date` header (`Wed, 25 Nov 2026 23:11:27 GMT`) to unix seconds.
+pub(crate) fn stripe_time(date: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc2822(date.trim()).ok().map(|d| d.timestamp())
+}
+
+/// The newest unix time among the fields an object carries at its top level.
+pub(crate) fn newest_timestamp(value: &Value) -> Option<i64> {
+    const FIELDS: [&str; 9] = [
+        "created",
+        "updated",
+        "start_date",
+        "current_period_start",
+        "billing_cycle_anchor",
+        "canceled_at",
+        "ended_at",
+        "trial_start",
+        "status_transitions",
+    ];
+    FIELDS.iter().filter_map(|f| value.get(f)?.as_i64()).max()
+}
+
+fn stripe_error(request: &str, object: Option<&str>, reply: &Reply) -> Error {
+    let parsed: Option<Value> = serde_json::from_slice(&reply.body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str).map(str::to_owned);
+    let request_id = reply.request_id.clone().or_else(|| {
+        field("request_log_url")
+            .as_deref()
+            .and_then(|u| u.rsplit('/').next())
+            .and_then(|s| s.split('?').next())
+            .filter(|s| s.starts_with("req_"))
+            .map(str::to_owned)
+    });
+    Error::Stripe(Box::new(StripeApiError {
+        request: request.to_owned(),
+        object: object.map(str::to_owned),
+        status: Some(reply.status),
+        error_type: field("type"),
+        code: field("code"),
+        message: field("message").unwrap_or_else(|| {
+            if error.is_some() {
+                "no message".to_owned()
+            } else {
+                format!("not a Stripe error body: {}", preview(&reply.body))
+            }
+        }),
+        request_id,
+    }))
 }
 
 fn preview(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
-}
-
-fn short(err: &stripe::StripeError) -> String {
-    match err {
-        stripe::StripeError::Stripe(e, status) => {
-            format!("HTTP {status}: {}", e.message.as_deref().unwrap_or(""))
-        }
-        other => other.to_string(),
-    }
 }
 
 fn api_error(request: &str, object: Option<&str>, status: Option<u16>, message: String) -> Error {
@@ -187,40 +302,6 @@ fn api_error(request: &str, object: Option<&str>, status: Option<u16>, message: 
         message,
         ..Default::default()
     }))
-}
-
-fn convert(request: &str, object: Option<&str>, err: stripe::StripeError, attempts: u32) -> Error {
-    match err {
-        stripe::StripeError::Stripe(e, status) => {
-            let request_id = e
-                .request_log_url
-                .as_deref()
-                .and_then(|u| u.rsplit('/').next())
-                .and_then(|s| s.split('?').next())
-                .filter(|s| s.starts_with("req_"))
-                .map(str::to_owned);
-            Error::Stripe(Box::new(StripeApiError {
-                request: request.to_owned(),
-                object: object.map(str::to_owned),
-                status: Some(status),
-                error_type: Some(e.type_.as_str().to_owned()),
-                code: e.code.as_ref().map(|c| c.as_str().to_owned()),
-                message: e.message.clone().unwrap_or_else(|| "no message".to_owned())
-                    + &if attempts > 1 {
-                        format!(" (after {attempts} attempts)")
-                    } else {
-                        String::new()
-                    },
-                request_id,
-            }))
-        }
-        other => api_error(
-            request,
-            object,
-            None,
-            format!("{other} (after {attempts} attempts)"),
-        ),
-    }
 }
 
 /// True when Stripe said the object does not exist.

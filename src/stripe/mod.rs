@@ -3,7 +3,7 @@
 mod client;
 
 pub use client::StripeClient;
-pub(crate) use client::is_missing;
+pub(crate) use client::{Answer, is_missing};
 
 use std::fmt;
 

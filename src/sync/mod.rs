@@ -12,7 +12,7 @@ use crate::db::Conn;
 use crate::error::{Error, Result};
 use crate::mirror::Mirror;
 pub(crate) use remote::KeyedLocks;
-pub(crate) use upsert::{MirrorTable, now};
+pub(crate) use upsert::{MirrorTable, Stamp, now};
 
 /// A mirrored model: its table description and how to load one row.
 pub(crate) trait Model: Sized + Send + 'static {
@@ -22,16 +22,17 @@ pub(crate) trait Model: Sized + Send + 'static {
     fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>>;
 }
 
-/// Upserts `data` (a Stripe object) stamped `stamp`, returns the row as it now is.
+/// Upserts `data` (a Stripe object fetched at `at`, Stripe's clock), returns the row
+/// as it now is.
 pub(crate) async fn sync_from_stripe_data<M: Model>(
     mirror: &Mirror,
     data: Value,
-    stamp: i64,
+    at: i64,
 ) -> Result<M> {
     mirror
         .db()
         .run(move |conn| {
-            let row = M::TABLE.row(&data, stamp, None)?;
+            let row = M::TABLE.row(&data, Stamp::fetched(at), None)?;
             conn.write(|c| {
                 M::TABLE.write(c, &row, &data)?;
                 M::find(c, &row.id)?.ok_or_else(|| Error::NotFound {
@@ -61,7 +62,7 @@ macro_rules! sync_methods {
                 mirror: &$crate::Mirror,
                 data: &serde_json::Value,
             ) -> $crate::Result<Self> {
-                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), $crate::sync::now()).await
+                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), mirror.now()).await
             }
 
             /// Like `sync_from_stripe_data`, with the freshness stamp given (unix seconds:
@@ -76,7 +77,7 @@ macro_rules! sync_methods {
 
             #[doc = concat!("Marks the ", $object, " deleted in the mirror (a tombstone no older data can resurrect).")]
             pub async fn mark_deleted(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Self> {
-                $crate::sync::tombstone::<Self>(mirror, id, $crate::sync::now()).await
+                $crate::sync::tombstone::<Self>(mirror, id, mirror.now()).await
             }
 
             #[doc = concat!("The mirrored ", $object, " with this Stripe id, tombstones included. No Stripe call.")]

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::error::{Error, Result};
-use crate::sync::{MirrorTable, Model, now};
+use crate::sync::{MirrorTable, Model};
 
 /// In-process locks by key (one per subscriber being created).
 #[derive(Default)]
@@ -34,13 +34,13 @@ pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
 pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
     let client = mirror.stripe().await?;
-    let stamp = now();
     let path = format!("{}/{id}", api_path(M::TABLE));
     let object = format!("{} {id}", M::TABLE.kind);
-    match client.get(&path, &json!({}), Some(&object)).await {
-        Ok(value) => super::sync_from_stripe_data::<M>(mirror, value, stamp).await,
+    match client.get_at(&path, &json!({}), Some(&object)).await {
+        Ok(answer) => super::sync_from_stripe_data::<M>(mirror, answer.value, answer.at).await,
+        // A tombstone is final whatever its stamp.
         Err(err) if crate::stripe::is_missing(&err) => {
-            super::tombstone::<M>(mirror, id, stamp).await
+            super::tombstone::<M>(mirror, id, mirror.now()).await
         }
         Err(err) => Err(err),
     }
@@ -151,14 +151,14 @@ pub async fn sync_all(
             if let Some(a) = &after {
                 query["starting_after"] = json!(a);
             }
-            let stamp = now();
-            let page = client
-                .get(
+            let answer = client
+                .get_at(
                     api_path(table),
                     &query,
                     Some(&format!("{} list", table.kind)),
                 )
                 .await?;
+            let (page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
             let items: Vec<Value> = page
                 .get("data")
                 .and_then(Value::as_array)
@@ -180,7 +180,7 @@ pub async fn sync_all(
                     conn.write(|c| {
                         let (mut written, mut failures) = (0, Vec::new());
                         for item in &items {
-                            match table.row(item, stamp, None) {
+                            match table.row(item, stamp.clone(), None) {
                                 Ok(row) => {
                                     table.write(c, &row, item)?;
                                     written += 1;

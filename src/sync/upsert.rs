@@ -4,7 +4,12 @@
 //!
 //! The guard lives in the SQL itself (`ON CONFLICT ... DO UPDATE ... WHERE`), so it
 //! holds under concurrent writers without a read-then-write race:
-//! - a live write applies only if the row is not a tombstone and its `stamp` is not newer;
+//! - a live write applies only if the row is not a tombstone and holds older data:
+//!   an older `stamp` (Stripe's clock, whole seconds), or the same stamp from an
+//!   earlier [`Source`] (created < updated < fetched < deleted);
+//! - two updates in the same second (or an update and a fetch) are settled by the
+//!   events' `previous_attributes` (`settle_tie`); what nothing settles is kept and
+//!   flagged `reconcile`, never "the later delivery wins";
 //! - a deleting write marks the row deleted whatever its stamp (deletion is final in
 //!   Stripe) and keeps the last full data seen.
 
@@ -65,41 +70,156 @@ pub(crate) struct Children {
 }
 
 pub(crate) struct Statements {
+    /// The guarded upsert.
     live: String,
+    /// The upsert without the freshness guard (tombstones still final), for a tie
+    /// settled in the new data's favour and for children following their parent.
+    forced: String,
+    /// Marks the row deleted whatever its stamp.
     delete: String,
 }
 
-/// A row ready to write.
+/// Where written data comes from. Orders writes that share a stamp (Stripe stamps
+/// events in whole seconds): an object is created before it is updated, a fetch from
+/// the API sees it after it exists, and nothing follows a deletion. Stored as
+/// `stamp_rank`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Source {
+    /// A `*.created` event.
+    Created = 1,
+    /// Any other event about the object (`*.updated`, `*.paused`, ...).
+    Updated = 2,
+    /// Data fetched from the API, or handed in by the host.
+    Fetched = 3,
+    /// A `*.deleted` event.
+    Deleted = 4,
+}
+
+impl Source {
+    /// The source of an event's object, from the event type.
+    pub(crate) fn of_event(event_type: &str) -> Source {
+        if event_type.ends_with(".created") {
+            Source::Created
+        } else if event_type.ends_with(".deleted") {
+            Source::Deleted
+        } else {
+            Source::Updated
+        }
+    }
+
+    fn from_rank(rank: i32) -> Option<Source> {
+        [Source::Created, Source::Updated, Source::Fetched, Source::Deleted]
+            .into_iter()
+            .find(|s| *s as i32 == rank)
+    }
+}
+
+/// How fresh the data being written is: Stripe's time of it, its source, and for
+/// event data the event (its id and `previous_attributes` settle same-second updates).
+#[derive(Clone, Debug)]
+pub(crate) struct Stamp {
+    /// Unix seconds on Stripe's clock: the event's `created`, or when it was fetched.
+    pub at: i64,
+    pub source: Source,
+    pub event: Option<String>,
+    pub previous: Option<Value>,
+}
+
+impl Stamp {
+    /// Data fetched from the API (or handed in by the host) at `at`.
+    pub(crate) fn fetched(at: i64) -> Stamp {
+        Stamp {
+            at,
+            source: Source::Fetched,
+            event: None,
+            previous: None,
+        }
+    }
+}
+
+/// What a guarded write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// The row now holds the data.
+    Applied,
+    /// The row holds fresher data (or a tombstone) and was left alone.
+    Kept,
+    /// Same stamp, and nothing the data carries says which is newer: the row is kept
+    /// and flagged `reconcile` (re-fetch it when an API key is at hand).
+    Undecided,
+}
+
+/// A row ready to write, its values named.
 #[derive(Debug)]
 pub(crate) struct Row {
     pub id: String,
+    pub livemode: bool,
     pub deleted: bool,
-    values: Vec<SqlValue>,
+    pub stamp: Stamp,
+    data: String,
+    created: Option<i64>,
+    /// The table's typed columns, in [`MirrorTable::columns`] order.
+    typed: Vec<SqlValue>,
 }
 
-/// Unix seconds now: the stamp of data fetched from the API.
+impl Row {
+    /// Every bind of the upsert, in [`COMMON`] then typed-column order.
+    fn binds(&self) -> Vec<SqlValue> {
+        let mut values = vec![
+            SqlValue::Text(Some(self.id.clone())),
+            SqlValue::Bool(Some(self.livemode)),
+            SqlValue::Text(Some(self.data.clone())),
+            SqlValue::Bool(Some(self.deleted)),
+            SqlValue::Int(Some(self.stamp.at)),
+            SqlValue::Int(Some(self.stamp.source as i64)),
+            SqlValue::Text(self.stamp.event.clone()),
+            SqlValue::Bool(Some(false)),
+            SqlValue::Int(Some(now())),
+            SqlValue::Int(self.created),
+        ];
+        values.extend(self.typed.iter().cloned());
+        values
+    }
+}
+
+/// Unix seconds now on the host's clock: bookkeeping (`synced_at`) and data the host
+/// hands in; API data is stamped on Stripe's clock (see `stripe::StripeClient`).
 pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-const COMMON: [&str; 7] = [
+/// The columns every mirrored table has, in bind order.
+const COMMON: [&str; 10] = [
     "id",
     "livemode",
     "data",
     "deleted",
     "stamp",
+    "stamp_rank",
+    "stamp_event",
+    "reconcile",
     "synced_at",
     "created",
 ];
 
+/// A row's freshness as stored, read when a write ties with it.
+#[derive(QueryableByName)]
+struct Current {
+    #[diesel(sql_type = BigInt)]
+    stamp: i64,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    stamp_rank: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    stamp_event: Option<String>,
+    #[diesel(sql_type = Text)]
+    data: String,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+}
+
 impl MirrorTable {
     /// Maps a Stripe object to a row of this table.
-    pub(crate) fn row(
-        &self,
-        value: &Value,
-        stamp: i64,
-        livemode_hint: Option<bool>,
-    ) -> Result<Row> {
+    pub(crate) fn row(&self, value: &Value, stamp: Stamp, livemode_hint: Option<bool>) -> Result<Row> {
         let fields = Fields::new(self.kind, value)?;
         match fields.str("object")? {
             Some(object) if self.accepts.contains(&object.as_str()) => {}
@@ -114,16 +234,6 @@ impl MirrorTable {
             // Some minimal payloads omit `object`; the id prefix is not checked.
             None => {}
         }
-        let livemode = fields.bool("livemode")?.or(livemode_hint).unwrap_or(false);
-        let mut values = vec![
-            SqlValue::Text(Some(fields.id.to_owned())),
-            SqlValue::Bool(Some(livemode)),
-            SqlValue::Text(Some(value.to_string())),
-            SqlValue::Bool(Some(fields.deleted)),
-            SqlValue::Int(Some(stamp)),
-            SqlValue::Int(Some(now())),
-            SqlValue::Int(fields.i64("created")?),
-        ];
         let typed = (self.extract)(&fields)?;
         debug_assert_eq!(
             typed.len(),
@@ -131,11 +241,14 @@ impl MirrorTable {
             "{} extract/columns mismatch",
             self.kind
         );
-        values.extend(typed);
         Ok(Row {
             id: fields.id.to_owned(),
+            livemode: fields.bool("livemode")?.or(livemode_hint).unwrap_or(false),
             deleted: fields.deleted,
-            values,
+            stamp,
+            data: value.to_string(),
+            created: fields.i64("created")?,
+            typed,
         })
     }
 
@@ -160,39 +273,117 @@ impl MirrorTable {
                     }
                 })
                 .collect();
+            let live = if self.final_tombstones {
+                format!("{t}.deleted = FALSE")
+            } else {
+                "TRUE".to_owned()
+            };
+            let upsert = format!("{insert}{} WHERE {live}", sets.join(", "));
             Statements {
+                // Newer stamp, or the same stamp from a later source; two fetches in
+                // one second: the later one.
                 live: format!(
-                    "{insert}{} WHERE {}{t}.stamp <= excluded.stamp",
-                    sets.join(", "),
-                    if self.final_tombstones { format!("{t}.deleted = FALSE AND ") } else { String::new() }
+                    "{upsert} AND ({t}.stamp < excluded.stamp OR ({t}.stamp = excluded.stamp AND \
+                     ({t}.stamp_rank < excluded.stamp_rank OR ({t}.stamp_rank = {f} AND excluded.stamp_rank = {f}))))",
+                    f = Source::Fetched as i32
                 ),
+                forced: upsert,
                 delete: format!(
-                    "{insert}deleted = TRUE, synced_at = excluded.synced_at, \
+                    "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
                      stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END"
                 ),
             }
         })
     }
 
-    /// Writes `row` through the guard; true when the row changed. Children are
-    /// written only when the parent write applied. Call inside a transaction.
-    pub(crate) fn write(&self, conn: &mut Conn<'_>, row: &Row, value: &Value) -> Result<bool> {
+    /// Writes `row` through the guard. Children are written only when the parent
+    /// applied. Call inside a transaction: on a tie the row is read and maybe written
+    /// again, under the lock the first statement took.
+    pub(crate) fn write(&self, conn: &mut Conn<'_>, row: &Row, value: &Value) -> Result<Written> {
         let stmts = self.statements();
-        let sql = if row.deleted {
-            &stmts.delete
+        let binds = row.binds();
+        let written = if row.deleted {
+            execute(conn, &stmts.delete, &binds)?;
+            Written::Applied
+        } else if execute(conn, &stmts.live, &binds)? > 0 {
+            Written::Applied
         } else {
-            &stmts.live
+            self.settle_tie(conn, row, value, &binds)?
         };
-        let changed = execute(conn, sql, &row.values)? > 0;
         if let Some(children) = self.children
-            && changed
+            && written == Written::Applied
             && !row.deleted
         {
             self.write_children(conn, children, row, value)?;
         }
-        Ok(changed)
+        Ok(written)
     }
 
+    /// The guard refused `row`: when it was a same-second tie between an update and
+    /// another update or a fetch, decide by what the events carry. An update whose
+    /// `previous_attributes` describe the row's current values is newer; the row is
+    /// newer when its own event's `previous_attributes` describe the incoming object.
+    /// Else the tie is undecided: the row is kept and flagged for reconcile.
+    fn settle_tie(&self, conn: &mut Conn<'_>, row: &Row, value: &Value, binds: &[SqlValue]) -> Result<Written> {
+        let Some(current) = self.current(conn, &row.id)? else {
+            return Ok(Written::Kept);
+        };
+        let held = Source::from_rank(current.stamp_rank);
+        let tie = current.stamp == row.stamp.at
+            && !(current.deleted && self.final_tombstones)
+            && row.stamp.source == Source::Updated
+            && matches!(held, Some(Source::Updated | Source::Fetched));
+        if !tie {
+            return Ok(Written::Kept);
+        }
+        let held_data: Value = serde_json::from_str(&current.data).unwrap_or(Value::Null);
+        if row.stamp.previous.as_ref().is_some_and(|p| describes(p, &held_data)) {
+            execute(conn, &self.statements().forced, binds)?;
+            return Ok(Written::Applied);
+        }
+        // A fetch in the same second that does not show this update's old values came after it.
+        if held == Some(Source::Fetched) {
+            return Ok(Written::Kept);
+        }
+        if let Some(event) = &current.stamp_event
+            && crate::webhooks::event::previous_attributes(conn, event)?
+                .is_some_and(|p| describes(&p, value))
+        {
+            return Ok(Written::Kept);
+        }
+        execute(
+            conn,
+            &format!("UPDATE {} SET reconcile = TRUE WHERE id = ?", self.table),
+            &[SqlValue::Text(Some(row.id.clone()))],
+        )?;
+        tracing::info!(object = self.kind, id = %row.id, stamp = row.stamp.at, "same-second updates could not be ordered; flagged for reconcile");
+        Ok(Written::Undecided)
+    }
+
+    fn current(&self, conn: &mut Conn<'_>, id: &str) -> Result<Option<Current>> {
+        let sql = |mark: &str| {
+            format!(
+                "SELECT stamp, stamp_rank, stamp_event, data, deleted FROM {} WHERE id = {mark}",
+                self.table
+            )
+        };
+        Ok(match conn {
+            #[cfg(feature = "sqlite")]
+            Conn::Sqlite(c) => diesel::sql_query(sql("?"))
+                .bind::<Text, _>(id)
+                .get_result(*c)
+                .optional()?,
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => diesel::sql_query(sql("$1"))
+                .bind::<Text, _>(id)
+                .get_result(*c)
+                .optional()?,
+        })
+    }
+
+    /// Writes a parent's children. The parent's write decided freshness (its row is
+    /// locked in this transaction, and a child never changes parent), so children
+    /// follow it without a guard of their own.
     fn write_children(
         &self,
         conn: &mut Conn<'_>,
@@ -201,53 +392,57 @@ impl MirrorTable {
         value: &Value,
     ) -> Result<()> {
         let fields = Fields::new(self.kind, value)?;
-        let livemode = match &parent.values[1] {
-            SqlValue::Bool(b) => *b,
-            _ => None,
-        };
-        let stamp = match &parent.values[4] {
-            SqlValue::Int(Some(s)) => *s,
-            _ => now(),
-        };
+        let table = children.table;
+        let parent_at = table
+            .columns
+            .iter()
+            .position(|c| *c == children.parent_column)
+            .expect("parent column");
         let mut rows = Vec::new();
         for child in (children.list)(&fields)? {
-            let mut row = children.table.row(child, stamp, livemode)?;
+            let mut row = table.row(child, parent.stamp.clone(), Some(parent.livemode))?;
             // The parent id is authoritative even when the child omits it.
-            let at = COMMON.len()
-                + children
-                    .table
-                    .columns
-                    .iter()
-                    .position(|c| *c == children.parent_column)
-                    .expect("parent column");
-            row.values[at] = SqlValue::Text(Some(parent.id.clone()));
-            rows.push((row, child));
+            row.typed[parent_at] = SqlValue::Text(Some(parent.id.clone()));
+            rows.push(row);
         }
         // A fixed order keeps concurrent writers of overlapping rows from deadlocking.
-        rows.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        for (row, child) in &rows {
-            children.table.write(conn, row, child)?;
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        for row in &rows {
+            execute(conn, &table.statements().forced, &row.binds())?;
         }
         // Children no longer listed are gone from the parent: tombstone them.
-        let (t, pc) = (children.table.table, children.parent_column);
-        let mut sql = format!(
-            "UPDATE {t} SET deleted = TRUE, stamp = ? WHERE {pc} = ? AND deleted = FALSE AND stamp <= ?"
-        );
+        let (t, pc) = (table.table, children.parent_column);
+        let mut sql =
+            format!("UPDATE {t} SET deleted = TRUE, stamp = ? WHERE {pc} = ? AND deleted = FALSE");
         let mut binds = vec![
-            SqlValue::Int(Some(stamp)),
+            SqlValue::Int(Some(parent.stamp.at)),
             SqlValue::Text(Some(parent.id.clone())),
-            SqlValue::Int(Some(stamp)),
         ];
         if !rows.is_empty() {
             sql.push_str(&format!(
                 " AND id NOT IN ({})",
                 vec!["?"; rows.len()].join(", ")
             ));
-            binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
+            binds.extend(rows.iter().map(|r| SqlValue::Text(Some(r.id.clone()))));
         }
         execute(conn, &sql, &binds)?;
         Ok(())
     }
+}
+
+/// Whether `previous` (an event's `previous_attributes`) describes `current`: every
+/// field it names holds that value (nested objects compared field by field, a missing
+/// field equal to `null`). An empty `previous` describes nothing.
+pub(crate) fn describes(previous: &Value, current: &Value) -> bool {
+    fn matches(previous: &Value, current: &Value) -> bool {
+        match previous {
+            Value::Object(fields) => fields
+                .iter()
+                .all(|(k, v)| matches(v, current.get(k).unwrap_or(&Value::Null))),
+            _ => previous == current,
+        }
+    }
+    previous.as_object().is_some_and(|o| !o.is_empty()) && matches(previous, current)
 }
 
 /// A statement whose `?` marks are bound to `values` in order. Unlike `sql_query`,

@@ -10,7 +10,8 @@ use crate::db::{Conn, on_conn};
 use crate::error::Result;
 use crate::models::customer::SUBSCRIBER_METADATA_KEY;
 use crate::sync::MirrorTable;
-use crate::webhooks::event::Event;
+use crate::sync::upsert::{Source, Stamp, Written};
+use crate::webhooks::event::{Event, Refetched};
 
 /// The table an event's object is mirrored into, if the crate mirrors it: chosen by
 /// the object itself, so `customer.discount.*` (a discount) and `invoice.*` are left
@@ -20,35 +21,61 @@ pub(crate) fn table_for(event: &Event) -> Option<&'static MirrorTable> {
     crate::models::table_for_kind(kind)
 }
 
-/// Applies the event's built-in sync.
-pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
+/// Applies the event's built-in sync. [`Written::Undecided`] asks the caller to
+/// re-fetch the object when it can (a same-second tie nothing in the events settles).
+pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<Written> {
     if event.event_type == "checkout.session.completed" {
-        return link_checkout_customer(conn, event);
+        link_checkout_customer(conn, event)?;
+        return Ok(Written::Applied);
     }
     let Some(table) = table_for(event) else {
-        return Ok(());
+        return Ok(Written::Applied);
     };
-    // A re-fetched object is stamped with its fetch time; the payload with the event's.
+    // A re-fetched object is stamped with Stripe's time of the fetch; the payload with
+    // the event's, ordered within its second by the event's type.
     let (mut object, stamp) = match &event.refetched {
-        Some((object, fetched_at)) => (object.clone(), *fetched_at),
-        None => (event.object().clone(), event.created),
+        Some(Refetched::Object(object, at)) => (object.clone(), Stamp::fetched(*at)),
+        // Stripe no longer has it: a tombstone (a subscription's is its canceled state,
+        // which Stripe keeps, so this only happens to the other kinds).
+        Some(Refetched::Missing) => (event.object().clone(), event_stamp(event, Source::Deleted)),
+        None => (event.object().clone(), event_stamp(event, Source::of_event(&event.event_type))),
     };
     // `customer.deleted`, `product.deleted`, ... carry the object as it was; a deleted
     // subscription is a canceled one, which its payload already says.
-    if event.event_type.ends_with(".deleted")
-        && table.final_tombstones
-        && table.kind != "subscription"
-    {
+    let deleted = (event.event_type.ends_with(".deleted") && table.kind != "subscription")
+        || matches!(event.refetched, Some(Refetched::Missing));
+    if deleted && table.final_tombstones {
         object["deleted"] = json!(true);
     }
     let row = table.row(&object, stamp, Some(event.livemode))?;
-    table.write(conn, &row, &object)?;
-    Ok(())
+    table.write(conn, &row, &object)
+}
+
+/// The stamp of an event's own payload.
+fn event_stamp(event: &Event, source: Source) -> Stamp {
+    Stamp {
+        at: event.created,
+        source,
+        event: Some(event.id.clone()),
+        previous: event.previous_attributes().cloned(),
+    }
+}
+
+/// Writes what a re-fetch found, outside the event's own sync: the object (stamped
+/// with Stripe's time of the fetch, newer than anything applied before it) or, on a
+/// 404, a tombstone.
+pub(crate) fn apply_refetched(conn: &mut Conn<'_>, event: &Event, found: &Refetched) -> Result<Written> {
+    let mut event = event.clone();
+    event.refetched = Some(found.clone());
+    apply(conn, &event)
 }
 
 /// Checkout tells which subscriber a customer belongs to (`client_reference_id`, or
-/// the subscriber metadata key): store that link, creating a placeholder row when the
-/// customer itself has not arrived yet.
+/// the subscriber metadata key). Buyers can set `client_reference_id` themselves (on
+/// Payment Links), so the link only fills an empty one: a customer already linked to a
+/// subscriber (by its metadata, set by `Customer::get_or_create`, or an earlier
+/// Checkout) is never moved to another. A placeholder row is created, through the
+/// guard at stamp 0, when the customer itself has not arrived yet.
 fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     let session = event.object();
     let customer = match session.get("customer") {
@@ -71,17 +98,33 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
             session
                 .pointer("/metadata/subscriber_id")
                 .and_then(Value::as_str)
-        });
+        })
+        .filter(|s| !s.is_empty());
     let Some(subscriber) = subscriber else {
         return Ok(());
     };
-    // Stamp 0: any real data for this customer is fresher than the placeholder.
     let placeholder = json!({ "id": customer, "object": "customer", "livemode": event.livemode });
     let table = &crate::models::customer::CUSTOMERS;
-    let row = table.row(&placeholder, 0, Some(event.livemode))?;
+    let stamp = Stamp { at: 0, source: Source::Created, event: None, previous: None };
+    let row = table.row(&placeholder, stamp, Some(event.livemode))?;
     table.write(conn, &row, &placeholder)?;
-    on_conn!(conn, c => diesel::update(stripe_customers::table.find(&customer))
+    let linked = on_conn!(conn, c => diesel::update(
+            stripe_customers::table
+                .find(&customer)
+                .filter(stripe_customers::subscriber_id.is_null()),
+        )
         .set(stripe_customers::subscriber_id.eq(subscriber))
         .execute(c))?;
+    if linked == 0 {
+        let held: Option<Option<String>> = on_conn!(conn, c => stripe_customers::table
+            .find(&customer)
+            .select(stripe_customers::subscriber_id)
+            .first(c)
+            .optional())?;
+        if let Some(Some(held)) = held.filter(|h| h.as_deref() != Some(subscriber)) {
+            tracing::warn!(event = %event.id, %customer, held = %held, claimed = %subscriber,
+                "checkout session names another subscriber for a linked customer; the link is kept");
+        }
+    }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub enum Outcome {
     InvalidObject,
     /// The body was over the configured cap.
     TooLarge,
+    /// The body did not arrive within the read timeout (`Webhooks::read_timeout`).
+    Timeout,
     /// A handler failed or panicked; the event is stored as failed.
     HandlerFailed,
     /// Our side failed (a query, our configuration); Stripe will retry.
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::Malformed => "malformed",
             Outcome::InvalidObject => "invalid_object",
             Outcome::TooLarge => "too_large",
+            Outcome::Timeout => "timeout",
             Outcome::HandlerFailed => "handler_failed",
             Outcome::Error => "error",
             Outcome::Unavailable => "unavailable",
@@ -61,12 +64,18 @@ impl Outcome {
             Outcome::Received | Outcome::Processed | Outcome::Duplicate => 200,
             Outcome::InProgress => 409,
             Outcome::InvalidSignature | Outcome::Malformed | Outcome::InvalidObject => 400,
+            Outcome::Timeout => 408,
             Outcome::TooLarge => 413,
             Outcome::HandlerFailed | Outcome::Error => 500,
             Outcome::Unavailable => 503,
         }
     }
 }
+
+/// How much of a refused request's body is kept in the log (bytes): enough to see what
+/// was sent, not enough for an unauthenticated client to fill the database. Verified
+/// deliveries keep their whole body, up to the body cap.
+pub const REFUSED_BODY_LOG_LIMIT: usize = 4096;
 
 /// Headers worth nothing to an attacker only; these are never stored.
 const REDACTED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
@@ -141,11 +150,13 @@ pub struct Delivery {
     pub remote_addr: Option<String>,
     /// Request headers as a JSON object (credentials redacted).
     pub headers: String,
-    /// The body as received, up to the cap.
+    /// The body as received, up to the cap; for a refused request (bad signature, not
+    /// an event, too large, too slow), at most [`REFUSED_BODY_LOG_LIMIT`] bytes.
     pub body: Vec<u8>,
-    /// The full body size in bytes.
+    /// The body size in bytes as received (for a body over the cap that the transport
+    /// stopped reading: at least the cap plus one).
     pub body_size: i64,
-    /// The body was cut at the cap.
+    /// `body` holds less than `body_size` bytes.
     pub body_truncated: bool,
     /// The signature verified.
     pub valid: bool,

@@ -26,8 +26,17 @@ pub struct Event {
     pub attempts: i32,
     /// The whole event JSON.
     pub raw: Value,
-    /// The object as re-fetched from the API and when, if the registry asked for that.
-    pub(crate) refetched: Option<(Value, i64)>,
+    /// The object as re-fetched from the API, if the registry asked for that.
+    pub(crate) refetched: Option<Refetched>,
+}
+
+/// What a re-fetch of an event's object found.
+#[derive(Clone, Debug)]
+pub(crate) enum Refetched {
+    /// The object, and when Stripe answered (Stripe's clock).
+    Object(Value, i64),
+    /// Stripe answered 404: deleted since.
+    Missing,
 }
 
 impl Event {
@@ -112,22 +121,40 @@ pub(crate) mod status {
     pub const FAILED: &str = "failed";
 }
 
+/// Which handlers ran for an event: handler key to `"ok"`, `"pending"` or the error.
+/// Stored as a JSON object in `stripe_events.handlers`; a replay runs the handlers
+/// whose entry is not `"ok"`.
+pub(crate) type HandlerLog = std::collections::BTreeMap<String, String>;
+
+/// A handler's entry once it succeeded.
+pub(crate) const HANDLER_OK: &str = "ok";
+/// A handler's entry while it is due.
+pub(crate) const HANDLER_PENDING: &str = "pending";
+
 /// A claim taken by one worker: the event is processing and only this worker runs it.
 pub(crate) enum Claim {
-    /// Ours to process; `synced` says whether the built-in sync already applied.
-    Claimed { synced: bool },
+    /// Ours to process until the lease ends. `token` (the attempt number) must still
+    /// match when finishing; `synced` says whether the built-in sync already applied.
+    Claimed {
+        token: i32,
+        synced: bool,
+        handlers: HandlerLog,
+    },
     /// Already processed: answer 200, run nothing.
     Done,
     /// Another worker holds it right now.
     Busy,
 }
 
-/// A claim older than this is from a worker that died; it may be taken over.
-const STALE_CLAIM_SECS: i64 = 300;
-
-/// Stores the event if new, then claims it. Run inside the write transaction.
-pub(crate) fn insert_and_claim(conn: &mut Conn<'_>, event: &Event, force: bool) -> Result<Claim> {
-    let t = now();
+/// Stores the event if new, then claims it for `lease_secs` from `t` (unix seconds).
+/// Run inside the write transaction.
+pub(crate) fn insert_and_claim(
+    conn: &mut Conn<'_>,
+    event: &Event,
+    force: bool,
+    t: i64,
+    lease_secs: i64,
+) -> Result<Claim> {
     on_conn!(conn, c => {
         diesel::insert_into(stripe_events::table)
             .values((
@@ -143,30 +170,45 @@ pub(crate) fn insert_and_claim(conn: &mut Conn<'_>, event: &Event, force: bool) 
             .on_conflict(stripe_events::id)
             .do_nothing()
             .execute(c)?;
-        // A forced replay (given ids) also re-runs processed events.
+        // A forced replay (given ids) also re-claims processed events.
         let statuses: &[&str] = if force {
             &[status::PENDING, status::FAILED, status::PROCESSED]
         } else {
             &[status::PENDING, status::FAILED]
         };
+        // `claimed_at` holds when the lease ends.
         let claimable = stripe_events::status
             .eq_any(statuses)
-            .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(t - STALE_CLAIM_SECS)));
-        let claimed: Option<bool> = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
+            .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(t)));
+        let claimed: Option<(i32, bool, String)> = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
             .set((
                 stripe_events::status.eq(status::PROCESSING),
                 stripe_events::attempts.eq(stripe_events::attempts + 1),
-                stripe_events::claimed_at.eq(t),
+                stripe_events::claimed_at.eq(t + lease_secs),
             ))
-            .returning(stripe_events::synced)
+            .returning((stripe_events::attempts, stripe_events::synced, stripe_events::handlers))
             .get_result(c)
             .optional()?;
-        if let Some(synced) = claimed {
-            return Ok(Claim::Claimed { synced });
+        if let Some((token, synced, handlers)) = claimed {
+            let handlers = serde_json::from_str(&handlers).unwrap_or_default();
+            return Ok(Claim::Claimed { token, synced, handlers });
         }
         let current: String = stripe_events::table.find(&event.id).select(stripe_events::status).first(c)?;
         Ok(if current == status::PROCESSED { Claim::Done } else { Claim::Busy })
     })
+}
+
+/// The stored `previous_attributes` of an event, if it has any.
+pub(crate) fn previous_attributes(conn: &mut Conn<'_>, id: &str) -> Result<Option<Value>> {
+    let data: Option<String> = on_conn!(conn, c => stripe_events::table
+        .find(id)
+        .select(stripe_events::data)
+        .first(c)
+        .optional())?;
+    Ok(data
+        .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+        .and_then(|v| v.pointer("/data/previous_attributes").cloned())
+        .filter(|v| !v.is_null()))
 }
 
 /// Records that the built-in sync applied.
@@ -175,20 +217,50 @@ pub(crate) fn mark_synced(conn: &mut Conn<'_>, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Ends processing: processed (error `None`) or failed with the error.
-pub(crate) fn finish(conn: &mut Conn<'_>, id: &str, error: Option<&str>) -> Result<()> {
+/// Records the handlers due, before they run, so a crash leaves them pending.
+pub(crate) fn record_handlers(conn: &mut Conn<'_>, id: &str, handlers: &HandlerLog) -> Result<()> {
+    let log = serde_json::to_string(handlers).expect("a map of strings");
+    on_conn!(conn, c => diesel::update(stripe_events::table.find(id)).set(stripe_events::handlers.eq(log)).execute(c))?;
+    Ok(())
+}
+
+/// Ends the claim `token`: processed when `error` is `None` and every handler in the
+/// log succeeded, else failed. False when the claim was lost (its lease ended and
+/// another worker took the event): nothing is written then.
+pub(crate) fn finish(
+    conn: &mut Conn<'_>,
+    id: &str,
+    token: i32,
+    handlers: &HandlerLog,
+    error: Option<&str>,
+) -> Result<bool> {
+    let unfinished: Vec<&str> = handlers
+        .iter()
+        .filter(|(_, v)| v.as_str() != HANDLER_OK)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let pending = (!unfinished.is_empty())
+        .then(|| format!("handlers not yet succeeded: {}", unfinished.join(", ")));
+    let error = error.map(str::to_owned).or(pending);
     let status = if error.is_some() {
         status::FAILED
     } else {
         status::PROCESSED
     };
-    on_conn!(conn, c => diesel::update(stripe_events::table.find(id))
+    let log = serde_json::to_string(handlers).expect("a map of strings");
+    let updated = on_conn!(conn, c => diesel::update(
+            stripe_events::table
+                .find(id)
+                .filter(stripe_events::status.eq(status::PROCESSING))
+                .filter(stripe_events::attempts.eq(token)),
+        )
         .set((
             stripe_events::status.eq(status),
             stripe_events::error.eq(error),
+            stripe_events::handlers.eq(log),
             stripe_events::processed_at.eq(now()),
             stripe_events::claimed_at.eq(None::<i64>),
         ))
         .execute(c))?;
-    Ok(())
+    Ok(updated == 1)
 }

@@ -11,7 +11,8 @@
 //! 5. answer: 2xx done or duplicate, 4xx bad input, 5xx so that Stripe retries.
 //!
 //! Files: `registry` (the route table and how handlers run), `pipeline` (one request),
-//! `replay` ([`Webhooks::process_events`]), `builtin` (the crate's own sync).
+//! `replay` ([`Webhooks::process_events`]), `builtin` (the crate's own sync),
+//! `retention` ([`prune`]: bounds the delivery log and the processed events).
 
 mod builtin;
 pub mod delivery;
@@ -19,6 +20,7 @@ pub mod event;
 mod pipeline;
 mod registry;
 mod replay;
+mod retention;
 pub mod signature;
 
 pub use delivery::{Delivery, Outcome};
@@ -26,6 +28,7 @@ pub use event::Event;
 pub(crate) use pipeline::Failure;
 pub use pipeline::{WebhookRequest, WebhookResponse};
 pub(crate) use registry::matches_pattern;
-pub use registry::{DEFAULT_BODY_LIMIT, HandlerError, Webhooks};
+pub use registry::{DEFAULT_BODY_LIMIT, DEFAULT_READ_TIMEOUT, HandlerError, Webhooks};
 pub use replay::{EventFilter, ProcessReport};
+pub use retention::{PruneReport, prune};
 pub use signature::SignatureError;

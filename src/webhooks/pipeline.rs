@@ -1,11 +1,11 @@
 //! One webhook request from bytes to answer: checks, the delivery log, the claim with
 //! the built-in sync, the handlers, the outcome.
 
-use super::event::{self, Claim};
+use super::event::{self, Claim, HandlerLog, Refetched};
 use super::{Event, Outcome, SignatureError, Webhooks, builtin, delivery, signature};
 use crate::Mirror;
 use crate::error::{Error, Result};
-use crate::sync::now;
+use crate::sync::upsert::Written;
 
 /// A webhook request, framework-agnostic: headers, the raw body, the peer address.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +18,9 @@ pub struct WebhookRequest {
     pub body_size: Option<usize>,
     /// The peer's address, for the log.
     pub remote_addr: Option<String>,
+    /// The transport gave up waiting for the body (its read timeout): `body` is what
+    /// arrived; the request is logged and answered 408 ([`Outcome::Timeout`]).
+    pub timed_out: bool,
 }
 
 impl WebhookRequest {
@@ -45,20 +48,40 @@ impl WebhookRequest {
 /// The answer to a webhook request.
 #[derive(Clone, Debug)]
 pub struct WebhookResponse {
-    /// HTTP status: 200, 400, 409, 413, 500 or 503.
+    /// HTTP status: 200, 400, 408, 409, 413, 500 or 503.
     pub status: u16,
     /// What happened.
     pub outcome: Outcome,
     /// The event id, once read.
     pub event_id: Option<String>,
-    /// The error, for the body and the log.
+    /// The whole error, for the host's log (it may hold database or handler text; the
+    /// same is stored in the delivery's `error` column). Never send it to the client:
+    /// [`public_error`](Self::public_error) and [`body`](Self::body) are for that.
     pub error: Option<String>,
 }
 
 impl WebhookResponse {
-    /// A small JSON body for the HTTP response.
+    /// The error as told to the client. What was wrong with the request (signature,
+    /// body, size, read timeout, object shape) is said as it is; our own failures
+    /// (a query, the database, our configuration, a handler) are a short public
+    /// message, their detail staying in the delivery log and the tracing log.
+    pub fn public_error(&self) -> Option<String> {
+        let error = self.error.as_ref()?;
+        Some(match self.outcome {
+            Outcome::Error => {
+                "internal error; the delivery is logged and Stripe will retry".to_owned()
+            }
+            Outcome::Unavailable => "database unavailable; Stripe will retry".to_owned(),
+            Outcome::HandlerFailed => {
+                "a handler failed; the delivery is logged and Stripe will retry".to_owned()
+            }
+            _ => error.clone(),
+        })
+    }
+
+    /// A small JSON body for the HTTP response, with [`public_error`](Self::public_error).
     pub fn body(&self) -> String {
-        serde_json::json!({ "outcome": self.outcome.as_str(), "event": self.event_id, "error": self.error }).to_string()
+        serde_json::json!({ "outcome": self.outcome.as_str(), "event": self.event_id, "error": self.public_error() }).to_string()
     }
 }
 
@@ -102,10 +125,32 @@ fn is_unavailable(err: &Error) -> bool {
 enum Step {
     /// Decided, and the delivery's outcome recorded: answer this.
     Answer(std::result::Result<Outcome, Failure>),
-    /// Stored, claimed and synced: the handlers run next, then the outcome is recorded.
-    Handlers(Event),
+    /// Stored, claimed and synced: the due handlers run next, then the outcome is recorded.
+    Handlers(Event, Work),
     /// Verified and logged; its object is re-fetched from the API before claiming.
     Refetch(Event, String),
+}
+
+/// A claimed event's remaining work.
+pub(crate) struct Work {
+    /// The claim's token, checked when finishing.
+    pub(crate) token: i32,
+    /// Which handlers succeeded so far; this registry's handlers are in it.
+    pub(crate) handlers: HandlerLog,
+    /// Some of this registry's handlers have not succeeded yet.
+    pub(crate) due: bool,
+    /// The built-in sync met a same-second tie it could not settle: re-fetch the object.
+    pub(crate) undecided: bool,
+}
+
+/// What storing and claiming an event came to.
+pub(crate) enum Progress {
+    /// Claimed and synced (and finished, when no handler was due).
+    Claimed(Work),
+    /// Already processed.
+    Done,
+    /// Another worker holds it.
+    Busy,
 }
 
 impl Webhooks {
@@ -113,17 +158,22 @@ impl Webhooks {
     ///
     /// One database round trip (on the blocking pool) logs the delivery and, for a
     /// valid event, stores, claims and syncs it in one transaction; when no handler
-    /// listens, or the request is refused, its outcome is recorded in the same trip.
-    /// Handlers add a second trip to record their outcome; `refetch` adds the API call
-    /// and a trip to claim after it.
-    pub async fn receive(&self, mirror: &Mirror, request: WebhookRequest) -> WebhookResponse {
+    /// is due, or the request is refused, its outcome is recorded in the same trip.
+    /// Handlers add a second trip to record their outcome; `refetch` (or a same-second
+    /// tie the events cannot settle, with an API key at hand) adds an API call and a trip.
+    pub async fn receive(&self, mirror: &Mirror, mut request: WebhookRequest) -> WebhookResponse {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
-        let mut body = request.body;
+        let mut body = std::mem::take(&mut request.body);
         body.truncate(self.inner.body_limit);
-        let checked = self.check(mirror, &request.headers, &body, body_size);
+        let checked = self.check(mirror, &request, &body, body_size);
+        if checked.is_err() {
+            // Unauthenticated bytes: keep enough to see what was sent, not to fill the log.
+            body.truncate(delivery::REFUSED_BODY_LOG_LIMIT);
+        }
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
         let refetch = checked.as_ref().ok().and_then(|e| self.refetch_target(e));
         let this = self.clone();
+        let t = mirror.now();
         let (headers, remote) = (request.headers, request.remote_addr);
         let first = mirror
             .db()
@@ -144,7 +194,7 @@ impl Webhooks {
                     }
                     // The API call must not sit inside a transaction: claim after it.
                     (Ok(event), Some(path)) => Step::Refetch(event, path),
-                    (Ok(event), None) => this.claim(conn, id, event)?,
+                    (Ok(event), None) => this.claim(conn, id, event, t)?,
                 };
                 Ok((id, step))
             })
@@ -161,45 +211,69 @@ impl Webhooks {
                 Ok(fetched) => {
                     event.refetched = Some(fetched);
                     let this = self.clone();
+                    let t = mirror.now();
                     mirror
                         .db()
-                        .run(move |conn| this.claim(conn, delivery_id, event))
+                        .run(move |conn| this.claim(conn, delivery_id, event, t))
                         .await
                 }
                 Err(err) => Err(err),
             }
             .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
         }
-        let event = match step {
-            Step::Handlers(event) => event,
+        let (event, mut work) = match step {
+            Step::Handlers(event, work) => (event, work),
             Step::Answer(result) => return respond(event_id, result),
             Step::Refetch(..) => unreachable!("re-fetched above"),
         };
-
-        let result = self.run_handlers(mirror, event).await;
-        let (id, outcome, error) = match &result {
-            Ok(outcome) => (event_id.clone(), *outcome, None),
-            Err(f) => (event_id.clone(), f.outcome, Some(f.error.clone())),
+        if work.undecided {
+            settle_by_fetch(mirror, &event).await;
+        }
+        if !work.due {
+            return respond(event_id, Ok(Outcome::Processed));
+        }
+        let result = self.run_due(mirror, &event, &mut work).await;
+        let (outcome, error) = match &result {
+            Ok(outcome) => (*outcome, None),
+            Err(f) => (f.outcome, Some(f.error.clone())),
         };
+        let id = event.id.clone();
         let recorded = mirror
             .db()
             .run(move |conn| {
                 // One transaction for both records: one commit instead of two.
                 conn.write(|conn| {
-                    let id = id.as_deref().expect("a claimed event has an id");
-                    event::finish(conn, id, error.as_deref())?;
-                    delivery::finish(conn, delivery_id, true, Some(id), outcome, error.as_deref())
+                    if !event::finish(conn, &id, work.token, &work.handlers, error.as_deref())? {
+                        let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
+                        delivery::finish(conn, delivery_id, true, Some(&id), lost.outcome, Some(&lost.error))?;
+                        return Ok(Err(lost));
+                    }
+                    delivery::finish(conn, delivery_id, true, Some(&id), outcome, error.as_deref())?;
+                    Ok(Ok(()))
                 })
             })
             .await;
         match recorded {
-            Ok(()) => respond(event_id, result),
+            Ok(Ok(())) => respond(event_id, result),
+            Ok(Err(lost)) => respond(event_id, Err(lost)),
             Err(err) => {
                 // The handlers ran but their outcome is not recorded: let Stripe retry.
                 tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
                 respond(event_id, Err(Failure::from_error(err)))
             }
         }
+    }
+
+    /// Runs the due handlers within the claim's lease (less a margin for recording).
+    pub(crate) async fn run_due(
+        &self,
+        mirror: &Mirror,
+        event: &Event,
+        work: &mut Work,
+    ) -> std::result::Result<Outcome, Failure> {
+        let lease = self.inner.lease;
+        let deadline = tokio::time::Instant::now() + lease - (lease / 10).min(std::time::Duration::from_secs(10));
+        self.run_handlers(mirror, event, &mut work.handlers, deadline).await
     }
 
     /// Stores, claims and syncs a verified event, and records the delivery's outcome
@@ -209,16 +283,23 @@ impl Webhooks {
         conn: &mut crate::db::Conn<'_>,
         delivery_id: i64,
         event: Event,
+        t: i64,
     ) -> Result<Step> {
-        let unhandled = !self.has_handlers(&event.event_type);
+        let keys = self.handler_keys(&event.event_type);
+        let lease = self.lease_secs();
         // One transaction for the claim and the delivery's outcome: one commit per
         // event when no handler runs (the claim itself nests as a savepoint).
         conn.write(|conn| {
-            let answer = match claim_and_sync(conn, &event, false, unhandled) {
-                Ok(Claim::Claimed { .. }) if !unhandled => return Ok(Step::Handlers(event)),
-                Ok(Claim::Claimed { .. }) => Ok(Outcome::Processed),
-                Ok(Claim::Done) => Ok(Outcome::Duplicate),
-                Ok(Claim::Busy) => Err(Failure::new(
+            let answer = match claim_and_sync(conn, &event, false, t, lease, &keys) {
+                Ok(Progress::Claimed(work)) if work.due || work.undecided => {
+                    if !work.due {
+                        delivery::finish(conn, delivery_id, true, Some(&event.id), Outcome::Processed, None)?;
+                    }
+                    return Ok(Step::Handlers(event, work));
+                }
+                Ok(Progress::Claimed(_)) => Ok(Outcome::Processed),
+                Ok(Progress::Done) => Ok(Outcome::Duplicate),
+                Ok(Progress::Busy) => Err(Failure::new(
                     Outcome::InProgress,
                     "another worker is processing this event",
                 )),
@@ -234,6 +315,10 @@ impl Webhooks {
         })
     }
 
+    pub(crate) fn lease_secs(&self) -> i64 {
+        self.inner.lease.as_secs().max(1) as i64
+    }
+
     /// The API path of the event's object, when its kind is re-fetched.
     fn refetch_target(&self, event: &Event) -> Option<String> {
         let table = builtin::table_for(event)?;
@@ -246,24 +331,30 @@ impl Webhooks {
         wanted.then(|| format!("{}/{id}", crate::sync::remote::api_path(table)))
     }
 
-    async fn fetch(&self, mirror: &Mirror, path: &str) -> Result<(serde_json::Value, i64)> {
-        let stamp = now();
-        let value = mirror
-            .stripe()
-            .await?
-            .get(path, &serde_json::json!({}), Some(path))
-            .await?;
-        Ok((value, stamp))
+    /// Fetches the event's object; a 404 means Stripe deleted it since.
+    async fn fetch(&self, mirror: &Mirror, path: &str) -> Result<Refetched> {
+        match mirror.stripe().await?.get_at(path, &serde_json::json!({}), Some(path)).await {
+            Ok(answer) => Ok(Refetched::Object(answer.value, answer.at)),
+            Err(err) if crate::stripe::is_missing(&err) => Ok(Refetched::Missing),
+            Err(err) => Err(err),
+        }
     }
 
-    /// Size, signature and shape: everything decided without the database.
+    /// Read timeout, size, signature and shape: everything decided without the database.
     fn check(
         &self,
         mirror: &Mirror,
-        headers: &[(String, String)],
+        request: &WebhookRequest,
         body: &[u8],
         body_size: usize,
     ) -> std::result::Result<Event, Failure> {
+        let headers = &request.headers;
+        if request.timed_out {
+            return Err(Failure::new(
+                Outcome::Timeout,
+                format!("the body did not arrive in time ({body_size} bytes read)"),
+            ));
+        }
         if body_size > self.inner.body_limit {
             return Err(Failure::new(
                 Outcome::TooLarge,
@@ -285,7 +376,7 @@ impl Webhooks {
             body,
             &mirror.config().webhook_secrets,
             self.inner.tolerance_secs,
-            now(),
+            mirror.now(),
         )
         .map_err(|e| match e {
             // Our configuration, not the request, is wrong: 500 so Stripe keeps retrying.
@@ -300,40 +391,88 @@ impl Webhooks {
     }
 }
 
+/// The answer when a worker's claim ended before its handlers did.
+pub(crate) const CLAIM_LOST: &str = "the claim on this event expired while its handlers ran; another worker has it";
+
 /// Stores and claims the event and, when it is ours and not yet synced, applies the
-/// built-in sync, all in one transaction (which also marks it processed when `finish`). A bad object shape rolls the sync back and
-/// stores the event as failed, so a later replay can retry it.
+/// built-in sync, all in one transaction. The handlers in `keys` not yet succeeded are
+/// recorded as due; when none is due the event is finished in the same transaction
+/// (processed, unless the handler log holds work of handlers this registry does not
+/// have, as when the CLI replays). A bad object shape rolls the sync back and stores
+/// the event as failed, so a later replay can retry it.
 pub(crate) fn claim_and_sync(
     conn: &mut crate::db::Conn<'_>,
     event: &Event,
     force: bool,
-    finish: bool,
-) -> Result<Claim> {
+    t: i64,
+    lease: i64,
+    keys: &[String],
+) -> Result<Progress> {
     let attempt = conn.write(|c| {
-        let claim = event::insert_and_claim(c, event, force)?;
-        if let Claim::Claimed { synced } = claim {
-            if !synced {
-                builtin::apply(c, event)?;
-                event::mark_synced(c, &event.id)?;
-            }
-            // No handler will run: the event is processed with its sync.
-            if finish {
-                event::finish(c, &event.id, None)?;
-            }
+        let (token, synced, mut handlers) = match event::insert_and_claim(c, event, force, t, lease)? {
+            Claim::Claimed { token, synced, handlers } => (token, synced, handlers),
+            Claim::Done => return Ok(Progress::Done),
+            Claim::Busy => return Ok(Progress::Busy),
+        };
+        let mut undecided = false;
+        if !synced {
+            undecided = builtin::apply(c, event)? == Written::Undecided;
+            event::mark_synced(c, &event.id)?;
         }
-        Ok(claim)
+        let mut due = false;
+        for key in keys {
+            let entry = handlers.entry(key.clone()).or_insert_with(|| event::HANDLER_PENDING.to_owned());
+            due |= entry != event::HANDLER_OK;
+        }
+        if due {
+            event::record_handlers(c, &event.id, &handlers)?;
+        } else {
+            event::finish(c, &event.id, token, &handlers, None)?;
+        }
+        Ok(Progress::Claimed(Work { token, handlers, due, undecided }))
     });
     match attempt {
-        Ok(claim) => Ok(claim),
         Err(err @ Error::Mapping { .. }) => {
             let message = err.to_string();
             conn.write(|c| {
-                event::insert_and_claim(c, event, true)?;
-                event::finish(c, &event.id, Some(&message))
+                if let Claim::Claimed { token, handlers, .. } = event::insert_and_claim(c, event, true, t, lease)? {
+                    event::finish(c, &event.id, token, &handlers, Some(&message))?;
+                }
+                Ok(())
             })?;
             Err(err)
         }
-        Err(err) => Err(err),
+        other => other,
+    }
+}
+
+/// The event met a same-second tie its data could not settle: with an API key at
+/// hand, fetch the object and write that (a fetch is newer than anything applied
+/// before it); a 404 makes a tombstone. Without one, or when the fetch fails, the row
+/// stays flagged for `reconcile`.
+pub(crate) async fn settle_by_fetch(mirror: &Mirror, event: &Event) {
+    let Some(table) = builtin::table_for(event) else { return };
+    let Some(id) = event.object().get("id").and_then(serde_json::Value::as_str) else { return };
+    let path = format!("{}/{id}", crate::sync::remote::api_path(table));
+    let client = match mirror.stripe().await {
+        Ok(client) => client,
+        Err(_) => return, // no API key: the flag waits for reconcile
+    };
+    let fetched = match client.get_at(&path, &serde_json::json!({}), Some(&path)).await {
+        Ok(answer) => Refetched::Object(answer.value, answer.at),
+        Err(err) if crate::stripe::is_missing(&err) => Refetched::Missing,
+        Err(err) => {
+            tracing::warn!(event = %event.id, error = %err, "re-fetch to settle a same-second tie failed; left for reconcile");
+            return;
+        }
+    };
+    let event = event.clone();
+    let written = mirror
+        .db()
+        .run(move |conn| conn.write(|c| builtin::apply_refetched(c, &event, &fetched)))
+        .await;
+    if let Err(err) = written {
+        tracing::warn!(error = %err, "writing a re-fetched object failed; left for reconcile");
     }
 }
 
@@ -348,11 +487,17 @@ fn respond(
             event_id,
             error: None,
         },
-        Err(f) => WebhookResponse {
+        Err(f) => {
+            if matches!(f.outcome, Outcome::Error | Outcome::Unavailable) {
+                // The client is told only that it failed; the detail is for the operator.
+                tracing::error!(event = ?event_id, outcome = f.outcome.as_str(), error = %f.error, "webhook delivery failed");
+            }
+            WebhookResponse {
             status: f.outcome.status(),
             outcome: f.outcome,
             event_id,
             error: Some(f.error),
-        },
+        }
+        }
     }
 }

@@ -6,9 +6,11 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 
+use super::event::{HANDLER_OK, HandlerLog};
 use super::{Event, Failure, Outcome, signature};
 use crate::Mirror;
 
@@ -18,8 +20,17 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
 type BoxHandler = Arc<dyn Fn(Event, Mirror) -> BoxFuture + Send + Sync>;
 
+/// Default claim lease: see [`Webhooks::claim_lease`].
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// Default handler timeout: see [`Webhooks::handler_timeout`].
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Default cap on a delivery's body (bytes): larger requests are answered 413.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Default time the HTTP integration waits for a whole body: slower requests are
+/// answered 408 ([`Outcome::Timeout`]).
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The handler registry and webhook settings. Cheap to clone.
 ///
@@ -50,11 +61,18 @@ pub struct Webhooks {
 
 #[derive(Clone)]
 pub(crate) struct Registry {
-    pub(crate) exact: HashMap<String, Vec<BoxHandler>>,
+    /// Handlers by exact type, each with its key (see [`Webhooks::on`]).
+    pub(crate) exact: HashMap<String, Vec<(String, BoxHandler)>>,
     /// `(prefix, handler)`: `customer.*` is stored as `customer.`, `*` as ``.
-    pub(crate) wildcard: Vec<(String, BoxHandler)>,
+    pub(crate) wildcard: Vec<(String, String, BoxHandler)>,
+    /// How long a claim on an event lasts before another worker may take it over.
+    pub(crate) lease: Duration,
+    /// How long one handler may run before it counts as failed.
+    pub(crate) handler_timeout: Duration,
     pub(crate) tolerance_secs: i64,
     pub(crate) body_limit: usize,
+    /// How long the HTTP integration waits for a whole body (answered 408 past it).
+    pub(crate) read_timeout: std::time::Duration,
     /// Object kinds re-fetched from the API instead of trusting the payload.
     pub(crate) refetch: Vec<String>,
 }
@@ -75,11 +93,13 @@ impl std::fmt::Debug for Webhooks {
                     .inner
                     .wildcard
                     .iter()
-                    .map(|(p, _)| format!("{p}*"))
+                    .map(|(p, _, _)| format!("{p}*"))
                     .collect::<Vec<_>>(),
             )
             .field("tolerance_secs", &self.inner.tolerance_secs)
             .field("body_limit", &self.inner.body_limit)
+            .field("lease", &self.inner.lease)
+            .field("handler_timeout", &self.inner.handler_timeout)
             .finish()
     }
 }
@@ -100,7 +120,10 @@ impl Webhooks {
                 wildcard: Vec::new(),
                 tolerance_secs: signature::DEFAULT_TOLERANCE_SECS,
                 body_limit: DEFAULT_BODY_LIMIT,
+                read_timeout: DEFAULT_READ_TIMEOUT,
                 refetch: Vec::new(),
+                lease: DEFAULT_LEASE,
+                handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             }),
         }
     }
@@ -111,6 +134,16 @@ impl Webhooks {
 
     /// Runs `handler` for events of type `pattern`: exact (`invoice.paid`), a family
     /// (`customer.*`, which includes `customer.subscription.updated`), or `*` for all.
+    ///
+    /// The guarantee: each handler runs **at least once** per event, and **once it
+    /// succeeds, never again** for that event. Which handlers succeeded is recorded per
+    /// event under a key made of the pattern and the handler's rank among those
+    /// registered with the same pattern (`customer.*#1`), so keep the registration
+    /// order stable across deploys. A handler that fails, panics or outlives
+    /// [`handler_timeout`](Self::handler_timeout) fails the event: the answer is 500,
+    /// Stripe redelivers, and the redelivery (or [`process_events`](Self::process_events))
+    /// runs only the handlers not yet succeeded. Handlers of one event run in order and
+    /// stop at the first failure; the built-in sync has already applied when they run.
     #[track_caller]
     pub fn on<H, F>(mut self, pattern: &str, handler: H) -> Self
     where
@@ -124,12 +157,16 @@ impl Webhooks {
         let boxed: BoxHandler = Arc::new(move |e, m| Box::pin(handler(e, m)));
         let registry = self.registry();
         match pattern.strip_suffix('*') {
-            Some(prefix) => registry.wildcard.push((prefix.to_owned(), boxed)),
-            None => registry
-                .exact
-                .entry(pattern.to_owned())
-                .or_default()
-                .push(boxed),
+            Some(prefix) => {
+                let rank = 1 + registry.wildcard.iter().filter(|(p, _, _)| p == prefix).count();
+                let key = format!("{pattern}#{rank}");
+                registry.wildcard.push((prefix.to_owned(), key, boxed))
+            }
+            None => {
+                let list = registry.exact.entry(pattern.to_owned()).or_default();
+                let key = format!("{pattern}#{}", list.len() + 1);
+                list.push((key, boxed))
+            }
         }
         self
     }
@@ -166,6 +203,49 @@ impl Webhooks {
         self
     }
 
+    /// How long the HTTP integration (`stripe_mirror::axum`) waits for the whole body
+    /// of a request before answering 408 and logging it as [`Outcome::Timeout`]
+    /// (default [`DEFAULT_READ_TIMEOUT`], 10 s). A framework of your own can read
+    /// [`max_read_time`](Self::max_read_time) and set [`WebhookRequest::timed_out`](super::WebhookRequest::timed_out).
+    pub fn read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.registry().read_timeout = timeout;
+        self
+    }
+
+    /// The configured read timeout.
+    pub fn max_read_time(&self) -> std::time::Duration {
+        self.inner.read_timeout
+    }
+
+    /// How long a worker's claim on an event lasts (default 5 minutes). A worker that
+    /// dies holding a claim delays the event's redelivery by at most this much; a
+    /// worker whose handlers run past it cannot record them (another may have taken
+    /// the event over), so it answers 500. Must exceed the handler timeout.
+    #[track_caller]
+    pub fn claim_lease(mut self, lease: Duration) -> Self {
+        assert!(
+            lease > self.inner.handler_timeout,
+            "claim lease {lease:?} must exceed the handler timeout {:?}",
+            self.inner.handler_timeout
+        );
+        self.registry().lease = lease;
+        self
+    }
+
+    /// How long one handler may run (default 60 s). Past it the handler is dropped and
+    /// the event fails with a 500, so Stripe retries it: it never runs twice at once.
+    /// All handlers of an event must also finish within the claim lease.
+    #[track_caller]
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            timeout < self.inner.lease,
+            "handler timeout {timeout:?} must be shorter than the claim lease {:?}",
+            self.inner.lease
+        );
+        self.registry().handler_timeout = timeout;
+        self
+    }
+
     /// The configured body cap.
     pub fn max_body(&self) -> usize {
         self.inner.body_limit
@@ -176,44 +256,55 @@ impl Webhooks {
         self.handlers_for(event_type).len()
     }
 
-    /// Whether any handler listens to `event_type` (without cloning them).
-    pub(crate) fn has_handlers(&self, event_type: &str) -> bool {
-        self.inner.exact.contains_key(event_type)
-            || self
-                .inner
-                .wildcard
-                .iter()
-                .any(|(p, _)| event_type.starts_with(p.as_str()))
-    }
-
-    fn handlers_for(&self, event_type: &str) -> Vec<BoxHandler> {
-        let exact = self.inner.exact.get(event_type).into_iter().flatten();
+    /// The handlers for `event_type` with their keys, in the order they run.
+    fn handlers_for(&self, event_type: &str) -> Vec<(String, BoxHandler)> {
+        let exact = self.inner.exact.get(event_type).into_iter().flatten().cloned();
         let wild = self
             .inner
             .wildcard
             .iter()
-            .filter(|(p, _)| event_type.starts_with(p.as_str()))
-            .map(|(_, h)| h);
-        exact.chain(wild).cloned().collect()
+            .filter(|(p, _, _)| event_type.starts_with(p.as_str()))
+            .map(|(_, k, h)| (k.clone(), h.clone()));
+        exact.chain(wild).collect()
     }
 
-    /// Runs the handlers for `event` in order; stops at the first failure or panic.
+    /// The keys of the handlers for `event_type`, in the order they run.
+    pub(crate) fn handler_keys(&self, event_type: &str) -> Vec<String> {
+        self.handlers_for(event_type).into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Runs the handlers for `event` whose entry in `log` is not `ok`, in order, and
+    /// records each outcome in `log`; stops at the first failure, panic or timeout.
+    /// All of them must end by `deadline` (the claim's lease, less a margin).
     pub(crate) async fn run_handlers(
         &self,
         mirror: &Mirror,
-        event: Event,
+        event: &Event,
+        log: &mut HandlerLog,
+        deadline: tokio::time::Instant,
     ) -> std::result::Result<Outcome, Failure> {
-        for handler in self.handlers_for(&event.event_type) {
+        for (key, handler) in self.handlers_for(&event.event_type) {
+            if log.get(&key).map(String::as_str) == Some(HANDLER_OK) {
+                continue;
+            }
             let (e, m) = (event.clone(), mirror.clone());
-            let run = AssertUnwindSafe(async move { handler(e, m).await })
-                .catch_unwind()
-                .await;
+            let limit = self.inner.handler_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let run = tokio::time::timeout(
+                limit,
+                AssertUnwindSafe(async move { handler(e, m).await }).catch_unwind(),
+            )
+            .await;
             let error = match run {
-                Ok(Ok(())) => continue,
-                Ok(Err(err)) => format!("handler failed: {err}"),
-                Err(panic) => format!("handler panicked: {}", panic_message(panic.as_ref())),
+                Ok(Ok(Ok(()))) => {
+                    log.insert(key, HANDLER_OK.to_owned());
+                    continue;
+                }
+                Ok(Ok(Err(err))) => format!("handler {key} failed: {err}"),
+                Ok(Err(panic)) => format!("handler {key} panicked: {}", panic_message(panic.as_ref())),
+                Err(_) => format!("handler {key} timed out after {limit:?}"),
             };
             tracing::warn!(event = %event.id, event_type = %event.event_type, %error, "webhook handler failed");
+            log.insert(key, error.clone());
             return Err(Failure::new(Outcome::HandlerFailed, error));
         }
         Ok(Outcome::Processed)

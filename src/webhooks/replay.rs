@@ -1,7 +1,8 @@
 //! Re-running stored events: after a fix, or to replay a type of event.
 
-use super::event::{self, Claim};
-use super::{Event, Webhooks, matches_pattern, pipeline::claim_and_sync};
+use super::event;
+use super::pipeline::{CLAIM_LOST, Progress, claim_and_sync, settle_by_fetch};
+use super::{Event, Webhooks, matches_pattern};
 use crate::Mirror;
 use crate::error::{Error, Result};
 
@@ -22,6 +23,10 @@ pub struct EventFilter {
 pub struct ProcessReport {
     /// Events that ran through without error.
     pub processed: usize,
+    /// Events synced whose handler work is left for handlers this registry does not
+    /// have (a replay from the CLI): they stay failed until the host app replays them
+    /// or Stripe redelivers them.
+    pub handlers_pending: usize,
     /// Events that failed again, with their errors.
     pub failed: Vec<(String, String)>,
     /// Events skipped because another worker held them.
@@ -30,8 +35,11 @@ pub struct ProcessReport {
 
 impl Webhooks {
     /// Re-runs stored events: the failed ones, given ids (whatever their status), or
-    /// those of a type (`customer.*`). The built-in sync never runs twice for an event;
-    /// handlers run again.
+    /// those of a type (`customer.*`). The built-in sync never runs twice for an event,
+    /// and a handler that succeeded for an event never runs again for it: a replay runs
+    /// exactly the handlers of this registry not yet succeeded. A registry without the
+    /// host's handlers (the CLI's) re-runs the built-in sync only and leaves recorded
+    /// handler work pending.
     pub async fn process_events(
         &self,
         mirror: &Mirror,
@@ -65,14 +73,20 @@ impl Webhooks {
         // Only an explicit choice of events replays processed ones.
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
         let mut report = ProcessReport::default();
+        let lease = self.lease_secs();
         for event in events {
-            let e = event.clone();
-            let claim = match mirror
+            let (e, keys, t) = (event.clone(), self.handler_keys(&event.event_type), mirror.now());
+            let progress = mirror
                 .db()
-                .run(move |conn| claim_and_sync(conn, &e, force, false))
-                .await
-            {
-                Ok(claim) => claim,
+                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys))
+                .await;
+            let mut work = match progress {
+                Ok(Progress::Claimed(work)) => work,
+                Ok(Progress::Done) => continue,
+                Ok(Progress::Busy) => {
+                    report.busy += 1;
+                    continue;
+                }
                 // The object cannot be mirrored: the event stays failed, the replay goes on.
                 Err(err @ Error::Mapping { .. }) => {
                     report.failed.push((event.id, err.to_string()));
@@ -80,21 +94,30 @@ impl Webhooks {
                 }
                 Err(err) => return Err(err),
             };
-            if !matches!(claim, Claim::Claimed { .. }) {
-                report.busy += usize::from(matches!(claim, Claim::Busy));
-                continue;
+            if work.undecided {
+                settle_by_fetch(mirror, &event).await;
             }
-            let result = self.run_handlers(mirror, event.clone()).await;
-            let error = result.as_ref().err().map(|f| f.error.clone());
-            let id = event.id.clone();
-            let err = error.clone();
-            mirror
-                .db()
-                .run(move |conn| event::finish(conn, &id, err.as_deref()))
-                .await?;
+            let error = if work.due {
+                self.run_due(mirror, &event, &mut work).await.err().map(|f| f.error)
+            } else {
+                None
+            };
+            let pending = work.handlers.values().any(|v| v != event::HANDLER_OK);
+            if work.due {
+                let (id, err) = (event.id.clone(), error.clone());
+                let kept = mirror
+                    .db()
+                    .run(move |conn| event::finish(conn, &id, work.token, &work.handlers, err.as_deref()))
+                    .await?;
+                if !kept {
+                    report.failed.push((event.id, CLAIM_LOST.to_owned()));
+                    continue;
+                }
+            }
             match error {
-                None => report.processed += 1,
                 Some(error) => report.failed.push((event.id, error)),
+                None if pending => report.handlers_pending += 1,
+                None => report.processed += 1,
             }
         }
         Ok(report)

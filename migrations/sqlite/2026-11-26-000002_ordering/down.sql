@@ -1,0 +1,16 @@
+ALTER TABLE stripe_customers DROP COLUMN stamp_rank;
+ALTER TABLE stripe_customers DROP COLUMN stamp_event;
+ALTER TABLE stripe_customers DROP COLUMN reconcile;
+ALTER TABLE stripe_products DROP COLUMN stamp_rank;
+ALTER TABLE stripe_products DROP COLUMN stamp_event;
+ALTER TABLE stripe_products DROP COLUMN reconcile;
+ALTER TABLE stripe_prices DROP COLUMN stamp_rank;
+ALTER TABLE stripe_prices DROP COLUMN stamp_event;
+ALTER TABLE stripe_prices DROP COLUMN reconcile;
+ALTER TABLE stripe_subscriptions DROP COLUMN stamp_rank;
+ALTER TABLE stripe_subscriptions DROP COLUMN stamp_event;
+ALTER TABLE stripe_subscriptions DROP COLUMN reconcile;
+ALTER TABLE stripe_subscription_items DROP COLUMN stamp_rank;
+ALTER TABLE stripe_subscription_items DROP COLUMN stamp_event;
+ALTER TABLE stripe_subscription_items DROP COLUMN reconcile;
+ALTER TABLE stripe_events DROP COLUMN handlers;

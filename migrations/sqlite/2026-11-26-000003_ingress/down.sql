@@ -1,0 +1,2 @@
+DROP INDEX idx_events_received_at;
+DROP INDEX idx_deliveries_received_at;

@@ -1,0 +1,70 @@
+//! Retention: bounds the delivery log and the stored events ([`prune`], and
+//! `stripe-mirror prune --older-than 30d`). Schedule it daily, or as often as the log
+//! grows too fast for you.
+
+use std::time::Duration;
+
+use diesel::RunQueryDsl;
+
+use super::event::status;
+use crate::Mirror;
+use crate::db::on_conn;
+use crate::error::Result;
+use crate::sync::now;
+
+/// What [`prune`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Rows removed from `stripe_webhook_deliveries`: deliveries received before the
+    /// cut-off whose event is not kept (refused requests, duplicates and the deliveries
+    /// of pruned events).
+    pub deliveries: usize,
+    /// Rows removed from `stripe_events`: events received before the cut-off and
+    /// processed.
+    pub events: usize,
+}
+
+/// Deletes what is older than `older_than` (received before now minus it), in one
+/// transaction:
+///
+/// - events that were processed; failed events, and events still pending or being
+///   processed, are kept whatever their age, so `process_events` can still re-run them;
+/// - deliveries, except those of an event that is kept, so a failed event keeps the
+///   requests that brought it.
+///
+/// The mirrored objects are never touched. Idempotency holds for as long as an event
+/// is kept: Stripe retries an event for up to three days, so keep more than that
+/// (`stripe-mirror prune --older-than 30d` is a good default).
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// let month = std::time::Duration::from_secs(30 * 24 * 3600);
+/// let report = stripe_mirror::webhooks::prune(&mirror, month).await?;
+/// println!("removed {} deliveries, {} events", report.deliveries, report.events);
+/// # Ok(()) }
+/// ```
+pub async fn prune(mirror: &Mirror, older_than: Duration) -> Result<PruneReport> {
+    let age = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
+    let cutoff = now().saturating_sub(age);
+    mirror
+        .db()
+        .run(move |conn| {
+            conn.write(|conn| {
+                // `cutoff` is a number and the status a constant: nothing to bind.
+                let events = format!(
+                    "DELETE FROM stripe_events WHERE status = '{}' AND received_at < {cutoff}",
+                    status::PROCESSED
+                );
+                let deliveries = format!(
+                    "DELETE FROM stripe_webhook_deliveries WHERE received_at < {cutoff} \
+                     AND (event_id IS NULL OR event_id NOT IN (SELECT id FROM stripe_events))"
+                );
+                on_conn!(conn, c => {
+                    let events = diesel::sql_query(events).execute(c)?;
+                    let deliveries = diesel::sql_query(deliveries).execute(c)?;
+                    Ok(PruneReport { deliveries, events })
+                })
+            })
+        })
+        .await
+}
