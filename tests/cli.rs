@@ -127,16 +127,18 @@ fn prune_removes_old_processed_events_and_keeps_failed_ones() {
             let mut config = b.config.clone();
             config.webhook_secrets = vec![Secret::new("whsec_cli")];
             let m = Mirror::connect(config).await.unwrap();
-            let webhooks = Webhooks::new()
-                .on("invoice.paid", |_e: Event, _m: Mirror| async { Err("down".into()) });
+            let webhooks = Webhooks::new().on("invoice.paid", |_e: Event, _m: Mirror| async {
+                Err("down".into())
+            });
             let now = chrono::Utc::now().timestamp();
             for (id, kind, object) in [
                 ("evt_p_ok", "product.created", "product"),
                 ("evt_p_failed", "invoice.paid", "invoice"),
             ] {
-                let body = serde_json::json!({"id": id, "object": "event", "type": kind, "created": now,
+                let body =
+                    serde_json::json!({"id": id, "object": "event", "type": kind, "created": now,
                     "data": {"object": {"id": format!("x_{id}"), "object": object}}})
-                .to_string();
+                    .to_string();
                 let signature = sign(body.as_bytes(), &Secret::new("whsec_cli"), now);
                 let request = WebhookRequest::new(body).header("Stripe-Signature", signature);
                 webhooks.receive(&m, request).await;
@@ -169,7 +171,10 @@ fn prune_removes_old_processed_events_and_keeps_failed_ones() {
             b.name
         );
         let again = ok(&run(url, None, &["prune", "--older-than", "30d"]));
-        assert!(again.contains("removed 0 deliveries and 0 processed events"), "{again}");
+        assert!(
+            again.contains("removed 0 deliveries and 0 processed events"),
+            "{again}"
+        );
         let bad = run(url, None, &["prune", "--older-than", "30x"]);
         assert!(!bad.status.success());
         assert!(

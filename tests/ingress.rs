@@ -88,9 +88,7 @@ async fn refused_requests_keep_their_headers_and_at_most_4_kib_of_body() {
         assert!(d.headers.contains("stripe-signature"), "{n}: {}", d.headers);
 
         // A verified delivery keeps its whole body (up to the cap).
-        let r = webhooks
-            .receive(&m, signed(valid_big.as_bytes()))
-            .await;
+        let r = webhooks.receive(&m, signed(valid_big.as_bytes())).await;
         assert_eq!(r.outcome, Outcome::Processed, "{n}: {:?}", r.error);
         let d = last_delivery(&m).await;
         assert_eq!(d.body, valid_big.as_bytes(), "{n}");
@@ -199,14 +197,20 @@ async fn prune_removes_old_processed_events_and_keeps_failed_ones() {
         );
         assert_eq!(webhooks.receive(&m, post(&failed)).await.status, 500, "{n}");
         assert_eq!(
-            webhooks.receive(&m, WebhookRequest::new("old junk")).await.status,
+            webhooks
+                .receive(&m, WebhookRequest::new("old junk"))
+                .await
+                .status,
             400
         );
         // Forty days pass.
         for table in ["stripe_events", "stripe_webhook_deliveries"] {
             common::execute_sql(
                 url,
-                &format!("UPDATE {table} SET received_at = received_at - {}", 40 * DAY),
+                &format!(
+                    "UPDATE {table} SET received_at = received_at - {}",
+                    40 * DAY
+                ),
             );
         }
         let new = event(
@@ -216,7 +220,10 @@ async fn prune_removes_old_processed_events_and_keeps_failed_ones() {
         );
         assert_eq!(webhooks.receive(&m, post(&new)).await.status, 200, "{n}");
         assert_eq!(
-            webhooks.receive(&m, WebhookRequest::new("new junk")).await.status,
+            webhooks
+                .receive(&m, WebhookRequest::new("new junk"))
+                .await
+                .status,
             400
         );
 
@@ -248,15 +255,13 @@ async fn prune_removes_old_processed_events_and_keeps_failed_ones() {
         );
         let count = |sql: &str| common::query_count(url, sql);
         assert_eq!(
-            count("SELECT COUNT(*) AS n FROM stripe_events WHERE id = 'evt_old_failed' AND status = 'failed'"),
+            count(
+                "SELECT COUNT(*) AS n FROM stripe_events WHERE id = 'evt_old_failed' AND status = 'failed'"
+            ),
             1,
             "{n}: the failed event is kept for a replay"
         );
-        assert_eq!(
-            count("SELECT COUNT(*) AS n FROM stripe_events"),
-            2,
-            "{n}"
-        );
+        assert_eq!(count("SELECT COUNT(*) AS n FROM stripe_events"), 2, "{n}");
         assert!(
             Product::get(&m, "prod_old").await.unwrap().is_some(),
             "{n}: the mirror itself is never pruned"

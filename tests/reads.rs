@@ -5,9 +5,7 @@ mod common;
 
 use common::backends;
 use serde_json::{Value, json};
-use stripe_mirror::{
-    ApiKey, ApiKeyKind, Config, Customer, Error, Mirror, Price, Product, Subscription,
-};
+use stripe_mirror::{ApiKey, ApiKeyKind, Customer, Error, Mirror, Price, Product, Subscription};
 
 const FUTURE: i64 = 4102444800; // 2100-01-01
 const PAST: i64 = 946684800; // 2000-01-01
@@ -324,8 +322,9 @@ async fn migrate_is_idempotent_and_safe_in_parallel() {
 }
 
 #[tokio::test]
+#[cfg(feature = "postgres")]
 async fn an_unreachable_database_is_a_clear_error() {
-    let mut config = Config::new("postgres://nobody@127.0.0.1:1/none");
+    let mut config = stripe_mirror::Config::new("postgres://nobody@127.0.0.1:1/none");
     config.connection_timeout = std::time::Duration::from_millis(300);
     match Mirror::connect(config).await {
         Err(Error::Unavailable(msg)) => assert!(msg.contains("127.0.0.1:1"), "{msg}"),

@@ -198,7 +198,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}: use s, m, h or d"
+            ));
+        }
     };
     number
         .checked_mul(unit_secs)
@@ -223,7 +227,16 @@ mod tests {
         assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(90 * 60)));
         assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["30", "d", "", "30w", "-1d", "1.5h", "30 d", "99999999999999999999d"] {
+        for bad in [
+            "30",
+            "d",
+            "",
+            "30w",
+            "-1d",
+            "1.5h",
+            "30 d",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
     }

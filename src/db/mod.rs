@@ -282,10 +282,12 @@ mod tests {
         for _ in 0..2 {
             let value = db
                 .run_blocking(|conn| {
-                    Ok(on_conn!(conn, c => diesel::RunQueryDsl::get_result::<Synchronous>(
-                        diesel::sql_query("PRAGMA synchronous"),
-                        c
-                    ))?)
+                    Ok(
+                        on_conn!(conn, c => diesel::RunQueryDsl::get_result::<Synchronous>(
+                            diesel::sql_query("PRAGMA synchronous"),
+                            c
+                        ))?,
+                    )
                 })
                 .unwrap();
             assert_eq!(value.synchronous, 2, "PRAGMA synchronous is FULL");

@@ -74,11 +74,13 @@ impl StripeClient {
         if !api_base.ends_with('/') {
             api_base.push('/');
         }
-        api_base
-            .parse::<hyper::Uri>()
-            .map_err(|e| Error::Config(format!("STRIPE_API_BASE {api_base:?} is not a URL: {e}")))?;
-        let mut authorization = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-            .map_err(|_| Error::Config(format!("Stripe key {key} holds characters a header cannot")))?;
+        api_base.parse::<hyper::Uri>().map_err(|e| {
+            Error::Config(format!("STRIPE_API_BASE {api_base:?} is not a URL: {e}"))
+        })?;
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                Error::Config(format!("Stripe key {key} holds characters a header cannot"))
+            })?;
         authorization.set_sensitive(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
@@ -116,7 +118,12 @@ impl StripeClient {
     }
 
     /// `GET`, with when Stripe answered.
-    pub(crate) async fn get_at(&self, path: &str, query: &Value, object: Option<&str>) -> Result<Answer> {
+    pub(crate) async fn get_at(
+        &self,
+        path: &str,
+        query: &Value,
+        object: Option<&str>,
+    ) -> Result<Answer> {
         let req = RequestBuilder::new(StripeMethod::Get, path).query(query);
         self.send(req, object, None).await
     }
@@ -130,7 +137,10 @@ impl StripeClient {
         idempotency_key: Option<String>,
         object: Option<&str>,
     ) -> Result<Value> {
-        Ok(self.post_at(path, form, idempotency_key, object).await?.value)
+        Ok(self
+            .post_at(path, form, idempotency_key, object)
+            .await?
+            .value)
     }
 
     /// `POST`, with when Stripe answered.
@@ -156,7 +166,11 @@ impl StripeClient {
         Ok(self.send(req, object, None).await?.value)
     }
 
-    async fn attempt(&self, req: &RequestBuilder, idempotency_key: Option<&str>) -> std::result::Result<Reply, String> {
+    async fn attempt(
+        &self,
+        req: &RequestBuilder,
+        idempotency_key: Option<&str>,
+    ) -> std::result::Result<Reply, String> {
         let mut uri = format!("{}v1{}", self.api_base, req.path);
         if let Some(query) = &req.query {
             uri.push('?');
@@ -182,21 +196,49 @@ impl StripeClient {
             .body(Full::new(Bytes::from(req.body.clone().unwrap_or_default())))
             .map_err(|e| format!("bad request: {e}"))?;
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| e.to_string())?;
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
             let headers = response.headers();
-            let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let (status, date) = (response.status().as_u16(), text("date").and_then(|d| stripe_time(&d)));
+            let text = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let (status, date) = (
+                response.status().as_u16(),
+                text("date").and_then(|d| stripe_time(&d)),
+            );
             let should_retry = text("stripe-should-retry").and_then(|v| v.parse().ok());
             let request_id = text("request-id");
-            let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok(Reply { status, date, should_retry, request_id, body })
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok(Reply {
+                status,
+                date,
+                should_retry,
+                request_id,
+                body,
+            })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
     }
 
-    async fn send(&self, req: RequestBuilder, object: Option<&str>, idempotency_key: Option<String>) -> Result<Answer> {
+    async fn send(
+        &self,
+        req: RequestBuilder,
+        object: Option<&str>,
+        idempotency_key: Option<String>,
+    ) -> Result<Answer> {
         let method = match req.method {
             StripeMethod::Get => "GET",
             StripeMethod::Post => "POST",
@@ -208,15 +250,25 @@ impl StripeClient {
             let failure = match self.attempt(&req, idempotency_key.as_deref()).await {
                 Ok(reply) if (200..300).contains(&reply.status) => {
                     let value: Value = serde_json::from_slice(&reply.body).map_err(|e| {
-                        api_error(&request, object, Some(reply.status), format!("response is not JSON ({e}): {}", preview(&reply.body)))
+                        api_error(
+                            &request,
+                            object,
+                            Some(reply.status),
+                            format!("response is not JSON ({e}): {}", preview(&reply.body)),
+                        )
                     })?;
                     // No `Date` (a proxy dropped it): the newest time the object carries,
                     // a lower bound of Stripe's clock; the host's clock only as a last resort.
-                    let at = reply.date.or_else(|| newest_timestamp(&value)).unwrap_or_else(|| self.clock.now());
+                    let at = reply
+                        .date
+                        .or_else(|| newest_timestamp(&value))
+                        .unwrap_or_else(|| self.clock.now());
                     return Ok(Answer { value, at });
                 }
                 Ok(reply) => {
-                    let retry = reply.should_retry.unwrap_or(matches!(reply.status, 409 | 429 | 500..=599));
+                    let retry = reply
+                        .should_retry
+                        .unwrap_or(matches!(reply.status, 409 | 429 | 500..=599));
                     (retry, stripe_error(&request, object, &reply))
                 }
                 Err(network) => (true, api_error(&request, object, None, network)),
@@ -231,7 +283,8 @@ impl StripeClient {
             }
             return Err(match err {
                 Error::Stripe(mut e) if attempt > 0 => {
-                    e.message.push_str(&format!(" (after {} attempts)", attempt + 1));
+                    e.message
+                        .push_str(&format!(" (after {} attempts)", attempt + 1));
                     Error::Stripe(e)
                 }
                 other => other,
@@ -242,7 +295,9 @@ impl StripeClient {
 
 /// Parses an HTTP `Date` header (`Wed, 25 Nov 2026 23:11:27 GMT`) to unix seconds.
 pub(crate) fn stripe_time(date: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc2822(date.trim()).ok().map(|d| d.timestamp())
+    chrono::DateTime::parse_from_rfc2822(date.trim())
+        .ok()
+        .map(|d| d.timestamp())
 }
 
 /// The newest unix time among the fields an object carries at its top level.
@@ -264,7 +319,12 @@ pub(crate) fn newest_timestamp(value: &Value) -> Option<i64> {
 fn stripe_error(request: &str, object: Option<&str>, reply: &Reply) -> Error {
     let parsed: Option<Value> = serde_json::from_slice(&reply.body).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
-    let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str).map(str::to_owned);
+    let field = |name: &str| {
+        error
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let request_id = reply.request_id.clone().or_else(|| {
         field("request_log_url")
             .as_deref()

@@ -108,9 +108,14 @@ impl Source {
     }
 
     fn from_rank(rank: i32) -> Option<Source> {
-        [Source::Created, Source::Updated, Source::Fetched, Source::Deleted]
-            .into_iter()
-            .find(|s| *s as i32 == rank)
+        [
+            Source::Created,
+            Source::Updated,
+            Source::Fetched,
+            Source::Deleted,
+        ]
+        .into_iter()
+        .find(|s| *s as i32 == rank)
     }
 }
 
@@ -219,7 +224,12 @@ struct Current {
 
 impl MirrorTable {
     /// Maps a Stripe object to a row of this table.
-    pub(crate) fn row(&self, value: &Value, stamp: Stamp, livemode_hint: Option<bool>) -> Result<Row> {
+    pub(crate) fn row(
+        &self,
+        value: &Value,
+        stamp: Stamp,
+        livemode_hint: Option<bool>,
+    ) -> Result<Row> {
         let fields = Fields::new(self.kind, value)?;
         match fields.str("object")? {
             Some(object) if self.accepts.contains(&object.as_str()) => {}
@@ -324,7 +334,13 @@ impl MirrorTable {
     /// `previous_attributes` describe the row's current values is newer; the row is
     /// newer when its own event's `previous_attributes` describe the incoming object.
     /// Else the tie is undecided: the row is kept and flagged for reconcile.
-    fn settle_tie(&self, conn: &mut Conn<'_>, row: &Row, value: &Value, binds: &[SqlValue]) -> Result<Written> {
+    fn settle_tie(
+        &self,
+        conn: &mut Conn<'_>,
+        row: &Row,
+        value: &Value,
+        binds: &[SqlValue],
+    ) -> Result<Written> {
         let Some(current) = self.current(conn, &row.id)? else {
             return Ok(Written::Kept);
         };
@@ -337,7 +353,12 @@ impl MirrorTable {
             return Ok(Written::Kept);
         }
         let held_data: Value = serde_json::from_str(&current.data).unwrap_or(Value::Null);
-        if row.stamp.previous.as_ref().is_some_and(|p| describes(p, &held_data)) {
+        if row
+            .stamp
+            .previous
+            .as_ref()
+            .is_some_and(|p| describes(p, &held_data))
+        {
             execute(conn, &self.statements().forced, binds)?;
             return Ok(Written::Applied);
         }

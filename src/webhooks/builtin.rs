@@ -38,7 +38,10 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<Written> {
         // Stripe no longer has it: a tombstone (a subscription's is its canceled state,
         // which Stripe keeps, so this only happens to the other kinds).
         Some(Refetched::Missing) => (event.object().clone(), event_stamp(event, Source::Deleted)),
-        None => (event.object().clone(), event_stamp(event, Source::of_event(&event.event_type))),
+        None => (
+            event.object().clone(),
+            event_stamp(event, Source::of_event(&event.event_type)),
+        ),
     };
     // `customer.deleted`, `product.deleted`, ... carry the object as it was; a deleted
     // subscription is a canceled one, which its payload already says.
@@ -64,7 +67,11 @@ fn event_stamp(event: &Event, source: Source) -> Stamp {
 /// Writes what a re-fetch found, outside the event's own sync: the object (stamped
 /// with Stripe's time of the fetch, newer than anything applied before it) or, on a
 /// 404, a tombstone.
-pub(crate) fn apply_refetched(conn: &mut Conn<'_>, event: &Event, found: &Refetched) -> Result<Written> {
+pub(crate) fn apply_refetched(
+    conn: &mut Conn<'_>,
+    event: &Event,
+    found: &Refetched,
+) -> Result<Written> {
     let mut event = event.clone();
     event.refetched = Some(found.clone());
     apply(conn, &event)
@@ -105,7 +112,12 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     };
     let placeholder = json!({ "id": customer, "object": "customer", "livemode": event.livemode });
     let table = &crate::models::customer::CUSTOMERS;
-    let stamp = Stamp { at: 0, source: Source::Created, event: None, previous: None };
+    let stamp = Stamp {
+        at: 0,
+        source: Source::Created,
+        event: None,
+        previous: None,
+    };
     let row = table.row(&placeholder, stamp, Some(event.livemode))?;
     table.write(conn, &row, &placeholder)?;
     let linked = on_conn!(conn, c => diesel::update(

@@ -245,10 +245,24 @@ impl Webhooks {
                 conn.write(|conn| {
                     if !event::finish(conn, &id, work.token, &work.handlers, error.as_deref())? {
                         let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
-                        delivery::finish(conn, delivery_id, true, Some(&id), lost.outcome, Some(&lost.error))?;
+                        delivery::finish(
+                            conn,
+                            delivery_id,
+                            true,
+                            Some(&id),
+                            lost.outcome,
+                            Some(&lost.error),
+                        )?;
                         return Ok(Err(lost));
                     }
-                    delivery::finish(conn, delivery_id, true, Some(&id), outcome, error.as_deref())?;
+                    delivery::finish(
+                        conn,
+                        delivery_id,
+                        true,
+                        Some(&id),
+                        outcome,
+                        error.as_deref(),
+                    )?;
                     Ok(Ok(()))
                 })
             })
@@ -272,8 +286,10 @@ impl Webhooks {
         work: &mut Work,
     ) -> std::result::Result<Outcome, Failure> {
         let lease = self.inner.lease;
-        let deadline = tokio::time::Instant::now() + lease - (lease / 10).min(std::time::Duration::from_secs(10));
-        self.run_handlers(mirror, event, &mut work.handlers, deadline).await
+        let deadline = tokio::time::Instant::now() + lease
+            - (lease / 10).min(std::time::Duration::from_secs(10));
+        self.run_handlers(mirror, event, &mut work.handlers, deadline)
+            .await
     }
 
     /// Stores, claims and syncs a verified event, and records the delivery's outcome
@@ -293,7 +309,14 @@ impl Webhooks {
             let answer = match claim_and_sync(conn, &event, false, t, lease, &keys) {
                 Ok(Progress::Claimed(work)) if work.due || work.undecided => {
                     if !work.due {
-                        delivery::finish(conn, delivery_id, true, Some(&event.id), Outcome::Processed, None)?;
+                        delivery::finish(
+                            conn,
+                            delivery_id,
+                            true,
+                            Some(&event.id),
+                            Outcome::Processed,
+                            None,
+                        )?;
                     }
                     return Ok(Step::Handlers(event, work));
                 }
@@ -333,7 +356,12 @@ impl Webhooks {
 
     /// Fetches the event's object; a 404 means Stripe deleted it since.
     async fn fetch(&self, mirror: &Mirror, path: &str) -> Result<Refetched> {
-        match mirror.stripe().await?.get_at(path, &serde_json::json!({}), Some(path)).await {
+        match mirror
+            .stripe()
+            .await?
+            .get_at(path, &serde_json::json!({}), Some(path))
+            .await
+        {
             Ok(answer) => Ok(Refetched::Object(answer.value, answer.at)),
             Err(err) if crate::stripe::is_missing(&err) => Ok(Refetched::Missing),
             Err(err) => Err(err),
@@ -392,7 +420,8 @@ impl Webhooks {
 }
 
 /// The answer when a worker's claim ended before its handlers did.
-pub(crate) const CLAIM_LOST: &str = "the claim on this event expired while its handlers ran; another worker has it";
+pub(crate) const CLAIM_LOST: &str =
+    "the claim on this event expired while its handlers ran; another worker has it";
 
 /// Stores and claims the event and, when it is ours and not yet synced, applies the
 /// built-in sync, all in one transaction. The handlers in `keys` not yet succeeded are
@@ -409,11 +438,16 @@ pub(crate) fn claim_and_sync(
     keys: &[String],
 ) -> Result<Progress> {
     let attempt = conn.write(|c| {
-        let (token, synced, mut handlers) = match event::insert_and_claim(c, event, force, t, lease)? {
-            Claim::Claimed { token, synced, handlers } => (token, synced, handlers),
-            Claim::Done => return Ok(Progress::Done),
-            Claim::Busy => return Ok(Progress::Busy),
-        };
+        let (token, synced, mut handlers) =
+            match event::insert_and_claim(c, event, force, t, lease)? {
+                Claim::Claimed {
+                    token,
+                    synced,
+                    handlers,
+                } => (token, synced, handlers),
+                Claim::Done => return Ok(Progress::Done),
+                Claim::Busy => return Ok(Progress::Busy),
+            };
         let mut undecided = false;
         if !synced {
             undecided = builtin::apply(c, event)? == Written::Undecided;
@@ -421,7 +455,9 @@ pub(crate) fn claim_and_sync(
         }
         let mut due = false;
         for key in keys {
-            let entry = handlers.entry(key.clone()).or_insert_with(|| event::HANDLER_PENDING.to_owned());
+            let entry = handlers
+                .entry(key.clone())
+                .or_insert_with(|| event::HANDLER_PENDING.to_owned());
             due |= entry != event::HANDLER_OK;
         }
         if due {
@@ -429,13 +465,21 @@ pub(crate) fn claim_and_sync(
         } else {
             event::finish(c, &event.id, token, &handlers, None)?;
         }
-        Ok(Progress::Claimed(Work { token, handlers, due, undecided }))
+        Ok(Progress::Claimed(Work {
+            token,
+            handlers,
+            due,
+            undecided,
+        }))
     });
     match attempt {
         Err(err @ Error::Mapping { .. }) => {
             let message = err.to_string();
             conn.write(|c| {
-                if let Claim::Claimed { token, handlers, .. } = event::insert_and_claim(c, event, true, t, lease)? {
+                if let Claim::Claimed {
+                    token, handlers, ..
+                } = event::insert_and_claim(c, event, true, t, lease)?
+                {
                     event::finish(c, &event.id, token, &handlers, Some(&message))?;
                 }
                 Ok(())
@@ -451,14 +495,21 @@ pub(crate) fn claim_and_sync(
 /// before it); a 404 makes a tombstone. Without one, or when the fetch fails, the row
 /// stays flagged for `reconcile`.
 pub(crate) async fn settle_by_fetch(mirror: &Mirror, event: &Event) {
-    let Some(table) = builtin::table_for(event) else { return };
-    let Some(id) = event.object().get("id").and_then(serde_json::Value::as_str) else { return };
+    let Some(table) = builtin::table_for(event) else {
+        return;
+    };
+    let Some(id) = event.object().get("id").and_then(serde_json::Value::as_str) else {
+        return;
+    };
     let path = format!("{}/{id}", crate::sync::remote::api_path(table));
     let client = match mirror.stripe().await {
         Ok(client) => client,
         Err(_) => return, // no API key: the flag waits for reconcile
     };
-    let fetched = match client.get_at(&path, &serde_json::json!({}), Some(&path)).await {
+    let fetched = match client
+        .get_at(&path, &serde_json::json!({}), Some(&path))
+        .await
+    {
         Ok(answer) => Refetched::Object(answer.value, answer.at),
         Err(err) if crate::stripe::is_missing(&err) => Refetched::Missing,
         Err(err) => {
@@ -493,11 +544,11 @@ fn respond(
                 tracing::error!(event = ?event_id, outcome = f.outcome.as_str(), error = %f.error, "webhook delivery failed");
             }
             WebhookResponse {
-            status: f.outcome.status(),
-            outcome: f.outcome,
-            event_id,
-            error: Some(f.error),
-        }
+                status: f.outcome.status(),
+                outcome: f.outcome,
+                event_id,
+                error: Some(f.error),
+            }
         }
     }
 }

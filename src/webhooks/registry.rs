@@ -158,7 +158,11 @@ impl Webhooks {
         let registry = self.registry();
         match pattern.strip_suffix('*') {
             Some(prefix) => {
-                let rank = 1 + registry.wildcard.iter().filter(|(p, _, _)| p == prefix).count();
+                let rank = 1 + registry
+                    .wildcard
+                    .iter()
+                    .filter(|(p, _, _)| p == prefix)
+                    .count();
                 let key = format!("{pattern}#{rank}");
                 registry.wildcard.push((prefix.to_owned(), key, boxed))
             }
@@ -258,7 +262,13 @@ impl Webhooks {
 
     /// The handlers for `event_type` with their keys, in the order they run.
     fn handlers_for(&self, event_type: &str) -> Vec<(String, BoxHandler)> {
-        let exact = self.inner.exact.get(event_type).into_iter().flatten().cloned();
+        let exact = self
+            .inner
+            .exact
+            .get(event_type)
+            .into_iter()
+            .flatten()
+            .cloned();
         let wild = self
             .inner
             .wildcard
@@ -270,7 +280,10 @@ impl Webhooks {
 
     /// The keys of the handlers for `event_type`, in the order they run.
     pub(crate) fn handler_keys(&self, event_type: &str) -> Vec<String> {
-        self.handlers_for(event_type).into_iter().map(|(k, _)| k).collect()
+        self.handlers_for(event_type)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// Runs the handlers for `event` whose entry in `log` is not `ok`, in order, and
@@ -288,7 +301,10 @@ impl Webhooks {
                 continue;
             }
             let (e, m) = (event.clone(), mirror.clone());
-            let limit = self.inner.handler_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let limit = self
+                .inner
+                .handler_timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             let run = tokio::time::timeout(
                 limit,
                 AssertUnwindSafe(async move { handler(e, m).await }).catch_unwind(),
@@ -300,7 +316,9 @@ impl Webhooks {
                     continue;
                 }
                 Ok(Ok(Err(err))) => format!("handler {key} failed: {err}"),
-                Ok(Err(panic)) => format!("handler {key} panicked: {}", panic_message(panic.as_ref())),
+                Ok(Err(panic)) => {
+                    format!("handler {key} panicked: {}", panic_message(panic.as_ref()))
+                }
                 Err(_) => format!("handler {key} timed out after {limit:?}"),
             };
             tracing::warn!(event = %event.id, event_type = %event.event_type, %error, "webhook handler failed");

@@ -75,7 +75,11 @@ impl Webhooks {
         let mut report = ProcessReport::default();
         let lease = self.lease_secs();
         for event in events {
-            let (e, keys, t) = (event.clone(), self.handler_keys(&event.event_type), mirror.now());
+            let (e, keys, t) = (
+                event.clone(),
+                self.handler_keys(&event.event_type),
+                mirror.now(),
+            );
             let progress = mirror
                 .db()
                 .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys))
@@ -98,7 +102,10 @@ impl Webhooks {
                 settle_by_fetch(mirror, &event).await;
             }
             let error = if work.due {
-                self.run_due(mirror, &event, &mut work).await.err().map(|f| f.error)
+                self.run_due(mirror, &event, &mut work)
+                    .await
+                    .err()
+                    .map(|f| f.error)
             } else {
                 None
             };
@@ -107,7 +114,9 @@ impl Webhooks {
                 let (id, err) = (event.id.clone(), error.clone());
                 let kept = mirror
                     .db()
-                    .run(move |conn| event::finish(conn, &id, work.token, &work.handlers, err.as_deref()))
+                    .run(move |conn| {
+                        event::finish(conn, &id, work.token, &work.handlers, err.as_deref())
+                    })
                     .await?;
                 if !kept {
                     report.failed.push((event.id, CLAIM_LOST.to_owned()));

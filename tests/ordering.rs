@@ -1,0 +1,661 @@
+//! The mirror ends in Stripe's newest state whatever Stripe does: same-second events in
+//! every delivery order (settled by event type and `previous_attributes`, else flagged
+//! and re-fetched when an API key is at hand), API data stamped on Stripe's clock with
+//! the host's clock skewed, a re-fetch answered 404, Checkout linking through the
+//! guard, and a deterministic `by_subscriber`. Every test runs on SQLite and Postgres.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::backends;
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use serde_json::{Value, json};
+use stripe_mirror::webhooks::Outcome;
+use stripe_mirror::webhooks::signature::sign;
+use stripe_mirror::{
+    Clock, Config, Customer, Mirror, Product, Secret, Subscription, WebhookRequest, Webhooks,
+};
+
+const SECRET: &str = "whsec_test_ordering";
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn config(b: &common::Backend, api_base: Option<&str>) -> Config {
+    let mut config = b.config.clone();
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    if let Some(base) = api_base {
+        config.api_base = Some(base.to_owned());
+        config.secret_key = Some(Secret::new("sk_test_ordering_0000"));
+        config.stripe_retries = 0;
+    }
+    config
+}
+
+fn event(
+    id: &str,
+    event_type: &str,
+    created: i64,
+    object: Value,
+    previous: Option<Value>,
+) -> Value {
+    let mut data = json!({ "object": object });
+    if let Some(previous) = previous {
+        data["previous_attributes"] = previous;
+    }
+    json!({"id": id, "object": "event", "type": event_type, "created": created, "livemode": false,
+           "api_version": "2026-09-30.clover", "data": data})
+}
+
+fn post(v: &Value) -> WebhookRequest {
+    let body = v.to_string().into_bytes();
+    let header = sign(&body, &Secret::new(SECRET), now());
+    WebhookRequest::new(body).header("Stripe-Signature", header)
+}
+
+async fn deliver(webhooks: &Webhooks, m: &Mirror, ev: &Value) {
+    let r = webhooks.receive(m, post(ev)).await;
+    assert_eq!(
+        (r.status, r.outcome),
+        (200, Outcome::Processed),
+        "{}: {:?}",
+        ev["id"],
+        r.error
+    );
+}
+
+fn subscription(id: &str, status: &str) -> Value {
+    json!({"id": id, "object": "subscription", "customer": "cus_tie", "status": status,
+           "items": {"object": "list", "data": [{"id": format!("si_{id}"), "object": "subscription_item",
+               "price": {"id": "price_tie", "object": "price", "product": "prod_tie"},
+               "current_period_end": 4102444800_i64}]}})
+}
+
+/// Every order of `0..n`.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut p = rest.clone();
+            p.insert(at, n - 1);
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[derive(QueryableByName)]
+struct Number {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// One number from the test database, read with a connection of our own.
+fn sql_number(config: &Config, sql: &str) -> i64 {
+    let url = &config.database_url;
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let mut c = diesel::SqliteConnection::establish(path).unwrap();
+        return diesel::sql_query(sql)
+            .get_result::<Number>(&mut c)
+            .unwrap()
+            .n;
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let mut c = diesel::PgConnection::establish(url).unwrap();
+        diesel::sql_query(sql)
+            .get_result::<Number>(&mut c)
+            .unwrap()
+            .n
+    }
+    #[cfg(not(feature = "postgres"))]
+    unreachable!("{url}")
+}
+
+fn flagged(config: &Config, table: &str, id: &str) -> bool {
+    sql_number(
+        config,
+        &format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table} WHERE id = '{id}' AND reconcile = TRUE"
+        ),
+    ) == 1
+}
+
+/// A Stripe API stand-in serving fixed objects by path (with hyper's `Date` header),
+/// counting requests. Only objects no fake Stripe can be told to hold come from here.
+async fn stripe_stub(routes: Vec<(&'static str, u16, Value)>) -> (String, Arc<Mutex<usize>>) {
+    use axum::{Router, extract::Request, routing::any};
+    let hits = Arc::new(Mutex::new(0));
+    let h = hits.clone();
+    let app = Router::new().fallback(any(move |req: Request| {
+        let (routes, h) = (routes.clone(), h.clone());
+        async move {
+            *h.lock().unwrap() += 1;
+            let found = routes.iter().find(|(path, _, _)| *path == req.uri().path());
+            let (status, body) = match found {
+                Some((_, status, body)) => (*status, body.to_string()),
+                None => (404, json!({"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}}).to_string()),
+            };
+            (axum::http::StatusCode::from_u16(status).unwrap(), body)
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), hits)
+}
+
+#[tokio::test]
+async fn created_and_updated_in_one_second_end_updated_in_either_order() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        for (k, order) in permutations(2).into_iter().enumerate() {
+            let id = format!("sub_cu{k}");
+            let events = [
+                event(
+                    &format!("evt_cu{k}_c"),
+                    "customer.subscription.created",
+                    t,
+                    subscription(&id, "incomplete"),
+                    None,
+                ),
+                event(
+                    &format!("evt_cu{k}_u"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription(&id, "active"),
+                    Some(json!({"status": "incomplete"})),
+                ),
+            ];
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let s = Subscription::get(&m, &id).await.unwrap().unwrap();
+            assert_eq!(
+                s.status.as_deref(),
+                Some("active"),
+                "{} order {order:?}",
+                b.name
+            );
+            assert!(
+                !flagged(m.config(), "stripe_subscriptions", &id),
+                "{}",
+                b.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn created_and_deleted_in_one_second_end_deleted_in_either_order() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        for (k, order) in permutations(2).into_iter().enumerate() {
+            // A customer: deletion is a tombstone.
+            let cus = format!("cus_cd{k}");
+            let object = json!({"id": cus, "object": "customer", "email": "gone@example.com"});
+            let events = [
+                event(
+                    &format!("evt_cd{k}_c"),
+                    "customer.created",
+                    t,
+                    object.clone(),
+                    None,
+                ),
+                event(&format!("evt_cd{k}_d"), "customer.deleted", t, object, None),
+            ];
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let c = Customer::get(&m, &cus).await.unwrap().unwrap();
+            assert!(c.deleted, "{} order {order:?}", b.name);
+
+            // A subscription: deletion is its canceled state.
+            let sub = format!("sub_cd{k}");
+            let events = [
+                event(
+                    &format!("evt_sd{k}_c"),
+                    "customer.subscription.created",
+                    t,
+                    subscription(&sub, "active"),
+                    None,
+                ),
+                event(
+                    &format!("evt_sd{k}_d"),
+                    "customer.subscription.deleted",
+                    t,
+                    subscription(&sub, "canceled"),
+                    None,
+                ),
+            ];
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let s = Subscription::get(&m, &sub).await.unwrap().unwrap();
+            assert_eq!(
+                s.status.as_deref(),
+                Some("canceled"),
+                "{} order {order:?}",
+                b.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_updates_in_one_second_end_in_the_newest_in_every_order() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        // Created incomplete, paid (active), then the renewal fails (past_due): one second.
+        for (k, order) in permutations(3).into_iter().enumerate() {
+            let id = format!("sub_uu{k}");
+            let events = [
+                event(
+                    &format!("evt_uu{k}_c"),
+                    "customer.subscription.created",
+                    t,
+                    subscription(&id, "incomplete"),
+                    None,
+                ),
+                event(
+                    &format!("evt_uu{k}_1"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription(&id, "active"),
+                    Some(json!({"status": "incomplete"})),
+                ),
+                event(
+                    &format!("evt_uu{k}_2"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription(&id, "past_due"),
+                    Some(json!({"status": "active"})),
+                ),
+            ];
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let s = Subscription::get(&m, &id).await.unwrap().unwrap();
+            assert_eq!(
+                s.status.as_deref(),
+                Some("past_due"),
+                "{} order {order:?}",
+                b.name
+            );
+            assert!(
+                !flagged(m.config(), "stripe_subscriptions", &id),
+                "{} order {order:?}",
+                b.name
+            );
+        }
+        // Two updates of different fields (a name, then a metadata key added).
+        for (k, order) in permutations(2).into_iter().enumerate() {
+            let id = format!("prod_uu{k}");
+            let events = [
+                event(
+                    &format!("evt_pu{k}_1"),
+                    "product.updated",
+                    t,
+                    json!({"id": id, "object": "product", "name": "New", "metadata": {}}),
+                    Some(json!({"name": "Old"})),
+                ),
+                event(
+                    &format!("evt_pu{k}_2"),
+                    "product.updated",
+                    t,
+                    json!({"id": id, "object": "product", "name": "New", "metadata": {"tier": "gold"}}),
+                    Some(json!({"metadata": {"tier": null}})),
+                ),
+            ];
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let p = Product::get(&m, &id).await.unwrap().unwrap();
+            assert_eq!(
+                p.data()["metadata"]["tier"],
+                "gold",
+                "{} order {order:?}",
+                b.name
+            );
+            assert_eq!(p.name.as_deref(), Some("New"), "{} order {order:?}", b.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_undecidable_tie_is_flagged_without_api_access_and_refetched_with_it() {
+    for b in backends() {
+        let t = now();
+        // Two same-second updates carrying no previous_attributes: nothing settles them.
+        let pair = |k: &str, id: &str| {
+            [
+                event(
+                    &format!("evt_nd{k}_1"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription(id, "active"),
+                    None,
+                ),
+                event(
+                    &format!("evt_nd{k}_2"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription(id, "past_due"),
+                    None,
+                ),
+            ]
+        };
+        // Without an API key: the first delivery stays, and the row is flagged.
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        for (k, order) in permutations(2).into_iter().enumerate() {
+            let id = format!("sub_nd{k}");
+            let events = pair(&k.to_string(), &id);
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let s = Subscription::get(&m, &id).await.unwrap().unwrap();
+            let first = events[order[0]]["data"]["object"]["status"]
+                .as_str()
+                .unwrap();
+            assert_eq!(
+                s.status.as_deref(),
+                Some(first),
+                "{}: never 'the later delivery wins'",
+                b.name
+            );
+            assert!(
+                flagged(m.config(), "stripe_subscriptions", &id),
+                "{} order {order:?}",
+                b.name
+            );
+        }
+
+        // With an API key: the object is re-fetched, and Stripe's answer wins.
+        let (base, hits) = stripe_stub(vec![
+            (
+                "/v1/subscriptions/sub_api0",
+                200,
+                subscription("sub_api0", "past_due"),
+            ),
+            (
+                "/v1/subscriptions/sub_api1",
+                200,
+                subscription("sub_api1", "past_due"),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        for (k, order) in permutations(2).into_iter().enumerate() {
+            let id = format!("sub_api{k}");
+            let events = pair(&format!("a{k}"), &id);
+            for i in &order {
+                deliver(&webhooks, &m, &events[*i]).await;
+            }
+            let s = Subscription::get(&m, &id).await.unwrap().unwrap();
+            assert_eq!(
+                s.status.as_deref(),
+                Some("past_due"),
+                "{} order {order:?}",
+                b.name
+            );
+            assert!(
+                !flagged(m.config(), "stripe_subscriptions", &id),
+                "{}: a fetch clears the flag",
+                b.name
+            );
+        }
+        assert_eq!(
+            *hits.lock().unwrap(),
+            2,
+            "{}: one fetch per undecided tie",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn api_data_is_stamped_on_stripes_clock_whatever_the_hosts() {
+    for b in backends() {
+        let customer = |id: &str, email: &str| json!({"id": id, "object": "customer", "email": email, "created": now() - 10_000});
+        let (base, _) = stripe_stub(vec![
+            (
+                "/v1/customers/cus_ahead",
+                200,
+                customer("cus_ahead", "api@example.com"),
+            ),
+            (
+                "/v1/customers/cus_behind",
+                200,
+                customer("cus_behind", "api@example.com"),
+            ),
+        ])
+        .await;
+
+        // Host clock two minutes ahead: an event created just after the fetch still applies.
+        let mut ahead = config(&b, Some(&base));
+        ahead.clock = Clock::skewed(120);
+        let m = Mirror::connect(ahead).await.unwrap();
+        let webhooks = Webhooks::new();
+        Customer::sync(&m, "cus_ahead").await.unwrap();
+        let t = now();
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_clk_ahead",
+                "customer.updated",
+                t + 1,
+                customer("cus_ahead", "event@example.com"),
+                None,
+            ),
+        )
+        .await;
+        let c = Customer::get(&m, "cus_ahead").await.unwrap().unwrap();
+        assert_eq!(
+            c.email.as_deref(),
+            Some("event@example.com"),
+            "{}: host ahead",
+            b.name
+        );
+
+        // Host clock two minutes behind: an event older than the fetch stays refused.
+        let mut behind = config(&b, Some(&base));
+        behind.clock = Clock::skewed(-120);
+        let m = Mirror::connect(behind).await.unwrap();
+        let fetched = Customer::sync(&m, "cus_behind").await.unwrap();
+        assert_eq!(fetched.email.as_deref(), Some("api@example.com"));
+        assert!(
+            (fetched.stamp - now()).abs() <= 2,
+            "{}: stamp {} is Stripe's time, not the host's",
+            b.name,
+            fetched.stamp
+        );
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_clk_behind",
+                "customer.updated",
+                now() - 30,
+                customer("cus_behind", "stale@example.com"),
+                None,
+            ),
+        )
+        .await;
+        let c = Customer::get(&m, "cus_behind").await.unwrap().unwrap();
+        assert_eq!(
+            c.email.as_deref(),
+            Some("api@example.com"),
+            "{}: host behind",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refetch_answered_404_tombstones_the_object_and_finishes_the_event() {
+    for b in backends() {
+        let (base, hits) = stripe_stub(vec![]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new().refetch(&["customer"]);
+        let ev = event(
+            "evt_gone",
+            "customer.updated",
+            now(),
+            json!({"id": "cus_gone", "object": "customer", "email": "x@example.com"}),
+            None,
+        );
+        deliver(&webhooks, &m, &ev).await;
+        assert_eq!(*hits.lock().unwrap(), 1);
+        let c = Customer::get(&m, "cus_gone").await.unwrap().unwrap();
+        assert!(c.deleted, "{}: {c:?}", b.name);
+        let status = sql_number(
+            m.config(),
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_events WHERE id = 'evt_gone' AND status = 'processed'",
+        );
+        assert_eq!(status, 1, "{}", b.name);
+        let finished = sql_number(
+            m.config(),
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_webhook_deliveries WHERE event_id = 'evt_gone' AND outcome = 'processed' AND status_code = 200",
+        );
+        assert_eq!(finished, 1, "{}", b.name);
+        // A redelivery is a duplicate: nothing fails forever.
+        assert_eq!(
+            webhooks.receive(&m, post(&ev)).await.outcome,
+            Outcome::Duplicate
+        );
+    }
+}
+
+#[tokio::test]
+async fn checkout_never_moves_a_customer_to_another_subscriber() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        let session = |id: &str, customer: &str, reference: &str| {
+            json!({"id": id, "object": "checkout.session", "customer": customer,
+                   "client_reference_id": reference, "mode": "subscription"})
+        };
+        // A customer created by get_or_create carries its subscriber in metadata.
+        let owned = json!({"id": "cus_owned", "object": "customer", "created": t - 100,
+                           "metadata": {"stripe_mirror_subscriber": "user-1"}});
+        deliver(
+            &webhooks,
+            &m,
+            &event("evt_own", "customer.created", t - 100, owned, None),
+        )
+        .await;
+        // A buyer sets client_reference_id to someone else on a Payment Link.
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_cs_hijack",
+                "checkout.session.completed",
+                t,
+                session("cs_h", "cus_owned", "user-2"),
+                None,
+            ),
+        )
+        .await;
+        let c = Customer::get(&m, "cus_owned").await.unwrap().unwrap();
+        assert_eq!(c.subscriber_id.as_deref(), Some("user-1"), "{}", b.name);
+        assert!(
+            Customer::by_subscriber(&m, "user-2")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}",
+            b.name
+        );
+
+        // An unlinked customer is linked once; a later session cannot move it.
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_cs_a",
+                "checkout.session.completed",
+                t,
+                session("cs_a", "cus_new", "user-3"),
+                None,
+            ),
+        )
+        .await;
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_cs_b",
+                "checkout.session.completed",
+                t + 1,
+                session("cs_b", "cus_new", "user-4"),
+                None,
+            ),
+        )
+        .await;
+        let c = Customer::get(&m, "cus_new").await.unwrap().unwrap();
+        assert_eq!(c.subscriber_id.as_deref(), Some("user-3"), "{}", b.name);
+        // The placeholder never beats the real customer data arriving later, even older.
+        deliver(&webhooks, &m, &event("evt_new_c", "customer.created", t - 50,
+            json!({"id": "cus_new", "object": "customer", "email": "n@example.com", "created": t - 50, "metadata": {}}), None)).await;
+        let c = Customer::get(&m, "cus_new").await.unwrap().unwrap();
+        assert_eq!(
+            (c.email.as_deref(), c.subscriber_id.as_deref()),
+            (Some("n@example.com"), Some("user-3")),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn by_subscriber_is_deterministic_with_null_created() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        // A placeholder from Checkout (no `created`) and a real customer, same subscriber.
+        deliver(&webhooks, &m, &event("evt_bs_1", "checkout.session.completed", t,
+            json!({"id": "cs_bs", "object": "checkout.session", "customer": "cus_a_placeholder", "client_reference_id": "user-9"}), None)).await;
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_z_real", "object": "customer", "created": t - 1000,
+            "metadata": {"stripe_mirror_subscriber": "user-9"}}),
+        )
+        .await
+        .unwrap();
+        let found = Customer::by_subscriber(&m, "user-9")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            found.id, "cus_z_real",
+            "{}: rows with a `created` first",
+            b.name
+        );
+        // Only rows without `created`: the smallest id, on both backends.
+        for id in ["cus_q", "cus_p"] {
+            deliver(&webhooks, &m, &event(&format!("evt_bs_{id}"), "checkout.session.completed", t,
+                json!({"id": format!("cs_{id}"), "object": "checkout.session", "customer": id, "client_reference_id": "user-10"}), None)).await;
+        }
+        let found = Customer::by_subscriber(&m, "user-10")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.id, "cus_p", "{}", b.name);
+    }
+}
