@@ -142,13 +142,20 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 ids,
                 event_type,
             };
+            // No host handlers here: the built-in sync is re-run, handler work stays pending.
             let report = Webhooks::new().process_events(&mirror, &filter).await?;
             println!(
-                "processed {}, failed {}, busy {}",
+                "processed {}, failed {}, busy {}, handler work pending {}",
                 report.processed,
                 report.failed.len(),
-                report.busy
+                report.busy,
+                report.handlers_pending
             );
+            if report.handlers_pending > 0 {
+                println!(
+                    "events with handler work pending stay failed: the host app's handlers run them                      on Stripe's next delivery or its own Webhooks::process_events"
+                );
+            }
             for (id, error) in &report.failed {
                 println!("failed {id}: {error}");
             }

@@ -1,0 +1,328 @@
+//! Handlers run at least once and, once they succeed, never again: recorded per
+//! handler and event, replayed exactly where they failed (never by the CLI, which has
+//! no host handlers), bounded by a timeout, and finished only by the claim holder.
+//! Every test runs on SQLite and Postgres.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::backends;
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use serde_json::{Value, json};
+use stripe_mirror::webhooks::signature::sign;
+use stripe_mirror::webhooks::{EventFilter, HandlerError, Outcome};
+use stripe_mirror::{Clock, Config, Event, Mirror, Secret, WebhookRequest, Webhooks};
+
+const SECRET: &str = "whsec_test_handlers";
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn config(b: &common::Backend) -> Config {
+    let mut config = b.config.clone();
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    config
+}
+
+fn product_event(id: &str) -> Value {
+    json!({"id": id, "object": "event", "type": "product.created", "created": now(), "livemode": false,
+           "data": {"object": {"id": format!("prod_{id}"), "object": "product", "name": "P"}}})
+}
+
+fn post(v: &Value) -> WebhookRequest {
+    post_at(v, now())
+}
+
+/// Signed at `t`: what a host whose clock reads `t` sees as fresh.
+fn post_at(v: &Value, t: i64) -> WebhookRequest {
+    let body = v.to_string().into_bytes();
+    let header = sign(&body, &Secret::new(SECRET), t);
+    WebhookRequest::new(body).header("Stripe-Signature", header)
+}
+
+#[derive(QueryableByName)]
+struct Text {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    t: String,
+}
+
+/// An event's stored status and handler log, read with a connection of our own.
+fn stored(config: &Config, id: &str) -> (String, Value) {
+    let sql = |col: &str| format!("SELECT {col} AS t FROM stripe_events WHERE id = '{id}'");
+    let url = &config.database_url;
+    let read = |col: &str| -> String {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let mut c = diesel::SqliteConnection::establish(path).unwrap();
+            return diesel::sql_query(sql(col))
+                .get_result::<Text>(&mut c)
+                .unwrap()
+                .t;
+        }
+        #[cfg(feature = "postgres")]
+        {
+            let mut c = diesel::PgConnection::establish(url).unwrap();
+            diesel::sql_query(sql(col))
+                .get_result::<Text>(&mut c)
+                .unwrap()
+                .t
+        }
+        #[cfg(not(feature = "postgres"))]
+        unreachable!()
+    };
+    (
+        read("status"),
+        serde_json::from_str(&read("handlers")).unwrap(),
+    )
+}
+
+/// A handler counting its runs, failing while `failing` is set.
+fn counting(
+    runs: &Arc<AtomicUsize>,
+    failing: &Arc<AtomicUsize>,
+) -> impl Fn(
+    Event,
+    Mirror,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HandlerError>> + Send>>
++ Send
++ Sync
++ 'static {
+    let (runs, failing) = (runs.clone(), failing.clone());
+    move |_e, _m| {
+        let (runs, failing) = (runs.clone(), failing.clone());
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            if failing.load(Ordering::SeqCst) > 0 {
+                return Err("mailer down".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_succeeded_never_runs_again_for_the_event() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let (first, second) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (never, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(1)));
+        let webhooks = Webhooks::new()
+            .on("product.created", counting(&first, &never))
+            .on("product.*", counting(&second, &broken));
+        let ev = product_event("evt_once");
+        let r = webhooks.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}",
+            b.name
+        );
+        let (status, log) = stored(m.config(), "evt_once");
+        assert_eq!(status, "failed", "{}", b.name);
+        assert_eq!(log["product.created#1"], "ok", "{}: {log}", b.name);
+        assert!(
+            log["product.*#1"].as_str().unwrap().contains("mailer down"),
+            "{}: {log}",
+            b.name
+        );
+
+        // Stripe redelivers: only the failed handler runs again.
+        assert_eq!(webhooks.receive(&m, post(&ev)).await.status, 500);
+        assert_eq!(
+            (first.load(Ordering::SeqCst), second.load(Ordering::SeqCst)),
+            (1, 2),
+            "{}",
+            b.name
+        );
+
+        // Fixed, then replayed: again only the failed one.
+        broken.store(0, Ordering::SeqCst);
+        let filter = EventFilter {
+            failed: true,
+            ..Default::default()
+        };
+        let report = webhooks.process_events(&m, &filter).await.unwrap();
+        assert_eq!(
+            (report.processed, report.failed.len()),
+            (1, 0),
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(
+            (first.load(Ordering::SeqCst), second.load(Ordering::SeqCst)),
+            (1, 3),
+            "{}",
+            b.name
+        );
+        assert_eq!(stored(m.config(), "evt_once").0, "processed", "{}", b.name);
+        // A redelivery and a forced replay by id run nothing.
+        assert_eq!(
+            webhooks.receive(&m, post(&ev)).await.outcome,
+            Outcome::Duplicate
+        );
+        let by_id = EventFilter {
+            ids: vec!["evt_once".into()],
+            ..Default::default()
+        };
+        webhooks.process_events(&m, &by_id).await.unwrap();
+        assert_eq!(
+            (first.load(Ordering::SeqCst), second.load(Ordering::SeqCst)),
+            (1, 3),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_replay_without_the_hosts_handlers_leaves_their_work_pending() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let (runs, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(1)));
+        let host = Webhooks::new().on("product.created", counting(&runs, &broken));
+        let ev = product_event("evt_cli");
+        assert_eq!(host.receive(&m, post(&ev)).await.status, 500);
+
+        // The CLI (`stripe-mirror process-events`) replays with no handlers at all.
+        let cli = Webhooks::new();
+        let filter = EventFilter {
+            failed: true,
+            ..Default::default()
+        };
+        let report = cli.process_events(&m, &filter).await.unwrap();
+        assert_eq!(
+            (report.processed, report.handlers_pending),
+            (0, 1),
+            "{}: {report:?}",
+            b.name
+        );
+        let (status, log) = stored(m.config(), "evt_cli");
+        assert_eq!(
+            status, "failed",
+            "{}: handler work is not marked done",
+            b.name
+        );
+        assert_ne!(log["product.created#1"], "ok", "{}", b.name);
+
+        // Stripe's redelivery is not a "duplicate": the host's handler runs, once.
+        broken.store(0, Ordering::SeqCst);
+        let r = host.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Processed),
+            "{}",
+            b.name
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "{}", b.name);
+        assert_eq!(stored(m.config(), "evt_cli").0, "processed", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn a_handler_past_its_timeout_fails_the_event_and_does_not_finish() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let f = finished.clone();
+        let webhooks = Webhooks::new()
+            .handler_timeout(Duration::from_millis(300))
+            .on("product.created", move |_e: Event, _m: Mirror| {
+                let f = f.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    f.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            });
+        let r = webhooks.receive(&m, post(&product_event("evt_slow"))).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}",
+            b.name
+        );
+        assert!(
+            r.error.as_deref().unwrap().contains("timed out"),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            0,
+            "{}: the handler was stopped",
+            b.name
+        );
+        assert_eq!(stored(m.config(), "evt_slow").0, "failed", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn a_worker_whose_claim_was_taken_over_cannot_finish_the_event() {
+    for b in backends() {
+        // Two workers on one database; the second one's clock is past the first's lease.
+        let a = Mirror::connect(config(&b)).await.unwrap();
+        let mut late = config(&b);
+        late.clock = Clock::skewed(400);
+        let later = Mirror::connect(late).await.unwrap();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (r, n) = (runs.clone(), release.clone());
+        let webhooks = Webhooks::new().on("product.created", move |_e: Event, _m: Mirror| {
+            let (r, n) = (r.clone(), n.clone());
+            async move {
+                // The first run waits until the other worker has taken over.
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    n.notified().await;
+                }
+                Ok(())
+            }
+        });
+        let ev = product_event("evt_lease");
+        let slow = {
+            let (w, a, ev) = (webhooks.clone(), a.clone(), ev.clone());
+            tokio::spawn(async move { w.receive(&a, post(&ev)).await })
+        };
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took_over = webhooks.receive(&later, post_at(&ev, later.now())).await;
+        assert_eq!(
+            (took_over.status, took_over.outcome),
+            (200, Outcome::Processed),
+            "{}",
+            b.name
+        );
+        release.notify_one();
+        let lost = slow.await.unwrap();
+        assert_eq!(
+            (lost.status, lost.outcome),
+            (409, Outcome::InProgress),
+            "{}: {:?}",
+            b.name,
+            lost.error
+        );
+        assert!(
+            lost.error.as_deref().unwrap().contains("claim"),
+            "{}",
+            b.name
+        );
+        let (status, log) = stored(a.config(), "evt_lease");
+        assert_eq!(
+            (status.as_str(), &log["product.created#1"]),
+            ("processed", &json!("ok")),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "must exceed the handler timeout")]
+fn a_lease_shorter_than_the_handler_timeout_is_refused() {
+    let _ = Webhooks::new().claim_lease(Duration::from_secs(30));
+}
