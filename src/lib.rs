@@ -93,6 +93,7 @@ pub use models::price::Price;
 pub use models::product::Product;
 pub use models::subscription::{Subscription, SubscriptionItem};
 pub use secret::Secret;
+pub use sync::reconcile::{ReconcileReport, reconcile};
 pub use sync::remote::{SyncOptions, SyncProgress, SyncReport, sync_all};
 pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
 

@@ -230,7 +230,7 @@ impl StripeClient {
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+            .unwrap_or_else(|_| Err(format!("timeout: no answer within {:?}", self.timeout)))
     }
 
     async fn send(

@@ -1,8 +1,10 @@
 //! Keeping rows true to Stripe: the JSON-to-row mapping (`fields`), the one upsert
 //! with its stale-write guard (`upsert`), the entry points every model shares, and
-//! sync from the API ([`remote`]: `sync`, [`sync_all`](remote::sync_all)).
+//! sync from the API ([`remote`]: `sync`, [`sync_all`](remote::sync_all)), and
+//! [`reconcile`](reconcile::reconcile) for what webhooks missed or could not order.
 
 pub(crate) mod fields;
+pub mod reconcile;
 pub mod remote;
 pub(crate) mod upsert;
 

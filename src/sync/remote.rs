@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::error::{Error, Result};
-use crate::sync::{MirrorTable, Model};
+use crate::sync::{MirrorTable, Model, Stamp};
 
 /// In-process locks by key (one per subscriber being created).
 #[derive(Default)]
@@ -33,17 +33,61 @@ pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
 
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
 pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
+    refetch(mirror, M::TABLE, id).await?;
+    let id = id.to_owned();
+    mirror
+        .db()
+        .run(move |conn| {
+            M::find(conn, &id)?.ok_or_else(|| Error::NotFound {
+                object: M::TABLE.kind,
+                id: id.clone(),
+            })
+        })
+        .await
+}
+
+/// What a re-fetch did to the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refetch {
+    /// The row holds Stripe's object as of the fetch (or fresher event data).
+    Current,
+    /// Stripe answered 404: the row is a tombstone.
+    Gone,
+}
+
+/// Fetches one object of `table` and writes it through the guard (stamped with
+/// Stripe's time of the answer), or a tombstone on a 404; either way the row's
+/// `reconcile` flag is cleared, as it now reflects Stripe. The one re-fetch behind
+/// `sync`, reconcile and webhooks.
+pub(crate) async fn refetch(mirror: &Mirror, table: &'static MirrorTable, id: &str) -> Result<Refetch> {
     let client = mirror.stripe().await?;
-    let path = format!("{}/{id}", api_path(M::TABLE));
-    let object = format!("{} {id}", M::TABLE.kind);
-    match client.get_at(&path, &json!({}), Some(&object)).await {
-        Ok(answer) => super::sync_from_stripe_data::<M>(mirror, answer.value, answer.at).await,
+    let path = format!("{}/{id}", api_path(table));
+    let object = format!("{} {id}", table.kind);
+    let (value, at, outcome) = match client.get_at(&path, &json!({}), Some(&object)).await {
+        Ok(answer) => (answer.value, answer.at, Refetch::Current),
         // A tombstone is final whatever its stamp.
-        Err(err) if crate::stripe::is_missing(&err) => {
-            super::tombstone::<M>(mirror, id, mirror.now()).await
-        }
-        Err(err) => Err(err),
-    }
+        Err(err) if crate::stripe::is_missing(&err) => (
+            json!({ "id": id, "object": table.accepts[0], "deleted": true }),
+            mirror.now(),
+            Refetch::Gone,
+        ),
+        Err(err) => return Err(err),
+    };
+    mirror
+        .db()
+        .run(move |conn| {
+            let row = table.row(&value, Stamp::fetched(at), None)?;
+            conn.write(|c| {
+                table.write(c, &row, &value)?;
+                super::upsert::execute(
+                    c,
+                    &format!("UPDATE {} SET reconcile = FALSE WHERE id = ?", table.table),
+                    &[super::upsert::SqlValue::Text(Some(row.id.clone()))],
+                )?;
+                Ok(outcome)
+            })
+        })
+        .await
 }
 
 /// What [`sync_all`] should do.

@@ -1,0 +1,139 @@
+//! Reconcile: re-fetch what the mirror cannot vouch for, so it converges on Stripe
+//! even when webhooks were missed, refused or could not be ordered.
+//!
+//! Three sources, each object fetched once per run (`sync`'s one re-fetch, through
+//! the guard):
+//! 1. rows flagged `reconcile`: a same-second tie nothing in the events settled and no
+//!    API key was at hand to settle it then;
+//! 2. objects of stored events whose built-in sync did not apply (a shape the mirror
+//!    could not map, a failure), received in the window;
+//! 3. objects named by Stripe's own event list (`GET /v1/events`) for the window:
+//!    events Stripe sent that never reached the mirror (an outage, a wrong secret, a
+//!    deleted endpoint). Only the objects are fetched: the events themselves are left
+//!    for Stripe's redelivery, so the host's handlers still run for them.
+//!
+//! Schedule it: hourly with a window a little longer than the interval
+//! (`stripe-mirror reconcile --since 2h` from cron or a systemd timer), after an
+//! outage with a window covering it, and after deploying a fix for events that failed.
+//! Stripe keeps events for 30 days.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use serde_json::{Value, json};
+
+use super::remote::{Refetch, refetch};
+use crate::Mirror;
+use crate::db::schema::stripe_events;
+use crate::db::{Conn, on_conn};
+use crate::error::Result;
+
+/// What [`reconcile`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReconcileReport {
+    /// Objects re-fetched and written (or left, when the mirror held fresher data).
+    pub refetched: usize,
+    /// Objects Stripe no longer has: now tombstones.
+    pub tombstoned: usize,
+    /// Objects that could not be fetched: kind, id, error. Run again later.
+    pub failed: Vec<(String, String, String)>,
+}
+
+/// Re-fetches flagged rows, the objects of events whose sync failed, and the objects
+/// of every event Stripe lists since `since` ago; see the [module docs](self) for when
+/// to schedule it.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// use std::time::Duration;
+/// let report = stripe_mirror::reconcile(&mirror, Duration::from_secs(2 * 3600)).await?;
+/// println!("{} re-fetched, {} gone, {} failed", report.refetched, report.tombstoned, report.failed.len());
+/// # Ok(()) }
+/// ```
+pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileReport> {
+    let from = mirror.now() - since.as_secs() as i64;
+    let mut wanted: BTreeSet<(&'static str, String)> = mirror
+        .db()
+        .run(move |conn| local_suspects(conn, from))
+        .await?;
+    wanted.extend(missed_events(mirror, from).await?);
+
+    let mut report = ReconcileReport::default();
+    for (kind, id) in wanted {
+        let table = crate::models::table_for_kind(kind).expect("a mirrored kind");
+        match refetch(mirror, table, &id).await {
+            Ok(Refetch::Current) => report.refetched += 1,
+            Ok(Refetch::Gone) => report.tombstoned += 1,
+            Err(err) => report.failed.push((kind.to_owned(), id, err.to_string())),
+        }
+    }
+    Ok(report)
+}
+
+/// The mirrored object an event is about, if the mirror keeps that kind.
+fn object_of(event: &Value) -> Option<(&'static str, String)> {
+    let object = event.pointer("/data/object")?;
+    let table = crate::models::table_for_kind(object.get("object")?.as_str()?)?;
+    Some((table.kind, object.get("id")?.as_str()?.to_owned()))
+}
+
+/// Flagged rows, and objects of events received since `from` whose sync did not apply.
+fn local_suspects(conn: &mut Conn<'_>, from: i64) -> Result<BTreeSet<(&'static str, String)>> {
+    let mut wanted = BTreeSet::new();
+    for table in crate::models::MIRRORED {
+        let ids: Vec<String> = on_conn!(conn, c => diesel::sql_query(format!(
+                "SELECT id FROM {} WHERE reconcile = TRUE",
+                table.table
+            ))
+            .load::<Id>(c))?
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+        wanted.extend(ids.into_iter().map(|id| (table.kind, id)));
+    }
+    let unsynced: Vec<String> = on_conn!(conn, c => stripe_events::table
+        .filter(stripe_events::synced.eq(false))
+        .filter(stripe_events::received_at.ge(from))
+        .select(stripe_events::data)
+        .load(c))?;
+    wanted.extend(
+        unsynced
+            .iter()
+            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+            .filter_map(|event| object_of(&event)),
+    );
+    Ok(wanted)
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+}
+
+/// Objects named by the events Stripe lists as created since `from`.
+async fn missed_events(mirror: &Mirror, from: i64) -> Result<BTreeSet<(&'static str, String)>> {
+    let client = mirror.stripe().await?;
+    let mut wanted = BTreeSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = json!({ "limit": 100, "created": { "gte": from } });
+        if let Some(a) = &after {
+            query["starting_after"] = json!(a);
+        }
+        let page = client.get("/events", &query, Some("event list")).await?;
+        let events = page.get("data").and_then(Value::as_array).cloned().unwrap_or_default();
+        wanted.extend(
+            events
+                .iter()
+                .filter(|e| e.get("created").and_then(Value::as_i64).is_none_or(|c| c >= from))
+                .filter_map(object_of),
+        );
+        after = events.last().and_then(|e| e.get("id")).and_then(Value::as_str).map(str::to_owned);
+        if !page.get("has_more").and_then(Value::as_bool).unwrap_or(false) || after.is_none() {
+            return Ok(wanted);
+        }
+    }
+}
