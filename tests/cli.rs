@@ -229,3 +229,47 @@ fn serve_answers_signed_webhooks() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_refetches_flagged_rows() {
+    let sub = |status: &str| {
+        serde_json::json!({"id": "sub_cli_rc", "object": "subscription", "customer": "cus_cli", "status": status,
+                           "items": {"data": []}})
+    };
+    let (base, _) = common::stripe_stub(vec![
+        ("/v1/subscriptions/sub_cli_rc", 200, sub("canceled")),
+        (
+            "/v1/events",
+            200,
+            serde_json::json!({"object": "list", "data": [], "has_more": false}),
+        ),
+    ])
+    .await;
+    for b in common::backends() {
+        let url = b.config.database_url.clone();
+        let m = b.mirror().await;
+        stripe_mirror::Subscription::sync_from_stripe_data(&m, &sub("active"))
+            .await
+            .unwrap();
+        common::execute_sql(
+            &url,
+            "UPDATE stripe_subscriptions SET reconcile = TRUE WHERE id = 'sub_cli_rc'",
+        );
+        let base = base.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            ok(&run(&url, Some(&base), &["reconcile", "--since", "2h"]))
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.contains("re-fetched 1, tombstoned 0, failed 0"),
+            "{}: {out}",
+            b.name
+        );
+        let s = stripe_mirror::Subscription::get(&m, "sub_cli_rc")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.status.as_deref(), Some("canceled"), "{}", b.name);
+    }
+}

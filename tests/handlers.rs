@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::backends;
-use diesel::{Connection, QueryableByName, RunQueryDsl};
 use serde_json::{Value, json};
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{EventFilter, HandlerError, Outcome};
@@ -44,34 +43,13 @@ fn post_at(v: &Value, t: i64) -> WebhookRequest {
     WebhookRequest::new(body).header("Stripe-Signature", header)
 }
 
-#[derive(QueryableByName)]
-struct Text {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    t: String,
-}
-
-/// An event's stored status and handler log, read with a connection of our own.
+/// An event's stored status and handler log.
 fn stored(config: &Config, id: &str) -> (String, Value) {
-    let sql = |col: &str| format!("SELECT {col} AS t FROM stripe_events WHERE id = '{id}'");
-    let url = &config.database_url;
-    let read = |col: &str| -> String {
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            let mut c = diesel::SqliteConnection::establish(path).unwrap();
-            return diesel::sql_query(sql(col))
-                .get_result::<Text>(&mut c)
-                .unwrap()
-                .t;
-        }
-        #[cfg(feature = "postgres")]
-        {
-            let mut c = diesel::PgConnection::establish(url).unwrap();
-            diesel::sql_query(sql(col))
-                .get_result::<Text>(&mut c)
-                .unwrap()
-                .t
-        }
-        #[cfg(not(feature = "postgres"))]
-        unreachable!()
+    let read = |col: &str| {
+        common::query_text(
+            &config.database_url,
+            &format!("SELECT {col} AS t FROM stripe_events WHERE id = '{id}'"),
+        )
     };
     (
         read("status"),

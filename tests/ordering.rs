@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
-use common::backends;
-use diesel::{Connection, QueryableByName, RunQueryDsl};
+use common::{backends, stripe_stub};
 use serde_json::{Value, json};
 use stripe_mirror::webhooks::Outcome;
 use stripe_mirror::webhooks::signature::sign;
@@ -89,32 +86,8 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     out
 }
 
-#[derive(QueryableByName)]
-struct Number {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
-
-/// One number from the test database, read with a connection of our own.
 fn sql_number(config: &Config, sql: &str) -> i64 {
-    let url = &config.database_url;
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let mut c = diesel::SqliteConnection::establish(path).unwrap();
-        return diesel::sql_query(sql)
-            .get_result::<Number>(&mut c)
-            .unwrap()
-            .n;
-    }
-    #[cfg(feature = "postgres")]
-    {
-        let mut c = diesel::PgConnection::establish(url).unwrap();
-        diesel::sql_query(sql)
-            .get_result::<Number>(&mut c)
-            .unwrap()
-            .n
-    }
-    #[cfg(not(feature = "postgres"))]
-    unreachable!("{url}")
+    common::query_count(&config.database_url, sql)
 }
 
 fn flagged(config: &Config, table: &str, id: &str) -> bool {
@@ -124,30 +97,6 @@ fn flagged(config: &Config, table: &str, id: &str) -> bool {
             "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table} WHERE id = '{id}' AND reconcile = TRUE"
         ),
     ) == 1
-}
-
-/// A Stripe API stand-in serving fixed objects by path (with hyper's `Date` header),
-/// counting requests. Only objects no fake Stripe can be told to hold come from here.
-async fn stripe_stub(routes: Vec<(&'static str, u16, Value)>) -> (String, Arc<Mutex<usize>>) {
-    use axum::{Router, extract::Request, routing::any};
-    let hits = Arc::new(Mutex::new(0));
-    let h = hits.clone();
-    let app = Router::new().fallback(any(move |req: Request| {
-        let (routes, h) = (routes.clone(), h.clone());
-        async move {
-            *h.lock().unwrap() += 1;
-            let found = routes.iter().find(|(path, _, _)| *path == req.uri().path());
-            let (status, body) = match found {
-                Some((_, status, body)) => (*status, body.to_string()),
-                None => (404, json!({"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}}).to_string()),
-            };
-            (axum::http::StatusCode::from_u16(status).unwrap(), body)
-        }
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}/"), hits)
 }
 
 #[tokio::test]
@@ -657,5 +606,126 @@ async fn by_subscriber_is_deterministic_with_null_created() {
             .unwrap()
             .unwrap();
         assert_eq!(found.id, "cus_p", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn reconcile_refetches_flagged_rows_failed_syncs_and_missed_events() {
+    for b in backends() {
+        let t = now();
+        // A tie nothing settles, met with no API key: the row is flagged.
+        let offline = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        for (n, status) in [(1, "active"), (2, "past_due")] {
+            deliver(
+                &webhooks,
+                &offline,
+                &event(
+                    &format!("evt_rc{n}"),
+                    "customer.subscription.updated",
+                    t,
+                    subscription("sub_rc", status),
+                    None,
+                ),
+            )
+            .await;
+        }
+        assert!(flagged(offline.config(), "stripe_subscriptions", "sub_rc"));
+        // An event whose object the mirror cannot map: stored, its sync not applied.
+        let bad = event(
+            "evt_rc_bad",
+            "customer.updated",
+            t,
+            json!({"id": "cus_rc_bad", "object": "customer", "email": 42}),
+            None,
+        );
+        assert_eq!(webhooks.receive(&offline, post(&bad)).await.status, 400);
+
+        // Stripe's side: the objects as they are, and an event the mirror never received.
+        let missed = event(
+            "evt_rc_missed",
+            "product.updated",
+            t,
+            json!({"id": "prod_rc", "object": "product", "name": "Old"}),
+            None,
+        );
+        let gone = event(
+            "evt_rc_gone",
+            "price.updated",
+            t,
+            json!({"id": "price_rc_gone", "object": "price", "product": "prod_rc"}),
+            None,
+        );
+        let (base, hits) = stripe_stub(vec![
+            (
+                "/v1/subscriptions/sub_rc",
+                200,
+                subscription("sub_rc", "canceled"),
+            ),
+            (
+                "/v1/customers/cus_rc_bad",
+                200,
+                json!({"id": "cus_rc_bad", "object": "customer", "email": "fixed@example.com"}),
+            ),
+            (
+                "/v1/products/prod_rc",
+                200,
+                json!({"id": "prod_rc", "object": "product", "name": "Current"}),
+            ),
+            (
+                "/v1/events",
+                200,
+                json!({"object": "list", "data": [missed, gone], "has_more": false}),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let report = stripe_mirror::reconcile(&m, std::time::Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(
+            (report.refetched, report.tombstoned, report.failed.len()),
+            (3, 1, 0),
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(
+            *hits.lock().unwrap(),
+            5,
+            "{}: one list, one fetch per object",
+            b.name
+        );
+
+        let s = Subscription::get(&m, "sub_rc").await.unwrap().unwrap();
+        assert_eq!(s.status.as_deref(), Some("canceled"), "{}", b.name);
+        assert!(
+            !flagged(m.config(), "stripe_subscriptions", "sub_rc"),
+            "{}",
+            b.name
+        );
+        let c = Customer::get(&m, "cus_rc_bad").await.unwrap().unwrap();
+        assert_eq!(c.email.as_deref(), Some("fixed@example.com"), "{}", b.name);
+        let p = Product::get(&m, "prod_rc").await.unwrap().unwrap();
+        assert_eq!(
+            p.name.as_deref(),
+            Some("Current"),
+            "{}: Stripe's object, not the event's",
+            b.name
+        );
+        assert!(
+            stripe_mirror::Price::get(&m, "price_rc_gone")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{}",
+            b.name
+        );
+        // The missed event itself is left for Stripe's redelivery (handlers still run then).
+        let stored = sql_number(
+            m.config(),
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_events WHERE id = 'evt_rc_missed'",
+        );
+        assert_eq!(stored, 0, "{}", b.name);
     }
 }

@@ -55,6 +55,14 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         older_than: Duration,
     },
+    /// Re-fetch what the mirror cannot vouch for: rows flagged by same-second ties,
+    /// objects of events whose sync failed, and objects of the events Stripe sent in
+    /// the window (webhooks missed). Schedule it hourly with `--since 2h`.
+    Reconcile {
+        /// Window of events to check: a number and a unit, e.g. 1h, 2h, 3d.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        since: Duration,
+    },
     /// Manage Stripe API keys stored in the database.
     #[command(subcommand)]
     ApiKeys(ApiKeys),
@@ -153,7 +161,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             );
             if report.handlers_pending > 0 {
                 println!(
-                    "events with handler work pending stay failed: the host app's handlers run them                      on Stripe's next delivery or its own Webhooks::process_events"
+                    "events with handler work pending stay failed: the host app's handlers run them on Stripe's next delivery or its own Webhooks::process_events"
                 );
             }
             for (id, error) in &report.failed {
@@ -166,6 +174,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "removed {} deliveries and {} processed events",
                 report.deliveries, report.events
             );
+        }
+        Command::Reconcile { since } => {
+            let report = stripe_mirror::reconcile(&mirror, since).await?;
+            println!(
+                "re-fetched {}, tombstoned {}, failed {}",
+                report.refetched,
+                report.tombstoned,
+                report.failed.len()
+            );
+            for (kind, id, error) in &report.failed {
+                println!("failed {kind} {id}: {error}");
+            }
         }
         Command::ApiKeys(ApiKeys::Add { key }) => {
             let key = ApiKey::get_or_create(&mirror, &key).await?;

@@ -124,15 +124,32 @@ async fn missed_events(mirror: &Mirror, from: i64) -> Result<BTreeSet<(&'static 
             query["starting_after"] = json!(a);
         }
         let page = client.get("/events", &query, Some("event list")).await?;
-        let events = page.get("data").and_then(Value::as_array).cloned().unwrap_or_default();
+        let events = page
+            .get("data")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         wanted.extend(
             events
                 .iter()
-                .filter(|e| e.get("created").and_then(Value::as_i64).is_none_or(|c| c >= from))
+                .filter(|e| {
+                    e.get("created")
+                        .and_then(Value::as_i64)
+                        .is_none_or(|c| c >= from)
+                })
                 .filter_map(object_of),
         );
-        after = events.last().and_then(|e| e.get("id")).and_then(Value::as_str).map(str::to_owned);
-        if !page.get("has_more").and_then(Value::as_bool).unwrap_or(false) || after.is_none() {
+        after = events
+            .last()
+            .and_then(|e| e.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if !page
+            .get("has_more")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+            || after.is_none()
+        {
             return Ok(wanted);
         }
     }

@@ -59,7 +59,11 @@ pub(crate) enum Refetch {
 /// Stripe's time of the answer), or a tombstone on a 404; either way the row's
 /// `reconcile` flag is cleared, as it now reflects Stripe. The one re-fetch behind
 /// `sync`, reconcile and webhooks.
-pub(crate) async fn refetch(mirror: &Mirror, table: &'static MirrorTable, id: &str) -> Result<Refetch> {
+pub(crate) async fn refetch(
+    mirror: &Mirror,
+    table: &'static MirrorTable,
+    id: &str,
+) -> Result<Refetch> {
     let client = mirror.stripe().await?;
     let path = format!("{}/{id}", api_path(table));
     let object = format!("{} {id}", table.kind);

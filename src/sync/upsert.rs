@@ -524,3 +524,49 @@ macro_rules! mirror_table {
     };
 }
 pub(crate) use mirror_table;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn previous_attributes_describe_a_row_field_by_field() {
+        let row = json!({"status": "active", "metadata": {"a": "1"}, "quantity": 2});
+        assert!(describes(&json!({"status": "active"}), &row));
+        assert!(describes(&json!({"metadata": {"a": "1"}}), &row));
+        // A key added since: its previous value is null, as is a missing field.
+        assert!(describes(&json!({"metadata": {"b": null}}), &row));
+        assert!(!describes(&json!({"status": "incomplete"}), &row));
+        assert!(!describes(
+            &json!({"status": "active", "quantity": 1}),
+            &row
+        ));
+        // Nothing said describes nothing.
+        assert!(!describes(&json!({}), &row));
+        assert!(!describes(&json!(null), &row));
+    }
+
+    #[test]
+    fn sources_order_by_event_type() {
+        assert_eq!(
+            Source::of_event("customer.subscription.created"),
+            Source::Created
+        );
+        assert_eq!(
+            Source::of_event("customer.subscription.deleted"),
+            Source::Deleted
+        );
+        assert_eq!(
+            Source::of_event("customer.subscription.paused"),
+            Source::Updated
+        );
+        assert!(
+            Source::Created < Source::Updated
+                && Source::Updated < Source::Fetched
+                && Source::Fetched < Source::Deleted
+        );
+        assert_eq!(Source::from_rank(3), Some(Source::Fetched));
+        assert_eq!(Source::from_rank(0), None);
+    }
+}

@@ -123,6 +123,63 @@ pub fn query_count(database_url: &str, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(&mut conn).unwrap().n
 }
 
+/// One text from SQL (the column must be named `t`).
+pub fn query_text(database_url: &str, sql: &str) -> String {
+    #[derive(diesel::QueryableByName)]
+    struct T {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    if database_url.starts_with("postgres") {
+        #[cfg(feature = "postgres")]
+        {
+            let mut conn = diesel::PgConnection::establish(database_url).unwrap();
+            return diesel::sql_query(sql).get_result::<T>(&mut conn).unwrap().t;
+        }
+        #[allow(unreachable_code)]
+        {
+            panic!("{database_url} needs the postgres feature");
+        }
+    }
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .unwrap_or(database_url);
+    let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+    diesel::sql_query(sql).get_result::<T>(&mut conn).unwrap().t
+}
+
+/// A Stripe API stand-in serving fixed objects by path (any query; hyper adds the
+/// `Date` header), answering Stripe's 404 for the rest and counting requests. Only for
+/// what no fake Stripe can be told to hold (a chosen object state, a chosen event list).
+pub async fn stripe_stub(
+    routes: Vec<(&'static str, u16, Value)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<usize>>) {
+    use axum::{Router, extract::Request, routing::any};
+    use std::sync::{Arc, Mutex};
+    let hits = Arc::new(Mutex::new(0));
+    let h = hits.clone();
+    let app = Router::new().fallback(any(move |req: Request| {
+        let (routes, h) = (routes.clone(), h.clone());
+        async move {
+            *h.lock().unwrap() += 1;
+            let found = routes.iter().find(|(path, _, _)| *path == req.uri().path());
+            let (status, body) = match found {
+                Some((_, status, body)) => (*status, body.to_string()),
+                None => (
+                    404,
+                    serde_json::json!({"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such object"}})
+                        .to_string(),
+                ),
+            };
+            (axum::http::StatusCode::from_u16(status).unwrap(), body)
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), hits)
+}
+
 impl Backend {
     pub async fn mirror(&self) -> Mirror {
         Mirror::connect(self.config.clone())

@@ -3,7 +3,8 @@
 -- 1 created < 2 updated < 3 deleted < 4 fetched from the API. stamp_event is the event
 -- whose data the row holds (NULL for API data), read to settle same-second updates by
 -- their previous_attributes. reconcile flags a row whose freshness could not be decided
--- (or whose event failed) for `stripe-mirror reconcile`.
+-- for `stripe-mirror reconcile`. stripe_events.claimed_at now holds when a claim's lease
+-- ends (a worker past it may be taken over, and cannot finish the event).
 ALTER TABLE stripe_customers ADD COLUMN stamp_rank INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE stripe_customers ADD COLUMN stamp_event TEXT;
 ALTER TABLE stripe_customers ADD COLUMN reconcile BOOLEAN NOT NULL DEFAULT FALSE;
