@@ -207,19 +207,25 @@ impl Webhooks {
             }
         };
         if let Step::Refetch(mut event, path) = step {
-            step = match self.fetch(mirror, &path).await {
-                Ok(fetched) => {
-                    event.refetched = Some(fetched);
-                    let this = self.clone();
-                    let t = mirror.now();
-                    mirror
-                        .db()
-                        .run(move |conn| this.claim(conn, delivery_id, event, t))
-                        .await
-                }
-                Err(err) => Err(err),
-            }
-            .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
+            let fetched = self.fetch(mirror, &path).await;
+            let (this, t) = (self.clone(), mirror.now());
+            step = mirror
+                .db()
+                .run(move |conn| match fetched {
+                    Ok(fetched) => {
+                        event.refetched = Some(fetched);
+                        this.claim(conn, delivery_id, event, t)
+                    }
+                    // Stripe could not be asked: 5xx so it redelivers; the delivery is finished.
+                    Err(err) => {
+                        let failure = Failure::from_error(err);
+                        let error = Some(failure.error.as_str());
+                        delivery::finish(conn, delivery_id, true, Some(&event.id), failure.outcome, error)?;
+                        Ok(Step::Answer(Err(failure)))
+                    }
+                })
+                .await
+                .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
         }
         let (event, mut work) = match step {
             Step::Handlers(event, work) => (event, work),
