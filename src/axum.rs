@@ -112,9 +112,22 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
         remote_addr: remote,
         timed_out,
     };
-    let answer = state.webhooks.receive(&state.mirror, request).await;
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, Body::from(answer.body())).into_response();
+    // In a task of its own: when Stripe hangs up (its timeout) the request future is
+    // dropped, but the handlers and the records of what they did run to the end.
+    let WebhookState { mirror, webhooks } = state;
+    let work = tokio::spawn(async move { webhooks.receive(&mirror, request).await });
+    let (status, body) = match work.await {
+        Ok(answer) => (
+            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            answer.body(),
+        ),
+        Err(err) => {
+            tracing::error!(error = %err, "webhook task failed");
+            let body = serde_json::json!({ "outcome": "error", "error": "internal error" });
+            (StatusCode::INTERNAL_SERVER_ERROR, body.to_string())
+        }
+    };
+    let mut response = (status, Body::from(body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

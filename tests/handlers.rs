@@ -13,7 +13,7 @@ use common::backends;
 use serde_json::{Value, json};
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{EventFilter, HandlerError, Outcome};
-use stripe_mirror::{Clock, Config, Event, Mirror, Secret, WebhookRequest, Webhooks};
+use stripe_mirror::{Config, Event, Mirror, Secret, WebhookRequest, Webhooks};
 
 const SECRET: &str = "whsec_test_handlers";
 
@@ -242,18 +242,16 @@ async fn a_handler_past_its_timeout_fails_the_event_and_does_not_finish() {
 #[tokio::test]
 async fn a_worker_whose_claim_was_taken_over_cannot_finish_the_event() {
     for b in backends() {
-        // Two workers on one database; the second one's clock is past the first's lease.
-        let a = Mirror::connect(config(&b)).await.unwrap();
-        let mut late = config(&b);
-        late.clock = Clock::skewed(400);
-        let later = Mirror::connect(late).await.unwrap();
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let url = m.config().database_url.clone();
         let release = Arc::new(tokio::sync::Notify::new());
         let runs = Arc::new(AtomicUsize::new(0));
         let (r, n) = (runs.clone(), release.clone());
         let webhooks = Webhooks::new().on("product.created", move |_e: Event, _m: Mirror| {
             let (r, n) = (r.clone(), n.clone());
             async move {
-                // The first run waits until the other worker has taken over.
+                // The first run stalls (a paused process, a slow mail server) until the
+                // event has been taken over.
                 if r.fetch_add(1, Ordering::SeqCst) == 0 {
                     n.notified().await;
                 }
@@ -262,13 +260,26 @@ async fn a_worker_whose_claim_was_taken_over_cannot_finish_the_event() {
         });
         let ev = product_event("evt_lease");
         let slow = {
-            let (w, a, ev) = (webhooks.clone(), a.clone(), ev.clone());
-            tokio::spawn(async move { w.receive(&a, post(&ev)).await })
+            let (w, m, ev) = (webhooks.clone(), m.clone(), ev.clone());
+            tokio::spawn(async move { w.receive(&m, post(&ev)).await })
         };
         while runs.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let took_over = webhooks.receive(&later, post_at(&ev, later.now())).await;
+        // While it runs, a claim the redelivery may take: not before its lease ends...
+        let early = webhooks.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (early.status, early.outcome),
+            (409, Outcome::InProgress),
+            "{}",
+            b.name
+        );
+        // ...and once it has ended (made so by hand, on the database's clock).
+        common::execute_sql(
+            &url,
+            "UPDATE stripe_events SET claimed_at = claimed_at - 1000 WHERE id = 'evt_lease'",
+        );
+        let took_over = webhooks.receive(&m, post(&ev)).await;
         assert_eq!(
             (took_over.status, took_over.outcome),
             (200, Outcome::Processed),
@@ -289,18 +300,88 @@ async fn a_worker_whose_claim_was_taken_over_cannot_finish_the_event() {
             "{}",
             b.name
         );
-        let (status, log) = stored(a.config(), "evt_lease");
+        let (status, log) = stored(m.config(), "evt_lease");
         assert_eq!(
             (status.as_str(), &log["product.created#1"]),
             ("processed", &json!("ok")),
             "{}",
             b.name
         );
+        let attempts = common::query_count(
+            &url,
+            "SELECT CAST(attempts AS BIGINT) AS n FROM stripe_events WHERE id = 'evt_lease'",
+        );
+        assert_eq!(
+            attempts, 2,
+            "{}: the token moved on with the takeover",
+            b.name
+        );
     }
 }
 
-#[test]
-#[should_panic(expected = "must exceed the handler timeout")]
-fn a_lease_shorter_than_the_handler_timeout_is_refused() {
-    let _ = Webhooks::new().claim_lease(Duration::from_secs(30));
+#[tokio::test]
+async fn handlers_never_run_past_the_claim_lease() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let webhooks = Webhooks::new()
+            .handler_timeout(Duration::from_secs(30))
+            .claim_lease(Duration::from_secs(1))
+            .on("product.created", |_e: Event, _m: Mirror| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            });
+        let started = std::time::Instant::now();
+        let r = webhooks
+            .receive(&m, post(&product_event("evt_short_lease")))
+            .await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}",
+            b.name
+        );
+        assert!(
+            r.error.as_deref().unwrap().contains("timed out"),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{}: cut at the lease, not the timeout",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_failed_to_mirror_keeps_its_handlers_due_through_a_cli_replay() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let (runs, never) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let host = Webhooks::new().on("customer.updated", counting(&runs, &never));
+        let bad = json!({"id": "evt_shape", "object": "event", "type": "customer.updated", "created": now(),
+                         "livemode": false, "data": {"object": {"id": "cus_shape", "object": "customer", "email": 42}}});
+        assert_eq!(host.receive(&m, post(&bad)).await.status, 400);
+        // After a fix, the CLI replays it: its sync may run, the host's handler is still due.
+        let report = Webhooks::new()
+            .process_events(
+                &m,
+                &EventFilter {
+                    failed: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.processed, 0, "{}: {report:?}", b.name);
+        let (status, log) = stored(m.config(), "evt_shape");
+        assert_eq!(
+            (status.as_str(), &log["customer.updated#1"]),
+            ("failed", &json!("pending")),
+            "{}",
+            b.name
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
 }

@@ -283,6 +283,57 @@ async fn two_updates_in_one_second_end_in_the_newest_in_every_order() {
 }
 
 #[tokio::test]
+async fn a_fetch_and_an_update_in_one_second_are_ordered_by_what_the_update_changed() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        let update = |id: &str| {
+            event(
+                &format!("evt_fu_{id}"),
+                "customer.subscription.updated",
+                t,
+                subscription(id, "active"),
+                Some(json!({"status": "incomplete"})),
+            )
+        };
+        // Fetched before the update (shows its old values), the update arriving second or first.
+        Subscription::sync_from_stripe_data_at(&m, &subscription("sub_fu1", "incomplete"), t)
+            .await
+            .unwrap();
+        deliver(&webhooks, &m, &update("sub_fu1")).await;
+        deliver(&webhooks, &m, &update("sub_fu2")).await;
+        Subscription::sync_from_stripe_data_at(&m, &subscription("sub_fu2", "incomplete"), t)
+            .await
+            .unwrap();
+        // Fetched after the update (shows its new values), either order.
+        deliver(&webhooks, &m, &update("sub_fu3")).await;
+        Subscription::sync_from_stripe_data_at(&m, &subscription("sub_fu3", "active"), t)
+            .await
+            .unwrap();
+        for id in ["sub_fu1", "sub_fu2", "sub_fu3"] {
+            let s = Subscription::get(&m, id).await.unwrap().unwrap();
+            assert_eq!(s.status.as_deref(), Some("active"), "{} {id}", b.name);
+            assert!(
+                !flagged(m.config(), "stripe_subscriptions", id),
+                "{} {id}",
+                b.name
+            );
+        }
+        // A fetch showing neither (an update between them is missing): kept and flagged.
+        deliver(&webhooks, &m, &update("sub_fu4")).await;
+        Subscription::sync_from_stripe_data_at(&m, &subscription("sub_fu4", "past_due"), t)
+            .await
+            .unwrap();
+        assert!(
+            flagged(m.config(), "stripe_subscriptions", "sub_fu4"),
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_undecidable_tie_is_flagged_without_api_access_and_refetched_with_it() {
     for b in backends() {
         let t = now();
@@ -598,8 +649,13 @@ async fn by_subscriber_is_deterministic_with_null_created() {
         );
         // Only rows without `created`: the smallest id, on both backends.
         for id in ["cus_q", "cus_p"] {
-            deliver(&webhooks, &m, &event(&format!("evt_bs_{id}"), "checkout.session.completed", t,
-                json!({"id": format!("cs_{id}"), "object": "checkout.session", "customer": id, "client_reference_id": "user-10"}), None)).await;
+            Customer::sync_from_stripe_data(
+                &m,
+                &json!({"id": id, "object": "customer",
+                "metadata": {"stripe_mirror_subscriber": "user-10"}}),
+            )
+            .await
+            .unwrap();
         }
         let found = Customer::by_subscriber(&m, "user-10")
             .await
@@ -680,6 +736,16 @@ async fn reconcile_refetches_flagged_rows_failed_syncs_and_missed_events() {
         ])
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_rc_live", "object": "customer", "livemode": true}),
+        )
+        .await
+        .unwrap();
+        common::execute_sql(
+            &m.config().database_url,
+            "UPDATE stripe_customers SET reconcile = TRUE WHERE id = 'cus_rc_live'",
+        );
         let report = stripe_mirror::reconcile(&m, std::time::Duration::from_secs(3600))
             .await
             .unwrap();
@@ -718,6 +784,13 @@ async fn reconcile_refetches_flagged_rows_failed_syncs_and_missed_events() {
                 .unwrap()
                 .unwrap()
                 .deleted,
+            "{}",
+            b.name
+        );
+        // The other mode's rows wait for the other mode's key.
+        let live = Customer::get(&m, "cus_rc_live").await.unwrap().unwrap();
+        assert!(
+            !live.deleted && flagged(m.config(), "stripe_customers", "cus_rc_live"),
             "{}",
             b.name
         );

@@ -64,6 +64,8 @@ struct Reply {
     date: Option<i64>,
     should_retry: Option<bool>,
     request_id: Option<String>,
+    /// `Idempotent-Replayed: true`: the stored answer to an earlier request.
+    replayed: bool,
     body: Bytes,
 }
 
@@ -214,6 +216,7 @@ impl StripeClient {
             );
             let should_retry = text("stripe-should-retry").and_then(|v| v.parse().ok());
             let request_id = text("request-id");
+            let replayed = text("idempotent-replayed").as_deref() == Some("true");
             let body = response
                 .into_body()
                 .collect()
@@ -225,6 +228,7 @@ impl StripeClient {
                 date,
                 should_retry,
                 request_id,
+                replayed,
                 body,
             })
         };
@@ -259,8 +263,10 @@ impl StripeClient {
                     })?;
                     // No `Date` (a proxy dropped it): the newest time the object carries,
                     // a lower bound of Stripe's clock; the host's clock only as a last resort.
+                    // A replayed answer (same idempotency key) is as old as the first one.
                     let at = reply
                         .date
+                        .filter(|_| !reply.replayed)
                         .or_else(|| newest_timestamp(&value))
                         .unwrap_or_else(|| self.clock.now());
                     return Ok(Answer { value, at });
@@ -302,7 +308,7 @@ pub(crate) fn stripe_time(date: &str) -> Option<i64> {
 
 /// The newest unix time among the fields an object carries at its top level.
 pub(crate) fn newest_timestamp(value: &Value) -> Option<i64> {
-    const FIELDS: [&str; 9] = [
+    const FIELDS: [&str; 8] = [
         "created",
         "updated",
         "start_date",
@@ -311,7 +317,6 @@ pub(crate) fn newest_timestamp(value: &Value) -> Option<i64> {
         "canceled_at",
         "ended_at",
         "trial_start",
-        "status_transitions",
     ];
     FIELDS.iter().filter_map(|f| value.get(f)?.as_i64()).max()
 }
@@ -364,7 +369,59 @@ fn api_error(request: &str, object: Option<&str>, status: Option<u16>, message: 
     }))
 }
 
-/// True when Stripe said the object does not exist.
+/// True when Stripe said the object does not exist: a 404 for a resource, not for an
+/// unknown URL (a misconfigured `STRIPE_API_BASE`) or a proxy's page. It turns rows
+/// into final tombstones, so it is strict.
 pub(crate) fn is_missing(err: &Error) -> bool {
-    matches!(err, Error::Stripe(e) if e.status == Some(404) || e.code.as_deref() == Some("resource_missing"))
+    matches!(err, Error::Stripe(e) if e.status == Some(404)
+    && match e.code.as_deref() {
+        Some(code) => code == "resource_missing",
+        // Fakes (localstripe) send no code; Stripe's unknown-URL error has none either.
+        None => e.error_type.is_some() && !e.message.starts_with("Unrecognized request URL"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn not_found(code: Option<&str>, message: &str) -> Error {
+        Error::Stripe(Box::new(StripeApiError {
+            request: "GET /v1/customers/cus_1".into(),
+            status: Some(404),
+            error_type: Some("invalid_request_error".into()),
+            code: code.map(str::to_owned),
+            message: message.into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn only_a_missing_resource_is_missing() {
+        assert!(is_missing(&not_found(
+            Some("resource_missing"),
+            "No such customer: 'cus_1'"
+        )));
+        assert!(is_missing(&not_found(None, "Not Found")));
+        // A wrong STRIPE_API_BASE must not turn rows into tombstones.
+        assert!(!is_missing(&not_found(
+            None,
+            "Unrecognized request URL (GET: /v1/v1/customers/cus_1)"
+        )));
+        assert!(!is_missing(&not_found(Some("url_invalid"), "nope")));
+        let mut proxy = not_found(None, "not a Stripe error body: <html>");
+        if let Error::Stripe(e) = &mut proxy {
+            e.error_type = None;
+        }
+        assert!(!is_missing(&proxy));
+    }
+
+    #[test]
+    fn http_dates_read_as_unix_seconds() {
+        assert_eq!(
+            stripe_time("Wed, 25 Nov 2026 23:11:27 GMT"),
+            Some(1_795_648_287)
+        );
+        assert_eq!(stripe_time("yesterday"), None);
+    }
 }

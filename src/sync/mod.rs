@@ -56,7 +56,12 @@ pub(crate) async fn tombstone<M: Model>(mirror: &Mirror, id: &str, stamp: i64) -
 macro_rules! sync_methods {
     ($model:ty, $object:literal) => {
         impl $model {
-            #[doc = concat!("Upserts a Stripe ", $object, " object (raw JSON) into the mirror, stamped now, and returns the row.")]
+            #[doc = concat!("Upserts a Stripe ", $object, " object (raw JSON) into the mirror and returns the row.")]
+            ///
+            /// The data is stamped with the newest time it carries (`created`, a
+            /// period start, ...: Stripe's clock, a lower bound of when it was read),
+            /// or the host's clock when it carries none. Prefer `sync` (which reads
+            /// Stripe's clock from the answer) or `sync_from_stripe_data_at`.
             ///
             /// Data older than what the row holds, or a live object for a deleted row,
             /// changes nothing: the row as it is comes back.
@@ -64,7 +69,8 @@ macro_rules! sync_methods {
                 mirror: &$crate::Mirror,
                 data: &serde_json::Value,
             ) -> $crate::Result<Self> {
-                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), mirror.now()).await
+                let at = $crate::stripe::newest_timestamp(data).unwrap_or_else(|| mirror.now());
+                $crate::sync::sync_from_stripe_data::<Self>(mirror, data.clone(), at).await
             }
 
             /// Like `sync_from_stripe_data`, with the freshness stamp given (unix seconds:

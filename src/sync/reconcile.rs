@@ -53,17 +53,17 @@ pub struct ReconcileReport {
 /// # Ok(()) }
 /// ```
 pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileReport> {
-    let from = mirror.now() - since.as_secs() as i64;
+    let (from, live) = (mirror.now() - since.as_secs() as i64, mirror.live_mode());
     let mut wanted: BTreeSet<(&'static str, String)> = mirror
         .db()
-        .run(move |conn| local_suspects(conn, from))
+        .run(move |conn| local_suspects(conn, from, live))
         .await?;
     wanted.extend(missed_events(mirror, from).await?);
 
     let mut report = ReconcileReport::default();
     for (kind, id) in wanted {
         let table = crate::models::table_for_kind(kind).expect("a mirrored kind");
-        match refetch(mirror, table, &id).await {
+        match refetch(mirror, table, &id, true).await {
             Ok(Refetch::Current) => report.refetched += 1,
             Ok(Refetch::Gone) => report.tombstoned += 1,
             Err(err) => report.failed.push((kind.to_owned(), id, err.to_string())),
@@ -79,13 +79,19 @@ fn object_of(event: &Value) -> Option<(&'static str, String)> {
     Some((table.kind, object.get("id")?.as_str()?.to_owned()))
 }
 
-/// Flagged rows, and objects of events received since `from` whose sync did not apply.
-fn local_suspects(conn: &mut Conn<'_>, from: i64) -> Result<BTreeSet<(&'static str, String)>> {
+/// Flagged rows, and objects of events received since `from` whose sync did not apply,
+/// in the current mode (the other mode's objects need the other mode's key).
+fn local_suspects(
+    conn: &mut Conn<'_>,
+    from: i64,
+    live: bool,
+) -> Result<BTreeSet<(&'static str, String)>> {
     let mut wanted = BTreeSet::new();
     for table in crate::models::MIRRORED {
         let ids: Vec<String> = on_conn!(conn, c => diesel::sql_query(format!(
-                "SELECT id FROM {} WHERE reconcile = TRUE",
-                table.table
+                "SELECT id FROM {} WHERE reconcile = TRUE AND livemode = {}",
+                table.table,
+                if live { "TRUE" } else { "FALSE" }
             ))
             .load::<Id>(c))?
         .into_iter()
@@ -95,6 +101,7 @@ fn local_suspects(conn: &mut Conn<'_>, from: i64) -> Result<BTreeSet<(&'static s
     }
     let unsynced: Vec<String> = on_conn!(conn, c => stripe_events::table
         .filter(stripe_events::synced.eq(false))
+        .filter(stripe_events::livemode.eq(live))
         .filter(stripe_events::received_at.ge(from))
         .select(stripe_events::data)
         .load(c))?;

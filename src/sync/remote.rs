@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::error::{Error, Result};
+use crate::sync::upsert::{SqlValue, Written};
 use crate::sync::{MirrorTable, Model, Stamp};
 
 /// In-process locks by key (one per subscriber being created).
@@ -33,7 +34,7 @@ pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
 
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
 pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
-    refetch(mirror, M::TABLE, id).await?;
+    refetch(mirror, M::TABLE, id, false).await?;
     let id = id.to_owned();
     mirror
         .db()
@@ -56,13 +57,15 @@ pub(crate) enum Refetch {
 }
 
 /// Fetches one object of `table` and writes it through the guard (stamped with
-/// Stripe's time of the answer), or a tombstone on a 404; either way the row's
-/// `reconcile` flag is cleared, as it now reflects Stripe. The one re-fetch behind
-/// `sync`, reconcile and webhooks.
+/// Stripe's time of the answer), or a tombstone on a 404; unless the guard left it
+/// undecided, the row's `reconcile` flag is cleared, as it now reflects Stripe. A
+/// `settles` fetch (reconcile's) wins a same-second tie with what the row held when
+/// it was asked for. The one re-fetch behind `sync` and reconcile.
 pub(crate) async fn refetch(
     mirror: &Mirror,
     table: &'static MirrorTable,
     id: &str,
+    settles: bool,
 ) -> Result<Refetch> {
     let client = mirror.stripe().await?;
     let path = format!("{}/{id}", api_path(table));
@@ -80,14 +83,18 @@ pub(crate) async fn refetch(
     mirror
         .db()
         .run(move |conn| {
-            let row = table.row(&value, Stamp::fetched(at), None)?;
+            let stamp = if settles { Stamp::settling(at) } else { Stamp::fetched(at) };
+            let row = table.row(&value, stamp, None)?;
             conn.write(|c| {
-                table.write(c, &row, &value)?;
-                super::upsert::execute(
-                    c,
-                    &format!("UPDATE {} SET reconcile = FALSE WHERE id = ?", table.table),
-                    &[super::upsert::SqlValue::Text(Some(row.id.clone()))],
-                )?;
+                // A fetch the guard left undecided keeps its flag; else the row is as
+                // fresh as the fetch (or fresher) and the flag goes.
+                if table.write(c, &row, &value)? != Written::Undecided {
+                    super::upsert::execute(
+                        c,
+                        &format!("UPDATE {} SET reconcile = FALSE WHERE id = ? AND (stamp <= ? OR deleted = TRUE)", table.table),
+                        &[SqlValue::Text(Some(row.id.clone())), SqlValue::Int(Some(at))],
+                    )?;
+                }
                 Ok(outcome)
             })
         })

@@ -128,6 +128,9 @@ pub(crate) struct Stamp {
     pub source: Source,
     pub event: Option<String>,
     pub previous: Option<Value>,
+    /// A fetch made to settle this row (a tie, a reconcile): it was asked for after
+    /// the data the row holds was written, so it wins a same-second tie with it.
+    pub settles: bool,
 }
 
 impl Stamp {
@@ -138,6 +141,15 @@ impl Stamp {
             source: Source::Fetched,
             event: None,
             previous: None,
+            settles: false,
+        }
+    }
+
+    /// Data fetched at `at` to settle what the row holds ([`Stamp::settles`]).
+    pub(crate) fn settling(at: i64) -> Stamp {
+        Stamp {
+            settles: true,
+            ..Stamp::fetched(at)
         }
     }
 }
@@ -290,11 +302,12 @@ impl MirrorTable {
             };
             let upsert = format!("{insert}{} WHERE {live}", sets.join(", "));
             Statements {
-                // Newer stamp, or the same stamp from a later source; two fetches in
-                // one second: the later one.
+                // Newer stamp, or the same stamp from a later source; an update and a
+                // fetch (or two of either) in one second are left to `settle_tie`.
                 live: format!(
                     "{upsert} AND ({t}.stamp < excluded.stamp OR ({t}.stamp = excluded.stamp AND \
-                     ({t}.stamp_rank < excluded.stamp_rank OR ({t}.stamp_rank = {f} AND excluded.stamp_rank = {f}))))",
+                     {t}.stamp_rank < excluded.stamp_rank AND NOT ({t}.stamp_rank = {u} AND excluded.stamp_rank = {f})))",
+                    u = Source::Updated as i32,
                     f = Source::Fetched as i32
                 ),
                 forced: upsert,
@@ -329,11 +342,9 @@ impl MirrorTable {
         Ok(written)
     }
 
-    /// The guard refused `row`: when it was a same-second tie between an update and
-    /// another update or a fetch, decide by what the events carry. An update whose
-    /// `previous_attributes` describe the row's current values is newer; the row is
-    /// newer when its own event's `previous_attributes` describe the incoming object.
-    /// Else the tie is undecided: the row is kept and flagged for reconcile.
+    /// The guard refused `row`: when it was a same-second tie between updates and
+    /// fetches, decide by what the events carry ([`order_tie`]); what nothing decides
+    /// is kept and flagged for reconcile.
     fn settle_tie(
         &self,
         conn: &mut Conn<'_>,
@@ -344,41 +355,41 @@ impl MirrorTable {
         let Some(current) = self.current(conn, &row.id)? else {
             return Ok(Written::Kept);
         };
-        let held = Source::from_rank(current.stamp_rank);
+        let in_play = |s: Option<Source>| matches!(s, Some(Source::Updated | Source::Fetched));
         let tie = current.stamp == row.stamp.at
             && !(current.deleted && self.final_tombstones)
-            && row.stamp.source == Source::Updated
-            && matches!(held, Some(Source::Updated | Source::Fetched));
+            && in_play(Some(row.stamp.source))
+            && in_play(Source::from_rank(current.stamp_rank));
         if !tie {
             return Ok(Written::Kept);
         }
-        let held_data: Value = serde_json::from_str(&current.data).unwrap_or(Value::Null);
-        if row
-            .stamp
-            .previous
-            .as_ref()
-            .is_some_and(|p| describes(p, &held_data))
-        {
+        if row.stamp.settles {
             execute(conn, &self.statements().forced, binds)?;
             return Ok(Written::Applied);
         }
-        // A fetch in the same second that does not show this update's old values came after it.
-        if held == Some(Source::Fetched) {
-            return Ok(Written::Kept);
+        let held_data: Value = serde_json::from_str(&current.data).unwrap_or(Value::Null);
+        let held_previous = match &current.stamp_event {
+            Some(event) => crate::webhooks::event::previous_attributes(conn, event)?,
+            None => None,
+        };
+        let held = (held_previous.as_ref(), &held_data);
+        match order_tie((row.stamp.previous.as_ref(), value), held) {
+            Some(true) => {
+                execute(conn, &self.statements().forced, binds)?;
+                Ok(Written::Applied)
+            }
+            Some(false) => Ok(Written::Kept),
+            None => {
+                execute(
+                    conn,
+                    &format!("UPDATE {} SET reconcile = TRUE WHERE id = ?", self.table),
+                    &[SqlValue::Text(Some(row.id.clone()))],
+                )?;
+                tracing::info!(object = self.kind, id = %row.id, stamp = row.stamp.at,
+                    "same-second versions could not be ordered; flagged for reconcile");
+                Ok(Written::Undecided)
+            }
         }
-        if let Some(event) = &current.stamp_event
-            && crate::webhooks::event::previous_attributes(conn, event)?
-                .is_some_and(|p| describes(&p, value))
-        {
-            return Ok(Written::Kept);
-        }
-        execute(
-            conn,
-            &format!("UPDATE {} SET reconcile = TRUE WHERE id = ?", self.table),
-            &[SqlValue::Text(Some(row.id.clone()))],
-        )?;
-        tracing::info!(object = self.kind, id = %row.id, stamp = row.stamp.at, "same-second updates could not be ordered; flagged for reconcile");
-        Ok(Written::Undecided)
     }
 
     fn current(&self, conn: &mut Conn<'_>, id: &str) -> Result<Option<Current>> {
@@ -451,19 +462,96 @@ impl MirrorTable {
     }
 }
 
+/// Orders two versions of an object stamped in the same second, each given as its
+/// event's `previous_attributes` (`None` for fetched data) and its data: `Some(true)`
+/// when the incoming one is newer, `Some(false)` when the held one is, `None` when
+/// nothing they carry says.
+///
+/// - An update whose `previous_attributes` describe the other version comes right
+///   after it. Two updates are ordered only when exactly one describes the other
+///   (a change and its reversal in one second describe each other: undecided).
+/// - A fetch that shows an update's new values (on the fields the update changed)
+///   came after it; one that shows its old values, before it. Else undecided (an
+///   update between them is missing).
+/// - Two different fetches in one second: undecided (equal ones: nothing to do).
+pub(crate) fn order_tie(
+    incoming: (Option<&Value>, &Value),
+    held: (Option<&Value>, &Value),
+) -> Option<bool> {
+    let ((in_prev, in_data), (held_prev, held_data)) = (incoming, held);
+    // Does `prev` (the previous values of the version `data`) describe `other`?
+    let follows = |prev: Option<&Value>, other: &Value| prev.map(|p| describes(p, other));
+    // Does `other` show the new values of the change `prev` made to reach `data`?
+    let includes = |prev: Option<&Value>, data: &Value, other: &Value| {
+        prev.is_some_and(|p| non_empty(p) && same_on(p, data, other))
+    };
+    match (in_prev, held_prev) {
+        (Some(_), Some(_)) => match (follows(in_prev, held_data), follows(held_prev, in_data)) {
+            (Some(true), Some(false)) => Some(true),
+            (Some(false), Some(true)) => Some(false),
+            _ => None,
+        },
+        // Incoming update, held fetch.
+        (Some(_), None) => {
+            if follows(in_prev, held_data) == Some(true) && !includes(in_prev, in_data, held_data) {
+                Some(true)
+            } else if includes(in_prev, in_data, held_data) {
+                Some(false)
+            } else {
+                None
+            }
+        }
+        // Incoming fetch, held update.
+        (None, Some(_)) => {
+            if follows(held_prev, in_data) == Some(true) && !includes(held_prev, held_data, in_data)
+            {
+                Some(false)
+            } else if includes(held_prev, held_data, in_data) {
+                Some(true)
+            } else {
+                None
+            }
+        }
+        (None, None) => (in_data == held_data).then_some(false),
+    }
+}
+
+fn non_empty(previous: &Value) -> bool {
+    previous.as_object().is_some_and(|o| !o.is_empty())
+}
+
+/// Whether `a` and `b` agree on every field `previous` names (nested objects field by
+/// field, a missing field equal to `null`).
+fn same_on(previous: &Value, a: &Value, b: &Value) -> bool {
+    match previous {
+        Value::Object(fields) if !fields.is_empty() => fields.iter().all(|(k, v)| {
+            same_on(
+                v,
+                a.get(k).unwrap_or(&Value::Null),
+                b.get(k).unwrap_or(&Value::Null),
+            )
+        }),
+        _ => a == b,
+    }
+}
+
 /// Whether `previous` (an event's `previous_attributes`) describes `current`: every
 /// field it names holds that value (nested objects compared field by field, a missing
-/// field equal to `null`). An empty `previous` describes nothing.
+/// field equal to `null`, an empty object equal to an empty or missing one). An empty
+/// `previous` describes nothing.
 pub(crate) fn describes(previous: &Value, current: &Value) -> bool {
     fn matches(previous: &Value, current: &Value) -> bool {
         match previous {
+            Value::Object(fields) if fields.is_empty() => {
+                current.is_null() || current.as_object().is_some_and(|o| o.is_empty())
+            }
             Value::Object(fields) => fields
                 .iter()
                 .all(|(k, v)| matches(v, current.get(k).unwrap_or(&Value::Null))),
             _ => previous == current,
         }
     }
-    previous.as_object().is_some_and(|o| !o.is_empty()) && matches(previous, current)
+    non_empty(previous) && matches(previous, current)
 }
 
 /// A statement whose `?` marks are bound to `values` in order. Unlike `sql_query`,
@@ -545,6 +633,36 @@ mod tests {
         // Nothing said describes nothing.
         assert!(!describes(&json!({}), &row));
         assert!(!describes(&json!(null), &row));
+    }
+
+    #[test]
+    fn same_second_versions_are_ordered_by_what_they_changed() {
+        let (inc, act, due) = (
+            json!({"status": "incomplete"}),
+            json!({"status": "active"}),
+            json!({"status": "past_due"}),
+        );
+        // Two updates: the one whose old values are the other's data is newer.
+        assert_eq!(
+            order_tie((Some(&act), &due), (Some(&inc), &act)),
+            Some(true)
+        );
+        assert_eq!(
+            order_tie((Some(&inc), &act), (Some(&act), &due)),
+            Some(false)
+        );
+        // A change and its reversal in one second describe each other: undecided.
+        assert_eq!(order_tie((Some(&act), &due), (Some(&due), &act)), None);
+        // Neither carries previous_attributes: undecided.
+        assert_eq!(order_tie((None, &due), (None, &act)), None);
+        assert_eq!(order_tie((None, &act), (None, &act)), Some(false));
+        // An update against a fetch: before it, after it, or a missing step between.
+        assert_eq!(order_tie((Some(&inc), &act), (None, &inc)), Some(true));
+        assert_eq!(order_tie((Some(&inc), &act), (None, &act)), Some(false));
+        assert_eq!(order_tie((Some(&inc), &act), (None, &due)), None);
+        assert_eq!(order_tie((None, &inc), (Some(&inc), &act)), Some(false));
+        assert_eq!(order_tie((None, &act), (Some(&inc), &act)), Some(true));
+        assert_eq!(order_tie((None, &due), (Some(&inc), &act)), None);
     }
 
     #[test]

@@ -61,27 +61,33 @@ fn event_stamp(event: &Event, source: Source) -> Stamp {
         source,
         event: Some(event.id.clone()),
         previous: event.previous_attributes().cloned(),
+        settles: false,
     }
 }
 
-/// Writes what a re-fetch found, outside the event's own sync: the object (stamped
-/// with Stripe's time of the fetch, newer than anything applied before it) or, on a
-/// 404, a tombstone.
+/// Writes what a re-fetch made to settle the event's tie found: the object (stamped
+/// with Stripe's time of the fetch, which was asked for after the tied data was
+/// written, so it settles the tie) or, on a 404, a tombstone.
 pub(crate) fn apply_refetched(
     conn: &mut Conn<'_>,
     event: &Event,
     found: &Refetched,
 ) -> Result<Written> {
-    let mut event = event.clone();
-    event.refetched = Some(found.clone());
-    apply(conn, &event)
+    let (Some(table), Refetched::Object(object, at)) = (table_for(event), found) else {
+        let mut event = event.clone();
+        event.refetched = Some(found.clone());
+        return apply(conn, &event);
+    };
+    let row = table.row(object, Stamp::settling(*at), Some(event.livemode))?;
+    table.write(conn, &row, object)
 }
 
 /// Checkout tells which subscriber a customer belongs to (`client_reference_id`, or
 /// the subscriber metadata key). Buyers can set `client_reference_id` themselves (on
-/// Payment Links), so the link only fills an empty one: a customer already linked to a
-/// subscriber (by its metadata, set by `Customer::get_or_create`, or an earlier
-/// Checkout) is never moved to another. A placeholder row is created, through the
+/// Payment Links), so the link only joins a customer without a subscriber to a
+/// subscriber without a customer: a customer already linked (by its metadata, set by
+/// `Customer::get_or_create`, or an earlier Checkout) is never moved to another, and a
+/// subscriber's customer is never shadowed by a second one. A placeholder row is created, through the
 /// guard at stamp 0, when the customer itself has not arrived yet.
 fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     let session = event.object();
@@ -110,13 +116,25 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     let Some(subscriber) = subscriber else {
         return Ok(());
     };
+    // Another customer already holds this subscriber: a second one would shadow it
+    // (a buyer may name someone else's id on a Payment Link).
+    let taken: i64 = on_conn!(conn, c => stripe_customers::table
+        .filter(stripe_customers::subscriber_id.eq(subscriber))
+        .filter(stripe_customers::livemode.eq(event.livemode))
+        .filter(stripe_customers::deleted.eq(false))
+        .filter(stripe_customers::id.ne(&customer))
+        .count()
+        .get_result(c))?;
+    if taken > 0 {
+        tracing::warn!(event = %event.id, %customer, claimed = %subscriber,
+            "checkout session names a subscriber that already has a customer; not linked");
+        return Ok(());
+    }
     let placeholder = json!({ "id": customer, "object": "customer", "livemode": event.livemode });
     let table = &crate::models::customer::CUSTOMERS;
     let stamp = Stamp {
-        at: 0,
         source: Source::Created,
-        event: None,
-        previous: None,
+        ..Stamp::fetched(0)
     };
     let row = table.row(&placeholder, stamp, Some(event.livemode))?;
     table.write(conn, &row, &placeholder)?;

@@ -146,8 +146,10 @@ pub(crate) enum Claim {
     Busy,
 }
 
-/// Stores the event if new, then claims it for `lease_secs` from `t` (unix seconds).
-/// Run inside the write transaction.
+/// Stores the event if new (received at `t`, the host's clock), then claims it for
+/// `lease_secs`. The lease is kept on the database's clock, the one clock every worker
+/// shares, so hosts whose clocks disagree still agree on when a claim ends. Run inside
+/// the write transaction.
 pub(crate) fn insert_and_claim(
     conn: &mut Conn<'_>,
     event: &Event,
@@ -155,6 +157,11 @@ pub(crate) fn insert_and_claim(
     t: i64,
     lease_secs: i64,
 ) -> Result<Claim> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::{BigInt, Nullable};
+    let now_sql = database_now(conn);
+    let lease_end = sql::<Nullable<BigInt>>(&format!("({now_sql}) + {lease_secs}"));
+    let now = sql::<Nullable<BigInt>>(now_sql);
     on_conn!(conn, c => {
         diesel::insert_into(stripe_events::table)
             .values((
@@ -179,12 +186,12 @@ pub(crate) fn insert_and_claim(
         // `claimed_at` holds when the lease ends.
         let claimable = stripe_events::status
             .eq_any(statuses)
-            .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(t)));
+            .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(now)));
         let claimed: Option<(i32, bool, String)> = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
             .set((
                 stripe_events::status.eq(status::PROCESSING),
                 stripe_events::attempts.eq(stripe_events::attempts + 1),
-                stripe_events::claimed_at.eq(t + lease_secs),
+                stripe_events::claimed_at.eq(lease_end),
             ))
             .returning((stripe_events::attempts, stripe_events::synced, stripe_events::handlers))
             .get_result(c)
@@ -209,6 +216,16 @@ pub(crate) fn previous_attributes(conn: &mut Conn<'_>, id: &str) -> Result<Optio
         .and_then(|d| serde_json::from_str::<Value>(&d).ok())
         .and_then(|v| v.pointer("/data/previous_attributes").cloned())
         .filter(|v| !v.is_null()))
+}
+
+/// Unix seconds now on the database server, as SQL.
+fn database_now(conn: &Conn<'_>) -> &'static str {
+    match conn {
+        #[cfg(feature = "sqlite")]
+        Conn::Sqlite(_) => "unixepoch()",
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(_) => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS BIGINT)",
+    }
 }
 
 /// Records that the built-in sync applied.

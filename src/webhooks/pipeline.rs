@@ -141,6 +141,9 @@ pub(crate) struct Work {
     pub(crate) due: bool,
     /// The built-in sync met a same-second tie it could not settle: re-fetch the object.
     pub(crate) undecided: bool,
+    /// When the claim's lease ends, measured from just before it was taken: every
+    /// handler must be done before then, or another worker may take the event over.
+    pub(crate) lease_ends: tokio::time::Instant,
 }
 
 /// What storing and claiming an event came to.
@@ -171,7 +174,10 @@ impl Webhooks {
             body.truncate(delivery::REFUSED_BODY_LOG_LIMIT);
         }
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
-        let refetch = checked.as_ref().ok().and_then(|e| self.refetch_target(e));
+        let refetch = checked
+            .as_ref()
+            .ok()
+            .and_then(|e| self.refetch_target(mirror, e));
         let this = self.clone();
         let t = mirror.now();
         let (headers, remote) = (request.headers, request.remote_addr);
@@ -220,7 +226,14 @@ impl Webhooks {
                     Err(err) => {
                         let failure = Failure::from_error(err);
                         let error = Some(failure.error.as_str());
-                        delivery::finish(conn, delivery_id, true, Some(&event.id), failure.outcome, error)?;
+                        delivery::finish(
+                            conn,
+                            delivery_id,
+                            true,
+                            Some(&event.id),
+                            failure.outcome,
+                            error,
+                        )?;
                         Ok(Step::Answer(Err(failure)))
                     }
                 })
@@ -291,9 +304,11 @@ impl Webhooks {
         event: &Event,
         work: &mut Work,
     ) -> std::result::Result<Outcome, Failure> {
-        let lease = self.inner.lease;
-        let deadline = tokio::time::Instant::now() + lease
-            - (lease / 10).min(std::time::Duration::from_secs(10));
+        let margin = (self.inner.lease / 10).min(std::time::Duration::from_secs(10));
+        let deadline = work
+            .lease_ends
+            .checked_sub(margin)
+            .unwrap_or(work.lease_ends);
         self.run_handlers(mirror, event, &mut work.handlers, deadline)
             .await
     }
@@ -349,7 +364,11 @@ impl Webhooks {
     }
 
     /// The API path of the event's object, when its kind is re-fetched.
-    fn refetch_target(&self, event: &Event) -> Option<String> {
+    fn refetch_target(&self, mirror: &Mirror, event: &Event) -> Option<String> {
+        // Another mode's object cannot be fetched with this mode's key: trust the payload.
+        if event.livemode != mirror.live_mode() {
+            return None;
+        }
         let table = builtin::table_for(event)?;
         let id = event.object().get("id")?.as_str()?;
         let wanted = self
@@ -443,6 +462,9 @@ pub(crate) fn claim_and_sync(
     lease: i64,
     keys: &[String],
 ) -> Result<Progress> {
+    // Measured from before the claim, so the handlers' deadline never outlives it.
+    let lease_ends =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(lease.max(1) as u64);
     let attempt = conn.write(|c| {
         let (token, synced, mut handlers) =
             match event::insert_and_claim(c, event, force, t, lease)? {
@@ -476,6 +498,7 @@ pub(crate) fn claim_and_sync(
             handlers,
             due,
             undecided,
+            lease_ends,
         }))
     });
     match attempt {
@@ -483,9 +506,17 @@ pub(crate) fn claim_and_sync(
             let message = err.to_string();
             conn.write(|c| {
                 if let Claim::Claimed {
-                    token, handlers, ..
+                    token,
+                    mut handlers,
+                    ..
                 } = event::insert_and_claim(c, event, true, t, lease)?
                 {
+                    // The handlers never ran: they stay due, so a replay without them
+                    // (the CLI) cannot finish the event in their place.
+                    for key in keys {
+                        let pending = || event::HANDLER_PENDING.to_owned();
+                        handlers.entry(key.clone()).or_insert_with(pending);
+                    }
                     event::finish(c, &event.id, token, &handlers, Some(&message))?;
                 }
                 Ok(())
@@ -501,6 +532,21 @@ pub(crate) fn claim_and_sync(
 /// before it); a 404 makes a tombstone. Without one, or when the fetch fails, the row
 /// stays flagged for `reconcile`.
 pub(crate) async fn settle_by_fetch(mirror: &Mirror, event: &Event) {
+    // Bounded: the answer to Stripe waits for it; what it does not settle, reconcile does.
+    let settle = settle_by_fetch_now(mirror, event);
+    if tokio::time::timeout(SETTLE_TIMEOUT, settle).await.is_err() {
+        tracing::warn!(event = %event.id, "re-fetch to settle a same-second tie took too long; left for reconcile");
+    }
+}
+
+/// How long an answer waits for the re-fetch that settles a tie.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn settle_by_fetch_now(mirror: &Mirror, event: &Event) {
+    // Another mode's object cannot be fetched with this mode's key.
+    if event.livemode != mirror.live_mode() {
+        return;
+    }
     let Some(table) = builtin::table_for(event) else {
         return;
     };

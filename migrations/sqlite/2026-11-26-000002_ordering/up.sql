@@ -1,6 +1,6 @@
 -- Ordering beyond whole seconds, and handler bookkeeping.
 -- stamp_rank orders writes that share a stamp (Stripe stamps events in whole seconds):
--- 1 created < 2 updated < 3 deleted < 4 fetched from the API. stamp_event is the event
+-- 1 created < 2 updated < 3 fetched from the API < 4 deleted. stamp_event is the event
 -- whose data the row holds (NULL for API data), read to settle same-second updates by
 -- their previous_attributes. reconcile flags a row whose freshness could not be decided
 -- for `stripe-mirror reconcile`. stripe_events.claimed_at now holds when a claim's lease
