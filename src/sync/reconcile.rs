@@ -63,7 +63,7 @@ pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileRepo
     let mut report = ReconcileReport::default();
     for (kind, id) in wanted {
         let table = crate::models::table_for_kind(kind).expect("a mirrored kind");
-        match refetch(mirror, table, &id, true).await {
+        match refetch(mirror, table, &id).await {
             Ok(Refetch::Current) => report.refetched += 1,
             Ok(Refetch::Gone) => report.tombstoned += 1,
             Err(err) => report.failed.push((kind.to_owned(), id, err.to_string())),

@@ -34,7 +34,7 @@ pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
 
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
 pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
-    refetch(mirror, M::TABLE, id, false).await?;
+    refetch(mirror, M::TABLE, id).await?;
     let id = id.to_owned();
     mirror
         .db()
@@ -59,15 +59,17 @@ pub(crate) enum Refetch {
 /// Fetches one object of `table` and writes it through the guard (stamped with
 /// Stripe's time of the answer), or a tombstone on a 404; unless the guard left it
 /// undecided, the row's `reconcile` flag is cleared, as it now reflects Stripe. A
-/// `settles` fetch (reconcile's) wins a same-second tie with what the row held when
-/// it was asked for. The one re-fetch behind `sync` and reconcile.
+/// fetch wins a same-second tie with the row when the row is still what it was just
+/// before the request (the fetch is newer). The one re-fetch behind `sync` and
+/// reconcile.
 pub(crate) async fn refetch(
     mirror: &Mirror,
     table: &'static MirrorTable,
     id: &str,
-    settles: bool,
 ) -> Result<Refetch> {
     let client = mirror.stripe().await?;
+    let key = id.to_owned();
+    let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
     let path = format!("{}/{id}", api_path(table));
     let object = format!("{} {id}", table.kind);
     let (value, at, outcome) = match client.get_at(&path, &json!({}), Some(&object)).await {
@@ -83,8 +85,7 @@ pub(crate) async fn refetch(
     mirror
         .db()
         .run(move |conn| {
-            let stamp = if settles { Stamp::settling(at) } else { Stamp::fetched(at) };
-            let row = table.row(&value, stamp, None)?;
+            let row = table.row(&value, Stamp::fetched_over(at, seen), None)?;
             conn.write(|c| {
                 // A fetch the guard left undecided keeps its flag; else the row is as
                 // fresh as the fetch (or fresher) and the flag goes.

@@ -128,9 +128,18 @@ pub(crate) struct Stamp {
     pub source: Source,
     pub event: Option<String>,
     pub previous: Option<Value>,
-    /// A fetch made to settle this row (a tie, a reconcile): it was asked for after
-    /// the data the row holds was written, so it wins a same-second tie with it.
-    pub settles: bool,
+    /// For a fetch: the row as it was read just before the request was sent. A fetch
+    /// is newer than anything written before it was asked for, so it wins a
+    /// same-second tie with the row when the row is still what was seen.
+    pub settles: Option<Seen>,
+}
+
+/// A row's version as read before a fetch ([`Stamp::settles`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Seen {
+    stamp: i64,
+    rank: i32,
+    data: String,
 }
 
 impl Stamp {
@@ -141,14 +150,14 @@ impl Stamp {
             source: Source::Fetched,
             event: None,
             previous: None,
-            settles: false,
+            settles: None,
         }
     }
 
-    /// Data fetched at `at` to settle what the row holds ([`Stamp::settles`]).
-    pub(crate) fn settling(at: i64) -> Stamp {
+    /// Data fetched at `at`, asked for when the row was `seen` ([`Stamp::settles`]).
+    pub(crate) fn fetched_over(at: i64, seen: Option<Seen>) -> Stamp {
         Stamp {
-            settles: true,
+            settles: seen,
             ..Stamp::fetched(at)
         }
     }
@@ -363,7 +372,11 @@ impl MirrorTable {
         if !tie {
             return Ok(Written::Kept);
         }
-        if row.stamp.settles {
+        let unchanged = |seen: &Seen| {
+            (seen.stamp, seen.rank, seen.data.as_str())
+                == (current.stamp, current.stamp_rank, current.data.as_str())
+        };
+        if row.stamp.settles.as_ref().is_some_and(unchanged) {
             execute(conn, &self.statements().forced, binds)?;
             return Ok(Written::Applied);
         }
@@ -390,6 +403,15 @@ impl MirrorTable {
                 Ok(Written::Undecided)
             }
         }
+    }
+
+    /// The row's version, read before fetching it ([`Stamp::fetched_over`]).
+    pub(crate) fn seen(&self, conn: &mut Conn<'_>, id: &str) -> Result<Option<Seen>> {
+        Ok(self.current(conn, id)?.map(|c| Seen {
+            stamp: c.stamp,
+            rank: c.stamp_rank,
+            data: c.data,
+        }))
     }
 
     fn current(&self, conn: &mut Conn<'_>, id: &str) -> Result<Option<Current>> {

@@ -61,25 +61,8 @@ fn event_stamp(event: &Event, source: Source) -> Stamp {
         source,
         event: Some(event.id.clone()),
         previous: event.previous_attributes().cloned(),
-        settles: false,
+        settles: None,
     }
-}
-
-/// Writes what a re-fetch made to settle the event's tie found: the object (stamped
-/// with Stripe's time of the fetch, which was asked for after the tied data was
-/// written, so it settles the tie) or, on a 404, a tombstone.
-pub(crate) fn apply_refetched(
-    conn: &mut Conn<'_>,
-    event: &Event,
-    found: &Refetched,
-) -> Result<Written> {
-    let (Some(table), Refetched::Object(object, at)) = (table_for(event), found) else {
-        let mut event = event.clone();
-        event.refetched = Some(found.clone());
-        return apply(conn, &event);
-    };
-    let row = table.row(object, Stamp::settling(*at), Some(event.livemode))?;
-    table.write(conn, &row, object)
 }
 
 /// Checkout tells which subscriber a customer belongs to (`client_reference_id`, or

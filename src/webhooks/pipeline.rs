@@ -553,29 +553,11 @@ async fn settle_by_fetch_now(mirror: &Mirror, event: &Event) {
     let Some(id) = event.object().get("id").and_then(serde_json::Value::as_str) else {
         return;
     };
-    let path = format!("{}/{id}", crate::sync::remote::api_path(table));
-    let client = match mirror.stripe().await {
-        Ok(client) => client,
-        Err(_) => return, // no API key: the flag waits for reconcile
-    };
-    let fetched = match client
-        .get_at(&path, &serde_json::json!({}), Some(&path))
-        .await
-    {
-        Ok(answer) => Refetched::Object(answer.value, answer.at),
-        Err(err) if crate::stripe::is_missing(&err) => Refetched::Missing,
-        Err(err) => {
-            tracing::warn!(event = %event.id, error = %err, "re-fetch to settle a same-second tie failed; left for reconcile");
-            return;
-        }
-    };
-    let event = event.clone();
-    let written = mirror
-        .db()
-        .run(move |conn| conn.write(|c| builtin::apply_refetched(c, &event, &fetched)))
-        .await;
-    if let Err(err) = written {
-        tracing::warn!(error = %err, "writing a re-fetched object failed; left for reconcile");
+    if mirror.stripe().await.is_err() {
+        return; // no API key: the flag waits for reconcile
+    }
+    if let Err(err) = crate::sync::remote::refetch(mirror, table, id).await {
+        tracing::warn!(event = %event.id, error = %err, "re-fetch to settle a same-second tie failed; left for reconcile");
     }
 }
 
