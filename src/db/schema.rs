@@ -152,3 +152,37 @@ diesel::table! {
         error -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    stripe_entitlement_summaries (id) {
+        id -> Text,
+        livemode -> Bool,
+        data -> Text,
+        deleted -> Bool,
+        stamp -> BigInt,
+        synced_at -> BigInt,
+        created -> Nullable<BigInt>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
+        customer_id -> Nullable<Text>,
+        lookup_keys -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    stripe_product_features (id) {
+        id -> Text,
+        livemode -> Bool,
+        data -> Text,
+        deleted -> Bool,
+        stamp -> BigInt,
+        synced_at -> BigInt,
+        created -> Nullable<BigInt>,
+        stamp_rank -> Integer,
+        stamp_event -> Nullable<Text>,
+        reconcile -> Bool,
+        product_id -> Nullable<Text>,
+        lookup_key -> Nullable<Text>,
+    }
+}
