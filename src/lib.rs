@@ -37,6 +37,8 @@
 //! - `sync`: the one JSON-to-row mapping, stale-write guard and upsert all models share.
 //! - [`stripe`]: talking to the Stripe API.
 //! - [`webhooks`]: the handler registry and the webhook pipeline.
+//! - [`access`]: subscription gates, roles and features, from the local database.
+//! - [`checkout`]: Checkout and Billing Portal sessions for a subscriber.
 //! - [`demo`]: the demo catalogue (Basic, Starter, Pro) for test mode.
 //! - [`error`]: the one [`Error`] enum.
 //!
@@ -67,8 +69,10 @@
 //! both. On Postgres, query it with a cast: `SELECT data::jsonb -> 'metadata' FROM stripe_customers`.
 #![warn(missing_docs)]
 
+pub mod access;
 #[cfg(feature = "axum")]
 pub mod axum;
+pub mod checkout;
 mod clock;
 pub mod config;
 pub(crate) mod db;
@@ -81,6 +85,8 @@ pub mod stripe;
 pub mod sync;
 pub mod webhooks;
 
+pub use access::{Denial, Gate, has_feature, has_role, require_subscription};
+pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal};
 pub use clock::Clock;
 pub use config::Config;
 pub use db::Backend;
@@ -89,9 +95,10 @@ pub use error::{Error, Result};
 pub use mirror::Mirror;
 pub use models::api_key::{ApiKey, ApiKeyKind};
 pub use models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
+pub use models::entitlement::{EntitlementSummary, ProductFeature};
 pub use models::price::Price;
 pub use models::product::Product;
-pub use models::subscription::{Subscription, SubscriptionItem};
+pub use models::subscription::{IncompleteSubscription, Subscription, SubscriptionItem};
 pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};
 pub use sync::remote::{SyncOptions, SyncProgress, SyncReport, sync_all};

@@ -121,6 +121,13 @@ impl Mirror {
         Ok(client)
     }
 
+    /// The publishable key for the current mode, for Stripe.js on your pages: a stored
+    /// key first, then `STRIPE_TEST_PUBLISHABLE_KEY` / `STRIPE_LIVE_PUBLISHABLE_KEY`,
+    /// so `STRIPE_LIVE_MODE` alone moves an app between test and live.
+    pub async fn publishable_key(&self) -> Result<Option<String>> {
+        ApiKey::default_publishable_key(self).await
+    }
+
     pub(crate) fn creating(&self) -> &crate::sync::KeyedLocks {
         &self.inner.creating
     }

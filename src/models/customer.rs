@@ -1,7 +1,6 @@
 //! Customer: a Stripe customer, linked to the host app's user (the subscriber).
 
 use diesel::prelude::*;
-use sha2::Digest;
 
 use crate::Mirror;
 use crate::db::schema::{stripe_customers, stripe_subscription_items};
@@ -63,6 +62,7 @@ mirror_table!(CUSTOMERS {
     kind: "customer",
     table: "stripe_customers",
     api_path: Some("/customers"),
+    id_from: None,
     accepts: &["customer"],
     columns: &["email", "name", "subscriber_id"],
     // Checkout links a subscriber without touching Stripe metadata; keep that link.
@@ -145,9 +145,7 @@ impl Customer {
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {
             return Ok(found);
         }
-        let mode = if mirror.live_mode() { "live" } else { "test" };
-        let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
-        let key = format!("stripe-mirror-customer-{mode}-{}", &digest[..40]);
+        let key = crate::sync::remote::creation_key("customer", mirror.live_mode(), &id);
         let mut form = serde_json::json!({ "metadata": { SUBSCRIBER_METADATA_KEY: id } });
         if let Some(email) = subscriber.email() {
             form["email"] = email.into();

@@ -3,16 +3,19 @@
 
 pub mod api_key;
 pub mod customer;
+pub mod entitlement;
 pub mod price;
 pub mod product;
 pub mod subscription;
 
 /// Every top-level mirrored object, for code that picks a table by kind (webhooks, `sync_all`).
-pub(crate) static MIRRORED: [&crate::sync::MirrorTable; 4] = [
+pub(crate) static MIRRORED: [&crate::sync::MirrorTable; 6] = [
     &customer::CUSTOMERS,
     &product::PRODUCTS,
     &price::PRICES,
     &subscription::SUBSCRIPTIONS,
+    &entitlement::ENTITLEMENT_SUMMARIES,
+    &entitlement::PRODUCT_FEATURES,
 ];
 
 /// The mirrored table for an object kind (`customer`) or its plural, or a `plan`.

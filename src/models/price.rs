@@ -49,6 +49,7 @@ mirror_table!(PRICES {
     kind: "price",
     table: "stripe_prices",
     api_path: Some("/prices"),
+    id_from: None,
     accepts: &["price", "plan"],
     columns: &[
         "product_id",
@@ -94,7 +95,125 @@ impl Model for Price {
 
 sync_methods!(Price, "price");
 
+/// What [`Price::get_or_create`] creates when no price has the lookup key yet.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NewPrice {
+    /// The lookup key: the natural key (`pro_monthly`).
+    pub lookup_key: String,
+    /// The product it prices.
+    pub product: String,
+    /// Three-letter currency code (`usd`).
+    pub currency: String,
+    /// Amount in the currency's smallest unit (cents).
+    pub unit_amount: i64,
+    /// `month`, `year`, `week` or `day` for a recurring price; `None` for one-time.
+    pub interval: Option<String>,
+}
+
+impl NewPrice {
+    /// A recurring price (`interval`: `month`, `year`, ...).
+    pub fn recurring(
+        lookup_key: &str,
+        product: &str,
+        currency: &str,
+        unit_amount: i64,
+        interval: &str,
+    ) -> Self {
+        NewPrice {
+            lookup_key: lookup_key.to_owned(),
+            product: product.to_owned(),
+            currency: currency.to_owned(),
+            unit_amount,
+            interval: Some(interval.to_owned()),
+        }
+    }
+
+    /// A one-time price.
+    pub fn one_time(lookup_key: &str, product: &str, currency: &str, unit_amount: i64) -> Self {
+        NewPrice {
+            interval: None,
+            ..Self::recurring(lookup_key, product, currency, unit_amount, "")
+        }
+    }
+}
+
 impl Price {
+    /// The active price with this lookup key in the current mode, from the mirror only.
+    pub async fn by_lookup_key(mirror: &Mirror, lookup_key: &str) -> Result<Option<Price>> {
+        let (key, live) = (lookup_key.to_owned(), mirror.live_mode());
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_prices::table
+                    .filter(stripe_prices::lookup_key.eq(&key))
+                    .filter(stripe_prices::livemode.eq(live))
+                    .filter(stripe_prices::active.eq(true))
+                    .filter(stripe_prices::deleted.eq(false))
+                    .order((stripe_prices::created.is_null().asc(), stripe_prices::created.desc(), stripe_prices::id.asc()))
+                    .select(Price::as_select())
+                    .first(c)
+                    .optional())?)
+            })
+            .await
+    }
+
+    /// The active price with `new.lookup_key`: the mirror's row when it has one, else
+    /// Stripe's (`lookup_keys[]`), else created in Stripe (idempotency key derived from
+    /// the lookup key and mode), mirrored at once.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+    /// use stripe_mirror::{Price, models::price::NewPrice};
+    /// let monthly = Price::get_or_create(&mirror, &NewPrice::recurring("pro_monthly", "pro", "usd", 2900, "month")).await?;
+    /// assert_eq!(monthly.lookup_key.as_deref(), Some("pro_monthly"));
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_create(mirror: &Mirror, new: &NewPrice) -> Result<Price> {
+        if let Some(found) = Self::by_lookup_key(mirror, &new.lookup_key).await? {
+            return Ok(found);
+        }
+        let client = mirror.stripe().await?;
+        let object = format!("price {}", new.lookup_key);
+        let query =
+            serde_json::json!({ "lookup_keys": [new.lookup_key], "active": true, "limit": 10 });
+        let listed = client.get_at("/prices", &query, Some(&object)).await?;
+        let found = listed
+            .value
+            .get("data")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|prices| {
+                prices
+                    .iter()
+                    .find(|p| {
+                        p.get("lookup_key").and_then(serde_json::Value::as_str)
+                            == Some(new.lookup_key.as_str())
+                    })
+                    .cloned()
+            });
+        let answer = match found {
+            Some(value) => crate::stripe::Answer {
+                value,
+                at: listed.at,
+            },
+            None => {
+                let mut form = serde_json::json!({
+                    "product": new.product, "currency": new.currency,
+                    "unit_amount": new.unit_amount, "lookup_key": new.lookup_key,
+                });
+                if let Some(interval) = &new.interval {
+                    form["recurring"] = serde_json::json!({ "interval": interval });
+                }
+                let key =
+                    crate::sync::remote::creation_key("price", mirror.live_mode(), &new.lookup_key);
+                client
+                    .post_at("/prices", &form, Some(key), Some(&object))
+                    .await?
+            }
+        };
+        crate::sync::sync_from_stripe_data::<Price>(mirror, answer.value, answer.at).await
+    }
+
     /// The mirrored product this price belongs to.
     pub async fn product(&self, mirror: &Mirror) -> Result<Option<Product>> {
         match &self.product_id {

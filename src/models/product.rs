@@ -37,6 +37,7 @@ mirror_table!(PRODUCTS {
     kind: "product",
     table: "stripe_products",
     api_path: Some("/products"),
+    id_from: None,
     accepts: &["product"],
     columns: &["name", "active"],
     keep_when_null: &[],
@@ -61,7 +62,85 @@ impl Model for Product {
 
 sync_methods!(Product, "product");
 
+/// What [`Product::get_or_create`] creates when the product does not exist yet.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct NewProduct {
+    /// The product id to use (`prod_...` or your own, e.g. `pro`): the natural key.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// Metadata (e.g. `roles` for [`has_role`](crate::access::has_role)).
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl NewProduct {
+    /// A product with this id and name.
+    pub fn new(id: impl Into<String>, name: impl Into<String>) -> Self {
+        NewProduct {
+            id: id.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: &str, value: &str) -> Self {
+        self.metadata.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, text: &str) -> Self {
+        self.description = Some(text.to_owned());
+        self
+    }
+}
+
 impl Product {
+    /// The product with `new.id`: the mirror's row when it has a live one, else
+    /// Stripe's, else created in Stripe (idempotency key derived from the id and mode,
+    /// so racing processes create one), mirrored at once.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+    /// use stripe_mirror::{Product, models::product::NewProduct};
+    /// let pro = Product::get_or_create(&mirror, &NewProduct::new("pro", "Pro").metadata("roles", "pro")).await?;
+    /// assert_eq!(pro.id, "pro");
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_create(mirror: &Mirror, new: &NewProduct) -> Result<Product> {
+        if let Some(found) = Self::get(mirror, &new.id).await?.filter(|p| !p.deleted) {
+            return Ok(found);
+        }
+        let client = mirror.stripe().await?;
+        let (path, object) = (
+            format!("/products/{}", new.id),
+            format!("product {}", new.id),
+        );
+        let answer = match client
+            .get_at(&path, &serde_json::json!({}), Some(&object))
+            .await
+        {
+            Ok(found) => found,
+            Err(err) if crate::stripe::is_missing(&err) => {
+                let mut form =
+                    serde_json::json!({ "id": new.id, "name": new.name, "metadata": new.metadata });
+                if let Some(d) = &new.description {
+                    form["description"] = d.as_str().into();
+                }
+                let key = crate::sync::remote::creation_key("product", mirror.live_mode(), &new.id);
+                client
+                    .post_at("/products", &form, Some(key), Some(&object))
+                    .await?
+            }
+            Err(err) => return Err(err),
+        };
+        crate::sync::sync_from_stripe_data::<Product>(mirror, answer.value, answer.at).await
+    }
+
     /// The product's active, not deleted prices, cheapest first.
     pub async fn active_prices(&self, mirror: &Mirror) -> Result<Vec<Price>> {
         let id = self.id.clone();

@@ -119,6 +119,7 @@ mirror_table!(SUBSCRIPTION_ITEMS {
     kind: "subscription_item",
     table: "stripe_subscription_items",
     api_path: None,
+    id_from: None,
     accepts: &["subscription_item"],
     columns: &[
         "subscription_id",
@@ -155,6 +156,7 @@ mirror_table!(SUBSCRIPTIONS {
     kind: "subscription",
     table: "stripe_subscriptions",
     api_path: Some("/subscriptions"),
+    id_from: None,
     accepts: &["subscription"],
     columns: &[
         "customer_id",
@@ -225,6 +227,50 @@ impl SubscriptionItem {
     }
 }
 
+/// Statuses after which a subscription never grants anything again.
+const ENDED_STATUSES: [&str; 2] = ["canceled", "incomplete_expired"];
+
+/// The sorted price ids of a subscription object's items (`price`, or a legacy `plan`).
+fn prices_of(subscription: &Value) -> Vec<String> {
+    let items = subscription
+        .pointer("/items/data")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut prices: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.get("price").or_else(|| i.get("plan")))
+        .filter_map(|p| p.as_str().or_else(|| p.get("id").and_then(Value::as_str)))
+        .map(str::to_owned)
+        .collect();
+    prices.sort();
+    prices.dedup();
+    prices
+}
+
+/// The client secret the browser confirms a subscription's first payment with:
+/// `latest_invoice.confirmation_secret.client_secret` (API 2025-03-31 and later), else
+/// `latest_invoice.payment_intent.client_secret` (before).
+pub fn client_secret_of(subscription: &Value) -> Option<String> {
+    [
+        "/latest_invoice/confirmation_secret/client_secret",
+        "/latest_invoice/payment_intent/client_secret",
+    ]
+    .iter()
+    .find_map(|path| subscription.pointer(path).and_then(Value::as_str))
+    .map(str::to_owned)
+}
+
+/// A subscription waiting for its first payment ([`Subscription::create_incomplete`]).
+#[derive(Clone, Debug)]
+pub struct IncompleteSubscription {
+    /// The mirrored subscription (status `incomplete` until the payment succeeds).
+    pub subscription: Subscription,
+    /// What Stripe.js's Payment Element confirms (`.expose()` it into the page only);
+    /// `None` when nothing is due now (a trial, a zero amount).
+    pub client_secret: Option<crate::Secret>,
+}
+
 fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -255,6 +301,141 @@ impl Subscription {
         crate::sync::sync_from_stripe_data::<Subscription>(mirror, created.value, created.at).await
     }
 
+    /// The customer's subscription to exactly `price_ids`: the mirror's when it has
+    /// one that has not ended, else Stripe's, else created (idempotency key derived
+    /// from mode, customer, the set of prices and how many subscriptions the customer
+    /// already has, so racing processes create one and a later resubscription is new),
+    /// mirrored at once. The customer needs a default payment method or a trial;
+    /// for a first payment in the browser use [`Subscription::create_incomplete`].
+    pub async fn get_or_create(
+        mirror: &Mirror,
+        customer_id: &str,
+        price_ids: &[&str],
+    ) -> Result<Subscription> {
+        let mut wanted: Vec<String> = price_ids.iter().map(|p| p.to_string()).collect();
+        wanted.sort();
+        wanted.dedup();
+        for sub in Self::for_customer(mirror, customer_id).await? {
+            if sub.has_not_ended() && sub.price_set(mirror).await? == wanted {
+                return Ok(sub);
+            }
+        }
+        let client = mirror.stripe().await?;
+        let object = format!("subscription of customer {customer_id}");
+        let query = serde_json::json!({ "customer": customer_id, "status": "all", "limit": 100 });
+        let listed = client
+            .get_at("/subscriptions", &query, Some(&object))
+            .await?;
+        let existing = listed
+            .value
+            .get("data")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let found = existing.iter().find(|s| {
+            let status = s.get("status").and_then(Value::as_str).unwrap_or_default();
+            !ENDED_STATUSES.contains(&status) && prices_of(s) == wanted
+        });
+        let answer = match found {
+            Some(value) => crate::stripe::Answer {
+                value: value.clone(),
+                at: listed.at,
+            },
+            None => {
+                let items: Vec<Value> = wanted
+                    .iter()
+                    .map(|p| serde_json::json!({ "price": p }))
+                    .collect();
+                let form = serde_json::json!({ "customer": customer_id, "items": items });
+                let natural = format!("{customer_id}/{}/{}", wanted.join(","), existing.len());
+                let key =
+                    crate::sync::remote::creation_key("subscription", mirror.live_mode(), &natural);
+                client
+                    .post_at("/subscriptions", &form, Some(key), Some(&object))
+                    .await?
+            }
+        };
+        crate::sync::sync_from_stripe_data::<Subscription>(mirror, answer.value, answer.at).await
+    }
+
+    /// Starts a subscription whose first payment the browser confirms with Stripe's
+    /// Payment Element: created `payment_behavior = default_incomplete`, mirrored at
+    /// once (status `incomplete`), with the client secret of its first invoice's
+    /// payment, read from the current shape (`latest_invoice.confirmation_secret`) or
+    /// the older one (`latest_invoice.payment_intent`). The webhooks make it `active`.
+    pub async fn create_incomplete(
+        mirror: &Mirror,
+        customer_id: &str,
+        price_ids: &[&str],
+    ) -> Result<IncompleteSubscription> {
+        let items: Vec<Value> = price_ids
+            .iter()
+            .map(|p| serde_json::json!({ "price": p }))
+            .collect();
+        let form = serde_json::json!({
+            "customer": customer_id, "items": items,
+            "payment_behavior": "default_incomplete",
+            "payment_settings": { "save_default_payment_method": "on_subscription" },
+            "expand": ["latest_invoice.confirmation_secret"],
+        });
+        let object = format!("subscription of customer {customer_id}");
+        let client = mirror.stripe().await?;
+        let created = client
+            .post_at("/subscriptions", &form, None, Some(&object))
+            .await?;
+        let mut client_secret = client_secret_of(&created.value);
+        // The older shape names its payment intent without expanding it: ask for it.
+        if client_secret.is_none()
+            && let Some(intent) = created
+                .value
+                .pointer("/latest_invoice/payment_intent")
+                .and_then(Value::as_str)
+        {
+            let path = format!("/payment_intents/{intent}");
+            let found = client
+                .get(
+                    &path,
+                    &serde_json::json!({}),
+                    Some(&format!("payment intent {intent}")),
+                )
+                .await?;
+            client_secret = found
+                .get("client_secret")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+        }
+        let client_secret = client_secret.map(crate::Secret::new);
+        let subscription =
+            crate::sync::sync_from_stripe_data::<Subscription>(mirror, created.value, created.at)
+                .await?;
+        Ok(IncompleteSubscription {
+            subscription,
+            client_secret,
+        })
+    }
+
+    /// Not ended: any status but `canceled` and `incomplete_expired`, not deleted.
+    fn has_not_ended(&self) -> bool {
+        !self.deleted
+            && !self
+                .status
+                .as_deref()
+                .is_some_and(|s| ENDED_STATUSES.contains(&s))
+    }
+
+    /// The sorted price ids of the current items.
+    async fn price_set(&self, mirror: &Mirror) -> Result<Vec<String>> {
+        let mut prices: Vec<String> = self
+            .items(mirror)
+            .await?
+            .into_iter()
+            .filter_map(|i| i.price_id)
+            .collect();
+        prices.sort();
+        prices.dedup();
+        Ok(prices)
+    }
+
     /// A customer's subscriptions (any status, not deleted), newest first.
     pub async fn for_customer(mirror: &Mirror, customer_id: &str) -> Result<Vec<Subscription>> {
         let customer_id = customer_id.to_owned();
@@ -264,7 +445,12 @@ impl Subscription {
                 Ok(on_conn!(conn, c => stripe_subscriptions::table
                     .filter(stripe_subscriptions::customer_id.eq(&customer_id))
                     .filter(stripe_subscriptions::deleted.eq(false))
-                    .order((stripe_subscriptions::created.desc(), stripe_subscriptions::id.desc()))
+                    // Newest first; rows without `created` last on both backends.
+                    .order((
+                        stripe_subscriptions::created.is_null().asc(),
+                        stripe_subscriptions::created.desc(),
+                        stripe_subscriptions::id.desc(),
+                    ))
                     .select(Subscription::as_select())
                     .load(c))?)
             })

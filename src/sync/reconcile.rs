@@ -76,6 +76,7 @@ pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileRepo
 fn object_of(event: &Value) -> Option<(&'static str, String)> {
     let object = event.pointer("/data/object")?;
     let table = crate::models::table_for_kind(object.get("object")?.as_str()?)?;
+    table.api_path?;
     Some((table.kind, object.get("id")?.as_str()?.to_owned()))
 }
 
@@ -87,7 +88,10 @@ fn local_suspects(
     live: bool,
 ) -> Result<BTreeSet<(&'static str, String)>> {
     let mut wanted = BTreeSet::new();
-    for table in crate::models::MIRRORED {
+    for table in crate::models::MIRRORED
+        .iter()
+        .filter(|t| t.api_path.is_some())
+    {
         let ids: Vec<String> = on_conn!(conn, c => diesel::sql_query(format!(
                 "SELECT id FROM {} WHERE reconcile = TRUE AND livemode = {}",
                 table.table,

@@ -27,9 +27,11 @@ impl KeyedLocks {
     }
 }
 
-/// Where a mirrored kind lives in the API.
-pub(crate) fn api_path(table: &MirrorTable) -> &'static str {
-    table.api_path.expect("only top-level objects are fetched")
+/// Where a mirrored kind lives in the API, for the kinds fetched by id.
+pub(crate) fn api_path(table: &MirrorTable) -> Result<&'static str> {
+    table
+        .api_path
+        .ok_or_else(|| Error::Config(format!("{} objects cannot be fetched by id", table.kind)))
 }
 
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
@@ -45,6 +47,15 @@ pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
             })
         })
         .await
+}
+
+/// The idempotency key of a create, derived from what it creates (its natural key)
+/// and the mode, so two processes creating the same object create one.
+pub(crate) fn creation_key(kind: &str, live: bool, natural: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(natural.as_bytes()));
+    let mode = if live { "live" } else { "test" };
+    format!("stripe-mirror-{kind}-{mode}-{}", &digest[..40])
 }
 
 /// What a re-fetch did to the row.
@@ -70,7 +81,7 @@ pub(crate) async fn refetch(
     let client = mirror.stripe().await?;
     let key = id.to_owned();
     let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
-    let path = format!("{}/{id}", api_path(table));
+    let path = format!("{}/{id}", api_path(table)?);
     let object = format!("{} {id}", table.kind);
     let (value, at, outcome) = match client.get_at(&path, &json!({}), Some(&object)).await {
         Ok(answer) => (answer.value, answer.at, Refetch::Current),
@@ -165,11 +176,13 @@ pub struct SyncReport {
 }
 
 fn table_named(kind: &str) -> Result<&'static MirrorTable> {
-    crate::models::table_for_kind(kind).ok_or_else(|| {
-        Error::Config(format!(
-            "cannot sync {kind:?}: use customer, product, price or subscription"
-        ))
-    })
+    crate::models::table_for_kind(kind)
+        .filter(|t| t.api_path.is_some())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "cannot sync {kind:?}: use customer, product, price or subscription"
+            ))
+        })
 }
 
 /// Mirrors every object of the chosen kinds (the `djstripe_sync_models` analogue):
@@ -209,7 +222,7 @@ pub async fn sync_all(
             }
             let answer = client
                 .get_at(
-                    api_path(table),
+                    api_path(table)?,
                     &query,
                     Some(&format!("{} list", table.kind)),
                 )

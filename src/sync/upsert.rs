@@ -42,6 +42,9 @@ pub(crate) struct MirrorTable {
     /// Where the object lives in the Stripe API (`/customers`); `None` for objects only
     /// mirrored inside their parent.
     pub api_path: Option<&'static str>,
+    /// The field holding the row's id when the object has no `id` of its own (an
+    /// entitlement summary is keyed by its `customer`).
+    pub id_from: Option<&'static str>,
     /// The `object` values accepted (`price` also takes the legacy `plan`).
     pub accepts: &'static [&'static str],
     /// The typed columns, in the order `extract` returns them.
@@ -251,6 +254,14 @@ impl MirrorTable {
         stamp: Stamp,
         livemode_hint: Option<bool>,
     ) -> Result<Row> {
+        let keyed;
+        let value = match self.id_from {
+            Some(field) if value.get("id").is_none() => {
+                keyed = with_id_from(value, field);
+                &keyed
+            }
+            _ => value,
+        };
         let fields = Fields::new(self.kind, value)?;
         match fields.str("object")? {
             Some(object) if self.accepts.contains(&object.as_str()) => {}
@@ -482,6 +493,19 @@ impl MirrorTable {
         execute(conn, &sql, &binds)?;
         Ok(())
     }
+}
+
+/// `value` with `id` copied from `field` (a string, or an expanded object's id).
+fn with_id_from(value: &Value, field: &str) -> Value {
+    let mut keyed = value.clone();
+    let id = match value.get(field) {
+        Some(Value::Object(o)) => o.get("id").cloned(),
+        other => other.cloned(),
+    };
+    if let (Some(map), Some(id)) = (keyed.as_object_mut(), id) {
+        map.insert("id".to_owned(), id);
+    }
+    keyed
 }
 
 /// Orders two versions of an object stamped in the same second, each given as its

@@ -54,6 +54,25 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<Written> {
     table.write(conn, &row, &object)
 }
 
+/// The mirrored object an event is about, when it can be fetched by id.
+pub(crate) fn object_of(event: &Event) -> Option<(&'static MirrorTable, String)> {
+    let table = table_for(event).filter(|t| t.api_path.is_some())?;
+    let id = event.object().get("id")?.as_str()?;
+    Some((table, id.to_owned()))
+}
+
+/// The subscription a completed Checkout created.
+pub(crate) fn checkout_subscription(event: &Event) -> Option<(&'static MirrorTable, String)> {
+    if event.event_type != "checkout.session.completed" {
+        return None;
+    }
+    let id = match event.object().get("subscription")? {
+        Value::String(id) => id.clone(),
+        other => other.get("id")?.as_str()?.to_owned(),
+    };
+    Some((&crate::models::subscription::SUBSCRIPTIONS, id))
+}
+
 /// The stamp of an event's own payload.
 fn event_stamp(event: &Event, source: Source) -> Stamp {
     Stamp {

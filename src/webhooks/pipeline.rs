@@ -5,6 +5,7 @@ use super::event::{self, Claim, HandlerLog, Refetched};
 use super::{Event, Outcome, SignatureError, Webhooks, builtin, delivery, signature};
 use crate::Mirror;
 use crate::error::{Error, Result};
+use crate::sync::MirrorTable;
 use crate::sync::upsert::Written;
 
 /// A webhook request, framework-agnostic: headers, the raw body, the peer address.
@@ -139,8 +140,10 @@ pub(crate) struct Work {
     pub(crate) handlers: HandlerLog,
     /// Some of this registry's handlers have not succeeded yet.
     pub(crate) due: bool,
-    /// The built-in sync met a same-second tie it could not settle: re-fetch the object.
-    pub(crate) undecided: bool,
+    /// An object to re-fetch once the claim is committed: the event's own when its
+    /// sync met a same-second tie nothing settled, or the subscription a completed
+    /// Checkout created.
+    pub(crate) follow_up: Option<(&'static MirrorTable, String)>,
     /// When the claim's lease ends, measured from just before it was taken: every
     /// handler must be done before then, or another worker may take the event over.
     pub(crate) lease_ends: tokio::time::Instant,
@@ -245,8 +248,8 @@ impl Webhooks {
             Step::Answer(result) => return respond(event_id, result),
             Step::Refetch(..) => unreachable!("re-fetched above"),
         };
-        if work.undecided {
-            settle_by_fetch(mirror, &event).await;
+        if let Some((table, id)) = &work.follow_up {
+            follow_up(mirror, &event, table, id).await;
         }
         if !work.due {
             return respond(event_id, Ok(Outcome::Processed));
@@ -328,7 +331,7 @@ impl Webhooks {
         // event when no handler runs (the claim itself nests as a savepoint).
         conn.write(|conn| {
             let answer = match claim_and_sync(conn, &event, false, t, lease, &keys) {
-                Ok(Progress::Claimed(work)) if work.due || work.undecided => {
+                Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
                     if !work.due {
                         delivery::finish(
                             conn,
@@ -376,7 +379,8 @@ impl Webhooks {
             .refetch
             .iter()
             .any(|k| k == table.kind || (table.kind == "price" && k == "plan"));
-        wanted.then(|| format!("{}/{id}", crate::sync::remote::api_path(table)))
+        let path = crate::sync::remote::api_path(table).ok()?;
+        wanted.then(|| format!("{path}/{id}"))
     }
 
     /// Fetches the event's object; a 404 means Stripe deleted it since.
@@ -476,9 +480,12 @@ pub(crate) fn claim_and_sync(
                 Claim::Done => return Ok(Progress::Done),
                 Claim::Busy => return Ok(Progress::Busy),
             };
-        let mut undecided = false;
+        let mut follow_up = None;
         if !synced {
-            undecided = builtin::apply(c, event)? == Written::Undecided;
+            if builtin::apply(c, event)? == Written::Undecided {
+                follow_up = builtin::object_of(event);
+            }
+            follow_up = follow_up.or_else(|| builtin::checkout_subscription(event));
             event::mark_synced(c, &event.id)?;
         }
         let mut due = false;
@@ -497,7 +504,7 @@ pub(crate) fn claim_and_sync(
             token,
             handlers,
             due,
-            undecided,
+            follow_up,
             lease_ends,
         }))
     });
@@ -527,39 +534,36 @@ pub(crate) fn claim_and_sync(
     }
 }
 
-/// The event met a same-second tie its data could not settle: with an API key at
-/// hand, fetch the object and write that (a fetch is newer than anything applied
-/// before it); a 404 makes a tombstone. Without one, or when the fetch fails, the row
-/// stays flagged for `reconcile`.
-pub(crate) async fn settle_by_fetch(mirror: &Mirror, event: &Event) {
-    // Bounded: the answer to Stripe waits for it; what it does not settle, reconcile does.
-    let settle = settle_by_fetch_now(mirror, event);
-    if tokio::time::timeout(SETTLE_TIMEOUT, settle).await.is_err() {
-        tracing::warn!(event = %event.id, "re-fetch to settle a same-second tie took too long; left for reconcile");
-    }
-}
-
-/// How long an answer waits for the re-fetch that settles a tie.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-async fn settle_by_fetch_now(mirror: &Mirror, event: &Event) {
+/// Re-fetches an object once an event's claim is committed, bounded in time: the
+/// object of a tie nothing in the events settled (a fetch asked for now is newer than
+/// both), or the subscription a completed Checkout created (so the buyer's access is
+/// there when they land on the success page). Needs an API key for the event's mode;
+/// without one, or when it fails, a flagged row waits for `reconcile` and a Checkout's
+/// subscription for its own events.
+pub(crate) async fn follow_up(
+    mirror: &Mirror,
+    event: &Event,
+    table: &'static MirrorTable,
+    id: &str,
+) {
     // Another mode's object cannot be fetched with this mode's key.
-    if event.livemode != mirror.live_mode() {
+    if event.livemode != mirror.live_mode() || mirror.stripe().await.is_err() {
         return;
     }
-    let Some(table) = builtin::table_for(event) else {
-        return;
-    };
-    let Some(id) = event.object().get("id").and_then(serde_json::Value::as_str) else {
-        return;
-    };
-    if mirror.stripe().await.is_err() {
-        return; // no API key: the flag waits for reconcile
-    }
-    if let Err(err) = crate::sync::remote::refetch(mirror, table, id).await {
-        tracing::warn!(event = %event.id, error = %err, "re-fetch to settle a same-second tie failed; left for reconcile");
+    let fetch = crate::sync::remote::refetch(mirror, table, id);
+    match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(event = %event.id, object = table.kind, %id, error = %err, "follow-up re-fetch failed")
+        }
+        Err(_) => {
+            tracing::warn!(event = %event.id, object = table.kind, %id, "follow-up re-fetch took too long")
+        }
     }
 }
+
+/// How long an answer waits for a follow-up re-fetch.
+const FOLLOW_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn respond(
     event_id: Option<String>,

@@ -1,7 +1,7 @@
 //! Re-running stored events: after a fix, or to replay a type of event.
 
 use super::event;
-use super::pipeline::{CLAIM_LOST, Progress, claim_and_sync, settle_by_fetch};
+use super::pipeline::{CLAIM_LOST, Progress, claim_and_sync, follow_up};
 use super::{Event, Webhooks, matches_pattern};
 use crate::Mirror;
 use crate::error::{Error, Result};
@@ -98,8 +98,8 @@ impl Webhooks {
                 }
                 Err(err) => return Err(err),
             };
-            if work.undecided {
-                settle_by_fetch(mirror, &event).await;
+            if let Some((table, id)) = &work.follow_up {
+                follow_up(mirror, &event, table, id).await;
             }
             let error = if work.due {
                 self.run_due(mirror, &event, &mut work)

@@ -1,0 +1,361 @@
+//! Access: who may use what, answered from the local database alone (no Stripe call
+//! on a request). The analogue of dj-stripe's `subscriber_has_active_subscription` and
+//! `ValidSubscriptionRequired`, with the reason when the answer is no.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use stripe_mirror::{Config, Customer, Mirror, Subscription};
+//! use stripe_mirror::access::{Denial, require_subscription};
+//! use serde_json::json;
+//!
+//! let mirror = Mirror::connect(Config::new("sqlite::memory:")).await?;
+//! Customer::sync_from_stripe_data(&mirror, &json!({"id": "cus_1", "object": "customer",
+//!     "metadata": {"stripe_mirror_subscriber": "user-1"}})).await?;
+//! Subscription::sync_from_stripe_data(&mirror, &json!({"id": "sub_1", "object": "subscription",
+//!     "customer": "cus_1", "status": "past_due", "items": {"data": [{"id": "si_1",
+//!     "object": "subscription_item", "price": {"id": "price_1", "product": "prod_pro"},
+//!     "current_period_end": 4102444800_i64}]}})).await?;
+//!
+//! let gate = require_subscription("user-1").to_products(&["prod_pro"]);
+//! assert!(matches!(gate.check(&mirror).await?, Err(Denial::PastDue { .. })));
+//! // Grace for failed renewals is the host's call:
+//! assert!(gate.allow_past_due(true).check(&mirror).await?.is_ok());
+//! # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
+//! ```
+//!
+//! Roles come from product metadata: a product with `roles: "pro,team"` grants the
+//! roles `pro` and `team` to its valid subscribers ([`has_role`]), the group-based
+//! alternative to product checks. Features come from Stripe Entitlements: the
+//! customer's active entitlement summary when Stripe has sent one (the
+//! `entitlements.active_entitlement_summary.updated` event, or
+//! [`EntitlementSummary::sync`](crate::models::entitlement::EntitlementSummary::sync)),
+//! else the mirrored features of the products subscribed to ([`has_feature`]).
+
+use std::fmt;
+
+use diesel::prelude::*;
+
+use crate::Mirror;
+use crate::db::on_conn;
+use crate::db::schema::{stripe_products, stripe_subscription_items};
+use crate::error::Result;
+use crate::models::customer::Customer;
+use crate::models::entitlement::ProductFeature;
+use crate::models::subscription::Subscription;
+
+/// The product metadata key naming the roles a product grants, comma separated.
+pub const ROLES_METADATA_KEY: &str = "roles";
+
+/// Why access was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Denial {
+    /// The subscriber has no Stripe customer in this mode.
+    NoCustomer,
+    /// The customer has never subscribed.
+    NoSubscription,
+    /// The newest subscription is `past_due` (a renewal failed) and the gate does not
+    /// allow that ([`Gate::allow_past_due`]).
+    PastDue {
+        /// The subscription.
+        subscription: String,
+    },
+    /// The newest subscription is canceled or its cancellation date has passed.
+    Canceled {
+        /// The subscription.
+        subscription: String,
+    },
+    /// The newest subscription is in another state that grants nothing: `incomplete`
+    /// (first payment pending), `incomplete_expired`, `unpaid`, `paused`.
+    Inactive {
+        /// The subscription.
+        subscription: String,
+        /// Its status.
+        status: String,
+    },
+    /// Subscribed, but not to any of the products asked for.
+    WrongProduct {
+        /// The products asked for.
+        wanted: Vec<String>,
+    },
+    /// Subscribed, but no subscribed product grants the role.
+    MissingRole {
+        /// The role asked for.
+        role: String,
+    },
+    /// Subscribed, but the feature is not among the customer's entitlements.
+    MissingFeature {
+        /// The feature's lookup key.
+        feature: String,
+    },
+}
+
+impl Denial {
+    /// Whether paying would fix it (402 Payment Required) rather than a different
+    /// plan (403 Forbidden).
+    pub fn needs_payment(&self) -> bool {
+        matches!(
+            self,
+            Denial::NoCustomer
+                | Denial::NoSubscription
+                | Denial::PastDue { .. }
+                | Denial::Canceled { .. }
+                | Denial::Inactive { .. }
+        )
+    }
+
+    /// A stable short name: `no_customer`, `past_due`, `wrong_product`, ...
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::NoCustomer => "no_customer",
+            Denial::NoSubscription => "no_subscription",
+            Denial::PastDue { .. } => "past_due",
+            Denial::Canceled { .. } => "canceled",
+            Denial::Inactive { .. } => "inactive",
+            Denial::WrongProduct { .. } => "wrong_product",
+            Denial::MissingRole { .. } => "missing_role",
+            Denial::MissingFeature { .. } => "missing_feature",
+        }
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::NoCustomer => f.write_str("no customer for this subscriber: subscribe first"),
+            Denial::NoSubscription => f.write_str("no subscription: subscribe first"),
+            Denial::PastDue { subscription } => {
+                write!(
+                    f,
+                    "subscription {subscription} is past due: update the payment method"
+                )
+            }
+            Denial::Canceled { subscription } => {
+                write!(
+                    f,
+                    "subscription {subscription} is canceled: subscribe again"
+                )
+            }
+            Denial::Inactive {
+                subscription,
+                status,
+            } => {
+                write!(f, "subscription {subscription} is {status}")
+            }
+            Denial::WrongProduct { wanted } => {
+                write!(f, "no valid subscription to {}", wanted.join(" or "))
+            }
+            Denial::MissingRole { role } => {
+                write!(f, "no subscribed product grants the role {role:?}")
+            }
+            Denial::MissingFeature { feature } => {
+                write!(f, "the feature {feature:?} is not included")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Denial {}
+
+/// What a gate decides: the subscription granting access, or why not.
+pub type Decision = std::result::Result<Subscription, Denial>;
+
+/// A check of one subscriber's access: valid subscription, and optionally to some
+/// products, with a role, with a feature. Build it with [`require_subscription`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Gate {
+    subscriber: String,
+    products: Vec<String>,
+    role: Option<String>,
+    feature: Option<String>,
+    allow_past_due: bool,
+}
+
+/// A gate for `subscriber_id` (the host's user id, as in [`Customer::by_subscriber`]):
+/// a valid subscription (`active` or `trialing`, within its period when set to cancel).
+pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
+    Gate {
+        subscriber: subscriber_id.into(),
+        products: Vec::new(),
+        role: None,
+        feature: None,
+        allow_past_due: false,
+    }
+}
+
+impl Gate {
+    /// Only subscriptions including one of these products (product ids, `prod_...`).
+    pub fn to_products(mut self, product_ids: &[&str]) -> Self {
+        self.products = product_ids.iter().map(|p| p.to_string()).collect();
+        self
+    }
+
+    /// Only subscriptions to a product granting `role` (product metadata `roles`).
+    pub fn with_role(mut self, role: &str) -> Self {
+        self.role = Some(role.to_owned());
+        self
+    }
+
+    /// Only when the customer has the feature with this lookup key (Entitlements).
+    pub fn with_feature(mut self, lookup_key: &str) -> Self {
+        self.feature = Some(lookup_key.to_owned());
+        self
+    }
+
+    /// Whether a `past_due` subscription still grants access (default: no). Stripe
+    /// keeps retrying the payment for a while; many apps allow that grace.
+    pub fn allow_past_due(mut self, yes: bool) -> Self {
+        self.allow_past_due = yes;
+        self
+    }
+
+    /// Decides, from the local database: the newest subscription granting access, or
+    /// why there is none. `Err` is a database failure, not a denial.
+    pub async fn check(&self, mirror: &Mirror) -> Result<Decision> {
+        let Some(customer) = Customer::by_subscriber(mirror, &self.subscriber).await? else {
+            return Ok(Err(Denial::NoCustomer));
+        };
+        let subscriptions = customer.subscriptions(mirror).await?;
+        let Some(newest) = subscriptions.first().cloned() else {
+            return Ok(Err(Denial::NoSubscription));
+        };
+        let now = mirror.now();
+        let grants = |s: &Subscription| {
+            s.is_valid_at(now)
+                || (self.allow_past_due && !s.deleted && s.status.as_deref() == Some("past_due"))
+        };
+        let valid: Vec<Subscription> = subscriptions.into_iter().filter(|s| grants(s)).collect();
+        if valid.is_empty() {
+            return Ok(Err(status_denial(&newest, now)));
+        }
+        let gate = self.clone();
+        let customer_id = customer.id.clone();
+        mirror
+            .db()
+            .run(move |conn| {
+                let ids: Vec<String> = valid.iter().map(|s| s.id.clone()).collect();
+                let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
+                    .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
+                    .filter(stripe_subscription_items::deleted.eq(false))
+                    .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
+                    .load(c))?;
+                let products_of = |s: &Subscription| -> Vec<String> {
+                    items
+                        .iter()
+                        .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
+                        .filter_map(|(_, p)| p.clone())
+                        .collect()
+                };
+                let mut candidates: Vec<(Subscription, Vec<String>)> =
+                    valid.into_iter().map(|s| { let p = products_of(&s); (s, p) }).collect();
+                if !gate.products.is_empty() {
+                    candidates.retain(|(_, products)| products.iter().any(|p| gate.products.contains(p)));
+                    if candidates.is_empty() {
+                        return Ok(Err(Denial::WrongProduct { wanted: gate.products.clone() }));
+                    }
+                }
+                if let Some(role) = &gate.role {
+                    let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
+                    let metadata: Vec<(String, String)> = on_conn!(conn, c => stripe_products::table
+                        .filter(stripe_products::id.eq_any(&all))
+                        .filter(stripe_products::deleted.eq(false))
+                        .select((stripe_products::id, stripe_products::data))
+                        .load(c))?;
+                    let granting: Vec<String> = metadata
+                        .into_iter()
+                        .filter(|(_, data)| roles_in(data).iter().any(|r| r == role))
+                        .map(|(id, _)| id)
+                        .collect();
+                    candidates.retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
+                    if candidates.is_empty() {
+                        return Ok(Err(Denial::MissingRole { role: role.clone() }));
+                    }
+                }
+                if let Some(feature) = &gate.feature {
+                    let summary: Option<Option<String>> = on_conn!(conn, c => {
+                        use crate::db::schema::stripe_entitlement_summaries as es;
+                        es::table.find(&customer_id).filter(es::deleted.eq(false)).select(es::lookup_keys).first(c).optional()
+                    })?;
+                    let has = match summary {
+                        // Stripe's own answer, when it has sent one.
+                        Some(keys) => keys.unwrap_or_default().split(',').any(|k| k == feature),
+                        None => {
+                            let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
+                            let features = ProductFeature::for_products(conn, &all)?;
+                            let granting: Vec<String> = features
+                                .into_iter()
+                                .filter(|f| f.lookup_key.as_deref() == Some(feature.as_str()))
+                                .filter_map(|f| f.product_id)
+                                .collect();
+                            candidates.retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
+                            !candidates.is_empty()
+                        }
+                    };
+                    if !has {
+                        return Ok(Err(Denial::MissingFeature { feature: feature.clone() }));
+                    }
+                }
+                Ok(Ok(candidates.swap_remove(0).0))
+            })
+            .await
+    }
+
+    /// [`check`](Self::check) as a yes or no.
+    pub async fn allows(&self, mirror: &Mirror) -> Result<bool> {
+        Ok(self.check(mirror).await?.is_ok())
+    }
+}
+
+/// Why the newest subscription grants nothing.
+fn status_denial(newest: &Subscription, now: i64) -> Denial {
+    let subscription = newest.id.clone();
+    match newest.status.as_deref() {
+        Some("past_due") => Denial::PastDue { subscription },
+        Some("canceled") => Denial::Canceled { subscription },
+        // Current status but its cancellation date has passed.
+        Some("active" | "trialing") if !newest.is_valid_at(now) => {
+            Denial::Canceled { subscription }
+        }
+        Some(status) => Denial::Inactive {
+            subscription,
+            status: status.to_owned(),
+        },
+        None => Denial::Inactive {
+            subscription,
+            status: "unknown".to_owned(),
+        },
+    }
+}
+
+/// The roles a product's metadata grants.
+fn roles_in(data: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(data)
+        .ok()
+        .and_then(|v| {
+            v.pointer(&format!("/metadata/{ROLES_METADATA_KEY}"))
+                .and_then(|r| r.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+        .split(',')
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Whether the subscriber holds a valid subscription to a product granting `role`.
+pub async fn has_role(mirror: &Mirror, subscriber_id: &str, role: &str) -> Result<bool> {
+    require_subscription(subscriber_id)
+        .with_role(role)
+        .allows(mirror)
+        .await
+}
+
+/// Whether the subscriber has the feature with this lookup key (Entitlements).
+pub async fn has_feature(mirror: &Mirror, subscriber_id: &str, lookup_key: &str) -> Result<bool> {
+    require_subscription(subscriber_id)
+        .with_feature(lookup_key)
+        .allows(mirror)
+        .await
+}

@@ -1,0 +1,208 @@
+//! Selling: Stripe Checkout sessions (a hosted payment page for a subscription or a
+//! one-time payment) and Billing Portal sessions (the hosted page where customers
+//! change plans, cards and cancel). Both are created for a subscriber's customer,
+//! made first when needed ([`Customer::get_or_create`]); the webhooks then mirror what
+//! the buyer did (`checkout.session.completed` links the customer to the subscriber).
+
+use serde_json::{Value, json};
+
+use crate::Mirror;
+use crate::error::{Error, Result};
+use crate::models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
+
+/// A Checkout Session to send the buyer to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckoutSession {
+    /// Stripe id (`cs_...`).
+    pub id: String,
+    /// The hosted page: redirect the browser here (303).
+    pub url: String,
+    /// The customer it is for.
+    pub customer: String,
+}
+
+/// A Checkout Session to create: [`Checkout::subscription`] or [`Checkout::payment`],
+/// then URLs and options, then [`Checkout::create`].
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
+/// use stripe_mirror::checkout::Checkout;
+/// let session = Checkout::subscription("price_pro_monthly")
+///     .success_url("https://example.com/members?checkout={CHECKOUT_SESSION_ID}")
+///     .cancel_url("https://example.com/pricing")
+///     .trial_days(14)
+///     .allow_promotion_codes(true)
+///     .create(&mirror, &user)
+///     .await?;
+/// println!("redirect to {}", session.url);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Checkout {
+    mode: &'static str,
+    price: String,
+    quantity: u64,
+    success_url: Option<String>,
+    cancel_url: Option<String>,
+    trial_days: Option<u32>,
+    allow_promotion_codes: bool,
+}
+
+impl Checkout {
+    /// A subscription to a recurring price.
+    pub fn subscription(price_id: &str) -> Self {
+        Checkout {
+            mode: "subscription",
+            price: price_id.to_owned(),
+            quantity: 1,
+            success_url: None,
+            cancel_url: None,
+            trial_days: None,
+            allow_promotion_codes: false,
+        }
+    }
+
+    /// A one-time payment of `quantity` of a one-time price.
+    pub fn payment(price_id: &str, quantity: u64) -> Self {
+        Checkout {
+            mode: "payment",
+            quantity,
+            ..Self::subscription(price_id)
+        }
+    }
+
+    /// Where Stripe sends the buyer after paying (`{CHECKOUT_SESSION_ID}` is filled in).
+    pub fn success_url(mut self, url: &str) -> Self {
+        self.success_url = Some(url.to_owned());
+        self
+    }
+
+    /// Where Stripe sends the buyer who goes back.
+    pub fn cancel_url(mut self, url: &str) -> Self {
+        self.cancel_url = Some(url.to_owned());
+        self
+    }
+
+    /// A free trial before the first charge (subscriptions only).
+    pub fn trial_days(mut self, days: u32) -> Self {
+        self.trial_days = Some(days);
+        self
+    }
+
+    /// Lets the buyer enter a promotion code.
+    pub fn allow_promotion_codes(mut self, yes: bool) -> Self {
+        self.allow_promotion_codes = yes;
+        self
+    }
+
+    /// The form posted to `/v1/checkout/sessions` for `customer` and `subscriber_id`.
+    fn form(&self, customer: &str, subscriber_id: &str) -> Result<Value> {
+        let success = self.success_url.as_deref().ok_or_else(|| {
+            Error::Config("Checkout needs a success URL: call .success_url(...)".into())
+        })?;
+        let mut form = json!({
+            "mode": self.mode,
+            "customer": customer,
+            "client_reference_id": subscriber_id,
+            "line_items": [{ "price": self.price, "quantity": self.quantity }],
+            "success_url": success,
+            "metadata": { SUBSCRIBER_METADATA_KEY: subscriber_id },
+        });
+        if let Some(cancel) = &self.cancel_url {
+            form["cancel_url"] = json!(cancel);
+        }
+        if self.allow_promotion_codes {
+            form["allow_promotion_codes"] = json!(true);
+        }
+        if self.mode == "subscription" {
+            form["subscription_data"] =
+                json!({ "metadata": { SUBSCRIBER_METADATA_KEY: subscriber_id } });
+            if let Some(days) = self.trial_days {
+                form["subscription_data"]["trial_period_days"] = json!(days);
+            }
+        } else if self.trial_days.is_some() {
+            return Err(Error::Config(
+                "a trial only applies to Checkout in subscription mode".into(),
+            ));
+        }
+        Ok(form)
+    }
+
+    /// Creates the session for `subscriber` (their customer made first when needed).
+    pub async fn create(
+        &self,
+        mirror: &Mirror,
+        subscriber: &impl Subscriber,
+    ) -> Result<CheckoutSession> {
+        let customer = Customer::get_or_create(mirror, subscriber).await?;
+        let subscriber_id = subscriber.subscriber_id();
+        let form = self.form(&customer.id, &subscriber_id)?;
+        let object = format!("checkout session for subscriber {subscriber_id}");
+        let session = mirror
+            .stripe()
+            .await?
+            .post("/checkout/sessions", &form, None, Some(&object))
+            .await?;
+        session_of(&session, &customer.id, "checkout session").map(|(id, url)| CheckoutSession {
+            id,
+            url,
+            customer: customer.id,
+        })
+    }
+}
+
+/// A Billing Portal session to send the customer to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalSession {
+    /// Stripe id (`bps_...`).
+    pub id: String,
+    /// The hosted portal: redirect the browser here.
+    pub url: String,
+}
+
+/// Opens the Billing Portal for `subscriber_id`'s customer; the portal sends the
+/// customer back to `return_url`. A subscriber without a customer is
+/// [`Error::NotFound`] (nothing to manage: send them to pricing).
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// let portal = stripe_mirror::checkout::billing_portal(&mirror, "user-42", "https://example.com/account").await?;
+/// println!("redirect to {}", portal.url);
+/// # Ok(()) }
+/// ```
+pub async fn billing_portal(
+    mirror: &Mirror,
+    subscriber_id: &str,
+    return_url: &str,
+) -> Result<PortalSession> {
+    let customer = Customer::by_subscriber(mirror, subscriber_id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            object: "customer of subscriber",
+            id: subscriber_id.to_owned(),
+        })?;
+    let form = json!({ "customer": customer.id, "return_url": return_url });
+    let object = format!("billing portal session for subscriber {subscriber_id}");
+    let session = mirror
+        .stripe()
+        .await?
+        .post("/billing_portal/sessions", &form, None, Some(&object))
+        .await?;
+    session_of(&session, &customer.id, "billing portal session")
+        .map(|(id, url)| PortalSession { id, url })
+}
+
+/// The id and URL of a created session; an answer without them is a clear error.
+fn session_of(session: &Value, customer: &str, kind: &'static str) -> Result<(String, String)> {
+    let field = |name: &str| session.get(name).and_then(Value::as_str).map(str::to_owned);
+    match (field("id"), field("url")) {
+        (Some(id), Some(url)) => Ok((id, url)),
+        _ => Err(Error::mapping(
+            kind,
+            customer,
+            "url",
+            "the created session has no id or url",
+        )),
+    }
+}

@@ -1,0 +1,281 @@
+//! Entitlements: which features a customer may use, as Stripe computes them from its
+//! subscriptions (`entitlements.active_entitlement_summary`, pushed by its `.updated`
+//! event), and which features each product grants (`product_feature`). Access checks
+//! read the summary first and fall back to the features of subscribed products.
+
+use diesel::prelude::*;
+use serde_json::{Value, json};
+
+use crate::Mirror;
+use crate::db::on_conn;
+use crate::db::schema::{stripe_entitlement_summaries, stripe_product_features};
+use crate::error::{Error, Result};
+use crate::sync::fields::Fields;
+use crate::sync::upsert::{SqlValue, Stamp, execute, mirror_table};
+
+/// A customer's active entitlements as last mirrored: keyed by the customer id.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = stripe_entitlement_summaries)]
+pub struct EntitlementSummary {
+    /// The customer's Stripe id (the summary has no id of its own).
+    pub id: String,
+    /// Whether it lives in live mode.
+    pub livemode: bool,
+    /// Unix time (Stripe's clock) of the data held.
+    pub stamp: i64,
+    /// The active features' lookup keys, as `,key1,key2,`.
+    lookup_keys: Option<String>,
+    data: String,
+}
+
+impl EntitlementSummary {
+    /// The lookup keys of the customer's active features.
+    pub fn features(&self) -> Vec<&str> {
+        self.lookup_keys
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    /// Whether the customer has the feature with this lookup key.
+    pub fn has(&self, lookup_key: &str) -> bool {
+        self.features().contains(&lookup_key)
+    }
+
+    /// The raw summary as last mirrored.
+    pub fn data(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+
+    /// The mirrored summary of `customer_id`, if Stripe sent or `sync` fetched one.
+    pub async fn for_customer(mirror: &Mirror, customer_id: &str) -> Result<Option<Self>> {
+        let id = customer_id.to_owned();
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_entitlement_summaries::table
+                    .find(&id)
+                    .filter(stripe_entitlement_summaries::deleted.eq(false))
+                    .select(EntitlementSummary::as_select())
+                    .first(c)
+                    .optional())?)
+            })
+            .await
+    }
+
+    /// Fetches the customer's active entitlements (`GET /v1/entitlements/active_entitlements`)
+    /// and mirrors them as its summary.
+    pub async fn sync(mirror: &Mirror, customer_id: &str) -> Result<Self> {
+        let client = mirror.stripe().await?;
+        let mut entitlements = Vec::new();
+        let mut query = json!({ "customer": customer_id, "limit": 100 });
+        let (mut at, mut livemode) = (0, mirror.live_mode());
+        loop {
+            let object = format!("active entitlements of customer {customer_id}");
+            let page = client
+                .get_at("/entitlements/active_entitlements", &query, Some(&object))
+                .await?;
+            at = at.max(page.at);
+            let data = page
+                .value
+                .get("data")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            livemode = page
+                .value
+                .get("livemode")
+                .and_then(Value::as_bool)
+                .unwrap_or(livemode);
+            let last = data
+                .last()
+                .and_then(|e| e.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            entitlements.extend(data);
+            match last {
+                Some(last) if page.value.get("has_more") == Some(&json!(true)) => {
+                    query["starting_after"] = json!(last)
+                }
+                _ => break,
+            }
+        }
+        let summary = json!({
+            "object": "entitlements.active_entitlement_summary", "customer": customer_id,
+            "livemode": livemode, "entitlements": { "object": "list", "data": entitlements, "has_more": false },
+        });
+        let id = customer_id.to_owned();
+        mirror
+            .db()
+            .run(move |conn| {
+                let row = ENTITLEMENT_SUMMARIES.row(&summary, Stamp::fetched(at), None)?;
+                conn.write(|c| {
+                    ENTITLEMENT_SUMMARIES.write(c, &row, &summary)?;
+                    Ok(on_conn!(c, c => stripe_entitlement_summaries::table
+                        .find(&id)
+                        .select(EntitlementSummary::as_select())
+                        .first(c))?)
+                })
+            })
+            .await
+    }
+}
+
+mirror_table!(ENTITLEMENT_SUMMARIES {
+    kind: "entitlements.active_entitlement_summary",
+    table: "stripe_entitlement_summaries",
+    api_path: None,
+    id_from: Some("customer"),
+    accepts: &["entitlements.active_entitlement_summary"],
+    columns: &["customer_id", "lookup_keys"],
+    keep_when_null: &[],
+    extract: |f| {
+        let keys: Vec<String> = match f.get("entitlements.data") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(|e| {
+                    e.get("lookup_key")
+                        .or_else(|| e.pointer("/feature/lookup_key"))
+                })
+                .filter_map(Value::as_str)
+                .map(|k| k.replace(',', ""))
+                .collect(),
+            Some(_) => {
+                return Err(Error::mapping(
+                    f.kind,
+                    f.id,
+                    "entitlements.data",
+                    "is not an array",
+                ));
+            }
+        };
+        Ok(vec![
+            SqlValue::Text(f.id_ref("customer")?),
+            SqlValue::Text(Some(format!(",{},", keys.join(",")))),
+        ])
+    },
+    final_tombstones: false,
+    children: None,
+});
+
+/// A feature a product grants (`product_feature`).
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = stripe_product_features)]
+pub struct ProductFeature {
+    /// Stripe id (`prodft_...`).
+    pub id: String,
+    /// Whether it lives in live mode.
+    pub livemode: bool,
+    /// The product granting it.
+    pub product_id: Option<String>,
+    /// The feature's lookup key (what `has_feature` asks for).
+    pub lookup_key: Option<String>,
+    /// Detached from the product in Stripe.
+    pub deleted: bool,
+    data: String,
+}
+
+impl ProductFeature {
+    /// The raw object as last mirrored.
+    pub fn data(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+
+    /// Fetches a product's features (`GET /v1/products/{id}/features`) and mirrors
+    /// them; features no longer attached become tombstones. Returns the live ones.
+    pub async fn sync_for_product(mirror: &Mirror, product_id: &str) -> Result<Vec<Self>> {
+        let client = mirror.stripe().await?;
+        let path = format!("/products/{product_id}/features");
+        let mut query = json!({ "limit": 100 });
+        let mut rows = Vec::new();
+        loop {
+            let page = client
+                .get_at(
+                    &path,
+                    &query,
+                    Some(&format!("features of product {product_id}")),
+                )
+                .await?;
+            let data = page
+                .value
+                .get("data")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for mut feature in data.iter().cloned() {
+                // The object does not name its product: the listing does.
+                feature["product"] = json!(product_id);
+                rows.push((
+                    PRODUCT_FEATURES.row(&feature, Stamp::fetched(page.at), None)?,
+                    feature,
+                ));
+            }
+            match data
+                .last()
+                .and_then(|f| f.get("id"))
+                .and_then(Value::as_str)
+            {
+                Some(last) if page.value.get("has_more") == Some(&json!(true)) => {
+                    query["starting_after"] = json!(last)
+                }
+                _ => break,
+            }
+        }
+        let product = product_id.to_owned();
+        mirror
+            .db()
+            .run(move |conn| {
+                conn.write(|c| {
+                    for (row, feature) in &rows {
+                        PRODUCT_FEATURES.write(c, row, feature)?;
+                    }
+                    let mut sql = "UPDATE stripe_product_features SET deleted = TRUE WHERE product_id = ? AND deleted = FALSE".to_owned();
+                    let mut binds = vec![SqlValue::Text(Some(product.clone()))];
+                    if !rows.is_empty() {
+                        sql.push_str(&format!(" AND id NOT IN ({})", vec!["?"; rows.len()].join(", ")));
+                        binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
+                    }
+                    execute(c, &sql, &binds)?;
+                    Self::for_products(c, &[product.clone()])
+                })
+            })
+            .await
+    }
+
+    /// The live features of these products.
+    pub(crate) fn for_products(
+        conn: &mut crate::db::Conn<'_>,
+        products: &[String],
+    ) -> Result<Vec<Self>> {
+        Ok(on_conn!(conn, c => stripe_product_features::table
+            .filter(stripe_product_features::product_id.eq_any(products))
+            .filter(stripe_product_features::deleted.eq(false))
+            .order(stripe_product_features::id.asc())
+            .select(ProductFeature::as_select())
+            .load(c))?)
+    }
+}
+
+mirror_table!(PRODUCT_FEATURES {
+    kind: "product_feature",
+    table: "stripe_product_features",
+    api_path: None,
+    id_from: None,
+    accepts: &["product_feature"],
+    columns: &["product_id", "lookup_key"],
+    keep_when_null: &["product_id"],
+    extract: |f: &Fields<'_>| {
+        Ok(vec![
+            SqlValue::Text(f.id_ref("product")?),
+            SqlValue::Text(f.first(
+                &["entitlement_feature.lookup_key", "lookup_key"],
+                Fields::str,
+            )?),
+        ])
+    },
+    final_tombstones: false,
+    children: None,
+});
