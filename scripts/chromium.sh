@@ -4,9 +4,10 @@
 #   scripts/chromium.sh install
 #   scripts/chromium.sh start [PORT]  -> prints its WebDriver URL (default port 9515)
 #   scripts/chromium.sh stop
-# chromedriver listens on 127.0.0.1 (and ::1) only by default; it binds all interfaces
-# only when given --allowed-ips/--allowed-origins, which are allowlists, not binds.
-# So it is started without them: loopback only, local clients only.
+# chromedriver has no bind-address flag. By default it listens on 127.0.0.1 and ::1
+# only ("Only local connections are allowed"); given --allowed-ips (even
+# --allowed-ips=127.0.0.1) or --allowed-origins it listens on all interfaces and
+# filters clients by that allowlist instead. So it is started without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
@@ -30,6 +31,11 @@ case "${1:-}" in
     echo "http://127.0.0.1:$PORT"
     ;;
   stop)
+    # A session a test never closed keeps its Chromium running after chromedriver is
+    # gone: end chromedriver's children (the browsers; their helpers follow) first.
+    for f in "$RUN"/chromedriver-*.pid; do
+      [ -f "$f" ] && pkill -TERM -P "$(cat "$f")" 2>/dev/null || true
+    done
     stop_servers chromedriver
     ;;
   *) echo "usage: $0 install|start [PORT]|stop" >&2; exit 2 ;;

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: starts what the tests need (a real
-# PostgreSQL server, localstripe and stripe-stateful-mock, all on 127.0.0.1), runs every
-# test on SQLite and Postgres, stops what it started. Used by .ci/run.
+# PostgreSQL server, localstripe, stripe-stateful-mock and chromedriver, all on
+# 127.0.0.1), runs every test on SQLite and Postgres, stops what it started. Used by
+# .ci/run.
 # Tests that need a peer are #[ignore]d for a plain `cargo test`; here they all run
 # (ignored ones included), and a missing peer fails the test that needs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; scripts/stripe-mock.sh stop || true; }
+cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; scripts/stripe-mock.sh stop || true; scripts/chromium.sh stop || true; }
 trap cleanup EXIT
 
 PG_URL=$(scripts/postgres.sh start)
@@ -17,6 +18,8 @@ export STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
 export STRIPE_MIRROR_TEST_PYTHON="$PWD/.run/venv/bin/python"
 # stripe-stateful-mock (pinned, npm, in .run/ssm), on 127.0.0.1.
 export STRIPE_MIRROR_TEST_STRIPE_MOCK=$(scripts/stripe-mock.sh start 8430)
+# chromedriver and headless Chromium (Debian packages), on 127.0.0.1.
+export STRIPE_MIRROR_TEST_WEBDRIVER=$(scripts/chromium.sh start 9515)
 
 echo "== format and lints"
 cargo fmt --all -- --check

@@ -1,17 +1,23 @@
 //! axum integration (feature `axum`): mounts the webhook pipeline at
-//! `/stripe/webhook`, handing it the raw body untouched.
+//! `/stripe/webhook`, handing it the raw body untouched, and protects routes with an
+//! access gate ([`Access`]).
 
 use std::net::SocketAddr;
 
+use std::marker::PhantomData;
+
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::StreamExt;
 
 use crate::Mirror;
+use crate::access::{Denial, Gate};
+use crate::models::subscription::Subscription;
 use crate::webhooks::{WebhookRequest, Webhooks};
 
 /// The path Stripe (and `stripe listen --forward-to`) posts to.
@@ -133,4 +139,132 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// How a route's access is decided: which subscriber a request is for (your session,
+/// cookie or auth: the crate does not know your users), and the [`Gate`] they must
+/// pass. Keep the rule in your app's state; [`Access<R>`] takes it out with `FromRef`.
+///
+/// ```
+/// use axum::http::request::Parts;
+/// use stripe_mirror::access::{Gate, require_subscription};
+/// use stripe_mirror::axum::AccessRule;
+///
+/// /// Starter or Pro subscribers; the user id comes from a header set by your auth.
+/// #[derive(Clone)]
+/// struct Members { products: Vec<String> }
+///
+/// impl<S: Send + Sync> AccessRule<S> for Members {
+///     async fn subscriber(&self, parts: &mut Parts, _state: &S) -> Option<String> {
+///         parts.headers.get("x-user-id")?.to_str().ok().map(str::to_owned)
+///     }
+///     fn gate(&self, subscriber: &str) -> Gate {
+///         let products: Vec<&str> = self.products.iter().map(String::as_str).collect();
+///         require_subscription(subscriber).to_products(&products)
+///     }
+/// }
+/// ```
+pub trait AccessRule<S>: Send + Sync {
+    /// The subscriber this request is for, `None` when nobody is signed in.
+    fn subscriber(
+        &self,
+        parts: &mut Parts,
+        state: &S,
+    ) -> impl std::future::Future<Output = Option<String>> + Send;
+
+    /// The gate the subscriber must pass.
+    fn gate(&self, subscriber: &str) -> Gate;
+
+    /// The answer to a denied request. By default 402 Payment Required when paying
+    /// would help (no subscription, past due, canceled) and 403 Forbidden otherwise,
+    /// with the reason as JSON; return `Redirect::to("/pricing")` to send people to
+    /// your pricing page instead.
+    fn denied(&self, denial: &Denial) -> Response {
+        let status = if denial.needs_payment() {
+            StatusCode::PAYMENT_REQUIRED
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        let body = serde_json::json!({ "denied": denial.code(), "reason": denial.to_string() });
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+
+    /// The answer when no subscriber is signed in: 401 by default.
+    fn anonymous(&self) -> Response {
+        (StatusCode::UNAUTHORIZED, "sign in first").into_response()
+    }
+}
+
+/// Extractor protecting a route with the rule `R` from the app state: the handler runs
+/// only for a subscriber who passes `R`'s gate, and receives the subscription that
+/// granted access. Decided from the local database; a database failure is a 503.
+///
+/// ```no_run
+/// use axum::{Router, extract::FromRef, routing::get};
+/// use stripe_mirror::Mirror;
+/// use stripe_mirror::axum::Access;
+/// # use axum::http::request::Parts;
+/// # use stripe_mirror::access::{Gate, require_subscription};
+/// # #[derive(Clone)] struct Members;
+/// # impl<S: Send + Sync> stripe_mirror::axum::AccessRule<S> for Members {
+/// #     async fn subscriber(&self, _: &mut Parts, _: &S) -> Option<String> { None }
+/// #     fn gate(&self, s: &str) -> Gate { require_subscription(s) }
+/// # }
+///
+/// #[derive(Clone, FromRef)]
+/// struct AppState { mirror: Mirror, members: Members }
+///
+/// async fn members_only(access: Access<Members>) -> String {
+///     format!("welcome, {} ({})", access.subscriber, access.subscription.id)
+/// }
+///
+/// # fn app(state: AppState) -> Router {
+/// Router::new().route("/members", get(members_only)).with_state(state)
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Access<R> {
+    /// The subscriber who passed.
+    pub subscriber: String,
+    /// The subscription that granted access.
+    pub subscription: Subscription,
+    rule: PhantomData<fn() -> R>,
+}
+
+impl<S, R> FromRequestParts<S> for Access<R>
+where
+    S: Send + Sync,
+    R: AccessRule<S> + FromRef<S>,
+    Mirror: FromRef<S>,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let rule = R::from_ref(state);
+        let Some(subscriber) = rule.subscriber(parts, state).await else {
+            return Err(rule.anonymous());
+        };
+        let mirror = Mirror::from_ref(state);
+        match rule.gate(&subscriber).check(&mirror).await {
+            Ok(Ok(subscription)) => Ok(Access {
+                subscriber,
+                subscription,
+                rule: PhantomData,
+            }),
+            Ok(Err(denial)) => Err(rule.denied(&denial)),
+            Err(err) => {
+                tracing::error!(error = %err, "access check failed");
+                Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "access could not be checked; try again",
+                )
+                    .into_response())
+            }
+        }
+    }
 }

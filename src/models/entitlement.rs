@@ -239,7 +239,7 @@ impl ProductFeature {
                         binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
                     }
                     execute(c, &sql, &binds)?;
-                    Self::for_products(c, &[product.clone()])
+                    Self::for_products(c, std::slice::from_ref(&product))
                 })
             })
             .await
