@@ -405,9 +405,14 @@ impl Subscription {
                 .map(str::to_owned);
         }
         let client_secret = client_secret.map(crate::Secret::new);
+        // Mirror the subscription as webhooks carry it: the invoice by id, so the
+        // payment's secret is not stored (nor shown by `Debug`).
+        let mut value = created.value;
+        if let Some(id) = value.pointer("/latest_invoice/id").cloned() {
+            value["latest_invoice"] = id;
+        }
         let subscription =
-            crate::sync::sync_from_stripe_data::<Subscription>(mirror, created.value, created.at)
-                .await?;
+            crate::sync::sync_from_stripe_data::<Subscription>(mirror, value, created.at).await?;
         Ok(IncompleteSubscription {
             subscription,
             client_secret,

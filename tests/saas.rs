@@ -1,0 +1,798 @@
+//! Selling with the mirror: access gates over every subscription status and product
+//! mix, roles from product metadata, Entitlements features, get_or_create for every
+//! model, and the Checkout, Billing Portal and Payment Element requests (checked form
+//! parameter by form parameter against an in-process stub, as no fake Stripe serves
+//! them). Every test runs on SQLite and Postgres.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use common::backends;
+use serde_json::{Value, json};
+use stripe_mirror::access::{Denial, require_subscription};
+use stripe_mirror::checkout::{Checkout, billing_portal};
+use stripe_mirror::models::price::NewPrice;
+use stripe_mirror::models::product::NewProduct;
+use stripe_mirror::webhooks::signature::sign;
+use stripe_mirror::{
+    Config, Customer, Error, Mirror, Price, Product, ProductFeature, Secret, Subscriber,
+    Subscription, WebhookRequest, Webhooks, has_feature, has_role,
+};
+
+const SECRET: &str = "whsec_test_saas";
+const FAR: i64 = 4_102_444_800; // 2100
+const PAST: i64 = 1_600_000_000; // 2020
+
+struct User(&'static str);
+
+impl Subscriber for User {
+    fn subscriber_id(&self) -> String {
+        self.0.to_owned()
+    }
+    fn email(&self) -> Option<String> {
+        Some(format!("{}@example.com", self.0))
+    }
+}
+
+fn config(b: &common::Backend, api_base: Option<&str>) -> Config {
+    let mut config = b.config.clone();
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    if let Some(base) = api_base {
+        config.api_base = Some(base.to_owned());
+        config.secret_key = Some(Secret::new("sk_test_saas_00000000"));
+        config.stripe_retries = 0;
+    }
+    config
+}
+
+async fn customer(m: &Mirror, id: &str, subscriber: &str) {
+    Customer::sync_from_stripe_data(
+        m,
+        &json!({"id": id, "object": "customer", "created": 1,
+        "metadata": {"stripe_mirror_subscriber": subscriber}}),
+    )
+    .await
+    .unwrap();
+}
+
+async fn subscription(
+    m: &Mirror,
+    id: &str,
+    customer: &str,
+    status: &str,
+    products: &[&str],
+    extra: Value,
+) {
+    let items: Vec<Value> = products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"id": format!("si_{id}_{i}"), "object": "subscription_item",
+                             "price": {"id": format!("price_{p}"), "product": p}, "current_period_end": FAR}))
+        .collect();
+    let mut sub = json!({"id": id, "object": "subscription", "customer": customer, "status": status,
+                         "created": 100, "items": {"data": items}});
+    for (k, v) in extra.as_object().unwrap() {
+        sub[k] = v.clone();
+    }
+    Subscription::sync_from_stripe_data(m, &sub).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
+    // (status, extra fields, granted without past_due grace, with it)
+    let cases: [(&str, Value, Option<&str>, Option<&str>); 10] = [
+        ("active", json!({}), None, None),
+        ("trialing", json!({"trial_end": FAR}), None, None),
+        ("past_due", json!({}), Some("past_due"), None),
+        (
+            "canceled",
+            json!({"canceled_at": PAST, "ended_at": PAST}),
+            Some("canceled"),
+            Some("canceled"),
+        ),
+        ("incomplete", json!({}), Some("inactive"), Some("inactive")),
+        (
+            "incomplete_expired",
+            json!({}),
+            Some("inactive"),
+            Some("inactive"),
+        ),
+        ("unpaid", json!({}), Some("inactive"), Some("inactive")),
+        ("paused", json!({}), Some("inactive"), Some("inactive")),
+        // Set to cancel: valid while the period lasts, canceled once its date passed.
+        ("active", json!({"cancel_at_period_end": true}), None, None),
+        (
+            "active",
+            json!({"cancel_at": PAST, "current_period_end": PAST}),
+            Some("canceled"),
+            Some("canceled"),
+        ),
+    ];
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        for (k, (status, extra, strict, lenient)) in cases.iter().enumerate() {
+            let (user, cus) = (format!("user-{k}"), format!("cus_{k}"));
+            customer(&m, &cus, &user).await;
+            let mut extra = extra.clone();
+            if extra.get("current_period_end").is_some() {
+                // Period ended: items too.
+                extra["items"] = json!({"data": [{"id": format!("si_{k}"), "object": "subscription_item",
+                    "price": {"id": "price_pro", "product": "prod_pro"}, "current_period_end": PAST}]});
+            }
+            subscription(&m, &format!("sub_{k}"), &cus, status, &["prod_pro"], extra).await;
+            for (gate, expected) in [
+                (
+                    require_subscription(&user).to_products(&["prod_starter", "prod_pro"]),
+                    strict,
+                ),
+                (
+                    require_subscription(&user)
+                        .to_products(&["prod_pro"])
+                        .allow_past_due(true),
+                    lenient,
+                ),
+            ] {
+                let decision = gate.check(&m).await.unwrap();
+                match (expected, &decision) {
+                    (None, Ok(sub)) => {
+                        assert_eq!(sub.id, format!("sub_{k}"), "{} case {k}", b.name)
+                    }
+                    (Some(code), Err(denial)) => assert_eq!(
+                        denial.code(),
+                        *code,
+                        "{} case {k} {status}: {denial}",
+                        b.name
+                    ),
+                    _ => panic!(
+                        "{} case {k} {status}: expected {expected:?}, got {decision:?}",
+                        b.name
+                    ),
+                }
+            }
+            // A valid Pro subscription does not open a Basic-only page.
+            if strict.is_none() {
+                let basic = require_subscription(&user)
+                    .to_products(&["prod_basic"])
+                    .check(&m)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    basic.unwrap_err(),
+                    Denial::WrongProduct {
+                        wanted: vec!["prod_basic".into()]
+                    },
+                    "{}",
+                    b.name
+                );
+            }
+        }
+        // Nobody, and a customer who never subscribed.
+        let none = require_subscription("stranger").check(&m).await.unwrap();
+        assert_eq!(none.unwrap_err(), Denial::NoCustomer);
+        customer(&m, "cus_new", "newcomer").await;
+        let new = require_subscription("newcomer").check(&m).await.unwrap();
+        assert_eq!(new.unwrap_err(), Denial::NoSubscription);
+        assert!(
+            Denial::NoSubscription.needs_payment()
+                && !Denial::WrongProduct { wanted: vec![] }.needs_payment()
+        );
+
+        // Several subscriptions: the one matching the products grants, whatever came first.
+        customer(&m, "cus_multi", "multi").await;
+        subscription(
+            &m,
+            "sub_multi_basic",
+            "cus_multi",
+            "active",
+            &["prod_basic"],
+            json!({"created": 300}),
+        )
+        .await;
+        subscription(
+            &m,
+            "sub_multi_pro",
+            "cus_multi",
+            "active",
+            &["prod_pro"],
+            json!({"created": 200}),
+        )
+        .await;
+        subscription(
+            &m,
+            "sub_multi_old",
+            "cus_multi",
+            "canceled",
+            &["prod_starter"],
+            json!({"created": 100}),
+        )
+        .await;
+        let pro = require_subscription("multi")
+            .to_products(&["prod_pro"])
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(pro.unwrap().id, "sub_multi_pro", "{}", b.name);
+        let any = require_subscription("multi").check(&m).await.unwrap();
+        assert_eq!(
+            any.unwrap().id,
+            "sub_multi_basic",
+            "{}: the newest valid one",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn roles_come_from_product_metadata() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        for (id, roles) in [("prod_pro", "pro, team"), ("prod_basic", "")] {
+            Product::sync_from_stripe_data(
+                &m,
+                &json!({"id": id, "object": "product", "name": id,
+                "active": true, "metadata": {"roles": roles}}),
+            )
+            .await
+            .unwrap();
+        }
+        customer(&m, "cus_r1", "pro-user").await;
+        subscription(&m, "sub_r1", "cus_r1", "active", &["prod_pro"], json!({})).await;
+        customer(&m, "cus_r2", "basic-user").await;
+        subscription(&m, "sub_r2", "cus_r2", "active", &["prod_basic"], json!({})).await;
+        customer(&m, "cus_r3", "lapsed-user").await;
+        subscription(&m, "sub_r3", "cus_r3", "canceled", &["prod_pro"], json!({})).await;
+        assert!(has_role(&m, "pro-user", "pro").await.unwrap(), "{}", b.name);
+        assert!(
+            has_role(&m, "pro-user", "team").await.unwrap(),
+            "{}: trimmed",
+            b.name
+        );
+        assert!(
+            !has_role(&m, "pro-user", "admin").await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(
+            !has_role(&m, "basic-user", "pro").await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(
+            !has_role(&m, "lapsed-user", "pro").await.unwrap(),
+            "{}: only valid subscriptions",
+            b.name
+        );
+        let why = require_subscription("basic-user")
+            .with_role("pro")
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(why.unwrap_err(), Denial::MissingRole { role: "pro".into() });
+    }
+}
+
+fn signed(v: &Value) -> WebhookRequest {
+    let body = v.to_string().into_bytes();
+    let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
+    WebhookRequest::new(body).header("Stripe-Signature", header)
+}
+
+fn summary_event(id: &str, created: i64, customer: &str, keys: &[&str]) -> Value {
+    let entitlements: Vec<Value> = keys
+        .iter()
+        .map(|k| json!({"id": format!("ent_{k}"), "object": "entitlements.active_entitlement", "lookup_key": k,
+                        "feature": {"id": format!("feat_{k}"), "object": "entitlements.feature", "lookup_key": k}}))
+        .collect();
+    json!({"id": id, "object": "event", "type": "entitlements.active_entitlement_summary.updated", "created": created,
+           "livemode": false, "data": {"object": {"object": "entitlements.active_entitlement_summary",
+           "customer": customer, "livemode": false, "entitlements": {"object": "list", "data": entitlements, "has_more": false}}}})
+}
+
+#[tokio::test]
+async fn features_follow_the_entitlement_summary_then_product_features() {
+    for b in backends() {
+        let features = json!({"object": "list", "has_more": false, "data": [
+            {"id": "prodft_1", "object": "product_feature", "livemode": false,
+             "entitlement_feature": {"id": "feat_1", "object": "entitlements.feature", "lookup_key": "exports"}}]});
+        let (base, _) =
+            common::stripe_stub(vec![("/v1/products/prod_feat/features", 200, features)]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+        customer(&m, "cus_f", "feature-user").await;
+        subscription(&m, "sub_f", "cus_f", "active", &["prod_feat"], json!({})).await;
+
+        // No summary yet: the subscribed product's mirrored features answer.
+        assert!(
+            !has_feature(&m, "feature-user", "exports").await.unwrap(),
+            "{}: nothing mirrored",
+            b.name
+        );
+        let synced = ProductFeature::sync_for_product(&m, "prod_feat")
+            .await
+            .unwrap();
+        assert_eq!(synced[0].lookup_key.as_deref(), Some("exports"));
+        assert!(
+            has_feature(&m, "feature-user", "exports").await.unwrap(),
+            "{}",
+            b.name
+        );
+
+        // Stripe's summary, once it arrives, is the answer (newest event wins).
+        let t = chrono::Utc::now().timestamp();
+        let r = webhooks
+            .receive(
+                &m,
+                signed(&summary_event("evt_sum1", t, "cus_f", &["sso", "audit"])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        assert!(
+            has_feature(&m, "feature-user", "sso").await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(
+            !has_feature(&m, "feature-user", "exports").await.unwrap(),
+            "{}: the summary decides",
+            b.name
+        );
+        let stale = webhooks
+            .receive(&m, signed(&summary_event("evt_sum0", t - 60, "cus_f", &[])))
+            .await;
+        assert_eq!(stale.status, 200);
+        assert!(
+            has_feature(&m, "feature-user", "audit").await.unwrap(),
+            "{}: an older summary changes nothing",
+            b.name
+        );
+        let emptied = webhooks
+            .receive(&m, signed(&summary_event("evt_sum2", t + 1, "cus_f", &[])))
+            .await;
+        assert_eq!(emptied.status, 200);
+        let why = require_subscription("feature-user")
+            .with_feature("sso")
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(
+            why.unwrap_err(),
+            Denial::MissingFeature {
+                feature: "sso".into()
+            },
+            "{}",
+            b.name
+        );
+    }
+}
+
+/// One request the stub received.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    form: BTreeMap<String, String>,
+    idempotency_key: Option<String>,
+}
+
+/// A Stripe stand-in answering by method and path, recording each request's form.
+async fn recording_stub(
+    routes: Vec<(&'static str, &'static str, Value)>,
+) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    use axum::{Router, body::to_bytes, extract::Request, routing::any};
+    let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
+    let s = seen.clone();
+    let app = Router::new().fallback(any(move |req: Request| {
+        let (routes, s) = (routes.clone(), s.clone());
+        async move {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let body = to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            let raw = if method == "GET" {
+                query.into_bytes()
+            } else {
+                body.to_vec()
+            };
+            let form = form_urlencoded::parse(&raw).into_owned().collect();
+            s.lock().unwrap().push(Seen {
+                method: method.clone(),
+                path: path.clone(),
+                form,
+                idempotency_key: key,
+            });
+            match routes.iter().find(|(m, p, _)| *m == method && *p == path) {
+                Some((_, _, body)) => (axum::http::StatusCode::OK, body.to_string()),
+                None => (
+                    axum::http::StatusCode::NOT_FOUND,
+                    json!({"error": {"type": "invalid_request_error",
+                    "code": "resource_missing", "message": "No such object"}})
+                    .to_string(),
+                ),
+            }
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), seen)
+}
+
+fn form(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn checkout_and_portal_send_exactly_stripes_parameters() {
+    for b in backends() {
+        let (base, seen) = recording_stub(vec![
+            ("POST", "/v1/customers", json!({"id": "cus_buyer", "object": "customer", "email": "buyer@example.com",
+                                             "metadata": {"stripe_mirror_subscriber": "buyer"}})),
+            ("POST", "/v1/checkout/sessions", json!({"id": "cs_test_1", "object": "checkout.session",
+                                                     "url": "https://checkout.stripe.com/c/pay/cs_test_1"})),
+            ("POST", "/v1/billing_portal/sessions", json!({"id": "bps_1", "object": "billing_portal.session",
+                                                           "url": "https://billing.stripe.com/p/session/bps_1"})),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let session = Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/members?session={CHECKOUT_SESSION_ID}")
+            .cancel_url("https://app.example/pricing")
+            .trial_days(14)
+            .allow_promotion_codes(true)
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                session.id.as_str(),
+                session.url.as_str(),
+                session.customer.as_str()
+            ),
+            (
+                "cs_test_1",
+                "https://checkout.stripe.com/c/pay/cs_test_1",
+                "cus_buyer"
+            )
+        );
+        {
+            let seen = seen.lock().unwrap();
+            let (created, checkout) = (&seen[0], &seen[1]);
+            assert_eq!(
+                (created.method.as_str(), created.path.as_str()),
+                ("POST", "/v1/customers")
+            );
+            assert_eq!(
+                created.form,
+                form(&[
+                    ("email", "buyer@example.com"),
+                    ("metadata[stripe_mirror_subscriber]", "buyer")
+                ])
+            );
+            assert!(
+                created
+                    .idempotency_key
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("stripe-mirror-customer-test-")
+            );
+            assert_eq!(checkout.path, "/v1/checkout/sessions");
+            assert_eq!(
+                checkout.form,
+                form(&[
+                    ("mode", "subscription"),
+                    ("customer", "cus_buyer"),
+                    ("client_reference_id", "buyer"),
+                    ("line_items[0][price]", "price_pro_monthly"),
+                    ("line_items[0][quantity]", "1"),
+                    (
+                        "success_url",
+                        "https://app.example/members?session={CHECKOUT_SESSION_ID}"
+                    ),
+                    ("cancel_url", "https://app.example/pricing"),
+                    ("allow_promotion_codes", "true"),
+                    ("metadata[stripe_mirror_subscriber]", "buyer"),
+                    (
+                        "subscription_data[metadata][stripe_mirror_subscriber]",
+                        "buyer"
+                    ),
+                    ("subscription_data[trial_period_days]", "14"),
+                ]),
+                "{}",
+                b.name
+            );
+        }
+        // A one-time payment: no subscription data; the customer is already mirrored.
+        Checkout::payment("price_setup_fee", 2)
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.len(), 3, "{}: no second customer", b.name);
+            assert_eq!(
+                seen[2].form,
+                form(&[
+                    ("mode", "payment"),
+                    ("customer", "cus_buyer"),
+                    ("client_reference_id", "buyer"),
+                    ("line_items[0][price]", "price_setup_fee"),
+                    ("line_items[0][quantity]", "2"),
+                    ("success_url", "https://app.example/thanks"),
+                    ("metadata[stripe_mirror_subscriber]", "buyer"),
+                ]),
+                "{}",
+                b.name
+            );
+        }
+        let err = Checkout::subscription("price_x")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("success URL"), "{err}");
+
+        let portal = billing_portal(&m, "buyer", "https://app.example/account")
+            .await
+            .unwrap();
+        assert_eq!(portal.url, "https://billing.stripe.com/p/session/bps_1");
+        assert_eq!(
+            seen.lock().unwrap()[3].form,
+            form(&[
+                ("customer", "cus_buyer"),
+                ("return_url", "https://app.example/account")
+            ])
+        );
+        let nobody = billing_portal(&m, "nobody", "https://app.example/account")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(nobody, Error::NotFound { .. }),
+            "{}: {nobody}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_payment_element_flow_reads_the_client_secret_in_both_shapes() {
+    for b in backends() {
+        let sub = |id: &str, invoice: Value| {
+            json!({"id": id, "object": "subscription", "customer": "cus_pe",
+            "status": "incomplete", "latest_invoice": invoice,
+            "items": {"data": [{"id": format!("si_{id}"), "object": "subscription_item",
+                "price": {"id": "price_pro", "product": "prod_pro"}, "current_period_end": FAR}]}})
+        };
+        // Current shape, then the older one whose payment intent must be fetched.
+        let (base, seen) = recording_stub(vec![
+            ("POST", "/v1/subscriptions", sub("sub_pe", json!({"id": "in_1", "confirmation_secret": {"client_secret": "pi_1_secret_abc", "type": "payment_intent"}}))),
+        ]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let started = Subscription::create_incomplete(&m, "cus_pe", &["price_pro"])
+            .await
+            .unwrap();
+        assert_eq!(
+            started.client_secret.as_ref().map(|s| s.expose()),
+            Some("pi_1_secret_abc")
+        );
+        assert!(
+            !format!("{started:?}").contains("pi_1_secret_abc"),
+            "{}: the secret stays out of Debug",
+            b.name
+        );
+        assert_eq!(started.subscription.status.as_deref(), Some("incomplete"));
+        assert!(
+            Subscription::get(&m, "sub_pe").await.unwrap().is_some(),
+            "{}: mirrored at once",
+            b.name
+        );
+        assert_eq!(
+            seen.lock().unwrap()[0].form,
+            form(&[
+                ("customer", "cus_pe"),
+                ("items[0][price]", "price_pro"),
+                ("payment_behavior", "default_incomplete"),
+                (
+                    "payment_settings[save_default_payment_method]",
+                    "on_subscription"
+                ),
+                ("expand[0]", "latest_invoice.confirmation_secret"),
+            ]),
+            "{}",
+            b.name
+        );
+
+        let (base, seen) = recording_stub(vec![
+            ("POST", "/v1/subscriptions", sub("sub_pe_old", json!({"id": "in_2", "payment_intent": "pi_2"}))),
+            ("GET", "/v1/payment_intents/pi_2", json!({"id": "pi_2", "object": "payment_intent", "client_secret": "pi_2_secret_def"})),
+        ]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let started = Subscription::create_incomplete(&m, "cus_pe", &["price_pro"])
+            .await
+            .unwrap();
+        assert_eq!(
+            started.client_secret.as_ref().map(|s| s.expose()),
+            Some("pi_2_secret_def"),
+            "{}",
+            b.name
+        );
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn get_or_create_reads_the_mirror_then_stripe_then_creates_once() {
+    for b in backends() {
+        let product = json!({"id": "pro", "object": "product", "name": "Pro", "active": true, "metadata": {"roles": "pro"}});
+        let price = json!({"id": "price_new", "object": "price", "product": "pro", "active": true, "currency": "usd",
+                           "unit_amount": 2900, "lookup_key": "pro_monthly", "recurring": {"interval": "month"}});
+        let sub = json!({"id": "sub_new", "object": "subscription", "customer": "cus_g", "status": "active",
+                         "items": {"data": [{"id": "si_new", "object": "subscription_item",
+                            "price": {"id": "price_new", "product": "pro"}, "current_period_end": FAR}]}});
+        let (base, seen) = recording_stub(vec![
+            ("POST", "/v1/products", product),
+            (
+                "GET",
+                "/v1/prices",
+                json!({"object": "list", "data": [], "has_more": false}),
+            ),
+            ("POST", "/v1/prices", price),
+            (
+                "GET",
+                "/v1/subscriptions",
+                json!({"object": "list", "data": [], "has_more": false}),
+            ),
+            ("POST", "/v1/subscriptions", sub),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let p = Product::get_or_create(&m, &NewProduct::new("pro", "Pro").metadata("roles", "pro"))
+            .await
+            .unwrap();
+        let pr = Price::get_or_create(
+            &m,
+            &NewPrice::recurring("pro_monthly", "pro", "usd", 2900, "month"),
+        )
+        .await
+        .unwrap();
+        customer(&m, "cus_g", "g-user").await;
+        let s = Subscription::get_or_create(&m, "cus_g", &["price_new"])
+            .await
+            .unwrap();
+        assert_eq!(
+            (p.id.as_str(), pr.id.as_str(), s.id.as_str()),
+            ("pro", "price_new", "sub_new")
+        );
+        let first = seen.lock().unwrap().clone();
+        let calls: Vec<(String, String)> = first
+            .iter()
+            .map(|s| (s.method.clone(), s.path.clone()))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("GET", "/v1/products/pro"),
+                ("POST", "/v1/products"),
+                ("GET", "/v1/prices"),
+                ("POST", "/v1/prices"),
+                ("GET", "/v1/subscriptions"),
+                ("POST", "/v1/subscriptions"),
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned())),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            first[1].form,
+            form(&[("id", "pro"), ("name", "Pro"), ("metadata[roles]", "pro")])
+        );
+        assert_eq!(
+            first[2].form.get("lookup_keys[0]").map(String::as_str),
+            Some("pro_monthly")
+        );
+        assert_eq!(
+            first[3].form,
+            form(&[
+                ("product", "pro"),
+                ("currency", "usd"),
+                ("unit_amount", "2900"),
+                ("lookup_key", "pro_monthly"),
+                ("recurring[interval]", "month")
+            ])
+        );
+        assert_eq!(
+            first[5].form,
+            form(&[("customer", "cus_g"), ("items[0][price]", "price_new")])
+        );
+        // Keys derived from the natural key: the same in any process, different per object.
+        let keys: Vec<&str> = [1, 3, 5]
+            .iter()
+            .map(|i| first[*i].idempotency_key.as_deref().unwrap())
+            .collect();
+        assert!(
+            keys[0].starts_with("stripe-mirror-product-test-")
+                && keys[1].starts_with("stripe-mirror-price-test-")
+                && keys[2].starts_with("stripe-mirror-subscription-test-"),
+            "{keys:?}"
+        );
+
+        // Second time: the mirror answers, Stripe is not asked.
+        Product::get_or_create(&m, &NewProduct::new("pro", "Pro"))
+            .await
+            .unwrap();
+        Price::get_or_create(
+            &m,
+            &NewPrice::recurring("pro_monthly", "pro", "usd", 2900, "month"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            Subscription::get_or_create(&m, "cus_g", &["price_new"])
+                .await
+                .unwrap()
+                .id,
+            "sub_new"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 6, "{}", b.name);
+
+        // Another process (its own database) creating the same objects sends the same keys.
+        let other = Mirror::connect(config(&common::backends().remove(0), Some(&base)))
+            .await
+            .unwrap();
+        Product::get_or_create(
+            &other,
+            &NewProduct::new("pro", "Pro").metadata("roles", "pro"),
+        )
+        .await
+        .unwrap();
+        let again = seen.lock().unwrap().last().unwrap().idempotency_key.clone();
+        assert_eq!(again.as_deref(), Some(keys[0]), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn the_publishable_key_follows_the_mode() {
+    for b in backends() {
+        let mut test = config(&b, None);
+        test.test_publishable_key = Some("pk_test_from_env".into());
+        test.live_publishable_key = Some("pk_live_from_env".into());
+        let m = Mirror::connect(test.clone()).await.unwrap();
+        assert_eq!(
+            m.publishable_key().await.unwrap().as_deref(),
+            Some("pk_test_from_env")
+        );
+        let live = Mirror::connect(Config {
+            live_mode: true,
+            ..test
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            live.publishable_key().await.unwrap().as_deref(),
+            Some("pk_live_from_env")
+        );
+        // A stored key of the mode comes first.
+        stripe_mirror::ApiKey::get_or_create(&m, "pk_test_stored0000000000000000")
+            .await
+            .unwrap();
+        assert_eq!(
+            m.publishable_key().await.unwrap().as_deref(),
+            Some("pk_test_stored0000000000000000"),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            live.publishable_key().await.unwrap().as_deref(),
+            Some("pk_live_from_env"),
+            "{}",
+            b.name
+        );
+    }
+}
