@@ -180,24 +180,31 @@ pub trait AccessRule<S>: Send + Sync {
     /// with the reason as JSON; return `Redirect::to("/pricing")` to send people to
     /// your pricing page instead.
     fn denied(&self, denial: &Denial) -> Response {
-        let status = if denial.needs_payment() {
-            StatusCode::PAYMENT_REQUIRED
-        } else {
-            StatusCode::FORBIDDEN
-        };
-        let body = serde_json::json!({ "denied": denial.code(), "reason": denial.to_string() });
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response()
+        deny(denial)
     }
 
     /// The answer when no subscriber is signed in: 401 by default.
     fn anonymous(&self) -> Response {
         (StatusCode::UNAUTHORIZED, "sign in first").into_response()
     }
+}
+
+/// The default answer to a denial: 402 Payment Required when paying would help (no
+/// subscription, past due, canceled), else 403 Forbidden, with the reason as JSON
+/// (`{"denied": "past_due", "reason": "..."}`).
+pub fn deny(denial: &Denial) -> Response {
+    let status = if denial.needs_payment() {
+        StatusCode::PAYMENT_REQUIRED
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    let body = serde_json::json!({ "denied": denial.code(), "reason": denial.to_string() });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Extractor protecting a route with the rule `R` from the app state: the handler runs
@@ -216,8 +223,15 @@ pub trait AccessRule<S>: Send + Sync {
 /// #     fn gate(&self, s: &str) -> Gate { require_subscription(s) }
 /// # }
 ///
-/// #[derive(Clone, FromRef)]
+/// #[derive(Clone)]
 /// struct AppState { mirror: Mirror, members: Members }
+/// // Or `#[derive(FromRef)]` with axum's `macros` feature.
+/// impl FromRef<AppState> for Mirror {
+///     fn from_ref(state: &AppState) -> Mirror { state.mirror.clone() }
+/// }
+/// impl FromRef<AppState> for Members {
+///     fn from_ref(state: &AppState) -> Members { state.members.clone() }
+/// }
 ///
 /// async fn members_only(access: Access<Members>) -> String {
 ///     format!("welcome, {} ({})", access.subscriber, access.subscription.id)
