@@ -689,3 +689,41 @@ async fn a_request_that_hangs_times_out_with_a_clear_error() {
         );
     }
 }
+
+#[tokio::test]
+#[ignore = "needs stripe-stateful-mock: run scripts/test.sh"]
+async fn two_processes_racing_get_or_create_create_one_product_and_one_price() {
+    use stripe_mirror::Price;
+    use stripe_mirror::models::price::NewPrice;
+    use stripe_mirror::models::product::NewProduct;
+    let base = stripe_mock();
+    let lookup = unique("race_lk");
+    let product_id = unique("race_prod");
+    // Two mirrors with their own databases: two app processes.
+    let (a, b) = (common::backends().remove(0), common::backends().remove(0));
+    let ma = Mirror::connect(with_api(&a.config, &base)).await.unwrap();
+    let mb = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+    let new_product = NewProduct::new(&product_id, "Race");
+    let (pa, pb) = tokio::join!(
+        Product::get_or_create(&ma, &new_product),
+        Product::get_or_create(&mb, &new_product)
+    );
+    assert_eq!(pa.unwrap().id, pb.unwrap().id);
+    let new_price = NewPrice::recurring(&lookup, &product_id, "usd", 700, "month");
+    let (xa, xb) = tokio::join!(
+        Price::get_or_create(&ma, &new_price),
+        Price::get_or_create(&mb, &new_price)
+    );
+    let (xa, xb) = (xa.unwrap(), xb.unwrap());
+    assert_eq!(xa.id, xb.id, "one price for one lookup key");
+    let in_stripe = list_all(&base, "prices")
+        .iter()
+        .filter(|p| p["lookup_key"].as_str() == Some(lookup.as_str()))
+        .count();
+    assert_eq!(in_stripe, 1);
+    let products = list_all(&base, "products")
+        .iter()
+        .filter(|p| p["id"].as_str() == Some(product_id.as_str()))
+        .count();
+    assert_eq!(products, 1);
+}
