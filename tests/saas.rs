@@ -796,3 +796,33 @@ async fn the_publishable_key_follows_the_mode() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_at_once() {
+    for b in backends() {
+        let sub = json!({"id": "sub_ck", "object": "subscription", "customer": "cus_ck", "status": "active",
+                         "items": {"data": [{"id": "si_ck", "object": "subscription_item",
+                            "price": {"id": "price_pro", "product": "prod_pro"}, "current_period_end": FAR}]}});
+        let (base, hits) = common::stripe_stub(vec![("/v1/subscriptions/sub_ck", 200, sub)]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let gate = require_subscription("ck-user").to_products(&["prod_pro"]);
+        assert_eq!(
+            gate.check(&m).await.unwrap().unwrap_err(),
+            Denial::NoCustomer
+        );
+        let completed = json!({"id": "evt_ck", "object": "event", "type": "checkout.session.completed",
+            "created": chrono::Utc::now().timestamp(), "livemode": false, "data": {"object": {
+            "id": "cs_ck", "object": "checkout.session", "mode": "subscription", "customer": "cus_ck",
+            "client_reference_id": "ck-user", "subscription": "sub_ck", "livemode": false}}});
+        let r = Webhooks::new().receive(&m, signed(&completed)).await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        // The buyer lands on the success page with access, before the subscription's own events.
+        assert_eq!(
+            gate.check(&m).await.unwrap().unwrap().id,
+            "sub_ck",
+            "{}",
+            b.name
+        );
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+    }
+}
