@@ -826,3 +826,64 @@ async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_
         assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
     }
 }
+
+#[tokio::test]
+async fn api_keys_sync_checks_the_key_with_stripe() {
+    for b in backends() {
+        let (ok_base, hits) = common::stripe_stub(vec![(
+            "/v1/balance",
+            200,
+            json!({"object": "balance", "livemode": false}),
+        )])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&ok_base))).await.unwrap();
+        let test_key = stripe_mirror::ApiKey::get_or_create(&m, "sk_test_synccheck000000000abcd")
+            .await
+            .unwrap();
+        let live_key = stripe_mirror::ApiKey::get_or_create(&m, "sk_live_synccheck000000000wxyz")
+            .await
+            .unwrap();
+        let pk = stripe_mirror::ApiKey::get_or_create(&m, "pk_test_synccheck000000000efgh")
+            .await
+            .unwrap();
+        assert_eq!(
+            stripe_mirror::ApiKey::sync(&m, &test_key.id)
+                .await
+                .unwrap()
+                .id,
+            test_key.id
+        );
+        let wrong = stripe_mirror::ApiKey::sync(&m, &live_key.id)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong.contains("sk_live_...wxyz") && !wrong.contains("synccheck"),
+            "{}: {wrong}",
+            b.name
+        );
+        stripe_mirror::ApiKey::sync(&m, &pk.id).await.unwrap();
+        assert_eq!(
+            *hits.lock().unwrap(),
+            2,
+            "{}: publishable keys are not sent",
+            b.name
+        );
+
+        let refused = json!({"error": {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_***abcd"}});
+        let (bad_base, _) = common::stripe_stub(vec![("/v1/balance", 401, refused)]).await;
+        let m = Mirror::connect(config(&b, Some(&bad_base))).await.unwrap();
+        stripe_mirror::ApiKey::get_or_create(&m, "sk_test_synccheck000000000abcd")
+            .await
+            .unwrap();
+        let err = stripe_mirror::ApiKey::sync(&m, &test_key.id)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("401") && !err.contains("synccheck"),
+            "{}: {err}",
+            b.name
+        );
+    }
+}

@@ -203,6 +203,36 @@ impl ApiKey {
             .await
     }
 
+    /// Checks the stored key `id` against Stripe and returns it: a secret or
+    /// restricted key must be accepted by Stripe (`GET /v1/balance`, the cheapest
+    /// authenticated call) in the mode its prefix says. Publishable keys cannot be
+    /// checked from a server and come back as stored. A key Stripe refuses is the
+    /// Stripe error (401), with the key masked.
+    pub async fn sync(mirror: &Mirror, id: &str) -> Result<ApiKey> {
+        let key = Self::list(mirror)
+            .await?
+            .into_iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| Error::NotFound { object: "api key", id: id.to_owned() })?;
+        if key.kind == ApiKeyKind::Publishable {
+            return Ok(key);
+        }
+        let c = mirror.config();
+        let client = crate::stripe::StripeClient::new(&key.secret, c.api_base.as_deref(), c.stripe_timeout)?
+            .with_retries(c.stripe_retries, c.stripe_retry_backoff)
+            .with_clock(c.clock.clone());
+        let object = format!("api key {}", key.secret);
+        let balance = client.get("/balance", &serde_json::json!({}), Some(&object)).await?;
+        match balance.get("livemode").and_then(serde_json::Value::as_bool) {
+            Some(live) if live != key.livemode => Err(Error::Config(format!(
+                "Stripe says {} is a {} key: its prefix says otherwise",
+                key.secret,
+                if live { "live" } else { "test" }
+            ))),
+            _ => Ok(key),
+        }
+    }
+
     /// Removes a stored key by its id; true when one was removed.
     pub async fn remove(mirror: &Mirror, id: &str) -> Result<bool> {
         let id = id.to_owned();
