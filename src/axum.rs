@@ -29,19 +29,39 @@ struct WebhookState {
     webhooks: Webhooks,
 }
 
-/// A router serving `POST /stripe/webhook`; merge it into your app's router.
+/// A router serving `POST /stripe/webhook`, to merge into your app's router whatever
+/// its state type (`Router<AppState>` included).
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) {
+/// use axum::{Router, extract::State, routing::get};
 /// use stripe_mirror::Webhooks;
-/// let app = axum::Router::new().merge(stripe_mirror::axum::webhook_router(mirror, Webhooks::new()));
+///
+/// #[derive(Clone)]
+/// struct AppState { greeting: &'static str }
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|State(s): State<AppState>| async move { s.greeting }))
+///     .merge(stripe_mirror::axum::webhook_router(mirror, Webhooks::new()))
+///     .with_state(AppState { greeting: "hello" });
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await.unwrap();
 /// axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await.unwrap();
 /// # }
 /// ```
-pub fn webhook_router(mirror: Mirror, webhooks: Webhooks) -> Router {
+pub fn webhook_router<S>(mirror: Mirror, webhooks: Webhooks) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    webhook_router_at(WEBHOOK_PATH, mirror, webhooks)
+}
+
+/// [`webhook_router`] at another path (`/billing/stripe-events`).
+pub fn webhook_router_at<S>(path: &str, mirror: Mirror, webhooks: Webhooks) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
-        .route(WEBHOOK_PATH, post(receive))
+        .route(path, post(receive))
         .with_state(WebhookState { mirror, webhooks })
 }
 
@@ -67,7 +87,7 @@ pub async fn serve(
         "listening on http://{}{WEBHOOK_PATH}",
         listener.local_addr()?
     );
-    let app = webhook_router(mirror, webhooks);
+    let app: Router = webhook_router(mirror, webhooks);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -175,6 +175,33 @@ impl Webhooks {
         self
     }
 
+    /// Handlers that also receive your app's state (a pool, a mailer, a channel), in
+    /// the axum style, instead of capturing a clone in every closure.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use stripe_mirror::webhooks::{Event, Webhooks};
+    /// use stripe_mirror::Mirror;
+    ///
+    /// #[derive(Clone, Default)]
+    /// struct AppState { sent: Arc<Mutex<Vec<String>>> }
+    ///
+    /// let webhooks: Webhooks = Webhooks::new()
+    ///     .with_state(AppState::default())
+    ///     .on("customer.subscription.created", |e: Event, _m: Mirror, app: AppState| async move {
+    ///         app.sent.lock().unwrap().push(format!("welcome mail for {}", e.object()["customer"]));
+    ///         Ok(())
+    ///     })
+    ///     .into();
+    /// assert_eq!(webhooks.handler_count("customer.subscription.created"), 1);
+    /// ```
+    pub fn with_state<S: Clone + Send + Sync + 'static>(self, state: S) -> WithState<S> {
+        WithState {
+            webhooks: self,
+            state,
+        }
+    }
+
     /// Runs `handler` for every event.
     pub fn on_any<H, F>(self, handler: H) -> Self
     where
@@ -315,6 +342,48 @@ impl Webhooks {
             return Err(Failure::new(Outcome::HandlerFailed, error));
         }
         Ok(Outcome::Processed)
+    }
+}
+
+/// A registry whose handlers receive the app's state `S` ([`Webhooks::with_state`]).
+/// Turn it back into [`Webhooks`] with `.into()`; handlers registered before and after
+/// keep their order and their keys.
+#[derive(Clone)]
+#[must_use]
+pub struct WithState<S> {
+    webhooks: Webhooks,
+    state: S,
+}
+
+impl<S: Clone + Send + Sync + 'static> WithState<S> {
+    /// [`Webhooks::on`], with the state as third argument.
+    #[track_caller]
+    pub fn on<H, F>(mut self, pattern: &str, handler: H) -> Self
+    where
+        H: Fn(Event, Mirror, S) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.webhooks = self
+            .webhooks
+            .on(pattern, move |e, m| handler(e, m, state.clone()));
+        self
+    }
+
+    /// [`Webhooks::on_any`], with the state as third argument.
+    #[track_caller]
+    pub fn on_any<H, F>(self, handler: H) -> Self
+    where
+        H: Fn(Event, Mirror, S) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.on("*", handler)
+    }
+}
+
+impl<S> From<WithState<S>> for Webhooks {
+    fn from(with: WithState<S>) -> Webhooks {
+        with.webhooks
     }
 }
 

@@ -1,0 +1,87 @@
+//! The crate inside a host axum app: the app's own `Router<AppState>` routes and the
+//! webhook route merged into it (at a path of the app's choosing), handlers receiving
+//! the app's state. Compiled and served for real on both backends.
+#![cfg(feature = "axum")]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::{Router, routing::get};
+use serde_json::json;
+use stripe_mirror::webhooks::signature::sign;
+use stripe_mirror::webhooks::{Event, Webhooks};
+use stripe_mirror::{Mirror, Secret};
+
+const SECRET: &str = "whsec_host_app";
+
+#[derive(Clone, Default)]
+struct AppState {
+    plans: Arc<Mutex<Vec<String>>>,
+}
+
+async fn plans(State(state): State<AppState>) -> String {
+    state.plans.lock().unwrap().join(",")
+}
+
+#[tokio::test]
+async fn the_webhook_route_merges_into_an_app_with_state() {
+    for b in common::backends() {
+        let mut config = b.config.clone();
+        config.webhook_secrets = vec![Secret::new(SECRET)];
+        let mirror = Mirror::connect(config).await.unwrap();
+        let state = AppState::default();
+        let webhooks: Webhooks = Webhooks::new()
+            .with_state(state.clone())
+            .on(
+                "customer.subscription.*",
+                |e: Event, _m: Mirror, app: AppState| async move {
+                    let status = e.object()["status"].as_str().unwrap_or_default().to_owned();
+                    app.plans.lock().unwrap().push(status);
+                    Ok(())
+                },
+            )
+            .into();
+        let app: Router = Router::new()
+            .route("/me/plan", get(plans))
+            .merge(stripe_mirror::axum::webhook_router_at(
+                "/billing/events",
+                mirror,
+                webhooks,
+            ))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let event = json!({"id": "evt_host", "object": "event", "type": "customer.subscription.created",
+            "created": chrono::Utc::now().timestamp(), "livemode": false, "data": {"object": {
+            "id": "sub_host", "object": "subscription", "customer": "cus_host", "status": "active",
+            "items": {"data": []}}}});
+        let body = event.to_string();
+        let header = sign(
+            body.as_bytes(),
+            &Secret::new(SECRET),
+            chrono::Utc::now().timestamp(),
+        );
+        let (posted, read) = tokio::task::spawn_blocking(move || {
+            let posted = ureq::post(&format!("http://{addr}/billing/events"))
+                .header("Stripe-Signature", &header)
+                .send(&body)
+                .unwrap()
+                .status()
+                .as_u16();
+            let read = ureq::get(&format!("http://{addr}/me/plan"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap();
+            (posted, read)
+        })
+        .await
+        .unwrap();
+        assert_eq!((posted, read.as_str()), (200, "active"), "{}", b.name);
+    }
+}
