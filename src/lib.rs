@@ -32,7 +32,8 @@
 //!
 //! - [`config`]: settings, from code or the environment; [`Clock`], the host's clock.
 //! - [`Mirror`]: the entry point, holding the config and the database pool.
-//! - `db`: the pool over SQLite or Postgres and the embedded migrations.
+//! - [`db`]: the pool over SQLite or Postgres (yours or the crate's), the embedded
+//!   migrations, and [`schema`]: the diesel tables, to join with your own.
 //! - [`models`]: one file per mirrored object, with its reads.
 //! - `sync`: the one JSON-to-row mapping, stale-write guard and upsert all models share.
 //! - [`stripe`]: talking to the Stripe API.
@@ -75,7 +76,7 @@ pub mod axum;
 pub mod checkout;
 mod clock;
 pub mod config;
-pub(crate) mod db;
+pub mod db;
 pub mod demo;
 pub mod error;
 mod mirror;
@@ -89,7 +90,7 @@ pub use access::{Denial, Gate, has_feature, has_role, require_subscription};
 pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal};
 pub use clock::Clock;
 pub use config::Config;
-pub use db::Backend;
+pub use db::{Backend, DbPool, schema};
 pub use demo::bootstrap_demo_products;
 pub use error::{Error, Result};
 pub use mirror::Mirror;
@@ -103,6 +104,10 @@ pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};
 pub use sync::remote::{SyncOptions, SyncProgress, SyncReport, sync_all};
 pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
+
+/// diesel, as the crate uses it (for [`mirror_schema!`]).
+#[doc(hidden)]
+pub use diesel;
 
 /// async-stripe's generated object types, for typed access to event payloads
 /// ([`Event::object_as`]).

@@ -74,6 +74,45 @@ impl Mirror {
         })
     }
 
+    /// A mirror on a connection pool the host app already has (diesel r2d2, SQLite or
+    /// Postgres), so the app and the mirror share connections and the app can join its
+    /// tables with the mirror's ([`schema`](crate::schema)). `config.database_url` is not
+    /// used; run [`Mirror::migrate`] (or your own migration step) before use.
+    ///
+    /// A diesel-async app keeps its async pool for itself and gives the mirror a small
+    /// r2d2 pool on the same database: the mirror runs its queries on a blocking pool.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use diesel::r2d2::{ConnectionManager, Pool};
+    /// use diesel::SqliteConnection;
+    /// use stripe_mirror::{Config, Mirror};
+    /// let path = std::env::temp_dir().join(format!("app-{}.db", std::process::id()));
+    /// let app_pool = Pool::builder()
+    ///     .connection_customizer(Box::new(stripe_mirror::db::SqlitePragmas))
+    ///     .build(ConnectionManager::<SqliteConnection>::new(path.to_str().unwrap()))
+    ///     .unwrap();
+    /// let mirror = Mirror::from_pool(app_pool.clone().into(), Config::default());
+    /// mirror.migrate().await?;
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
+    /// ```
+    pub fn from_pool(pool: crate::DbPool, config: Config) -> Mirror {
+        Mirror {
+            inner: Arc::new(Inner {
+                config,
+                db: Database::from_pool(pool),
+                stripe: Default::default(),
+                creating: Default::default(),
+            }),
+        }
+    }
+
+    /// The connection pool the mirror uses, for the app's own queries.
+    pub fn pool(&self) -> &crate::DbPool {
+        self.inner.db.pool()
+    }
+
     /// Applies the embedded migrations for this backend. Idempotent; several
     /// processes may call it at once.
     pub async fn migrate(&self) -> Result<()> {

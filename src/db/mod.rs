@@ -1,12 +1,13 @@
-//! Storage: one pool over SQLite or Postgres, the embedded migrations, and the
-//! `Conn` handle the rest of the crate queries through.
+//! Storage: one pool over SQLite or Postgres ([`DbPool`], the crate's own or the host
+//! app's), the embedded migrations, the diesel [`schema`] of the mirror's tables, and
+//! the `Conn` handle the rest of the crate queries through.
 //!
 //! Diesel is synchronous, so every piece of database work runs on tokio's blocking
 //! pool ([`Database::run`]); the async executor never waits on a query. Code that
 //! queries is written once and compiled for each backend by the [`on_conn!`] macro,
 //! which keeps this a thin enum rather than a generic maze of trait bounds.
 
-pub(crate) mod schema;
+pub mod schema;
 
 use std::time::Duration;
 
@@ -95,13 +96,38 @@ impl Conn<'_> {
     }
 }
 
-#[derive(Clone)]
-enum Pool {
+/// A diesel r2d2 connection pool of either backend: the one the crate opens from
+/// `DATABASE_URL`, or yours, handed to [`Mirror::from_pool`](crate::Mirror::from_pool)
+/// (`pool.into()`), so the app and the mirror share connections.
+///
+/// A SQLite pool of yours should apply [`SqlitePragmas`] as its connection
+/// customizer (WAL, a busy timeout, `synchronous = FULL`).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum DbPool {
+    /// SQLite.
     #[cfg(feature = "sqlite")]
     Sqlite(r2d2::Pool<ConnectionManager<SqliteConnection>>),
+    /// Postgres.
     #[cfg(feature = "postgres")]
     Postgres(r2d2::Pool<ConnectionManager<PgConnection>>),
 }
+
+#[cfg(feature = "sqlite")]
+impl From<r2d2::Pool<ConnectionManager<SqliteConnection>>> for DbPool {
+    fn from(pool: r2d2::Pool<ConnectionManager<SqliteConnection>>) -> Self {
+        DbPool::Sqlite(pool)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<r2d2::Pool<ConnectionManager<PgConnection>>> for DbPool {
+    fn from(pool: r2d2::Pool<ConnectionManager<PgConnection>>) -> Self {
+        DbPool::Postgres(pool)
+    }
+}
+
+use DbPool as Pool;
 
 /// The connection pool; cheap to clone.
 #[derive(Clone)]
@@ -109,9 +135,22 @@ pub(crate) struct Database {
     pool: Pool,
 }
 
+/// The SQLite settings the mirror relies on, as an r2d2 connection customizer: WAL
+/// (readers beside the writer), `busy_timeout` (writers queue instead of failing) and
+/// `synchronous = FULL` (a commit is on disk before a webhook is answered 200).
+///
+/// ```
+/// use diesel::r2d2::{ConnectionManager, Pool};
+/// use diesel::SqliteConnection;
+/// let pool = Pool::builder()
+///     .connection_customizer(Box::new(stripe_mirror::db::SqlitePragmas))
+///     .build(ConnectionManager::<SqliteConnection>::new(":memory:"))
+///     .unwrap();
+/// # drop(pool);
+/// ```
 #[cfg(feature = "sqlite")]
-#[derive(Debug)]
-struct SqlitePragmas;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SqlitePragmas;
 
 #[cfg(feature = "sqlite")]
 impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
@@ -165,6 +204,16 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 impl Database {
+    /// Wraps a pool the host app already has.
+    pub(crate) fn from_pool(pool: DbPool) -> Self {
+        Database { pool }
+    }
+
+    /// The pool, for the host app's own queries.
+    pub(crate) fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+
     /// Opens a pool for `url`. Fails fast when the database cannot be reached.
     pub(crate) fn open(url: &str, size: u32, timeout: Duration) -> Result<Self> {
         let unavailable =

@@ -213,16 +213,22 @@ impl ApiKey {
             .await?
             .into_iter()
             .find(|k| k.id == id)
-            .ok_or_else(|| Error::NotFound { object: "api key", id: id.to_owned() })?;
+            .ok_or_else(|| Error::NotFound {
+                object: "api key",
+                id: id.to_owned(),
+            })?;
         if key.kind == ApiKeyKind::Publishable {
             return Ok(key);
         }
         let c = mirror.config();
-        let client = crate::stripe::StripeClient::new(&key.secret, c.api_base.as_deref(), c.stripe_timeout)?
-            .with_retries(c.stripe_retries, c.stripe_retry_backoff)
-            .with_clock(c.clock.clone());
+        let client =
+            crate::stripe::StripeClient::new(&key.secret, c.api_base.as_deref(), c.stripe_timeout)?
+                .with_retries(c.stripe_retries, c.stripe_retry_backoff)
+                .with_clock(c.clock.clone());
         let object = format!("api key {}", key.secret);
-        let balance = client.get("/balance", &serde_json::json!({}), Some(&object)).await?;
+        let balance = client
+            .get("/balance", &serde_json::json!({}), Some(&object))
+            .await?;
         match balance.get("livemode").and_then(serde_json::Value::as_bool) {
             Some(live) if live != key.livemode => Err(Error::Config(format!(
                 "Stripe says {} is a {} key: its prefix says otherwise",
