@@ -14,18 +14,32 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
 
-    /// The database could not be reached, or a pooled connection could not be had.
-    /// Check `DATABASE_URL` and that the server is up.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    /// The database could not be reached, or a pooled connection could not be had in
+    /// time. Transient: retry later.
+    #[error(
+        "database {target} unavailable: {source}; check DATABASE_URL and that the server is up (or raise Config::connection_timeout / pool_size)"
+    )]
+    Unavailable {
+        /// The database URL, password masked.
+        target: String,
+        /// What the pool reported.
+        #[source]
+        source: diesel::r2d2::PoolError,
+    },
 
     /// A query failed.
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
 
     /// Running the embedded migrations failed.
-    #[error("migrating the database failed: {0}")]
-    Migration(String),
+    #[error(
+        "migrating the database failed: {source}; check that the database user may create tables, and that no other tool changed the stripe_* tables"
+    )]
+    Migration {
+        /// What diesel_migrations reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// A Stripe object did not have the shape the mirror needs.
     #[error("cannot mirror {object} {id}: field `{field}` {problem}")]
@@ -86,9 +100,26 @@ pub enum Error {
     #[error("{0}")]
     Stripe(Box<crate::stripe::StripeApiError>),
 
-    /// A background task panicked or was cancelled.
-    #[error("internal task failed: {0}")]
-    Task(String),
+    /// A database task on the blocking pool panicked or was cancelled (the runtime is
+    /// shutting down): a bug or a shutdown, not bad input.
+    #[error(
+        "internal task failed: {source}; this is a bug in stripe-mirror or the runtime is shutting down"
+    )]
+    Task {
+        /// What tokio reported.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+
+    /// A row the crate wrote earlier cannot be read back (edited by hand, or written
+    /// by an incompatible version).
+    #[error("stored {what} is unreadable: {problem}; replay it from Stripe or delete the row")]
+    Corrupt {
+        /// Which row (`event evt_...`).
+        what: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 impl Error {
@@ -106,12 +137,53 @@ impl Error {
         }
     }
 
-    /// True when the failure is on our side or the database's (answer 5xx, retry later),
-    /// false when the input itself was bad.
+    /// True when retrying the same call later may succeed: the database unreachable
+    /// or busy (a lock, a serialization failure, a dropped connection), Stripe rate
+    /// limiting (429), a lock conflict (409), a Stripe server error (5xx) or a network
+    /// failure. Never for bad input (4xx, an object the mirror cannot map, a setting).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::Unavailable(_) | Error::Database(_) | Error::Task(_) | Error::Stripe(_)
-        )
+        use diesel::result::{DatabaseErrorKind as K, Error as D};
+        match self {
+            Error::Unavailable { .. } => true,
+            Error::Database(D::DatabaseError(kind, _)) => matches!(
+                kind,
+                K::SerializationFailure | K::ClosedConnection | K::UnableToSendCommand | K::Unknown
+            ),
+            Error::Database(D::BrokenTransactionManager) => true,
+            Error::Stripe(e) => e.status.is_none_or(|s| matches!(s, 409 | 429 | 500..=599)),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stripe::StripeApiError;
+
+    fn stripe(status: Option<u16>) -> Error {
+        Error::Stripe(Box::new(StripeApiError {
+            request: "POST /v1/customers".into(),
+            status,
+            message: "x".into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn transient_means_retryable() {
+        for status in [409, 429, 500, 502, 503] {
+            assert!(stripe(Some(status)).is_transient(), "{status}");
+        }
+        assert!(stripe(None).is_transient(), "a network failure");
+        for status in [400, 401, 402, 403, 404] {
+            assert!(!stripe(Some(status)).is_transient(), "{status}");
+        }
+        assert!(!Error::mapping("customer", "cus_1", "email", "is a number").is_transient());
+        assert!(!Error::Config("x".into()).is_transient());
+        use diesel::result::{DatabaseErrorKind as K, Error as D};
+        let db = |kind| Error::Database(D::DatabaseError(kind, Box::new("x".to_owned())));
+        assert!(db(K::SerializationFailure).is_transient());
+        assert!(!db(K::UniqueViolation).is_transient());
     }
 }

@@ -63,7 +63,7 @@ impl Mirror {
         );
         let db = tokio::task::spawn_blocking(move || Database::open(&url, size, timeout))
             .await
-            .map_err(|e| crate::Error::Task(e.to_string()))??;
+            .map_err(|source| crate::Error::Task { source })??;
         Ok(Mirror {
             inner: Arc::new(Inner {
                 config,
@@ -119,7 +119,7 @@ impl Mirror {
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || db.migrate())
             .await
-            .map_err(|e| crate::Error::Task(e.to_string()))?
+            .map_err(|source| crate::Error::Task { source })?
     }
 
     /// The configuration this mirror was opened with.

@@ -327,7 +327,18 @@ async fn an_unreachable_database_is_a_clear_error() {
     let mut config = stripe_mirror::Config::new("postgres://nobody@127.0.0.1:1/none");
     config.connection_timeout = std::time::Duration::from_millis(300);
     match Mirror::connect(config).await {
-        Err(Error::Unavailable(msg)) => assert!(msg.contains("127.0.0.1:1"), "{msg}"),
+        Err(err @ Error::Unavailable { .. }) => {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("127.0.0.1:1") && msg.contains("DATABASE_URL"),
+                "{msg}"
+            );
+            assert!(
+                std::error::Error::source(&err).is_some(),
+                "the pool's error is kept"
+            );
+            assert!(err.is_transient());
+        }
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }

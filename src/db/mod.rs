@@ -209,6 +209,11 @@ impl Database {
         Database { pool }
     }
 
+    /// Which database, for messages: the backend (the pool does not keep its URL).
+    fn target(&self) -> String {
+        format!("({:?})", self.backend()).to_lowercase()
+    }
+
     /// The pool, for the host app's own queries.
     pub(crate) fn pool(&self) -> &DbPool {
         &self.pool
@@ -216,8 +221,10 @@ impl Database {
 
     /// Opens a pool for `url`. Fails fast when the database cannot be reached.
     pub(crate) fn open(url: &str, size: u32, timeout: Duration) -> Result<Self> {
-        let unavailable =
-            |e: r2d2::PoolError| Error::Unavailable(format!("{}: {e}", redact_url(url)));
+        let unavailable = |source: r2d2::PoolError| Error::Unavailable {
+            target: redact_url(url),
+            source,
+        };
         let pool = match parse_url(url) {
             #[cfg(feature = "sqlite")]
             Target::Sqlite(path) => {
@@ -267,7 +274,10 @@ impl Database {
 
     /// Runs `f` with a pooled connection, on the calling thread (blocking).
     pub(crate) fn run_blocking<R>(&self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
-        let unavailable = |e: r2d2::PoolError| Error::Unavailable(e.to_string());
+        let unavailable = |source: r2d2::PoolError| Error::Unavailable {
+            target: self.target(),
+            source,
+        };
         match &self.pool {
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(p) => f(&mut Conn::Sqlite(&mut *p.get().map_err(unavailable)?)),
@@ -285,7 +295,7 @@ impl Database {
         let db = self.clone();
         tokio::task::spawn_blocking(move || db.run_blocking(f))
             .await
-            .map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|source| Error::Task { source })?
     }
 
     /// Applies pending migrations; safe to call from several processes at once.
@@ -295,7 +305,7 @@ impl Database {
             Conn::Sqlite(c) => c.immediate_transaction(|c| {
                 c.run_pending_migrations(SQLITE_MIGRATIONS)
                     .map(|_| ())
-                    .map_err(|e| Error::Migration(e.to_string()))
+                    .map_err(|source| Error::Migration { source })
             }),
             #[cfg(feature = "postgres")]
             Conn::Postgres(c) => {
@@ -304,7 +314,7 @@ impl Database {
                 let result = c
                     .run_pending_migrations(POSTGRES_MIGRATIONS)
                     .map(|_| ())
-                    .map_err(|e| Error::Migration(e.to_string()));
+                    .map_err(|source| Error::Migration { source });
                 diesel::sql_query("SELECT pg_advisory_unlock(724514159)").execute(*c)?;
                 result
             }

@@ -104,10 +104,14 @@ pub(crate) struct EventRow {
 
 impl EventRow {
     pub(crate) fn into_event(self) -> Result<Event> {
-        let raw: Value = serde_json::from_str(&self.data)
-            .map_err(|e| Error::Task(format!("stored event {} is not JSON: {e}", self.id)))?;
-        let mut event = Event::from_json(raw)
-            .map_err(|e| Error::Task(format!("stored event {}: {e}", self.id)))?;
+        let raw: Value = serde_json::from_str(&self.data).map_err(|e| Error::Corrupt {
+            what: format!("event {}", self.id),
+            problem: format!("not JSON: {e}"),
+        })?;
+        let mut event = Event::from_json(raw).map_err(|e| Error::Corrupt {
+            what: format!("event {}", self.id),
+            problem: e.to_owned(),
+        })?;
         event.attempts = self.attempts;
         Ok(event)
     }

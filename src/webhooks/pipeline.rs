@@ -114,7 +114,7 @@ fn is_unavailable(err: &Error) -> bool {
     use diesel::result::{DatabaseErrorKind, Error as D};
     matches!(
         err,
-        Error::Unavailable(_)
+        Error::Unavailable { .. }
             | Error::Database(D::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _
