@@ -483,3 +483,65 @@ fn eight_threads_on_postgres_without_errors() {
         ["si_same", "si_t7"]
     );
 }
+
+/// The row types built from Stripe JSON without a database (for handlers and host
+/// tests) hold what the mirror stores for the same object.
+#[tokio::test]
+async fn row_types_built_without_a_database_match_the_stored_rows() {
+    use stripe_mirror::{Price, Product, Subscription};
+    let strip = |debug: String| {
+        // synced_at is bookkeeping, the stamp depends on how the data came.
+        debug
+            .split(", ")
+            .filter(|f| !f.starts_with("synced_at") && !f.starts_with("stamp"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for b in backends() {
+        let m = b.mirror().await;
+        let (c, p, pr, s) = (
+            fixture("customer"),
+            fixture("product"),
+            fixture("price"),
+            fixture("subscription"),
+        );
+        assert_eq!(
+            strip(format!("{:?}", Customer::from_stripe_json(&c).unwrap())),
+            strip(format!(
+                "{:?}",
+                Customer::sync_from_stripe_data(&m, &c).await.unwrap()
+            )),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            strip(format!("{:?}", Product::from_stripe_json(&p).unwrap())),
+            strip(format!(
+                "{:?}",
+                Product::sync_from_stripe_data(&m, &p).await.unwrap()
+            ))
+        );
+        assert_eq!(
+            strip(format!("{:?}", Price::from_stripe_json(&pr).unwrap())),
+            strip(format!(
+                "{:?}",
+                Price::sync_from_stripe_data(&m, &pr).await.unwrap()
+            ))
+        );
+        let built = Subscription::from_stripe_json(&s).unwrap();
+        assert_eq!(built.status.as_deref(), Some("active"));
+        assert_eq!(
+            strip(format!("{built:?}")),
+            strip(format!(
+                "{:?}",
+                Subscription::sync_from_stripe_data(&m, &s).await.unwrap()
+            ))
+        );
+        assert!(
+            Subscription::from_stripe_json(
+                &serde_json::json!({"id": "sub_x", "object": "customer"})
+            )
+            .is_err()
+        );
+    }
+}

@@ -821,7 +821,7 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
                 };
                 match parse_key(secret.expose()) {
                     Err(err) => d.fail(&secret_name, format!("{source}: {err}"), fix),
-                    Ok((kind, _)) if kind == ApiKeyKind::Publishable => d.fail(
+                    Ok((ApiKeyKind::Publishable, _)) => d.fail(
                         &secret_name,
                         format!("{source} holds a publishable key ({secret}), not a secret one"),
                         fix,

@@ -87,6 +87,20 @@ impl Model for Customer {
             .first(c)
             .optional())?)
     }
+    fn from_row(row: &crate::sync::upsert::Row) -> Self {
+        Customer {
+            id: row.id.clone(),
+            livemode: row.livemode,
+            email: row.text("email"),
+            name: row.text("name"),
+            subscriber_id: row.text("subscriber_id"),
+            created: row.created(),
+            deleted: row.deleted,
+            stamp: row.stamp.at,
+            synced_at: crate::sync::now(),
+            data: row.data().to_owned(),
+        }
+    }
 }
 
 sync_methods!(Customer, "customer");

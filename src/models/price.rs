@@ -91,6 +91,24 @@ impl Model for Price {
             .first(c)
             .optional())?)
     }
+    fn from_row(row: &crate::sync::upsert::Row) -> Self {
+        Price {
+            id: row.id.clone(),
+            livemode: row.livemode,
+            product_id: row.text("product_id"),
+            active: row.flag("active"),
+            currency: row.text("currency"),
+            unit_amount: row.int("unit_amount"),
+            recurring_interval: row.text("recurring_interval"),
+            recurring_interval_count: row.int("recurring_interval_count"),
+            lookup_key: row.text("lookup_key"),
+            created: row.created(),
+            deleted: row.deleted,
+            stamp: row.stamp.at,
+            synced_at: crate::sync::now(),
+            data: row.data().to_owned(),
+        }
+    }
 }
 
 sync_methods!(Price, "price");

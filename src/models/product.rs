@@ -58,6 +58,19 @@ impl Model for Product {
             .first(c)
             .optional())?)
     }
+    fn from_row(row: &crate::sync::upsert::Row) -> Self {
+        Product {
+            id: row.id.clone(),
+            livemode: row.livemode,
+            name: row.text("name"),
+            active: row.flag("active"),
+            created: row.created(),
+            deleted: row.deleted,
+            stamp: row.stamp.at,
+            synced_at: crate::sync::now(),
+            data: row.data().to_owned(),
+        }
+    }
 }
 
 sync_methods!(Product, "product");

@@ -199,6 +199,27 @@ impl Model for Subscription {
             .first(c)
             .optional())?)
     }
+    fn from_row(row: &crate::sync::upsert::Row) -> Self {
+        Subscription {
+            id: row.id.clone(),
+            livemode: row.livemode,
+            customer_id: row.text("customer_id"),
+            status: row.text("status"),
+            current_period_start: row.int("current_period_start"),
+            current_period_end: row.int("current_period_end"),
+            cancel_at_period_end: row.flag("cancel_at_period_end"),
+            cancel_at: row.int("cancel_at"),
+            canceled_at: row.int("canceled_at"),
+            ended_at: row.int("ended_at"),
+            trial_start: row.int("trial_start"),
+            trial_end: row.int("trial_end"),
+            created: row.created(),
+            deleted: row.deleted,
+            stamp: row.stamp.at,
+            synced_at: crate::sync::now(),
+            data: row.data().to_owned(),
+        }
+    }
 }
 
 impl Model for SubscriptionItem {
@@ -209,6 +230,23 @@ impl Model for SubscriptionItem {
             .select(SubscriptionItem::as_select())
             .first(c)
             .optional())?)
+    }
+    fn from_row(row: &crate::sync::upsert::Row) -> Self {
+        SubscriptionItem {
+            id: row.id.clone(),
+            livemode: row.livemode,
+            subscription_id: row.text("subscription_id"),
+            price_id: row.text("price_id"),
+            product_id: row.text("product_id"),
+            quantity: row.int("quantity"),
+            current_period_start: row.int("current_period_start"),
+            current_period_end: row.int("current_period_end"),
+            created: row.created(),
+            deleted: row.deleted,
+            stamp: row.stamp.at,
+            synced_at: crate::sync::now(),
+            data: row.data().to_owned(),
+        }
     }
 }
 

@@ -22,6 +22,18 @@ pub(crate) trait Model: Sized + Send + 'static {
     const TABLE: &'static MirrorTable;
     /// Loads a row by Stripe id, tombstones included.
     fn find(conn: &mut Conn<'_>, id: &str) -> Result<Option<Self>>;
+    /// The row as it would be stored, built without a database.
+    fn from_row(row: &upsert::Row) -> Self;
+}
+
+/// Builds a model's row type from a Stripe object, without a database.
+pub(crate) fn from_stripe_json<M: Model>(data: &Value) -> Result<M> {
+    let at = crate::stripe::newest_timestamp(data).unwrap_or(0);
+    Ok(M::from_row(&M::TABLE.row(
+        data,
+        Stamp::fetched(at),
+        None,
+    )?))
 }
 
 /// Upserts `data` (a Stripe object fetched at `at`, Stripe's clock), returns the row
@@ -98,6 +110,12 @@ macro_rules! sync_methods {
             /// an object Stripe reports missing becomes a tombstone.
             pub async fn sync(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Self> {
                 $crate::sync::remote::sync_one::<Self>(mirror, id).await
+            }
+
+            #[doc = concat!("The ", $object, " row built from a Stripe object, without a database: for an")]
+            /// event's object in a handler, or a handler's unit test. Nothing is stored.
+            pub fn from_stripe_json(data: &serde_json::Value) -> $crate::Result<Self> {
+                $crate::sync::from_stripe_json::<Self>(data)
             }
 
             /// The raw Stripe object as last mirrored.

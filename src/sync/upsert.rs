@@ -189,9 +189,50 @@ pub(crate) struct Row {
     created: Option<i64>,
     /// The table's typed columns, in [`MirrorTable::columns`] order.
     typed: Vec<SqlValue>,
+    columns: &'static [&'static str],
 }
 
 impl Row {
+    /// The raw object.
+    pub(crate) fn data(&self) -> &str {
+        &self.data
+    }
+
+    /// `created`, read from the object.
+    pub(crate) fn created(&self) -> Option<i64> {
+        self.created
+    }
+
+    fn typed(&self, column: &str) -> Option<&SqlValue> {
+        let at = self.columns.iter().position(|c| *c == column);
+        debug_assert!(at.is_some(), "no typed column {column}");
+        self.typed.get(at?)
+    }
+
+    /// A typed text column's value, by name.
+    pub(crate) fn text(&self, column: &str) -> Option<String> {
+        match self.typed(column) {
+            Some(SqlValue::Text(v)) => v.clone(),
+            _ => None,
+        }
+    }
+
+    /// A typed integer column's value, by name.
+    pub(crate) fn int(&self, column: &str) -> Option<i64> {
+        match self.typed(column) {
+            Some(SqlValue::Int(v)) => *v,
+            _ => None,
+        }
+    }
+
+    /// A typed boolean column's value, by name.
+    pub(crate) fn flag(&self, column: &str) -> Option<bool> {
+        match self.typed(column) {
+            Some(SqlValue::Bool(v)) => *v,
+            _ => None,
+        }
+    }
+
     /// Every bind of the upsert, in [`COMMON`] then typed-column order.
     fn binds(&self) -> Vec<SqlValue> {
         let mut values = vec![
@@ -291,6 +332,7 @@ impl MirrorTable {
             data: value.to_string(),
             created: fields.i64("created")?,
             typed,
+            columns: self.columns,
         })
     }
 

@@ -73,6 +73,42 @@ impl Event {
         })
     }
 
+    /// An event from its JSON as Stripe sends it, e.g. to unit-test a handler:
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use serde_json::json;
+    /// use stripe_mirror::webhooks::HandlerError;
+    /// use stripe_mirror::{Config, Event, Mirror, Subscription};
+    ///
+    /// /// The handler under test: remembers which plan a subscription is on.
+    /// async fn on_subscription(event: Event, _mirror: Mirror) -> Result<(), HandlerError> {
+    ///     let sub = Subscription::from_stripe_json(event.object())?;
+    ///     if sub.status.as_deref() != Some("active") {
+    ///         return Err(format!("{} is {:?}", sub.id, sub.status).into());
+    ///     }
+    ///     Ok(())
+    /// }
+    ///
+    /// let event = Event::from_stripe_json(json!({
+    ///     "id": "evt_1", "object": "event", "type": "customer.subscription.updated", "created": 1,
+    ///     "data": { "object": { "id": "sub_1", "object": "subscription", "customer": "cus_1",
+    ///                           "status": "past_due", "items": { "data": [] } } },
+    /// }))?;
+    /// let mirror = Mirror::connect(Config::new("sqlite::memory:")).await?;
+    /// let failed = on_subscription(event, mirror).await.unwrap_err();
+    /// assert_eq!(failed.to_string(), "sub_1 is Some(\"past_due\")");
+    /// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
+    /// ```
+    pub fn from_stripe_json(raw: Value) -> Result<Event> {
+        let id = raw
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("<no id>")
+            .to_owned();
+        Event::from_json(raw).map_err(|problem| Error::mapping("event", &id, "<root>", problem))
+    }
+
     /// The object the event is about (`data.object`), `Null` when absent.
     pub fn object(&self) -> &Value {
         self.raw.pointer("/data/object").unwrap_or(&Value::Null)
