@@ -178,13 +178,15 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 options = options.objects(&objects.iter().map(String::as_str).collect::<Vec<_>>());
             }
             let mut view = SyncView::new(&options.objects);
+            // Bars on the screen stdout goes to already show the counts.
+            let counts_shown = view.bars.is_some() && io::stdout().is_terminal();
             let result = stripe_mirror::sync_all(&mirror, &options, |p| view.progress(p)).await;
             view.finish(result.as_ref().ok());
             let report = result?;
             if json {
                 print_json(&sync_json(&report))?;
             } else {
-                for (kind, count) in &report.counts {
+                for (kind, count) in report.counts.iter().filter(|_| !counts_shown) {
                     println!("{kind}: {count}");
                 }
                 for (kind, id, error) in &report.failures {
@@ -766,7 +768,11 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
                     status.pending.join(", "),
                     status.applied
                 ),
-                "run `stripe-mirror migrate` (or `Mirror::migrate` when your app starts)",
+                if status.applied == 0 {
+                    "run `stripe-mirror migrate`; nothing is applied yet, so if your app already uses a database, check that DATABASE_URL points at it"
+                } else {
+                    "run `stripe-mirror migrate` (or `Mirror::migrate` when your app starts)"
+                },
             ),
             Ok(Err(err)) => d.fail(
                 "migrations",
@@ -798,6 +804,7 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         None => d.skip(&secret_name, "the database does not open"),
         Some(mirror) => match ApiKey::default_secret_key(mirror).await {
             Ok(secret) => {
+                d.scrub.push(secret.expose().to_owned());
                 let stored = ApiKey::latest(mirror, ApiKeyKind::Secret, live)
                     .await
                     .ok()
