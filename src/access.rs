@@ -186,8 +186,15 @@ pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
 
 impl Gate {
     /// Only subscriptions including one of these products (product ids, `prod_...`).
-    pub fn to_products(mut self, product_ids: &[&str]) -> Self {
-        self.products = product_ids.iter().map(|p| p.to_string()).collect();
+    pub fn to_products<I>(mut self, product_ids: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.products = product_ids
+            .into_iter()
+            .map(|p| p.as_ref().to_owned())
+            .collect();
         self
     }
 

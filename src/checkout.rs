@@ -152,6 +152,52 @@ impl Checkout {
     }
 }
 
+/// Confirms a Checkout Session on your success page (`?session={CHECKOUT_SESSION_ID}`)
+/// without waiting for webhooks: fetches it, links its customer to its subscriber
+/// (the same rule as `checkout.session.completed`: only an unlinked customer to a
+/// subscriber without one), and mirrors the subscription it created. Returns the
+/// session's `status` (`complete`, `open`, `expired`).
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// let status = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
+/// assert_eq!(status.as_deref(), Some("complete"));
+/// # Ok(()) }
+/// ```
+pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<String>> {
+    let object = format!("checkout session {session_id}");
+    let path = format!("/checkout/sessions/{session_id}");
+    let session = mirror
+        .stripe()
+        .await?
+        .get(&path, &json!({}), Some(&object))
+        .await?;
+    let livemode = session
+        .get("livemode")
+        .and_then(Value::as_bool)
+        .unwrap_or(mirror.live_mode());
+    let (linked, source) = (session.clone(), format!("checkout session {session_id}"));
+    mirror
+        .db()
+        .run(move |conn| {
+            conn.write(|c| crate::webhooks::link_session(c, &linked, livemode, &source))
+        })
+        .await?;
+    let subscription = match session.get("subscription") {
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(other) => other.get("id").and_then(Value::as_str).map(str::to_owned),
+        None => None,
+    };
+    if let Some(id) = subscription {
+        crate::sync::remote::refetch(mirror, &crate::models::subscription::SUBSCRIPTIONS, &id)
+            .await?;
+    }
+    Ok(session
+        .get("status")
+        .and_then(Value::as_str)
+        .map(str::to_owned))
+}
+
 /// A Billing Portal session to send the customer to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortalSession {

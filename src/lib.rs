@@ -61,8 +61,8 @@
 //! |---|---|
 //! | `sqlite` (default) | SQLite storage, bundled libsqlite3 |
 //! | `postgres` | Postgres storage (libpq) |
-//! | `axum` | [`axum::webhook_router`]: `POST /stripe/webhook` |
-//! | `cli` | the `stripe-mirror` command: migrate, sync, bootstrap-demo-products, process-events, api-keys, serve |
+//! | `axum` | [`axum::webhook_router`] (`POST /stripe/webhook`) and the [`axum::Access`] route gate |
+//! | `cli` | the `stripe-mirror` command: migrate, sync, bootstrap-demo-products, process-events, reconcile, prune, api-keys, doctor, serve |
 //!
 //! ## Postgres and the raw object
 //!
@@ -87,7 +87,7 @@ pub mod sync;
 pub mod webhooks;
 
 pub use access::{Denial, Gate, has_feature, has_role, require_subscription};
-pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal};
+pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal, sync_session};
 pub use clock::Clock;
 pub use config::Config;
 pub use db::{Backend, DbPool, schema};

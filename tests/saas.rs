@@ -887,3 +887,29 @@ async fn api_keys_sync_checks_the_key_with_stripe() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_success_page_confirms_a_checkout_without_waiting_for_webhooks() {
+    for b in backends() {
+        let session = json!({"id": "cs_ok", "object": "checkout.session", "status": "complete", "livemode": false,
+                             "customer": "cus_s", "client_reference_id": "s-user", "subscription": "sub_s"});
+        let sub = json!({"id": "sub_s", "object": "subscription", "customer": "cus_s", "status": "active",
+                         "items": {"data": [{"id": "si_s", "object": "subscription_item",
+                            "price": {"id": "price_pro", "product": "prod_pro"}, "current_period_end": FAR}]}});
+        let (base, _) = common::stripe_stub(vec![
+            ("/v1/checkout/sessions/cs_ok", 200, session),
+            ("/v1/subscriptions/sub_s", 200, sub),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let status = stripe_mirror::sync_session(&m, "cs_ok").await.unwrap();
+        assert_eq!(status.as_deref(), Some("complete"));
+        let products = vec!["prod_pro".to_owned()];
+        let granted = require_subscription("s-user")
+            .to_products(&products)
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(granted.unwrap().id, "sub_s", "{}", b.name);
+    }
+}

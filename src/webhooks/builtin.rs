@@ -92,7 +92,17 @@ fn event_stamp(event: &Event, source: Source) -> Stamp {
 /// subscriber's customer is never shadowed by a second one. A placeholder row is created, through the
 /// guard at stamp 0, when the customer itself has not arrived yet.
 fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
-    let session = event.object();
+    link_session(conn, event.object(), event.livemode, &event.id)
+}
+
+/// Links a Checkout Session's customer and subscriber (see `link_checkout_customer`);
+/// `source` names where the session came from, for the log.
+pub(crate) fn link_session(
+    conn: &mut Conn<'_>,
+    session: &Value,
+    livemode: bool,
+    source: &str,
+) -> Result<()> {
     let customer = match session.get("customer") {
         Some(Value::String(id)) => id.clone(),
         Some(Value::Object(c)) => match c.get("id").and_then(Value::as_str) {
@@ -122,23 +132,23 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     // (a buyer may name someone else's id on a Payment Link).
     let taken: i64 = on_conn!(conn, c => stripe_customers::table
         .filter(stripe_customers::subscriber_id.eq(subscriber))
-        .filter(stripe_customers::livemode.eq(event.livemode))
+        .filter(stripe_customers::livemode.eq(livemode))
         .filter(stripe_customers::deleted.eq(false))
         .filter(stripe_customers::id.ne(&customer))
         .count()
         .get_result(c))?;
     if taken > 0 {
-        tracing::warn!(event = %event.id, %customer, claimed = %subscriber,
+        tracing::warn!(source = %source, %customer, claimed = %subscriber,
             "checkout session names a subscriber that already has a customer; not linked");
         return Ok(());
     }
-    let placeholder = json!({ "id": customer, "object": "customer", "livemode": event.livemode });
+    let placeholder = json!({ "id": customer, "object": "customer", "livemode": livemode });
     let table = &crate::models::customer::CUSTOMERS;
     let stamp = Stamp {
         source: Source::Created,
         ..Stamp::fetched(0)
     };
-    let row = table.row(&placeholder, stamp, Some(event.livemode))?;
+    let row = table.row(&placeholder, stamp, Some(livemode))?;
     table.write(conn, &row, &placeholder)?;
     let linked = on_conn!(conn, c => diesel::update(
             stripe_customers::table
@@ -154,7 +164,7 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
             .first(c)
             .optional())?;
         if let Some(Some(held)) = held.filter(|h| h.as_deref() != Some(subscriber)) {
-            tracing::warn!(event = %event.id, %customer, held = %held, claimed = %subscriber,
+            tracing::warn!(source = %source, %customer, held = %held, claimed = %subscriber,
                 "checkout session names another subscriber for a linked customer; the link is kept");
         }
     }

@@ -23,6 +23,7 @@ mod replay;
 mod retention;
 pub mod signature;
 
+pub(crate) use builtin::link_session;
 pub use delivery::{Delivery, Outcome};
 pub use event::Event;
 pub(crate) use pipeline::Failure;
