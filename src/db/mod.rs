@@ -3,8 +3,8 @@
 //! the `Conn` handle the rest of the crate queries through.
 //!
 //! Diesel is synchronous, so every piece of database work runs on tokio's blocking
-//! pool ([`Database::run`]); the async executor never waits on a query. Code that
-//! queries is written once and compiled for each backend by the [`on_conn!`] macro,
+//! pool (`Database::run`); the async executor never waits on a query. Code that
+//! queries is written once and compiled for each backend by the `on_conn!` macro,
 //! which keeps this a thin enum rather than a generic maze of trait bounds.
 
 pub mod schema;
