@@ -166,7 +166,8 @@ pub type Decision = std::result::Result<Subscription, Denial>;
 #[must_use]
 pub struct Gate {
     subscriber: String,
-    products: Vec<String>,
+    /// `None`: any product; `Some`: one of these (an empty list lets nobody in).
+    products: Option<Vec<String>>,
     role: Option<String>,
     feature: Option<String>,
     allow_past_due: bool,
@@ -177,7 +178,7 @@ pub struct Gate {
 pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
     Gate {
         subscriber: subscriber_id.into(),
-        products: Vec::new(),
+        products: None,
         role: None,
         feature: None,
         allow_past_due: false,
@@ -186,15 +187,19 @@ pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
 
 impl Gate {
     /// Only subscriptions including one of these products (product ids, `prod_...`).
+    /// An empty list lets nobody in (a list built from an empty query must not open
+    /// the door); a price id (`price_...`) is an error at [`check`](Self::check).
     pub fn to_products<I>(mut self, product_ids: I) -> Self
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        self.products = product_ids
-            .into_iter()
-            .map(|p| p.as_ref().to_owned())
-            .collect();
+        self.products = Some(
+            product_ids
+                .into_iter()
+                .map(|p| p.as_ref().to_owned())
+                .collect(),
+        );
         self
     }
 
@@ -220,10 +225,33 @@ impl Gate {
     /// Decides, from the local database: the newest subscription granting access, or
     /// why there is none. `Err` is a database failure, not a denial.
     pub async fn check(&self, mirror: &Mirror) -> Result<Decision> {
-        let Some(customer) = Customer::by_subscriber(mirror, &self.subscriber).await? else {
+        if let Some(price) = self
+            .products
+            .iter()
+            .flatten()
+            .find(|p| p.starts_with("price_"))
+        {
+            return Err(crate::Error::Config(format!(
+                "to_products takes product ids (prod_...), not the price {price}: use the price's product_id"
+            )));
+        }
+        if self.feature.as_deref() == Some("") {
+            return Err(crate::Error::Config(
+                "with_feature needs a lookup key, not an empty string".into(),
+            ));
+        }
+        // Every customer of the subscriber in this mode (a Checkout may have made a second one).
+        let customers = Customer::all_by_subscriber(mirror, &self.subscriber).await?;
+        if customers.is_empty() {
             return Ok(Err(Denial::NoCustomer));
-        };
-        let subscriptions = customer.subscriptions(mirror).await?;
+        }
+        let mut subscriptions = Vec::new();
+        for customer in &customers {
+            subscriptions.extend(customer.subscriptions(mirror).await?);
+        }
+        subscriptions.sort_by(|a, b| {
+            (b.created.is_some(), b.created, &b.id).cmp(&(a.created.is_some(), a.created, &a.id))
+        });
         let Some(newest) = subscriptions.first().cloned() else {
             return Ok(Err(Denial::NoSubscription));
         };
@@ -237,7 +265,8 @@ impl Gate {
             return Ok(Err(status_denial(&newest, now)));
         }
         let gate = self.clone();
-        let customer_id = customer.id.clone();
+        let customer_ids: Vec<String> = customers.into_iter().map(|c| c.id).collect();
+        let live = mirror.live_mode();
         mirror
             .db()
             .run(move |conn| {
@@ -256,10 +285,10 @@ impl Gate {
                 };
                 let mut candidates: Vec<(Subscription, Vec<String>)> =
                     valid.into_iter().map(|s| { let p = products_of(&s); (s, p) }).collect();
-                if !gate.products.is_empty() {
-                    candidates.retain(|(_, products)| products.iter().any(|p| gate.products.contains(p)));
+                if let Some(wanted) = &gate.products {
+                    candidates.retain(|(_, products)| products.iter().any(|p| wanted.contains(p)));
                     if candidates.is_empty() {
-                        return Ok(Err(Denial::WrongProduct { wanted: gate.products.clone() }));
+                        return Ok(Err(Denial::WrongProduct { wanted: wanted.clone() }));
                     }
                 }
                 if let Some(role) = &gate.role {
@@ -267,6 +296,7 @@ impl Gate {
                     let metadata: Vec<(String, String)> = on_conn!(conn, c => stripe_products::table
                         .filter(stripe_products::id.eq_any(&all))
                         .filter(stripe_products::deleted.eq(false))
+                        .filter(stripe_products::livemode.eq(live))
                         .select((stripe_products::id, stripe_products::data))
                         .load(c))?;
                     let granting: Vec<String> = metadata
@@ -280,14 +310,14 @@ impl Gate {
                     }
                 }
                 if let Some(feature) = &gate.feature {
-                    let summary: Option<Option<String>> = on_conn!(conn, c => {
+                    let summaries: Vec<Option<String>> = on_conn!(conn, c => {
                         use crate::db::schema::stripe_entitlement_summaries as es;
-                        es::table.find(&customer_id).filter(es::deleted.eq(false)).select(es::lookup_keys).first(c).optional()
+                        es::table.filter(es::id.eq_any(&customer_ids)).filter(es::deleted.eq(false)).select(es::lookup_keys).load(c)
                     })?;
-                    let has = match summary {
+                    let has = match summaries.is_empty() {
                         // Stripe's own answer, when it has sent one.
-                        Some(keys) => keys.unwrap_or_default().split(',').any(|k| k == feature),
-                        None => {
+                        false => summaries.iter().flatten().any(|keys| keys.split(',').any(|k| k == feature)),
+                        true => {
                             let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
                             let features = ProductFeature::for_products(conn, &all)?;
                             let granting: Vec<String> = features

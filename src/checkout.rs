@@ -165,6 +165,17 @@ impl Checkout {
 /// # Ok(()) }
 /// ```
 pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<String>> {
+    // It comes from the success page's URL: only a session id goes into the request.
+    let well_formed = session_id.starts_with("cs_")
+        && session_id.len() < 256
+        && session_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !well_formed {
+        return Err(Error::Config(format!(
+            "{session_id:?} is not a Checkout Session id (cs_...)"
+        )));
+    }
     let object = format!("checkout session {session_id}");
     let path = format!("/checkout/sessions/{session_id}");
     let session = mirror
@@ -176,6 +187,13 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<St
         .get("livemode")
         .and_then(Value::as_bool)
         .unwrap_or(mirror.live_mode());
+    let status = session
+        .get("status")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if status.as_deref() != Some("complete") {
+        return Ok(status); // nothing to link until it is paid
+    }
     let (linked, source) = (session.clone(), format!("checkout session {session_id}"));
     mirror
         .db()
@@ -192,10 +210,7 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<St
         crate::sync::remote::refetch(mirror, &crate::models::subscription::SUBSCRIPTIONS, &id)
             .await?;
     }
-    Ok(session
-        .get("status")
-        .and_then(Value::as_str)
-        .map(str::to_owned))
+    Ok(status)
 }
 
 /// A Billing Portal session to send the customer to.

@@ -105,7 +105,8 @@ async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
         ("active", json!({"cancel_at_period_end": true}), None, None),
         (
             "active",
-            json!({"cancel_at": PAST, "current_period_end": PAST}),
+            // The cancellation date passed mid-period (its event late): no access.
+            json!({"cancel_at": PAST}),
             Some("canceled"),
             Some("canceled"),
         ),
@@ -911,5 +912,142 @@ async fn the_success_page_confirms_a_checkout_without_waiting_for_webhooks() {
             .await
             .unwrap();
         assert_eq!(granted.unwrap().id, "sub_s", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn gate_mistakes_are_refused_and_every_customer_of_a_subscriber_counts() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        customer(&m, "cus_m1", "multi-customer").await;
+        subscription(&m, "sub_m1", "cus_m1", "active", &["prod_pro"], json!({})).await;
+        // An empty product list (a query that found nothing) lets nobody in.
+        let empty: Vec<String> = Vec::new();
+        let none = require_subscription("multi-customer")
+            .to_products(&empty)
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(
+            none.unwrap_err(),
+            Denial::WrongProduct { wanted: vec![] },
+            "{}",
+            b.name
+        );
+        // A price id where a product id goes is a clear error, not a silent "no".
+        let err = require_subscription("multi-customer")
+            .to_products(&["price_123"])
+            .check(&m)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("product ids"), "{err}");
+        assert!(
+            require_subscription("multi-customer")
+                .with_feature("")
+                .check(&m)
+                .await
+                .is_err()
+        );
+        // A second customer of the same subscriber (newer, no subscription) hides nothing.
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_m2", "object": "customer", "created": 999,
+            "metadata": {"stripe_mirror_subscriber": "multi-customer"}}),
+        )
+        .await
+        .unwrap();
+        let granted = require_subscription("multi-customer")
+            .to_products(&["prod_pro"])
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(granted.unwrap().id, "sub_m1", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn a_price_under_a_lookup_key_must_be_what_was_asked_for() {
+    for b in backends() {
+        let (base, _) = common::stripe_stub(vec![]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        Price::sync_from_stripe_data(&m, &json!({"id": "price_old", "object": "price", "product": "pro", "active": true,
+            "currency": "usd", "unit_amount": 2900, "lookup_key": "pro_monthly", "recurring": {"interval": "month"}})).await.unwrap();
+        let same = Price::get_or_create(
+            &m,
+            &NewPrice::recurring("pro_monthly", "pro", "usd", 2900, "month"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(same.id, "price_old");
+        let raised = Price::get_or_create(
+            &m,
+            &NewPrice::recurring("pro_monthly", "pro", "usd", 3900, "month"),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            raised.to_string().contains("unit_amount")
+                && raised.to_string().contains("new lookup key"),
+            "{}: {raised}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn checkout_links_only_when_metadata_and_reference_agree_and_sessions_are_complete() {
+    for b in backends() {
+        let open = json!({"id": "cs_open", "object": "checkout.session", "status": "open", "customer": "cus_o",
+                          "client_reference_id": "o-user"});
+        let (base, _) =
+            common::stripe_stub(vec![("/v1/checkout/sessions/cs_open", 200, open)]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        assert_eq!(
+            stripe_mirror::sync_session(&m, "cs_open")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("open")
+        );
+        assert!(
+            Customer::by_subscriber(&m, "o-user")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}: an open session links nothing",
+            b.name
+        );
+        assert!(
+            stripe_mirror::sync_session(&m, "../customers/cus_1")
+                .await
+                .is_err(),
+            "only a session id is sent"
+        );
+
+        // A buyer-set client_reference_id that disagrees with the server's metadata.
+        let session = json!({"id": "cs_mix", "object": "checkout.session", "customer": "cus_mix",
+            "client_reference_id": "victim", "metadata": {"stripe_mirror_subscriber": "buyer"}});
+        let event = json!({"id": "evt_mix", "object": "event", "type": "checkout.session.completed",
+            "created": chrono::Utc::now().timestamp(), "livemode": false, "data": {"object": session}});
+        assert_eq!(
+            Webhooks::new().receive(&m, signed(&event)).await.status,
+            200
+        );
+        assert!(
+            Customer::by_subscriber(&m, "victim")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            Customer::by_subscriber(&m, "buyer")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}",
+            b.name
+        );
     }
 }

@@ -130,6 +130,28 @@ impl Customer {
             .await
     }
 
+    /// Every customer of the subscriber in the current mode, newest first (usually one;
+    /// a Checkout for a customer-less subscriber can add another).
+    pub async fn all_by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Vec<Customer>> {
+        let (subscriber_id, live) = (subscriber_id.to_owned(), mirror.live_mode());
+        mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_customers::table
+                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
+                    .filter(stripe_customers::livemode.eq(live))
+                    .filter(stripe_customers::deleted.eq(false))
+                    .order((
+                        stripe_customers::created.is_null().asc(),
+                        stripe_customers::created.desc(),
+                        stripe_customers::id.asc(),
+                    ))
+                    .select(Customer::as_select())
+                    .load(c))?)
+            })
+            .await
+    }
+
     /// The subscriber's customer in the current mode: from the mirror when there is
     /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
     /// derived from subscriber and mode, so a repeat or a concurrent call cannot create
@@ -159,7 +181,7 @@ impl Customer {
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {
             return Ok(found);
         }
-        let key = crate::sync::remote::creation_key("customer", mirror.live_mode(), &id);
+
         let mut form = serde_json::json!({ "metadata": { SUBSCRIBER_METADATA_KEY: id } });
         if let Some(email) = subscriber.email() {
             form["email"] = email.into();
@@ -167,6 +189,13 @@ impl Customer {
         if let Some(name) = subscriber.name() {
             form["name"] = name.into();
         }
+        // The subscriber and the whole form: racing processes send the same key; the
+        // same subscriber with other details is another request, never a 400.
+        let key = crate::sync::remote::creation_key(
+            "customer",
+            mirror.live_mode(),
+            &format!("{id}/{form}"),
+        );
         let created = mirror
             .stripe()
             .await?

@@ -130,6 +130,35 @@ pub struct NewPrice {
 }
 
 impl NewPrice {
+    /// `price` when it is what this describes, else an error naming the difference.
+    fn matches(&self, price: Price) -> Result<Price> {
+        let differs = [
+            (
+                "product",
+                price.product_id.as_deref() != Some(self.product.as_str()),
+            ),
+            (
+                "currency",
+                price.currency.as_deref() != Some(self.currency.as_str()),
+            ),
+            ("unit_amount", price.unit_amount != Some(self.unit_amount)),
+            ("interval", price.recurring_interval != self.interval),
+        ]
+        .into_iter()
+        .filter(|(_, d)| *d)
+        .map(|(field, _)| field)
+        .collect::<Vec<_>>();
+        if differs.is_empty() {
+            return Ok(price);
+        }
+        Err(crate::Error::Config(format!(
+            "price {} under lookup key {} differs in {}: create the new price under a new lookup key (or archive the old one in Stripe first)",
+            price.id,
+            self.lookup_key,
+            differs.join(", ")
+        )))
+    }
+
     /// A recurring price (`interval`: `month`, `year`, ...).
     pub fn recurring(
         lookup_key: &str,
@@ -187,9 +216,13 @@ impl Price {
     /// assert_eq!(monthly.lookup_key.as_deref(), Some("pro_monthly"));
     /// # Ok(()) }
     /// ```
+    ///
+    /// A price found under the lookup key with another product, currency, amount or
+    /// interval is an error naming the difference (prices cannot change in Stripe: create
+    /// the new one under a new lookup key, or archive the old one first).
     pub async fn get_or_create(mirror: &Mirror, new: &NewPrice) -> Result<Price> {
         if let Some(found) = Self::by_lookup_key(mirror, &new.lookup_key).await? {
-            return Ok(found);
+            return new.matches(found);
         }
         let client = mirror.stripe().await?;
         let object = format!("price {}", new.lookup_key);
@@ -229,7 +262,9 @@ impl Price {
                     .await?
             }
         };
-        crate::sync::sync_from_stripe_data::<Price>(mirror, answer.value, answer.at).await
+        let price =
+            crate::sync::sync_from_stripe_data::<Price>(mirror, answer.value, answer.at).await?;
+        new.matches(price)
     }
 
     /// The mirrored product this price belongs to.

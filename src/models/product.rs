@@ -113,7 +113,7 @@ impl NewProduct {
 }
 
 impl Product {
-    /// The product with `new.id`: the mirror's row when it has a live one, else
+    /// The product with `new.id` in the current mode: the mirror's row when it has one, else
     /// Stripe's, else created in Stripe (idempotency key derived from the id and mode,
     /// so racing processes create one), mirrored at once.
     ///
@@ -125,7 +125,11 @@ impl Product {
     /// # Ok(()) }
     /// ```
     pub async fn get_or_create(mirror: &Mirror, new: &NewProduct) -> Result<Product> {
-        if let Some(found) = Self::get(mirror, &new.id).await?.filter(|p| !p.deleted) {
+        let live = mirror.live_mode();
+        if let Some(found) = Self::get(mirror, &new.id)
+            .await?
+            .filter(|p| !p.deleted && p.livemode == live)
+        {
             return Ok(found);
         }
         let client = mirror.stripe().await?;

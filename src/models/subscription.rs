@@ -547,6 +547,10 @@ impl Subscription {
         if !self.is_status_current() {
             return false;
         }
+        // A cancellation date that has passed ends access, even if its event is late.
+        if self.cancel_at.is_some_and(|at| at <= now) {
+            return false;
+        }
         !(self.cancel_at_period_end == Some(true) || self.cancel_at.is_some())
             || self.is_period_current_at(now)
     }

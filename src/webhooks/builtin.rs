@@ -111,20 +111,23 @@ pub(crate) fn link_session(
         },
         _ => return Ok(()),
     };
-    let subscriber = session
-        .get("client_reference_id")
-        .and_then(Value::as_str)
-        .or_else(|| {
-            session
-                .pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}"))
-                .and_then(Value::as_str)
-        })
-        .or_else(|| {
-            session
-                .pointer("/metadata/subscriber_id")
-                .and_then(Value::as_str)
-        })
-        .filter(|s| !s.is_empty());
+    // The metadata is set by the server that created the session (`Checkout::create`);
+    // `client_reference_id` can be set by the buyer (Payment Links): when both are
+    // there they must agree.
+    fn text(v: Option<&Value>) -> Option<&str> {
+        v.and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+    let metadata = text(session.pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}")))
+        .or_else(|| text(session.pointer("/metadata/subscriber_id")));
+    let reference = text(session.get("client_reference_id"));
+    let subscriber = match (metadata, reference) {
+        (Some(m), Some(r)) if m != r => {
+            tracing::warn!(%source, metadata = %m, client_reference_id = %r,
+                "checkout session's subscriber metadata and client_reference_id disagree; not linked");
+            None
+        }
+        (m, r) => m.or(r),
+    };
     let Some(subscriber) = subscriber else {
         return Ok(());
     };
