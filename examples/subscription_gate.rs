@@ -264,11 +264,16 @@ async fn checkout(
     let Some(price) = price.filter(recurring) else {
         return Ok((StatusCode::NOT_FOUND, "no such plan").into_response());
     };
-    // Already subscribed: changing plans is the Billing Portal's job.
-    if let Some(customer) = Customer::by_subscriber(&state.mirror, &user).await?
-        && customer.has_valid_subscription(&state.mirror).await?
-    {
-        return Ok(Redirect::to("/account").into_response());
+    // Already subscribed (even past due or unpaid): changing plans or paying what is
+    // owed is the Billing Portal's job, not a second subscription's.
+    if let Some(customer) = Customer::by_subscriber(&state.mirror, &user).await? {
+        let subscriptions = customer.subscriptions(&state.mirror).await?;
+        let ended = |s: &stripe_mirror::Subscription| {
+            matches!(s.status.as_deref(), Some("canceled" | "incomplete_expired"))
+        };
+        if subscriptions.iter().any(|s| !ended(s)) {
+            return Ok(Redirect::to("/account").into_response());
+        }
     }
     let app = app_url(&headers);
     let session = Checkout::subscription(&price.id)
@@ -320,8 +325,13 @@ async fn account(
         );
     }
     let customer = Customer::by_subscriber(mirror, &user).await?;
+    // The newest valid one (a customer may hold several: two Checkout tabs).
     let subscription = match &customer {
-        Some(customer) => customer.subscription(mirror).await?,
+        Some(customer) => customer
+            .valid_subscriptions(mirror)
+            .await?
+            .into_iter()
+            .next(),
         None => None,
     };
     let plan = match &subscription {
