@@ -14,7 +14,11 @@ async fn main() -> Result<(), stripe_mirror::Error> {
         let name = plan.product.name.as_deref().unwrap_or(plan.key);
         for price in [&plan.monthly, &plan.yearly] {
             let amount = price.unit_amount.unwrap_or(0) as f64 / 100.0;
-            let interval = price.recurring_interval.as_deref().unwrap_or("once");
+            let interval = price
+                .recurring_interval
+                .as_ref()
+                .map(|i| i.as_str())
+                .unwrap_or("once");
             println!(
                 "{name:<8} {:<32} {amount:>7.2} {}/{interval}",
                 price.id,

@@ -84,7 +84,10 @@ async fn main() -> Result<(), stripe_mirror::Error> {
                     "{} {}/{}",
                     p.unit_amount.unwrap_or(0) as f64 / 100.0,
                     p.currency.as_deref().unwrap_or("?"),
-                    p.recurring_interval.as_deref().unwrap_or("once")
+                    p.recurring_interval
+                        .as_ref()
+                        .map(|i| i.as_str())
+                        .unwrap_or("once")
                 )
             })
             .collect();
@@ -113,7 +116,7 @@ async fn main() -> Result<(), stripe_mirror::Error> {
             }
             format!(
                 "{} to {} (valid: {})",
-                sub.status.as_deref().unwrap_or("?"),
+                sub.status.as_ref().map(|s| s.as_str()).unwrap_or("?"),
                 names.join(", "),
                 sub.is_valid()
             )

@@ -184,7 +184,7 @@ async fn pricing(
         let every = |interval: &str| {
             prices
                 .iter()
-                .find(|p| p.recurring_interval.as_deref() == Some(interval))
+                .find(|p| p.recurring_interval.as_ref().map(|i| i.as_str()) == Some(interval))
                 .cloned()
         };
         let (monthly, yearly) = (every("month"), every("year"));
@@ -269,7 +269,10 @@ async fn checkout(
     if let Some(customer) = Customer::by_subscriber(&state.mirror, &user).await? {
         let subscriptions = customer.subscriptions(&state.mirror).await?;
         let ended = |s: &stripe_mirror::Subscription| {
-            matches!(s.status.as_deref(), Some("canceled" | "incomplete_expired"))
+            matches!(
+                s.status.as_ref().map(|s| s.as_str()),
+                Some("canceled" | "incomplete_expired")
+            )
         };
         if subscriptions.iter().any(|s| !ended(s)) {
             return Ok(Redirect::to("/account").into_response());
@@ -302,7 +305,14 @@ async fn members_only(
 <p>This page is behind <code>Access&lt;Members&gt;</code>: Starter or Pro, checked against the local mirror on every request.</p>"#,
         user = escape(&access.subscriber),
         plans = escape(&plans.join(", ")),
-        status = escape(access.subscription.status.as_deref().unwrap_or("?")),
+        status = escape(
+            access
+                .subscription
+                .status
+                .as_ref()
+                .map(|s| s.as_str())
+                .unwrap_or("?")
+        ),
     );
     Ok(page("Members", Some(&access.subscriber), &body))
 }
@@ -336,7 +346,7 @@ async fn account(
     };
     let plan = match &subscription {
         Some(sub) => {
-            let status = sub.status.as_deref().unwrap_or("?");
+            let status = sub.status.as_ref().map(|s| s.as_str()).unwrap_or("?");
             let until = sub
                 .current_period_end
                 .and_then(|t| chrono::DateTime::from_timestamp(t, 0))

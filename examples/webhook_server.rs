@@ -18,7 +18,7 @@ async fn subscription_changed(event: Event, mirror: Mirror) -> Result<(), Handle
             "{}: {} is now {}",
             event.event_type,
             sub.id,
-            sub.status.unwrap_or_default()
+            sub.status.map(|s| s.to_string()).unwrap_or_default()
         );
     }
     Ok(())

@@ -41,7 +41,7 @@ use crate::db::schema::{stripe_products, stripe_subscription_items};
 use crate::error::Result;
 use crate::models::customer::Customer;
 use crate::models::entitlement::ProductFeature;
-use crate::models::subscription::Subscription;
+use crate::models::subscription::{Subscription, SubscriptionStatus};
 
 /// The product metadata key naming the roles a product grants, comma separated.
 pub const ROLES_METADATA_KEY: &str = "roles";
@@ -258,7 +258,9 @@ impl Gate {
         let now = mirror.now();
         let grants = |s: &Subscription| {
             s.is_valid_at(now)
-                || (self.allow_past_due && !s.deleted && s.status.as_deref() == Some("past_due"))
+                || (self.allow_past_due
+                    && !s.deleted
+                    && s.status == Some(SubscriptionStatus::PastDue))
         };
         let valid: Vec<Subscription> = subscriptions.into_iter().filter(|s| grants(s)).collect();
         if valid.is_empty() {
@@ -347,16 +349,16 @@ impl Gate {
 /// Why the newest subscription grants nothing.
 fn status_denial(newest: &Subscription, now: i64) -> Denial {
     let subscription = newest.id.clone();
-    match newest.status.as_deref() {
-        Some("past_due") => Denial::PastDue { subscription },
-        Some("canceled") => Denial::Canceled { subscription },
+    match &newest.status {
+        Some(SubscriptionStatus::PastDue) => Denial::PastDue { subscription },
+        Some(SubscriptionStatus::Canceled) => Denial::Canceled { subscription },
         // Current status but its cancellation date has passed.
-        Some("active" | "trialing") if !newest.is_valid_at(now) => {
+        Some(status) if status.is_current() && !newest.is_valid_at(now) => {
             Denial::Canceled { subscription }
         }
         Some(status) => Denial::Inactive {
             subscription,
-            status: status.to_owned(),
+            status: status.to_string(),
         },
         None => Denial::Inactive {
             subscription,

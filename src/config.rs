@@ -10,6 +10,36 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
+/// Test or live: which keys and which rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Test mode (`sk_test_...`, `livemode: false`).
+    Test,
+    /// Live mode (`sk_live_...`, `livemode: true`).
+    Live,
+}
+
+impl Mode {
+    /// The mode of a `livemode` flag.
+    pub fn from_livemode(livemode: bool) -> Mode {
+        if livemode { Mode::Live } else { Mode::Test }
+    }
+
+    /// `test` or `live`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Test => "test",
+            Mode::Live => "live",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Default database when `DATABASE_URL` is not set: a SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://stripe-mirror.db";
 

@@ -3,6 +3,10 @@
 //! A local SQL mirror of a Stripe account for Rust applications: customers,
 //! products, prices and subscriptions kept in your own database (SQLite embedded,
 //! or Postgres), so that "is this user subscribed?" is a local query, not an API call.
+//! Webhooks keep the mirror true; a backfill fills it; your app reads it.
+//!
+//! In one screen, with the Stripe objects written by hand instead of arriving by
+//! webhook (an in-memory SQLite database, no Stripe account needed):
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -27,6 +31,80 @@
 //! assert!(customer.is_subscribed_to(&mirror, &["prod_pro"]).await?);
 //! # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
 //! ```
+//!
+//! ## Getting started
+//!
+//! From an empty app to its first subscription check, in test mode:
+//!
+//! 1. **Add the crate**, with the storage you deploy on (SQLite is the default) and
+//!    the webhook route for axum:
+//!
+//!    ```toml
+//!    [dependencies]
+//!    stripe-mirror = { version = "0.1", features = ["postgres", "axum"] }
+//!    tokio = { version = "1", features = ["full"] }
+//!    ```
+//!
+//!    For operators, the `stripe-mirror` command: `cargo install stripe-mirror --features cli`.
+//!
+//! 2. **Set the environment** ([below](#environment)): `DATABASE_URL`,
+//!    `STRIPE_SECRET_KEY` (a test key, `sk_test_...`) and `STRIPE_WEBHOOK_SECRET`
+//!    (step 5 prints it). `stripe-mirror doctor` checks them, each with a one-line fix.
+//!
+//! 3. **Open the mirror.** [`Mirror::from_env`] reads the environment, opens the pool
+//!    and applies the embedded migrations; [`Mirror::connect`] does the same from a
+//!    [`Config`] built in code. To migrate as a separate deploy step instead, run
+//!    `stripe-mirror migrate` (or [`Mirror::migrate`]) there and open with
+//!    [`Mirror::open`]. An app with its own diesel pool hands it in with
+//!    [`Mirror::from_pool`] and can join its tables with the mirror's ([`schema`]).
+//!
+//! 4. **Mount the webhook route**, [`axum::webhook_router`] (`POST /stripe/webhook`;
+//!    or run [`axum::serve`], or `stripe-mirror serve`). Every event is verified,
+//!    stored once and mirrored before your handlers run ([`webhooks`], [`Webhooks::on`]):
+//!
+//!    ```no_run
+//!    # #[cfg(feature = "axum")]
+//!    # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//!    use stripe_mirror::{Event, Mirror, Webhooks};
+//!
+//!    let mirror = Mirror::from_env().await?;
+//!    let webhooks = Webhooks::new().on("customer.subscription.*", |event: Event, _: Mirror| async move {
+//!        println!("{} {}", event.event_type, event.id); // the mirror already holds the change
+//!        Ok(())
+//!    });
+//!    let app: axum::Router = axum::Router::new()
+//!        // .route(...) your own routes
+//!        .merge(stripe_mirror::axum::webhook_router(mirror, webhooks));
+//!    let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//!    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+//!    # Ok(()) }
+//!    ```
+//!
+//! 5. **Forward Stripe's events** to it with the Stripe CLI:
+//!    `stripe listen --forward-to localhost:8000/stripe/webhook`, and put the
+//!    `whsec_...` it prints in `STRIPE_WEBHOOK_SECRET`. Objects that existed before
+//!    are backfilled once with [`sync_all`] (`stripe-mirror sync`).
+//!
+//! 6. **Sell**: a pricing page sends the user to Stripe Checkout with [`Checkout`]
+//!    (and the account page to the Billing Portal: [`billing_portal`]); see
+//!    [`checkout`]. Your user type implements [`Subscriber`], and the
+//!    `checkout.session.completed` event links the new customer to it.
+//!
+//! 7. **Check access**, from the local database (no Stripe call), with
+//!    [`require_subscription`]; roles and Entitlements features are in [`access`], and
+//!    [`axum::Access`] guards a whole route:
+//!
+//!    ```no_run
+//!    # async fn members_page(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+//!    use stripe_mirror::require_subscription;
+//!
+//!    let user_id = "user-42"; // your user's id, as in `Subscriber::subscriber_id`
+//!    match require_subscription(user_id).to_products(["prod_pro"]).check(&mirror).await? {
+//!        Ok(subscription) => println!("welcome ({})", subscription.id),
+//!        Err(denial) => println!("no access: {denial}"), // no customer, canceled, past due...
+//!    }
+//!    # Ok(()) }
+//!    ```
 //!
 //! ## Layout
 //!
@@ -69,6 +147,8 @@
 //! `data` holds the raw Stripe JSON as text on both backends, so one schema serves
 //! both. On Postgres, query it with a cast: `SELECT data::jsonb -> 'metadata' FROM stripe_customers`.
 #![warn(missing_docs)]
+// docs.rs (`--cfg docsrs`, nightly) marks feature-gated items; inert on stable.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod access;
 #[cfg(feature = "axum")]
@@ -89,7 +169,7 @@ pub mod webhooks;
 pub use access::{Denial, Gate, has_feature, has_role, require_subscription};
 pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal, sync_session};
 pub use clock::Clock;
-pub use config::Config;
+pub use config::{Config, Mode};
 pub use db::{Backend, DbPool, schema};
 pub use demo::bootstrap_demo_products;
 pub use error::{Error, Result};
@@ -97,12 +177,14 @@ pub use mirror::Mirror;
 pub use models::api_key::{ApiKey, ApiKeyKind};
 pub use models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
 pub use models::entitlement::{EntitlementSummary, ProductFeature};
-pub use models::price::Price;
+pub use models::price::{Price, RecurringInterval};
 pub use models::product::Product;
-pub use models::subscription::{IncompleteSubscription, Subscription, SubscriptionItem};
+pub use models::subscription::{
+    IncompleteSubscription, Subscription, SubscriptionItem, SubscriptionStatus,
+};
 pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};
-pub use sync::remote::{SyncOptions, SyncProgress, SyncReport, sync_all};
+pub use sync::remote::{SyncFailure, SyncOptions, SyncProgress, SyncReport, sync_all};
 pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
 
 /// diesel, as the crate uses it (for [`mirror_schema!`]).

@@ -137,6 +137,11 @@ impl Mirror {
         self.inner.config.clock.now()
     }
 
+    /// Test or live ([`Config::live_mode`]).
+    pub fn mode(&self) -> crate::config::Mode {
+        crate::config::Mode::from_livemode(self.live_mode())
+    }
+
     /// SQLite or Postgres.
     pub fn backend(&self) -> Backend {
         self.inner.db.backend()

@@ -273,7 +273,12 @@ async fn reconcile_refetches_flagged_rows() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(s.status.as_deref(), Some("canceled"), "{}", b.name);
+        assert_eq!(
+            s.status.as_ref().map(|s| s.as_str()),
+            Some("canceled"),
+            "{}",
+            b.name
+        );
     }
 }
 

@@ -45,7 +45,11 @@ async fn current_fixtures_mirror_with_typed_columns() {
         );
         assert_eq!(price.unit_amount, Some(2000), "{n}");
         assert_eq!(price.currency.as_deref(), Some("usd"), "{n}");
-        assert_eq!(price.recurring_interval.as_deref(), Some("month"), "{n}");
+        assert_eq!(
+            price.recurring_interval.as_ref().map(|i| i.as_str()),
+            Some("month"),
+            "{n}"
+        );
         assert_eq!(price.recurring_interval_count, Some(1), "{n}");
         assert_eq!(price.active, Some(true), "{n}");
 
@@ -54,7 +58,10 @@ async fn current_fixtures_mirror_with_typed_columns() {
         plan["id"] = json!("plan_fixture");
         let plan = Price::sync_from_stripe_data(&m, &plan).await.unwrap();
         assert_eq!(
-            (plan.unit_amount, plan.recurring_interval.as_deref()),
+            (
+                plan.unit_amount,
+                plan.recurring_interval.as_ref().map(|i| i.as_str())
+            ),
             (Some(2000), Some("month")),
             "{n}"
         );
@@ -73,7 +80,11 @@ async fn current_fixtures_mirror_with_typed_columns() {
             Some("cus_QXg1o8vcGmoR32"),
             "{n}"
         );
-        assert_eq!(sub.status.as_deref(), Some("active"), "{n}");
+        assert_eq!(
+            sub.status.as_ref().map(|s| s.as_str()),
+            Some("active"),
+            "{n}"
+        );
         // On current API versions the period lives on the items.
         let item_end = sub_json["items"]["data"][0]["current_period_end"].as_i64();
         assert!(sub_json.get("current_period_end").is_none());
@@ -187,7 +198,11 @@ async fn legacy_shapes_mirror() {
             .unwrap();
         assert_eq!(plan.unit_amount, Some(900), "{n}");
         assert_eq!(plan.currency.as_deref(), Some("eur"), "{n}");
-        assert_eq!(plan.recurring_interval.as_deref(), Some("month"), "{n}");
+        assert_eq!(
+            plan.recurring_interval.as_ref().map(|i| i.as_str()),
+            Some("month"),
+            "{n}"
+        );
         assert_eq!(plan.product_id.as_deref(), Some("prod_legacy01"), "{n}");
 
         let sub =
@@ -319,7 +334,7 @@ async fn stale_writes_change_nothing() {
         .await
         .unwrap();
         assert_eq!(
-            (s.status.as_deref(), s.stamp),
+            (s.status.as_ref().map(|s| s.as_str()), s.stamp),
             (Some("past_due"), 200),
             "{n}"
         );
@@ -337,7 +352,11 @@ async fn stale_writes_change_nothing() {
         )
         .await
         .unwrap();
-        assert_eq!((s.status.as_deref(), s.stamp), (Some("active"), 300), "{n}");
+        assert_eq!(
+            (s.status.as_ref().map(|s| s.as_str()), s.stamp),
+            (Some("active"), 300),
+            "{n}"
+        );
         let items = s.items(&m).await.unwrap();
         assert_eq!(
             items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
@@ -424,7 +443,7 @@ async fn concurrent_writers_end_with_the_freshest_version() {
         }
         let s = Subscription::get(&m, "sub_v").await.unwrap().unwrap();
         assert_eq!(
-            (s.status.as_deref(), s.stamp),
+            (s.status.as_ref().map(|s| s.as_str()), s.stamp),
             (Some("status_1074"), 1074),
             "{n}"
         );
@@ -474,7 +493,7 @@ fn eight_threads_on_postgres_without_errors() {
         .unwrap();
     let freshest = 10_000 + 24 * 8 + 7;
     assert_eq!(
-        (s.status.clone().unwrap(), s.stamp),
+        (s.status.clone().unwrap().to_string(), s.stamp),
         (format!("s{freshest}"), freshest)
     );
     let items = rt.block_on(s.items(&m)).unwrap();
@@ -529,7 +548,7 @@ async fn row_types_built_without_a_database_match_the_stored_rows() {
             ))
         );
         let built = Subscription::from_stripe_json(&s).unwrap();
-        assert_eq!(built.status.as_deref(), Some("active"));
+        assert_eq!(built.status.as_ref().map(|s| s.as_str()), Some("active"));
         assert_eq!(
             strip(format!("{built:?}")),
             strip(format!(
@@ -543,5 +562,56 @@ async fn row_types_built_without_a_database_match_the_stored_rows() {
             )
             .is_err()
         );
+    }
+}
+
+/// Statuses and intervals are enums that keep a value Stripe adds later.
+#[tokio::test]
+async fn closed_sets_are_enums_that_keep_unknown_values() {
+    use stripe_mirror::{Price, RecurringInterval, Subscription, SubscriptionStatus};
+    for b in backends() {
+        let m = b.mirror().await;
+        let sub = |id: &str, status: &str| {
+            serde_json::json!({"id": id, "object": "subscription",
+            "customer": "cus_e", "status": status, "items": {"data": []}})
+        };
+        let known = Subscription::sync_from_stripe_data(&m, &sub("sub_known", "past_due"))
+            .await
+            .unwrap();
+        assert_eq!(
+            known.status,
+            Some(SubscriptionStatus::PastDue),
+            "{}",
+            b.name
+        );
+        let future = Subscription::sync_from_stripe_data(&m, &sub("sub_future", "on_hold_2030"))
+            .await
+            .unwrap();
+        assert_eq!(
+            future.status,
+            Some(SubscriptionStatus::Other("on_hold_2030".into())),
+            "{}",
+            b.name
+        );
+        assert!(!future.is_status_current());
+        let reread = Subscription::get(&m, "sub_future").await.unwrap().unwrap();
+        assert_eq!(reread.status.unwrap().as_str(), "on_hold_2030");
+        let price = Price::sync_from_stripe_data(&m, &serde_json::json!({"id": "price_e", "object": "price",
+            "product": "prod_e", "currency": "usd", "unit_amount": 100, "recurring": {"interval": "year"}})).await.unwrap();
+        assert_eq!(
+            price.recurring_interval,
+            Some(RecurringInterval::Year),
+            "{}",
+            b.name
+        );
+        // A price id where a product id goes is a clear error.
+        let c = Customer::sync_from_stripe_data(
+            &m,
+            &serde_json::json!({"id": "cus_e", "object": "customer"}),
+        )
+        .await
+        .unwrap();
+        let err = c.is_subscribed_to(&m, &["price_e"]).await.unwrap_err();
+        assert!(err.to_string().contains("product ids"), "{err}");
     }
 }

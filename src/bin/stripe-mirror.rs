@@ -189,8 +189,8 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 for (kind, count) in report.counts.iter().filter(|_| !counts_shown) {
                     println!("{kind}: {count}");
                 }
-                for (kind, id, error) in &report.failures {
-                    println!("failed {kind} {id}: {error}");
+                for failure in &report.failures {
+                    println!("failed {failure}");
                 }
             }
         }
@@ -307,7 +307,7 @@ fn sync_json(report: &SyncReport) -> Value {
         "failures": report
             .failures
             .iter()
-            .map(|(kind, id, error)| json!({ "object": kind, "id": id, "error": error }))
+            .map(|f| json!({ "object": f.object, "id": f.id, "error": f.error }))
             .collect::<Vec<_>>(),
     })
 }
@@ -542,7 +542,7 @@ impl Bars {
             if let Some(count) = report.counts.get(&kind) {
                 b.bar.set_position(*count as u64);
             }
-            let failed = report.failures.iter().filter(|f| f.0 == kind).count();
+            let failed = report.failures.iter().filter(|f| f.object == kind).count();
             if failed > 0 {
                 message = format!(", {failed} failed");
             }

@@ -141,6 +141,11 @@ fn key_id(secret: &str) -> String {
 }
 
 impl ApiKey {
+    /// Test or live, from the prefix.
+    pub fn mode(&self) -> crate::Mode {
+        crate::Mode::from_livemode(self.livemode)
+    }
+
     /// The key itself. Never log it.
     pub fn secret(&self) -> &Secret {
         &self.secret

@@ -108,26 +108,10 @@ sync_methods!(Customer, "customer");
 impl Customer {
     /// The customer of a host-app subscriber in the current mode (not deleted).
     pub async fn by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Option<Customer>> {
-        let (subscriber_id, live) = (subscriber_id.to_owned(), mirror.live_mode());
-        mirror
-            .db()
-            .run(move |conn| {
-                Ok(on_conn!(conn, c => stripe_customers::table
-                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
-                    .filter(stripe_customers::livemode.eq(live))
-                    .filter(stripe_customers::deleted.eq(false))
-                    // Newest first; rows not seen whole yet (no `created`) last on both
-                    // backends (Postgres sorts NULL first in DESC, SQLite last); then by id.
-                    .order((
-                        stripe_customers::created.is_null().asc(),
-                        stripe_customers::created.desc(),
-                        stripe_customers::id.asc(),
-                    ))
-                    .select(Customer::as_select())
-                    .first(c)
-                    .optional())?)
-            })
-            .await
+        Ok(Self::all_by_subscriber(mirror, subscriber_id)
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// Every customer of the subscriber in the current mode, newest first (usually one;
@@ -251,6 +235,11 @@ impl Customer {
 
     /// Whether a valid subscription of this customer includes any of `product_ids`.
     pub async fn is_subscribed_to(&self, mirror: &Mirror, product_ids: &[&str]) -> Result<bool> {
+        if let Some(price) = product_ids.iter().find(|p| p.starts_with("price_")) {
+            return Err(Error::Config(format!(
+                "is_subscribed_to takes product ids (prod_...), not the price {price}: use the price's product_id"
+            )));
+        }
         let valid: Vec<String> = self
             .valid_subscriptions(mirror)
             .await?

@@ -29,7 +29,7 @@ pub struct Price {
     /// Amount in the currency's smallest unit (a plan's `amount`).
     pub unit_amount: Option<i64>,
     /// `day`, `week`, `month` or `year` for a recurring price; `None` for one-time.
-    pub recurring_interval: Option<String>,
+    pub recurring_interval: Option<RecurringInterval>,
     /// Number of intervals between bills.
     pub recurring_interval_count: Option<i64>,
     /// The lookup key, if set.
@@ -99,7 +99,10 @@ impl Model for Price {
             active: row.flag("active"),
             currency: row.text("currency"),
             unit_amount: row.int("unit_amount"),
-            recurring_interval: row.text("recurring_interval"),
+            recurring_interval: row
+                .text("recurring_interval")
+                .as_deref()
+                .map(RecurringInterval::from),
             recurring_interval_count: row.int("recurring_interval_count"),
             lookup_key: row.text("lookup_key"),
             created: row.created(),
@@ -112,6 +115,20 @@ impl Model for Price {
 }
 
 sync_methods!(Price, "price");
+
+super::string_enum! {
+    /// How often a recurring price bills.
+    RecurringInterval {
+        /// Daily.
+        Day = "day",
+        /// Weekly.
+        Week = "week",
+        /// Monthly.
+        Month = "month",
+        /// Yearly.
+        Year = "year",
+    }
+}
 
 /// What [`Price::get_or_create`] creates when no price has the lookup key yet.
 #[derive(Clone, Debug)]
@@ -142,7 +159,10 @@ impl NewPrice {
                 price.currency.as_deref() != Some(self.currency.as_str()),
             ),
             ("unit_amount", price.unit_amount != Some(self.unit_amount)),
-            ("interval", price.recurring_interval != self.interval),
+            (
+                "interval",
+                price.recurring_interval.as_ref().map(|i| i.as_str()) != self.interval.as_deref(),
+            ),
         ]
         .into_iter()
         .filter(|(_, d)| *d)

@@ -26,7 +26,7 @@ pub struct Subscription {
     /// The customer's Stripe id.
     pub customer_id: Option<String>,
     /// `active`, `trialing`, `past_due`, `canceled`, `unpaid`, `incomplete`, ...
-    pub status: Option<String>,
+    pub status: Option<SubscriptionStatus>,
     /// Start of the current period (unix); read from the items on API 2025-03-31 and later.
     pub current_period_start: Option<i64>,
     /// End of the current period (unix); read from the items on API 2025-03-31 and later.
@@ -204,7 +204,7 @@ impl Model for Subscription {
             id: row.id.clone(),
             livemode: row.livemode,
             customer_id: row.text("customer_id"),
-            status: row.text("status"),
+            status: row.text("status").as_deref().map(SubscriptionStatus::from),
             current_period_start: row.int("current_period_start"),
             current_period_end: row.int("current_period_end"),
             cancel_at_period_end: row.flag("cancel_at_period_end"),
@@ -262,6 +262,47 @@ impl SubscriptionItem {
     pub async fn get(mirror: &Mirror, id: &str) -> Result<Option<Self>> {
         let id = id.to_owned();
         mirror.db().run(move |conn| Self::find(conn, &id)).await
+    }
+}
+
+super::string_enum! {
+    /// A subscription's status, as Stripe means it
+    /// (<https://docs.stripe.com/billing/subscriptions/overview#subscription-statuses>).
+    SubscriptionStatus {
+        /// Created, first payment pending (up to 23 hours).
+        Incomplete = "incomplete",
+        /// The first payment never came: the subscription is over.
+        IncompleteExpired = "incomplete_expired",
+        /// In a free trial: grants access.
+        Trialing = "trialing",
+        /// Paid: grants access.
+        Active = "active",
+        /// A renewal payment failed; Stripe is retrying.
+        PastDue = "past_due",
+        /// Ended.
+        Canceled = "canceled",
+        /// Retries exhausted, left open unpaid.
+        Unpaid = "unpaid",
+        /// A trial ended without a payment method, paused.
+        Paused = "paused",
+    }
+}
+
+impl SubscriptionStatus {
+    /// `active` or `trialing`: the statuses that grant access.
+    pub fn is_current(&self) -> bool {
+        matches!(
+            self,
+            SubscriptionStatus::Active | SubscriptionStatus::Trialing
+        )
+    }
+
+    /// `canceled` or `incomplete_expired`: never grants anything again.
+    pub fn has_ended(&self) -> bool {
+        matches!(
+            self,
+            SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired
+        )
     }
 }
 
@@ -462,8 +503,8 @@ impl Subscription {
         !self.deleted
             && !self
                 .status
-                .as_deref()
-                .is_some_and(|s| ENDED_STATUSES.contains(&s))
+                .as_ref()
+                .is_some_and(SubscriptionStatus::has_ended)
     }
 
     /// The sorted price ids of the current items.
@@ -521,8 +562,8 @@ impl Subscription {
         !self.deleted
             && self
                 .status
-                .as_deref()
-                .is_some_and(|s| CURRENT_STATUSES.contains(&s))
+                .as_ref()
+                .is_some_and(SubscriptionStatus::is_current)
     }
 
     /// The paid period (or the trial) has not ended.
@@ -562,7 +603,8 @@ impl Subscription {
 
     /// [`Subscription::on_trial`] at a given unix time.
     pub fn on_trial_at(&self, now: i64) -> bool {
-        self.status.as_deref() == Some("trialing") && self.trial_end.is_none_or(|end| end > now)
+        self.status == Some(SubscriptionStatus::Trialing)
+            && self.trial_end.is_none_or(|end| end > now)
     }
 
     /// Canceled (at period end or at a set time) but still within the paid period.

@@ -166,13 +166,31 @@ pub struct SyncProgress {
     pub done: usize,
 }
 
+/// An object [`sync_all`] could not mirror.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncFailure {
+    /// Its kind (`customer`, `product`, ...).
+    pub object: &'static str,
+    /// Its Stripe id (`<no id>` when it had none).
+    pub id: String,
+    /// Why it could not be mirrored.
+    pub error: String,
+}
+
+impl std::fmt::Display for SyncFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.object, self.id, self.error)
+    }
+}
+
 /// What [`sync_all`] did.
 #[derive(Clone, Debug, Default)]
 pub struct SyncReport {
     /// Objects mirrored per kind.
     pub counts: BTreeMap<String, usize>,
     /// Objects that could not be mirrored: kind, id, error.
-    pub failures: Vec<(String, String, String)>,
+    pub failures: Vec<SyncFailure>,
 }
 
 fn table_named(kind: &str) -> Result<&'static MirrorTable> {
@@ -196,8 +214,8 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// for (kind, count) in &report.counts {
 ///     println!("{kind}: {count} mirrored");
 /// }
-/// for (kind, id, error) in &report.failures {
-///     eprintln!("{kind} {id} skipped: {error}");
+/// for failure in &report.failures {
+///     eprintln!("skipped {failure}");
 /// }
 /// # Ok(()) }
 /// ```
@@ -257,11 +275,11 @@ pub async fn sync_all(
                                 Err(err) if !fail_fast => {
                                     let id =
                                         item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
-                                    failures.push((
-                                        table.kind.to_owned(),
-                                        id.to_owned(),
-                                        err.to_string(),
-                                    ));
+                                    failures.push(SyncFailure {
+                                        object: table.kind,
+                                        id: id.to_owned(),
+                                        error: err.to_string(),
+                                    });
                                 }
                                 Err(err) => return Err(err),
                             }

@@ -79,13 +79,14 @@ impl Event {
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// use serde_json::json;
     /// use stripe_mirror::webhooks::HandlerError;
-    /// use stripe_mirror::{Config, Event, Mirror, Subscription};
+    /// use stripe_mirror::{Config, Event, Mirror, Subscription, SubscriptionStatus};
     ///
     /// /// The handler under test: remembers which plan a subscription is on.
     /// async fn on_subscription(event: Event, _mirror: Mirror) -> Result<(), HandlerError> {
     ///     let sub = Subscription::from_stripe_json(event.object())?;
-    ///     if sub.status.as_deref() != Some("active") {
-    ///         return Err(format!("{} is {:?}", sub.id, sub.status).into());
+    ///     match sub.status {
+    ///         Some(SubscriptionStatus::Active) => {}
+    ///         other => return Err(format!("{} is {}", sub.id, other.map(|s| s.to_string()).unwrap_or_default()).into()),
     ///     }
     ///     Ok(())
     /// }
@@ -97,7 +98,7 @@ impl Event {
     /// }))?;
     /// let mirror = Mirror::connect(Config::new("sqlite::memory:")).await?;
     /// let failed = on_subscription(event, mirror).await.unwrap_err();
-    /// assert_eq!(failed.to_string(), "sub_1 is Some(\"past_due\")");
+    /// assert_eq!(failed.to_string(), "sub_1 is past_due");
     /// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
     /// ```
     pub fn from_stripe_json(raw: Value) -> Result<Event> {
