@@ -45,8 +45,26 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://stripe-mirror.db";
 
 /// Everything the mirror needs to know, in one place.
 ///
+/// Build it from the environment ([`Config::from_env`]) or in code with the setters,
+/// which keep working as settings are added (the struct is `#[non_exhaustive]`):
+///
+/// ```
+/// use std::time::Duration;
+/// use stripe_mirror::Config;
+/// let config = Config::new("postgres://app@db/app")
+///     .live_mode(true)
+///     .secret_key("sk_live_51HxExampleKey0000wxyz")
+///     .webhook_secret("whsec_...")
+///     .pool_size(16)
+///     .stripe_timeout(Duration::from_secs(20));
+/// assert!(config.live_mode);
+/// // Keys are masked wherever they are shown.
+/// assert!(!format!("{config:?}").contains("ExampleKey"));
+/// ```
+///
 /// `Debug` masks keys and secrets and hides a database password.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// `sqlite://path`, a bare SQLite path, or `postgres://...`.
     pub database_url: String,
@@ -132,6 +150,85 @@ impl Config {
             database_url: database_url.into(),
             ..Config::default()
         }
+    }
+
+    /// Live mode: live keys and live rows ([`Config::live_mode`]).
+    pub fn live_mode(mut self, live: bool) -> Self {
+        self.live_mode = live;
+        self
+    }
+
+    /// The secret key for both modes (overrides the per-mode ones).
+    pub fn secret_key(mut self, key: impl Into<String>) -> Self {
+        self.secret_key = Some(Secret::new(key.into()));
+        self
+    }
+
+    /// The test-mode secret key.
+    pub fn test_secret_key(mut self, key: impl Into<String>) -> Self {
+        self.test_secret_key = Some(Secret::new(key.into()));
+        self
+    }
+
+    /// The live-mode secret key.
+    pub fn live_secret_key(mut self, key: impl Into<String>) -> Self {
+        self.live_secret_key = Some(Secret::new(key.into()));
+        self
+    }
+
+    /// The test-mode publishable key.
+    pub fn test_publishable_key(mut self, key: impl Into<String>) -> Self {
+        self.test_publishable_key = Some(key.into());
+        self
+    }
+
+    /// The live-mode publishable key.
+    pub fn live_publishable_key(mut self, key: impl Into<String>) -> Self {
+        self.live_publishable_key = Some(key.into());
+        self
+    }
+
+    /// Adds a webhook signing secret (several may be active during a rotation).
+    pub fn webhook_secret(mut self, secret: impl Into<String>) -> Self {
+        self.webhook_secrets.push(Secret::new(secret.into()));
+        self
+    }
+
+    /// The Stripe API base URL (a local fake Stripe).
+    pub fn api_base(mut self, url: impl Into<String>) -> Self {
+        self.api_base = Some(url.into());
+        self
+    }
+
+    /// The largest number of pooled database connections.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long to wait for a pooled connection.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The timeout of one Stripe API attempt.
+    pub fn stripe_timeout(mut self, timeout: Duration) -> Self {
+        self.stripe_timeout = timeout;
+        self
+    }
+
+    /// How often a failed Stripe request is retried, and the first wait (doubling).
+    pub fn stripe_retries(mut self, retries: u32, first_backoff: Duration) -> Self {
+        self.stripe_retries = retries;
+        self.stripe_retry_backoff = first_backoff;
+        self
+    }
+
+    /// The host's clock ([`Clock`]; tests skew it).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Reads the environment (see the crate docs for the variable names).

@@ -165,6 +165,28 @@ impl Mirror {
         Ok(client)
     }
 
+    /// async-stripe's own client, configured like the mirror's (the current mode's key,
+    /// `STRIPE_API_BASE`, the timeout), for your typed calls with async-stripe's request
+    /// builders; re-exported as [`async_stripe`](crate::async_stripe) so the versions match.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+    /// let client: stripe_mirror::async_stripe::Client = mirror.stripe_client().await?;
+    /// // e.g. with async-stripe-core: RetrieveCustomer::new("cus_123").send(&client).await
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub async fn stripe_client(&self) -> Result<stripe::Client> {
+        let key = ApiKey::default_secret_key(self).await?;
+        let c = &self.inner.config;
+        let mut builder = stripe::ClientBuilder::new(key.expose()).timeout(c.stripe_timeout);
+        if let Some(base) = &c.api_base {
+            builder = builder.url(base.as_str());
+        }
+        builder
+            .build()
+            .map_err(|e| crate::Error::Config(format!("async-stripe client for key {key}: {e}")))
+    }
+
     /// The publishable key for the current mode, for Stripe.js on your pages: a stored
     /// key first, then `STRIPE_TEST_PUBLISHABLE_KEY` / `STRIPE_LIVE_PUBLISHABLE_KEY`,
     /// so `STRIPE_LIVE_MODE` alone moves an app between test and live.

@@ -772,12 +772,7 @@ async fn the_publishable_key_follows_the_mode() {
             m.publishable_key().await.unwrap().as_deref(),
             Some("pk_test_from_env")
         );
-        let live = Mirror::connect(Config {
-            live_mode: true,
-            ..test
-        })
-        .await
-        .unwrap();
+        let live = Mirror::connect(test.live_mode(true)).await.unwrap();
         assert_eq!(
             live.publishable_key().await.unwrap().as_deref(),
             Some("pk_live_from_env")
@@ -1053,4 +1048,25 @@ async fn checkout_links_only_when_metadata_and_reference_agree_and_sessions_are_
             b.name
         );
     }
+}
+
+#[tokio::test]
+async fn the_host_gets_a_configured_async_stripe_client() {
+    use stripe_client_core::StripeRequest;
+    let customer = common::fixture("customer");
+    let (base, hits) =
+        common::stripe_stub(vec![("/v1/customers/cus_QXg1o8vcGmoR32", 200, customer)]).await;
+    let b = backends().remove(0);
+    let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+    let client = m.stripe_client().await.unwrap();
+    let typed = stripe_core::customer::RetrieveCustomer::new("cus_QXg1o8vcGmoR32")
+        .customize()
+        .send(&client)
+        .await
+        .unwrap();
+    let stripe_core::customer::RetrieveCustomerReturned::Customer(typed) = typed else {
+        panic!("a live customer");
+    };
+    assert_eq!(typed.id.as_str(), "cus_QXg1o8vcGmoR32");
+    assert_eq!(*hits.lock().unwrap(), 1);
 }
