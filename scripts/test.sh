@@ -23,7 +23,13 @@ export STRIPE_MIRROR_TEST_WEBDRIVER=$(scripts/chromium.sh start 9515)
 
 echo "== format and lints"
 cargo fmt --all -- --check
+# Also half of the MSRV check: clippy's `incompatible_msrv` lint (warn by default)
+# reads `rust-version` from Cargo.toml and flags std APIs stabilized after it;
+# `-D warnings` makes that an error.
 cargo clippy --all-targets --all-features -- -D warnings
+
+echo "== MSRV: no dependency needs a newer Rust than Cargo.toml's rust-version"
+python3 scripts/check-msrv.py
 
 echo "== each backend feature builds on its own"
 cargo check --lib --no-default-features --features sqlite

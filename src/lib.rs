@@ -191,6 +191,9 @@ pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
 #[doc(hidden)]
 pub use diesel;
 
+/// async-stripe, as the crate uses it ([`Mirror::stripe_client`] hands you its client).
+pub use ::stripe as async_stripe;
+
 /// async-stripe's generated object types, for typed access to event payloads
 /// ([`Event::object_as`]).
 pub use stripe_shared as types;
