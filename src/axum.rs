@@ -96,7 +96,7 @@ pub async fn serve(
 }
 
 /// Reads the body up to the cap plus one byte (enough to know it is over) and stops
-/// there, within the read timeout ([`Webhooks::read_timeout`]), then hands the request
+/// there, within the read timeout ([`Config::webhook_read_timeout`](crate::Config::webhook_read_timeout)), then hands the request
 /// to [`Webhooks::receive`]. axum's own body limit does not apply here: the pipeline
 /// logs oversized (413) and too slow (408) deliveries and answers them itself.
 async fn receive(State(state): State<WebhookState>, request: Request) -> Response {
@@ -114,7 +114,7 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
             )
         })
         .collect();
-    let cap = state.webhooks.max_body();
+    let cap = state.mirror.config().webhook_body_limit;
     let mut body = Vec::new();
     let mut stream = request.into_body().into_data_stream();
     let read = async {
@@ -128,7 +128,7 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
             }
         }
     };
-    let timed_out = tokio::time::timeout(state.webhooks.max_read_time(), read)
+    let timed_out = tokio::time::timeout(state.mirror.config().webhook_read_timeout, read)
         .await
         .is_err();
     let request = WebhookRequest {

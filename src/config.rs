@@ -94,6 +94,23 @@ pub struct Config {
     pub stripe_retries: u32,
     /// First wait before a retry; it doubles each time.
     pub stripe_retry_backoff: Duration,
+    /// Largest accepted gap between a delivery's signed timestamp and now (0 disables
+    /// the check; default 5 minutes, Stripe's own).
+    pub webhook_tolerance: Duration,
+    /// Largest webhook body accepted and stored, in bytes (larger: 413).
+    pub webhook_body_limit: usize,
+    /// How long the HTTP integration waits for a whole body (slower: 408, logged as
+    /// `Outcome::Timeout`); a framework of your own sets `WebhookRequest::timed_out`.
+    pub webhook_read_timeout: Duration,
+    /// How long a worker's claim on an event lasts (default 5 minutes, on the
+    /// database's clock). A worker that dies holding a claim delays the event's
+    /// redelivery by at most this much; all handlers of an event must end within it
+    /// (less a tenth, at most 10 s, to record them), so a handler never runs while
+    /// another worker may have taken the event over.
+    pub webhook_claim_lease: Duration,
+    /// How long one handler may run (default 60 s, never past the claim lease): past
+    /// it the handler is dropped and the event fails with a 500, so Stripe retries it.
+    pub webhook_handler_timeout: Duration,
     /// The host's clock (the system's unless a test injects one): used for signature
     /// tolerance, claim leases and data the host hands in, never to judge Stripe data.
     pub clock: Clock,
@@ -116,6 +133,11 @@ impl std::fmt::Debug for Config {
             .field("stripe_timeout", &self.stripe_timeout)
             .field("stripe_retries", &self.stripe_retries)
             .field("stripe_retry_backoff", &self.stripe_retry_backoff)
+            .field("webhook_tolerance", &self.webhook_tolerance)
+            .field("webhook_body_limit", &self.webhook_body_limit)
+            .field("webhook_read_timeout", &self.webhook_read_timeout)
+            .field("webhook_claim_lease", &self.webhook_claim_lease)
+            .field("webhook_handler_timeout", &self.webhook_handler_timeout)
             .field("clock", &self.clock)
             .finish()
     }
@@ -138,6 +160,13 @@ impl Default for Config {
             stripe_timeout: Duration::from_secs(30),
             stripe_retries: 4,
             stripe_retry_backoff: Duration::from_millis(500),
+            webhook_tolerance: Duration::from_secs(
+                crate::webhooks::signature::DEFAULT_TOLERANCE_SECS as u64,
+            ),
+            webhook_body_limit: crate::webhooks::DEFAULT_BODY_LIMIT,
+            webhook_read_timeout: crate::webhooks::DEFAULT_READ_TIMEOUT,
+            webhook_claim_lease: crate::webhooks::DEFAULT_LEASE,
+            webhook_handler_timeout: crate::webhooks::DEFAULT_HANDLER_TIMEOUT,
             clock: Clock::system(),
         }
     }
@@ -222,6 +251,36 @@ impl Config {
     pub fn stripe_retries(mut self, retries: u32, first_backoff: Duration) -> Self {
         self.stripe_retries = retries;
         self.stripe_retry_backoff = first_backoff;
+        self
+    }
+
+    /// [`Config::webhook_tolerance`].
+    pub fn webhook_tolerance(mut self, tolerance: Duration) -> Self {
+        self.webhook_tolerance = tolerance;
+        self
+    }
+
+    /// [`Config::webhook_body_limit`].
+    pub fn webhook_body_limit(mut self, bytes: usize) -> Self {
+        self.webhook_body_limit = bytes;
+        self
+    }
+
+    /// [`Config::webhook_read_timeout`].
+    pub fn webhook_read_timeout(mut self, timeout: Duration) -> Self {
+        self.webhook_read_timeout = timeout;
+        self
+    }
+
+    /// [`Config::webhook_claim_lease`] (at least 1 s).
+    pub fn webhook_claim_lease(mut self, lease: Duration) -> Self {
+        self.webhook_claim_lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    /// [`Config::webhook_handler_timeout`].
+    pub fn webhook_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.webhook_handler_timeout = timeout;
         self
     }
 

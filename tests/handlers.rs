@@ -202,19 +202,18 @@ async fn a_replay_without_the_hosts_handlers_leaves_their_work_pending() {
 #[tokio::test]
 async fn a_handler_past_its_timeout_fails_the_event_and_does_not_finish() {
     for b in backends() {
-        let m = Mirror::connect(config(&b)).await.unwrap();
+        let config = config(&b).webhook_handler_timeout(Duration::from_millis(300));
+        let m = Mirror::connect(config).await.unwrap();
         let finished = Arc::new(AtomicUsize::new(0));
         let f = finished.clone();
-        let webhooks = Webhooks::new()
-            .handler_timeout(Duration::from_millis(300))
-            .on("product.created", move |_e: Event, _m: Mirror| {
-                let f = f.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    f.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            });
+        let webhooks = Webhooks::new().on("product.created", move |_e: Event, _m: Mirror| {
+            let f = f.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        });
         let r = webhooks.receive(&m, post(&product_event("evt_slow"))).await;
         assert_eq!(
             (r.status, r.outcome),
@@ -322,14 +321,14 @@ async fn a_worker_whose_claim_was_taken_over_cannot_finish_the_event() {
 #[tokio::test]
 async fn handlers_never_run_past_the_claim_lease() {
     for b in backends() {
-        let m = Mirror::connect(config(&b)).await.unwrap();
-        let webhooks = Webhooks::new()
-            .handler_timeout(Duration::from_secs(30))
-            .claim_lease(Duration::from_secs(1))
-            .on("product.created", |_e: Event, _m: Mirror| async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok(())
-            });
+        let config = config(&b)
+            .webhook_handler_timeout(Duration::from_secs(30))
+            .webhook_claim_lease(Duration::from_secs(1));
+        let m = Mirror::connect(config).await.unwrap();
+        let webhooks = Webhooks::new().on("product.created", |_e: Event, _m: Mirror| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(())
+        });
         let started = std::time::Instant::now();
         let r = webhooks
             .receive(&m, post(&product_event("evt_short_lease")))

@@ -448,12 +448,12 @@ async fn failing_and_panicking_handlers_leave_the_event_failed_until_replayed() 
 #[tokio::test]
 async fn bad_input_table() {
     for b in backends() {
-        let m = mirror(&b).await;
+        let mut config = b.config.clone().webhook_body_limit(64 * 1024);
+        config.webhook_secrets = vec![Secret::new("whsec_rotated_out_old"), Secret::new(SECRET)];
+        let m = Mirror::connect(config).await.unwrap();
         let n = b.name;
         let log: Log = Default::default();
-        let webhooks = Webhooks::new()
-            .body_limit(64 * 1024)
-            .on_any(recorder(&log, "any"));
+        let webhooks = Webhooks::new().on_any(recorder(&log, "any"));
         let good = event(
             "evt_good",
             "customer.created",

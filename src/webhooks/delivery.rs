@@ -29,7 +29,7 @@ pub enum Outcome {
     InvalidObject,
     /// The body was over the configured cap.
     TooLarge,
-    /// The body did not arrive within the read timeout (`Webhooks::read_timeout`).
+    /// The body did not arrive within the read timeout (`Config::webhook_read_timeout`).
     Timeout,
     /// A handler failed or panicked; the event is stored as failed.
     HandlerFailed,

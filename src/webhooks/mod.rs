@@ -29,7 +29,10 @@ pub use event::Event;
 pub(crate) use pipeline::Failure;
 pub use pipeline::{WebhookRequest, WebhookResponse};
 pub(crate) use registry::matches_pattern;
-pub use registry::{DEFAULT_BODY_LIMIT, DEFAULT_READ_TIMEOUT, HandlerError, Webhooks, WithState};
+pub use registry::{
+    DEFAULT_BODY_LIMIT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_LEASE, DEFAULT_READ_TIMEOUT, HandlerError,
+    Webhooks, WithState,
+};
 pub use replay::{EventFilter, ProcessReport};
 pub use retention::{PruneReport, prune};
 pub use signature::SignatureError;

@@ -170,7 +170,7 @@ impl Webhooks {
     pub async fn receive(&self, mirror: &Mirror, mut request: WebhookRequest) -> WebhookResponse {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
         let mut body = std::mem::take(&mut request.body);
-        body.truncate(self.inner.body_limit);
+        body.truncate(mirror.config().webhook_body_limit);
         let checked = self.check(mirror, &request, &body, body_size);
         if checked.is_err() {
             // Unauthenticated bytes: keep enough to see what was sent, not to fill the log.
@@ -182,7 +182,7 @@ impl Webhooks {
             .ok()
             .and_then(|e| self.refetch_target(mirror, e));
         let this = self.clone();
-        let t = mirror.now();
+        let (t, lease) = (mirror.now(), lease_secs(mirror));
         let (headers, remote) = (request.headers, request.remote_addr);
         let first = mirror
             .db()
@@ -203,7 +203,7 @@ impl Webhooks {
                     }
                     // The API call must not sit inside a transaction: claim after it.
                     (Ok(event), Some(path)) => Step::Refetch(event, path),
-                    (Ok(event), None) => this.claim(conn, id, event, t)?,
+                    (Ok(event), None) => this.claim(conn, id, event, (t, lease))?,
                 };
                 Ok((id, step))
             })
@@ -223,7 +223,7 @@ impl Webhooks {
                 .run(move |conn| match fetched {
                     Ok(fetched) => {
                         event.refetched = Some(fetched);
-                        this.claim(conn, delivery_id, event, t)
+                        this.claim(conn, delivery_id, event, (t, lease))
                     }
                     // Stripe could not be asked: 5xx so it redelivers; the delivery is finished.
                     Err(err) => {
@@ -307,7 +307,8 @@ impl Webhooks {
         event: &Event,
         work: &mut Work,
     ) -> std::result::Result<Outcome, Failure> {
-        let margin = (self.inner.lease / 10).min(std::time::Duration::from_secs(10));
+        let margin =
+            (mirror.config().webhook_claim_lease / 10).min(std::time::Duration::from_secs(10));
         let deadline = work
             .lease_ends
             .checked_sub(margin)
@@ -323,10 +324,9 @@ impl Webhooks {
         conn: &mut crate::db::Conn<'_>,
         delivery_id: i64,
         event: Event,
-        t: i64,
+        (t, lease): (i64, i64),
     ) -> Result<Step> {
         let keys = self.handler_keys(&event.event_type);
-        let lease = self.lease_secs();
         // One transaction for the claim and the delivery's outcome: one commit per
         // event when no handler runs (the claim itself nests as a savepoint).
         conn.write(|conn| {
@@ -360,10 +360,6 @@ impl Webhooks {
             delivery::finish(conn, delivery_id, true, Some(&event.id), outcome, error)?;
             Ok(Step::Answer(answer))
         })
-    }
-
-    pub(crate) fn lease_secs(&self) -> i64 {
-        self.inner.lease.as_secs().max(1) as i64
     }
 
     /// The API path of the event's object, when its kind is re-fetched.
@@ -412,12 +408,13 @@ impl Webhooks {
                 format!("the body did not arrive in time ({body_size} bytes read)"),
             ));
         }
-        if body_size > self.inner.body_limit {
+        let body_limit = mirror.config().webhook_body_limit;
+        if body_size > body_limit {
             return Err(Failure::new(
                 Outcome::TooLarge,
                 format!(
                     "body of {body_size} bytes is over the {} byte limit",
-                    self.inner.body_limit
+                    body_limit
                 ),
             ));
         }
@@ -432,7 +429,7 @@ impl Webhooks {
             header,
             body,
             &mirror.config().webhook_secrets,
-            self.inner.tolerance_secs,
+            mirror.config().webhook_tolerance.as_secs() as i64,
             mirror.now(),
         )
         .map_err(|e| match e {
@@ -446,6 +443,11 @@ impl Webhooks {
             .map_err(|e| Failure::new(Outcome::Malformed, format!("body is not JSON: {e}")))?;
         Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))
     }
+}
+
+/// The claim lease in whole seconds ([`Config::webhook_claim_lease`](crate::Config::webhook_claim_lease)).
+pub(crate) fn lease_secs(mirror: &Mirror) -> i64 {
+    mirror.config().webhook_claim_lease.as_secs().max(1) as i64
 }
 
 /// The answer when a worker's claim ended before its handlers did.

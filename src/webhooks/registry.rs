@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 
 use super::event::{HANDLER_OK, HandlerLog};
-use super::{Event, Failure, Outcome, signature};
+use super::{Event, Failure, Outcome};
 use crate::Mirror;
 
 /// What a handler returns on failure: any error.
@@ -20,9 +20,9 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
 type BoxHandler = Arc<dyn Fn(Event, Mirror) -> BoxFuture + Send + Sync>;
 
-/// Default claim lease: see [`Webhooks::claim_lease`].
+/// Default claim lease: see [`Config::webhook_claim_lease`](crate::Config::webhook_claim_lease).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
-/// Default handler timeout: see [`Webhooks::handler_timeout`].
+/// Default handler timeout: see [`Config::webhook_handler_timeout`](crate::Config::webhook_handler_timeout).
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default cap on a delivery's body (bytes): larger requests are answered 413.
@@ -32,7 +32,9 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// answered 408 ([`Outcome::Timeout`]).
 pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The handler registry and webhook settings. Cheap to clone.
+/// The handler registry: which handlers run for which events. Cheap to clone. How
+/// deliveries are handled (signing secrets, tolerance, body cap, read timeout, claim
+/// lease, handler timeout) is set in one place, the [`Config`](crate::Config).
 ///
 /// ```
 /// use stripe_mirror::webhooks::{Event, HandlerError, Webhooks};
@@ -65,14 +67,6 @@ pub(crate) struct Registry {
     pub(crate) exact: HashMap<String, Vec<(String, BoxHandler)>>,
     /// `(prefix, handler)`: `customer.*` is stored as `customer.`, `*` as ``.
     pub(crate) wildcard: Vec<(String, String, BoxHandler)>,
-    /// How long a claim on an event lasts before another worker may take it over.
-    pub(crate) lease: Duration,
-    /// How long one handler may run before it counts as failed.
-    pub(crate) handler_timeout: Duration,
-    pub(crate) tolerance_secs: i64,
-    pub(crate) body_limit: usize,
-    /// How long the HTTP integration waits for a whole body (answered 408 past it).
-    pub(crate) read_timeout: std::time::Duration,
     /// Object kinds re-fetched from the API instead of trusting the payload.
     pub(crate) refetch: Vec<String>,
 }
@@ -96,10 +90,7 @@ impl std::fmt::Debug for Webhooks {
                     .map(|(p, _, _)| format!("{p}*"))
                     .collect::<Vec<_>>(),
             )
-            .field("tolerance_secs", &self.inner.tolerance_secs)
-            .field("body_limit", &self.inner.body_limit)
-            .field("lease", &self.inner.lease)
-            .field("handler_timeout", &self.inner.handler_timeout)
+            .field("refetch", &self.inner.refetch)
             .finish()
     }
 }
@@ -118,12 +109,7 @@ impl Webhooks {
             inner: Arc::new(Registry {
                 exact: HashMap::new(),
                 wildcard: Vec::new(),
-                tolerance_secs: signature::DEFAULT_TOLERANCE_SECS,
-                body_limit: DEFAULT_BODY_LIMIT,
-                read_timeout: DEFAULT_READ_TIMEOUT,
                 refetch: Vec::new(),
-                lease: DEFAULT_LEASE,
-                handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             }),
         }
     }
@@ -140,7 +126,7 @@ impl Webhooks {
     /// event under a key made of the pattern and the handler's rank among those
     /// registered with the same pattern (`customer.*#1`), so keep the registration
     /// order stable across deploys. A handler that fails, panics or outlives
-    /// [`handler_timeout`](Self::handler_timeout) fails the event: the answer is 500,
+    /// [`Config::webhook_handler_timeout`](crate::Config::webhook_handler_timeout) fails the event: the answer is 500,
     /// Stripe redelivers, and the redelivery (or [`process_events`](Self::process_events))
     /// runs only the handlers not yet succeeded. Handlers of one event run in order and
     /// stop at the first failure; the built-in sync has already applied when they run.
@@ -211,18 +197,6 @@ impl Webhooks {
         self.on("*", handler)
     }
 
-    /// Largest accepted gap between the signed timestamp and now (0 disables the check).
-    pub fn tolerance(mut self, tolerance: std::time::Duration) -> Self {
-        self.registry().tolerance_secs = tolerance.as_secs() as i64;
-        self
-    }
-
-    /// Largest body accepted and stored, in bytes.
-    pub fn body_limit(mut self, bytes: usize) -> Self {
-        self.registry().body_limit = bytes;
-        self
-    }
-
     /// For these object kinds (`customer`, `product`, `price`, `subscription`), the
     /// built-in sync re-fetches the object from the Stripe API and mirrors that (stamped
     /// with the fetch time) instead of trusting the event payload, as dj-stripe does.
@@ -232,43 +206,6 @@ impl Webhooks {
             .refetch
             .extend(kinds.iter().map(|k| k.to_string()));
         self
-    }
-
-    /// How long the HTTP integration (`stripe_mirror::axum`) waits for the whole body
-    /// of a request before answering 408 and logging it as [`Outcome::Timeout`]
-    /// (default [`DEFAULT_READ_TIMEOUT`], 10 s). A framework of your own can read
-    /// [`max_read_time`](Self::max_read_time) and set [`WebhookRequest::timed_out`](super::WebhookRequest::timed_out).
-    pub fn read_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.registry().read_timeout = timeout;
-        self
-    }
-
-    /// The configured read timeout.
-    pub fn max_read_time(&self) -> std::time::Duration {
-        self.inner.read_timeout
-    }
-
-    /// How long a worker's claim on an event lasts (default 5 minutes), on the
-    /// database's clock. A worker that dies holding a claim delays the event's
-    /// redelivery by at most this much. All handlers of an event must end within it
-    /// (less a tenth, at most 10 s, to record them): past that they count as timed out,
-    /// so a handler never runs while another worker may have taken the event over.
-    pub fn claim_lease(mut self, lease: Duration) -> Self {
-        self.registry().lease = lease.max(Duration::from_secs(1));
-        self
-    }
-
-    /// How long one handler may run (default 60 s, and never past the claim lease).
-    /// Past it the handler is dropped and the event fails with a 500, so Stripe
-    /// retries it: it never runs twice at once.
-    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.registry().handler_timeout = timeout;
-        self
-    }
-
-    /// The configured body cap.
-    pub fn max_body(&self) -> usize {
-        self.inner.body_limit
     }
 
     /// How many handlers would run for `event_type`.
@@ -317,9 +254,9 @@ impl Webhooks {
                 continue;
             }
             let (e, m) = (event.clone(), mirror.clone());
-            let limit = self
-                .inner
-                .handler_timeout
+            let limit = mirror
+                .config()
+                .webhook_handler_timeout
                 .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             let run = tokio::time::timeout(
                 limit,

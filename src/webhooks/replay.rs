@@ -1,7 +1,7 @@
 //! Re-running stored events: after a fix, or to replay a type of event.
 
 use super::event;
-use super::pipeline::{CLAIM_LOST, Progress, claim_and_sync, follow_up};
+use super::pipeline::{CLAIM_LOST, Progress, claim_and_sync, follow_up, lease_secs};
 use super::{Event, Webhooks, matches_pattern};
 use crate::Mirror;
 use crate::error::{Error, Result};
@@ -73,7 +73,7 @@ impl Webhooks {
         // Only an explicit choice of events replays processed ones.
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
         let mut report = ProcessReport::default();
-        let lease = self.lease_secs();
+        let lease = lease_secs(mirror);
         for event in events {
             let (e, keys, t) = (
                 event.clone(),
