@@ -40,7 +40,7 @@ pub struct CheckoutSession {
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct Checkout {
-    mode: &'static str,
+    mode: stripe_shared::CheckoutSessionMode,
     price: String,
     quantity: u64,
     success_url: Option<String>,
@@ -53,7 +53,7 @@ impl Checkout {
     /// A subscription to a recurring price.
     pub fn subscription(price_id: &str) -> Self {
         Checkout {
-            mode: "subscription",
+            mode: stripe_shared::CheckoutSessionMode::Subscription,
             price: price_id.to_owned(),
             quantity: 1,
             success_url: None,
@@ -66,7 +66,7 @@ impl Checkout {
     /// A one-time payment of `quantity` of a one-time price.
     pub fn payment(price_id: &str, quantity: u64) -> Self {
         Checkout {
-            mode: "payment",
+            mode: stripe_shared::CheckoutSessionMode::Payment,
             quantity,
             ..Self::subscription(price_id)
         }
@@ -97,36 +97,55 @@ impl Checkout {
     }
 
     /// The form posted to `/v1/checkout/sessions` for `customer` and `subscriber_id`.
-    fn form(&self, customer: &str, subscriber_id: &str) -> Result<Value> {
+    fn request(
+        &self,
+        customer: &str,
+        subscriber_id: &str,
+    ) -> Result<stripe_checkout::checkout_session::CreateCheckoutSession> {
+        use stripe_checkout::checkout_session::{
+            CreateCheckoutSession, CreateCheckoutSessionLineItems,
+            CreateCheckoutSessionSubscriptionData,
+        };
         let success = self.success_url.as_deref().ok_or_else(|| {
             Error::Config("Checkout needs a success URL: call .success_url(...)".into())
         })?;
-        let mut form = json!({
-            "mode": self.mode,
-            "customer": customer,
-            "client_reference_id": subscriber_id,
-            "line_items": [{ "price": self.price, "quantity": self.quantity }],
-            "success_url": success,
-            "metadata": { SUBSCRIBER_METADATA_KEY: subscriber_id },
-        });
+        let subscriber_metadata = || {
+            std::collections::HashMap::from([(
+                SUBSCRIBER_METADATA_KEY.to_owned(),
+                subscriber_id.to_owned(),
+            )])
+        };
+        let line = CreateCheckoutSessionLineItems {
+            price: Some(self.price.clone()),
+            quantity: Some(self.quantity),
+            ..Default::default()
+        };
+        let mut request = CreateCheckoutSession::new()
+            .mode(self.mode.clone())
+            .customer(customer)
+            .client_reference_id(subscriber_id)
+            .line_items(vec![line])
+            .success_url(success)
+            .metadata(subscriber_metadata());
         if let Some(cancel) = &self.cancel_url {
-            form["cancel_url"] = json!(cancel);
+            request = request.cancel_url(cancel.as_str());
         }
         if self.allow_promotion_codes {
-            form["allow_promotion_codes"] = json!(true);
+            request = request.allow_promotion_codes(true);
         }
-        if self.mode == "subscription" {
-            form["subscription_data"] =
-                json!({ "metadata": { SUBSCRIBER_METADATA_KEY: subscriber_id } });
-            if let Some(days) = self.trial_days {
-                form["subscription_data"]["trial_period_days"] = json!(days);
-            }
+        if self.mode == stripe_shared::CheckoutSessionMode::Subscription {
+            let data = CreateCheckoutSessionSubscriptionData {
+                metadata: Some(subscriber_metadata()),
+                trial_period_days: self.trial_days,
+                ..Default::default()
+            };
+            request = request.subscription_data(data);
         } else if self.trial_days.is_some() {
             return Err(Error::Config(
                 "a trial only applies to Checkout in subscription mode".into(),
             ));
         }
-        Ok(form)
+        Ok(request)
     }
 
     /// Creates the session for `subscriber` (their customer made first when needed).
@@ -137,13 +156,14 @@ impl Checkout {
     ) -> Result<CheckoutSession> {
         let customer = Customer::get_or_create(mirror, subscriber).await?;
         let subscriber_id = subscriber.subscriber_id();
-        let form = self.form(&customer.id, &subscriber_id)?;
+        let request = self.request(&customer.id, &subscriber_id)?;
         let object = format!("checkout session for subscriber {subscriber_id}");
         let session = mirror
             .stripe()
             .await?
-            .post("/checkout/sessions", &form, None, Some(&object))
-            .await?;
+            .request(&request, None, Some(&object))
+            .await?
+            .value;
         session_of(&session, &customer.id, "checkout session").map(|(id, url)| CheckoutSession {
             id,
             url,
@@ -243,13 +263,16 @@ pub async fn billing_portal(
             object: "customer of subscriber",
             id: subscriber_id.to_owned(),
         })?;
-    let form = json!({ "customer": customer.id, "return_url": return_url });
+    let request = stripe_billing::billing_portal_session::CreateBillingPortalSession::new()
+        .customer(customer.id.as_str())
+        .return_url(return_url);
     let object = format!("billing portal session for subscriber {subscriber_id}");
     let session = mirror
         .stripe()
         .await?
-        .post("/billing_portal/sessions", &form, None, Some(&object))
-        .await?;
+        .request(&request, None, Some(&object))
+        .await?
+        .value;
     session_of(&session, &customer.id, "billing portal session")
         .map(|(id, url)| PortalSession { id, url })
 }

@@ -166,29 +166,30 @@ impl Customer {
             return Ok(found);
         }
 
-        let mut form = serde_json::json!({ "metadata": { SUBSCRIBER_METADATA_KEY: id } });
+        let metadata = [(SUBSCRIBER_METADATA_KEY.to_owned(), id.clone())];
+        let mut create = stripe_core::customer::CreateCustomer::new()
+            .metadata(std::collections::HashMap::from(metadata));
         if let Some(email) = subscriber.email() {
-            form["email"] = email.into();
+            create = create.email(email);
         }
         if let Some(name) = subscriber.name() {
-            form["name"] = name.into();
+            create = create.name(name);
         }
         // The subscriber and the whole form: racing processes send the same key; the
         // same subscriber with other details is another request, never a 400.
+        let form = stripe_client_core::StripeRequest::build(&create)
+            .body
+            .unwrap_or_default();
         let key = crate::sync::remote::creation_key(
             "customer",
             mirror.live_mode(),
             &format!("{id}/{form}"),
         );
+        let object = format!("customer of subscriber {id}");
         let created = mirror
             .stripe()
             .await?
-            .post_at(
-                "/customers",
-                &form,
-                Some(key),
-                Some(&format!("customer of subscriber {id}")),
-            )
+            .request(&create, Some(key), Some(&object))
             .await?;
         crate::sync::sync_from_stripe_data::<Customer>(mirror, created.value, created.at).await
     }

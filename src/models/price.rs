@@ -246,9 +246,11 @@ impl Price {
         }
         let client = mirror.stripe().await?;
         let object = format!("price {}", new.lookup_key);
-        let query =
-            serde_json::json!({ "lookup_keys": [new.lookup_key], "active": true, "limit": 10 });
-        let listed = client.get_at("/prices", &query, Some(&object)).await?;
+        let list = stripe_product::price::ListPrice::new()
+            .lookup_keys(vec![new.lookup_key.clone()])
+            .active(true)
+            .limit(10);
+        let listed = client.request(&list, None, Some(&object)).await?;
         let found = listed
             .value
             .get("data")
@@ -268,18 +270,37 @@ impl Price {
                 at: listed.at,
             },
             None => {
-                let mut form = serde_json::json!({
-                    "product": new.product, "currency": new.currency,
-                    "unit_amount": new.unit_amount, "lookup_key": new.lookup_key,
-                });
+                let currency = new
+                    .currency
+                    .parse::<stripe_types::Currency>()
+                    .map_err(|_| {
+                        crate::Error::Config(format!(
+                            "{:?} is not a currency code (usd, eur, ...)",
+                            new.currency
+                        ))
+                    })?;
+                let mut create = stripe_product::price::CreatePrice::new(currency)
+                    .product(new.product.as_str())
+                    .unit_amount(new.unit_amount)
+                    .lookup_key(new.lookup_key.as_str());
                 if let Some(interval) = &new.interval {
-                    form["recurring"] = serde_json::json!({ "interval": interval });
+                    let interval = interval
+                        .parse::<stripe_product::price::CreatePriceRecurringInterval>()
+                        .map_err(|_| {
+                            crate::Error::Config(format!(
+                                "{interval:?} is not an interval: day, week, month or year"
+                            ))
+                        })?;
+                    create = create
+                        .recurring(stripe_product::price::CreatePriceRecurring::new(interval));
                 }
-                let key =
-                    crate::sync::remote::creation_key("price", mirror.live_mode(), &new.lookup_key);
-                client
-                    .post_at("/prices", &form, Some(key), Some(&object))
-                    .await?
+                // The whole form is in the key: the same lookup key with another amount is
+                // another request, never a replay of the first.
+                let form = stripe_client_core::StripeRequest::build(&create)
+                    .body
+                    .unwrap_or_default();
+                let key = crate::sync::remote::creation_key("price", mirror.live_mode(), &form);
+                client.request(&create, Some(key), Some(&object)).await?
             }
         };
         let price =

@@ -133,25 +133,21 @@ impl Product {
             return Ok(found);
         }
         let client = mirror.stripe().await?;
-        let (path, object) = (
-            format!("/products/{}", new.id),
-            format!("product {}", new.id),
-        );
-        let answer = match client
-            .get_at(&path, &serde_json::json!({}), Some(&object))
-            .await
-        {
+        let object = format!("product {}", new.id);
+        let retrieve = stripe_product::product::RetrieveProduct::new(new.id.as_str());
+        let answer = match client.request(&retrieve, None, Some(&object)).await {
             Ok(found) => found,
             Err(err) if crate::stripe::is_missing(&err) => {
-                let mut form =
-                    serde_json::json!({ "id": new.id, "name": new.name, "metadata": new.metadata });
+                let metadata: std::collections::HashMap<String, String> =
+                    new.metadata.clone().into_iter().collect();
+                let mut create = stripe_product::product::CreateProduct::new(new.name.as_str())
+                    .id(new.id.as_str())
+                    .metadata(metadata);
                 if let Some(d) = &new.description {
-                    form["description"] = d.as_str().into();
+                    create = create.description(d.as_str());
                 }
                 let key = crate::sync::remote::creation_key("product", mirror.live_mode(), &new.id);
-                client
-                    .post_at("/products", &form, Some(key), Some(&object))
-                    .await?
+                client.request(&create, Some(key), Some(&object)).await?
             }
             Err(err) => return Err(err),
         };

@@ -306,6 +306,25 @@ impl SubscriptionStatus {
     }
 }
 
+/// The typed create request for `customer` and `prices` (one item each).
+fn new_subscription(
+    customer: &str,
+    prices: &[&str],
+) -> stripe_billing::subscription::CreateSubscription {
+    let items: Vec<_> = prices
+        .iter()
+        .map(
+            |price| stripe_billing::subscription::CreateSubscriptionItems {
+                price: Some((*price).to_owned()),
+                ..Default::default()
+            },
+        )
+        .collect();
+    stripe_billing::subscription::CreateSubscription::new()
+        .customer(customer)
+        .items(items)
+}
+
 /// Statuses after which a subscription never grants anything again.
 const ENDED_STATUSES: [&str; 2] = ["canceled", "incomplete_expired"];
 
@@ -362,20 +381,12 @@ impl Subscription {
         customer_id: &str,
         price_ids: &[&str],
     ) -> Result<Subscription> {
-        let items: Vec<Value> = price_ids
-            .iter()
-            .map(|p| serde_json::json!({ "price": p }))
-            .collect();
-        let form = serde_json::json!({ "customer": customer_id, "items": items });
+        let create = new_subscription(customer_id, price_ids);
+        let object = format!("subscription of customer {customer_id}");
         let created = mirror
             .stripe()
             .await?
-            .post_at(
-                "/subscriptions",
-                &form,
-                None,
-                Some(&format!("subscription of customer {customer_id}")),
-            )
+            .request(&create, None, Some(&object))
             .await?;
         crate::sync::sync_from_stripe_data::<Subscription>(mirror, created.value, created.at).await
     }
@@ -401,10 +412,11 @@ impl Subscription {
         }
         let client = mirror.stripe().await?;
         let object = format!("subscription of customer {customer_id}");
-        let query = serde_json::json!({ "customer": customer_id, "status": "all", "limit": 100 });
-        let listed = client
-            .get_at("/subscriptions", &query, Some(&object))
-            .await?;
+        let list = stripe_billing::subscription::ListSubscription::new()
+            .customer(customer_id)
+            .status(stripe_billing::subscription::ListSubscriptionStatus::All)
+            .limit(100);
+        let listed = client.request(&list, None, Some(&object)).await?;
         let existing = listed
             .value
             .get("data")
@@ -421,17 +433,12 @@ impl Subscription {
                 at: listed.at,
             },
             None => {
-                let items: Vec<Value> = wanted
-                    .iter()
-                    .map(|p| serde_json::json!({ "price": p }))
-                    .collect();
-                let form = serde_json::json!({ "customer": customer_id, "items": items });
+                let prices: Vec<&str> = wanted.iter().map(String::as_str).collect();
+                let create = new_subscription(customer_id, &prices);
                 let natural = format!("{customer_id}/{}/{}", wanted.join(","), existing.len());
                 let key =
                     crate::sync::remote::creation_key("subscription", mirror.live_mode(), &natural);
-                client
-                    .post_at("/subscriptions", &form, Some(key), Some(&object))
-                    .await?
+                client.request(&create, Some(key), Some(&object)).await?
             }
         };
         crate::sync::sync_from_stripe_data::<Subscription>(mirror, answer.value, answer.at).await
@@ -447,21 +454,19 @@ impl Subscription {
         customer_id: &str,
         price_ids: &[&str],
     ) -> Result<IncompleteSubscription> {
-        let items: Vec<Value> = price_ids
-            .iter()
-            .map(|p| serde_json::json!({ "price": p }))
-            .collect();
-        let form = serde_json::json!({
-            "customer": customer_id, "items": items,
-            "payment_behavior": "default_incomplete",
-            "payment_settings": { "save_default_payment_method": "on_subscription" },
-            "expand": ["latest_invoice.confirmation_secret"],
-        });
+        use stripe_billing::subscription::{
+            CreateSubscriptionPaymentBehavior, CreateSubscriptionPaymentSettings,
+            CreateSubscriptionPaymentSettingsSaveDefaultPaymentMethod as SaveMethod,
+        };
+        let mut settings = CreateSubscriptionPaymentSettings::new();
+        settings.save_default_payment_method = Some(SaveMethod::OnSubscription);
+        let create = new_subscription(customer_id, price_ids)
+            .payment_behavior(CreateSubscriptionPaymentBehavior::DefaultIncomplete)
+            .payment_settings(settings)
+            .expand(vec!["latest_invoice.confirmation_secret".to_owned()]);
         let object = format!("subscription of customer {customer_id}");
         let client = mirror.stripe().await?;
-        let created = client
-            .post_at("/subscriptions", &form, None, Some(&object))
-            .await?;
+        let created = client.request(&create, None, Some(&object)).await?;
         let mut client_secret = client_secret_of(&created.value);
         // The older shape names its payment intent without expanding it: ask for it.
         if client_secret.is_none()

@@ -162,6 +162,38 @@ impl StripeClient {
         self.send(req, object, Some(key.as_str().to_owned())).await
     }
 
+    /// Sends one of async-stripe's typed requests (`CreateCustomer::new()...`) and
+    /// returns the raw object, read leniently, with Stripe's time of the answer. A
+    /// POST carries `idempotency_key` (derived from what it creates) or one random key
+    /// shared by its retries.
+    pub(crate) async fn request(
+        &self,
+        request: &impl stripe_client_core::StripeRequest,
+        idempotency_key: Option<String>,
+        object: Option<&str>,
+    ) -> Result<Answer> {
+        let req = request.build();
+        let key = match (req.method, idempotency_key) {
+            (StripeMethod::Post, Some(k)) => Some(
+                stripe_client_core::IdempotencyKey::new(k)
+                    .map_err(|e| Error::Config(format!("idempotency key: {e}")))?,
+            ),
+            (StripeMethod::Post, None) => Some(stripe_client_core::IdempotencyKey::new_uuid_v4()),
+            _ => None,
+        };
+        self.send(req, object, key.map(|k| k.as_str().to_owned()))
+            .await
+    }
+
+    /// Sends a GET built by async-stripe (`RetrieveCustomer::new(id).build()`).
+    pub(crate) async fn get_built(
+        &self,
+        req: RequestBuilder,
+        object: Option<&str>,
+    ) -> Result<Answer> {
+        self.send(req, object, None).await
+    }
+
     /// `DELETE /v1{path}`.
     pub async fn delete(&self, path: &str, object: Option<&str>) -> Result<Value> {
         let req = RequestBuilder::new(StripeMethod::Delete, path);

@@ -49,6 +49,53 @@ pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
         .await
 }
 
+/// async-stripe's typed retrieve request for one object of `table`.
+pub(crate) fn retrieve_request(
+    table: &MirrorTable,
+    id: &str,
+) -> Result<stripe_client_core::RequestBuilder> {
+    use stripe_client_core::StripeRequest;
+    Ok(match table.kind {
+        "customer" => stripe_core::customer::RetrieveCustomer::new(id).build(),
+        "product" => stripe_product::product::RetrieveProduct::new(id).build(),
+        "price" => stripe_product::price::RetrievePrice::new(id).build(),
+        "subscription" => stripe_billing::subscription::RetrieveSubscription::new(id).build(),
+        other => {
+            return Err(Error::Config(format!(
+                "{other} objects cannot be fetched by id"
+            )));
+        }
+    })
+}
+
+/// async-stripe's typed list request for a page of `table` (subscriptions of every status).
+fn list_request(
+    table: &MirrorTable,
+    limit: i64,
+    after: Option<&str>,
+) -> Result<stripe_client_core::RequestBuilder> {
+    use stripe_client_core::StripeRequest;
+    macro_rules! page {
+        ($list:expr) => {{
+            let list = $list.limit(limit);
+            match after {
+                Some(a) => list.starting_after(a).build(),
+                None => list.build(),
+            }
+        }};
+    }
+    Ok(match table.kind {
+        "customer" => page!(stripe_core::customer::ListCustomer::new()),
+        "product" => page!(stripe_product::product::ListProduct::new()),
+        "price" => page!(stripe_product::price::ListPrice::new()),
+        "subscription" => page!(
+            stripe_billing::subscription::ListSubscription::new()
+                .status(stripe_billing::subscription::ListSubscriptionStatus::All)
+        ),
+        other => return Err(Error::Config(format!("{other} objects cannot be listed"))),
+    })
+}
+
 /// The idempotency key of a create, derived from what it creates (its natural key)
 /// and the mode, so two processes creating the same object create one.
 pub(crate) fn creation_key(kind: &str, live: bool, natural: &str) -> String {
@@ -81,9 +128,12 @@ pub(crate) async fn refetch(
     let client = mirror.stripe().await?;
     let key = id.to_owned();
     let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
-    let path = format!("{}/{id}", api_path(table)?);
+    api_path(table)?;
     let object = format!("{} {id}", table.kind);
-    let (value, at, outcome) = match client.get_at(&path, &json!({}), Some(&object)).await {
+    let (value, at, outcome) = match client
+        .get_built(retrieve_request(table, id)?, Some(&object))
+        .await
+    {
         Ok(answer) => (answer.value, answer.at, Refetch::Current),
         // A tombstone is final whatever its stamp.
         Err(err) if crate::stripe::is_missing(&err) => (
@@ -231,19 +281,10 @@ pub async fn sync_all(
         let mut after: Option<String> = None;
         let mut done = 0;
         loop {
-            let mut query = json!({ "limit": options.page_size.clamp(1, 100) });
-            if table.kind == "subscription" {
-                query["status"] = json!("all");
-            }
-            if let Some(a) = &after {
-                query["starting_after"] = json!(a);
-            }
+            let limit = i64::from(options.page_size.clamp(1, 100));
+            let request = list_request(table, limit, after.as_deref())?;
             let answer = client
-                .get_at(
-                    api_path(table)?,
-                    &query,
-                    Some(&format!("{} list", table.kind)),
-                )
+                .get_built(request, Some(&format!("{} list", table.kind)))
                 .await?;
             let (page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
             let items: Vec<Value> = page
