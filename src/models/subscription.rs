@@ -325,9 +325,6 @@ fn new_subscription(
         .items(items)
 }
 
-/// Statuses after which a subscription never grants anything again.
-const ENDED_STATUSES: [&str; 2] = ["canceled", "incomplete_expired"];
-
 /// The sorted price ids of a subscription object's items (`price`, or a legacy `plan`).
 fn prices_of(subscription: &Value) -> Vec<String> {
     let items = subscription
@@ -425,7 +422,7 @@ impl Subscription {
             .unwrap_or_default();
         let found = existing.iter().find(|s| {
             let status = s.get("status").and_then(Value::as_str).unwrap_or_default();
-            !ENDED_STATUSES.contains(&status) && prices_of(s) == wanted
+            !SubscriptionStatus::from(status).has_ended() && prices_of(s) == wanted
         });
         let answer = match found {
             Some(value) => crate::stripe::Answer {

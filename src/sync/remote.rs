@@ -27,13 +27,6 @@ impl KeyedLocks {
     }
 }
 
-/// Where a mirrored kind lives in the API, for the kinds fetched by id.
-pub(crate) fn api_path(table: &MirrorTable) -> Result<&'static str> {
-    table
-        .api_path
-        .ok_or_else(|| Error::Config(format!("{} objects cannot be fetched by id", table.kind)))
-}
-
 /// Fetches `id` and upserts it; an object Stripe reports missing becomes a tombstone.
 pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
     refetch(mirror, M::TABLE, id).await?;
@@ -128,7 +121,6 @@ pub(crate) async fn refetch(
     let client = mirror.stripe().await?;
     let key = id.to_owned();
     let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
-    api_path(table)?;
     let object = format!("{} {id}", table.kind);
     let (value, at, outcome) = match client
         .get_built(retrieve_request(table, id)?, Some(&object))

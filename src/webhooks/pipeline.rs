@@ -129,7 +129,7 @@ enum Step {
     /// Stored, claimed and synced: the due handlers run next, then the outcome is recorded.
     Handlers(Event, Work),
     /// Verified and logged; its object is re-fetched from the API before claiming.
-    Refetch(Event, String),
+    Refetch(Event, (&'static MirrorTable, String)),
 }
 
 /// A claimed event's remaining work.
@@ -202,7 +202,7 @@ impl Webhooks {
                         Step::Answer(Err(failure))
                     }
                     // The API call must not sit inside a transaction: claim after it.
-                    (Ok(event), Some(path)) => Step::Refetch(event, path),
+                    (Ok(event), Some(target)) => Step::Refetch(event, target),
                     (Ok(event), None) => this.claim(conn, id, event, (t, lease))?,
                 };
                 Ok((id, step))
@@ -215,8 +215,8 @@ impl Webhooks {
                 return respond(event_id, Err(Failure::from_error(err)));
             }
         };
-        if let Step::Refetch(mut event, path) = step {
-            let fetched = self.fetch(mirror, &path).await;
+        if let Step::Refetch(mut event, target) = step {
+            let fetched = self.fetch(mirror, &target).await;
             let (this, t) = (self.clone(), mirror.now());
             step = mirror
                 .db()
@@ -362,29 +362,37 @@ impl Webhooks {
         })
     }
 
-    /// The API path of the event's object, when its kind is re-fetched.
-    fn refetch_target(&self, mirror: &Mirror, event: &Event) -> Option<String> {
+    /// The event's object, when its kind is re-fetched.
+    fn refetch_target(
+        &self,
+        mirror: &Mirror,
+        event: &Event,
+    ) -> Option<(&'static MirrorTable, String)> {
         // Another mode's object cannot be fetched with this mode's key: trust the payload.
         if event.livemode != mirror.live_mode() {
             return None;
         }
-        let table = builtin::table_for(event)?;
-        let id = event.object().get("id")?.as_str()?;
+        let (table, id) = builtin::object_of(event)?;
         let wanted = self
             .inner
             .refetch
             .iter()
             .any(|k| k == table.kind || (table.kind == "price" && k == "plan"));
-        let path = crate::sync::remote::api_path(table).ok()?;
-        wanted.then(|| format!("{path}/{id}"))
+        wanted.then_some((table, id))
     }
 
     /// Fetches the event's object; a 404 means Stripe deleted it since.
-    async fn fetch(&self, mirror: &Mirror, path: &str) -> Result<Refetched> {
+    async fn fetch(
+        &self,
+        mirror: &Mirror,
+        (table, id): &(&'static MirrorTable, String),
+    ) -> Result<Refetched> {
+        let request = crate::sync::remote::retrieve_request(table, id)?;
+        let object = format!("{} {id}", table.kind);
         match mirror
             .stripe()
             .await?
-            .get_at(path, &serde_json::json!({}), Some(path))
+            .get_built(request, Some(&object))
             .await
         {
             Ok(answer) => Ok(Refetched::Object(answer.value, answer.at)),
