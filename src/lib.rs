@@ -166,7 +166,9 @@ pub mod stripe;
 pub mod sync;
 pub mod webhooks;
 
-pub use access::{Denial, Gate, has_feature, has_role, require_subscription};
+pub use access::{
+    AccessChange, AccessState, Denial, Gate, access_of, has_feature, has_role, require_subscription,
+};
 pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal, sync_session};
 pub use clock::Clock;
 pub use config::{Config, Mode};

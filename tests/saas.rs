@@ -813,7 +813,15 @@ async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_
             "created": chrono::Utc::now().timestamp(), "livemode": false, "data": {"object": {
             "id": "cs_ck", "object": "checkout.session", "mode": "subscription", "customer": "cus_ck",
             "client_reference_id": "ck-user", "subscription": "sub_ck", "livemode": false}}});
-        let r = Webhooks::new().receive(&m, signed(&completed)).await;
+        let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t = told.clone();
+        let webhooks = Webhooks::new().on_access_change(
+            move |change: stripe_mirror::AccessChange, _m: Mirror| {
+                t.lock().unwrap().push(change);
+                async { Ok(()) }
+            },
+        );
+        let r = webhooks.receive(&m, signed(&completed)).await;
         assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
         // The buyer lands on the success page with access, before the subscription's own events.
         assert_eq!(
@@ -823,6 +831,14 @@ async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_
             b.name
         );
         assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+        // The host was told, with the subscription the follow-up fetched, in the same answer.
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), 1, "{}: {told:?}", b.name);
+        assert!(
+            told[0].granted() && told[0].after.products == vec!["prod_pro"],
+            "{told:?}"
+        );
+        assert_eq!(told[0].after.subscription.as_deref(), Some("sub_ck"));
     }
 }
 

@@ -28,6 +28,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     stripe_subscription_items,
     stripe_entitlement_summaries,
     stripe_product_features,
+    stripe_access,
     stripe_events,
     stripe_webhook_deliveries,
 );
@@ -247,6 +248,23 @@ macro_rules! mirror_schema {
                 reconcile -> Bool,
                 product_id -> Nullable<Text>,
                 lookup_key -> Nullable<Text>,
+            }
+        }
+
+        $crate::diesel::table! {
+            /// Each subscriber's access as last told to the `on_access_change` hook;
+            /// `dirty` while a change may be untold.
+            stripe_access (subscriber_id, livemode) {
+                subscriber_id -> Text,
+                livemode -> Bool,
+                dirty -> Bool,
+                version -> BigInt,
+                delivered -> Nullable<Text>,
+                delivered_at -> Nullable<BigInt>,
+                claimed_until -> Nullable<BigInt>,
+                token -> Integer,
+                attempts -> Integer,
+                error -> Nullable<Text>,
             }
         }
     };

@@ -75,6 +75,7 @@ mirror_table!(CUSTOMERS {
         ])
     },
     final_tombstones: true,
+    access: crate::access::changes::AccessLink::Customer("id"),
     children: None,
 });
 

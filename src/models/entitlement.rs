@@ -158,6 +158,7 @@ mirror_table!(ENTITLEMENT_SUMMARIES {
         ])
     },
     final_tombstones: false,
+    access: crate::access::changes::AccessLink::Customer("customer_id"),
     children: None,
 });
 
@@ -277,5 +278,6 @@ mirror_table!(PRODUCT_FEATURES {
         ])
     },
     final_tombstones: false,
+    access: crate::access::changes::AccessLink::Product("product_id"),
     children: None,
 });

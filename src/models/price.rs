@@ -79,6 +79,7 @@ mirror_table!(PRICES {
         ])
     },
     final_tombstones: true,
+    access: crate::access::changes::AccessLink::None,
     children: None,
 });
 

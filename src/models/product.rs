@@ -46,6 +46,7 @@ mirror_table!(PRODUCTS {
         SqlValue::Bool(f.bool("active")?)
     ]),
     final_tombstones: true,
+    access: crate::access::changes::AccessLink::ProductRoles,
     children: None,
 });
 

@@ -143,6 +143,7 @@ mirror_table!(SUBSCRIPTION_ITEMS {
         ])
     },
     final_tombstones: false,
+    access: crate::access::changes::AccessLink::None,
     children: None,
 });
 
@@ -187,6 +188,7 @@ mirror_table!(SUBSCRIPTIONS {
         ])
     },
     final_tombstones: true,
+    access: crate::access::changes::AccessLink::Customer("customer_id"),
     children: Some(&ITEMS),
 });
 

@@ -118,6 +118,18 @@ pub(crate) async fn refetch(
     table: &'static MirrorTable,
     id: &str,
 ) -> Result<Refetch> {
+    Ok(refetch_touching(mirror, table, id).await?.0)
+}
+
+/// [`refetch`], with the subscribers whose access the write marked.
+pub(crate) async fn refetch_touching(
+    mirror: &Mirror,
+    table: &'static MirrorTable,
+    id: &str,
+) -> Result<(
+    Refetch,
+    std::collections::BTreeSet<crate::access::changes::Touched>,
+)> {
     let client = mirror.stripe().await?;
     let key = id.to_owned();
     let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
@@ -139,7 +151,7 @@ pub(crate) async fn refetch(
         .db()
         .run(move |conn| {
             let row = table.row(&value, Stamp::fetched_over(at, seen), None)?;
-            conn.write(|c| {
+            let (written, touched) = crate::access::changes::collect(|| conn.write(|c| {
                 // A fetch the guard left undecided keeps its flag; else the row is as
                 // fresh as the fetch (or fresher) and the flag goes.
                 if table.write(c, &row, &value)? != Written::Undecided {
@@ -150,7 +162,8 @@ pub(crate) async fn refetch(
                     )?;
                 }
                 Ok(outcome)
-            })
+            }));
+            Ok((written?, touched))
         })
         .await
 }

@@ -57,6 +57,8 @@ pub(crate) struct MirrorTable {
     /// for children tombstoned only because they left their parent's list, which fresher
     /// parent data may list again.
     pub final_tombstones: bool,
+    /// Whose access a write may change ([`crate::access::changes`]).
+    pub access: crate::access::changes::AccessLink,
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
     /// The upsert statements, built on first use.
@@ -387,6 +389,7 @@ impl MirrorTable {
     pub(crate) fn write(&self, conn: &mut Conn<'_>, row: &Row, value: &Value) -> Result<Written> {
         let stmts = self.statements();
         let binds = row.binds();
+        let before = crate::access::changes::before_write(conn, self, row)?;
         let written = if row.deleted {
             execute(conn, &stmts.delete, &binds)?;
             Written::Applied
@@ -400,6 +403,9 @@ impl MirrorTable {
             && !row.deleted
         {
             self.write_children(conn, children, row, value)?;
+        }
+        if written == Written::Applied {
+            crate::access::changes::after_write(conn, self, row, before)?;
         }
         Ok(written)
     }

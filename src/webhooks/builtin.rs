@@ -160,6 +160,9 @@ pub(crate) fn link_session(
         )
         .set(stripe_customers::subscriber_id.eq(subscriber))
         .execute(c))?;
+    if linked == 1 {
+        crate::access::changes::mark_customer(conn, &customer)?;
+    }
     if linked == 0 {
         let held: Option<Option<String>> = on_conn!(conn, c => stripe_customers::table
             .find(&customer)

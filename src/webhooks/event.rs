@@ -260,7 +260,7 @@ pub(crate) fn previous_attributes(conn: &mut Conn<'_>, id: &str) -> Result<Optio
 }
 
 /// Unix seconds now on the database server, as SQL.
-fn database_now(conn: &Conn<'_>) -> &'static str {
+pub(crate) fn database_now(conn: &Conn<'_>) -> &'static str {
     match conn {
         #[cfg(feature = "sqlite")]
         Conn::Sqlite(_) => "unixepoch()",

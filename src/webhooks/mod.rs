@@ -18,7 +18,7 @@ mod builtin;
 pub mod delivery;
 pub mod event;
 mod pipeline;
-mod registry;
+pub(crate) mod registry;
 mod replay;
 mod retention;
 pub mod signature;
@@ -28,6 +28,7 @@ pub use delivery::{Delivery, Outcome};
 pub use event::Event;
 pub(crate) use pipeline::Failure;
 pub use pipeline::{WebhookRequest, WebhookResponse};
+pub use registry::AccessReport;
 pub(crate) use registry::matches_pattern;
 pub use registry::{
     DEFAULT_BODY_LIMIT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_LEASE, DEFAULT_READ_TIMEOUT, HandlerError,

@@ -147,6 +147,9 @@ pub(crate) struct Work {
     /// When the claim's lease ends, measured from just before it was taken: every
     /// handler must be done before then, or another worker may take the event over.
     pub(crate) lease_ends: tokio::time::Instant,
+    /// The registry has an access hook: the subscribers whose access the event (or
+    /// its follow-up) changed are told before the event is finished.
+    pub(crate) access: bool,
 }
 
 /// What storing and claiming an event came to.
@@ -248,8 +251,8 @@ impl Webhooks {
             Step::Answer(result) => return respond(event_id, result),
             Step::Refetch(..) => unreachable!("re-fetched above"),
         };
-        if let Some((table, id)) = &work.follow_up {
-            follow_up(mirror, &event, table, id).await;
+        if let Some((table, id)) = work.follow_up.clone() {
+            follow_up(mirror, &event, &mut work, table, &id).await;
         }
         if !work.due {
             return respond(event_id, Ok(Outcome::Processed));
@@ -327,10 +330,11 @@ impl Webhooks {
         (t, lease): (i64, i64),
     ) -> Result<Step> {
         let keys = self.handler_keys(&event.event_type);
+        let access = self.has_access_hook();
         // One transaction for the claim and the delivery's outcome: one commit per
         // event when no handler runs (the claim itself nests as a savepoint).
         conn.write(|conn| {
-            let answer = match claim_and_sync(conn, &event, false, t, lease, &keys) {
+            let answer = match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
                     if !work.due {
                         delivery::finish(
@@ -468,6 +472,7 @@ pub(crate) const CLAIM_LOST: &str =
 /// (processed, unless the handler log holds work of handlers this registry does not
 /// have, as when the CLI replays). A bad object shape rolls the sync back and stores
 /// the event as failed, so a later replay can retry it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn claim_and_sync(
     conn: &mut crate::db::Conn<'_>,
     event: &Event,
@@ -475,6 +480,7 @@ pub(crate) fn claim_and_sync(
     t: i64,
     lease: i64,
     keys: &[String],
+    access: bool,
 ) -> Result<Progress> {
     // Measured from before the claim, so the handlers' deadline never outlives it.
     let lease_ends =
@@ -492,13 +498,29 @@ pub(crate) fn claim_and_sync(
             };
         let mut follow_up = None;
         if !synced {
-            if builtin::apply(c, event)? == Written::Undecided {
+            let (written, touched) = crate::access::changes::collect(|| builtin::apply(c, event));
+            if written? == Written::Undecided {
                 follow_up = builtin::object_of(event);
             }
             follow_up = follow_up.or_else(|| builtin::checkout_subscription(event));
             event::mark_synced(c, &event.id)?;
+            // Each subscriber whose access may have changed is told like a handler
+            // runs. Without a hook they are only marked, for `deliver_access_changes`.
+            for touched in touched.iter().filter(|_| access) {
+                let pending = || event::HANDLER_PENDING.to_owned();
+                handlers
+                    .entry(crate::access::changes::log_key(touched))
+                    .or_insert_with(pending);
+            }
         }
-        let mut due = false;
+        // With an access hook, a follow-up fetch may change access: keep the claim open.
+        let mut due = access && follow_up.is_some();
+        for key in handlers
+            .keys()
+            .filter(|k| crate::access::changes::from_log_key(k).is_some())
+        {
+            due |= handlers[key] != event::HANDLER_OK;
+        }
         for key in keys {
             let entry = handlers
                 .entry(key.clone())
@@ -516,6 +538,7 @@ pub(crate) fn claim_and_sync(
             due,
             follow_up,
             lease_ends,
+            access,
         }))
     });
     match attempt {
@@ -553,6 +576,7 @@ pub(crate) fn claim_and_sync(
 pub(crate) async fn follow_up(
     mirror: &Mirror,
     event: &Event,
+    work: &mut Work,
     table: &'static MirrorTable,
     id: &str,
 ) {
@@ -560,8 +584,18 @@ pub(crate) async fn follow_up(
     if event.livemode != mirror.live_mode() || mirror.stripe().await.is_err() {
         return;
     }
-    let fetch = crate::sync::remote::refetch(mirror, table, id);
+    let fetch = crate::sync::remote::refetch_touching(mirror, table, id);
     match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
+        // The subscribers whose access the fetch changed are told with the event's.
+        Ok(Ok((_, touched))) if work.access => {
+            for touched in touched {
+                let key = crate::access::changes::log_key(&touched);
+                work.handlers
+                    .entry(key)
+                    .or_insert_with(|| event::HANDLER_PENDING.to_owned());
+                work.due = true;
+            }
+        }
         Ok(Ok(_)) => {}
         Ok(Err(err)) => {
             tracing::warn!(event = %event.id, object = table.kind, %id, error = %err, "follow-up re-fetch failed")

@@ -13,6 +13,7 @@ use futures_util::FutureExt;
 use super::event::{HANDLER_OK, HandlerLog};
 use super::{Event, Failure, Outcome};
 use crate::Mirror;
+use crate::access::changes::{self, AccessChange, AccessHook};
 
 /// What a handler returns on failure: any error.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,6 +70,8 @@ pub(crate) struct Registry {
     pub(crate) wildcard: Vec<(String, String, BoxHandler)>,
     /// Object kinds re-fetched from the API instead of trusting the payload.
     pub(crate) refetch: Vec<String>,
+    /// The host's [`Webhooks::on_access_change`] hook.
+    pub(crate) access_hook: Option<AccessHook>,
 }
 
 impl Default for Webhooks {
@@ -91,6 +94,7 @@ impl std::fmt::Debug for Webhooks {
                     .collect::<Vec<_>>(),
             )
             .field("refetch", &self.inner.refetch)
+            .field("access_hook", &self.inner.access_hook.is_some())
             .finish()
     }
 }
@@ -110,6 +114,7 @@ impl Webhooks {
                 exact: HashMap::new(),
                 wildcard: Vec::new(),
                 refetch: Vec::new(),
+                access_hook: None,
             }),
         }
     }
@@ -188,6 +193,82 @@ impl Webhooks {
         }
     }
 
+    /// Calls `hook` once for every subscriber whose access changed, with what it was
+    /// last told and what holds now ([`AccessChange`]): valid or not, the subscription
+    /// and its status, products, roles and Entitlements features. The access is
+    /// computed from the mirror after each change is committed, so it is right
+    /// whatever order the events came in: a subscription that arrived before its
+    /// customer, or before Checkout linked the customer to your user, is told when
+    /// the link is made. A change that does not touch access (an email update) calls
+    /// nothing.
+    ///
+    /// Delivered at least once, and recorded like handlers: an event that changed a
+    /// subscriber's access keeps an entry for it (`access:test:user-42`) in its handler
+    /// log; a hook that fails, panics or times out fails the event (500), Stripe
+    /// redelivers, and the redelivery (or [`process_events`](Self::process_events))
+    /// tells it again. Changes made outside a webhook delivery (`sync_all`, the CLI,
+    /// a product's roles) are told by [`deliver_access_changes`](Self::deliver_access_changes).
+    /// One hook per registry: keep your table's update idempotent (set the plan, do not
+    /// add to it).
+    ///
+    /// ```
+    /// use stripe_mirror::{AccessChange, Mirror, Webhooks};
+    ///
+    /// let webhooks = Webhooks::new().on_access_change(|change: AccessChange, _m: Mirror| async move {
+    ///     let plan = change.after.products.first().cloned().filter(|_| change.after.valid);
+    ///     println!("{}: plan {plan:?}", change.subscriber); // UPDATE users SET plan = ... WHERE id = ...
+    ///     Ok(())
+    /// });
+    /// # let _ = webhooks;
+    /// ```
+    #[track_caller]
+    pub fn on_access_change<H, F>(mut self, hook: H) -> Self
+    where
+        H: Fn(AccessChange, Mirror) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let registry = self.registry();
+        assert!(
+            registry.access_hook.is_none(),
+            "on_access_change: a registry has one access hook"
+        );
+        registry.access_hook = Some(changes::boxed(hook));
+        self
+    }
+
+    /// Tells the access hook every change not told yet: those made outside webhook
+    /// deliveries (`sync_all`, `Subscription::sync`, a Checkout success page, the CLI,
+    /// a product's roles), and those whose telling failed. Call it after such syncs,
+    /// at start-up, or on a timer; it is cheap when nothing is due. Each subscriber is
+    /// told under its own claim, so several app instances may run it at once.
+    pub async fn deliver_access_changes(&self, mirror: &Mirror) -> crate::Result<AccessReport> {
+        let hook = self.inner.access_hook.clone().ok_or_else(|| {
+            crate::Error::Config(
+                "deliver_access_changes: no on_access_change hook is registered".into(),
+            )
+        })?;
+        let mut report = AccessReport::default();
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            let batch = mirror.db().run(|conn| changes::dirty(conn, 1000)).await?;
+            // A subscriber that failed stays dirty: each is tried once per call.
+            let fresh: Vec<_> = batch
+                .into_iter()
+                .filter(|t| seen.insert(t.clone()))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(report);
+            }
+            for touched in fresh {
+                match changes::tell(mirror, &hook, &touched).await {
+                    Ok(true) => report.told += 1,
+                    Ok(false) => report.unchanged += 1,
+                    Err(error) => report.failed.push((touched.0, error)),
+                }
+            }
+        }
+    }
+
     /// Runs `handler` for every event.
     pub fn on_any<H, F>(self, handler: H) -> Self
     where
@@ -258,27 +339,45 @@ impl Webhooks {
                 .config()
                 .webhook_handler_timeout
                 .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            let run = tokio::time::timeout(
-                limit,
-                AssertUnwindSafe(async move { handler(e, m).await }).catch_unwind(),
-            )
-            .await;
-            let error = match run {
-                Ok(Ok(Ok(()))) => {
+            let error = match guarded(handler(e, m), limit).await {
+                Ok(()) => {
                     log.insert(key, HANDLER_OK.to_owned());
                     continue;
                 }
-                Ok(Ok(Err(err))) => format!("handler {key} failed: {err}"),
-                Ok(Err(panic)) => {
-                    format!("handler {key} panicked: {}", panic_message(panic.as_ref()))
-                }
-                Err(_) => format!("handler {key} timed out after {limit:?}"),
+                Err(error) => format!("handler {key} {error}"),
             };
             tracing::warn!(event = %event.id, event_type = %event.event_type, %error, "webhook handler failed");
             log.insert(key, error.clone());
             return Err(Failure::new(Outcome::HandlerFailed, error));
         }
+        // Then the subscribers whose access the event changed. Without the hook (the
+        // CLI's registry) their entries stay pending for the host's.
+        let Some(hook) = &self.inner.access_hook else {
+            return Ok(Outcome::Processed);
+        };
+        let due: Vec<String> = log
+            .iter()
+            .filter(|(k, v)| v.as_str() != HANDLER_OK && changes::from_log_key(k).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let touched = changes::from_log_key(&key).expect("an access key");
+            match changes::tell(mirror, hook, &touched).await {
+                Ok(_) => {
+                    log.insert(key, HANDLER_OK.to_owned());
+                }
+                Err(error) => {
+                    log.insert(key, error.clone());
+                    return Err(Failure::new(Outcome::HandlerFailed, error));
+                }
+            }
+        }
         Ok(Outcome::Processed)
+    }
+
+    /// Whether an access hook is registered.
+    pub(crate) fn has_access_hook(&self) -> bool {
+        self.inner.access_hook.is_some()
     }
 }
 
@@ -307,6 +406,20 @@ impl<S: Clone + Send + Sync + 'static> WithState<S> {
         self
     }
 
+    /// [`Webhooks::on_access_change`], with the state as third argument.
+    #[track_caller]
+    pub fn on_access_change<H, F>(mut self, hook: H) -> Self
+    where
+        H: Fn(AccessChange, Mirror, S) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        self.webhooks = self
+            .webhooks
+            .on_access_change(move |c, m| hook(c, m, state.clone()));
+        self
+    }
+
     /// [`Webhooks::on_any`], with the state as third argument.
     #[track_caller]
     pub fn on_any<H, F>(self, handler: H) -> Self
@@ -321,6 +434,32 @@ impl<S: Clone + Send + Sync + 'static> WithState<S> {
 impl<S> From<WithState<S>> for Webhooks {
     fn from(with: WithState<S>) -> Webhooks {
         with.webhooks
+    }
+}
+
+/// What [`Webhooks::deliver_access_changes`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccessReport {
+    /// Subscribers whose change was told to the hook.
+    pub told: usize,
+    /// Subscribers marked whose access had not changed after all (nothing told).
+    pub unchanged: usize,
+    /// Subscribers whose hook failed, with the error: they stay due.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Runs a handler or hook within `limit`, turning an error, a panic or the timeout
+/// into a message ("failed: ...", "panicked: ...", "timed out after ...").
+pub(crate) async fn guarded<F>(run: F, limit: Duration) -> std::result::Result<(), String>
+where
+    F: Future<Output = std::result::Result<(), HandlerError>> + Send,
+{
+    match tokio::time::timeout(limit, AssertUnwindSafe(run).catch_unwind()).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(err))) => Err(format!("failed: {err}")),
+        Ok(Err(panic)) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
+        Err(_) => Err(format!("timed out after {limit:?}")),
     }
 }
 

@@ -74,6 +74,7 @@ impl Webhooks {
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
         let mut report = ProcessReport::default();
         let lease = lease_secs(mirror);
+        let access = self.has_access_hook();
         for event in events {
             let (e, keys, t) = (
                 event.clone(),
@@ -82,7 +83,7 @@ impl Webhooks {
             );
             let progress = mirror
                 .db()
-                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys))
+                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys, access))
                 .await;
             let mut work = match progress {
                 Ok(Progress::Claimed(work)) => work,
@@ -98,8 +99,8 @@ impl Webhooks {
                 }
                 Err(err) => return Err(err),
             };
-            if let Some((table, id)) = &work.follow_up {
-                follow_up(mirror, &event, table, id).await;
+            if let Some((table, id)) = work.follow_up.clone() {
+                follow_up(mirror, &event, &mut work, table, &id).await;
             }
             let error = if work.due {
                 self.run_due(mirror, &event, &mut work)

@@ -31,6 +31,8 @@
 //! [`EntitlementSummary::sync`](crate::models::entitlement::EntitlementSummary::sync)),
 //! else the mirrored features of the products subscribed to ([`has_feature`]).
 
+pub mod changes;
+
 use std::fmt;
 
 use diesel::prelude::*;
@@ -42,6 +44,8 @@ use crate::error::Result;
 use crate::models::customer::Customer;
 use crate::models::entitlement::ProductFeature;
 use crate::models::subscription::{Subscription, SubscriptionStatus};
+
+pub use changes::{AccessChange, AccessState, access_of};
 
 /// The product metadata key naming the roles a product grants, comma separated.
 pub const ROLES_METADATA_KEY: &str = "roles";

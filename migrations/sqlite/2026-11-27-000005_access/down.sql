@@ -1,0 +1,2 @@
+DROP INDEX idx_access_dirty;
+DROP TABLE stripe_access;

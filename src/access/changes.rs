@@ -1,0 +1,614 @@
+//! Access changes: "did this user's access change?", answered from the mirror and
+//! told to the host's [`Webhooks::on_access_change`](crate::Webhooks::on_access_change) hook.
+//!
+//! Two halves, so that no change is lost and none is told from stale data:
+//! - **Marking**, inside every write transaction of the mirror: a write that may change
+//!   a subscriber's access (their customer, its subscriptions and entitlements, a
+//!   product's roles or features) marks the subscriber's row in `stripe_access` dirty
+//!   and bumps its version. A subscription arriving before its customer marks nobody;
+//!   the customer's own write (or Checkout linking it) marks its subscriber later.
+//! - **Telling**, after the commit: under a per-subscriber claim, the access is computed
+//!   from the mirror as it now is ([`AccessState`]) and compared with what the hook
+//!   was last told; the hook runs only when they differ, and the row stays dirty (to be
+//!   told again) when the hook fails or a write came in meanwhile.
+//!
+//! So the hook sees each subscriber's access as the mirror holds it, whatever order the
+//! events came in, at least once per change, and never for a change that does not
+//! touch access (an email update).
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use serde_json::{Value, json};
+
+use crate::Mirror;
+use crate::db::schema::{
+    stripe_access, stripe_customers, stripe_entitlement_summaries, stripe_products,
+    stripe_subscription_items, stripe_subscriptions,
+};
+use crate::db::{Conn, on_conn};
+use crate::error::Result;
+use crate::models::entitlement::ProductFeature;
+use crate::models::subscription::{Subscription, SubscriptionStatus};
+use crate::sync::upsert::{MirrorTable, Row, SqlValue, execute};
+use crate::webhooks::HandlerError;
+
+/// A subscriber's access, as the mirror holds it: what a host copies into its own
+/// `users` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccessState {
+    /// Holds a valid subscription ([`Subscription::is_valid`]).
+    pub valid: bool,
+    /// The newest valid subscription, else the newest one.
+    pub subscription: Option<String>,
+    /// That subscription's status.
+    pub status: Option<SubscriptionStatus>,
+    /// The products of the valid subscriptions, sorted.
+    pub products: Vec<String>,
+    /// The roles those products grant (product metadata `roles`), sorted.
+    pub roles: Vec<String>,
+    /// The Entitlements features' lookup keys (the customer's active entitlement
+    /// summary when Stripe has sent one, else the valid products' features), sorted.
+    pub features: Vec<String>,
+}
+
+impl AccessState {
+    /// Whether a product is among the valid subscriptions' products.
+    pub fn has_product(&self, product_id: &str) -> bool {
+        self.products.iter().any(|p| p == product_id)
+    }
+
+    /// Whether a valid subscription grants the role.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// Whether the feature (lookup key) is included.
+    pub fn has_feature(&self, lookup_key: &str) -> bool {
+        self.features.iter().any(|f| f == lookup_key)
+    }
+
+    fn to_json(&self) -> String {
+        json!({
+            "valid": self.valid,
+            "subscription": self.subscription,
+            "status": self.status.as_ref().map(|s| s.to_string()),
+            "products": self.products,
+            "roles": self.roles,
+            "features": self.features,
+        })
+        .to_string()
+    }
+
+    fn from_json(text: &str) -> AccessState {
+        let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        let list = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        AccessState {
+            valid: v["valid"].as_bool().unwrap_or(false),
+            subscription: v["subscription"].as_str().map(str::to_owned),
+            status: v["status"].as_str().map(SubscriptionStatus::from),
+            products: list("products"),
+            roles: list("roles"),
+            features: list("features"),
+        }
+    }
+}
+
+/// One subscriber's access changed: what the hook was last told, and what holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccessChange {
+    /// The host's user id ([`Subscriber::subscriber_id`](crate::Subscriber::subscriber_id)).
+    pub subscriber: String,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// The access last told to the hook (no access before the first time).
+    pub before: AccessState,
+    /// The access the mirror holds now.
+    pub after: AccessState,
+}
+
+impl AccessChange {
+    /// Access was granted: no valid subscription before, one now.
+    pub fn granted(&self) -> bool {
+        !self.before.valid && self.after.valid
+    }
+
+    /// Access ended: a valid subscription before, none now.
+    pub fn revoked(&self) -> bool {
+        self.before.valid && !self.after.valid
+    }
+}
+
+type BoxFuture =
+    std::pin::Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
+/// The host's hook, boxed.
+pub(crate) type AccessHook = Arc<dyn Fn(AccessChange, Mirror) -> BoxFuture + Send + Sync>;
+
+/// Boxes a hook.
+pub(crate) fn boxed<H, F>(hook: H) -> AccessHook
+where
+    H: Fn(AccessChange, Mirror) -> F + Send + Sync + 'static,
+    F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    Arc::new(move |change, mirror| Box::pin(hook(change, mirror)))
+}
+
+// ---------------------------------------------------------------------------------
+// Marking
+
+/// How a mirrored table's writes reach subscribers' access.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AccessLink {
+    /// Never (prices, and subscription items, which follow their subscription).
+    None,
+    /// Through the customer whose id is in this column (`id` for customers).
+    Customer(&'static str),
+    /// Through the product whose id is in this column: every subscriber of the product.
+    Product(&'static str),
+    /// A product's own write: its subscribers when the roles it grants changed.
+    ProductRoles,
+}
+
+/// What a write must know of the row as it was (read before the write).
+pub(crate) struct Before {
+    subscriber: Option<(String, bool)>,
+    roles: Option<Vec<String>>,
+}
+
+/// A subscriber, in a mode.
+pub(crate) type Touched = (String, bool);
+
+thread_local! {
+    /// The subscribers marked on this thread since [`collect`] began: the database
+    /// closures of one pipeline step run on one blocking thread, start to end.
+    static MARKED: RefCell<Option<BTreeSet<Touched>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and returns the subscribers it marked, with its result.
+pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, BTreeSet<Touched>) {
+    let outer = MARKED.with(|m| m.borrow_mut().replace(BTreeSet::new()));
+    let result = f();
+    let marked = MARKED
+        .with(|m| std::mem::replace(&mut *m.borrow_mut(), outer))
+        .unwrap_or_default();
+    // A caller collecting around us also sees what we marked.
+    MARKED.with(|m| {
+        if let Some(outer) = m.borrow_mut().as_mut() {
+            outer.extend(marked.iter().cloned());
+        }
+    });
+    (result, marked)
+}
+
+/// Reads what the write needs to compare (a customer's subscriber, a product's roles).
+pub(crate) fn before_write(
+    conn: &mut Conn<'_>,
+    table: &MirrorTable,
+    row: &Row,
+) -> Result<Option<Before>> {
+    Ok(match table.access {
+        AccessLink::Customer("id") => Some(Before {
+            subscriber: subscriber_of(conn, &row.id)?,
+            roles: None,
+        }),
+        AccessLink::ProductRoles => {
+            let data: Option<String> = on_conn!(conn, c => stripe_products::table
+                .find(&row.id)
+                .select(stripe_products::data)
+                .first(c)
+                .optional())?;
+            Some(Before {
+                subscriber: None,
+                roles: data.map(|d| super::roles_in(&d)),
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Marks the subscribers whose access an applied write may have changed.
+pub(crate) fn after_write(
+    conn: &mut Conn<'_>,
+    table: &MirrorTable,
+    row: &Row,
+    before: Option<Before>,
+) -> Result<()> {
+    match table.access {
+        AccessLink::None => {}
+        AccessLink::Customer(column) => {
+            let customer = match column {
+                "id" => Some(row.id.clone()),
+                column => row.text(column),
+            };
+            if let Some(customer) = customer {
+                mark_customer(conn, &customer)?;
+            }
+            // A customer moved to another subscriber: the one it left changes too.
+            if let Some((old, live)) = before.and_then(|b| b.subscriber) {
+                mark(conn, &old, live)?;
+            }
+        }
+        AccessLink::Product(column) => {
+            if let Some(product) = row.text(column) {
+                mark_product(conn, &product)?;
+            }
+        }
+        AccessLink::ProductRoles => {
+            let now = super::roles_in(row.data());
+            if before.and_then(|b| b.roles).unwrap_or_default() != now {
+                mark_product(conn, &row.id)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>> {
+    let found: Option<(Option<String>, bool)> = on_conn!(conn, c => stripe_customers::table
+        .find(customer)
+        .select((stripe_customers::subscriber_id, stripe_customers::livemode))
+        .first(c)
+        .optional())?;
+    Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
+}
+
+/// Marks the subscriber of this customer, if it has one yet.
+pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
+    if let Some((subscriber, live)) = subscriber_of(conn, customer)? {
+        mark(conn, &subscriber, live)?;
+    }
+    Ok(())
+}
+
+const MARK: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES (?, ?, TRUE, 1) \
+     ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1";
+
+/// Marks one subscriber dirty (a change may be untold).
+fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
+    execute(
+        conn,
+        MARK,
+        &[
+            SqlValue::Text(Some(subscriber.to_owned())),
+            SqlValue::Bool(Some(live)),
+        ],
+    )?;
+    MARKED.with(|m| {
+        if let Some(set) = m.borrow_mut().as_mut() {
+            set.insert((subscriber.to_owned(), live));
+        }
+    });
+    Ok(())
+}
+
+/// Marks every subscriber of a product. Not collected for the event at hand (there
+/// may be many): [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes) tells them.
+fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
+    execute(
+        conn,
+        "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+         SELECT DISTINCT c.subscriber_id, c.livemode, TRUE, 1 FROM stripe_subscription_items i \
+         JOIN stripe_subscriptions s ON s.id = i.subscription_id \
+         JOIN stripe_customers c ON c.id = s.customer_id \
+         WHERE i.product_id = ? AND i.deleted = FALSE AND s.deleted = FALSE AND c.subscriber_id IS NOT NULL \
+         ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1",
+        &[SqlValue::Text(Some(product.to_owned()))],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Computing
+
+/// The subscriber's access as the mirror holds it at `now`.
+pub(crate) fn compute(
+    conn: &mut Conn<'_>,
+    subscriber: &str,
+    live: bool,
+    now: i64,
+) -> Result<AccessState> {
+    let customers: Vec<String> = on_conn!(conn, c => stripe_customers::table
+        .filter(stripe_customers::subscriber_id.eq(subscriber))
+        .filter(stripe_customers::livemode.eq(live))
+        .filter(stripe_customers::deleted.eq(false))
+        .select(stripe_customers::id)
+        .load(c))?;
+    if customers.is_empty() {
+        return Ok(AccessState::default());
+    }
+    let subscriptions: Vec<Subscription> = on_conn!(conn, c => stripe_subscriptions::table
+        .filter(stripe_subscriptions::customer_id.eq_any(&customers))
+        .filter(stripe_subscriptions::deleted.eq(false))
+        .order((
+            stripe_subscriptions::created.is_null().asc(),
+            stripe_subscriptions::created.desc(),
+            stripe_subscriptions::id.desc(),
+        ))
+        .select(Subscription::as_select())
+        .load(c))?;
+    let valid: Vec<&Subscription> = subscriptions
+        .iter()
+        .filter(|s| s.is_valid_at(now))
+        .collect();
+    let shown = valid.first().copied().or(subscriptions.first());
+    let valid_ids: Vec<&str> = valid.iter().map(|s| s.id.as_str()).collect();
+    let mut products: Vec<String> = on_conn!(conn, c => stripe_subscription_items::table
+        .filter(stripe_subscription_items::subscription_id.eq_any(&valid_ids))
+        .filter(stripe_subscription_items::deleted.eq(false))
+        .select(stripe_subscription_items::product_id)
+        .load::<Option<String>>(c))?
+    .into_iter()
+    .flatten()
+    .collect();
+    products.sort();
+    products.dedup();
+    let product_data: Vec<String> = on_conn!(conn, c => stripe_products::table
+        .filter(stripe_products::id.eq_any(&products))
+        .filter(stripe_products::livemode.eq(live))
+        .filter(stripe_products::deleted.eq(false))
+        .select(stripe_products::data)
+        .load(c))?;
+    let mut roles: Vec<String> = product_data
+        .iter()
+        .flat_map(|d| super::roles_in(d))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    let summaries: Vec<Option<String>> = on_conn!(conn, c => stripe_entitlement_summaries::table
+        .filter(stripe_entitlement_summaries::id.eq_any(&customers))
+        .filter(stripe_entitlement_summaries::deleted.eq(false))
+        .select(stripe_entitlement_summaries::lookup_keys)
+        .load(c))?;
+    let mut features: Vec<String> = if summaries.is_empty() {
+        ProductFeature::for_products(conn, &products)?
+            .into_iter()
+            .filter_map(|f| f.lookup_key)
+            .collect()
+    } else {
+        summaries
+            .iter()
+            .flatten()
+            .flat_map(|keys| keys.split(','))
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    features.sort();
+    features.dedup();
+    Ok(AccessState {
+        valid: !valid.is_empty(),
+        subscription: shown.map(|s| s.id.clone()),
+        status: shown.and_then(|s| s.status.clone()),
+        products,
+        roles,
+        features,
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Telling
+
+/// How long a deliverer waits for another one telling the same subscriber.
+const BUSY_WAIT: Duration = Duration::from_secs(3);
+/// At most this many rounds when writes keep arriving while the hook runs.
+const MAX_ROUNDS: usize = 5;
+
+/// The handler-log key under which an event records that it must tell a subscriber.
+pub(crate) fn log_key((subscriber, live): &Touched) -> String {
+    let mode = if *live { "live" } else { "test" };
+    format!("access:{mode}:{subscriber}")
+}
+
+/// The subscriber a handler-log key names, if it is an access key.
+pub(crate) fn from_log_key(key: &str) -> Option<Touched> {
+    let rest = key.strip_prefix("access:")?;
+    let (mode, subscriber) = rest.split_once(':')?;
+    Some((subscriber.to_owned(), mode == "live"))
+}
+
+enum Claimed {
+    /// Nothing untold.
+    Clean,
+    /// Another worker is telling it.
+    Busy,
+    /// Ours: the claim's token, the version claimed, what was told, what holds now.
+    Mine(Box<Mine>),
+}
+
+struct Mine {
+    token: i32,
+    version: i64,
+    before: AccessState,
+    after: AccessState,
+}
+
+/// Tells the hook the subscriber's access if it changed since it was last told.
+/// `Ok(true)` when the hook ran, `Ok(false)` when nothing had changed; `Err` (the
+/// message) when the hook failed, panicked or timed out, or the row stayed claimed by
+/// another worker: the row stays dirty and a later delivery tells it.
+pub(crate) async fn tell(
+    mirror: &Mirror,
+    hook: &AccessHook,
+    (subscriber, live): &Touched,
+) -> std::result::Result<bool, String> {
+    let limit = mirror.config().webhook_handler_timeout;
+    let lease = limit.as_secs() as i64 + 10;
+    let waited = tokio::time::Instant::now();
+    let mut told = false;
+    for _ in 0..MAX_ROUNDS {
+        let (s, l, now) = (subscriber.clone(), *live, mirror.now());
+        let claimed = mirror
+            .db()
+            .run(move |conn| conn.write(|c| claim(c, &s, l, now, lease)))
+            .await
+            .map_err(|e| format!("access of {subscriber} could not be read: {e}"))?;
+        let (token, version, before, after) = match claimed {
+            Claimed::Clean => return Ok(told),
+            Claimed::Busy if waited.elapsed() < BUSY_WAIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Claimed::Busy => {
+                return Err(format!(
+                    "access of {subscriber} is being told by another worker"
+                ));
+            }
+            Claimed::Mine(mine) => (mine.token, mine.version, mine.before, mine.after),
+        };
+        let result = if before == after {
+            Ok(())
+        } else {
+            let change = AccessChange {
+                subscriber: subscriber.clone(),
+                livemode: *live,
+                before,
+                after: after.clone(),
+            };
+            told = true;
+            let run = hook(change, mirror.clone());
+            crate::webhooks::registry::guarded(run, limit)
+                .await
+                .map_err(|e| format!("access hook for {subscriber} {e}"))
+        };
+        let (s, l, now) = (subscriber.clone(), *live, mirror.now());
+        let error = result.as_ref().err().cloned();
+        let still_dirty = mirror
+            .db()
+            .run(move |conn| release(conn, &s, l, token, version, &after, error, now))
+            .await
+            .map_err(|e| format!("access of {subscriber} could not be recorded: {e}"))?;
+        if let Err(error) = result {
+            tracing::warn!(subscriber = %subscriber, %error, "access hook failed");
+            return Err(error);
+        }
+        if !still_dirty {
+            return Ok(told);
+        }
+    }
+    Err(format!(
+        "access of {subscriber} kept changing while it was told; it stays due"
+    ))
+}
+
+/// Claims a dirty subscriber row and computes the access it now has.
+fn claim(
+    conn: &mut Conn<'_>,
+    subscriber: &str,
+    live: bool,
+    now: i64,
+    lease: i64,
+) -> Result<Claimed> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::{BigInt, Nullable};
+    let db_now = crate::webhooks::event::database_now(conn);
+    let until = sql::<Nullable<BigInt>>(&format!("({db_now}) + {lease}"));
+    let expired = sql::<Nullable<BigInt>>(db_now);
+    let key = stripe_access::table
+        .filter(stripe_access::subscriber_id.eq(subscriber))
+        .filter(stripe_access::livemode.eq(live));
+    let claimed: Option<(i32, i64, Option<String>)> = on_conn!(conn, c => diesel::update(
+            key.filter(stripe_access::dirty.eq(true)).filter(
+                stripe_access::claimed_until.is_null().or(stripe_access::claimed_until.lt(expired)),
+            ),
+        )
+        .set((
+            stripe_access::claimed_until.eq(until),
+            stripe_access::token.eq(stripe_access::token + 1),
+        ))
+        .returning((stripe_access::token, stripe_access::version, stripe_access::delivered))
+        .get_result(c)
+        .optional())?;
+    let Some((token, version, delivered)) = claimed else {
+        let dirty: Option<bool> =
+            on_conn!(conn, c => key.select(stripe_access::dirty).first(c).optional())?;
+        return Ok(if dirty == Some(true) {
+            Claimed::Busy
+        } else {
+            Claimed::Clean
+        });
+    };
+    let before = delivered
+        .as_deref()
+        .map(AccessState::from_json)
+        .unwrap_or_default();
+    let after = compute(conn, subscriber, live, now)?;
+    Ok(Claimed::Mine(Box::new(Mine {
+        token,
+        version,
+        before,
+        after,
+    })))
+}
+
+/// Ends a claim: on success records what was told and stays dirty only if a write
+/// came in meanwhile; on failure records the error. True when still dirty.
+#[allow(clippy::too_many_arguments)]
+fn release(
+    conn: &mut Conn<'_>,
+    subscriber: &str,
+    live: bool,
+    token: i32,
+    version: i64,
+    told: &AccessState,
+    error: Option<String>,
+    now: i64,
+) -> Result<bool> {
+    let key = stripe_access::table
+        .filter(stripe_access::subscriber_id.eq(subscriber))
+        .filter(stripe_access::livemode.eq(live))
+        .filter(stripe_access::token.eq(token));
+    let dirty: Option<bool> = match error {
+        None => on_conn!(conn, c => diesel::update(key)
+            .set((
+                stripe_access::delivered.eq(told.to_json()),
+                stripe_access::delivered_at.eq(now),
+                stripe_access::dirty.eq(stripe_access::version.ne(version)),
+                stripe_access::claimed_until.eq(None::<i64>),
+                stripe_access::error.eq(None::<String>),
+            ))
+            .returning(stripe_access::dirty)
+            .get_result(c)
+            .optional())?,
+        Some(error) => on_conn!(conn, c => diesel::update(key)
+            .set((
+                stripe_access::attempts.eq(stripe_access::attempts + 1),
+                stripe_access::claimed_until.eq(None::<i64>),
+                stripe_access::error.eq(error),
+            ))
+            .returning(stripe_access::dirty)
+            .get_result(c)
+            .optional())?,
+    };
+    // No row: the claim expired and another worker took over; it tells what is left.
+    Ok(dirty.unwrap_or(false))
+}
+
+/// The subscribers with a change not yet told, oldest first, at most `limit`.
+pub(crate) fn dirty(conn: &mut Conn<'_>, limit: i64) -> Result<Vec<Touched>> {
+    Ok(on_conn!(conn, c => stripe_access::table
+        .filter(stripe_access::dirty.eq(true))
+        .order((stripe_access::subscriber_id.asc(), stripe_access::livemode.asc()))
+        .select((stripe_access::subscriber_id, stripe_access::livemode))
+        .limit(limit)
+        .load(c))?)
+}
+
+/// The access the mirror holds for a subscriber in the mirror's mode, computed now.
+pub async fn access_of(mirror: &Mirror, subscriber_id: &str) -> Result<AccessState> {
+    let (s, live, now) = (subscriber_id.to_owned(), mirror.live_mode(), mirror.now());
+    mirror
+        .db()
+        .run(move |conn| compute(conn, &s, live, now))
+        .await
+}

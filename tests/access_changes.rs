@@ -1,0 +1,606 @@
+//! `on_access_change`: the host is told each subscriber's access as the mirror holds
+//! it, whatever order the events came in, once per change, never for a change that
+//! does not touch access, and again after its hook failed. The hook keeps a host table
+//! (`users.plan`, `users.role`) in the same database, as the README's guide does.
+//! Every test runs on SQLite and Postgres.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::backends;
+use serde_json::{Value, json};
+use stripe_mirror::webhooks::signature::sign;
+use stripe_mirror::webhooks::{EventFilter, Outcome};
+use stripe_mirror::{
+    AccessChange, Config, Mirror, Secret, Subscription, WebhookRequest, Webhooks, access_of,
+};
+
+const SECRET: &str = "whsec_test_access";
+const PERIOD_END: i64 = 4_102_444_800;
+
+fn config(b: &common::Backend) -> Config {
+    let mut config = b.config.clone();
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    config
+}
+
+fn post(v: &Value) -> WebhookRequest {
+    let body = v.to_string().into_bytes();
+    let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
+    WebhookRequest::new(body).header("Stripe-Signature", header)
+}
+
+fn event(id: &str, kind: &str, created: i64, object: Value) -> Value {
+    json!({"id": id, "object": "event", "type": kind, "created": created, "livemode": false,
+           "data": {"object": object}})
+}
+
+fn customer(id: &str, subscriber: Option<&str>, email: &str) -> Value {
+    let metadata = match subscriber {
+        Some(s) => json!({"stripe_mirror_subscriber": s}),
+        None => json!({}),
+    };
+    json!({"id": id, "object": "customer", "livemode": false, "email": email, "metadata": metadata, "created": 1_700_000_000})
+}
+
+fn subscription(id: &str, customer: &str, status: &str, product: &str) -> Value {
+    json!({"id": id, "object": "subscription", "livemode": false, "customer": customer, "status": status,
+           "created": 1_700_000_100,
+           "items": {"object": "list", "data": [{"id": format!("si_{id}"), "object": "subscription_item",
+               "subscription": id, "quantity": 1, "price": {"id": "price_pro", "object": "price", "product": product},
+               "current_period_start": 1_700_000_100, "current_period_end": PERIOD_END}]}})
+}
+
+fn product(id: &str, roles: &str) -> Value {
+    json!({"id": id, "object": "product", "livemode": false, "name": "Pro", "metadata": {"roles": roles}})
+}
+
+/// The host: its `users` table (in the mirror's database) kept by the hook, and every
+/// change the hook was given.
+#[derive(Clone)]
+struct Host {
+    url: String,
+    calls: Arc<Mutex<Vec<AccessChange>>>,
+    failing: Arc<Mutex<bool>>,
+}
+
+impl Host {
+    fn new(config: &Config, users: &[&str]) -> Host {
+        common::execute_sql(
+            &config.database_url,
+            "CREATE TABLE users (id TEXT PRIMARY KEY, plan TEXT, role TEXT)",
+        );
+        for user in users {
+            common::execute_sql(
+                &config.database_url,
+                &format!("INSERT INTO users (id) VALUES ('{user}')"),
+            );
+        }
+        Host {
+            url: config.database_url.clone(),
+            calls: Arc::default(),
+            failing: Arc::default(),
+        }
+    }
+
+    fn webhooks(&self) -> Webhooks {
+        Webhooks::new()
+            .with_state(self.clone())
+            .on_access_change(|change: AccessChange, _m: Mirror, host: Host| async move {
+                host.calls.lock().unwrap().push(change.clone());
+                if *host.failing.lock().unwrap() {
+                    return Err("users table is locked".into());
+                }
+                // Keep `users` in step: the plan is the product, the role the first role.
+                let after = &change.after;
+                let quote = |v: Option<&String>| v.map_or("NULL".to_owned(), |v| format!("'{v}'"));
+                let plan = quote(after.products.first().filter(|_| after.valid));
+                let role = quote(after.roles.first().filter(|_| after.valid));
+                let sql = format!(
+                    "UPDATE users SET plan = {plan}, role = {role} WHERE id = '{}'",
+                    change.subscriber
+                );
+                let url = host.url.clone();
+                tokio::task::spawn_blocking(move || common::execute_sql(&url, &sql)).await?;
+                Ok(())
+            })
+            .into()
+    }
+
+    fn calls(&self) -> Vec<AccessChange> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn row(&self, user: &str) -> String {
+        common::query_text(
+            &self.url,
+            &format!(
+                "SELECT COALESCE(plan, '-') || '/' || COALESCE(role, '-') AS t FROM users WHERE id = '{user}'"
+            ),
+        )
+    }
+}
+
+async fn deliver(webhooks: &Webhooks, mirror: &Mirror, event: &Value) -> Outcome {
+    webhooks.receive(mirror, post(event)).await.outcome
+}
+
+#[tokio::test]
+async fn a_subscription_before_its_customer_is_told_when_the_customer_arrives() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-1"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        assert_eq!(
+            deliver(
+                &webhooks,
+                &mirror,
+                &event("evt_p", "product.created", t, product("prod_pro", "pro"))
+            )
+            .await,
+            Outcome::Processed
+        );
+        assert_eq!(
+            deliver(
+                &webhooks,
+                &mirror,
+                &event(
+                    "evt_s",
+                    "customer.subscription.created",
+                    t + 1,
+                    subscription("sub_1", "cus_1", "active", "prod_pro")
+                )
+            )
+            .await,
+            Outcome::Processed
+        );
+        // No customer yet: nobody to tell.
+        assert!(host.calls().is_empty(), "{}", b.name);
+        assert_eq!(
+            deliver(
+                &webhooks,
+                &mirror,
+                &event(
+                    "evt_c",
+                    "customer.created",
+                    t + 2,
+                    customer("cus_1", Some("user-1"), "a@example.com")
+                )
+            )
+            .await,
+            Outcome::Processed
+        );
+        let calls = host.calls();
+        assert_eq!(calls.len(), 1, "{}: {calls:?}", b.name);
+        let change = &calls[0];
+        assert_eq!(change.subscriber, "user-1");
+        assert!(change.granted());
+        assert!(!change.before.valid && change.before.products.is_empty());
+        assert_eq!(change.after.subscription.as_deref(), Some("sub_1"));
+        assert_eq!(
+            change
+                .after
+                .status
+                .as_ref()
+                .map(|s| s.to_string())
+                .as_deref(),
+            Some("active")
+        );
+        assert_eq!(change.after.products, vec!["prod_pro"]);
+        assert_eq!(change.after.roles, vec!["pro"]);
+        assert_eq!(host.row("user-1"), "prod_pro/pro", "{}", b.name);
+        // The mirror agrees with what was told.
+        assert_eq!(access_of(&mirror, "user-1").await.unwrap(), change.after);
+    }
+}
+
+#[tokio::test]
+async fn every_order_of_customer_and_subscription_events_ends_with_the_final_access_told() {
+    let t = 1_700_000_100;
+    let events = [
+        event(
+            "evt_c",
+            "customer.created",
+            t,
+            customer("cus_1", Some("user-1"), "a@example.com"),
+        ),
+        event(
+            "evt_s1",
+            "customer.subscription.created",
+            t,
+            subscription("sub_1", "cus_1", "incomplete", "prod_pro"),
+        ),
+        event(
+            "evt_s2",
+            "customer.subscription.updated",
+            t + 5,
+            subscription("sub_1", "cus_1", "active", "prod_pro"),
+        ),
+    ];
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    for b in backends() {
+        for (n, order) in orders.iter().enumerate() {
+            // A fresh database per order: a fresh mode-less prefix for ids instead.
+            let config = config(&b);
+            let mirror = Mirror::connect(config.clone()).await.unwrap();
+            let user = format!("user-{n}");
+            let host = Host::new_or_reuse(&config, &user);
+            let webhooks = host.webhooks();
+            for i in order {
+                let mut e = events[*i].clone();
+                rename(&mut e, n);
+                assert_eq!(
+                    deliver(&webhooks, &mirror, &e).await,
+                    Outcome::Processed,
+                    "{} {order:?}",
+                    b.name
+                );
+            }
+            let calls: Vec<AccessChange> = host.calls();
+            let last = calls
+                .last()
+                .unwrap_or_else(|| panic!("{} {order:?}: never told", b.name));
+            assert!(last.after.valid, "{} {order:?}: {calls:?}", b.name);
+            assert_eq!(last.after.products, vec!["prod_pro"]);
+            assert_eq!(
+                last.after.status.as_ref().map(|s| s.to_string()).as_deref(),
+                Some("active")
+            );
+            // Each call tells a real change, and what one call ends with the next begins with.
+            for pair in calls.windows(2) {
+                assert_eq!(pair[0].after, pair[1].before, "{} {order:?}", b.name);
+            }
+            assert!(calls.iter().all(|c| c.before != c.after));
+            assert_eq!(host.row(&user), "prod_pro/-", "{} {order:?}", b.name);
+            assert_eq!(access_of(&mirror, &user).await.unwrap(), last.after);
+        }
+    }
+}
+
+/// Gives the events of order `n` their own ids (one database serves every order).
+fn rename(event: &mut Value, n: usize) {
+    let text = event
+        .to_string()
+        .replace("user-1", &format!("user-{n}"))
+        .replace("cus_1", &format!("cus_{n}x"))
+        .replace("sub_1", &format!("sub_{n}x"))
+        .replace("evt_", &format!("evt_{n}x"));
+    *event = serde_json::from_str(&text).unwrap();
+}
+
+impl Host {
+    /// One `users` table for many tests on one database: created once, a row added.
+    fn new_or_reuse(config: &Config, user: &str) -> Host {
+        common::execute_sql(
+            &config.database_url,
+            "CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, plan TEXT, role TEXT)",
+        );
+        common::execute_sql(
+            &config.database_url,
+            &format!("INSERT INTO users (id) VALUES ('{user}')"),
+        );
+        Host {
+            url: config.database_url.clone(),
+            calls: Arc::default(),
+            failing: Arc::default(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_customer_linked_later_by_checkout_is_told_and_a_deletion_revokes() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-2"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_c",
+                "customer.created",
+                t,
+                customer("cus_2", None, "b@example.com"),
+            ),
+        )
+        .await;
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_s",
+                "customer.subscription.created",
+                t,
+                subscription("sub_2", "cus_2", "active", "prod_basic"),
+            ),
+        )
+        .await;
+        assert!(host.calls().is_empty(), "{}: no subscriber yet", b.name);
+        let session = json!({"id": "cs_1", "object": "checkout.session", "livemode": false, "mode": "subscription",
+            "status": "complete", "customer": "cus_2", "subscription": "sub_2", "client_reference_id": "user-2",
+            "metadata": {"stripe_mirror_subscriber": "user-2"}});
+        assert_eq!(
+            deliver(
+                &webhooks,
+                &mirror,
+                &event("evt_cs", "checkout.session.completed", t + 1, session)
+            )
+            .await,
+            Outcome::Processed
+        );
+        let calls = host.calls();
+        assert_eq!(calls.len(), 1, "{}: {calls:?}", b.name);
+        assert!(calls[0].granted());
+        assert_eq!(host.row("user-2"), "prod_basic/-");
+        // Canceled: access revoked, the host's plan cleared.
+        let mut canceled = subscription("sub_2", "cus_2", "canceled", "prod_basic");
+        canceled["ended_at"] = json!(t + 10);
+        assert_eq!(
+            deliver(
+                &webhooks,
+                &mirror,
+                &event("evt_d", "customer.subscription.deleted", t + 10, canceled)
+            )
+            .await,
+            Outcome::Processed
+        );
+        let calls = host.calls();
+        assert_eq!(calls.len(), 2, "{}: {calls:?}", b.name);
+        assert!(calls[1].revoked());
+        assert_eq!(
+            calls[1]
+                .after
+                .status
+                .as_ref()
+                .map(|s| s.to_string())
+                .as_deref(),
+            Some("canceled")
+        );
+        assert!(calls[1].after.products.is_empty());
+        assert_eq!(host.row("user-2"), "-/-", "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_told_when_access_did_not_change() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-3"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        let created = event(
+            "evt_c",
+            "customer.created",
+            t,
+            customer("cus_3", Some("user-3"), "c@example.com"),
+        );
+        deliver(&webhooks, &mirror, &created).await;
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_s",
+                "customer.subscription.created",
+                t,
+                subscription("sub_3", "cus_3", "active", "prod_pro"),
+            ),
+        )
+        .await;
+        assert_eq!(host.calls().len(), 1, "{}", b.name);
+        // An email update, a redelivery, a forced replay, a product edit that keeps its roles.
+        let mut updated = event(
+            "evt_u",
+            "customer.updated",
+            t + 5,
+            customer("cus_3", Some("user-3"), "new@example.com"),
+        );
+        updated["data"]["previous_attributes"] = json!({"email": "c@example.com"});
+        assert_eq!(
+            deliver(&webhooks, &mirror, &updated).await,
+            Outcome::Processed
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &created).await,
+            Outcome::Duplicate
+        );
+        let replay = EventFilter {
+            ids: vec!["evt_c".into(), "evt_s".into(), "evt_u".into()],
+            ..Default::default()
+        };
+        let report = webhooks.process_events(&mirror, &replay).await.unwrap();
+        assert_eq!(report.processed, 3, "{}: {report:?}", b.name);
+        deliver(
+            &webhooks,
+            &mirror,
+            &event("evt_p", "product.updated", t + 6, product("prod_pro", "")),
+        )
+        .await;
+        let swept = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!(swept.told, 0, "{}: {swept:?}", b.name);
+        assert_eq!(host.calls().len(), 1, "{}: {:?}", b.name, host.calls());
+        assert_eq!(
+            common::query_count(
+                &config.database_url,
+                "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE"
+            ),
+            0
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_hook_fails_the_event_and_is_told_again_on_redelivery_and_replay() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-4", "user-5"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_c",
+                "customer.created",
+                t,
+                customer("cus_4", Some("user-4"), "d@example.com"),
+            ),
+        )
+        .await;
+        *host.failing.lock().unwrap() = true;
+        let sub = event(
+            "evt_s",
+            "customer.subscription.created",
+            t,
+            subscription("sub_4", "cus_4", "active", "prod_pro"),
+        );
+        let answer = webhooks.receive(&mirror, post(&sub)).await;
+        assert_eq!(
+            (answer.status, answer.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}",
+            b.name
+        );
+        assert!(answer.error.unwrap().contains("users table is locked"));
+        let log = common::query_text(
+            &config.database_url,
+            "SELECT handlers AS t FROM stripe_events WHERE id = 'evt_s'",
+        );
+        assert!(
+            log.contains("access:test:user-4") && log.contains("users table is locked"),
+            "{}: {log}",
+            b.name
+        );
+        assert_eq!(host.row("user-4"), "-/-");
+        // Stripe redelivers once the host's table is back: told again, and only once more.
+        *host.failing.lock().unwrap() = false;
+        assert_eq!(
+            deliver(&webhooks, &mirror, &sub).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        assert_eq!(host.calls().len(), 2);
+        assert_eq!(host.row("user-4"), "prod_pro/-");
+        assert_eq!(deliver(&webhooks, &mirror, &sub).await, Outcome::Duplicate);
+        assert_eq!(host.calls().len(), 2);
+
+        // The same through a replay of the failed events.
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_c5",
+                "customer.created",
+                t,
+                customer("cus_5", Some("user-5"), "e@example.com"),
+            ),
+        )
+        .await;
+        *host.failing.lock().unwrap() = true;
+        let sub5 = event(
+            "evt_s5",
+            "customer.subscription.created",
+            t,
+            subscription("sub_5", "cus_5", "trialing", "prod_pro"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &sub5).await,
+            Outcome::HandlerFailed
+        );
+        *host.failing.lock().unwrap() = false;
+        let report = webhooks
+            .process_events(
+                &mirror,
+                &EventFilter {
+                    failed: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.processed, 1, "{}: {report:?}", b.name);
+        assert_eq!(host.row("user-5"), "prod_pro/-");
+        let last = host.calls().pop().unwrap();
+        assert_eq!((last.subscriber.as_str(), last.granted()), ("user-5", true));
+    }
+}
+
+#[tokio::test]
+async fn changes_made_by_syncs_and_the_cli_are_told_by_deliver_access_changes() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-6"]);
+        let webhooks = host.webhooks();
+        // A registry without the hook (the CLI's) applies an event: the change is kept.
+        let cli = Webhooks::new();
+        let t = 1_700_000_100;
+        assert_eq!(
+            deliver(
+                &cli,
+                &mirror,
+                &event(
+                    "evt_c",
+                    "customer.created",
+                    t,
+                    customer("cus_6", Some("user-6"), "f@example.com")
+                )
+            )
+            .await,
+            Outcome::Processed
+        );
+        Subscription::sync_from_stripe_data(
+            &mirror,
+            &subscription("sub_6", "cus_6", "active", "prod_team"),
+        )
+        .await
+        .unwrap();
+        assert!(host.calls().is_empty());
+        let report = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!(
+            (report.told, report.failed.len()),
+            (1, 0),
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(host.row("user-6"), "prod_team/-");
+        let again = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!((again.told, again.unchanged), (0, 0), "{}", b.name);
+        // A product's roles change: its subscribers are told.
+        deliver(
+            &webhooks,
+            &mirror,
+            &event(
+                "evt_p",
+                "product.updated",
+                t + 1,
+                product("prod_team", "admin,team"),
+            ),
+        )
+        .await;
+        let report = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!(report.told, 1, "{}: {report:?}", b.name);
+        assert_eq!(
+            host.calls().last().unwrap().after.roles,
+            vec!["admin", "team"]
+        );
+        assert_eq!(host.row("user-6"), "prod_team/admin");
+        // Without a hook there is nothing to deliver to: a clear error.
+        let err = cli.deliver_access_changes(&mirror).await.unwrap_err();
+        assert!(err.to_string().contains("on_access_change"), "{err}");
+    }
+}
