@@ -106,6 +106,11 @@
 //!    # Ok(()) }
 //!    ```
 //!
+//! 8. **Keep your users in step**: [`Webhooks::on_access_change`] tells you when a
+//!    user's access changed (granted, revoked, another plan, a role), computed from the
+//!    mirror so it is right whatever order Stripe's events came in; set `users.plan`
+//!    there (the README's guide "Keeping your users in step").
+//!
 //! ## Layout
 //!
 //! - [`config`]: settings, from code or the environment; [`Clock`], the host's clock.
@@ -116,7 +121,9 @@
 //! - `sync`: the one JSON-to-row mapping, stale-write guard and upsert all models share.
 //! - [`stripe`]: talking to the Stripe API.
 //! - [`webhooks`]: the handler registry and the webhook pipeline.
-//! - [`access`]: subscription gates, roles and features, from the local database.
+//! - [`access`]: subscription gates, roles and features, from the local database; and
+//!   [`access::changes`], telling the host when a user's access changed
+//!   ([`Webhooks::on_access_change`]).
 //! - [`checkout`]: Checkout and Billing Portal sessions for a subscriber.
 //! - [`demo`]: the demo catalogue (Basic, Starter, Pro) for test mode.
 //! - [`error`]: the one [`Error`] enum.
