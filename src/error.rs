@@ -100,6 +100,16 @@ pub enum Error {
     #[error("{0}")]
     Stripe(Box<crate::stripe::StripeApiError>),
 
+    /// A group of writes shared one transaction and it could not be committed (or no
+    /// connection could be had for it): nothing of the group is stored.
+    #[error(
+        "the database did not commit the write ({message}); nothing of it is stored, retry it (a webhook answers 503 and Stripe retries)"
+    )]
+    Commit {
+        /// What the database (or the pool) reported.
+        message: String,
+    },
+
     /// A database task on the blocking pool panicked or was cancelled (the runtime is
     /// shutting down): a bug or a shutdown, not bad input.
     #[error(
@@ -144,7 +154,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error as D};
         match self {
-            Error::Unavailable { .. } => true,
+            Error::Unavailable { .. } | Error::Commit { .. } => true,
             Error::Database(D::DatabaseError(kind, _)) => matches!(
                 kind,
                 K::SerializationFailure | K::ClosedConnection | K::UnableToSendCommand | K::Unknown

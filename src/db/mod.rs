@@ -7,6 +7,7 @@
 //! queries is written once and compiled for each backend by the `on_conn!` macro,
 //! which keeps this a thin enum rather than a generic maze of trait bounds.
 
+mod batch;
 pub mod schema;
 
 use std::time::Duration;
@@ -133,6 +134,8 @@ use DbPool as Pool;
 #[derive(Clone)]
 pub(crate) struct Database {
     pool: Pool,
+    /// The group-commit writer ([`batch`]).
+    batcher: batch::Batcher,
 }
 
 /// The SQLite settings the mirror relies on, as an r2d2 connection customizer: WAL
@@ -206,7 +209,10 @@ pub(crate) fn redact_url(url: &str) -> String {
 impl Database {
     /// Wraps a pool the host app already has.
     pub(crate) fn from_pool(pool: DbPool) -> Self {
-        Database { pool }
+        Database {
+            pool,
+            batcher: Default::default(),
+        }
     }
 
     /// Which database, for messages: the backend (the pool does not keep its URL).
@@ -260,7 +266,10 @@ impl Database {
                 )));
             }
         };
-        Ok(Database { pool })
+        Ok(Database {
+            pool,
+            batcher: Default::default(),
+        })
     }
 
     pub(crate) fn backend(&self) -> Backend {

@@ -115,6 +115,7 @@ fn is_unavailable(err: &Error) -> bool {
     matches!(
         err,
         Error::Unavailable { .. }
+            | Error::Commit { .. }
             | Error::Database(D::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _
@@ -187,9 +188,11 @@ impl Webhooks {
         let this = self.clone();
         let (t, lease) = (mirror.now(), lease_secs(mirror));
         let (headers, remote) = (request.headers, request.remote_addr);
+        // Group commit: deliveries arriving together share one transaction, each in its
+        // own savepoint, and none is answered before that transaction commits.
         let first = mirror
             .db()
-            .run(move |conn| {
+            .write_batched(move |conn| {
                 let valid = checked.is_ok();
                 let id = delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
                 let step = match (checked, refetch) {
@@ -206,7 +209,27 @@ impl Webhooks {
                     }
                     // The API call must not sit inside a transaction: claim after it.
                     (Ok(event), Some(target)) => Step::Refetch(event, target),
-                    (Ok(event), None) => this.claim(conn, id, event, (t, lease))?,
+                    (Ok(event), None) => {
+                        let event_id = event.id.clone();
+                        match this.claim(conn, id, event, (t, lease)) {
+                            Ok(step) => step,
+                            // Our failure (the claim's savepoint is rolled back): the
+                            // delivery keeps it, the answer is 5xx so Stripe retries.
+                            Err(err) => {
+                                let failure = Failure::from_error(err);
+                                let error = Some(failure.error.as_str());
+                                delivery::finish(
+                                    conn,
+                                    id,
+                                    true,
+                                    Some(&event_id),
+                                    failure.outcome,
+                                    error,
+                                )?;
+                                Step::Answer(Err(failure))
+                            }
+                        }
+                    }
                 };
                 Ok((id, step))
             })
@@ -223,7 +246,7 @@ impl Webhooks {
             let (this, t) = (self.clone(), mirror.now());
             step = mirror
                 .db()
-                .run(move |conn| match fetched {
+                .write_batched(move |conn| match fetched {
                     Ok(fetched) => {
                         event.refetched = Some(fetched);
                         this.claim(conn, delivery_id, event, (t, lease))
@@ -263,33 +286,31 @@ impl Webhooks {
             Err(f) => (f.outcome, Some(f.error.clone())),
         };
         let id = event.id.clone();
+        // Both records in one transaction, shared with other deliveries finishing now.
         let recorded = mirror
             .db()
-            .run(move |conn| {
-                // One transaction for both records: one commit instead of two.
-                conn.write(|conn| {
-                    if !event::finish(conn, &id, work.token, &work.handlers, error.as_deref())? {
-                        let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
-                        delivery::finish(
-                            conn,
-                            delivery_id,
-                            true,
-                            Some(&id),
-                            lost.outcome,
-                            Some(&lost.error),
-                        )?;
-                        return Ok(Err(lost));
-                    }
+            .write_batched(move |conn| {
+                if !event::finish(conn, &id, work.token, &work.handlers, error.as_deref())? {
+                    let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
                     delivery::finish(
                         conn,
                         delivery_id,
                         true,
                         Some(&id),
-                        outcome,
-                        error.as_deref(),
+                        lost.outcome,
+                        Some(&lost.error),
                     )?;
-                    Ok(Ok(()))
-                })
+                    return Ok(Err(lost));
+                }
+                delivery::finish(
+                    conn,
+                    delivery_id,
+                    true,
+                    Some(&id),
+                    outcome,
+                    error.as_deref(),
+                )?;
+                Ok(Ok(()))
             })
             .await;
         match recorded {

@@ -1,0 +1,142 @@
+//! Group commit: writes that arrive together share one transaction and one commit.
+//!
+//! A durable commit costs a disk flush (SQLite `synchronous = FULL`, Postgres with
+//! `fsync` on), far more than the statements before it. Webhook deliveries arriving at
+//! once queue here; one writer task takes everything queued, runs each piece of work
+//! in its own savepoint inside one transaction, commits once, and only then hands each
+//! caller its result. So:
+//! - a piece of work that fails rolls back its savepoint alone: the others commit;
+//! - no caller learns its work is done before the commit that holds it returned: a
+//!   crash or a failed commit answers nobody with success;
+//! - one delivery at a time pays one commit, as before; eight at once share one.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Conn, Database};
+use crate::error::{Error, Result};
+
+/// At most this many pieces of work share a transaction (bounds its size and the
+/// time the first caller waits behind the others).
+const MAX_BATCH: usize = 64;
+
+/// One caller's queued work.
+trait Work: Send {
+    /// Runs in a savepoint; returns how to hand the result over once the commit's
+    /// outcome is known.
+    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> Handover;
+    /// The work never ran: no connection could be had.
+    fn fail(self: Box<Self>, message: String);
+}
+
+type Handover = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
+struct Pending<R, F> {
+    f: F,
+    tx: oneshot::Sender<Result<R>>,
+}
+
+impl<R, F> Work for Pending<R, F>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> Handover {
+        let Pending { f, tx } = *self;
+        let result = conn.write(f);
+        Box::new(move |committed| {
+            let _ = tx.send(match committed {
+                Ok(()) => result,
+                Err(message) => Err(Error::Commit { message }),
+            });
+        })
+    }
+
+    fn fail(self: Box<Self>, message: String) {
+        let _ = self.tx.send(Err(Error::Commit { message }));
+    }
+}
+
+/// The writer task's queue, started on first use (on the runtime of that use) and
+/// restarted if that runtime went away.
+#[derive(Clone, Default)]
+pub(crate) struct Batcher {
+    queue: Arc<Mutex<Option<mpsc::UnboundedSender<Box<dyn Work>>>>>,
+}
+
+impl Database {
+    /// Runs `f` in a transaction shared with other writes queued at the same moment
+    /// (group commit), in its own savepoint: an error rolls back `f`'s writes only.
+    /// Returns `f`'s result once the shared transaction has committed; if the commit
+    /// fails (or no connection can be had), every caller of the group gets
+    /// [`Error::Commit`] and nothing of the group is stored.
+    pub(crate) async fn write_batched<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R>>();
+        self.batcher.send(self.clone(), Box::new(Pending { f, tx }));
+        rx.await.map_err(|_| Error::Commit {
+            message: "the writer stopped before committing (is the runtime shutting down?)".into(),
+        })?
+    }
+}
+
+impl Batcher {
+    fn send(&self, db: Database, work: Box<dyn Work>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let work = match queue.as_ref() {
+            Some(q) => match q.send(work) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(work)) => work,
+            },
+            None => work,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(db, rx));
+        let _ = tx.send(work);
+        *queue = Some(tx);
+    }
+}
+
+/// The writer: takes what is queued, runs it in one transaction, commits, hands over.
+async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Box<dyn Work>>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(work) => group.push(work),
+                Err(_) => break,
+            }
+        }
+        let db = db.clone();
+        // A panic drops the group's senders: each caller gets `Error::Commit`.
+        let _ = tokio::task::spawn_blocking(move || run_group(&db, group)).await;
+    }
+}
+
+fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
+    let mut waiting = Some(group);
+    let mut handovers: Vec<Handover> = Vec::new();
+    let committed = db.run_blocking(|conn| {
+        conn.write(|conn| {
+            for work in waiting.take().into_iter().flatten() {
+                handovers.push(work.run(conn));
+            }
+            Ok(())
+        })
+    });
+    let committed = committed.map_err(|e: Error| e.to_string());
+    if let Err(error) = &committed {
+        tracing::error!(%error, writes = handovers.len(), "a group of writes could not be committed");
+        // No connection: the work never ran.
+        for work in waiting.into_iter().flatten() {
+            work.fail(error.clone());
+        }
+    }
+    for handover in handovers {
+        handover(committed.clone());
+    }
+}
