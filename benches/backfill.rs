@@ -1,38 +1,56 @@
-//! `sync_all` throughput and memory: a local stub serves N customers in pages of 100;
-//! the bench mirrors them into a SQLite file and reports objects per second and the
-//! process's peak resident memory after each size, to show memory stays flat as N grows.
+//! Backfill and subscription checks at scale.
 //!
-//! Run with `cargo bench --bench backfill`. Figures are recorded in benches/README.md.
+//! - `backfill OBJECTS`: `sync_all` from a local stub that serves Stripe list pages of
+//!   customers and subscriptions (half each, generated page by page so the stub holds
+//!   nothing), into a SQLite file; objects/s and the process's peak RSS. Run once per
+//!   size in its own process, so each peak is its own.
+//! - `reads CUSTOMERS`: mirrors that many customers, each with a subscription, then
+//!   times subscription checks for random subscribers: `Customer::by_subscriber` +
+//!   `customer.subscription()`, and the gate `require_subscription(user).check()`;
+//!   p50 and p99 in microseconds.
+//!
+//! Prints one JSON object per measurement. Run: `cargo bench --bench backfill -- backfill 100000`.
 
-use std::time::Instant;
+#![recursion_limit = "256"]
 
-use axum::extract::Query;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query};
 use axum::routing::get;
-use stripe_mirror::{Config, Mirror, Secret, SyncOptions, sync_all};
+use serde_json::{Value, json};
+use stripe_mirror::{
+    Config, Customer, Mirror, Secret, SyncOptions, require_subscription, sync_all,
+};
 
-fn customer(i: usize) -> serde_json::Value {
-    serde_json::json!({
+fn customer(i: usize) -> Value {
+    json!({
         "id": format!("cus_{i:08}"), "object": "customer", "livemode": false, "created": 1_700_000_000 + i,
         "email": format!("user{i}@example.com"), "name": format!("User {i}"), "balance": 0, "currency": "usd",
         "metadata": {"stripe_mirror_subscriber": format!("user-{i}"), "plan": "pro"},
-        "invoice_settings": {"default_payment_method": null, "footer": null},
+        "invoice_settings": {"default_payment_method": null, "footer": null, "custom_fields": null},
         "address": {"city": "Paris", "country": "FR", "line1": "1 rue de Rivoli", "postal_code": "75001"},
+        "delinquent": false, "description": null, "discount": null, "phone": null, "preferred_locales": [],
+        "shipping": null, "tax_exempt": "none", "test_clock": null, "invoice_prefix": "ABC123",
     })
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0)
-            })
-        })
-        .unwrap_or(0)
+fn subscription(i: usize) -> Value {
+    let id = format!("sub_{i:08}");
+    json!({
+        "id": id, "object": "subscription", "livemode": false, "customer": format!("cus_{i:08}"),
+        "status": if i % 10 == 0 { "canceled" } else { "active" }, "created": 1_700_000_000 + i,
+        "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
+        "collection_method": "charge_automatically", "currency": "usd", "start_date": 1_700_000_000 + i,
+        "billing_cycle_anchor": 1_700_000_000 + i, "trial_start": null, "trial_end": null,
+        "metadata": {}, "default_payment_method": null, "latest_invoice": format!("in_{i:08}"),
+        "items": {"object": "list", "has_more": false, "total_count": 1, "url": format!("/v1/subscription_items?subscription={id}"),
+            "data": [{"id": format!("si_{i:08}"), "object": "subscription_item", "subscription": id,
+                "created": 1_700_000_000 + i, "quantity": 1, "metadata": {},
+                "current_period_start": 1_700_000_000 + i, "current_period_end": 4_102_444_800_i64,
+                "price": {"id": "price_pro_monthly", "object": "price", "active": true, "currency": "usd",
+                    "product": "prod_pro", "type": "recurring", "unit_amount": 2000, "livemode": false,
+                    "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"}}}]},
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -41,60 +59,137 @@ struct Page {
     limit: Option<usize>,
 }
 
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Serves `per_kind` customers and as many subscriptions, page by page.
+async fn stub(per_kind: usize) -> String {
+    let app = axum::Router::new().route(
+        "/v1/{kind}",
+        get(move |Path(kind): Path<String>, Query(p): Query<Page>| async move {
+            let start = p
+                .starting_after
+                .and_then(|id| id.rsplit('_').next().and_then(|n| n.parse::<usize>().ok()))
+                .map_or(0, |i| i + 1);
+            let (total, make): (usize, fn(usize) -> Value) = match kind.as_str() {
+                "customers" => (per_kind, customer),
+                "subscriptions" => (per_kind, subscription),
+                _ => (0, customer),
+            };
+            let end = (start + p.limit.unwrap_or(10)).min(total);
+            let data: Vec<Value> = (start..end).map(make).collect();
+            axum::Json(json!({"object": "list", "url": format!("/v1/{kind}"), "data": data, "has_more": end < total}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/")
+}
+
+async fn mirror_of(per_kind: usize, dir: &tempfile::TempDir) -> (Mirror, f64) {
+    let base = stub(per_kind).await;
+    let mut config = Config::new(format!(
+        "sqlite://{}",
+        dir.path().join("backfill.db").display()
+    ));
+    config.api_base = Some(base);
+    config.secret_key = Some(Secret::new("sk_test_backfillbench0000"));
+    let mirror = Mirror::connect(config).await.unwrap();
+    let started = Instant::now();
+    let report = sync_all(
+        &mirror,
+        &SyncOptions::default().objects(&["customer", "subscription"]),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(report.counts["customer"], per_kind);
+    assert_eq!(report.counts["subscription"], per_kind);
+    assert!(report.failures.is_empty(), "{:?}", report.failures.first());
+    (mirror, secs)
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
+    };
+    (at(0.50), at(0.99))
+}
+
 #[tokio::main]
 async fn main() {
-    // Sizes to run: `cargo bench --bench backfill -- 1000 10000`.
-    let sizes: Vec<usize> = std::env::args()
+    let args: Vec<String> = std::env::args()
         .skip(1)
-        .filter_map(|a| a.parse().ok())
+        .filter(|a| a != "--bench")
         .collect();
-    let sizes = if sizes.is_empty() {
-        vec![5_000, 50_000]
-    } else {
-        sizes
-    };
-    for total in sizes {
-        let app = axum::Router::new().route(
-            "/v1/customers",
-            get(move |Query(p): Query<Page>| async move {
-                let start = p
-                    .starting_after
-                    .and_then(|id| id[4..].parse::<usize>().ok())
-                    .map_or(0, |i| i + 1);
-                let end = (start + p.limit.unwrap_or(10)).min(total);
-                let data: Vec<_> = (start..end).map(customer).collect();
-                axum::Json(
-                    serde_json::json!({"object": "list", "data": data, "has_more": end < total}),
-                )
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::new(format!(
-            "sqlite://{}",
-            dir.path().join("backfill.db").display()
-        ));
-        config.api_base = Some(format!("http://{addr}/"));
-        config.secret_key = Some(Secret::new("sk_test_backfillbench0000"));
-        let mirror = Mirror::connect(config).await.unwrap();
-        let started = Instant::now();
-        let report = sync_all(
-            &mirror,
-            &SyncOptions::default().objects(&["customer"]),
-            |_| {},
-        )
-        .await
-        .unwrap();
-        let secs = started.elapsed().as_secs_f64();
-        assert_eq!(report.counts["customer"], total);
-        println!(
-            "sync_all {total:>7} customers: {secs:6.2} s, {:>7.0} objects/s, peak RSS {} MiB",
-            total as f64 / secs,
-            peak_rss_kib() / 1024
-        );
-        server.abort();
+    let mode = args.first().map(String::as_str).unwrap_or("backfill");
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let dir = tempfile::tempdir().unwrap();
+    match mode {
+        "backfill" => {
+            let (_mirror, secs) = mirror_of(n / 2, &dir).await;
+            println!(
+                "{}",
+                json!({"backfill": {"objects": n, "seconds": secs, "objects_per_s": n as f64 / secs, "peak_rss_mib": peak_rss_mib()}})
+            );
+        }
+        "reads" => {
+            let (mirror, _) = mirror_of(n, &dir).await;
+            let samples = 20_000;
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+            let mut pick = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                format!("user-{}", seed as usize % n)
+            };
+            // Warm the pool and the page cache as a running app would be.
+            for _ in 0..2_000 {
+                let c = Customer::by_subscriber(&mirror, &pick())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                c.subscription(&mirror).await.unwrap();
+            }
+            let mut lookup = Vec::with_capacity(samples);
+            let mut gate = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                let user = pick();
+                let t = Instant::now();
+                let c = Customer::by_subscriber(&mirror, &user)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let sub = c.subscription(&mirror).await.unwrap();
+                lookup.push(t.elapsed());
+                let t = Instant::now();
+                let decision = require_subscription(&user).check(&mirror).await.unwrap();
+                gate.push(t.elapsed());
+                assert_eq!(sub.is_some(), decision.is_ok());
+            }
+            let (l50, l99) = percentiles(lookup);
+            let (g50, g99) = percentiles(gate);
+            println!(
+                "{}",
+                json!({"reads": {"customers": n, "subscriptions": n, "samples": samples,
+                    "subscription_p50_us": l50, "subscription_p99_us": l99,
+                    "gate_p50_us": g50, "gate_p99_us": g99}})
+            );
+        }
+        other => panic!("unknown mode {other}: backfill N | reads N"),
     }
 }

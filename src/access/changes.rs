@@ -263,12 +263,35 @@ fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>>
     Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
 }
 
-/// Marks the subscriber of this customer, if it has one yet.
+/// Marks the subscriber of this customer, if it has one yet (one statement).
 pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
-    if let Some((subscriber, live)) = subscriber_of(conn, customer)? {
-        mark(conn, &subscriber, live)?;
+    use diesel::sql_types::{Bool, Text};
+    #[derive(QueryableByName)]
+    struct Marked {
+        #[diesel(sql_type = Text)]
+        subscriber_id: String,
+        #[diesel(sql_type = Bool)]
+        livemode: bool,
+    }
+    const SQL: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+        SELECT subscriber_id, livemode, TRUE, 1 FROM stripe_customers WHERE id = ? AND subscriber_id IS NOT NULL \
+        ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1 \
+        RETURNING subscriber_id, livemode";
+    let marked: Vec<Marked> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, SQL))
+        .bind::<Text, _>(customer)
+        .load(c))?;
+    for m in marked {
+        collected(m.subscriber_id, m.livemode);
     }
     Ok(())
+}
+
+fn collected(subscriber: String, live: bool) {
+    MARKED.with(|m| {
+        if let Some(set) = m.borrow_mut().as_mut() {
+            set.insert((subscriber, live));
+        }
+    });
 }
 
 const MARK: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES (?, ?, TRUE, 1) \
@@ -284,11 +307,7 @@ fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
             SqlValue::Bool(Some(live)),
         ],
     )?;
-    MARKED.with(|m| {
-        if let Some(set) = m.borrow_mut().as_mut() {
-            set.insert((subscriber.to_owned(), live));
-        }
-    });
+    collected(subscriber.to_owned(), live);
     Ok(())
 }
 

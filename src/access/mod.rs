@@ -41,7 +41,6 @@ use crate::Mirror;
 use crate::db::on_conn;
 use crate::db::schema::{stripe_products, stripe_subscription_items};
 use crate::error::Result;
-use crate::models::customer::Customer;
 use crate::models::entitlement::ProductFeature;
 use crate::models::subscription::{Subscription, SubscriptionStatus};
 
@@ -244,22 +243,46 @@ impl Gate {
                 "with_feature needs a lookup key, not an empty string".into(),
             ));
         }
+        let gate = self.clone();
+        let (subscriber, live, now) = (self.subscriber.clone(), mirror.live_mode(), mirror.now());
+        // One read: a gate guards a page, so it answers in one trip to the database.
+        mirror
+            .db()
+            .read(move |conn| gate.decide(conn, &subscriber, live, now))
+            .await
+    }
+
+    fn decide(
+        &self,
+        conn: &mut crate::db::Conn<'_>,
+        subscriber: &str,
+        live: bool,
+        now: i64,
+    ) -> Result<Decision> {
+        use crate::db::schema::{stripe_customers, stripe_subscriptions};
         // Every customer of the subscriber in this mode (a Checkout may have made a second one).
-        let customers = Customer::all_by_subscriber(mirror, &self.subscriber).await?;
-        if customers.is_empty() {
+        let customer_ids: Vec<String> = on_conn!(conn, c => stripe_customers::table
+            .filter(stripe_customers::subscriber_id.eq(subscriber))
+            .filter(stripe_customers::livemode.eq(live))
+            .filter(stripe_customers::deleted.eq(false))
+            .select(stripe_customers::id)
+            .load(c))?;
+        if customer_ids.is_empty() {
             return Ok(Err(Denial::NoCustomer));
         }
-        let mut subscriptions = Vec::new();
-        for customer in &customers {
-            subscriptions.extend(customer.subscriptions(mirror).await?);
-        }
-        subscriptions.sort_by(|a, b| {
-            (b.created.is_some(), b.created, &b.id).cmp(&(a.created.is_some(), a.created, &a.id))
-        });
+        let subscriptions: Vec<Subscription> = on_conn!(conn, c => stripe_subscriptions::table
+            .filter(stripe_subscriptions::customer_id.eq_any(&customer_ids))
+            .filter(stripe_subscriptions::deleted.eq(false))
+            .order((
+                stripe_subscriptions::created.is_null().asc(),
+                stripe_subscriptions::created.desc(),
+                stripe_subscriptions::id.desc(),
+            ))
+            .select(Subscription::as_select())
+            .load(c))?;
         let Some(newest) = subscriptions.first().cloned() else {
             return Ok(Err(Denial::NoSubscription));
         };
-        let now = mirror.now();
         let grants = |s: &Subscription| {
             s.is_valid_at(now)
                 || (self.allow_past_due
@@ -270,78 +293,84 @@ impl Gate {
         if valid.is_empty() {
             return Ok(Err(status_denial(&newest, now)));
         }
-        let gate = self.clone();
-        let customer_ids: Vec<String> = customers.into_iter().map(|c| c.id).collect();
-        let live = mirror.live_mode();
-        mirror
-            .db()
-            .run(move |conn| {
-                let ids: Vec<String> = valid.iter().map(|s| s.id.clone()).collect();
-                let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
-                    .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
-                    .filter(stripe_subscription_items::deleted.eq(false))
-                    .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
-                    .load(c))?;
-                let products_of = |s: &Subscription| -> Vec<String> {
-                    items
-                        .iter()
-                        .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
-                        .filter_map(|(_, p)| p.clone())
-                        .collect()
-                };
-                let mut candidates: Vec<(Subscription, Vec<String>)> =
-                    valid.into_iter().map(|s| { let p = products_of(&s); (s, p) }).collect();
-                if let Some(wanted) = &gate.products {
-                    candidates.retain(|(_, products)| products.iter().any(|p| wanted.contains(p)));
-                    if candidates.is_empty() {
-                        return Ok(Err(Denial::WrongProduct { wanted: wanted.clone() }));
-                    }
-                }
-                if let Some(role) = &gate.role {
-                    let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-                    let metadata: Vec<(String, String)> = on_conn!(conn, c => stripe_products::table
-                        .filter(stripe_products::id.eq_any(&all))
-                        .filter(stripe_products::deleted.eq(false))
-                        .filter(stripe_products::livemode.eq(live))
-                        .select((stripe_products::id, stripe_products::data))
-                        .load(c))?;
-                    let granting: Vec<String> = metadata
-                        .into_iter()
-                        .filter(|(_, data)| roles_in(data).iter().any(|r| r == role))
-                        .map(|(id, _)| id)
-                        .collect();
-                    candidates.retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
-                    if candidates.is_empty() {
-                        return Ok(Err(Denial::MissingRole { role: role.clone() }));
-                    }
-                }
-                if let Some(feature) = &gate.feature {
-                    let summaries: Vec<Option<String>> = on_conn!(conn, c => {
-                        use crate::db::schema::stripe_entitlement_summaries as es;
-                        es::table.filter(es::id.eq_any(&customer_ids)).filter(es::deleted.eq(false)).select(es::lookup_keys).load(c)
-                    })?;
-                    let has = match summaries.is_empty() {
-                        // Stripe's own answer, when it has sent one.
-                        false => summaries.iter().flatten().any(|keys| keys.split(',').any(|k| k == feature)),
-                        true => {
-                            let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-                            let features = ProductFeature::for_products(conn, &all)?;
-                            let granting: Vec<String> = features
-                                .into_iter()
-                                .filter(|f| f.lookup_key.as_deref() == Some(feature.as_str()))
-                                .filter_map(|f| f.product_id)
-                                .collect();
-                            candidates.retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
-                            !candidates.is_empty()
-                        }
-                    };
-                    if !has {
-                        return Ok(Err(Denial::MissingFeature { feature: feature.clone() }));
-                    }
-                }
-                Ok(Ok(candidates.swap_remove(0).0))
+        let gate = self;
+        let ids: Vec<String> = valid.iter().map(|s| s.id.clone()).collect();
+        let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
+            .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
+            .filter(stripe_subscription_items::deleted.eq(false))
+            .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
+            .load(c))?;
+        let products_of = |s: &Subscription| -> Vec<String> {
+            items
+                .iter()
+                .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
+                .filter_map(|(_, p)| p.clone())
+                .collect()
+        };
+        let mut candidates: Vec<(Subscription, Vec<String>)> = valid
+            .into_iter()
+            .map(|s| {
+                let p = products_of(&s);
+                (s, p)
             })
-            .await
+            .collect();
+        if let Some(wanted) = &gate.products {
+            candidates.retain(|(_, products)| products.iter().any(|p| wanted.contains(p)));
+            if candidates.is_empty() {
+                return Ok(Err(Denial::WrongProduct {
+                    wanted: wanted.clone(),
+                }));
+            }
+        }
+        if let Some(role) = &gate.role {
+            let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
+            let metadata: Vec<(String, String)> = on_conn!(conn, c => stripe_products::table
+                .filter(stripe_products::id.eq_any(&all))
+                .filter(stripe_products::deleted.eq(false))
+                .filter(stripe_products::livemode.eq(live))
+                .select((stripe_products::id, stripe_products::data))
+                .load(c))?;
+            let granting: Vec<String> = metadata
+                .into_iter()
+                .filter(|(_, data)| roles_in(data).iter().any(|r| r == role))
+                .map(|(id, _)| id)
+                .collect();
+            candidates.retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
+            if candidates.is_empty() {
+                return Ok(Err(Denial::MissingRole { role: role.clone() }));
+            }
+        }
+        if let Some(feature) = &gate.feature {
+            let summaries: Vec<Option<String>> = on_conn!(conn, c => {
+                use crate::db::schema::stripe_entitlement_summaries as es;
+                es::table.filter(es::id.eq_any(&customer_ids)).filter(es::deleted.eq(false)).select(es::lookup_keys).load(c)
+            })?;
+            let has = match summaries.is_empty() {
+                // Stripe's own answer, when it has sent one.
+                false => summaries
+                    .iter()
+                    .flatten()
+                    .any(|keys| keys.split(',').any(|k| k == feature)),
+                true => {
+                    let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
+                    let features = ProductFeature::for_products(conn, &all)?;
+                    let granting: Vec<String> = features
+                        .into_iter()
+                        .filter(|f| f.lookup_key.as_deref() == Some(feature.as_str()))
+                        .filter_map(|f| f.product_id)
+                        .collect();
+                    candidates
+                        .retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
+                    !candidates.is_empty()
+                }
+            };
+            if !has {
+                return Ok(Err(Denial::MissingFeature {
+                    feature: feature.clone(),
+                }));
+            }
+        }
+        Ok(Ok(candidates.swap_remove(0).0))
     }
 
     /// [`check`](Self::check) as a yes or no.

@@ -3,9 +3,12 @@
 //! A durable commit costs a disk flush (SQLite `synchronous = FULL`, Postgres with
 //! `fsync` on), far more than the statements before it. Webhook deliveries arriving at
 //! once queue here; one writer task takes everything queued, runs each piece of work
-//! in its own savepoint inside one transaction, commits once, and only then hands each
-//! caller its result. So:
-//! - a piece of work that fails rolls back its savepoint alone: the others commit;
+//! in one transaction, commits once, and only then hands each caller its result. So:
+//! - bad input fails alone: the work keeps its risky part (an event's sync) in a
+//!   savepoint of its own and records the failure;
+//! - a database error (which on Postgres aborts the transaction) rolls the whole
+//!   group back: every caller gets an error, nothing of the group is stored, and
+//!   Stripe redelivers each one;
 //! - no caller learns its work is done before the commit that holds it returned: a
 //!   crash or a failed commit answers nobody with success;
 //! - one delivery at a time pays one commit, as before; eight at once share one.
@@ -23,9 +26,9 @@ const MAX_BATCH: usize = 64;
 
 /// One caller's queued work.
 trait Work: Send {
-    /// Runs in a savepoint; returns how to hand the result over once the commit's
-    /// outcome is known.
-    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> Handover;
+    /// Runs in the group's transaction; returns how to hand the result over once the
+    /// commit's outcome is known, and the error that must roll the group back.
+    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> (Handover, Option<String>);
     /// The work never ran: no connection could be had.
     fn fail(self: Box<Self>, message: String);
 }
@@ -42,15 +45,19 @@ where
     R: Send + 'static,
     F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> Handover {
+    fn run(self: Box<Self>, conn: &mut Conn<'_>) -> (Handover, Option<String>) {
         let Pending { f, tx } = *self;
-        let result = conn.write(f);
-        Box::new(move |committed| {
-            let _ = tx.send(match committed {
-                Ok(()) => result,
-                Err(message) => Err(Error::Commit { message }),
+        let result = f(conn);
+        let failed = result.as_ref().err().map(ToString::to_string);
+        let handover: Handover = Box::new(move |committed| {
+            let _ = tx.send(match (committed, result) {
+                (Ok(()), result) => result,
+                // The work's own error says best what went wrong.
+                (Err(_), Err(own)) => Err(own),
+                (Err(message), Ok(_)) => Err(Error::Commit { message }),
             });
-        })
+        });
+        (handover, failed)
     }
 
     fn fail(self: Box<Self>, message: String) {
@@ -67,10 +74,10 @@ pub(crate) struct Batcher {
 
 impl Database {
     /// Runs `f` in a transaction shared with other writes queued at the same moment
-    /// (group commit), in its own savepoint: an error rolls back `f`'s writes only.
-    /// Returns `f`'s result once the shared transaction has committed; if the commit
-    /// fails (or no connection can be had), every caller of the group gets
-    /// [`Error::Commit`] and nothing of the group is stored.
+    /// (group commit). Returns `f`'s result once the shared transaction has committed.
+    /// If `f` fails, or the commit does (or no connection can be had), the group is
+    /// rolled back: `f` gets its error, the others [`Error::Commit`]. Keep what bad
+    /// input can break in a savepoint of `f`'s own (`conn.write`), and record it.
     pub(crate) async fn write_batched<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
@@ -122,16 +129,28 @@ fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
     let mut handovers: Vec<Handover> = Vec::new();
     let committed = db.run_blocking(|conn| {
         conn.write(|conn| {
-            for work in waiting.take().into_iter().flatten() {
-                handovers.push(work.run(conn));
+            let mut group = waiting.take().into_iter().flatten();
+            for work in group.by_ref() {
+                let (handover, failed) = work.run(conn);
+                handovers.push(handover);
+                if let Some(error) = failed {
+                    // Rolled back; what did not run yet is failed below.
+                    waiting = Some(group.collect());
+                    return Err(Error::Commit {
+                        message: format!("another write of the group failed: {error}"),
+                    });
+                }
             }
             Ok(())
         })
     });
-    let committed = committed.map_err(|e: Error| e.to_string());
+    let committed = committed.map_err(|e: Error| match e {
+        Error::Commit { message } => message,
+        other => other.to_string(),
+    });
     if let Err(error) = &committed {
         tracing::error!(%error, writes = handovers.len(), "a group of writes could not be committed");
-        // No connection: the work never ran.
+        // No connection, or rolled back before its turn: the work never ran.
         for work in waiting.into_iter().flatten() {
             work.fail(error.clone());
         }

@@ -73,6 +73,38 @@ macro_rules! on_conn {
 }
 pub(crate) use on_conn;
 
+/// Raw SQL written with `?` marks, in the connection's own placeholder syntax
+/// (`$1, $2, ...` on Postgres).
+pub(crate) fn placeholders<C: Placeholders>(_conn: &C, sql: &str) -> String {
+    C::placeholders(sql)
+}
+
+/// How a backend marks bind parameters in raw SQL.
+pub(crate) trait Placeholders {
+    fn placeholders(sql: &str) -> String;
+}
+
+#[cfg(feature = "sqlite")]
+impl Placeholders for SqliteConnection {
+    fn placeholders(sql: &str) -> String {
+        sql.to_owned()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Placeholders for PgConnection {
+    fn placeholders(sql: &str) -> String {
+        let mut out = String::with_capacity(sql.len() + 16);
+        for (i, piece) in sql.split('?').enumerate() {
+            if i > 0 {
+                out.push_str(&format!("${i}"));
+            }
+            out.push_str(piece);
+        }
+        out
+    }
+}
+
 impl Conn<'_> {
     /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two
     /// writers queue on the busy timeout instead of failing on lock upgrade. Nested
@@ -161,10 +193,11 @@ impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
         // WAL lets readers run beside the writer; busy_timeout makes writers queue.
         // synchronous = FULL syncs the WAL at every commit: a webhook is answered 200
         // only once its event is on disk, and Stripe never redelivers an event it got a
-        // 200 for (NORMAL could lose the last commits on power failure).
+        // 200 for (NORMAL could lose the last commits on power failure). Savepoints
+        // (each delivery of a group commit has one) journal in memory, not a temp file.
         conn.batch_execute(
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = FULL;",
+             PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;",
         )
         .map_err(r2d2::Error::QueryError)
     }
@@ -239,6 +272,9 @@ impl Database {
                 Pool::Sqlite(
                     r2d2::Pool::builder()
                         .max_size(size)
+                        // A file's connections do not break: no test query per checkout
+                        // (Postgres keeps r2d2's, which finds connections a restart broke).
+                        .test_on_check_out(false)
                         .connection_timeout(timeout)
                         .connection_customizer(Box::new(SqlitePragmas))
                         .build(ConnectionManager::new(path))
@@ -305,6 +341,24 @@ impl Database {
         tokio::task::spawn_blocking(move || db.run_blocking(f))
             .await
             .map_err(|source| Error::Task { source })?
+    }
+
+    /// Runs a short read (an indexed lookup). On SQLite, when a connection is idle, it
+    /// runs right here: the query takes a few microseconds, less than the hop to the
+    /// blocking pool, and WAL readers never wait for writers. Otherwise (Postgres, whose
+    /// answer comes over the network, or no idle connection) it runs like [`run`](Self::run).
+    pub(crate) async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+    {
+        #[cfg(feature = "sqlite")]
+        if let DbPool::Sqlite(pool) = &self.pool
+            && let Some(mut conn) = pool.try_get()
+        {
+            return f(&mut Conn::Sqlite(&mut conn));
+        }
+        self.run(f).await
     }
 
     /// Applies pending migrations; safe to call from several processes at once.

@@ -121,7 +121,7 @@ impl Customer {
         let (subscriber_id, live) = (subscriber_id.to_owned(), mirror.live_mode());
         mirror
             .db()
-            .run(move |conn| {
+            .read(move |conn| {
                 Ok(on_conn!(conn, c => stripe_customers::table
                     .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
                     .filter(stripe_customers::livemode.eq(live))

@@ -529,7 +529,7 @@ impl Subscription {
         let customer_id = customer_id.to_owned();
         mirror
             .db()
-            .run(move |conn| {
+            .read(move |conn| {
                 Ok(on_conn!(conn, c => stripe_subscriptions::table
                     .filter(stripe_subscriptions::customer_id.eq(&customer_id))
                     .filter(stripe_subscriptions::deleted.eq(false))

@@ -73,22 +73,38 @@ impl Outcome {
 }
 
 /// How much of a refused request's body is kept in the log (bytes): enough to see what
-/// was sent, not enough for an unauthenticated client to fill the database. Verified
-/// deliveries keep their whole body, up to the body cap.
+/// was sent, not enough for an unauthenticated client to fill the database. A verified
+/// delivery's body is stored once, as its event's `data` (`stripe_events`).
 pub const REFUSED_BODY_LOG_LIMIT: usize = 4096;
 
 /// Headers worth nothing to an attacker only; these are never stored.
 const REDACTED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
 
+/// A delivery as logged: the request, and what became of it when already known.
+pub(crate) struct Entry<'a> {
+    pub remote_addr: Option<&'a str>,
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+    pub body_size: usize,
+    pub valid: bool,
+    pub event_id: Option<&'a str>,
+    /// `Received` while the outcome is still to come ([`finish`] writes it).
+    pub outcome: Outcome,
+    pub error: Option<&'a str>,
+}
+
 /// Inserts the delivery row; returns its id.
-pub(crate) fn log(
-    conn: &mut Conn<'_>,
-    remote_addr: Option<&str>,
-    headers: &[(String, String)],
-    body: &[u8],
-    body_size: usize,
-    valid: bool,
-) -> Result<i64> {
+pub(crate) fn log(conn: &mut Conn<'_>, entry: &Entry<'_>) -> Result<i64> {
+    let Entry {
+        remote_addr,
+        headers,
+        body,
+        body_size,
+        valid,
+        event_id,
+        outcome,
+        error,
+    } = *entry;
     let headers: serde_json::Map<String, serde_json::Value> = headers
         .iter()
         .map(|(k, v)| {
@@ -107,9 +123,12 @@ pub(crate) fn log(
         deliveries::headers.eq(serde_json::Value::Object(headers).to_string()),
         deliveries::body.eq(body),
         deliveries::body_size.eq(body_size as i64),
-        deliveries::body_truncated.eq(body.len() < body_size),
+        deliveries::body_truncated.eq(!valid && body.len() < body_size),
         deliveries::valid.eq(valid),
-        deliveries::outcome.eq(Outcome::Received.as_str()),
+        deliveries::event_id.eq(event_id),
+        deliveries::outcome.eq(outcome.as_str()),
+        deliveries::status_code.eq((outcome != Outcome::Received).then(|| outcome.status() as i32)),
+        deliveries::error.eq(error),
     );
     Ok(on_conn!(conn, c => diesel::insert_into(deliveries::table)
         .values(values)
@@ -150,8 +169,10 @@ pub struct Delivery {
     pub remote_addr: Option<String>,
     /// Request headers as a JSON object (credentials redacted).
     pub headers: String,
-    /// The body as received, up to the cap; for a refused request (bad signature, not
-    /// an event, too large, too slow), at most [`REFUSED_BODY_LOG_LIMIT`] bytes.
+    /// For a refused request (bad signature, not an event, too large, too slow), the
+    /// body as received, at most [`REFUSED_BODY_LOG_LIMIT`] bytes. Empty for a verified
+    /// event: its body is stored once, exactly as received, as the event's `data` in
+    /// `stripe_events` (`event_id` joins them), which halves what each delivery writes.
     pub body: Vec<u8>,
     /// The body size in bytes as received (for a body over the cap that the transport
     /// stopped reading: at least the cap plus one).

@@ -28,6 +28,8 @@ pub struct Event {
     pub raw: Value,
     /// The object as re-fetched from the API, if the registry asked for that.
     pub(crate) refetched: Option<Refetched>,
+    /// The body exactly as received, stored as the event's `data` (no re-serializing).
+    pub(crate) text: Option<std::sync::Arc<str>>,
 }
 
 /// What a re-fetch of an event's object found.
@@ -70,6 +72,7 @@ impl Event {
             attempts: 0,
             raw,
             refetched: None,
+            text: None,
         })
     }
 
@@ -198,51 +201,71 @@ pub(crate) fn insert_and_claim(
     t: i64,
     lease_secs: i64,
 ) -> Result<Claim> {
-    use diesel::dsl::sql;
-    use diesel::sql_types::{BigInt, Nullable};
-    let now_sql = database_now(conn);
-    let lease_end = sql::<Nullable<BigInt>>(&format!("({now_sql}) + {lease_secs}"));
-    let now = sql::<Nullable<BigInt>>(now_sql);
-    on_conn!(conn, c => {
-        diesel::insert_into(stripe_events::table)
-            .values((
-                stripe_events::id.eq(&event.id),
-                stripe_events::event_type.eq(&event.event_type),
-                stripe_events::livemode.eq(event.livemode),
-                stripe_events::api_version.eq(&event.api_version),
-                stripe_events::created.eq(event.created),
-                stripe_events::data.eq(event.raw.to_string()),
-                stripe_events::status.eq(status::PENDING),
-                stripe_events::received_at.eq(t),
-            ))
-            .on_conflict(stripe_events::id)
-            .do_nothing()
-            .execute(c)?;
-        // A forced replay (given ids) also re-claims processed events.
-        let statuses: &[&str] = if force {
-            &[status::PENDING, status::FAILED, status::PROCESSED]
-        } else {
-            &[status::PENDING, status::FAILED]
-        };
-        // `claimed_at` holds when the lease ends.
-        let claimable = stripe_events::status
-            .eq_any(statuses)
-            .or(stripe_events::status.eq(status::PROCESSING).and(stripe_events::claimed_at.lt(now)));
-        let claimed: Option<(i32, bool, String)> = diesel::update(stripe_events::table.find(&event.id).filter(claimable))
-            .set((
-                stripe_events::status.eq(status::PROCESSING),
-                stripe_events::attempts.eq(stripe_events::attempts + 1),
-                stripe_events::claimed_at.eq(lease_end),
-            ))
-            .returning((stripe_events::attempts, stripe_events::synced, stripe_events::handlers))
-            .get_result(c)
-            .optional()?;
-        if let Some((token, synced, handlers)) = claimed {
-            let handlers = serde_json::from_str(&handlers).unwrap_or_default();
-            return Ok(Claim::Claimed { token, synced, handlers });
-        }
-        let current: String = stripe_events::table.find(&event.id).select(stripe_events::status).first(c)?;
-        Ok(if current == status::PROCESSED { Claim::Done } else { Claim::Busy })
+    use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = Integer)]
+        attempts: i32,
+        #[diesel(sql_type = Bool)]
+        synced: bool,
+        #[diesel(sql_type = Text)]
+        handlers: String,
+    }
+    let now = database_now(conn);
+    // A forced replay (given ids) also re-claims processed events.
+    use status::{FAILED, PENDING, PROCESSED, PROCESSING};
+    let claimable = if force {
+        format!("'{PENDING}', '{FAILED}', '{PROCESSED}'")
+    } else {
+        format!("'{PENDING}', '{FAILED}'")
+    };
+    // One statement stores a new event already claimed, or claims a stored one that is
+    // pending, failed, or processing under an expired lease (`claimed_at` holds when
+    // the lease ends). No row back: processed, or another worker holds it.
+    let sql = format!(
+        "INSERT INTO stripe_events (id, \"type\", livemode, api_version, created, data, status, received_at, attempts, claimed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 'processing', ?, 1, ({now}) + {lease_secs}) \
+         ON CONFLICT (id) DO UPDATE SET status = 'processing', attempts = stripe_events.attempts + 1, \
+         claimed_at = ({now}) + {lease_secs} \
+         WHERE stripe_events.status IN ({claimable}) \
+         OR (stripe_events.status = '{PROCESSING}' AND stripe_events.claimed_at < ({now})) \
+         RETURNING attempts, synced, handlers"
+    );
+    let data = event
+        .text
+        .as_deref()
+        .map_or_else(|| event.raw.to_string(), str::to_owned);
+    let claimed: Option<Claimed> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
+        .bind::<Text, _>(&event.id)
+        .bind::<Text, _>(&event.event_type)
+        .bind::<Bool, _>(event.livemode)
+        .bind::<Nullable<Text>, _>(&event.api_version)
+        .bind::<BigInt, _>(event.created)
+        .bind::<Text, _>(&data)
+        .bind::<BigInt, _>(t)
+        .get_result(c)
+        .optional())?;
+    if let Some(Claimed {
+        attempts,
+        synced,
+        handlers,
+    }) = claimed
+    {
+        let handlers = serde_json::from_str(&handlers).unwrap_or_default();
+        return Ok(Claim::Claimed {
+            token: attempts,
+            synced,
+            handlers,
+        });
+    }
+    let current: String = on_conn!(conn, c => stripe_events::table
+        .find(&event.id)
+        .select(stripe_events::status)
+        .first(c))?;
+    Ok(if current == status::PROCESSED {
+        Claim::Done
+    } else {
+        Claim::Busy
     })
 }
 
@@ -269,16 +292,18 @@ pub(crate) fn database_now(conn: &Conn<'_>) -> &'static str {
     }
 }
 
-/// Records that the built-in sync applied.
-pub(crate) fn mark_synced(conn: &mut Conn<'_>, id: &str) -> Result<()> {
-    on_conn!(conn, c => diesel::update(stripe_events::table.find(id)).set(stripe_events::synced.eq(true)).execute(c))?;
-    Ok(())
-}
-
-/// Records the handlers due, before they run, so a crash leaves them pending.
-pub(crate) fn record_handlers(conn: &mut Conn<'_>, id: &str, handlers: &HandlerLog) -> Result<()> {
+/// Records the handlers due, before they run, so a crash leaves them pending, and
+/// (`synced`) that the built-in sync applied.
+pub(crate) fn record_handlers(
+    conn: &mut Conn<'_>,
+    id: &str,
+    handlers: &HandlerLog,
+    synced: bool,
+) -> Result<()> {
     let log = serde_json::to_string(handlers).expect("a map of strings");
-    on_conn!(conn, c => diesel::update(stripe_events::table.find(id)).set(stripe_events::handlers.eq(log)).execute(c))?;
+    on_conn!(conn, c => diesel::update(stripe_events::table.find(id))
+        .set((stripe_events::handlers.eq(log), stripe_events::synced.eq(stripe_events::synced.or(diesel::dsl::sql::<diesel::sql_types::Bool>(if synced { "TRUE" } else { "FALSE" })))))
+        .execute(c))?;
     Ok(())
 }
 
@@ -291,6 +316,7 @@ pub(crate) fn finish(
     token: i32,
     handlers: &HandlerLog,
     error: Option<&str>,
+    synced: bool,
 ) -> Result<bool> {
     let unfinished: Vec<&str> = handlers
         .iter()
@@ -318,6 +344,7 @@ pub(crate) fn finish(
             stripe_events::handlers.eq(log),
             stripe_events::processed_at.eq(now()),
             stripe_events::claimed_at.eq(None::<i64>),
+            stripe_events::synced.eq(stripe_events::synced.or(diesel::dsl::sql::<diesel::sql_types::Bool>(if synced { "TRUE" } else { "FALSE" }))),
         ))
         .execute(c))?;
     Ok(updated == 1)

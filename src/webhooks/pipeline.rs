@@ -133,6 +133,20 @@ enum Step {
     Refetch(Event, (&'static MirrorTable, String)),
 }
 
+impl Step {
+    /// What the delivery row says once this step is written: its outcome, or
+    /// `Received` while handlers (or a re-fetch) are still to come.
+    fn logged(&self) -> (Outcome, Option<&str>) {
+        match self {
+            Step::Answer(Ok(outcome)) => (*outcome, None),
+            Step::Answer(Err(f)) => (f.outcome, Some(f.error.as_str())),
+            // Only a follow-up fetch is left: the event is already processed.
+            Step::Handlers(_, work) if !work.due => (Outcome::Processed, None),
+            Step::Handlers(..) | Step::Refetch(..) => (Outcome::Received, None),
+        }
+    }
+}
+
 /// A claimed event's remaining work.
 pub(crate) struct Work {
     /// The claim's token, checked when finishing.
@@ -176,9 +190,11 @@ impl Webhooks {
         let mut body = std::mem::take(&mut request.body);
         body.truncate(mirror.config().webhook_body_limit);
         let checked = self.check(mirror, &request, &body, body_size);
-        if checked.is_err() {
+        match checked {
             // Unauthenticated bytes: keep enough to see what was sent, not to fill the log.
-            body.truncate(delivery::REFUSED_BODY_LOG_LIMIT);
+            Err(_) => body.truncate(delivery::REFUSED_BODY_LOG_LIMIT),
+            // A verified event's body is stored once, as its event's `data`.
+            Ok(_) => body.clear(),
         }
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
         let refetch = checked
@@ -188,49 +204,32 @@ impl Webhooks {
         let this = self.clone();
         let (t, lease) = (mirror.now(), lease_secs(mirror));
         let (headers, remote) = (request.headers, request.remote_addr);
-        // Group commit: deliveries arriving together share one transaction, each in its
-        // own savepoint, and none is answered before that transaction commits.
+        // Group commit: deliveries arriving together share one transaction, and none is
+        // answered before that transaction commits. The delivery is logged once, with its
+        // outcome when it is already known (one row written, not a row and an update).
+        let valid = checked.is_ok();
+        let logged_id = event_id.clone();
         let first = mirror
             .db()
             .write_batched(move |conn| {
-                let valid = checked.is_ok();
-                let id = delivery::log(conn, remote.as_deref(), &headers, &body, body_size, valid)?;
                 let step = match (checked, refetch) {
-                    (Err(failure), _) => {
-                        delivery::finish(
-                            conn,
-                            id,
-                            false,
-                            None,
-                            failure.outcome,
-                            Some(&failure.error),
-                        )?;
-                        Step::Answer(Err(failure))
-                    }
+                    (Err(failure), _) => Step::Answer(Err(failure)),
                     // The API call must not sit inside a transaction: claim after it.
                     (Ok(event), Some(target)) => Step::Refetch(event, target),
-                    (Ok(event), None) => {
-                        let event_id = event.id.clone();
-                        match this.claim(conn, id, event, (t, lease)) {
-                            Ok(step) => step,
-                            // Our failure (the claim's savepoint is rolled back): the
-                            // delivery keeps it, the answer is 5xx so Stripe retries.
-                            Err(err) => {
-                                let failure = Failure::from_error(err);
-                                let error = Some(failure.error.as_str());
-                                delivery::finish(
-                                    conn,
-                                    id,
-                                    true,
-                                    Some(&event_id),
-                                    failure.outcome,
-                                    error,
-                                )?;
-                                Step::Answer(Err(failure))
-                            }
-                        }
-                    }
+                    (Ok(event), None) => this.claim(conn, event, (t, lease)),
                 };
+                let (outcome, error) = step.logged();
+                let entry = delivery::Entry {
+                    remote_addr: remote.as_deref(),
+                    headers: &headers,
+                    body: &body,
+                    body_size,
+                    valid,
+                    event_id: logged_id.as_deref(),
+                    outcome,
+                    error,
+                };
+                let id = delivery::log(conn, &entry)?;
                 Ok((id, step))
             })
             .await;
@@ -246,25 +245,21 @@ impl Webhooks {
             let (this, t) = (self.clone(), mirror.now());
             step = mirror
                 .db()
-                .write_batched(move |conn| match fetched {
-                    Ok(fetched) => {
-                        event.refetched = Some(fetched);
-                        this.claim(conn, delivery_id, event, (t, lease))
+                .write_batched(move |conn| {
+                    let id = event.id.clone();
+                    let step = match fetched {
+                        Ok(fetched) => {
+                            event.refetched = Some(fetched);
+                            this.claim(conn, event, (t, lease))
+                        }
+                        // Stripe could not be asked: 5xx so it redelivers.
+                        Err(err) => Step::Answer(Err(Failure::from_error(err))),
+                    };
+                    let (outcome, error) = step.logged();
+                    if outcome != Outcome::Received {
+                        delivery::finish(conn, delivery_id, true, Some(&id), outcome, error)?;
                     }
-                    // Stripe could not be asked: 5xx so it redelivers; the delivery is finished.
-                    Err(err) => {
-                        let failure = Failure::from_error(err);
-                        let error = Some(failure.error.as_str());
-                        delivery::finish(
-                            conn,
-                            delivery_id,
-                            true,
-                            Some(&event.id),
-                            failure.outcome,
-                            error,
-                        )?;
-                        Ok(Step::Answer(Err(failure)))
-                    }
+                    Ok(step)
                 })
                 .await
                 .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
@@ -290,7 +285,14 @@ impl Webhooks {
         let recorded = mirror
             .db()
             .write_batched(move |conn| {
-                if !event::finish(conn, &id, work.token, &work.handlers, error.as_deref())? {
+                if !event::finish(
+                    conn,
+                    &id,
+                    work.token,
+                    &work.handlers,
+                    error.as_deref(),
+                    false,
+                )? {
                     let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
                     delivery::finish(
                         conn,
@@ -343,48 +345,23 @@ impl Webhooks {
 
     /// Stores, claims and syncs a verified event, and records the delivery's outcome
     /// unless handlers still have to run. A database failure is returned as an error.
-    fn claim(
-        &self,
-        conn: &mut crate::db::Conn<'_>,
-        delivery_id: i64,
-        event: Event,
-        (t, lease): (i64, i64),
-    ) -> Result<Step> {
+    fn claim(&self, conn: &mut crate::db::Conn<'_>, event: Event, (t, lease): (i64, i64)) -> Step {
         let keys = self.handler_keys(&event.event_type);
         let access = self.has_access_hook();
-        // One transaction for the claim and the delivery's outcome: one commit per
-        // event when no handler runs (the claim itself nests as a savepoint).
-        conn.write(|conn| {
-            let answer = match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
-                Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
-                    if !work.due {
-                        delivery::finish(
-                            conn,
-                            delivery_id,
-                            true,
-                            Some(&event.id),
-                            Outcome::Processed,
-                            None,
-                        )?;
-                    }
-                    return Ok(Step::Handlers(event, work));
-                }
-                Ok(Progress::Claimed(_)) => Ok(Outcome::Processed),
-                Ok(Progress::Done) => Ok(Outcome::Duplicate),
-                Ok(Progress::Busy) => Err(Failure::new(
-                    Outcome::InProgress,
-                    "another worker is processing this event",
-                )),
-                // A bad object shape (400) or our failure (5xx); recorded if the database lets us.
-                Err(err) => Err(Failure::from_error(err)),
-            };
-            let (outcome, error) = match &answer {
-                Ok(outcome) => (*outcome, None),
-                Err(f) => (f.outcome, Some(f.error.as_str())),
-            };
-            delivery::finish(conn, delivery_id, true, Some(&event.id), outcome, error)?;
-            Ok(Step::Answer(answer))
-        })
+        match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
+            Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
+                Step::Handlers(event, work)
+            }
+            Ok(Progress::Claimed(_)) => Step::Answer(Ok(Outcome::Processed)),
+            Ok(Progress::Done) => Step::Answer(Ok(Outcome::Duplicate)),
+            Ok(Progress::Busy) => Step::Answer(Err(Failure::new(
+                Outcome::InProgress,
+                "another worker is processing this event",
+            ))),
+            // A bad object shape (400) or our failure (5xx, the claim's savepoint rolled
+            // back); the delivery keeps it and Stripe retries a 5xx.
+            Err(err) => Step::Answer(Err(Failure::from_error(err))),
+        }
     }
 
     /// The event's object, when its kind is re-fetched.
@@ -474,7 +451,9 @@ impl Webhooks {
             .map_err(|e| Failure::new(Outcome::Malformed, format!("body is not UTF-8: {e}")))?;
         let raw = serde_json::from_str(text)
             .map_err(|e| Failure::new(Outcome::Malformed, format!("body is not JSON: {e}")))?;
-        Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))
+        let mut event = Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))?;
+        event.text = Some(text.into());
+        Ok(event)
     }
 }
 
@@ -517,14 +496,14 @@ pub(crate) fn claim_and_sync(
                 Claim::Done => return Ok(Progress::Done),
                 Claim::Busy => return Ok(Progress::Busy),
             };
-        let mut follow_up = None;
+        let (mut follow_up, mut synced_now) = (None, false);
         if !synced {
             let (written, touched) = crate::access::changes::collect(|| builtin::apply(c, event));
             if written? == Written::Undecided {
                 follow_up = builtin::object_of(event);
             }
             follow_up = follow_up.or_else(|| builtin::checkout_subscription(event));
-            event::mark_synced(c, &event.id)?;
+            synced_now = true;
             // Each subscriber whose access may have changed is told like a handler
             // runs. Without a hook they are only marked, for `deliver_access_changes`.
             for touched in touched.iter().filter(|_| access) {
@@ -548,10 +527,11 @@ pub(crate) fn claim_and_sync(
                 .or_insert_with(|| event::HANDLER_PENDING.to_owned());
             due |= entry != event::HANDLER_OK;
         }
+        // The same statement records that the sync applied.
         if due {
-            event::record_handlers(c, &event.id, &handlers)?;
+            event::record_handlers(c, &event.id, &handlers, synced_now)?;
         } else {
-            event::finish(c, &event.id, token, &handlers, None)?;
+            event::finish(c, &event.id, token, &handlers, None, synced_now)?;
         }
         Ok(Progress::Claimed(Work {
             token,
@@ -578,7 +558,7 @@ pub(crate) fn claim_and_sync(
                         let pending = || event::HANDLER_PENDING.to_owned();
                         handlers.entry(key.clone()).or_insert_with(pending);
                     }
-                    event::finish(c, &event.id, token, &handlers, Some(&message))?;
+                    event::finish(c, &event.id, token, &handlers, Some(&message), false)?;
                 }
                 Ok(())
             })?;

@@ -116,7 +116,7 @@ impl Webhooks {
                 let kept = mirror
                     .db()
                     .run(move |conn| {
-                        event::finish(conn, &id, work.token, &work.handlers, err.as_deref())
+                        event::finish(conn, &id, work.token, &work.handlers, err.as_deref(), false)
                     })
                     .await?;
                 if !kept {
