@@ -533,14 +533,14 @@ fn doctor_passes_when_set_up_and_names_the_fix_when_not() {
         let text = String::from_utf8_lossy(&before.stdout).into_owned();
         assert!(
             text.lines()
-                .any(|l| l.starts_with("FAIL migrations: 4 pending")
+                .any(|l| l.starts_with("FAIL migrations: 5 pending")
                     && l.contains("-> fix: run `stripe-mirror migrate`")),
             "{}: {text}",
             b.name
         );
         let before_again = doctor(&[], true);
         assert!(
-            String::from_utf8_lossy(&before_again.stdout).contains("FAIL migrations: 4 pending"),
+            String::from_utf8_lossy(&before_again.stdout).contains("FAIL migrations: 5 pending"),
             "{}: doctor migrated nothing",
             b.name
         );
@@ -559,7 +559,7 @@ fn doctor_passes_when_set_up_and_names_the_fix_when_not() {
         }
         for check in [
             "ok database: ",
-            "ok migrations: 4 applied, none pending",
+            "ok migrations: 5 applied, none pending",
             "ok secret key (test mode): sk_test_...abcd from STRIPE_SECRET_KEY",
             "ok publishable key (test mode): pk_test_...wxyz from STRIPE_TEST_PUBLISHABLE_KEY",
             "ok webhook secret: 1 set (whsec_...1234)",

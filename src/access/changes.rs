@@ -273,11 +273,20 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         #[diesel(sql_type = Bool)]
         livemode: bool,
     }
-    const SQL: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+    const MARK_CUSTOMER: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
         SELECT subscriber_id, livemode, TRUE, 1 FROM stripe_customers WHERE id = ? AND subscriber_id IS NOT NULL \
-        ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1 \
-        RETURNING subscriber_id, livemode";
-    let marked: Vec<Marked> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, SQL))
+        ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1";
+    // Nobody collects (a backfill): a prepared statement the connection keeps.
+    if MARKED.with(|m| m.borrow().is_none()) {
+        execute(
+            conn,
+            MARK_CUSTOMER,
+            &[SqlValue::Text(Some(customer.to_owned()))],
+        )?;
+        return Ok(());
+    }
+    let sql = format!("{MARK_CUSTOMER} RETURNING subscriber_id, livemode");
+    let marked: Vec<Marked> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
         .bind::<Text, _>(customer)
         .load(c))?;
     for m in marked {

@@ -283,29 +283,39 @@ pub async fn sync_all(
     let mut report = SyncReport::default();
     for kind in &options.objects {
         let table = table_named(kind)?;
-        let mut after: Option<String> = None;
+        let limit = i64::from(options.page_size.clamp(1, 100));
+        // The next page is fetched while this one is written: the network and the
+        // database work side by side.
+        let fetch = |after: Option<String>| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let request = list_request(table, limit, after.as_deref())?;
+                client
+                    .get_built(request, Some(&format!("{} list", table.kind)))
+                    .await
+            })
+        };
+        let mut next = Some(fetch(None));
         let mut done = 0;
-        loop {
-            let limit = i64::from(options.page_size.clamp(1, 100));
-            let request = list_request(table, limit, after.as_deref())?;
-            let answer = client
-                .get_built(request, Some(&format!("{} list", table.kind)))
-                .await?;
-            let (page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
-            let items: Vec<Value> = page
-                .get("data")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+        while let Some(fetching) = next.take() {
+            let answer = fetching.await.map_err(|source| Error::Task { source })??;
+            let (mut page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
+            let items: Vec<Value> = match page.get_mut("data").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             let has_more = page
                 .get("has_more")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            after = items
+            let after = items
                 .last()
                 .and_then(|o| o.get("id"))
                 .and_then(Value::as_str)
                 .map(str::to_owned);
+            if has_more && after.is_some() {
+                next = Some(fetch(after));
+            }
             let fail_fast = options.fail_fast;
             let (written, failures) = mirror
                 .db()
@@ -340,9 +350,6 @@ pub async fn sync_all(
                 object: table.kind.to_owned(),
                 done,
             });
-            if !has_more || after.is_none() {
-                break;
-            }
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
     }
