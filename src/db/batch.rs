@@ -109,8 +109,21 @@ impl Batcher {
 }
 
 /// The writer: takes what is queued, runs it in one transaction, commits, hands over.
+/// SQLite has one writer at a time, so one group runs at a time (the next one gathers
+/// meanwhile). A Postgres server commits several transactions at once and every
+/// statement is a network round trip, so up to [`POSTGRES_GROUPS`] groups run side
+/// by side, each on its own connection.
 async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Box<dyn Work>>) {
+    let runners = match db.backend() {
+        super::Backend::Sqlite => 1,
+        super::Backend::Postgres => POSTGRES_GROUPS,
+    };
+    let free = std::sync::Arc::new(tokio::sync::Semaphore::new(runners));
     while let Some(first) = rx.recv().await {
+        // Wait for a free runner before gathering: what arrives meanwhile joins the group.
+        let Ok(runner) = free.clone().acquire_owned().await else {
+            return;
+        };
         let mut group = vec![first];
         while group.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -120,9 +133,15 @@ async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Box<dyn Work>>) {
         }
         let db = db.clone();
         // A panic drops the group's senders: each caller gets `Error::Commit`.
-        let _ = tokio::task::spawn_blocking(move || run_group(&db, group)).await;
+        tokio::task::spawn_blocking(move || {
+            run_group(&db, group);
+            drop(runner);
+        });
     }
 }
+
+/// Groups a Postgres mirror commits side by side (each holds a pooled connection).
+const POSTGRES_GROUPS: usize = 4;
 
 fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
     let mut waiting = Some(group);

@@ -180,11 +180,13 @@ pub(crate) enum Progress {
 impl Webhooks {
     /// Handles one webhook request from start to answer. Never panics on any input.
     ///
-    /// One database round trip (on the blocking pool) logs the delivery and, for a
-    /// valid event, stores, claims and syncs it in one transaction; when no handler
-    /// is due, or the request is refused, its outcome is recorded in the same trip.
-    /// Handlers add a second trip to record their outcome; `refetch` (or a same-second
-    /// tie the events cannot settle, with an API key at hand) adds an API call and a trip.
+    /// One transaction logs the delivery and, for a valid event, stores, claims and
+    /// syncs it; when no handler is due, or the request is refused, its outcome is
+    /// recorded in it too: one commit per event. Deliveries arriving at the same time
+    /// share that transaction (group commit) and each is answered only after it
+    /// commits. Handlers add a second transaction to record their outcome; `refetch`
+    /// (or a same-second tie the events cannot settle, with an API key at hand) adds
+    /// an API call and a transaction.
     pub async fn receive(&self, mirror: &Mirror, mut request: WebhookRequest) -> WebhookResponse {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
         let mut body = std::mem::take(&mut request.body);
