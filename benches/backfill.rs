@@ -38,7 +38,7 @@ fn subscription(i: usize) -> Value {
     let id = format!("sub_{i:08}");
     json!({
         "id": id, "object": "subscription", "livemode": false, "customer": format!("cus_{i:08}"),
-        "status": if i % 10 == 0 { "canceled" } else { "active" }, "created": 1_700_000_000 + i,
+        "status": if i.is_multiple_of(10) { "canceled" } else { "active" }, "created": 1_700_000_000 + i,
         "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
         "collection_method": "charge_automatically", "currency": "usd", "start_date": 1_700_000_000 + i,
         "billing_cycle_anchor": 1_700_000_000 + i, "trial_start": null, "trial_end": null,

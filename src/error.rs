@@ -147,6 +147,21 @@ impl Error {
         }
     }
 
+    /// A write lost to a concurrent one (a deadlock, a serialization failure) and
+    /// rolled back: running it again is the fix, and the webhook pipeline does so.
+    pub(crate) fn is_conflict(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error as D};
+        const SIGNS: [&str; 2] = ["deadlock detected", "could not serialize"];
+        match self {
+            Error::Commit { message } => SIGNS.iter().any(|s| message.contains(s)),
+            Error::Database(D::DatabaseError(K::SerializationFailure, _)) => true,
+            Error::Database(D::DatabaseError(_, info)) => {
+                SIGNS.iter().any(|s| info.message().contains(s))
+            }
+            _ => false,
+        }
+    }
+
     /// True when retrying the same call later may succeed: the database unreachable
     /// or busy (a lock, a serialization failure, a dropped connection), Stripe rate
     /// limiting (429), a lock conflict (409), a Stripe server error (5xx) or a network

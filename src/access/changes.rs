@@ -177,8 +177,20 @@ thread_local! {
 
 /// Runs `f` and returns the subscribers it marked, with its result.
 pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, BTreeSet<Touched>) {
-    let outer = MARKED.with(|m| m.borrow_mut().replace(BTreeSet::new()));
+    /// Puts the outer collector back even if `f` panics (blocking threads are reused).
+    struct Restore(Option<Option<BTreeSet<Touched>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                MARKED.with(|m| *m.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(
+        MARKED.with(|m| m.borrow_mut().replace(BTreeSet::new())),
+    ));
     let result = f();
+    let outer = restore.0.take().expect("restored once");
     let marked = MARKED
         .with(|m| std::mem::replace(&mut *m.borrow_mut(), outer))
         .unwrap_or_default();
@@ -246,7 +258,8 @@ pub(crate) fn after_write(
         }
         AccessLink::ProductRoles => {
             let now = super::roles_in(row.data());
-            if before.and_then(|b| b.roles).unwrap_or_default() != now {
+            // A deleted product grants nothing any more, whatever its data says.
+            if row.deleted || before.and_then(|b| b.roles).unwrap_or_default() != now {
                 mark_product(conn, &row.id)?;
             }
         }
@@ -469,9 +482,10 @@ pub(crate) async fn tell(
     mirror: &Mirror,
     hook: &AccessHook,
     (subscriber, live): &Touched,
+    deadline: Option<tokio::time::Instant>,
 ) -> std::result::Result<bool, String> {
-    let limit = mirror.config().webhook_handler_timeout;
-    let lease = limit.as_secs() as i64 + 10;
+    let timeout = mirror.config().webhook_handler_timeout;
+    let lease = timeout.as_secs() as i64 + 10;
     let waited = tokio::time::Instant::now();
     let mut told = false;
     for _ in 0..MAX_ROUNDS {
@@ -504,6 +518,10 @@ pub(crate) async fn tell(
                 after: after.clone(),
             };
             told = true;
+            // Within the event's claim when telling for an event.
+            let limit = deadline.map_or(timeout, |d| {
+                timeout.min(d.saturating_duration_since(tokio::time::Instant::now()))
+            });
             let run = hook(change, mirror.clone());
             crate::webhooks::registry::guarded(run, limit)
                 .await
@@ -511,9 +529,15 @@ pub(crate) async fn tell(
         };
         let (s, l, now) = (subscriber.clone(), *live, mirror.now());
         let error = result.as_ref().err().cloned();
+        // A hook cut off by its timeout may still be writing (work it handed to a
+        // thread): its claim is kept until the lease ends, so no newer state is told
+        // before that write lands.
+        let keep_claim = error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out after"));
         let still_dirty = mirror
             .db()
-            .run(move |conn| release(conn, &s, l, token, version, &after, error, now))
+            .run(move |conn| release(conn, &s, l, token, version, &after, error, keep_claim, now))
             .await
             .map_err(|e| format!("access of {subscriber} could not be recorded: {e}"))?;
         if let Err(error) = result {
@@ -590,6 +614,7 @@ fn release(
     version: i64,
     told: &AccessState,
     error: Option<String>,
+    keep_claim: bool,
     now: i64,
 ) -> Result<bool> {
     let key = stripe_access::table
@@ -611,7 +636,9 @@ fn release(
         Some(error) => on_conn!(conn, c => diesel::update(key)
             .set((
                 stripe_access::attempts.eq(stripe_access::attempts + 1),
-                stripe_access::claimed_until.eq(None::<i64>),
+                stripe_access::claimed_until.eq(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::BigInt>>(
+                    if keep_claim { "claimed_until" } else { "NULL" },
+                )),
                 stripe_access::error.eq(error),
             ))
             .returning(stripe_access::dirty)
@@ -622,10 +649,21 @@ fn release(
     Ok(dirty.unwrap_or(false))
 }
 
-/// The subscribers with a change not yet told, oldest first, at most `limit`.
-pub(crate) fn dirty(conn: &mut Conn<'_>, limit: i64) -> Result<Vec<Touched>> {
+/// The subscribers with a change not yet told, in order, after `after`, at most `limit`.
+pub(crate) fn dirty(
+    conn: &mut Conn<'_>,
+    after: Option<&Touched>,
+    limit: i64,
+) -> Result<Vec<Touched>> {
+    let (s, l) = after.cloned().unwrap_or_default();
+    let first = after.is_none();
     Ok(on_conn!(conn, c => stripe_access::table
         .filter(stripe_access::dirty.eq(true))
+        .filter(
+            diesel::dsl::sql::<diesel::sql_types::Bool>(if first { "TRUE" } else { "FALSE" })
+                .or(stripe_access::subscriber_id.gt(&s))
+                .or(stripe_access::subscriber_id.eq(&s).and(stripe_access::livemode.gt(l))),
+        )
         .order((stripe_access::subscriber_id.asc(), stripe_access::livemode.asc()))
         .select((stripe_access::subscriber_id, stripe_access::livemode))
         .limit(limit)

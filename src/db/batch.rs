@@ -13,9 +13,9 @@
 //!   crash or a failed commit answers nobody with success;
 //! - one delivery at a time pays one commit, as before; eight at once share one.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{Conn, Database};
 use crate::error::{Error, Result};
@@ -31,6 +31,10 @@ trait Work: Send {
     fn run(self: Box<Self>, conn: &mut Conn<'_>) -> (Handover, Option<String>);
     /// The work never ran: no connection could be had.
     fn fail(self: Box<Self>, message: String);
+    /// What it locks first (an event id): a group runs its work in this order, so two
+    /// groups holding the same event (a redelivery) lock in the same order and cannot
+    /// deadlock on it.
+    fn key(&self) -> &str;
 }
 
 type Handover = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
@@ -38,6 +42,7 @@ type Handover = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 struct Pending<R, F> {
     f: F,
     tx: oneshot::Sender<Result<R>>,
+    key: String,
 }
 
 impl<R, F> Work for Pending<R, F>
@@ -45,8 +50,12 @@ where
     R: Send + 'static,
     F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
 {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
     fn run(self: Box<Self>, conn: &mut Conn<'_>) -> (Handover, Option<String>) {
-        let Pending { f, tx } = *self;
+        let Pending { f, tx, .. } = *self;
         let result = f(conn);
         let failed = result.as_ref().err().map(ToString::to_string);
         let handover: Handover = Box::new(move |committed| {
@@ -65,83 +74,120 @@ where
     }
 }
 
-/// The writer task's queue, started on first use (on the runtime of that use) and
-/// restarted if that runtime went away.
+/// The writers' queue. The writers are OS threads of their own (one for SQLite, which
+/// has one writer at a time; [`POSTGRES_GROUPS`] for Postgres), started on first use:
+/// they belong to no async runtime, so a mirror used from several runtimes, or one
+/// that outlives the runtime it was first used on, keeps committing. They hold the
+/// pool, not the queue: when the last clone of the mirror is dropped the queue closes
+/// and they end.
 #[derive(Clone, Default)]
 pub(crate) struct Batcher {
-    queue: Arc<Mutex<Option<mpsc::UnboundedSender<Box<dyn Work>>>>>,
+    queue: Arc<OnceLock<mpsc::Sender<Box<dyn Work>>>>,
 }
 
 impl Database {
     /// Runs `f` in a transaction shared with other writes queued at the same moment
     /// (group commit). Returns `f`'s result once the shared transaction has committed.
-    /// If `f` fails, or the commit does (or no connection can be had), the group is
-    /// rolled back: `f` gets its error, the others [`Error::Commit`]. Keep what bad
-    /// input can break in a savepoint of `f`'s own (`conn.write`), and record it.
-    pub(crate) async fn write_batched<R, F>(&self, f: F) -> Result<R>
+    /// If `f` fails (or panics), or the commit does (or no connection can be had), the
+    /// group is rolled back: `f` gets its error, the others [`Error::Commit`]. Keep
+    /// what bad input can break in a savepoint of `f`'s own (`conn.write`), and record it.
+    pub(crate) async fn write_batched<R, F>(&self, key: &str, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<R>>();
-        self.batcher.send(self.clone(), Box::new(Pending { f, tx }));
+        let queue = self.batcher.queue.get_or_init(|| start_writers(self));
+        let key = key.to_owned();
+        if let Err(mpsc::SendError(work)) = queue.send(Box::new(Pending { f, tx, key })) {
+            work.fail("the database writers stopped".into());
+        }
         rx.await.map_err(|_| Error::Commit {
-            message: "the writer stopped before committing (is the runtime shutting down?)".into(),
+            message: "the write was dropped before its commit (a bug: a write panicked)".into(),
         })?
     }
 }
 
-impl Batcher {
-    fn send(&self, db: Database, work: Box<dyn Work>) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let work = match queue.as_ref() {
-            Some(q) => match q.send(work) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(work)) => work,
-            },
-            None => work,
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(db, rx));
-        let _ = tx.send(work);
-        *queue = Some(tx);
-    }
-}
-
-/// The writer: takes what is queued, runs it in one transaction, commits, hands over.
-/// SQLite has one writer at a time, so one group runs at a time (the next one gathers
-/// meanwhile). A Postgres server commits several transactions at once and every
-/// statement is a network round trip, so up to [`POSTGRES_GROUPS`] groups run side
-/// by side, each on its own connection.
-async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Box<dyn Work>>) {
-    let runners = match db.backend() {
-        super::Backend::Sqlite => 1,
-        super::Backend::Postgres => POSTGRES_GROUPS,
-    };
-    let free = std::sync::Arc::new(tokio::sync::Semaphore::new(runners));
-    while let Some(first) = rx.recv().await {
-        // Wait for a free runner before gathering: what arrives meanwhile joins the group.
-        let Ok(runner) = free.clone().acquire_owned().await else {
-            return;
-        };
-        let mut group = vec![first];
-        while group.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(work) => group.push(work),
-                Err(_) => break,
+impl Database {
+    /// [`write_batched`](Self::write_batched), run again (up to 4 times in all) when
+    /// the group lost to a concurrent write: a deadlock or a serialization failure
+    /// rolls the whole group back, so nothing of it was stored. `make` builds the work
+    /// anew for each try.
+    pub(crate) async fn write_retrying<R, F>(&self, key: &str, make: impl Fn() -> F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.write_batched(key, make()).await {
+                Err(err) if tries < 4 && err.is_conflict() => {
+                    tracing::debug!(error = %err, tries, "write lost to a concurrent one; retrying");
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos() as u64);
+                    // A little apart, so the two writers do not meet again.
+                    let pause = 2 * tries + nanos % 8;
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                other => return other,
             }
         }
-        let db = db.clone();
-        // A panic drops the group's senders: each caller gets `Error::Commit`.
-        tokio::task::spawn_blocking(move || {
-            run_group(&db, group);
-            drop(runner);
-        });
     }
 }
 
 /// Groups a Postgres mirror commits side by side (each holds a pooled connection).
 const POSTGRES_GROUPS: usize = 4;
+
+fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
+    let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
+    let rx = Arc::new(Mutex::new(rx));
+    let writers = match db.backend() {
+        super::Backend::Sqlite => 1,
+        super::Backend::Postgres => POSTGRES_GROUPS,
+    };
+    for n in 0..writers {
+        // The pool only: a writer must not keep the queue open.
+        let db = Database {
+            pool: db.pool.clone(),
+            batcher: Batcher::default(),
+        };
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("stripe-mirror-writer-{n}"))
+            .spawn(move || writer(&db, &rx));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "a database writer thread could not start");
+        }
+    }
+    tx
+}
+
+/// A writer: takes what is queued, runs it in one transaction, commits, hands over.
+/// While it runs a group, what arrives gathers into the next one (taken by another
+/// writer on Postgres, by this one after its commit on SQLite).
+fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
+    loop {
+        let group = {
+            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            let Ok(first) = rx.recv() else {
+                return; // the mirror is gone
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(work) => group.push(work),
+                    Err(_) => break,
+                }
+            }
+            group.sort_by(|a, b| a.key().cmp(b.key()));
+            group
+        };
+        // A panic drops the group's senders: each caller gets `Error::Commit`.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_group(db, group)));
+    }
+}
 
 fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
     let mut waiting = Some(group);

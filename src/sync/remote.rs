@@ -239,6 +239,15 @@ impl std::fmt::Display for SyncFailure {
     }
 }
 
+/// A prefetch that stops when `sync_all` stops (an error, or its caller gave up).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What [`sync_all`] did.
 #[derive(Clone, Debug, Default)]
 pub struct SyncReport {
@@ -295,10 +304,12 @@ pub async fn sync_all(
                     .await
             })
         };
-        let mut next = Some(fetch(None));
+        let mut next = Some(AbortOnDrop(fetch(None)));
         let mut done = 0;
-        while let Some(fetching) = next.take() {
-            let answer = fetching.await.map_err(|source| Error::Task { source })??;
+        while let Some(mut fetching) = next.take() {
+            let answer = (&mut fetching.0)
+                .await
+                .map_err(|source| Error::Task { source })??;
             let (mut page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
             let items: Vec<Value> = match page.get_mut("data").map(Value::take) {
                 Some(Value::Array(items)) => items,
@@ -314,7 +325,7 @@ pub async fn sync_all(
                 .and_then(Value::as_str)
                 .map(str::to_owned);
             if has_more && after.is_some() {
-                next = Some(fetch(after));
+                next = Some(AbortOnDrop(fetch(after)));
             }
             let fail_fast = options.fail_fast;
             let (written, failures) = mirror

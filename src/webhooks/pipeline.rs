@@ -87,6 +87,7 @@ impl WebhookResponse {
 }
 
 /// How a pipeline step failed, and what to answer.
+#[derive(Clone)]
 pub(crate) struct Failure {
     pub(crate) outcome: Outcome,
     pub(crate) error: String,
@@ -192,11 +193,9 @@ impl Webhooks {
         let mut body = std::mem::take(&mut request.body);
         body.truncate(mirror.config().webhook_body_limit);
         let checked = self.check(mirror, &request, &body, body_size);
-        match checked {
+        if checked.is_err() {
             // Unauthenticated bytes: keep enough to see what was sent, not to fill the log.
-            Err(_) => body.truncate(delivery::REFUSED_BODY_LOG_LIMIT),
-            // A verified event's body is stored once, as its event's `data`.
-            Ok(_) => body.clear(),
+            body.truncate(delivery::REFUSED_BODY_LOG_LIMIT);
         }
         let event_id = checked.as_ref().ok().map(|e| e.id.clone());
         let refetch = checked
@@ -210,29 +209,44 @@ impl Webhooks {
         // answered before that transaction commits. The delivery is logged once, with its
         // outcome when it is already known (one row written, not a row and an update).
         let valid = checked.is_ok();
-        let logged_id = event_id.clone();
+        let (headers, body) = (std::sync::Arc::new(headers), std::sync::Arc::new(body));
         let first = mirror
             .db()
-            .write_batched(move |conn| {
-                let step = match (checked, refetch) {
-                    (Err(failure), _) => Step::Answer(Err(failure)),
-                    // The API call must not sit inside a transaction: claim after it.
-                    (Ok(event), Some(target)) => Step::Refetch(event, target),
-                    (Ok(event), None) => this.claim(conn, event, (t, lease)),
-                };
-                let (outcome, error) = step.logged();
-                let entry = delivery::Entry {
-                    remote_addr: remote.as_deref(),
-                    headers: &headers,
-                    body: &body,
-                    body_size,
-                    valid,
-                    event_id: logged_id.as_deref(),
-                    outcome,
-                    error,
-                };
-                let id = delivery::log(conn, &entry)?;
-                Ok((id, step))
+            .write_retrying(event_id.as_deref().unwrap_or(""), || {
+                let (checked, refetch, this) = (checked.clone(), refetch.clone(), this.clone());
+                let (headers, body, remote) = (headers.clone(), body.clone(), remote.clone());
+                let logged_id = event_id.clone();
+                move |conn: &mut crate::db::Conn<'_>| {
+                    let step = match (checked, refetch) {
+                        (Err(failure), _) => Step::Answer(Err(failure)),
+                        // The API call must not sit inside a transaction: claim after it.
+                        (Ok(event), Some(target)) => Step::Refetch(event, target),
+                        (Ok(event), None) => this.claim(conn, event, (t, lease))?,
+                    };
+                    let (outcome, error) = step.logged();
+                    // A verified event's body is stored once, as its event's `data`; kept
+                    // here only while no event row holds it (a re-fetch to come, our failure).
+                    let stored = valid
+                        && match &step {
+                            Step::Refetch(..) => false,
+                            Step::Answer(Err(f)) => {
+                                !matches!(f.outcome, Outcome::Error | Outcome::Unavailable)
+                            }
+                            _ => true,
+                        };
+                    let entry = delivery::Entry {
+                        remote_addr: remote.as_deref(),
+                        headers: &headers,
+                        body: if stored { &[] } else { &body },
+                        body_size,
+                        valid,
+                        event_id: logged_id.as_deref(),
+                        outcome,
+                        error,
+                    };
+                    let id = delivery::log(conn, &entry)?;
+                    Ok((id, step))
+                }
             })
             .await;
         let (delivery_id, mut step) = match first {
@@ -242,26 +256,30 @@ impl Webhooks {
                 return respond(event_id, Err(Failure::from_error(err)));
             }
         };
-        if let Step::Refetch(mut event, target) = step {
+        if let Step::Refetch(event, target) = step {
             let fetched = self.fetch(mirror, &target).await;
             let (this, t) = (self.clone(), mirror.now());
+            let fetched = fetched.map_err(Failure::from_error);
             step = mirror
                 .db()
-                .write_batched(move |conn| {
-                    let id = event.id.clone();
-                    let step = match fetched {
-                        Ok(fetched) => {
-                            event.refetched = Some(fetched);
-                            this.claim(conn, event, (t, lease))
+                .write_retrying(&event.id, || {
+                    let (mut event, fetched, this) = (event.clone(), fetched.clone(), this.clone());
+                    move |conn: &mut crate::db::Conn<'_>| {
+                        let id = event.id.clone();
+                        let step = match fetched {
+                            Ok(fetched) => {
+                                event.refetched = Some(fetched);
+                                this.claim(conn, event, (t, lease))?
+                            }
+                            // Stripe could not be asked: 5xx so it redelivers.
+                            Err(failure) => Step::Answer(Err(failure)),
+                        };
+                        let (outcome, error) = step.logged();
+                        if outcome != Outcome::Received {
+                            delivery::finish(conn, delivery_id, true, Some(&id), outcome, error)?;
                         }
-                        // Stripe could not be asked: 5xx so it redelivers.
-                        Err(err) => Step::Answer(Err(Failure::from_error(err))),
-                    };
-                    let (outcome, error) = step.logged();
-                    if outcome != Outcome::Received {
-                        delivery::finish(conn, delivery_id, true, Some(&id), outcome, error)?;
+                        Ok(step)
                     }
-                    Ok(step)
                 })
                 .await
                 .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
@@ -284,37 +302,35 @@ impl Webhooks {
         };
         let id = event.id.clone();
         // Both records in one transaction, shared with other deliveries finishing now.
+        let handlers = work.handlers.clone();
+        let token = work.token;
         let recorded = mirror
             .db()
-            .write_batched(move |conn| {
-                if !event::finish(
-                    conn,
-                    &id,
-                    work.token,
-                    &work.handlers,
-                    error.as_deref(),
-                    false,
-                )? {
-                    let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
+            .write_retrying(&id, || {
+                let (id, handlers, error) = (id.clone(), handlers.clone(), error.clone());
+                move |conn: &mut crate::db::Conn<'_>| {
+                    if !event::finish(conn, &id, token, &handlers, error.as_deref(), false)? {
+                        let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
+                        delivery::finish(
+                            conn,
+                            delivery_id,
+                            true,
+                            Some(&id),
+                            lost.outcome,
+                            Some(&lost.error),
+                        )?;
+                        return Ok(Err(lost));
+                    }
                     delivery::finish(
                         conn,
                         delivery_id,
                         true,
                         Some(&id),
-                        lost.outcome,
-                        Some(&lost.error),
+                        outcome,
+                        error.as_deref(),
                     )?;
-                    return Ok(Err(lost));
+                    Ok(Ok(()))
                 }
-                delivery::finish(
-                    conn,
-                    delivery_id,
-                    true,
-                    Some(&id),
-                    outcome,
-                    error.as_deref(),
-                )?;
-                Ok(Ok(()))
             })
             .await;
         match recorded {
@@ -347,23 +363,33 @@ impl Webhooks {
 
     /// Stores, claims and syncs a verified event, and records the delivery's outcome
     /// unless handlers still have to run. A database failure is returned as an error.
-    fn claim(&self, conn: &mut crate::db::Conn<'_>, event: Event, (t, lease): (i64, i64)) -> Step {
+    /// Claims and syncs; `Err` only for a write lost to a concurrent one (the group is
+    /// rolled back and tried again).
+    fn claim(
+        &self,
+        conn: &mut crate::db::Conn<'_>,
+        event: Event,
+        (t, lease): (i64, i64),
+    ) -> Result<Step> {
         let keys = self.handler_keys(&event.event_type);
         let access = self.has_access_hook();
-        match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
-            Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
-                Step::Handlers(event, work)
-            }
-            Ok(Progress::Claimed(_)) => Step::Answer(Ok(Outcome::Processed)),
-            Ok(Progress::Done) => Step::Answer(Ok(Outcome::Duplicate)),
-            Ok(Progress::Busy) => Step::Answer(Err(Failure::new(
-                Outcome::InProgress,
-                "another worker is processing this event",
-            ))),
-            // A bad object shape (400) or our failure (5xx, the claim's savepoint rolled
-            // back); the delivery keeps it and Stripe retries a 5xx.
-            Err(err) => Step::Answer(Err(Failure::from_error(err))),
-        }
+        Ok(
+            match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
+                Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
+                    Step::Handlers(event, work)
+                }
+                Ok(Progress::Claimed(_)) => Step::Answer(Ok(Outcome::Processed)),
+                Ok(Progress::Done) => Step::Answer(Ok(Outcome::Duplicate)),
+                Ok(Progress::Busy) => Step::Answer(Err(Failure::new(
+                    Outcome::InProgress,
+                    "another worker is processing this event",
+                ))),
+                Err(err) if err.is_conflict() => return Err(err),
+                // A bad object shape (400) or our failure (5xx, the claim's savepoint rolled
+                // back); the delivery keeps it and Stripe retries a 5xx.
+                Err(err) => Step::Answer(Err(Failure::from_error(err))),
+            },
+        )
     }
 
     /// The event's object, when its kind is re-fetched.

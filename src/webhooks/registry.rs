@@ -248,19 +248,20 @@ impl Webhooks {
             )
         })?;
         let mut report = AccessReport::default();
-        let mut seen = std::collections::BTreeSet::new();
+        // In subscriber order, each once per call (one that failed stays dirty).
+        let mut after: Option<changes::Touched> = None;
         loop {
-            let batch = mirror.db().run(|conn| changes::dirty(conn, 1000)).await?;
-            // A subscriber that failed stays dirty: each is tried once per call.
-            let fresh: Vec<_> = batch
-                .into_iter()
-                .filter(|t| seen.insert(t.clone()))
-                .collect();
-            if fresh.is_empty() {
+            let from = after.clone();
+            let batch = mirror
+                .db()
+                .run(move |conn| changes::dirty(conn, from.as_ref(), 1000))
+                .await?;
+            let Some(last) = batch.last().cloned() else {
                 return Ok(report);
-            }
-            for touched in fresh {
-                match changes::tell(mirror, &hook, &touched).await {
+            };
+            after = Some(last);
+            for touched in batch {
+                match changes::tell(mirror, &hook, &touched, None).await {
                     Ok(true) => report.told += 1,
                     Ok(false) => report.unchanged += 1,
                     Err(error) => report.failed.push((touched.0, error)),
@@ -362,7 +363,12 @@ impl Webhooks {
             .collect();
         for key in due {
             let touched = changes::from_log_key(&key).expect("an access key");
-            match changes::tell(mirror, hook, &touched).await {
+            if tokio::time::Instant::now() >= deadline {
+                let error = format!("{key}: the event's claim ends before it could be told");
+                log.insert(key, error.clone());
+                return Err(Failure::new(Outcome::HandlerFailed, error));
+            }
+            match changes::tell(mirror, hook, &touched, Some(deadline)).await {
                 Ok(_) => {
                     log.insert(key, HANDLER_OK.to_owned());
                 }
