@@ -176,7 +176,7 @@ pub struct Gate {
     allow_past_due: bool,
 }
 
-/// A gate for `subscriber_id` (the host's user id, as in [`Customer::by_subscriber`]):
+/// A gate for `subscriber_id` (the host's user id, as in [`Customer::by_subscriber`](crate::Customer::by_subscriber)):
 /// a valid subscription (`active` or `trialing`, within its period when set to cancel).
 pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
     Gate {
