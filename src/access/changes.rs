@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::Mirror;
 use crate::db::schema::{
     stripe_access, stripe_customers, stripe_entitlement_summaries, stripe_products,
-    stripe_subscription_items, stripe_subscriptions,
+    stripe_subscription_items,
 };
 use crate::db::{Conn, on_conn};
 use crate::error::Result;
@@ -359,25 +359,11 @@ pub(crate) fn compute(
     live: bool,
     now: i64,
 ) -> Result<AccessState> {
-    let customers: Vec<String> = on_conn!(conn, c => stripe_customers::table
-        .filter(stripe_customers::subscriber_id.eq(subscriber))
-        .filter(stripe_customers::livemode.eq(live))
-        .filter(stripe_customers::deleted.eq(false))
-        .select(stripe_customers::id)
-        .load(c))?;
+    let customers = crate::Customer::ids_by_subscriber(conn, subscriber, live)?;
     if customers.is_empty() {
         return Ok(AccessState::default());
     }
-    let subscriptions: Vec<Subscription> = on_conn!(conn, c => stripe_subscriptions::table
-        .filter(stripe_subscriptions::customer_id.eq_any(&customers))
-        .filter(stripe_subscriptions::deleted.eq(false))
-        .order((
-            stripe_subscriptions::created.is_null().asc(),
-            stripe_subscriptions::created.desc(),
-            stripe_subscriptions::id.desc(),
-        ))
-        .select(Subscription::as_select())
-        .load(c))?;
+    let subscriptions = Subscription::of_customers(conn, &customers)?;
     let valid: Vec<&Subscription> = subscriptions
         .iter()
         .filter(|s| s.is_valid_at(now))

@@ -259,27 +259,12 @@ impl Gate {
         live: bool,
         now: i64,
     ) -> Result<Decision> {
-        use crate::db::schema::{stripe_customers, stripe_subscriptions};
         // Every customer of the subscriber in this mode (a Checkout may have made a second one).
-        let customer_ids: Vec<String> = on_conn!(conn, c => stripe_customers::table
-            .filter(stripe_customers::subscriber_id.eq(subscriber))
-            .filter(stripe_customers::livemode.eq(live))
-            .filter(stripe_customers::deleted.eq(false))
-            .select(stripe_customers::id)
-            .load(c))?;
+        let customer_ids = crate::Customer::ids_by_subscriber(conn, subscriber, live)?;
         if customer_ids.is_empty() {
             return Ok(Err(Denial::NoCustomer));
         }
-        let subscriptions: Vec<Subscription> = on_conn!(conn, c => stripe_subscriptions::table
-            .filter(stripe_subscriptions::customer_id.eq_any(&customer_ids))
-            .filter(stripe_subscriptions::deleted.eq(false))
-            .order((
-                stripe_subscriptions::created.is_null().asc(),
-                stripe_subscriptions::created.desc(),
-                stripe_subscriptions::id.desc(),
-            ))
-            .select(Subscription::as_select())
-            .load(c))?;
+        let subscriptions = Subscription::of_customers(conn, &customer_ids)?;
         let Some(newest) = subscriptions.first().cloned() else {
             return Ok(Err(Denial::NoSubscription));
         };

@@ -115,6 +115,20 @@ impl Customer {
             .next())
     }
 
+    /// The ids of the subscriber's live customers in a mode.
+    pub(crate) fn ids_by_subscriber(
+        conn: &mut crate::db::Conn<'_>,
+        subscriber_id: &str,
+        live: bool,
+    ) -> Result<Vec<String>> {
+        Ok(on_conn!(conn, c => stripe_customers::table
+            .filter(stripe_customers::subscriber_id.eq(subscriber_id))
+            .filter(stripe_customers::livemode.eq(live))
+            .filter(stripe_customers::deleted.eq(false))
+            .select(stripe_customers::id)
+            .load(c))?)
+    }
+
     /// Every customer of the subscriber in the current mode, newest first (usually one;
     /// a Checkout for a customer-less subscriber can add another).
     pub async fn all_by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Vec<Customer>> {

@@ -524,24 +524,30 @@ impl Subscription {
         Ok(prices)
     }
 
+    /// The live subscriptions of these customers, newest first (rows without
+    /// `created` last, on both backends): what every access check reads.
+    pub(crate) fn of_customers(
+        conn: &mut crate::db::Conn<'_>,
+        customer_ids: &[String],
+    ) -> Result<Vec<Subscription>> {
+        Ok(on_conn!(conn, c => stripe_subscriptions::table
+            .filter(stripe_subscriptions::customer_id.eq_any(customer_ids))
+            .filter(stripe_subscriptions::deleted.eq(false))
+            .order((
+                stripe_subscriptions::created.is_null().asc(),
+                stripe_subscriptions::created.desc(),
+                stripe_subscriptions::id.desc(),
+            ))
+            .select(Subscription::as_select())
+            .load(c))?)
+    }
+
     /// A customer's subscriptions (any status, not deleted), newest first.
     pub async fn for_customer(mirror: &Mirror, customer_id: &str) -> Result<Vec<Subscription>> {
         let customer_id = customer_id.to_owned();
         mirror
             .db()
-            .read(move |conn| {
-                Ok(on_conn!(conn, c => stripe_subscriptions::table
-                    .filter(stripe_subscriptions::customer_id.eq(&customer_id))
-                    .filter(stripe_subscriptions::deleted.eq(false))
-                    // Newest first; rows without `created` last on both backends.
-                    .order((
-                        stripe_subscriptions::created.is_null().asc(),
-                        stripe_subscriptions::created.desc(),
-                        stripe_subscriptions::id.desc(),
-                    ))
-                    .select(Subscription::as_select())
-                    .load(c))?)
-            })
+            .read(move |conn| Self::of_customers(conn, std::slice::from_ref(&customer_id)))
             .await
     }
 
