@@ -16,7 +16,7 @@ out=target/bench-results.jsonl
 mkdir -p target
 echo "bench: building (release)" >&2
 cargo bench --all-features --no-run --bench ingest --bench backfill 2>&1 | tail -n 1 >&2
-: >"$out"
+printf '{"machine": {"at": "%s", "load": %s}}\n' "$(date -u '+%Y-%m-%d %H:%M')" "$(cut -d' ' -f1 /proc/loadavg)" >"$out"
 run() { echo "bench: $*" >&2; cargo bench -q --all-features "$@" 2>/dev/null | grep '^{' | tee -a "$out" >&2; }
 run --bench ingest -- "$events"
 run --bench backfill -- backfill 10000

@@ -7,6 +7,10 @@ import platform
 import sys
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+machine = next((r["machine"] for r in rows if "machine" in r), None)
+if machine is None:  # an older results file: its time, no load figure
+    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(sys.argv[1]), datetime.timezone.utc)
+    machine = {"at": f"{stamp:%Y-%m-%d %H:%M}", "load": None}
 corpus = next(r["corpus"] for r in rows if "corpus" in r)
 floors = {r["backend"]: r["floor"] for r in rows if "floor" in r}
 ingest = [(r["backend"], r["ingest"]) for r in rows if "ingest" in r]
@@ -34,8 +38,9 @@ p("with the mirror's settings (WAL, `synchronous = FULL`: a 200 means the event 
 p("and Postgres 15 at its default durability (`fsync` on, `synchronous_commit` on), both on")
 p("this machine. Tests never time anything; these figures are measured here only.")
 p("")
-p(f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu()}), "
-  f"load average before the run {os.getloadavg()[0]:.2f}. The VM is noisy: runs minutes apart differ by 10-30 %.")
+load = f", load average before the run {machine['load']:.2f}" if machine["load"] is not None else ""
+p(f"Run: {machine['at']} UTC, {os.cpu_count()} cores ({cpu()}){load}. "
+  "The VM is noisy: runs minutes apart differ by 10-30 %.")
 p("")
 p(f"Corpus: {corpus['events']} distinct signed events built from Stripe's example objects"
   f" (`tests/fixtures/stripe_fixtures3.json`): customer created and updated, product, price,"
