@@ -530,16 +530,26 @@ impl Subscription {
         conn: &mut crate::db::Conn<'_>,
         customer_ids: &[String],
     ) -> Result<Vec<Subscription>> {
-        Ok(on_conn!(conn, c => stripe_subscriptions::table
-            .filter(stripe_subscriptions::customer_id.eq_any(customer_ids))
-            .filter(stripe_subscriptions::deleted.eq(false))
-            .order((
-                stripe_subscriptions::created.is_null().asc(),
-                stripe_subscriptions::created.desc(),
-                stripe_subscriptions::id.desc(),
-            ))
-            .select(Subscription::as_select())
-            .load(c))?)
+        macro_rules! newest_first {
+            ($customer:expr) => {
+                on_conn!(conn, c => stripe_subscriptions::table
+                    .filter($customer)
+                    .filter(stripe_subscriptions::deleted.eq(false))
+                    .order((
+                        stripe_subscriptions::created.is_null().asc(),
+                        stripe_subscriptions::created.desc(),
+                        stripe_subscriptions::id.desc(),
+                    ))
+                    .select(Subscription::as_select())
+                    .load(c))
+            };
+        }
+        // One customer (the usual case) is a statement the connection keeps prepared;
+        // diesel prepares an `IN (...)` list anew each time.
+        Ok(match customer_ids {
+            [one] => newest_first!(stripe_subscriptions::customer_id.eq(one))?,
+            many => newest_first!(stripe_subscriptions::customer_id.eq_any(many))?,
+        })
     }
 
     /// A customer's subscriptions (any status, not deleted), newest first.
