@@ -604,3 +604,60 @@ async fn changes_made_by_syncs_and_the_cli_are_told_by_deliver_access_changes() 
         assert!(err.to_string().contains("on_access_change"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn deliver_access_changes_reaches_every_subscriber_when_many_keep_failing() {
+    use stripe_mirror::Customer;
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        // 1,001 subscribers with a change untold: more than one page of 1,000.
+        for i in 0..1001 {
+            Customer::sync_from_stripe_data(
+                &mirror,
+                &customer(
+                    &format!("cus_m{i:04}"),
+                    Some(&format!("user-{i:04}")),
+                    "m@example.com",
+                ),
+            )
+            .await
+            .unwrap();
+            Subscription::sync_from_stripe_data(
+                &mirror,
+                &subscription(
+                    &format!("sub_m{i:04}"),
+                    &format!("cus_m{i:04}"),
+                    "active",
+                    "prod_pro",
+                ),
+            )
+            .await
+            .unwrap();
+        }
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        // The host cannot take the first 1,000 (say, users it deleted): they keep failing.
+        let webhooks = Webhooks::new().on_access_change(move |change: AccessChange, _m: Mirror| {
+            let t = t.clone();
+            async move {
+                if change.subscriber.as_str() < "user-1000" {
+                    return Err("no such user".into());
+                }
+                t.lock().unwrap().push(change.subscriber);
+                Ok(())
+            }
+        });
+        let report = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!((report.told, report.failed.len()), (1, 1000), "{}", b.name);
+        assert_eq!(*told.lock().unwrap(), vec!["user-1000".to_owned()]);
+        // The failing ones stay due for the next call.
+        assert_eq!(
+            common::query_count(
+                &config.database_url,
+                "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE"
+            ),
+            1000
+        );
+    }
+}
