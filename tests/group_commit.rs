@@ -207,3 +207,42 @@ async fn concurrent_deliveries_are_each_answered_after_their_commit() {
         );
     }
 }
+
+/// The writers belong to the mirror, not to the runtime that first used it: a mirror
+/// first used on one runtime, which then sits idle, keeps committing for another.
+#[test]
+fn a_mirror_shared_between_runtimes_keeps_committing() {
+    let current = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    for b in common::backends() {
+        let config = config(&b);
+        let (first, second) = (current(), current());
+        let mirror = first.block_on(Mirror::connect(config.clone())).unwrap();
+        let webhooks = Webhooks::new();
+        let r = first.block_on(webhooks.receive(&mirror, signed(&customer_event(1))));
+        assert_eq!(r.outcome, Outcome::Processed, "{}", b.name);
+        // `first` stays alive, and nothing drives it any more.
+        let r = second.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                webhooks.receive(&mirror, signed(&customer_event(2))),
+            )
+            .await
+        });
+        assert_eq!(
+            r.map(|r| r.outcome).ok(),
+            Some(Outcome::Processed),
+            "{}",
+            b.name
+        );
+        drop(first);
+        assert_eq!(
+            count(&config, "SELECT COUNT(*) AS n FROM stripe_customers"),
+            2
+        );
+    }
+}
