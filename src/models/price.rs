@@ -252,19 +252,20 @@ impl Price {
             .active(true)
             .limit(10);
         let listed = client.request(&list, None, Some(&object)).await?;
-        let found = listed
-            .value
-            .get("data")
-            .and_then(serde_json::Value::as_array)
-            .and_then(|prices| {
-                prices
-                    .iter()
-                    .find(|p| {
-                        p.get("lookup_key").and_then(serde_json::Value::as_str)
-                            == Some(new.lookup_key.as_str())
-                    })
-                    .cloned()
-            });
+        let find = |page: &serde_json::Value| {
+            page.get("data")
+                .and_then(serde_json::Value::as_array)
+                .and_then(|prices| {
+                    prices
+                        .iter()
+                        .find(|p| {
+                            p.get("lookup_key").and_then(serde_json::Value::as_str)
+                                == Some(new.lookup_key.as_str())
+                        })
+                        .cloned()
+                })
+        };
+        let found = find(&listed.value);
         let answer = match found {
             Some(value) => crate::stripe::Answer {
                 value,
@@ -301,7 +302,23 @@ impl Price {
                     .body
                     .unwrap_or_default();
                 let key = crate::sync::remote::creation_key("price", mirror.live_mode(), &form);
-                client.request(&create, Some(key), Some(&object)).await?
+                match client.request(&create, Some(key), Some(&object)).await {
+                    Ok(created) => created,
+                    // Another process created it between our look and our create, and
+                    // a peer that does not replay idempotent requests says so with a
+                    // 400: take the price it made (checked against ours below).
+                    Err(err) if err.to_string().contains("already exists") => {
+                        let again = client.request(&list, None, Some(&object)).await?;
+                        match find(&again.value) {
+                            Some(value) => crate::stripe::Answer {
+                                value,
+                                at: again.at,
+                            },
+                            None => return Err(err),
+                        }
+                    }
+                    Err(err) => return Err(err),
+                }
             }
         };
         let price =

@@ -148,7 +148,15 @@ impl Product {
                     create = create.description(d.as_str());
                 }
                 let key = crate::sync::remote::creation_key("product", mirror.live_mode(), &new.id);
-                client.request(&create, Some(key), Some(&object)).await?
+                match client.request(&create, Some(key), Some(&object)).await {
+                    Ok(created) => created,
+                    // Created by another process since we looked (a peer that does
+                    // not replay idempotent requests answers 400): read it.
+                    Err(err) if err.to_string().contains("already exists") => {
+                        client.request(&retrieve, None, Some(&object)).await?
+                    }
+                    Err(err) => return Err(err),
+                }
             }
             Err(err) => return Err(err),
         };
