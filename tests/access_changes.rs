@@ -66,10 +66,11 @@ struct Host {
 }
 
 impl Host {
+    /// The host's `users` table (created once per database) with these users in it.
     fn new(config: &Config, users: &[&str]) -> Host {
         common::execute_sql(
             &config.database_url,
-            "CREATE TABLE users (id TEXT PRIMARY KEY, plan TEXT, role TEXT)",
+            "CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, plan TEXT, role TEXT)",
         );
         for user in users {
             common::execute_sql(
@@ -234,7 +235,7 @@ async fn every_order_of_customer_and_subscription_events_ends_with_the_final_acc
             let config = config(&b);
             let mirror = Mirror::connect(config.clone()).await.unwrap();
             let user = format!("user-{n}");
-            let host = Host::new_or_reuse(&config, &user);
+            let host = Host::new(&config, &[user.as_str()]);
             let webhooks = host.webhooks();
             for i in order {
                 let mut e = events[*i].clone();
@@ -276,25 +277,6 @@ fn rename(event: &mut Value, n: usize) {
         .replace("sub_1", &format!("sub_{n}x"))
         .replace("evt_", &format!("evt_{n}x"));
     *event = serde_json::from_str(&text).unwrap();
-}
-
-impl Host {
-    /// One `users` table for many tests on one database: created once, a row added.
-    fn new_or_reuse(config: &Config, user: &str) -> Host {
-        common::execute_sql(
-            &config.database_url,
-            "CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, plan TEXT, role TEXT)",
-        );
-        common::execute_sql(
-            &config.database_url,
-            &format!("INSERT INTO users (id) VALUES ('{user}')"),
-        );
-        Host {
-            url: config.database_url.clone(),
-            calls: Arc::default(),
-            failing: Arc::default(),
-        }
-    }
 }
 
 #[tokio::test]
