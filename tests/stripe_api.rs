@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use stripe_mirror::models::product::NewProduct;
 use stripe_mirror::{
     Config, Customer, Error, Mirror, Product, Secret, Subscriber, Subscription, SyncOptions,
     sync_all,
@@ -731,4 +732,280 @@ async fn two_processes_racing_get_or_create_create_one_product_and_one_price() {
         .filter(|p| p["id"].as_str() == Some(product_id.as_str()))
         .count();
     assert_eq!(products, 1);
+}
+
+/// What the flaky proxy did, for the test to check.
+#[derive(Default)]
+struct Flaky {
+    /// Requests seen, in order: (method, path, idempotency key, when).
+    seen: Vec<(String, String, Option<String>, std::time::Instant)>,
+    /// Answers kept per idempotency key, replayed as Stripe does.
+    kept: std::collections::HashMap<String, (u16, String)>,
+    /// POSTs forwarded to localstripe (each creates an object there).
+    forwarded_posts: usize,
+}
+
+/// A proxy in front of localstripe that behaves like Stripe under load: every third
+/// request is refused with a 429 (the first one asking `Retry-After: 1`), every third
+/// POST is carried out and then answered 500 with `Stripe-Should-Retry: true` (the
+/// answer lost on the way), and a POST whose idempotency key was seen gets the kept
+/// answer back (`Idempotent-Replayed`), which localstripe itself does not do.
+async fn flaky_proxy(upstream: String) -> (String, Arc<Mutex<Flaky>>) {
+    use axum::{Router, body::Bytes, extract::Request, response::Response, routing::any};
+    fn answer(status: u16, headers: &[(&str, &str)], body: String) -> Response {
+        let mut r = Response::builder()
+            .status(status)
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        r.body(body.into()).unwrap()
+    }
+    let state: Arc<Mutex<Flaky>> = Default::default();
+    let st = state.clone();
+    let app = Router::new().fallback(any(move |req: Request| {
+        let (st, upstream) = (st.clone(), upstream.clone());
+        async move {
+            let method = req.method().to_string();
+            let path = req.uri().path_and_query().unwrap().to_string();
+            let (auth, key) = {
+                let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+                (header("authorization"), header("idempotency-key"))
+            };
+            let body: Bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let n = {
+                let mut s = st.lock().unwrap();
+                s.seen.push((
+                    method.clone(),
+                    path.clone(),
+                    key.clone(),
+                    std::time::Instant::now(),
+                ));
+                if let Some((status, text)) = key.as_ref().and_then(|k| s.kept.get(k)) {
+                    return answer(*status, &[("idempotent-replayed", "true")], text.clone());
+                }
+                s.seen.len()
+            };
+            if n % 3 == 1 {
+                let wait = if n == 1 { "1" } else { "0" };
+                return answer(429, &[("retry-after", wait)], RATE_LIMITED.to_owned());
+            }
+            let url = format!("{}{}", upstream.trim_end_matches('/'), path);
+            let is_post = method == "POST";
+            let (status, text) = tokio::task::spawn_blocking(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                let auth = auth.unwrap_or_default();
+                let mut r = match method.as_str() {
+                    "POST" => agent
+                        .post(&url)
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/x-www-form-urlencoded")
+                        .send(&body[..]),
+                    "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
+                    _ => agent.get(&url).header("Authorization", &auth).call(),
+                }
+                .unwrap();
+                (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+            })
+            .await
+            .unwrap();
+            let mut s = st.lock().unwrap();
+            if is_post {
+                s.forwarded_posts += 1;
+                if let Some(k) = &key {
+                    s.kept.insert(k.clone(), (status, text.clone()));
+                }
+                if s.forwarded_posts % 3 == 1 {
+                    let lost =
+                        r#"{"error":{"type":"api_error","message":"An unknown error occurred"}}"#;
+                    return answer(500, &[("stripe-should-retry", "true")], lost.to_owned());
+                }
+            }
+            answer(status, &[], text)
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), state)
+}
+
+#[tokio::test]
+#[ignore = "needs localstripe: run scripts/test.sh"]
+async fn a_burst_of_429s_and_500s_is_ridden_out_with_one_object_per_idempotency_key() {
+    let upstream = localstripe();
+    for b in common::backends() {
+        let (base, flaky) = flaky_proxy(upstream.clone()).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let tag = unique("burst");
+        // A product first (its first request meets the Retry-After: 1).
+        let product = Product::get_or_create(
+            &m,
+            &NewProduct::new(&format!("{tag}-product"), &format!("{tag} Pro")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+        // get_or_create for 6 users at once, through the storm.
+        let tasks: Vec<_> = (0..6)
+            .map(|i| {
+                let (m, user) = (m.clone(), User(format!("{tag}-{i}")));
+                tokio::spawn(async move { Customer::get_or_create(&m, &user).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{}: get_or_create through 429/500: {e}", b.name));
+        }
+        // Then the whole backfill.
+        let report = sync_all(
+            &m,
+            &SyncOptions::default()
+                .page_size(5)
+                .objects(&["customer", "product"]),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: sync_all through 429/500: {e}", b.name));
+        assert!(
+            report.failures.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.failures
+        );
+
+        // One Stripe object per user and per product, though POSTs were answered 500
+        // after they had been carried out: the retries carried the same key.
+        let customers = list_all(&upstream, "customers");
+        for i in 0..6 {
+            let user = format!("{tag}-{i}");
+            let n = customers
+                .iter()
+                .filter(|c| c["metadata"]["stripe_mirror_subscriber"] == json!(user))
+                .count();
+            assert_eq!(n, 1, "{}: {user} has one Stripe customer", b.name);
+            let mirrored = Customer::by_subscriber(&m, &user).await.unwrap();
+            assert!(mirrored.is_some(), "{}: {user} mirrored", b.name);
+        }
+        let products = list_all(&upstream, "products")
+            .into_iter()
+            .filter(|p| p["id"] == json!(product.id))
+            .count();
+        assert_eq!(products, 1, "{}: one product", b.name);
+        assert!(
+            Product::get(&m, &product.id).await.unwrap().is_some(),
+            "{}",
+            b.name
+        );
+
+        let f = flaky.lock().unwrap();
+        // The storm really happened: 429s, lost answers, replays by key.
+        let posts: Vec<_> = f.seen.iter().filter(|s| s.0 == "POST").collect();
+        assert!(
+            f.forwarded_posts >= 3,
+            "{}: {} POSTs forwarded",
+            b.name,
+            f.forwarded_posts
+        );
+        let keys: std::collections::HashSet<_> = posts.iter().filter_map(|s| s.2.clone()).collect();
+        assert!(
+            posts.len() > keys.len(),
+            "{}: some POST was retried with its key ({} POSTs, {} keys)",
+            b.name,
+            posts.len(),
+            keys.len()
+        );
+        assert!(
+            posts.iter().all(|s| s.2.is_some()),
+            "{}: every POST carries a key",
+            b.name
+        );
+        // Each key created at most one object upstream: forwarded POSTs = keys used.
+        assert_eq!(
+            f.forwarded_posts,
+            f.kept.len(),
+            "{}: one forward per key",
+            b.name
+        );
+        // The first request was refused with Retry-After: 1 and its retry waited for it,
+        // though our own backoff is 20 ms.
+        let (first, second) = (&f.seen[0], &f.seen[1]);
+        assert_eq!(
+            (&first.1, &first.2),
+            (&second.1, &second.2),
+            "{}: the retry of the first request",
+            b.name
+        );
+        let waited = second.3 - first.3;
+        assert!(
+            waited >= Duration::from_millis(950),
+            "{}: waited {waited:?} after Retry-After: 1",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
+    for b in &common::backends() {
+        // Stripe says no: a 500 it will not be retried; one request, a clear error.
+        let (base, seen) = header_stub(vec![(
+            500,
+            vec![("stripe-should-retry", "false")],
+            r#"{"error":{"type":"api_error","message":"do not retry this"}}"#,
+        )])
+        .await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let err = Customer::sync(&m, "cus_noretry").await.unwrap_err();
+        assert_eq!(*seen.lock().unwrap(), 1, "{}: no retry", b.name);
+        assert!(err.to_string().contains("do not retry this"), "{err}");
+        // Stripe says yes on a status we would not retry by ourselves.
+        let (base, seen) = header_stub(vec![
+            (
+                400,
+                vec![("stripe-should-retry", "true")],
+                r#"{"error":{"type":"invalid_request_error","message":"try again"}}"#,
+            ),
+            (200, vec![], CUSTOMER),
+        ])
+        .await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        Customer::sync(&m, "cus_stub").await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), 2, "{}: retried once", b.name);
+    }
+}
+
+/// A stub answering a script of statuses with headers; counts requests.
+async fn header_stub(
+    script: Vec<(u16, Vec<(&'static str, &'static str)>, &'static str)>,
+) -> (String, Arc<Mutex<usize>>) {
+    use axum::{Router, response::Response, routing::any};
+    let seen: Arc<Mutex<usize>> = Default::default();
+    let script = Arc::new(Mutex::new(script.into_iter()));
+    let s = seen.clone();
+    let app = Router::new().fallback(any(move || {
+        let (s, script) = (s.clone(), script.clone());
+        async move {
+            *s.lock().unwrap() += 1;
+            let (status, headers, body) = script.lock().unwrap().next().unwrap_or((
+                500,
+                vec![],
+                r#"{"error":{"type":"api_error","message":"script ran out"}}"#,
+            ));
+            let mut r = Response::builder().status(status);
+            for (n, v) in headers {
+                r = r.header(n, v);
+            }
+            r.body(axum::body::Body::from(body)).unwrap()
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), seen)
 }

@@ -1,8 +1,8 @@
 //! The Stripe client: a small HTTP transport (hyper with rustls, the stack
 //! async-stripe itself uses) driven by async-stripe's request builders, with the
 //! crate's own retry loop (one idempotency key across every attempt of a POST,
-//! exponential backoff on 409, 429 and 5xx, honouring `Stripe-Should-Retry`) and
-//! lenient parsing of the raw response body.
+//! exponential backoff on 409, 429 and 5xx, honouring `Stripe-Should-Retry` and
+//! `Retry-After`) and lenient parsing of the raw response body.
 //!
 //! The transport is ours rather than async-stripe's `Client` because the response
 //! headers matter: `Date` is Stripe's clock, which stamps the data (the host's clock
@@ -63,6 +63,8 @@ struct Reply {
     status: u16,
     date: Option<i64>,
     should_retry: Option<bool>,
+    /// `Retry-After` (seconds or an HTTP date), how long the server asks us to wait.
+    retry_after: Option<Duration>,
     request_id: Option<String>,
     /// `Idempotent-Replayed: true`: the stored answer to an earlier request.
     replayed: bool,
@@ -247,6 +249,7 @@ impl StripeClient {
                 text("date").and_then(|d| stripe_time(&d)),
             );
             let should_retry = text("stripe-should-retry").and_then(|v| v.parse().ok());
+            let retry_after = text("retry-after").and_then(|v| retry_after(&v, date));
             let request_id = text("request-id");
             let replayed = text("idempotent-replayed").as_deref() == Some("true");
             let body = response
@@ -259,6 +262,7 @@ impl StripeClient {
                 status,
                 date,
                 should_retry,
+                retry_after,
                 request_id,
                 replayed,
                 body,
@@ -307,13 +311,18 @@ impl StripeClient {
                     let retry = reply
                         .should_retry
                         .unwrap_or(matches!(reply.status, 409 | 429 | 500..=599));
-                    (retry, stripe_error(&request, object, &reply))
+                    let asked = reply.retry_after;
+                    (retry, asked, stripe_error(&request, object, &reply))
                 }
-                Err(network) => (true, api_error(&request, object, None, network)),
+                Err(network) => (true, None, api_error(&request, object, None, network)),
             };
-            let (retry, err) = failure;
+            let (retry, asked, err) = failure;
             if retry && attempt < self.retries {
-                let wait = self.backoff * 2u32.saturating_pow(attempt);
+                // Our own doubling backoff, or longer when the server asks for it
+                // (`Retry-After`), never more than a minute: a retry past that is
+                // better left to the caller (Stripe's redelivery, the next sync).
+                let ours = self.backoff * 2u32.saturating_pow(attempt);
+                let wait = asked.map_or(ours, |a| a.min(MAX_RETRY_AFTER).max(ours));
                 tracing::warn!(%request, attempt, error = %err, "Stripe request failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -329,6 +338,23 @@ impl StripeClient {
             });
         }
     }
+}
+
+/// The longest `Retry-After` we honour within one call.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Reads a `Retry-After` header: delay-seconds (`"2"`, `"0.5"` as some proxies send)
+/// or an HTTP date, measured from the response's own `Date` when it has one (so the
+/// host's clock skew does not matter) and from the host clock otherwise.
+fn retry_after(value: &str, date: Option<i64>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())));
+    }
+    let at = stripe_time(value)?;
+    let now = date.unwrap_or_else(|| chrono::Utc::now().timestamp());
+    Some(Duration::from_secs(u64::try_from(at - now).unwrap_or(0)))
 }
 
 /// Parses an HTTP `Date` header (`Wed, 25 Nov 2026 23:11:27 GMT`) to unix seconds.
@@ -455,5 +481,23 @@ mod tests {
             Some(1_795_648_287)
         );
         assert_eq!(stripe_time("yesterday"), None);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_refuses_nonsense() {
+        let secs = |v| retry_after(v, Some(1_795_648_287));
+        assert_eq!(secs("2"), Some(Duration::from_secs(2)));
+        assert_eq!(secs(" 0.25 "), Some(Duration::from_millis(250)));
+        assert_eq!(secs("100000"), Some(MAX_RETRY_AFTER));
+        // A date, measured from the response's own Date: 3 s later.
+        assert_eq!(
+            secs("Wed, 25 Nov 2026 23:11:30 GMT"),
+            Some(Duration::from_secs(3))
+        );
+        // A date in the past: no wait beyond our own backoff.
+        assert_eq!(secs("Wed, 25 Nov 2026 23:11:00 GMT"), Some(Duration::ZERO));
+        for bad in ["-1", "NaN", "inf", "soon", ""] {
+            assert_eq!(secs(bad), None, "{bad:?}");
+        }
     }
 }
