@@ -94,8 +94,9 @@ pub fn verify(
     if !matched {
         return Err(SignatureError::NoMatch);
     }
-    let age = now - timestamp;
-    if tolerance_secs > 0 && age.abs() > tolerance_secs {
+    // Saturating: a signed `t` may be any i64 (a sender holding the secret, a test).
+    let age = now.saturating_sub(timestamp);
+    if tolerance_secs > 0 && age.unsigned_abs() > tolerance_secs.unsigned_abs() {
         return Err(SignatureError::OutsideTolerance {
             timestamp,
             age,
