@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::clock::Clock;
+use crate::encryption::EncryptionKey;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
@@ -82,6 +83,13 @@ pub struct Config {
     pub live_publishable_key: Option<String>,
     /// `STRIPE_WEBHOOK_SECRET`, comma separated: any of them may sign a delivery (rotation).
     pub webhook_secrets: Vec<Secret>,
+    /// `STRIPE_MIRROR_ENCRYPTION_KEY`: when set, API keys stored in the database are
+    /// encrypted with it (see [`crate::encryption`]).
+    pub encryption_key: Option<EncryptionKey>,
+    /// `STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS`, comma separated: keys that still open
+    /// stored API keys during a rotation; [`crate::Mirror::connect`] re-seals those
+    /// rows with `encryption_key`.
+    pub previous_encryption_keys: Vec<EncryptionKey>,
     /// `STRIPE_API_BASE`: e.g. `http://127.0.0.1:8420/` for a local fake Stripe.
     pub api_base: Option<String>,
     /// Largest number of pooled database connections.
@@ -127,6 +135,8 @@ impl std::fmt::Debug for Config {
             .field("test_publishable_key", &self.test_publishable_key)
             .field("live_publishable_key", &self.live_publishable_key)
             .field("webhook_secrets", &self.webhook_secrets)
+            .field("encryption_key", &self.encryption_key)
+            .field("previous_encryption_keys", &self.previous_encryption_keys)
             .field("api_base", &self.api_base)
             .field("pool_size", &self.pool_size)
             .field("connection_timeout", &self.connection_timeout)
@@ -154,6 +164,8 @@ impl Default for Config {
             test_publishable_key: None,
             live_publishable_key: None,
             webhook_secrets: Vec::new(),
+            encryption_key: None,
+            previous_encryption_keys: Vec::new(),
             api_base: None,
             pool_size: 8,
             connection_timeout: Duration::from_secs(5),
@@ -303,6 +315,10 @@ impl Config {
 
     /// Like [`Config::from_env`], reading variables through `get` (handy in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let named = |name: &str, e: Error| match e {
+            Error::Config(m) => Error::Config(format!("{name}: {m}")),
+            other => other,
+        };
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let secret = |name: &str| get(name).map(|v| Secret::new(v.trim()));
         let live_mode = match get("STRIPE_LIVE_MODE").as_deref().map(str::trim) {
@@ -336,9 +352,37 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
+            encryption_key: get("STRIPE_MIRROR_ENCRYPTION_KEY")
+                .map(|v| {
+                    EncryptionKey::from_hex(&v)
+                        .map_err(|e| named("STRIPE_MIRROR_ENCRYPTION_KEY", e))
+                })
+                .transpose()?,
+            previous_encryption_keys: get("STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|k| {
+                            EncryptionKey::from_hex(k)
+                                .map_err(|e| named("STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS", e))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+                .transpose()?
+                .unwrap_or_default(),
             api_base: get("STRIPE_API_BASE"),
             ..Config::default()
         })
+    }
+
+    /// Every key that may open a stored API key: the current one first.
+    pub fn encryption_keys(&self) -> Vec<EncryptionKey> {
+        self.encryption_key
+            .iter()
+            .chain(&self.previous_encryption_keys)
+            .cloned()
+            .collect()
     }
 
     /// The secret key from the environment for the current mode, if any:

@@ -130,6 +130,16 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+
+    /// A stored API key is encrypted and cannot be opened with the configured keys
+    /// (see [`EncryptionKey`](crate::EncryptionKey)).
+    #[error("stored API key {id} cannot be decrypted: {problem}")]
+    Decrypt {
+        /// The key's row id (`key_...`), safe to show.
+        id: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
 }
 
 impl Error {

@@ -42,10 +42,17 @@ impl std::fmt::Debug for Mirror {
 }
 
 impl Mirror {
-    /// Opens the database named in `config` and applies pending migrations.
+    /// Opens the database named in `config` and applies pending migrations. With an
+    /// [`encryption_key`](Config::encryption_key) set, it also seals the stored API
+    /// keys not yet sealed with it ([`ApiKey::encrypt_stored`](crate::ApiKey::encrypt_stored)).
     pub async fn connect(config: Config) -> Result<Mirror> {
         let mirror = Self::open(config).await?;
         mirror.migrate().await?;
+        if mirror.config().encryption_key.is_some() {
+            // Plaintext keys, or keys sealed with a previous key, sealed with the
+            // current one (a few rows; see `crate::encryption`).
+            crate::ApiKey::encrypt_stored(&mirror).await?;
+        }
         Ok(mirror)
     }
 

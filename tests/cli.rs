@@ -88,6 +88,64 @@ fn migrate_and_api_keys() {
 }
 
 #[test]
+fn api_keys_encrypt_seals_stored_keys_and_rotates() {
+    for b in common::backends() {
+        let url = &b.config.database_url;
+        let fresh = ok(&run(url, None, &["api-keys", "new-encryption-key"]));
+        let k1 = fresh.trim().to_owned();
+        assert!(k1.len() == 64 && hex_only(&k1), "{}: {fresh}", b.name);
+        let k2 = ok(&run(url, None, &["api-keys", "new-encryption-key"]))
+            .trim()
+            .to_owned();
+        assert_ne!(k1, k2, "random");
+        ok(&run(url, None, &["api-keys", "add", KEY]));
+        let with = |current: &str, previous: &str, args: &[&str]| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(args)
+                .env("DATABASE_URL", url)
+                .env("STRIPE_MIRROR_ENCRYPTION_KEY", current)
+                .env("STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS", previous);
+            cmd.output().unwrap()
+        };
+        let sealed = ok(&with(&k1, "", &["api-keys", "encrypt"]));
+        assert!(
+            sealed.contains("sealed 1 of 1 stored keys"),
+            "{}: {sealed}",
+            b.name
+        );
+        let again = ok(&with(&k1, "", &["api-keys", "encrypt"]));
+        assert!(again.contains("sealed 0 of 1"), "{}: {again}", b.name);
+        let column = common::query_text(url, "SELECT secret AS t FROM stripe_api_keys");
+        assert!(
+            column.starts_with("enc:v1:") && !column.contains("clitests"),
+            "{column}"
+        );
+        // Rotation: the new key current, the old one previous.
+        let rotated = ok(&with(&k2, &k1, &["api-keys", "encrypt"]));
+        assert!(rotated.contains("sealed 1 of 1"), "{}: {rotated}", b.name);
+        let listed = ok(&with(&k2, "", &["api-keys", "list"]));
+        assert!(listed.contains("sk_test_...abcd"), "{}: {listed}", b.name);
+        // The old key alone cannot open it: a clear error, no secret.
+        let refused = with(&k1, "", &["api-keys", "list"]);
+        let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+        assert!(!refused.status.success(), "{}", b.name);
+        assert!(
+            stderr.contains("cannot be decrypted")
+                && stderr.contains("STRIPE_MIRROR_ENCRYPTION_KEY"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains(KEY) && !stderr.contains(&k1) && !stderr.contains(&k2),
+            "{stderr}"
+        );
+    }
+}
+
+fn hex_only(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[test]
 #[ignore = "needs localstripe: run scripts/test.sh"]
 fn sync_and_demo_products_against_localstripe() {
     let base = common::peer("STRIPE_MIRROR_TEST_LOCALSTRIPE");

@@ -21,7 +21,14 @@ const API_KEY: &str = "sk_test_51SecretApiKeyNeverShown0000wxyz";
 const STORED_KEY: &str = "sk_test_51StoredKeyNeverShown00000abcd";
 const WEBHOOK_SECRET: &str = "whsec_WebhookSecretNeverShown0000";
 const DB_PASSWORD: &str = "DbPasswordNeverShown";
-const SECRETS: [&str; 4] = [API_KEY, STORED_KEY, WEBHOOK_SECRET, DB_PASSWORD];
+const ENCRYPTION_KEY: &str = "0e0c0ffee0e0c0ffee0e0c0ffee0e0c0ffee0e0c0ffee0e0c0ffee0e0c0ffee0";
+const SECRETS: [&str; 5] = [
+    API_KEY,
+    STORED_KEY,
+    WEBHOOK_SECRET,
+    DB_PASSWORD,
+    ENCRYPTION_KEY,
+];
 
 /// Everything the process logs, at every level.
 #[derive(Clone, Default)]
@@ -69,6 +76,8 @@ async fn no_secret_reaches_logs_output_or_errors() {
         let mut config = Config::new(url.clone());
         config.webhook_secrets = vec![Secret::new(WEBHOOK_SECRET)];
         config.secret_key = Some(Secret::new(API_KEY));
+        config.encryption_key =
+            Some(stripe_mirror::EncryptionKey::from_hex(ENCRYPTION_KEY).unwrap());
         config.api_base = Some(api.clone());
         config.stripe_retries = 0;
         shown.push(("Config Debug".into(), format!("{config:?}")));
@@ -133,12 +142,14 @@ async fn no_secret_reaches_logs_output_or_errors() {
             vec!["api-keys", "list"],
             vec!["sync", "--objects", "customer"],
             vec!["migrate"],
+            vec!["api-keys", "encrypt"],
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-mirror"))
                 .args(&args)
                 .env("DATABASE_URL", &url)
                 .env("STRIPE_SECRET_KEY", API_KEY)
                 .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+                .env("STRIPE_MIRROR_ENCRYPTION_KEY", ENCRYPTION_KEY)
                 .env("STRIPE_API_BASE", &api)
                 .env("RUST_LOG", "trace")
                 .output()

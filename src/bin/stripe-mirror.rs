@@ -127,6 +127,13 @@ enum ApiKeys {
         /// The id shown by `list`.
         id: String,
     },
+    /// Encrypt every stored key with STRIPE_MIRROR_ENCRYPTION_KEY: plaintext keys and
+    /// keys sealed with one of STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS (rotation). Every
+    /// command that connects does this too; this one says how many it changed.
+    Encrypt,
+    /// Print a new random encryption key (64 hex characters) for
+    /// STRIPE_MIRROR_ENCRYPTION_KEY. Touches no database.
+    NewEncryptionKey,
 }
 
 #[tokio::main]
@@ -159,11 +166,28 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             ref key,
             ref from_env,
         }) => Some(read_key(key.clone(), from_env.as_deref())?),
+        Command::ApiKeys(ApiKeys::NewEncryptionKey) => {
+            println!("{}", stripe_mirror::EncryptionKey::generate_hex());
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => None,
     };
     let mut config = Config::from_env()?;
     if let Some(url) = cli.database_url {
         config.database_url = url;
+    }
+    if let Command::ApiKeys(ApiKeys::Encrypt) = cli.command {
+        // Opened without `connect`'s own sealing, to count what this run changes.
+        let current = config.encryption_key.as_ref().map(|k| k.id().to_owned());
+        let mirror = Mirror::open(config).await?;
+        mirror.migrate().await?;
+        let changed = ApiKey::encrypt_stored(&mirror).await?;
+        let total = ApiKey::list(&mirror).await?.len();
+        println!(
+            "sealed {changed} of {total} stored keys with encryption key {}",
+            current.unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let mirror = Mirror::connect(config).await?;
     match cli.command {
@@ -288,7 +312,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             stripe_mirror::axum::serve(mirror, Webhooks::new(), listener).await?;
         }
-        Command::Doctor { .. } => unreachable!("handled before connecting"),
+        Command::Doctor { .. } | Command::ApiKeys(ApiKeys::Encrypt | ApiKeys::NewEncryptionKey) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::Mirror;
 use crate::db::on_conn;
 use crate::db::schema::stripe_api_keys;
+use crate::encryption::{self, EncryptionKey};
 use crate::error::{Error, Result};
 use crate::secret::{Secret, mask};
 
@@ -71,16 +72,18 @@ struct ApiKeyRow {
     created_at: i64,
 }
 
-impl From<ApiKeyRow> for ApiKey {
-    fn from(row: ApiKeyRow) -> Self {
-        ApiKey {
-            id: row.id,
-            kind: ApiKeyKind::from_column(&row.kind),
-            livemode: row.livemode,
-            name: row.name,
-            created_at: row.created_at,
-            secret: Secret::new(row.secret),
-        }
+impl ApiKeyRow {
+    /// The key, opened with `keys` when it is stored encrypted.
+    fn open(self, keys: &[EncryptionKey]) -> Result<ApiKey> {
+        let secret = encryption::open(keys, &self.id, &self.secret)?;
+        Ok(ApiKey {
+            id: self.id,
+            kind: ApiKeyKind::from_column(&self.kind),
+            livemode: self.livemode,
+            name: self.name,
+            created_at: self.created_at,
+            secret: Secret::new(secret),
+        })
     }
 }
 
@@ -167,15 +170,20 @@ impl ApiKey {
     pub async fn get_or_create(mirror: &Mirror, secret: &str) -> Result<ApiKey> {
         let secret = secret.trim().to_owned();
         let (kind, livemode) = parse_key(&secret)?;
+        let id = key_id(&secret);
+        let keys = mirror.config().encryption_keys();
         let row = ApiKeyRow {
-            id: key_id(&secret),
+            secret: match keys.first() {
+                Some(key) => encryption::seal(key, &id, &secret),
+                None => secret,
+            },
+            id,
             kind: kind.as_str().to_owned(),
             livemode,
-            secret,
             name: None,
             created_at: chrono::Utc::now().timestamp(),
         };
-        mirror
+        let stored: ApiKeyRow = mirror
             .db()
             .run(move |conn| {
                 Ok(on_conn!(conn, c => {
@@ -188,10 +196,10 @@ impl ApiKey {
                         .find(&row.id)
                         .select(ApiKeyRow::as_select())
                         .first(c)?
-                })
-                .into())
+                }))
             })
-            .await
+            .await?;
+        stored.open(&keys)
     }
 
     /// All stored keys, oldest first.
@@ -203,7 +211,57 @@ impl ApiKey {
                     .order((stripe_api_keys::created_at.asc(), stripe_api_keys::id.asc()))
                     .select(ApiKeyRow::as_select())
                     .load(c))?;
-                Ok(rows.into_iter().map(ApiKey::from).collect())
+                Ok(rows)
+            })
+            .await?
+            .into_iter()
+            .map(|row| row.open(&mirror.config().encryption_keys()))
+            .collect()
+    }
+
+    /// Seals every stored key with the current `STRIPE_MIRROR_ENCRYPTION_KEY`: plaintext
+    /// keys from before encryption was turned on, and keys sealed with a previous key
+    /// (rotation). Returns how many rows changed. Each row is replaced only if it still
+    /// holds what was read, so processes doing this at once do not clash.
+    /// [`Mirror::connect`] runs it when an encryption key is configured.
+    pub async fn encrypt_stored(mirror: &Mirror) -> Result<usize> {
+        let keys = mirror.config().encryption_keys();
+        let Some(current) = keys.first().cloned() else {
+            return Err(Error::Config(
+                "no encryption key: set STRIPE_MIRROR_ENCRYPTION_KEY (64 hex characters, e.g. `openssl rand -hex 32`)".into(),
+            ));
+        };
+        let rows: Vec<ApiKeyRow> = mirror
+            .db()
+            .run(|conn| {
+                Ok(on_conn!(conn, c => stripe_api_keys::table
+                    .select(ApiKeyRow::as_select())
+                    .load(c))?)
+            })
+            .await?;
+        let mut changes = Vec::new();
+        for row in rows {
+            if encryption::sealed_with(&row.secret) == Some(current.id()) {
+                continue;
+            }
+            let plain = encryption::open(&keys, &row.id, &row.secret)?;
+            let sealed = encryption::seal(&current, &row.id, &plain);
+            changes.push((row.id, row.secret, sealed));
+        }
+        mirror
+            .db()
+            .run(move |conn| {
+                let mut changed = 0;
+                for (id, old, new) in &changes {
+                    changed += on_conn!(conn, c => diesel::update(
+                        stripe_api_keys::table
+                            .filter(stripe_api_keys::id.eq(id))
+                            .filter(stripe_api_keys::secret.eq(old)),
+                    )
+                    .set(stripe_api_keys::secret.eq(new))
+                    .execute(c))?;
+                }
+                Ok(changed)
             })
             .await
     }
@@ -271,9 +329,11 @@ impl ApiKey {
                     .select(ApiKeyRow::as_select())
                     .first(c)
                     .optional())?;
-                Ok(row.map(ApiKey::from))
+                Ok(row)
             })
-            .await
+            .await?
+            .map(|row| row.open(&mirror.config().encryption_keys()))
+            .transpose()
     }
 
     /// The secret key for the mirror's current mode: a stored secret key first, then
