@@ -2,13 +2,16 @@
 # Starts or stops a throwaway PostgreSQL server for the tests, on 127.0.0.1 only.
 #   scripts/postgres.sh start   -> prints the admin URL; also written to .run/postgres.url
 #   scripts/postgres.sh stop
+#   scripts/postgres.sh resume  -> starts a stopped server again, keeping its data (fault tests)
+# STRIPE_MIRROR_PG_PORT and STRIPE_MIRROR_PG_DIR pick another server (the fault tests
+# stop and restart their own, never the shared one).
 # Postgres refuses to run as root, so as root it runs as the `postgres` user.
 # Durability settings are Postgres's defaults (fsync on), as in production: the tests
 # and benchmarks measure what users get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
-DIR="$RUN/pg"
+DIR="${STRIPE_MIRROR_PG_DIR:-$RUN/pg}"
 PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
 mkdir -p "$RUN"
 
@@ -42,8 +45,15 @@ case "${1:-}" in
         -l "$DIR/server.log" start >/dev/null
     fi
     URL="postgres://postgres@127.0.0.1:$PORT/postgres"
-    echo "$URL" >"$RUN/postgres.url"
+    [ -z "${STRIPE_MIRROR_PG_DIR:-}" ] && echo "$URL" >"$RUN/postgres.url"
     echo "$URL"
+    ;;
+  resume)
+    BIN=$(find_bin)
+    as_pg "$BIN/pg_ctl" -D "$DIR" -w -t 60 \
+      -o "-h 127.0.0.1 -p $PORT -k $DIR -c max_connections=200" \
+      -l "$DIR/server.log" start >/dev/null
+    echo "postgres://postgres@127.0.0.1:$PORT/postgres"
     ;;
   stop)
     BIN=$(find_bin)
@@ -51,5 +61,5 @@ case "${1:-}" in
       as_pg "$BIN/pg_ctl" -D "$DIR" -m fast stop >/dev/null 2>&1 || kill "$(head -n 1 "$DIR/postmaster.pid")" 2>/dev/null || true
     fi
     ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|resume" >&2; exit 2 ;;
 esac

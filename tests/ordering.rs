@@ -430,6 +430,153 @@ async fn an_undecidable_tie_is_flagged_without_api_access_and_refetched_with_it(
     }
 }
 
+/// A Stripe stand-in for one subscription that answers 500 until `up` is set, then the
+/// object; counts requests.
+async fn flaky_subscription(
+    id: &'static str,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::{Router, routing::get};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = Router::new().route(
+        &format!("/v1/subscriptions/{id}"),
+        get(move || {
+            let (up, h) = (up.clone(), h.clone());
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                if up.load(Ordering::SeqCst) {
+                    (axum::http::StatusCode::OK, subscription(id, "past_due").to_string())
+                } else {
+                    (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"error": {"type": "api_error", "message": "Stripe is having a moment"}}).to_string(),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), hits)
+}
+
+#[tokio::test]
+async fn a_tie_whose_refetch_fails_is_not_finished_and_is_fetched_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for b in backends() {
+        for (id, by_replay) in [("sub_rf_redelivery", false), ("sub_rf_replay", true)] {
+            let up = std::sync::Arc::new(AtomicBool::new(false));
+            let (base, hits) = flaky_subscription(id, up.clone()).await;
+            let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+            let webhooks = Webhooks::new();
+            let t = now();
+            let first = event(
+                &format!("evt_{id}_1"),
+                "customer.subscription.updated",
+                t,
+                subscription(id, "active"),
+                None,
+            );
+            let second = event(
+                &format!("evt_{id}_2"),
+                "customer.subscription.updated",
+                t,
+                subscription(id, "past_due"),
+                None,
+            );
+            deliver(&webhooks, &m, &first).await;
+            // The tie cannot be settled and Stripe cannot be asked: a 500, so Stripe
+            // redelivers; the row keeps the first version, flagged.
+            let r = webhooks.receive(&m, post(&second)).await;
+            assert_eq!(
+                (r.status, r.outcome),
+                (500, Outcome::Error),
+                "{}: {:?}",
+                b.name,
+                r.error
+            );
+            assert!(
+                r.error
+                    .unwrap()
+                    .contains(&format!("re-fetching subscription {id} failed"))
+            );
+            let status = |m: Mirror| async move {
+                Subscription::get(&m, id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .status
+                    .map(|s| s.as_str().to_owned())
+            };
+            assert_eq!(
+                status(m.clone()).await.as_deref(),
+                Some("active"),
+                "{}",
+                b.name
+            );
+            assert!(
+                flagged(m.config(), "stripe_subscriptions", id),
+                "{}",
+                b.name
+            );
+            let failed = sql_number(
+                m.config(),
+                &format!(
+                    "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_events WHERE id = 'evt_{id}_2' AND status = 'failed'"
+                ),
+            );
+            assert_eq!(failed, 1, "{}: the event is not finished", b.name);
+            // Stripe is back: the redelivery (or a replay) fetches again, though the
+            // event's sync already applied.
+            up.store(true, Ordering::SeqCst);
+            if by_replay {
+                let report = webhooks
+                    .process_events(
+                        &m,
+                        &stripe_mirror::webhooks::EventFilter {
+                            failed: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    (report.processed, report.failed.len()),
+                    (1, 0),
+                    "{}: {report:?}",
+                    b.name
+                );
+            } else {
+                deliver(&webhooks, &m, &second).await;
+            }
+            assert_eq!(
+                status(m.clone()).await.as_deref(),
+                Some("past_due"),
+                "{}",
+                b.name
+            );
+            assert!(
+                !flagged(m.config(), "stripe_subscriptions", id),
+                "{}",
+                b.name
+            );
+            assert_eq!(
+                hits.load(Ordering::SeqCst),
+                2,
+                "{}: one failed fetch, one good",
+                b.name
+            );
+            // Done now: another redelivery fetches nothing.
+            let r = webhooks.receive(&m, post(&second)).await;
+            assert_eq!(r.outcome, Outcome::Duplicate, "{}", b.name);
+            assert_eq!(hits.load(Ordering::SeqCst), 2, "{}", b.name);
+        }
+    }
+}
+
 #[tokio::test]
 async fn api_data_is_stamped_on_stripes_clock_whatever_the_hosts() {
     for b in backends() {

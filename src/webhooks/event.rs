@@ -185,6 +185,11 @@ pub(crate) type HandlerLog = std::collections::BTreeMap<String, String>;
 pub(crate) const HANDLER_OK: &str = "ok";
 /// A handler's entry while it is due.
 pub(crate) const HANDLER_PENDING: &str = "pending";
+/// The handler-log entry of the follow-up re-fetch of a same-second tie nothing in the
+/// events settled: pending until the fetched object is written, so a redelivery or a
+/// replay after a crash (or a failed fetch) fetches again instead of leaving the row
+/// at the older version.
+pub(crate) const REFETCH_KEY: &str = "refetch";
 
 /// A claim taken by one worker: the event is processing and only this worker runs it.
 pub(crate) enum Claim {

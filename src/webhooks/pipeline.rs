@@ -289,13 +289,21 @@ impl Webhooks {
             Step::Answer(result) => return respond(event_id, result),
             Step::Refetch(..) => unreachable!("re-fetched above"),
         };
+        let mut fetched = Ok(());
         if let Some((table, id)) = work.follow_up.clone() {
-            follow_up(mirror, &event, &mut work, table, &id).await;
+            fetched = follow_up(mirror, &event, &mut work, table, &id).await;
         }
         if !work.due {
             return respond(event_id, Ok(Outcome::Processed));
         }
         let result = self.run_due(mirror, &event, &mut work).await;
+        // The handlers ran; a re-fetch that did not land fails the event (500) so that
+        // Stripe redelivers it and the mirror gets the newer version.
+        let result = result.and(
+            fetched
+                .map(|_| Outcome::Processed)
+                .map_err(|e| Failure::new(Outcome::Error, e)),
+        );
         let (outcome, error) = match &result {
             Ok(outcome) => (*outcome, None),
             Err(f) => (f.outcome, Some(f.error.clone())),
@@ -529,6 +537,12 @@ pub(crate) fn claim_and_sync(
             let (written, touched) = crate::access::changes::collect(|| builtin::apply(c, event));
             if written? == Written::Undecided {
                 follow_up = builtin::object_of(event);
+                if follow_up.is_some() {
+                    handlers.insert(
+                        event::REFETCH_KEY.to_owned(),
+                        event::HANDLER_PENDING.to_owned(),
+                    );
+                }
             }
             follow_up = follow_up.or_else(|| builtin::checkout_subscription(event));
             synced_now = true;
@@ -541,8 +555,16 @@ pub(crate) fn claim_and_sync(
                     .or_insert_with(pending);
             }
         }
-        // With an access hook, a follow-up fetch may change access: keep the claim open.
-        let mut due = access && follow_up.is_some();
+        // A re-fetch an earlier attempt could not finish (a crash, Stripe down): again.
+        let refetch_due = handlers
+            .get(event::REFETCH_KEY)
+            .is_some_and(|v| v != event::HANDLER_OK);
+        if synced && refetch_due {
+            follow_up = builtin::object_of(event);
+        }
+        // With an access hook, a follow-up fetch may change access: keep the claim open;
+        // a tracked re-fetch keeps it open until the fetched object is written.
+        let mut due = (access && follow_up.is_some()) || refetch_due;
         for key in handlers
             .keys()
             .filter(|k| crate::access::changes::from_log_key(k).is_some())
@@ -602,37 +624,58 @@ pub(crate) fn claim_and_sync(
 /// there when they land on the success page). Needs an API key for the event's mode;
 /// without one, or when it fails, a flagged row waits for `reconcile` and a Checkout's
 /// subscription for its own events.
+///
+/// A tie's re-fetch is tracked in the handler log ([`event::REFETCH_KEY`]): marked done
+/// when the object is written (or cannot be fetched with this mirror's key at all: the
+/// row stays flagged for `reconcile`), else `Err` with what failed, and the event is
+/// not finished, so the redelivery or a replay fetches again.
 pub(crate) async fn follow_up(
     mirror: &Mirror,
     event: &Event,
     work: &mut Work,
     table: &'static MirrorTable,
     id: &str,
-) {
+) -> std::result::Result<(), String> {
+    let tracked = work.handlers.contains_key(event::REFETCH_KEY);
+    let settle = |work: &mut Work, entry: String| {
+        if tracked {
+            work.handlers.insert(event::REFETCH_KEY.to_owned(), entry);
+        }
+    };
     // Another mode's object cannot be fetched with this mode's key.
     if event.livemode != mirror.live_mode() || mirror.stripe().await.is_err() {
-        return;
+        settle(work, event::HANDLER_OK.to_owned());
+        return Ok(());
     }
     let fetch = crate::sync::remote::refetch_touching(mirror, table, id);
-    match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
+    let failed = match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
         // The subscribers whose access the fetch changed are told with the event's.
-        Ok(Ok((_, touched))) if work.access => {
-            for touched in touched {
-                let key = crate::access::changes::log_key(&touched);
-                work.handlers
-                    .entry(key)
-                    .or_insert_with(|| event::HANDLER_PENDING.to_owned());
-                work.due = true;
+        Ok(Ok((_, touched))) => {
+            if work.access {
+                for touched in touched {
+                    let key = crate::access::changes::log_key(&touched);
+                    work.handlers
+                        .entry(key)
+                        .or_insert_with(|| event::HANDLER_PENDING.to_owned());
+                    work.due = true;
+                }
             }
+            settle(work, event::HANDLER_OK.to_owned());
+            return Ok(());
         }
-        Ok(Ok(_)) => {}
-        Ok(Err(err)) => {
-            tracing::warn!(event = %event.id, object = table.kind, %id, error = %err, "follow-up re-fetch failed")
-        }
-        Err(_) => {
-            tracing::warn!(event = %event.id, object = table.kind, %id, "follow-up re-fetch took too long")
-        }
+        Ok(Err(err)) => format!("re-fetching {} {id} failed: {err}", table.kind),
+        Err(_) => format!(
+            "re-fetching {} {id} took more than {FOLLOW_UP_TIMEOUT:?}",
+            table.kind
+        ),
+    };
+    tracing::warn!(event = %event.id, object = table.kind, %id, error = %failed, "follow-up re-fetch failed");
+    if !tracked {
+        // A Checkout's subscription: its own events will bring it.
+        return Ok(());
     }
+    settle(work, failed.clone());
+    Err(failed)
 }
 
 /// How long an answer waits for a follow-up re-fetch.

@@ -99,8 +99,9 @@ impl Webhooks {
                 }
                 Err(err) => return Err(err),
             };
+            let mut fetched = Ok(());
             if let Some((table, id)) = work.follow_up.clone() {
-                follow_up(mirror, &event, &mut work, table, &id).await;
+                fetched = follow_up(mirror, &event, &mut work, table, &id).await;
             }
             let error = if work.due {
                 self.run_due(mirror, &event, &mut work)
@@ -110,6 +111,7 @@ impl Webhooks {
             } else {
                 None
             };
+            let error = error.or(fetched.err());
             let pending = work.handlers.values().any(|v| v != event::HANDLER_OK);
             if work.due {
                 let (id, err) = (event.id.clone(), error.clone());
