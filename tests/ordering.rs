@@ -430,10 +430,11 @@ async fn an_undecidable_tie_is_flagged_without_api_access_and_refetched_with_it(
     }
 }
 
-/// A Stripe stand-in for one subscription that answers 500 until `up` is set, then the
-/// object; counts requests.
+/// A Stripe stand-in for one subscription that answers `down` until `up` is set, then
+/// the object; counts requests.
 async fn flaky_subscription(
     id: &'static str,
+    down: u16,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use axum::{Router, routing::get};
@@ -450,7 +451,7 @@ async fn flaky_subscription(
                     (axum::http::StatusCode::OK, subscription(id, "past_due").to_string())
                 } else {
                     (
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::http::StatusCode::from_u16(down).unwrap(),
                         json!({"error": {"type": "api_error", "message": "Stripe is having a moment"}}).to_string(),
                     )
                 }
@@ -469,7 +470,7 @@ async fn a_tie_whose_refetch_fails_is_not_finished_and_is_fetched_again() {
     for b in backends() {
         for (id, by_replay) in [("sub_rf_redelivery", false), ("sub_rf_replay", true)] {
             let up = std::sync::Arc::new(AtomicBool::new(false));
-            let (base, hits) = flaky_subscription(id, up.clone()).await;
+            let (base, hits) = flaky_subscription(id, 500, up.clone()).await;
             let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
             let webhooks = Webhooks::new();
             let t = now();
@@ -574,6 +575,51 @@ async fn a_tie_whose_refetch_fails_is_not_finished_and_is_fetched_again() {
             assert_eq!(r.outcome, Outcome::Duplicate, "{}", b.name);
             assert_eq!(hits.load(Ordering::SeqCst), 2, "{}", b.name);
         }
+    }
+}
+
+#[tokio::test]
+async fn a_tie_whose_refetch_is_refused_for_good_is_left_to_reconcile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for b in backends() {
+        // A revoked key (401) would fail every redelivery: the event is finished, the
+        // row stays at what it had, flagged for `reconcile`.
+        let id = "sub_rf_refused";
+        let up = std::sync::Arc::new(AtomicBool::new(false));
+        let (base, hits) = flaky_subscription(id, 401, up).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_rr_1",
+                "customer.subscription.updated",
+                t,
+                subscription(id, "active"),
+                None,
+            ),
+        )
+        .await;
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                "evt_rr_2",
+                "customer.subscription.updated",
+                t,
+                subscription(id, "past_due"),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "{}", b.name);
+        assert!(
+            flagged(m.config(), "stripe_subscriptions", id),
+            "{}",
+            b.name
+        );
     }
 }
 

@@ -297,8 +297,9 @@ impl Webhooks {
             return respond(event_id, Ok(Outcome::Processed));
         }
         let result = self.run_due(mirror, &event, &mut work).await;
-        // The handlers ran; a re-fetch that did not land fails the event (500) so that
-        // Stripe redelivers it and the mirror gets the newer version.
+        // The handlers ran; a re-fetch that did not land fails the event (503: Stripe
+        // could not be asked) so that Stripe redelivers it and the mirror gets the newer
+        // version.
         let result = result.and(
             fetched
                 .map(|_| Outcome::Processed)
@@ -642,13 +643,23 @@ pub(crate) async fn follow_up(
             work.handlers.insert(event::REFETCH_KEY.to_owned(), entry);
         }
     };
-    // Another mode's object cannot be fetched with this mode's key.
-    if event.livemode != mirror.live_mode() || mirror.stripe().await.is_err() {
+    // Another mode's object cannot be fetched with this mode's key, nor any without a
+    // key: the row waits for `reconcile`. A key that could not be read (the database
+    // away) is a failure like any other.
+    let no_key = match mirror.stripe().await {
+        Ok(_) => false,
+        Err(Error::NoApiKey { .. }) => true,
+        Err(err) => {
+            let failed = format!("re-fetching {} {id}: no Stripe client: {err}", table.kind);
+            return settle_failed(work, tracked, event, table, id, failed, err.is_transient());
+        }
+    };
+    if event.livemode != mirror.live_mode() || no_key {
         settle(work, event::HANDLER_OK.to_owned());
         return Ok(());
     }
     let fetch = crate::sync::remote::refetch_touching(mirror, table, id);
-    let failed = match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
+    let (failed, transient) = match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
         // The subscribers whose access the fetch changed are told with the event's.
         Ok(Ok((_, touched))) => {
             if work.access {
@@ -663,18 +674,46 @@ pub(crate) async fn follow_up(
             settle(work, event::HANDLER_OK.to_owned());
             return Ok(());
         }
-        Ok(Err(err)) => format!("re-fetching {} {id} failed: {err}", table.kind),
-        Err(_) => format!(
-            "re-fetching {} {id} took more than {FOLLOW_UP_TIMEOUT:?}",
-            table.kind
+        Ok(Err(err)) => (
+            format!("re-fetching {} {id} failed: {err}", table.kind),
+            err.is_transient(),
+        ),
+        Err(_) => (
+            format!(
+                "re-fetching {} {id} took more than {FOLLOW_UP_TIMEOUT:?}",
+                table.kind
+            ),
+            true,
         ),
     };
-    tracing::warn!(event = %event.id, object = table.kind, %id, error = %failed, "follow-up re-fetch failed");
+    settle_failed(work, tracked, event, table, id, failed, transient)
+}
+
+/// A follow-up that did not land. A transient failure (network, 409/429/5xx, a
+/// timeout, our database) keeps a tracked re-fetch due and fails the event, so it is
+/// fetched again; a lasting one (a refused key, an object that does not map) would
+/// fail every redelivery, so the row is left flagged for `reconcile` instead.
+fn settle_failed(
+    work: &mut Work,
+    tracked: bool,
+    event: &Event,
+    table: &'static MirrorTable,
+    id: &str,
+    failed: String,
+    transient: bool,
+) -> std::result::Result<(), String> {
+    tracing::warn!(event = %event.id, object = table.kind, %id, error = %failed, transient, "follow-up re-fetch failed");
     if !tracked {
         // A Checkout's subscription: its own events will bring it.
         return Ok(());
     }
-    settle(work, failed.clone());
+    if !transient {
+        work.handlers
+            .insert(event::REFETCH_KEY.to_owned(), event::HANDLER_OK.to_owned());
+        return Ok(());
+    }
+    work.handlers
+        .insert(event::REFETCH_KEY.to_owned(), failed.clone());
     Err(failed)
 }
 
