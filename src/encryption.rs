@@ -3,8 +3,9 @@
 //! A database dump or a read-only SQL account should not hand out the Stripe account.
 //! With a key in `STRIPE_MIRROR_ENCRYPTION_KEY` (32 random bytes as 64 hex characters,
 //! e.g. `openssl rand -hex 32`), each stored API key is sealed with XChaCha20-Poly1305
-//! (an AEAD: secret and tamper-evident), under a fresh random nonce, bound to its row id
-//! so a sealed value cannot be moved to another row. The column then holds
+//! (an AEAD: secret and tamper-evident), under a fresh random nonce, bound to its row
+//! (id, kind and mode) so a sealed value cannot be moved to another row nor its row
+//! switched to the other mode. The column then holds
 //! `enc:v1:<key id>:<hex of nonce and ciphertext>`, where the key id is the first 8 hex
 //! characters of the key's SHA-256 (which key opens it, nothing about the key).
 //!
@@ -95,8 +96,9 @@ pub(crate) fn sealed_with(stored: &str) -> Option<&str> {
     stored.strip_prefix(PREFIX)?.split(':').next()
 }
 
-/// Seals `plaintext` for the row `row_id` with `key`.
-pub(crate) fn seal(key: &EncryptionKey, row_id: &str, plaintext: &str) -> String {
+/// Seals `plaintext` with `key`, bound to `context` (the row's id, kind and mode: a
+/// sealed value copied to another row, or a row whose mode was flipped, does not open).
+pub(crate) fn seal(key: &EncryptionKey, context: &str, plaintext: &str) -> String {
     let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
     let sealed = key
         .cipher()
@@ -104,7 +106,7 @@ pub(crate) fn seal(key: &EncryptionKey, row_id: &str, plaintext: &str) -> String
             &nonce,
             Payload {
                 msg: plaintext.as_bytes(),
-                aad: row_id.as_bytes(),
+                aad: context.as_bytes(),
             },
         )
         .expect("XChaCha20-Poly1305 encrypts any message shorter than 256 GiB");
@@ -113,9 +115,15 @@ pub(crate) fn seal(key: &EncryptionKey, row_id: &str, plaintext: &str) -> String
     format!("{PREFIX}{}:{}", key.id, hex::encode(out))
 }
 
-/// Opens a stored value of row `row_id` with whichever of `keys` sealed it; a
-/// plaintext value comes back as it is. The error says what to fix, never the value.
-pub(crate) fn open(keys: &[EncryptionKey], row_id: &str, stored: &str) -> Result<String> {
+/// Opens a stored value of row `row_id`, sealed for `context`, with whichever of `keys`
+/// sealed it; a plaintext value comes back as it is. The error says what to fix,
+/// never the value.
+pub(crate) fn open(
+    keys: &[EncryptionKey],
+    row_id: &str,
+    context: &str,
+    stored: &str,
+) -> Result<String> {
     let Some(rest) = stored.strip_prefix(PREFIX) else {
         return Ok(stored.to_owned());
     };
@@ -126,35 +134,43 @@ pub(crate) fn open(keys: &[EncryptionKey], row_id: &str, stored: &str) -> Result
     let (kid, body) = rest
         .split_once(':')
         .ok_or_else(|| unreadable("the sealed value has no key id".into()))?;
-    let key = keys.iter().find(|k| k.id == kid).ok_or_else(|| Error::Decrypt {
-        id: row_id.to_owned(),
-        problem: format!(
-            "it is sealed with encryption key {kid}, which is neither STRIPE_MIRROR_ENCRYPTION_KEY nor in STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS (configured: {}); set the key it was sealed with",
-            if keys.is_empty() {
-                "none".to_owned()
-            } else {
-                keys.iter()
-                    .map(|k| k.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        ),
-    })?;
+    if !keys.iter().any(|k| k.id == kid) {
+        return Err(Error::Decrypt {
+            id: row_id.to_owned(),
+            problem: format!(
+                "it is sealed with encryption key {kid}, which is neither STRIPE_MIRROR_ENCRYPTION_KEY nor in STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS (configured: {}); set the key it was sealed with",
+                if keys.is_empty() {
+                    "none".to_owned()
+                } else {
+                    keys.iter()
+                        .map(|k| k.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ),
+        });
+    }
     let bytes = hex::decode(body).map_err(|_| unreadable("the sealed value is not hex".into()))?;
     if bytes.len() < 24 + 16 {
         return Err(unreadable("the sealed value is too short".into()));
     }
     let (nonce, sealed) = bytes.split_at(24);
-    let plain = key
-        .cipher()
-        .decrypt(
-            XNonce::from_slice(nonce),
-            Payload {
-                msg: sealed,
-                aad: row_id.as_bytes(),
-            },
-        )
-        .map_err(|_| {
+    // Every key with this id (a 32-bit id may collide, however unlikely).
+    let plain = keys
+        .iter()
+        .filter(|k| k.id == kid)
+        .find_map(|k| {
+            k.cipher()
+                .decrypt(
+                    XNonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: context.as_bytes(),
+                    },
+                )
+                .ok()
+        })
+        .ok_or_else(|| {
             unreadable(format!(
                 "it does not open with key {kid} (changed in the database, or moved from another row)"
             ))
@@ -173,26 +189,47 @@ mod tests {
     #[test]
     fn sealed_values_open_only_with_their_key_and_row() {
         let (k1, k2) = (key(1), key(2));
-        let sealed = seal(&k1, "key_a", "sk_test_abcdefgh12345678");
+        let sealed = seal(&k1, "key_a|secret|false", "sk_test_abcdefgh12345678");
         assert!(sealed.starts_with(PREFIX) && !sealed.contains("abcdefgh"));
         assert_eq!(sealed_with(&sealed), Some(k1.id()));
         // Two seals of the same value differ (random nonce).
-        assert_ne!(sealed, seal(&k1, "key_a", "sk_test_abcdefgh12345678"));
+        assert_ne!(
+            sealed,
+            seal(&k1, "key_a|secret|false", "sk_test_abcdefgh12345678")
+        );
+        let ctx = "key_a|secret|false";
         assert_eq!(
-            open(&[k2.clone(), k1.clone()], "key_a", &sealed).unwrap(),
+            open(&[k2.clone(), k1.clone()], "key_a", ctx, &sealed).unwrap(),
             "sk_test_abcdefgh12345678"
         );
-        // The wrong key, another row, a changed byte: refused with a clear error.
-        let err = open(std::slice::from_ref(&k2), "key_a", &sealed).unwrap_err();
+        // The wrong key, another row or mode, a changed byte: refused, clearly.
+        let err = open(std::slice::from_ref(&k2), "key_a", ctx, &sealed).unwrap_err();
         assert!(err.to_string().contains(k1.id()), "{err}");
-        assert!(open(std::slice::from_ref(&k1), "key_b", &sealed).is_err());
+        assert!(
+            open(
+                std::slice::from_ref(&k1),
+                "key_b",
+                "key_b|secret|false",
+                &sealed
+            )
+            .is_err()
+        );
+        assert!(
+            open(
+                std::slice::from_ref(&k1),
+                "key_a",
+                "key_a|secret|true",
+                &sealed
+            )
+            .is_err()
+        );
         let mut changed = sealed.clone();
         let last = changed.pop().unwrap();
         changed.push(if last == '0' { '1' } else { '0' });
-        let err = open(std::slice::from_ref(&k1), "key_a", &changed).unwrap_err();
+        let err = open(std::slice::from_ref(&k1), "key_a", ctx, &changed).unwrap_err();
         assert!(!err.to_string().contains("sk_test"), "{err}");
         // Plaintext from before encryption passes through.
-        assert_eq!(open(&[], "key_a", "sk_test_x").unwrap(), "sk_test_x");
+        assert_eq!(open(&[], "key_a", ctx, "sk_test_x").unwrap(), "sk_test_x");
     }
 
     #[test]

@@ -146,11 +146,13 @@ async fn plaintext_keys_are_sealed_in_place_and_rotation_reseals_them() {
             .unwrap();
         assert_eq!(secrets(&only2).await, secrets(&m2).await, "{n}");
 
-        // The old key alone, or none: a clear error naming the key id and the
-        // variables, never the secret; connect itself refuses to go on with k1.
-        let err = Mirror::connect(with_keys(&b.config, Some(k1.clone()), &[]))
+        // The old key alone, or none: the app still starts (the row is left as it
+        // is), and reading the key is a clear error naming the key id and the
+        // variables, never the secret.
+        let old_only = Mirror::connect(with_keys(&b.config, Some(k1.clone()), &[]))
             .await
-            .unwrap_err();
+            .unwrap();
+        let err = ApiKey::list(&old_only).await.unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, Error::Decrypt { .. }), "{n}: {err:?}");
         for part in [
@@ -160,6 +162,11 @@ async fn plaintext_keys_are_sealed_in_place_and_rotation_reseals_them() {
         ] {
             assert!(text.contains(part), "{n}: {part:?} missing from {text}");
         }
+        assert_eq!(
+            stored(&b.config),
+            after,
+            "{n}: nothing rewritten by the wrong key"
+        );
         let none = Mirror::connect(with_keys(&b.config, None, &[]))
             .await
             .unwrap();
@@ -227,6 +234,27 @@ async fn a_sealed_value_changed_or_moved_to_another_row_is_refused() {
         let err = ApiKey::list(&m).await.unwrap_err();
         assert!(matches!(err, Error::Decrypt { .. }), "{n}: {err:?}");
         assert!(!err.to_string().contains("encryptionAtRest"), "{n}");
+        // A row switched to live mode behind our back: its seal says test.
+        common::execute_sql(
+            &b.config.database_url,
+            &format!("DELETE FROM stripe_api_keys WHERE id = '{}'", sk.id),
+        );
+        let sk = ApiKey::get_or_create(&m, SK).await.unwrap();
+        common::execute_sql(
+            &b.config.database_url,
+            &format!(
+                "UPDATE stripe_api_keys SET livemode = TRUE WHERE id = '{}'",
+                sk.id
+            ),
+        );
+        let err = ApiKey::list(&m).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Decrypt { id, .. } if *id == sk.id),
+            "{n}: {err:?}"
+        );
+        // The remedy the error names works: remove the row (the app started).
+        assert!(ApiKey::remove(&m, &sk.id).await.unwrap(), "{n}");
+        assert!(ApiKey::list(&m).await.unwrap().is_empty(), "{n}");
     }
 }
 

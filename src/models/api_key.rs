@@ -72,10 +72,26 @@ struct ApiKeyRow {
     created_at: i64,
 }
 
+/// What a sealed key is bound to: its row id, kind and mode.
+fn seal_context(id: &str, kind: &str, livemode: bool) -> String {
+    format!("{id}|{kind}|{livemode}")
+}
+
 impl ApiKeyRow {
-    /// The key, opened with `keys` when it is stored encrypted.
+    /// The key, opened with `keys` when it is stored encrypted, and checked against
+    /// its row: the id is derived from the key, the kind and mode from its prefix.
     fn open(self, keys: &[EncryptionKey]) -> Result<ApiKey> {
-        let secret = encryption::open(keys, &self.id, &self.secret)?;
+        let context = seal_context(&self.id, &self.kind, self.livemode);
+        let secret = encryption::open(keys, &self.id, &context, &self.secret)?;
+        let matches = key_id(&secret) == self.id
+            && parse_key(&secret)
+                .is_ok_and(|(kind, live)| kind.as_str() == self.kind && live == self.livemode);
+        if !matches {
+            return Err(Error::Decrypt {
+                id: self.id,
+                problem: "the stored key does not match its row (id, kind or mode changed in the database); remove the row and add the key again".into(),
+            });
+        }
         Ok(ApiKey {
             id: self.id,
             kind: ApiKeyKind::from_column(&self.kind),
@@ -174,7 +190,9 @@ impl ApiKey {
         let keys = mirror.config().encryption_keys();
         let row = ApiKeyRow {
             secret: match keys.first() {
-                Some(key) => encryption::seal(key, &id, &secret),
+                Some(key) => {
+                    encryption::seal(key, &seal_context(&id, kind.as_str(), livemode), &secret)
+                }
                 None => secret,
             },
             id,
@@ -204,6 +222,7 @@ impl ApiKey {
 
     /// All stored keys, oldest first.
     pub async fn list(mirror: &Mirror) -> Result<Vec<ApiKey>> {
+        let keys = mirror.config().encryption_keys();
         mirror
             .db()
             .run(|conn| {
@@ -215,14 +234,16 @@ impl ApiKey {
             })
             .await?
             .into_iter()
-            .map(|row| row.open(&mirror.config().encryption_keys()))
+            .map(|row| row.open(&keys))
             .collect()
     }
 
     /// Seals every stored key with the current `STRIPE_MIRROR_ENCRYPTION_KEY`: plaintext
     /// keys from before encryption was turned on, and keys sealed with a previous key
     /// (rotation). Returns how many rows changed. Each row is replaced only if it still
-    /// holds what was read, so processes doing this at once do not clash.
+    /// holds what was read, so processes doing this at once do not clash. A row no
+    /// configured key opens is left as it is (logged; reading it is
+    /// [`Error::Decrypt`]), so that the app still starts and the row can be removed.
     /// [`Mirror::connect`] runs it when an encryption key is configured.
     pub async fn encrypt_stored(mirror: &Mirror) -> Result<usize> {
         let keys = mirror.config().encryption_keys();
@@ -244,8 +265,15 @@ impl ApiKey {
             if encryption::sealed_with(&row.secret) == Some(current.id()) {
                 continue;
             }
-            let plain = encryption::open(&keys, &row.id, &row.secret)?;
-            let sealed = encryption::seal(&current, &row.id, &plain);
+            let context = seal_context(&row.id, &row.kind, row.livemode);
+            let plain = match encryption::open(&keys, &row.id, &context, &row.secret) {
+                Ok(plain) => plain,
+                Err(err) => {
+                    tracing::warn!(key = %row.id, error = %err, "stored API key left as it is");
+                    continue;
+                }
+            };
+            let sealed = encryption::seal(&current, &context, &plain);
             changes.push((row.id, row.secret, sealed));
         }
         mirror
