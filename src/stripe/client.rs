@@ -319,7 +319,7 @@ impl StripeClient {
             let (retry, asked, err) = failure;
             if retry && attempt < self.retries {
                 // Our own doubling backoff, or longer when the server asks for it
-                // (`Retry-After`), never more than a minute: a retry past that is
+                // (`Retry-After`), never more than 30 s: a retry past that is
                 // better left to the caller (Stripe's redelivery, the next sync).
                 let ours = self.backoff * 2u32.saturating_pow(attempt);
                 let wait = asked.map_or(ours, |a| a.min(MAX_RETRY_AFTER).max(ours));
@@ -340,8 +340,9 @@ impl StripeClient {
     }
 }
 
-/// The longest `Retry-After` we honour within one call.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The longest `Retry-After` we honour within one call. Webhook deliveries bound their
+/// fetches as a whole (10 s) on top of this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Reads a `Retry-After` header: delay-seconds (`"2"`, `"0.5"` as some proxies send)
 /// or an HTTP date, measured from the response's own `Date` when it has one (so the

@@ -428,12 +428,22 @@ impl Webhooks {
     ) -> Result<Refetched> {
         let request = crate::sync::remote::retrieve_request(table, id)?;
         let object = format!("{} {id}", table.kind);
-        match mirror
-            .stripe()
-            .await?
-            .get_built(request, Some(&object))
-            .await
-        {
+        let client = mirror.stripe().await?;
+        // Bounded like a follow-up: retries and `Retry-After` waits must not hold the
+        // delivery past Stripe's own patience; a redelivery tries again.
+        let answer =
+            tokio::time::timeout(FOLLOW_UP_TIMEOUT, client.get_built(request, Some(&object)))
+                .await
+                .map_err(|_| {
+                    Error::Stripe(Box::new(crate::stripe::StripeApiError {
+                        request: format!("GET {object}"),
+                        message: format!(
+                            "no answer within {FOLLOW_UP_TIMEOUT:?} (retries included)"
+                        ),
+                        ..Default::default()
+                    }))
+                })?;
+        match answer {
             Ok(answer) => Ok(Refetched::Object(answer.value, answer.at)),
             Err(err) if crate::stripe::is_missing(&err) => Ok(Refetched::Missing),
             Err(err) => Err(err),
