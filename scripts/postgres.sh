@@ -12,6 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
 DIR="${STRIPE_MIRROR_PG_DIR:-$RUN/pg}"
+# `start` wipes the directory of a server that is not running: only ever under .run/.
+case "$(realpath -m "$DIR")" in
+  "$RUN"/*) ;;
+  *) echo "postgres: STRIPE_MIRROR_PG_DIR must be under $RUN" >&2; exit 2 ;;
+esac
 PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
 mkdir -p "$RUN"
 

@@ -93,6 +93,12 @@ mod server {
     }
 
     pub fn run() {
+        // Ends with the driver: its end of our stdin closes when it exits or is killed,
+        // so no server outlives a killed test run.
+        std::thread::spawn(|| {
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            std::process::exit(0);
+        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -304,6 +310,8 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// Held open: the server exits when it closes (see `server::run`).
+    _stdin: Option<std::process::ChildStdin>,
 }
 
 fn spawn_server(database_url: &str, api: &str) -> Server {
@@ -319,21 +327,33 @@ fn spawn_server_with(database_url: &str, api: &str, env: &[(&str, &str)]) -> Ser
         .env("STRIPE_SECRET_KEY", API_KEY)
         .env("STRIPE_API_BASE", api)
         .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("server exited before listening: {:?}", child.try_wait()))
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("listening on http://") {
-            break rest.split('/').next().unwrap().parse().unwrap();
+    let stdin = child.stdin.take();
+    // Its address from its first line, within a minute (a server that hangs before
+    // listening fails the test instead of blocking it).
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref().map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix("listening on http://") {
+                let _ = tx.send(rest.split('/').next().unwrap().to_owned());
+                break;
+            }
+        }
+        lines.for_each(drop);
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => addr.parse().unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the server did not listen within 60 s: {:?}", child.wait());
         }
     };
-    std::thread::spawn(move || lines.for_each(drop));
     let stderr = Arc::new(Mutex::new(String::new()));
     let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
     std::thread::spawn(move || {
@@ -351,6 +371,7 @@ fn spawn_server_with(database_url: &str, api: &str, env: &[(&str, &str)]) -> Ser
         child,
         addr,
         stderr,
+        _stdin: stdin,
     }
 }
 
@@ -423,6 +444,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
         return Duration::ZERO;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Waits until `done`, at most `limit`: a child that died fails the test, not hangs it.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<(), Failed> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("gave up waiting for {what} after {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), Failed> {
@@ -605,16 +638,20 @@ fn script(args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 fn postgres_stopped() -> Result<(), Failed> {
-    // A Postgres server of its own, stopped and started by this test only.
-    let dir = format!(
-        "{}/.run/pg-fault-{}",
-        env!("CARGO_MANIFEST_DIR"),
-        std::process::id()
-    );
+    // A Postgres server of its own, stopped and started by this test only, on a free
+    // port; one a killed earlier run left behind is stopped first.
+    let dir = format!("{}/.run/pg-fault", env!("CARGO_MANIFEST_DIR"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let env = [
-        ("STRIPE_MIRROR_PG_PORT", "54341"),
+        ("STRIPE_MIRROR_PG_PORT", port.as_str()),
         ("STRIPE_MIRROR_PG_DIR", dir.as_str()),
     ];
+    script(&["postgres.sh", "stop"], &env);
     let admin = script(&["postgres.sh", "start"], &env);
     struct Stop<'a>(&'a [(&'a str, &'a str)], &'a str);
     impl Drop for Stop<'_> {
@@ -655,17 +692,24 @@ fn postgres_stopped() -> Result<(), Failed> {
     check(during.keys().all(|s| *s == 503), || {
         format!("while Postgres is down, answers {during:?}")
     })?;
+    // Bounded: the pool's 1 s connection timeout, not a hang (a generous margin for a
+    // loaded machine; the figure is printed above).
+    check(slowest < Duration::from_secs(15), || {
+        format!("a 503 took {slowest:?}")
+    })?;
     // Back up: the same process recovers by itself; the refused events are redelivered.
     script(&["postgres.sh", "resume"], &env);
     let mut attempts = 0;
     for (_, body) in &corpus.events[third..] {
-        loop {
+        for tries in 1.. {
             attempts += 1;
             let (status, _) = post(&agent, server.addr, body);
             if status == 200 {
                 break;
             }
-            check(attempts < 200, || format!("not recovered: still {status}"))?;
+            check(tries < 120, || {
+                format!("not recovered after {tries} tries: still {status}")
+            })?;
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -712,14 +756,16 @@ fn sigkill_under_load() -> Result<(), Failed> {
                 })
             })
             .collect();
-        while acked.lock().unwrap().len() < corpus.events.len() / 3 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let third = corpus.events.len() / 3;
+        let answered = wait_until(Duration::from_secs(300), "a third answered", || {
+            acked.lock().unwrap().len() >= third
+        });
         server.kill();
         killed.store(true, Ordering::SeqCst);
         for c in clients {
             c.join().unwrap();
         }
+        answered?;
         let acked: Vec<usize> = acked.lock().unwrap().clone();
         // Every event answered 200 is in the database, processed, its handler recorded.
         for &i in &acked {
@@ -805,11 +851,12 @@ fn sync_killed() -> Result<(), Failed> {
                 .unwrap()
         };
         let mut first = run();
-        while stripe.pages_served.load(Ordering::SeqCst) < 8 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let served = wait_until(Duration::from_secs(120), "8 pages served", || {
+            stripe.pages_served.load(Ordering::SeqCst) >= 8
+        });
         first.kill().unwrap(); // SIGKILL
         first.wait().unwrap();
+        served?;
         let partial = count(&url, "SELECT COUNT(*) AS n FROM stripe_customers");
         check(partial > 0 && (partial as usize) < n, || {
             format!("{backend}: {partial} rows after the kill")
