@@ -128,9 +128,13 @@ async fn plaintext_keys_are_sealed_in_place_and_rotation_reseals_them() {
 
         // Rotation: k2 current, k1 previous; connect re-seals every row with k2.
         let before = stored(&b.config);
-        let m2 = Mirror::connect(with_keys(&b.config, Some(k2.clone()), &[k1.clone()]))
-            .await
-            .unwrap();
+        let m2 = Mirror::connect(with_keys(
+            &b.config,
+            Some(k2.clone()),
+            std::slice::from_ref(&k1),
+        ))
+        .await
+        .unwrap();
         let after = stored(&b.config);
         assert!(
             after

@@ -854,7 +854,7 @@ async fn a_burst_of_429s_and_500s_is_ridden_out_with_one_object_per_idempotency_
         // A product first (its first request meets the Retry-After: 1).
         let product = Product::get_or_create(
             &m,
-            &NewProduct::new(&format!("{tag}-product"), &format!("{tag} Pro")),
+            &NewProduct::new(format!("{tag}-product"), format!("{tag} Pro")),
         )
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", b.name));
@@ -981,10 +981,11 @@ async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
     }
 }
 
+/// One scripted answer: status, headers, body.
+type Scripted = (u16, Vec<(&'static str, &'static str)>, &'static str);
+
 /// A stub answering a script of statuses with headers; counts requests.
-async fn header_stub(
-    script: Vec<(u16, Vec<(&'static str, &'static str)>, &'static str)>,
-) -> (String, Arc<Mutex<usize>>) {
+async fn header_stub(script: Vec<Scripted>) -> (String, Arc<Mutex<usize>>) {
     use axum::{Router, response::Response, routing::any};
     let seen: Arc<Mutex<usize>> = Default::default();
     let script = Arc::new(Mutex::new(script.into_iter()));
