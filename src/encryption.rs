@@ -84,12 +84,6 @@ impl fmt::Debug for EncryptionKey {
     }
 }
 
-impl PartialEq for EncryptionKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.bytes == other.bytes
-    }
-}
-
 /// The key id a sealed value names (`None`: a plaintext key from before encryption
 /// was turned on).
 pub(crate) fn sealed_with(stored: &str) -> Option<&str> {
