@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::{Conn, Database};
+use super::{Conn, Database, Held};
 use crate::error::{Error, Result};
 
 /// At most this many pieces of work share a transaction (bounds its size and the
@@ -164,14 +164,32 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
     tx
 }
 
+/// How long a writer keeps its connection without work: deliveries coming one after
+/// another skip the pool's checkout (and Postgres's test query) each time.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
 /// While it runs a group, what arrives gathers into the next one (taken by another
-/// writer on Postgres, by this one after its commit on SQLite).
+/// writer on Postgres, by this one after its commit on SQLite). It keeps its
+/// connection while work keeps coming, and gives it back after [`LINGER`] idle or
+/// when a group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
+    let mut held: Option<Held> = None;
     loop {
         let group = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            let Ok(first) = rx.recv() else {
+            let first = match held {
+                Some(_) => match rx.recv_timeout(LINGER) {
+                    Ok(work) => Some(work),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        held = None;
+                        rx.recv().ok()
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                },
+                None => rx.recv().ok(),
+            };
+            let Some(first) = first else {
                 return; // the mirror is gone
             };
             let mut group = vec![first];
@@ -185,15 +203,26 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
             group
         };
         // A panic drops the group's senders: each caller gets `Error::Commit`.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_group(db, group)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_group(db, &mut held, group)
+        }));
+        if !matches!(ran, Ok(true)) {
+            held = None;
+        }
     }
 }
 
-fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
+/// Runs and commits a group on the held connection (taken from the pool when none is
+/// held); true when it committed.
+fn run_group(db: &Database, held: &mut Option<Held>, group: Vec<Box<dyn Work>>) -> bool {
     let mut waiting = Some(group);
     let mut handovers: Vec<Handover> = Vec::new();
-    let committed = db.run_blocking(|conn| {
-        conn.write(|conn| {
+    let conn = match held {
+        Some(conn) => Ok(conn),
+        None => db.hold().map(|conn| held.insert(conn)),
+    };
+    let committed = conn.and_then(|conn| {
+        conn.conn().write(|conn| {
             let mut group = waiting.take().into_iter().flatten();
             for work in group.by_ref() {
                 let (handover, failed) = work.run(conn);
@@ -220,7 +249,9 @@ fn run_group(db: &Database, group: Vec<Box<dyn Work>>) {
             work.fail(error.clone());
         }
     }
+    let ok = committed.is_ok();
     for handover in handovers {
         handover(committed.clone());
     }
+    ok
 }

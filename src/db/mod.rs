@@ -53,6 +53,26 @@ pub(crate) enum Conn<'a> {
     Postgres(&'a mut PgConnection),
 }
 
+/// A pooled connection kept out of the pool ([`Database::hold`]); back in it when dropped.
+pub(crate) enum Held {
+    #[cfg(feature = "sqlite")]
+    Sqlite(r2d2::PooledConnection<ConnectionManager<SqliteConnection>>),
+    #[cfg(feature = "postgres")]
+    Postgres(r2d2::PooledConnection<ConnectionManager<PgConnection>>),
+}
+
+impl Held {
+    /// The connection, to run statements on.
+    pub(crate) fn conn(&mut self) -> Conn<'_> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Held::Sqlite(c) => Conn::Sqlite(&mut *c),
+            #[cfg(feature = "postgres")]
+            Held::Postgres(c) => Conn::Postgres(&mut *c),
+        }
+    }
+}
+
 /// Runs `$body` with `$c` bound to the concrete diesel connection of `$conn`.
 /// The body is compiled once per enabled backend.
 macro_rules! on_conn {
@@ -315,6 +335,20 @@ impl Database {
             #[cfg(feature = "postgres")]
             Pool::Postgres(_) => Backend::Postgres,
         }
+    }
+
+    /// Takes a connection out of the pool for a while (a writer thread between groups).
+    pub(crate) fn hold(&self) -> Result<Held> {
+        let unavailable = |source: r2d2::PoolError| Error::Unavailable {
+            target: self.target(),
+            source,
+        };
+        Ok(match &self.pool {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(p) => Held::Sqlite(p.get().map_err(unavailable)?),
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(p) => Held::Postgres(p.get().map_err(unavailable)?),
+        })
     }
 
     /// Runs `f` with a pooled connection, on the calling thread (blocking).
