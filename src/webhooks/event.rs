@@ -214,6 +214,9 @@ pub(crate) enum Claim {
         token: i32,
         synced: bool,
         handlers: HandlerLog,
+        /// Stored new and already `processed` ([`insert_and_claim`]'s `settled`): nothing
+        /// to finish unless the sync leaves work due, which [`reopen`] claims.
+        settled: bool,
     },
     /// Already processed: answer 200, run nothing.
     Done,
@@ -225,10 +228,17 @@ pub(crate) enum Claim {
 /// `lease_secs`. The lease is kept on the database's clock, the one clock every worker
 /// shares, so hosts whose clocks disagree still agree on when a claim ends. Run inside
 /// the write transaction.
+///
+/// `settled`: no handler of this registry listens and no access hook is registered,
+/// so a new event is stored `processed` at once (saving the statement that would
+/// finish it). Its sync runs next in the same transaction: an object that cannot be
+/// mirrored rolls the row back with it, and work the sync leaves due (a re-fetch)
+/// claims it with [`reopen`].
 pub(crate) fn insert_and_claim(
     conn: &mut Conn<'_>,
     event: &Event,
     force: bool,
+    settled: bool,
     t: i64,
     lease_secs: i64,
 ) -> Result<Claim> {
@@ -241,6 +251,8 @@ pub(crate) fn insert_and_claim(
         synced: bool,
         #[diesel(sql_type = Text)]
         handlers: String,
+        #[diesel(sql_type = Text)]
+        status: String,
     }
     let now = database_now(conn);
     // A forced replay (given ids) also re-claims processed events.
@@ -253,14 +265,19 @@ pub(crate) fn insert_and_claim(
     // One statement stores a new event already claimed, or claims a stored one that is
     // pending, failed, or processing under an expired lease (`claimed_at` holds when
     // the lease ends). No row back: processed, or another worker holds it.
+    let fresh = if settled {
+        format!("'{PROCESSED}', ?, 1, NULL, TRUE, ?")
+    } else {
+        format!("'{PROCESSING}', ?, 1, ({now}) + {lease_secs}, FALSE, ?")
+    };
     let sql = format!(
-        "INSERT INTO stripe_events (id, \"type\", livemode, api_version, created, data, status, received_at, attempts, claimed_at) \
-         VALUES (?, ?, ?, ?, ?, ?, 'processing', ?, 1, ({now}) + {lease_secs}) \
+        "INSERT INTO stripe_events (id, \"type\", livemode, api_version, created, data, status, received_at, attempts, claimed_at, synced, processed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, {fresh}) \
          ON CONFLICT (id) DO UPDATE SET status = 'processing', attempts = stripe_events.attempts + 1, \
          claimed_at = ({now}) + {lease_secs} \
          WHERE stripe_events.status IN ({claimable}) \
          OR (stripe_events.status = '{PROCESSING}' AND stripe_events.claimed_at < ({now})) \
-         RETURNING attempts, synced, handlers"
+         RETURNING attempts, synced, handlers, status"
     );
     let data = event
         .text
@@ -274,19 +291,25 @@ pub(crate) fn insert_and_claim(
         .bind::<BigInt, _>(event.created)
         .bind::<Text, _>(&data)
         .bind::<BigInt, _>(t)
+        .bind::<Nullable<BigInt>, _>(settled.then_some(t))
         .get_result(c)
         .optional())?;
     if let Some(Claimed {
         attempts,
         synced,
         handlers,
+        status,
     }) = claimed
     {
         let handlers = serde_json::from_str(&handlers).unwrap_or_default();
+        // A claim sets `processing`: `processed` here is the new, settled row, whose
+        // sync is still to run.
+        let settled = status == PROCESSED;
         return Ok(Claim::Claimed {
             token: attempts,
-            synced,
+            synced: synced && !settled,
             handlers,
+            settled,
         });
     }
     let current: String = on_conn!(conn, c => stripe_events::table
@@ -298,6 +321,20 @@ pub(crate) fn insert_and_claim(
     } else {
         Claim::Busy
     })
+}
+
+/// Claims a row [`insert_and_claim`] stored settled (in the same transaction) once its
+/// sync left work due: `processing` under a lease, like any claim.
+pub(crate) fn reopen(conn: &mut Conn<'_>, id: &str, lease_secs: i64) -> Result<()> {
+    let now = database_now(conn);
+    let sql = format!(
+        "UPDATE stripe_events SET status = '{}', claimed_at = ({now}) + {lease_secs}, processed_at = NULL WHERE id = ?",
+        status::PROCESSING
+    );
+    on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
+        .bind::<diesel::sql_types::Text, _>(id)
+        .execute(c))?;
+    Ok(())
 }
 
 /// The stored `previous_attributes` of an event, if it has any.

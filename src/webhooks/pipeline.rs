@@ -532,14 +532,17 @@ pub(crate) fn claim_and_sync(
     // Measured from before the claim, so the handlers' deadline never outlives it.
     let lease_ends =
         tokio::time::Instant::now() + std::time::Duration::from_secs(lease.max(1) as u64);
+    // Nothing of this registry listens: a new event can be stored processed at once.
+    let settle = !force && keys.is_empty() && !access;
     let attempt = conn.write(|c| {
-        let (token, synced, mut handlers) =
-            match event::insert_and_claim(c, event, force, t, lease)? {
+        let (token, synced, mut handlers, settled) =
+            match event::insert_and_claim(c, event, force, settle, t, lease)? {
                 Claim::Claimed {
                     token,
                     synced,
                     handlers,
-                } => (token, synced, handlers),
+                    settled,
+                } => (token, synced, handlers, settled),
                 Claim::Done => return Ok(Progress::Done),
                 Claim::Busy => return Ok(Progress::Busy),
             };
@@ -590,8 +593,11 @@ pub(crate) fn claim_and_sync(
         }
         // The same statement records that the sync applied.
         if due {
+            if settled {
+                event::reopen(c, &event.id, lease)?;
+            }
             event::record_handlers(c, &event.id, &handlers, synced_now)?;
-        } else {
+        } else if !settled {
             event::finish(c, &event.id, token, &handlers, None, synced_now)?;
         }
         Ok(Progress::Claimed(Work {
@@ -611,7 +617,7 @@ pub(crate) fn claim_and_sync(
                     token,
                     mut handlers,
                     ..
-                } = event::insert_and_claim(c, event, true, t, lease)?
+                } = event::insert_and_claim(c, event, true, false, t, lease)?
                 {
                     // The handlers never ran: they stay due, so a replay without them
                     // (the CLI) cannot finish the event in their place.

@@ -94,7 +94,7 @@ pub fn execute_sql(database_url: &str, sql: &str) {
     let path = database_url
         .strip_prefix("sqlite://")
         .unwrap_or(database_url);
-    let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+    let mut conn = sqlite(path);
     diesel::sql_query(sql).execute(&mut conn).unwrap();
 }
 
@@ -119,7 +119,7 @@ pub fn query_count(database_url: &str, sql: &str) -> i64 {
     let path = database_url
         .strip_prefix("sqlite://")
         .unwrap_or(database_url);
-    let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+    let mut conn = sqlite(path);
     diesel::sql_query(sql).get_result::<N>(&mut conn).unwrap().n
 }
 
@@ -144,7 +144,7 @@ pub fn query_text(database_url: &str, sql: &str) -> String {
     let path = database_url
         .strip_prefix("sqlite://")
         .unwrap_or(database_url);
-    let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+    let mut conn = sqlite(path);
     diesel::sql_query(sql).get_result::<T>(&mut conn).unwrap().t
 }
 
@@ -199,4 +199,13 @@ pub fn fixture(name: &str) -> Value {
 pub fn local_fixture(file: &str) -> Value {
     let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A SQLite connection that waits for the mirror's (a writer may still be closing its
+/// own, checkpointing the log, just after the mirror was dropped).
+fn sqlite(path: &str) -> diesel::SqliteConnection {
+    use diesel::connection::SimpleConnection;
+    let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 10000;").unwrap();
+    conn
 }
