@@ -821,5 +821,14 @@ async fn events_no_handler_listens_to_are_finished_with_their_sync() {
             .unwrap();
         assert_eq!(report, Default::default(), "{}", b.name);
         assert!(log.lock().unwrap().is_empty());
+        // The row as a finished claim leaves it: processed, synced, one attempt, no
+        // claim, a processing time, an empty handler log.
+        let finished = common::query_count(
+            &m.config().database_url,
+            "SELECT COUNT(*) AS n FROM stripe_events WHERE id = 'evt_fast' AND status = 'processed' \
+             AND synced AND attempts = 1 AND claimed_at IS NULL AND processed_at IS NOT NULL \
+             AND error IS NULL AND handlers = '{}'",
+        );
+        assert_eq!(finished, 1, "{}", b.name);
     }
 }
