@@ -285,7 +285,21 @@ async fn sync_all_pages_through_everything_without_overwriting_fresher_data() {
 
 /// A stub for what no fake Stripe serves: scripted statuses, recorded idempotency keys.
 async fn stub(script: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
-    use axum::{Router, extract::Request, routing::any};
+    scripted(
+        script
+            .into_iter()
+            .map(|(s, body)| (s, vec![], body))
+            .collect(),
+    )
+    .await
+}
+
+/// One scripted answer: status, headers, body.
+type Scripted = (u16, Vec<(&'static str, &'static str)>, &'static str);
+
+/// [`stub`] with headers on the answers.
+async fn scripted(script: Vec<Scripted>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    use axum::{Router, extract::Request, response::Response, routing::any};
     let keys: Arc<Mutex<Vec<Option<String>>>> = Default::default();
     let script = Arc::new(Mutex::new(script.into_iter()));
     let k = keys.clone();
@@ -297,11 +311,16 @@ async fn stub(script: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Option
                 .get("idempotency-key")
                 .map(|v| v.to_str().unwrap().to_owned());
             k.lock().unwrap().push(key);
-            let (status, body) = script.lock().unwrap().next().unwrap_or((
+            let (status, headers, body) = script.lock().unwrap().next().unwrap_or((
                 500,
+                vec![],
                 r#"{"error":{"type":"api_error","message":"script ran out"}}"#,
             ));
-            (axum::http::StatusCode::from_u16(status).unwrap(), body)
+            let mut r = Response::builder().status(status);
+            for (n, v) in headers {
+                r = r.header(n, v);
+            }
+            r.body(axum::body::Body::from(body)).unwrap()
         }
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -955,7 +974,7 @@ async fn a_burst_of_429s_and_500s_is_ridden_out_with_one_object_per_idempotency_
 async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
     for b in &common::backends() {
         // Stripe says no: a 500 it will not be retried; one request, a clear error.
-        let (base, seen) = header_stub(vec![(
+        let (base, seen) = scripted(vec![(
             500,
             vec![("stripe-should-retry", "false")],
             r#"{"error":{"type":"api_error","message":"do not retry this"}}"#,
@@ -963,10 +982,10 @@ async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
         .await;
         let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
         let err = Customer::sync(&m, "cus_noretry").await.unwrap_err();
-        assert_eq!(*seen.lock().unwrap(), 1, "{}: no retry", b.name);
+        assert_eq!(seen.lock().unwrap().len(), 1, "{}: no retry", b.name);
         assert!(err.to_string().contains("do not retry this"), "{err}");
         // Stripe says yes on a status we would not retry by ourselves.
-        let (base, seen) = header_stub(vec![
+        let (base, seen) = scripted(vec![
             (
                 400,
                 vec![("stripe-should-retry", "true")],
@@ -977,37 +996,6 @@ async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
         .await;
         let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
         Customer::sync(&m, "cus_stub").await.unwrap();
-        assert_eq!(*seen.lock().unwrap(), 2, "{}: retried once", b.name);
+        assert_eq!(seen.lock().unwrap().len(), 2, "{}: retried once", b.name);
     }
-}
-
-/// One scripted answer: status, headers, body.
-type Scripted = (u16, Vec<(&'static str, &'static str)>, &'static str);
-
-/// A stub answering a script of statuses with headers; counts requests.
-async fn header_stub(script: Vec<Scripted>) -> (String, Arc<Mutex<usize>>) {
-    use axum::{Router, response::Response, routing::any};
-    let seen: Arc<Mutex<usize>> = Default::default();
-    let script = Arc::new(Mutex::new(script.into_iter()));
-    let s = seen.clone();
-    let app = Router::new().fallback(any(move || {
-        let (s, script) = (s.clone(), script.clone());
-        async move {
-            *s.lock().unwrap() += 1;
-            let (status, headers, body) = script.lock().unwrap().next().unwrap_or((
-                500,
-                vec![],
-                r#"{"error":{"type":"api_error","message":"script ran out"}}"#,
-            ));
-            let mut r = Response::builder().status(status);
-            for (n, v) in headers {
-                r = r.header(n, v);
-            }
-            r.body(axum::body::Body::from(body)).unwrap()
-        }
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}/"), seen)
 }
