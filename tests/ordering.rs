@@ -489,12 +489,12 @@ async fn a_tie_whose_refetch_fails_is_not_finished_and_is_fetched_again() {
                 None,
             );
             deliver(&webhooks, &m, &first).await;
-            // The tie cannot be settled and Stripe cannot be asked: a 500, so Stripe
+            // The tie cannot be settled and Stripe cannot be asked: a 503, so Stripe
             // redelivers; the row keeps the first version, flagged.
             let r = webhooks.receive(&m, post(&second)).await;
             assert_eq!(
                 (r.status, r.outcome),
-                (500, Outcome::Error),
+                (503, Outcome::Unavailable),
                 "{}: {:?}",
                 b.name,
                 r.error

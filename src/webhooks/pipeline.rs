@@ -303,7 +303,7 @@ impl Webhooks {
         let result = result.and(
             fetched
                 .map(|_| Outcome::Processed)
-                .map_err(|e| Failure::new(Outcome::Error, e)),
+                .map_err(|e| Failure::new(Outcome::Unavailable, e)),
         );
         let (outcome, error) = match &result {
             Ok(outcome) => (*outcome, None),
