@@ -246,3 +246,57 @@ fn a_mirror_shared_between_runtimes_keeps_committing() {
         );
     }
 }
+
+/// Writers keep their connection while deliveries keep coming, but at most half the
+/// pool writes side by side: handlers that query the app's tables on the same pool
+/// still get a connection, with the smallest pool that has room for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_on_the_mirrors_pool_get_a_connection_while_writers_hold_theirs() {
+    use stripe_mirror::{DbPool, Event};
+    for b in common::backends() {
+        let mut config = config(&b);
+        config.pool_size = 2;
+        config.connection_timeout = std::time::Duration::from_secs(2);
+        config.webhook_handler_timeout = std::time::Duration::from_secs(10);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        // A handler that reads on the mirror's pool, as a host's would.
+        let webhooks = Webhooks::new().on("customer.*", |_e: Event, m: Mirror| async move {
+            let pool = m.pool().clone();
+            tokio::task::spawn_blocking(
+                move || -> Result<(), stripe_mirror::webhooks::HandlerError> {
+                    use diesel::RunQueryDsl;
+                    match pool {
+                        DbPool::Sqlite(p) => {
+                            diesel::sql_query("SELECT 1").execute(&mut p.get()?)?;
+                        }
+                        #[cfg(feature = "postgres")]
+                        DbPool::Postgres(p) => {
+                            diesel::sql_query("SELECT 1").execute(&mut p.get()?)?;
+                        }
+                        #[allow(unreachable_patterns)]
+                        _ => unreachable!(),
+                    }
+                    Ok(())
+                },
+            )
+            .await??;
+            Ok(())
+        });
+        let tasks: Vec<_> = (0..48)
+            .map(|i| {
+                let (w, m) = (webhooks.clone(), mirror.clone());
+                tokio::spawn(async move { w.receive(&m, signed(&customer_event(1000 + i))).await })
+            })
+            .collect();
+        for answer in join_all(tasks).await {
+            let answer = answer.unwrap();
+            assert_eq!(
+                (answer.status, answer.outcome),
+                (200, Outcome::Processed),
+                "{}: {:?}",
+                b.name,
+                answer.error
+            );
+        }
+    }
+}

@@ -138,14 +138,19 @@ impl Database {
 }
 
 /// Groups a Postgres mirror commits side by side (each holds a pooled connection).
+#[cfg(feature = "postgres")]
 const POSTGRES_GROUPS: usize = 4;
 
 fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
     let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
     let rx = Arc::new(Mutex::new(rx));
-    let writers = match db.backend() {
-        super::Backend::Sqlite => 1,
-        super::Backend::Postgres => POSTGRES_GROUPS,
+    // Writers hold a connection while work keeps coming: at most half the pool, so
+    // handlers and reads always find one.
+    let writers = match &db.pool {
+        #[cfg(feature = "sqlite")]
+        super::Pool::Sqlite(_) => 1,
+        #[cfg(feature = "postgres")]
+        super::Pool::Postgres(p) => POSTGRES_GROUPS.min((p.max_size() as usize / 2).max(1)),
     };
     for n in 0..writers {
         // The pool only: a writer must not keep the queue open.
