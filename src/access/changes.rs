@@ -29,6 +29,7 @@ use crate::db::schema::{
     stripe_access, stripe_customers, stripe_entitlement_summaries, stripe_products,
     stripe_subscription_items,
 };
+use crate::db::statement::Bound;
 use crate::db::{Conn, on_conn};
 use crate::error::Result;
 use crate::models::entitlement::ProductFeature;
@@ -299,9 +300,8 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         return Ok(());
     }
     let sql = format!("{MARK_CUSTOMER} RETURNING subscriber_id, livemode");
-    let marked: Vec<Marked> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
-        .bind::<Text, _>(customer)
-        .load(c))?;
+    let values = [SqlValue::Text(Some(customer.to_owned()))];
+    let marked: Vec<Marked> = on_conn!(conn, c => Bound::new(&sql, &values).load(c))?;
     for m in marked {
         collected(m.subscriber_id, m.livemode);
     }

@@ -9,6 +9,7 @@
 
 mod batch;
 pub mod schema;
+pub(crate) mod statement;
 
 use std::time::Duration;
 
@@ -92,38 +93,6 @@ macro_rules! on_conn {
     };
 }
 pub(crate) use on_conn;
-
-/// Raw SQL written with `?` marks, in the connection's own placeholder syntax
-/// (`$1, $2, ...` on Postgres).
-pub(crate) fn placeholders<C: Placeholders>(_conn: &C, sql: &str) -> String {
-    C::placeholders(sql)
-}
-
-/// How a backend marks bind parameters in raw SQL.
-pub(crate) trait Placeholders {
-    fn placeholders(sql: &str) -> String;
-}
-
-#[cfg(feature = "sqlite")]
-impl Placeholders for SqliteConnection {
-    fn placeholders(sql: &str) -> String {
-        sql.to_owned()
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl Placeholders for PgConnection {
-    fn placeholders(sql: &str) -> String {
-        let mut out = String::with_capacity(sql.len() + 16);
-        for (i, piece) in sql.split('?').enumerate() {
-            if i > 0 {
-                out.push_str(&format!("${i}"));
-            }
-            out.push_str(piece);
-        }
-        out
-    }
-}
 
 impl Conn<'_> {
     /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two

@@ -16,22 +16,14 @@
 use std::sync::OnceLock;
 
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::serialize::ToSql;
-use diesel::sql_types::{BigInt, Bool, HasSqlType, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use serde_json::Value;
 
+use crate::db::statement::Bound;
+pub(crate) use crate::db::statement::{SqlValue, execute};
 use crate::db::{Conn, on_conn};
 use crate::error::{Error, Result};
 use crate::sync::fields::Fields;
-
-/// A typed column value.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum SqlValue {
-    Text(Option<String>),
-    Int(Option<i64>),
-    Bool(Option<bool>),
-}
 
 /// How one kind of Stripe object maps to its table.
 pub(crate) struct MirrorTable {
@@ -474,24 +466,12 @@ impl MirrorTable {
     }
 
     fn current(&self, conn: &mut Conn<'_>, id: &str) -> Result<Option<Current>> {
-        let sql = |mark: &str| {
-            format!(
-                "SELECT stamp, stamp_rank, stamp_event, data, deleted FROM {} WHERE id = {mark}",
-                self.table
-            )
-        };
-        Ok(match conn {
-            #[cfg(feature = "sqlite")]
-            Conn::Sqlite(c) => diesel::sql_query(sql("?"))
-                .bind::<Text, _>(id)
-                .get_result(*c)
-                .optional()?,
-            #[cfg(feature = "postgres")]
-            Conn::Postgres(c) => diesel::sql_query(sql("$1"))
-                .bind::<Text, _>(id)
-                .get_result(*c)
-                .optional()?,
-        })
+        let sql = format!(
+            "SELECT stamp, stamp_rank, stamp_event, data, deleted FROM {} WHERE id = ?",
+            self.table
+        );
+        let values = [SqlValue::Text(Some(id.to_owned()))];
+        Ok(on_conn!(conn, c => Bound::new(&sql, &values).get_result(c).optional())?)
     }
 
     /// Writes a parent's children. The parent's write decided freshness (its row is
@@ -646,54 +626,6 @@ pub(crate) fn describes(previous: &Value, current: &Value) -> bool {
         }
     }
     non_empty(previous) && matches(previous, current)
-}
-
-/// A statement whose `?` marks are bound to `values` in order. Unlike `sql_query`,
-/// diesel may cache its prepared form: the text is fixed per table, so each upsert
-/// is parsed and planned once per connection.
-struct Bound<'a> {
-    sql: &'a str,
-    values: &'a [SqlValue],
-}
-
-impl QueryId for Bound<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<DB> QueryFragment<DB> for Bound<'_>
-where
-    DB: diesel::backend::Backend + HasSqlType<Text> + HasSqlType<BigInt> + HasSqlType<Bool>,
-    Option<String>: ToSql<Nullable<Text>, DB>,
-    Option<i64>: ToSql<Nullable<BigInt>, DB>,
-    Option<bool>: ToSql<Nullable<Bool>, DB>,
-{
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        let mut values = self.values.iter();
-        for (i, piece) in self.sql.split('?').enumerate() {
-            if i > 0 {
-                match values.next() {
-                    Some(SqlValue::Text(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
-                    Some(SqlValue::Int(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
-                    Some(SqlValue::Bool(v)) => out.push_bind_param::<Nullable<Bool>, _>(v)?,
-                    None => {
-                        return Err(diesel::result::Error::QueryBuilderError(
-                            "fewer values than `?` marks".into(),
-                        ));
-                    }
-                }
-            }
-            out.push_sql(piece);
-        }
-        Ok(())
-    }
-}
-
-impl<C> RunQueryDsl<C> for Bound<'_> {}
-
-/// Runs a statement with `?`-marked binds on either backend.
-pub(crate) fn execute(conn: &mut Conn<'_>, sql: &str, values: &[SqlValue]) -> Result<usize> {
-    Ok(on_conn!(conn, c => Bound { sql, values }.execute(c))?)
 }
 
 /// Declares a [`MirrorTable`] static.

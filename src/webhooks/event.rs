@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use serde_json::Value;
 
 use crate::db::schema::stripe_events;
+use crate::db::statement::{Bound, SqlValue, execute};
 use crate::db::{Conn, on_conn};
 use crate::error::{Error, Result};
 use crate::sync::now;
@@ -242,7 +243,7 @@ pub(crate) fn insert_and_claim(
     t: i64,
     lease_secs: i64,
 ) -> Result<Claim> {
-    use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+    use diesel::sql_types::{Bool, Integer, Text};
     #[derive(QueryableByName)]
     struct Claimed {
         #[diesel(sql_type = Integer)]
@@ -283,17 +284,18 @@ pub(crate) fn insert_and_claim(
         .text
         .as_deref()
         .map_or_else(|| event.raw.to_string(), str::to_owned);
-    let claimed: Option<Claimed> = on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
-        .bind::<Text, _>(&event.id)
-        .bind::<Text, _>(&event.event_type)
-        .bind::<Bool, _>(event.livemode)
-        .bind::<Nullable<Text>, _>(&event.api_version)
-        .bind::<BigInt, _>(event.created)
-        .bind::<Text, _>(&data)
-        .bind::<BigInt, _>(t)
-        .bind::<Nullable<BigInt>, _>(settled.then_some(t))
-        .get_result(c)
-        .optional())?;
+    let values = [
+        SqlValue::Text(Some(event.id.clone())),
+        SqlValue::Text(Some(event.event_type.clone())),
+        SqlValue::Bool(Some(event.livemode)),
+        SqlValue::Text(event.api_version.clone()),
+        SqlValue::Int(Some(event.created)),
+        SqlValue::Text(Some(data)),
+        SqlValue::Int(Some(t)),
+        SqlValue::Int(settled.then_some(t)),
+    ];
+    let claimed: Option<Claimed> =
+        on_conn!(conn, c => Bound::new(&sql, &values).get_result(c).optional())?;
     if let Some(Claimed {
         attempts,
         synced,
@@ -331,9 +333,7 @@ pub(crate) fn reopen(conn: &mut Conn<'_>, id: &str, lease_secs: i64) -> Result<(
         "UPDATE stripe_events SET status = '{}', claimed_at = ({now}) + {lease_secs}, processed_at = NULL WHERE id = ?",
         status::PROCESSING
     );
-    on_conn!(conn, c => diesel::sql_query(crate::db::placeholders(c, &sql))
-        .bind::<diesel::sql_types::Text, _>(id)
-        .execute(c))?;
+    execute(conn, &sql, &[SqlValue::Text(Some(id.to_owned()))])?;
     Ok(())
 }
 
