@@ -4,8 +4,8 @@
 //! `fsync` on), far more than the statements before it. Webhook deliveries arriving at
 //! once queue here; one writer task takes everything queued, runs each piece of work
 //! in one transaction, commits once, and only then hands each caller its result. So:
-//! - bad input fails alone: the work keeps its risky part (an event's sync) in a
-//!   savepoint of its own and records the failure;
+//! - bad input fails alone: the work checks it before it writes anything (an event's
+//!   object is mapped to rows first) and records the failure;
 //! - a database error (which on Postgres aborts the transaction) rolls the whole
 //!   group back: every caller gets an error, nothing of the group is stored, and
 //!   Stripe redelivers each one;
@@ -89,8 +89,9 @@ impl Database {
     /// Runs `f` in a transaction shared with other writes queued at the same moment
     /// (group commit). Returns `f`'s result once the shared transaction has committed.
     /// If `f` fails (or panics), or the commit does (or no connection can be had), the
-    /// group is rolled back: `f` gets its error, the others [`Error::Commit`]. Keep
-    /// what bad input can break in a savepoint of `f`'s own (`conn.write`), and record it.
+    /// group is rolled back: `f` gets its error, the others [`Error::Commit`]. Check
+    /// what bad input can break before `f` writes, and record it (or keep it in a
+    /// savepoint of `f`'s own, `conn.write`).
     pub(crate) async fn write_batched<R, F>(&self, key: &str, f: F) -> Result<R>
     where
         R: Send + 'static,

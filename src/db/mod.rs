@@ -116,6 +116,25 @@ impl Conn<'_> {
             Conn::Postgres(c) => c.transaction(|c| f(&mut Conn::Postgres(c))),
         }
     }
+
+    /// Runs `f` atomically: inside the transaction already open, as it is (no
+    /// savepoint: an error of `f` must fail that transaction), else in a new one. For
+    /// work that maps its input before it writes, so nothing of it needs a partial
+    /// rollback; on Postgres a savepoint and its release are two round trips.
+    pub(crate) fn atomic<R>(&mut self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
+        let open = match self {
+            #[cfg(feature = "sqlite")]
+            Conn::Sqlite(c) => AnsiTransactionManager::transaction_manager_status_mut(*c)
+                .transaction_depth()
+                .is_ok_and(|d| d.is_some()),
+            #[cfg(feature = "postgres")]
+            Conn::Postgres(c) => AnsiTransactionManager::transaction_manager_status_mut(*c)
+                .transaction_depth()
+                .is_ok_and(|d| d.is_some()),
+        };
+        if open { f(self) } else { self.write(f) }
+    }
 }
 
 /// A diesel r2d2 connection pool of either backend: the one the crate opens from

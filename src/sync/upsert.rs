@@ -184,6 +184,9 @@ pub(crate) struct Row {
     /// The table's typed columns, in [`MirrorTable::columns`] order.
     typed: Vec<SqlValue>,
     columns: &'static [&'static str],
+    /// The children's rows (a subscription's items), mapped with the parent so that a
+    /// bad child is an error before anything is written.
+    children: Vec<Row>,
 }
 
 impl Row {
@@ -318,7 +321,7 @@ impl MirrorTable {
             "{} extract/columns mismatch",
             self.kind
         );
-        Ok(Row {
+        let mut row = Row {
             id: fields.id.to_owned(),
             livemode: fields.bool("livemode")?.or(livemode_hint).unwrap_or(false),
             deleted: fields.deleted,
@@ -327,7 +330,14 @@ impl MirrorTable {
             created: fields.i64("created")?,
             typed,
             columns: self.columns,
-        })
+            children: Vec::new(),
+        };
+        if let Some(children) = self.children
+            && !row.deleted
+        {
+            row.children = child_rows(children, &row, &fields)?;
+        }
+        Ok(row)
     }
 
     /// The upsert statements, built once. `?` marks each bind; [`Bound`] turns it into
@@ -394,7 +404,7 @@ impl MirrorTable {
             && written == Written::Applied
             && !row.deleted
         {
-            self.write_children(conn, children, row, value)?;
+            self.write_children(conn, children, row)?;
         }
         if written == Written::Applied {
             crate::access::changes::after_write(conn, self, row, before)?;
@@ -477,30 +487,9 @@ impl MirrorTable {
     /// Writes a parent's children. The parent's write decided freshness (its row is
     /// locked in this transaction, and a child never changes parent), so children
     /// follow it without a guard of their own.
-    fn write_children(
-        &self,
-        conn: &mut Conn<'_>,
-        children: &Children,
-        parent: &Row,
-        value: &Value,
-    ) -> Result<()> {
-        let fields = Fields::new(self.kind, value)?;
+    fn write_children(&self, conn: &mut Conn<'_>, children: &Children, parent: &Row) -> Result<()> {
         let table = children.table;
-        let parent_at = table
-            .columns
-            .iter()
-            .position(|c| *c == children.parent_column)
-            .expect("parent column");
-        let mut rows = Vec::new();
-        for child in (children.list)(&fields)? {
-            let mut row = table.row(child, parent.stamp.clone(), Some(parent.livemode))?;
-            // The parent id is authoritative even when the child omits it.
-            row.typed[parent_at] = SqlValue::Text(Some(parent.id.clone()));
-            rows.push(row);
-        }
-        // A fixed order keeps concurrent writers of overlapping rows from deadlocking.
-        rows.sort_by(|a, b| a.id.cmp(&b.id));
-        for row in &rows {
+        for row in &parent.children {
             execute(conn, &table.statements().forced, &row.binds())?;
         }
         // Children no longer listed are gone from the parent: tombstone them.
@@ -511,16 +500,41 @@ impl MirrorTable {
             SqlValue::Int(Some(parent.stamp.at)),
             SqlValue::Text(Some(parent.id.clone())),
         ];
-        if !rows.is_empty() {
+        if !parent.children.is_empty() {
             sql.push_str(&format!(
                 " AND id NOT IN ({})",
-                vec!["?"; rows.len()].join(", ")
+                vec!["?"; parent.children.len()].join(", ")
             ));
-            binds.extend(rows.iter().map(|r| SqlValue::Text(Some(r.id.clone()))));
+            binds.extend(
+                parent
+                    .children
+                    .iter()
+                    .map(|r| SqlValue::Text(Some(r.id.clone()))),
+            );
         }
         execute(conn, &sql, &binds)?;
         Ok(())
     }
+}
+
+/// A parent's children as rows, in id order (a fixed order keeps concurrent writers of
+/// overlapping rows from deadlocking), each stamped like its parent.
+fn child_rows(children: &Children, parent: &Row, fields: &Fields<'_>) -> Result<Vec<Row>> {
+    let table = children.table;
+    let parent_at = table
+        .columns
+        .iter()
+        .position(|c| *c == children.parent_column)
+        .expect("parent column");
+    let mut rows = Vec::new();
+    for child in (children.list)(fields)? {
+        let mut row = table.row(child, parent.stamp.clone(), Some(parent.livemode))?;
+        // The parent id is authoritative even when the child omits it.
+        row.typed[parent_at] = SqlValue::Text(Some(parent.id.clone()));
+        rows.push(row);
+    }
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(rows)
 }
 
 /// `value` with `id` copied from `field` (a string, or an expanded object's id).

@@ -10,7 +10,7 @@ use crate::db::{Conn, on_conn};
 use crate::error::Result;
 use crate::models::customer::SUBSCRIBER_METADATA_KEY;
 use crate::sync::MirrorTable;
-use crate::sync::upsert::{Source, Stamp, Written};
+use crate::sync::upsert::{Row, Source, Stamp, Written};
 use crate::webhooks::event::{Event, Refetched};
 
 /// The table an event's object is mirrored into, if the crate mirrors it: chosen by
@@ -21,25 +21,39 @@ pub(crate) fn table_for(event: &Event) -> Option<&'static MirrorTable> {
     crate::models::table_for_kind(kind)
 }
 
-/// Applies the event's built-in sync. [`Written::Undecided`] asks the caller to
-/// re-fetch the object when it can (a same-second tie nothing in the events settles).
-pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<Written> {
+/// An event's built-in sync, mapped from its payload (or the re-fetched object) before
+/// anything is written: a bad object shape is an [`Error::Mapping`](crate::Error::Mapping)
+/// here, so the write that follows has no savepoint to roll back.
+pub(crate) enum Plan {
+    /// Nothing the crate mirrors.
+    Nothing,
+    /// Link a Checkout Session's customer to its subscriber.
+    Checkout,
+    /// Write this row (and its children) through the guard.
+    Object {
+        table: &'static MirrorTable,
+        row: Box<Row>,
+        object: Value,
+    },
+}
+
+/// Maps the event's object to the row its sync writes.
+pub(crate) fn plan(event: &Event) -> Result<Plan> {
     if event.event_type == "checkout.session.completed" {
-        link_checkout_customer(conn, event)?;
-        return Ok(Written::Applied);
+        return Ok(Plan::Checkout);
     }
     let Some(table) = table_for(event) else {
-        return Ok(Written::Applied);
+        return Ok(Plan::Nothing);
     };
     // A re-fetched object is stamped with Stripe's time of the fetch; the payload with
     // the event's, ordered within its second by the event's type.
-    let (mut object, stamp) = match &event.refetched {
-        Some(Refetched::Object(object, at)) => (object.clone(), Stamp::fetched(*at)),
+    let (object, stamp) = match &event.refetched {
+        Some(Refetched::Object(object, at)) => (object, Stamp::fetched(*at)),
         // Stripe no longer has it: a tombstone (a subscription's is its canceled state,
         // which Stripe keeps, so this only happens to the other kinds).
-        Some(Refetched::Missing) => (event.object().clone(), event_stamp(event, Source::Deleted)),
+        Some(Refetched::Missing) => (event.object(), event_stamp(event, Source::Deleted)),
         None => (
-            event.object().clone(),
+            event.object(),
             event_stamp(event, Source::of_event(&event.event_type)),
         ),
     };
@@ -47,11 +61,30 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event) -> Result<Written> {
     // subscription is a canceled one, which its payload already says.
     let deleted = (event.event_type.ends_with(".deleted") && table.kind != "subscription")
         || matches!(event.refetched, Some(Refetched::Missing));
+    let mut object = object.clone();
     if deleted && table.final_tombstones {
         object["deleted"] = json!(true);
     }
     let row = table.row(&object, stamp, Some(event.livemode))?;
-    table.write(conn, &row, &object)
+    Ok(Plan::Object {
+        table,
+        row: Box::new(row),
+        object,
+    })
+}
+
+/// Applies the event's built-in sync, as [`plan`] mapped it. [`Written::Undecided`]
+/// asks the caller to re-fetch the object when it can (a same-second tie nothing in
+/// the events settles).
+pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Written> {
+    match plan {
+        Plan::Nothing => Ok(Written::Applied),
+        Plan::Checkout => {
+            link_checkout_customer(conn, event)?;
+            Ok(Written::Applied)
+        }
+        Plan::Object { table, row, object } => table.write(conn, &row, &object),
+    }
 }
 
 /// The mirrored object an event is about, when it can be fetched by id.

@@ -252,15 +252,39 @@ impl Webhooks {
         let (delivery_id, mut step) = match first {
             Ok(first) => first,
             Err(err) => {
-                tracing::error!(error = %err, "webhook delivery could not be logged");
-                return respond(event_id, Err(Failure::from_error(err)));
+                // The group rolled back, the delivery's row with it: log it again on its
+                // own with what failed (unless the database is out of reach as well).
+                tracing::error!(error = %err, "webhook delivery failed; nothing of it is stored");
+                let failure = Failure::from_error(err);
+                let (outcome, error) = (failure.outcome, failure.error.clone());
+                let logged_id = event_id.clone();
+                let logged = mirror
+                    .db()
+                    .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
+                        let entry = delivery::Entry {
+                            remote_addr: remote.as_deref(),
+                            headers: &headers,
+                            body: &body,
+                            body_size,
+                            valid,
+                            event_id: logged_id.as_deref(),
+                            outcome,
+                            error: Some(&error),
+                        };
+                        delivery::log(conn, &entry)
+                    })
+                    .await;
+                if let Err(err) = logged {
+                    tracing::error!(error = %err, "webhook delivery could not be logged");
+                }
+                return respond(event_id, Err(failure));
             }
         };
         if let Step::Refetch(event, target) = step {
             let fetched = self.fetch(mirror, &target).await;
             let (this, t) = (self.clone(), mirror.now());
             let fetched = fetched.map_err(Failure::from_error);
-            step = mirror
+            let refetched = mirror
                 .db()
                 .write_retrying(&event.id, || {
                     let (mut event, fetched, this) = (event.clone(), fetched.clone(), this.clone());
@@ -281,8 +305,33 @@ impl Webhooks {
                         Ok(step)
                     }
                 })
-                .await
-                .unwrap_or_else(|err| Step::Answer(Err(Failure::from_error(err))));
+                .await;
+            step = match refetched {
+                Ok(step) => step,
+                Err(err) => {
+                    // Rolled back: the delivery row (logged before the fetch) gets the failure.
+                    let failure = Failure::from_error(err);
+                    let (outcome, error, id) =
+                        (failure.outcome, failure.error.clone(), event.id.clone());
+                    let finished = mirror
+                        .db()
+                        .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
+                            delivery::finish(
+                                conn,
+                                delivery_id,
+                                true,
+                                Some(&id),
+                                outcome,
+                                Some(&error),
+                            )
+                        })
+                        .await;
+                    if let Err(err) = finished {
+                        tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
+                    }
+                    Step::Answer(Err(failure))
+                }
+            };
         }
         let (event, mut work) = match step {
             Step::Handlers(event, work) => (event, work),
@@ -393,10 +442,11 @@ impl Webhooks {
                     Outcome::InProgress,
                     "another worker is processing this event",
                 ))),
-                Err(err) if err.is_conflict() => return Err(err),
-                // A bad object shape (400) or our failure (5xx, the claim's savepoint rolled
-                // back); the delivery keeps it and Stripe retries a 5xx.
-                Err(err) => Step::Answer(Err(Failure::from_error(err))),
+                // A bad object shape (400), stored failed; the delivery keeps it.
+                Err(err @ Error::Mapping { .. }) => Step::Answer(Err(Failure::from_error(err))),
+                // A database error (or a lost race) fails the group: nothing of it is
+                // stored, each delivery is answered 503 and Stripe retries it.
+                Err(err) => return Err(err),
             },
         )
     }
@@ -517,8 +567,10 @@ pub(crate) const CLAIM_LOST: &str =
 /// built-in sync, all in one transaction. The handlers in `keys` not yet succeeded are
 /// recorded as due; when none is due the event is finished in the same transaction
 /// (processed, unless the handler log holds work of handlers this registry does not
-/// have, as when the CLI replays). A bad object shape rolls the sync back and stores
-/// the event as failed, so a later replay can retry it.
+/// have, as when the CLI replays). A bad object shape is found before anything is
+/// written: the event is stored failed, so a later replay can retry it. Runs in the
+/// caller's transaction when there is one (a group commit), else in its own; any other
+/// error must fail that transaction.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn claim_and_sync(
     conn: &mut crate::db::Conn<'_>,
@@ -532,9 +584,12 @@ pub(crate) fn claim_and_sync(
     // Measured from before the claim, so the handlers' deadline never outlives it.
     let lease_ends =
         tokio::time::Instant::now() + std::time::Duration::from_secs(lease.max(1) as u64);
+    // The object is mapped before anything is written: a bad shape is known here, and
+    // the transaction needs no savepoint to undo a half-written sync.
+    let plan = builtin::plan(event);
     // Nothing of this registry listens: a new event can be stored processed at once.
-    let settle = !force && keys.is_empty() && !access;
-    let attempt = conn.write(|c| {
+    let settle = !force && keys.is_empty() && !access && plan.is_ok();
+    let attempt = conn.atomic(|c| {
         let (token, synced, mut handlers, settled) =
             match event::insert_and_claim(c, event, force, settle, t, lease)? {
                 Claim::Claimed {
@@ -543,13 +598,43 @@ pub(crate) fn claim_and_sync(
                     handlers,
                     settled,
                 } => (token, synced, handlers, settled),
-                Claim::Done => return Ok(Progress::Done),
-                Claim::Busy => return Ok(Progress::Busy),
+                Claim::Done => return Ok(Ok(Progress::Done)),
+                Claim::Busy => return Ok(Ok(Progress::Busy)),
             };
         let (mut follow_up, mut synced_now) = (None, false);
         if !synced {
-            let (written, touched) = crate::access::changes::collect(|| builtin::apply(c, event));
-            if written? == Written::Undecided {
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(err) => {
+                    // Stored failed, for a replay once the code is fixed. The handlers
+                    // never ran: they stay due, so a replay without them (the CLI)
+                    // cannot finish the event in their place.
+                    for key in keys {
+                        let pending = || event::HANDLER_PENDING.to_owned();
+                        handlers.entry(key.clone()).or_insert_with(pending);
+                    }
+                    event::finish(
+                        c,
+                        &event.id,
+                        token,
+                        &handlers,
+                        Some(&err.to_string()),
+                        false,
+                    )?;
+                    return Ok(Err(err));
+                }
+            };
+            let (written, touched) =
+                crate::access::changes::collect(|| builtin::apply(c, event, plan));
+            // Mapping is done above: a mapping error now would follow writes that no
+            // savepoint can undo, so it must fail the whole transaction.
+            let written = written.map_err(|err| match err {
+                Error::Mapping { .. } => Error::Commit {
+                    message: format!("the sync failed after it wrote: {err}"),
+                },
+                other => other,
+            })?;
+            if written == Written::Undecided {
                 follow_up = builtin::object_of(event);
                 if follow_up.is_some() {
                     handlers.insert(
@@ -600,39 +685,16 @@ pub(crate) fn claim_and_sync(
         } else if !settled {
             event::finish(c, &event.id, token, &handlers, None, synced_now)?;
         }
-        Ok(Progress::Claimed(Work {
+        Ok(Ok(Progress::Claimed(Work {
             token,
             handlers,
             due,
             follow_up,
             lease_ends,
             access,
-        }))
+        })))
     });
-    match attempt {
-        Err(err @ Error::Mapping { .. }) => {
-            let message = err.to_string();
-            conn.write(|c| {
-                if let Claim::Claimed {
-                    token,
-                    mut handlers,
-                    ..
-                } = event::insert_and_claim(c, event, true, false, t, lease)?
-                {
-                    // The handlers never ran: they stay due, so a replay without them
-                    // (the CLI) cannot finish the event in their place.
-                    for key in keys {
-                        let pending = || event::HANDLER_PENDING.to_owned();
-                        handlers.entry(key.clone()).or_insert_with(pending);
-                    }
-                    event::finish(c, &event.id, token, &handlers, Some(&message), false)?;
-                }
-                Ok(())
-            })?;
-            Err(err)
-        }
-        other => other,
-    }
+    attempt?
 }
 
 /// Re-fetches an object once an event's claim is committed, bounded in time: the
