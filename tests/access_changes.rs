@@ -643,3 +643,85 @@ async fn deliver_access_changes_reaches_every_subscriber_when_many_keep_failing(
         );
     }
 }
+
+/// A backfill (`sync_all`) marks the subscriber of every customer and subscription it
+/// wrote (once per page, in one statement, not per object), so the hook is then told
+/// of each: two customers of one page, a subscription on a later page, and a customer
+/// without a subscriber (nobody to tell).
+#[tokio::test]
+async fn a_backfill_marks_each_subscriber_it_changed_for_the_hook() {
+    let list = |data: Vec<Value>| json!({"object": "list", "has_more": false, "data": data});
+    let (base, _) = common::stripe_stub(vec![
+        (
+            "/v1/customers",
+            200,
+            list(vec![
+                customer("cus_b1", Some("user-b1"), "b1@example.com"),
+                customer("cus_b2", Some("user-b2"), "b2@example.com"),
+                customer("cus_b3", None, "b3@example.com"),
+            ]),
+        ),
+        (
+            "/v1/subscriptions",
+            200,
+            list(vec![subscription(
+                "sub_b1",
+                "cus_b1",
+                "active",
+                "prod_team",
+            )]),
+        ),
+    ])
+    .await;
+    for b in backends() {
+        let mut config = config(&b);
+        config.api_base = Some(base.clone());
+        config.secret_key = Some(Secret::new("sk_test_backfill0000000000abcd"));
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-b1", "user-b2"]);
+        let dirty = || {
+            common::query_count(
+                &config.database_url,
+                "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE",
+            )
+        };
+        let backfill = |kind: &'static str| {
+            let mirror = mirror.clone();
+            async move {
+                stripe_mirror::sync_all(
+                    &mirror,
+                    &stripe_mirror::SyncOptions::default().objects(&[kind]),
+                    |_| {},
+                )
+                .await
+                .unwrap()
+                .counts[kind]
+            }
+        };
+        assert_eq!(backfill("customer").await, 3, "{}", b.name);
+        assert_eq!(dirty(), 2, "{}: user-b1 and user-b2 marked", b.name);
+        let told = host
+            .webhooks()
+            .deliver_access_changes(&mirror)
+            .await
+            .unwrap();
+        assert_eq!((told.told, told.unchanged), (0, 2), "{}: {told:?}", b.name);
+        assert_eq!(dirty(), 0, "{}", b.name);
+        // The subscriptions' page marks the subscriber of each one's customer.
+        assert_eq!(backfill("subscription").await, 1, "{}", b.name);
+        assert_eq!(dirty(), 1, "{}: user-b1 marked", b.name);
+        let told = host
+            .webhooks()
+            .deliver_access_changes(&mirror)
+            .await
+            .unwrap();
+        assert_eq!(
+            (told.told, told.failed.len()),
+            (1, 0),
+            "{}: {told:?}",
+            b.name
+        );
+        assert_eq!(host.row("user-b1"), "prod_team/-", "{}", b.name);
+        assert_eq!(host.row("user-b2"), "-/-", "{}", b.name);
+    }
+}

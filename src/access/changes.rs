@@ -174,6 +174,46 @@ thread_local! {
     /// The subscribers marked on this thread since [`collect`] began: the database
     /// closures of one pipeline step run on one blocking thread, start to end.
     static MARKED: RefCell<Option<BTreeSet<Touched>>> = const { RefCell::new(None) };
+    /// The customers whose subscribers [`in_bulk`] marks at its end.
+    static DEFERRED: RefCell<Option<BTreeSet<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs a backfill page's writes (`f`, in the caller's transaction) and marks the
+/// subscribers of the customers they touched at the end, in one statement per 500
+/// customers instead of one per object: a subscriber's mark then reads the customer
+/// as the page left it.
+pub(crate) fn in_bulk<R>(
+    conn: &mut Conn<'_>,
+    f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
+) -> Result<R> {
+    /// Ends the deferral even if `f` fails or panics (blocking threads are reused).
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEFERRED.with(|d| *d.borrow_mut() = None);
+        }
+    }
+    DEFERRED.with(|d| *d.borrow_mut() = Some(BTreeSet::new()));
+    let restore = Restore;
+    let result = f(conn)?;
+    let customers = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    drop(restore);
+    let customers: Vec<String> = customers.into_iter().collect();
+    for chunk in customers.chunks(500) {
+        let sql = format!(
+            "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+             SELECT DISTINCT subscriber_id, livemode, TRUE, 1 FROM stripe_customers \
+             WHERE id IN ({}) AND subscriber_id IS NOT NULL \
+             ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let values: Vec<SqlValue> = chunk
+            .iter()
+            .map(|c| SqlValue::Text(Some(c.clone())))
+            .collect();
+        execute(conn, &sql, &values)?;
+    }
+    Ok(result)
 }
 
 /// Runs `f` and returns the subscribers it marked, with its result.
@@ -290,8 +330,18 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
     const MARK_CUSTOMER: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
         SELECT subscriber_id, livemode, TRUE, 1 FROM stripe_customers WHERE id = ? AND subscriber_id IS NOT NULL \
         ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1";
-    // Nobody collects (a backfill): a prepared statement the connection keeps.
+    // Nobody collects: marked with the others at the end of the page ([`in_bulk`]),
+    // or now, with a prepared statement the connection keeps.
     if MARKED.with(|m| m.borrow().is_none()) {
+        let deferred = DEFERRED.with(|d| {
+            d.borrow_mut()
+                .as_mut()
+                .map(|set| set.insert(customer.to_owned()))
+                .is_some()
+        });
+        if deferred {
+            return Ok(());
+        }
         execute(
             conn,
             MARK_CUSTOMER,

@@ -332,26 +332,30 @@ pub async fn sync_all(
                 .db()
                 .run(move |conn| {
                     conn.write(|c| {
-                        let (mut written, mut failures) = (0, Vec::new());
-                        for item in &items {
-                            match table.row(item, stamp.clone(), None) {
-                                Ok(row) => {
-                                    table.write(c, &row, item)?;
-                                    written += 1;
+                        crate::access::changes::in_bulk(c, |c| {
+                            let (mut written, mut failures) = (0, Vec::new());
+                            for item in &items {
+                                match table.row(item, stamp.clone(), None) {
+                                    Ok(row) => {
+                                        table.write(c, &row, item)?;
+                                        written += 1;
+                                    }
+                                    Err(err) if !fail_fast => {
+                                        let id = item
+                                            .get("id")
+                                            .and_then(Value::as_str)
+                                            .unwrap_or("<no id>");
+                                        failures.push(SyncFailure {
+                                            object: table.kind,
+                                            id: id.to_owned(),
+                                            error: err.to_string(),
+                                        });
+                                    }
+                                    Err(err) => return Err(err),
                                 }
-                                Err(err) if !fail_fast => {
-                                    let id =
-                                        item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
-                                    failures.push(SyncFailure {
-                                        object: table.kind,
-                                        id: id.to_owned(),
-                                        error: err.to_string(),
-                                    });
-                                }
-                                Err(err) => return Err(err),
                             }
-                        }
-                        Ok((written, failures))
+                            Ok((written, failures))
+                        })
                     })
                 })
                 .await?;
