@@ -345,6 +345,31 @@ fn ingest(
         })
         .collect();
     let before = counts();
+    let (elapsed, results) = post_all(&endpoint, &signed, clients);
+    let after = counts();
+    server.abort();
+    let mut latencies: Vec<Duration> = results.iter().flat_map(|(l, _)| l.clone()).collect();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    let n = corpus.len() as f64;
+    Ingest {
+        events_per_s: n / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50).as_secs_f64() * 1e3,
+        p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        statements: (after.0 - before.0) as f64 / n,
+        commits: (after.1 - before.1) as f64 / n,
+        non_200: results.iter().map(|(_, b)| b).sum(),
+    }
+}
+
+/// Posts every signed body once, from `clients` keep-alive `ureq` agents; the run's
+/// time and, per client, the latencies and the answers that were not 200.
+type Signed<'a> = [(String, &'a String)];
+fn post_all(
+    endpoint: &str,
+    signed: &Signed<'_>,
+    clients: usize,
+) -> (Duration, Vec<(Vec<Duration>, usize)>) {
     let start = Instant::now();
     let results: Vec<(Vec<Duration>, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
@@ -360,7 +385,7 @@ fn ingest(
                     for (sig, body) in signed.iter().skip(c).step_by(clients) {
                         let t = Instant::now();
                         let status = agent
-                            .post(endpoint)
+                            .post(*endpoint)
                             .header("Stripe-Signature", sig)
                             .header("Content-Type", "application/json")
                             .send(body.as_str())
@@ -381,21 +406,34 @@ fn ingest(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let elapsed = start.elapsed();
-    let after = counts();
+    (start.elapsed(), results)
+}
+
+/// The HTTP floor: the same clients posting the same bodies to an axum route that
+/// reads each body and answers 200 without touching a database. What a delivery costs
+/// before the mirror does anything (requests/s, p50 ms).
+fn http_floor(rt: &tokio::runtime::Runtime, corpus: &[String], clients: usize) -> (f64, f64) {
+    let app = axum::Router::new().route(
+        "/stripe/webhook",
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            std::hint::black_box(body.len());
+            "{}"
+        }),
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let endpoint = format!("http://{addr}/stripe/webhook");
+    let signed: Vec<(String, &String)> =
+        corpus.iter().map(|b| ("t=0,v1=0".to_owned(), b)).collect();
+    let (elapsed, results) = post_all(&endpoint, &signed, clients);
     server.abort();
     let mut latencies: Vec<Duration> = results.iter().flat_map(|(l, _)| l.clone()).collect();
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let n = corpus.len() as f64;
-    Ingest {
-        events_per_s: n / elapsed.as_secs_f64(),
-        p50_ms: pct(0.50).as_secs_f64() * 1e3,
-        p99_ms: pct(0.99).as_secs_f64() * 1e3,
-        statements: (after.0 - before.0) as f64 / n,
-        commits: (after.1 - before.1) as f64 / n,
-        non_200: results.iter().map(|(_, b)| b).sum(),
-    }
+    let p50 = latencies[latencies.len() / 2].as_secs_f64() * 1e3;
+    (corpus.len() as f64 / elapsed.as_secs_f64(), p50)
 }
 
 fn main() {
@@ -421,8 +459,18 @@ fn main() {
         "{}",
         json!({"corpus": {"events": events, "mean_body_bytes": mean_body}})
     );
-    // `STRIPE_MIRROR_BENCH_ONLY=sqlite:8:false`: one ingest run (for a profiler).
+    // `STRIPE_MIRROR_BENCH_ONLY=sqlite:8:false`: one ingest run (for a profiler); `=http`: the HTTP floor.
     if let Ok(only) = std::env::var("STRIPE_MIRROR_BENCH_ONLY") {
+        if only == "http" {
+            for clients in [1, 8] {
+                let (rate, p50) = http_floor(&rt, &corpus, clients);
+                println!(
+                    "{}",
+                    json!({"http_floor": clients, "requests_per_s": rate, "p50_ms": p50})
+                );
+            }
+            return;
+        }
         let parts: Vec<&str> = only.split(':').collect();
         let db = fresh(parts[0], admin.as_deref());
         let r = ingest(
@@ -448,6 +496,12 @@ fn main() {
         }
         return;
     }
+    let (http1, http1_p50) = http_floor(&rt, &corpus, 1);
+    let (http8, http8_p50) = http_floor(&rt, &corpus, 8);
+    println!(
+        "{}",
+        json!({"http_floor": {"clients_1": http1, "p50_ms_1": http1_p50, "clients_8": http8, "p50_ms_8": http8_p50}})
+    );
     for backend in backends {
         let admin = admin.as_deref();
         let floor1 = floor(backend, admin, body, 1, events);

@@ -16,6 +16,7 @@ floors = {r["backend"]: r["floor"] for r in rows if "floor" in r}
 ingest = [(r["backend"], r["ingest"]) for r in rows if "ingest" in r]
 backfill = [r["backfill"] for r in rows if "backfill" in r]
 reads = next((r["reads"] for r in rows if "reads" in r), None)
+http = next((r["http_floor"] for r in rows if isinstance(r.get("http_floor"), dict)), None)
 
 def cpu():
     try:
@@ -55,6 +56,16 @@ p("|---|---|---|---|")
 for b, f in floors.items():
     p(f"| {b} | {f['clients_1']:,.0f} rows/s | {f['clients_8']:,.0f} rows/s | {f['body_bytes']} bytes |")
 p("")
+if http:
+    p("## The HTTP floor: the same posts to an axum route that answers without a database")
+    p("")
+    p("| 1 client | p50 | 8 clients | p50 |")
+    p("|---|---|---|---|")
+    p(f"| {http['clients_1']:,.0f} requests/s | {http['p50_ms_1']*1000:.0f} µs | {http['clients_8']:,.0f} requests/s | {http['p50_ms_8']*1000:.0f} µs |")
+    p("")
+    p("What a delivery costs before the mirror does anything: one at a time, ingest pays this")
+    p("plus the transaction, so it cannot reach the database floor's rate.")
+    p("")
 p("## Webhook ingest over HTTP (durable acknowledgement)")
 p("")
 p("| backend | deliveries at once | handler | events/s | p50 | p99 | vs 1-client floor | statements/event | commits/event | non-200 |")
