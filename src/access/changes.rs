@@ -179,37 +179,42 @@ thread_local! {
 }
 
 /// Runs a backfill page's writes (`f`, in the caller's transaction) and marks the
-/// subscribers of the customers they touched at the end, in one statement per 500
-/// customers instead of one per object: a subscriber's mark then reads the customer
-/// as the page left it.
+/// subscribers of the customers they touched at the end, in one statement instead of
+/// one per object: a subscriber's mark then reads the customer as the page left it.
 pub(crate) fn in_bulk<R>(
     conn: &mut Conn<'_>,
     f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
 ) -> Result<R> {
-    /// Ends the deferral even if `f` fails or panics (blocking threads are reused).
-    struct Restore;
+    /// Puts the outer deferral back even if `f` fails or panics (blocking threads are
+    /// reused).
+    struct Restore(Option<Option<BTreeSet<String>>>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            DEFERRED.with(|d| *d.borrow_mut() = None);
+            if let Some(outer) = self.0.take() {
+                DEFERRED.with(|d| *d.borrow_mut() = outer);
+            }
         }
     }
-    DEFERRED.with(|d| *d.borrow_mut() = Some(BTreeSet::new()));
-    let restore = Restore;
+    let restore = Restore(Some(
+        DEFERRED.with(|d| d.borrow_mut().replace(BTreeSet::new())),
+    ));
     let result = f(conn)?;
     let customers = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
     drop(restore);
+    // Lists of one length, padded with a repeated id: one statement the connection
+    // keeps prepared, not one per page size.
+    const LIST: usize = 100;
     let customers: Vec<String> = customers.into_iter().collect();
-    for chunk in customers.chunks(500) {
+    for chunk in customers.chunks(LIST) {
         let sql = format!(
             "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
              SELECT DISTINCT subscriber_id, livemode, TRUE, 1 FROM stripe_customers \
              WHERE id IN ({}) AND subscriber_id IS NOT NULL \
              ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1",
-            vec!["?"; chunk.len()].join(", ")
+            vec!["?"; LIST].join(", ")
         );
-        let values: Vec<SqlValue> = chunk
-            .iter()
-            .map(|c| SqlValue::Text(Some(c.clone())))
+        let values: Vec<SqlValue> = (0..LIST)
+            .map(|i| SqlValue::Text(Some(chunk[i.min(chunk.len() - 1)].clone())))
             .collect();
         execute(conn, &sql, &values)?;
     }

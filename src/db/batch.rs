@@ -75,7 +75,7 @@ where
 }
 
 /// The writers' queue. The writers are OS threads of their own (one for SQLite, which
-/// has one writer at a time; one per core, 2 to 4, for Postgres), started on first use:
+/// has one writer at a time; one per core of this host, 2 to 4, for Postgres), started on first use:
 /// they belong to no async runtime, so a mirror used from several runtimes, or one
 /// that outlives the runtime it was first used on, keeps committing. They hold the
 /// pool, not the queue: when the last clone of the mirror is dropped the queue closes
@@ -139,9 +139,9 @@ impl Database {
 }
 
 /// Groups a Postgres mirror commits side by side (each holds a pooled connection): one
-/// per core, 2 to 4. The server's CPU is what concurrent groups share: on 2 cores, 4
-/// writers made smaller groups (more commits and statements per event) and ingested
-/// 2,100-2,500 events/s at 8 deliveries at once, 2 writers 2,300-2,900.
+/// per core of this host, 2 to 4. More writers make smaller groups (more commits and
+/// statements per event) for the CPU to run: on 2 cores shared with the database, 4
+/// writers ingested 2,100-2,500 events/s at 8 deliveries at once, 2 writers 2,300-2,900.
 #[cfg(feature = "postgres")]
 fn postgres_groups() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))

@@ -29,11 +29,7 @@ pub(crate) trait Model: Sized + Send + 'static {
 /// Builds a model's row type from a Stripe object, without a database.
 pub(crate) fn from_stripe_json<M: Model>(data: &Value) -> Result<M> {
     let at = crate::stripe::newest_timestamp(data).unwrap_or(0);
-    Ok(M::from_row(&M::TABLE.row(
-        data,
-        Stamp::fetched(at),
-        None,
-    )?))
+    Ok(M::from_row(&M::TABLE.row_alone(data, Stamp::fetched(at))?))
 }
 
 /// Upserts `data` (a Stripe object fetched at `at`, Stripe's clock), returns the row

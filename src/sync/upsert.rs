@@ -285,12 +285,29 @@ struct Current {
 }
 
 impl MirrorTable {
-    /// Maps a Stripe object to a row of this table.
+    /// Maps a Stripe object to a row of this table, its children's rows with it: a bad
+    /// child is an error here, before anything is written.
     pub(crate) fn row(
         &self,
         value: &Value,
         stamp: Stamp,
         livemode_hint: Option<bool>,
+    ) -> Result<Row> {
+        self.map(value, stamp, livemode_hint, true)
+    }
+
+    /// [`row`](Self::row) without the children: the parent's own columns, for a model
+    /// built from JSON without a database.
+    pub(crate) fn row_alone(&self, value: &Value, stamp: Stamp) -> Result<Row> {
+        self.map(value, stamp, None, false)
+    }
+
+    fn map(
+        &self,
+        value: &Value,
+        stamp: Stamp,
+        livemode_hint: Option<bool>,
+        with_children: bool,
     ) -> Result<Row> {
         let keyed;
         let value = match self.id_from {
@@ -333,6 +350,7 @@ impl MirrorTable {
             children: Vec::new(),
         };
         if let Some(children) = self.children
+            && with_children
             && !row.deleted
         {
             row.children = child_rows(children, &row, &fields)?;

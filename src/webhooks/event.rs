@@ -232,9 +232,9 @@ pub(crate) enum Claim {
 ///
 /// `settled`: no handler of this registry listens and no access hook is registered,
 /// so a new event is stored `processed` at once (saving the statement that would
-/// finish it). Its sync runs next in the same transaction: an object that cannot be
-/// mirrored rolls the row back with it, and work the sync leaves due (a re-fetch)
-/// claims it with [`reopen`].
+/// finish it). Its sync runs next in the same transaction; an object that cannot be
+/// mapped is known before this runs (`settled` is then false), and work the sync
+/// leaves due (a re-fetch) claims it with [`reopen`].
 pub(crate) fn insert_and_claim(
     conn: &mut Conn<'_>,
     event: &Event,

@@ -252,10 +252,16 @@ impl Webhooks {
         let (delivery_id, mut step) = match first {
             Ok(first) => first,
             Err(err) => {
-                // The group rolled back, the delivery's row with it: log it again on its
-                // own with what failed (unless the database is out of reach as well).
                 tracing::error!(error = %err, "webhook delivery failed; nothing of it is stored");
                 let failure = Failure::from_error(err);
+                // The database is out of reach, or another delivery's write failed the
+                // group (503): nothing more is tried, the answer is not delayed.
+                if failure.outcome != Outcome::Error {
+                    return respond(event_id, Err(failure));
+                }
+                // A statement of this delivery failed (500) and rolled the group back,
+                // the delivery's row with it: it is logged again on its own, with what
+                // failed.
                 let (outcome, error) = (failure.outcome, failure.error.clone());
                 let logged_id = event_id.clone();
                 let logged = mirror
@@ -309,8 +315,12 @@ impl Webhooks {
             step = match refetched {
                 Ok(step) => step,
                 Err(err) => {
-                    // Rolled back: the delivery row (logged before the fetch) gets the failure.
                     let failure = Failure::from_error(err);
+                    if failure.outcome != Outcome::Error {
+                        // Out of reach, or failed by another write of the group (503).
+                        return respond(event_id, Err(failure));
+                    }
+                    // Rolled back: the delivery row (logged before the fetch) gets the failure.
                     let (outcome, error, id) =
                         (failure.outcome, failure.error.clone(), event.id.clone());
                     let finished = mirror
@@ -445,7 +455,8 @@ impl Webhooks {
                 // A bad object shape (400), stored failed; the delivery keeps it.
                 Err(err @ Error::Mapping { .. }) => Step::Answer(Err(Failure::from_error(err))),
                 // A database error (or a lost race) fails the group: nothing of it is
-                // stored, each delivery is answered 503 and Stripe retries it.
+                // stored, this delivery is answered 5xx and the others of the group 503,
+                // and Stripe retries each.
                 Err(err) => return Err(err),
             },
         )
@@ -629,9 +640,12 @@ pub(crate) fn claim_and_sync(
             // Mapping is done above: a mapping error now would follow writes that no
             // savepoint can undo, so it must fail the whole transaction.
             let written = written.map_err(|err| match err {
-                Error::Mapping { .. } => Error::Commit {
-                    message: format!("the sync failed after it wrote: {err}"),
-                },
+                Error::Mapping { .. } => {
+                    debug_assert!(false, "a mapping error after the plan: {err}");
+                    Error::Commit {
+                        message: format!("the sync failed after it wrote: {err}"),
+                    }
+                }
                 other => other,
             })?;
             if written == Written::Undecided {

@@ -3,6 +3,9 @@
 -- in the webhook benchmark. lz4 compresses them several times faster. Applied only
 -- where the server was built with lz4 (PostgreSQL 14 and later, most packages); it
 -- concerns values written from now on, nothing is rewritten.
+-- Each ALTER waits for its table's lock: give up rather than queue every query of a
+-- running app behind a long transaction (run `migrate` again later).
+SET LOCAL lock_timeout = '10s';
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_settings
