@@ -271,6 +271,28 @@ async fn subscription_deleted_cancels_and_checkout_links_the_subscriber() {
                 .status,
             200
         );
+        // A session with an empty customer links nothing and is processed (it once
+        // failed mapping a placeholder after the sync had written).
+        let empty = json!({"id": "cs_0", "object": "checkout.session", "customer": "", "client_reference_id": "user-0",
+                           "mode": "payment"});
+        let r = webhooks
+            .receive(
+                &m,
+                post(&event("evt_ck0", "checkout.session.completed", t, empty)),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Processed),
+            "{}: {r:?}",
+            b.name
+        );
+        assert!(
+            Customer::by_subscriber(&m, "user-0")
+                .await
+                .unwrap()
+                .is_none()
+        );
         let cust = json!({"id": "cus_ck", "object": "customer", "email": "u7@example.com", "metadata": {}});
         assert_eq!(
             webhooks

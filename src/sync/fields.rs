@@ -33,6 +33,9 @@ impl<'a> Fields<'a> {
         })?;
         let id = match obj.get("id") {
             Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+            Some(Value::String(_)) => {
+                return Err(Error::mapping(kind, "<no id>", "id", "is empty"));
+            }
             Some(other) if !other.is_null() => {
                 return Err(Error::mapping(
                     kind,
@@ -198,5 +201,7 @@ mod tests {
             let err = Fields::new("customer", &bad).err().expect("refused");
             assert!(matches!(err, Error::Mapping { .. }), "{err}");
         }
+        let err = Fields::new("customer", &json!({"id": ""})).err().unwrap();
+        assert!(err.to_string().contains("`id` is empty"), "{err}");
     }
 }

@@ -136,11 +136,12 @@ pub(crate) fn link_session(
     livemode: bool,
     source: &str,
 ) -> Result<()> {
+    // No customer (or an empty id): nothing to link, and no placeholder to map.
     let customer = match session.get("customer") {
-        Some(Value::String(id)) => id.clone(),
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
         Some(Value::Object(c)) => match c.get("id").and_then(Value::as_str) {
-            Some(id) => id.to_owned(),
-            None => return Ok(()),
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => return Ok(()),
         },
         _ => return Ok(()),
     };

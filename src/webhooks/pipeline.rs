@@ -254,34 +254,37 @@ impl Webhooks {
             Err(err) => {
                 tracing::error!(error = %err, "webhook delivery failed; nothing of it is stored");
                 let failure = Failure::from_error(err);
-                // The database is out of reach, or another delivery's write failed the
-                // group (503): nothing more is tried, the answer is not delayed.
-                if failure.outcome != Outcome::Error {
-                    return respond(event_id, Err(failure));
-                }
-                // A statement of this delivery failed (500) and rolled the group back,
-                // the delivery's row with it: it is logged again on its own, with what
-                // failed.
+                // The group rolled back, the delivery's row with it: it is logged again on
+                // its own, with what failed. A statement of this delivery failed (500):
+                // before answering. The database is out of reach, or another delivery's
+                // write failed the group (503): after, so the answer is not delayed.
                 let (outcome, error) = (failure.outcome, failure.error.clone());
                 let logged_id = event_id.clone();
-                let logged = mirror
-                    .db()
-                    .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
-                        let entry = delivery::Entry {
-                            remote_addr: remote.as_deref(),
-                            headers: &headers,
-                            body: &body,
-                            body_size,
-                            valid,
-                            event_id: logged_id.as_deref(),
-                            outcome,
-                            error: Some(&error),
-                        };
-                        delivery::log(conn, &entry)
-                    })
-                    .await;
-                if let Err(err) = logged {
-                    tracing::error!(error = %err, "webhook delivery could not be logged");
+                let db = mirror.db().clone();
+                let log = async move {
+                    let logged = db
+                        .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
+                            let entry = delivery::Entry {
+                                remote_addr: remote.as_deref(),
+                                headers: &headers,
+                                body: &body,
+                                body_size,
+                                valid,
+                                event_id: logged_id.as_deref(),
+                                outcome,
+                                error: Some(&error),
+                            };
+                            delivery::log(conn, &entry)
+                        })
+                        .await;
+                    if let Err(err) = logged {
+                        tracing::error!(error = %err, "webhook delivery could not be logged");
+                    }
+                };
+                if failure.outcome == Outcome::Error {
+                    log.await;
+                } else {
+                    tokio::spawn(log);
                 }
                 return respond(event_id, Err(failure));
             }
@@ -315,29 +318,33 @@ impl Webhooks {
             step = match refetched {
                 Ok(step) => step,
                 Err(err) => {
+                    // Rolled back: the delivery row (logged before the fetch) gets the
+                    // failure; after the answer when it is a 503, as above.
                     let failure = Failure::from_error(err);
-                    if failure.outcome != Outcome::Error {
-                        // Out of reach, or failed by another write of the group (503).
-                        return respond(event_id, Err(failure));
-                    }
-                    // Rolled back: the delivery row (logged before the fetch) gets the failure.
                     let (outcome, error, id) =
                         (failure.outcome, failure.error.clone(), event.id.clone());
-                    let finished = mirror
-                        .db()
-                        .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
-                            delivery::finish(
-                                conn,
-                                delivery_id,
-                                true,
-                                Some(&id),
-                                outcome,
-                                Some(&error),
-                            )
-                        })
-                        .await;
-                    if let Err(err) = finished {
-                        tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
+                    let db = mirror.db().clone();
+                    let finish = async move {
+                        let finished = db
+                            .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
+                                delivery::finish(
+                                    conn,
+                                    delivery_id,
+                                    true,
+                                    Some(&id),
+                                    outcome,
+                                    Some(&error),
+                                )
+                            })
+                            .await;
+                        if let Err(err) = finished {
+                            tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
+                        }
+                    };
+                    if failure.outcome == Outcome::Error {
+                        finish.await;
+                    } else {
+                        tokio::spawn(finish);
                     }
                     Step::Answer(Err(failure))
                 }

@@ -3,8 +3,9 @@
 -- in the webhook benchmark. lz4 compresses them several times faster. Applied only
 -- where the server was built with lz4 (PostgreSQL 14 and later, most packages); it
 -- concerns values written from now on, nothing is rewritten.
--- Each ALTER waits for its table's lock: give up rather than queue every query of a
--- running app behind a long transaction (run `migrate` again later).
+-- Each ALTER waits at most 10 s for its table's lock (the tables already altered stay
+-- locked until the migration commits): a long transaction makes `migrate` fail rather
+-- than queue a running app's queries indefinitely; run it again later.
 SET LOCAL lock_timeout = '10s';
 DO $$
 BEGIN
