@@ -254,38 +254,24 @@ impl Webhooks {
             Err(err) => {
                 tracing::error!(error = %err, "webhook delivery failed; nothing of it is stored");
                 let failure = Failure::from_error(err);
-                // The group rolled back, the delivery's row with it: it is logged again on
-                // its own, with what failed. A statement of this delivery failed (500):
-                // before answering. The database is out of reach, or another delivery's
-                // write failed the group (503): after, so the answer is not delayed.
+                // The group rolled back, the delivery's row with it: logged again on its
+                // own, with what failed.
                 let (outcome, error) = (failure.outcome, failure.error.clone());
                 let logged_id = event_id.clone();
-                let db = mirror.db().clone();
-                let log = async move {
-                    let logged = db
-                        .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
-                            let entry = delivery::Entry {
-                                remote_addr: remote.as_deref(),
-                                headers: &headers,
-                                body: &body,
-                                body_size,
-                                valid,
-                                event_id: logged_id.as_deref(),
-                                outcome,
-                                error: Some(&error),
-                            };
-                            delivery::log(conn, &entry)
-                        })
-                        .await;
-                    if let Err(err) = logged {
-                        tracing::error!(error = %err, "webhook delivery could not be logged");
-                    }
-                };
-                if failure.outcome == Outcome::Error {
-                    log.await;
-                } else {
-                    tokio::spawn(log);
-                }
+                record_failed(mirror, outcome, move |conn| {
+                    let entry = delivery::Entry {
+                        remote_addr: remote.as_deref(),
+                        headers: &headers,
+                        body: &body,
+                        body_size,
+                        valid,
+                        event_id: logged_id.as_deref(),
+                        outcome,
+                        error: Some(&error),
+                    };
+                    delivery::log(conn, &entry).map(drop)
+                })
+                .await;
                 return respond(event_id, Err(failure));
             }
         };
@@ -318,34 +304,14 @@ impl Webhooks {
             step = match refetched {
                 Ok(step) => step,
                 Err(err) => {
-                    // Rolled back: the delivery row (logged before the fetch) gets the
-                    // failure; after the answer when it is a 503, as above.
+                    // Rolled back: the delivery row (logged before the fetch) gets the failure.
                     let failure = Failure::from_error(err);
                     let (outcome, error, id) =
                         (failure.outcome, failure.error.clone(), event.id.clone());
-                    let db = mirror.db().clone();
-                    let finish = async move {
-                        let finished = db
-                            .write_batched("", move |conn: &mut crate::db::Conn<'_>| {
-                                delivery::finish(
-                                    conn,
-                                    delivery_id,
-                                    true,
-                                    Some(&id),
-                                    outcome,
-                                    Some(&error),
-                                )
-                            })
-                            .await;
-                        if let Err(err) = finished {
-                            tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
-                        }
-                    };
-                    if failure.outcome == Outcome::Error {
-                        finish.await;
-                    } else {
-                        tokio::spawn(finish);
-                    }
+                    record_failed(mirror, outcome, move |conn| {
+                        delivery::finish(conn, delivery_id, true, Some(&id), outcome, Some(&error))
+                    })
+                    .await;
                     Step::Answer(Err(failure))
                 }
             };
@@ -569,6 +535,28 @@ impl Webhooks {
         let mut event = Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))?;
         event.text = Some(text.into());
         Ok(event)
+    }
+}
+
+/// Writes, on its own, what a failed group rolled back of one delivery (its log row, or
+/// its outcome): before the answer for our failure (500), after it for a 503 (the
+/// database out of reach, or another delivery's write failed the group), so that answer
+/// is not delayed by a second wait for the database. Best effort: a failure is traced.
+async fn record_failed(
+    mirror: &Mirror,
+    outcome: Outcome,
+    write: impl FnOnce(&mut crate::db::Conn<'_>) -> Result<()> + Send + 'static,
+) {
+    let db = mirror.db().clone();
+    let record = async move {
+        if let Err(error) = db.write_batched("", write).await {
+            tracing::error!(%error, "a failed webhook delivery could not be recorded");
+        }
+    };
+    if outcome == Outcome::Error {
+        record.await;
+    } else {
+        tokio::spawn(record);
     }
 }
 
