@@ -170,6 +170,23 @@ pub(crate) struct Before {
 /// A subscriber, in a mode.
 pub(crate) type Touched = (String, bool);
 
+/// How every mark ends: a subscriber already marked is marked again, one version on.
+macro_rules! marked {
+    () => {
+        " ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1"
+    };
+}
+
+/// Marks the subscribers of the customers whose `id` the caller's condition follows
+/// with (` = ?`, ` IN (...)`).
+macro_rules! mark_customers {
+    () => {
+        "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+         SELECT DISTINCT subscriber_id, livemode, TRUE, 1 FROM stripe_customers \
+         WHERE subscriber_id IS NOT NULL AND id"
+    };
+}
+
 thread_local! {
     /// The subscribers marked on this thread since [`collect`] began: the database
     /// closures of one pipeline step run on one blocking thread, start to end.
@@ -207,11 +224,10 @@ pub(crate) fn in_bulk<R>(
     let customers: Vec<String> = customers.into_iter().collect();
     for chunk in customers.chunks(LIST) {
         let sql = format!(
-            "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
-             SELECT DISTINCT subscriber_id, livemode, TRUE, 1 FROM stripe_customers \
-             WHERE id IN ({}) AND subscriber_id IS NOT NULL \
-             ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1",
-            vec!["?"; LIST].join(", ")
+            "{} IN ({}){}",
+            mark_customers!(),
+            vec!["?"; LIST].join(", "),
+            marked!()
         );
         let values: Vec<SqlValue> = (0..LIST)
             .map(|i| SqlValue::Text(Some(chunk[i.min(chunk.len() - 1)].clone())))
@@ -332,9 +348,7 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         #[diesel(sql_type = Bool)]
         livemode: bool,
     }
-    const MARK_CUSTOMER: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
-        SELECT subscriber_id, livemode, TRUE, 1 FROM stripe_customers WHERE id = ? AND subscriber_id IS NOT NULL \
-        ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1";
+    const MARK_CUSTOMER: &str = concat!(mark_customers!(), " = ?", marked!());
     // Nobody collects: marked with the others at the end of the page ([`in_bulk`]),
     // or now, with a prepared statement the connection keeps.
     if MARKED.with(|m| m.borrow().is_none()) {
@@ -371,8 +385,10 @@ fn collected(subscriber: String, live: bool) {
     });
 }
 
-const MARK: &str = "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES (?, ?, TRUE, 1) \
-     ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1";
+const MARK: &str = concat!(
+    "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES (?, ?, TRUE, 1)",
+    marked!()
+);
 
 /// Marks one subscriber dirty (a change may be untold).
 fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
@@ -393,12 +409,14 @@ fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
 fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
     execute(
         conn,
-        "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
+        concat!(
+            "INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) \
          SELECT DISTINCT c.subscriber_id, c.livemode, TRUE, 1 FROM stripe_subscription_items i \
          JOIN stripe_subscriptions s ON s.id = i.subscription_id \
          JOIN stripe_customers c ON c.id = s.customer_id \
-         WHERE i.product_id = ? AND i.deleted = FALSE AND s.deleted = FALSE AND c.subscriber_id IS NOT NULL \
-         ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1",
+         WHERE i.product_id = ? AND i.deleted = FALSE AND s.deleted = FALSE AND c.subscriber_id IS NOT NULL",
+            marked!()
+        ),
         &[SqlValue::Text(Some(product.to_owned()))],
     )?;
     Ok(())
