@@ -202,7 +202,7 @@ impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
         // synchronous = FULL syncs the WAL at every commit: a webhook is answered 200
         // only once its event is on disk, and Stripe never redelivers an event it got a
         // 200 for (NORMAL could lose the last commits on power failure). Savepoints
-        // (each delivery of a group commit has one) journal in memory, not a temp file.
+        // (a nested `write`) journal in memory, not a temp file.
         conn.batch_execute(
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
              PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;",
