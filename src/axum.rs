@@ -56,13 +56,28 @@ where
 }
 
 /// [`webhook_router`] at another path (`/billing/stripe-events`).
+///
+/// Warns (a `tracing` warning) when no webhook secret is configured: every delivery
+/// would then be refused with a 400.
 pub fn webhook_router_at<S>(path: &str, mirror: Mirror, webhooks: Webhooks) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
+    warn_without_secret(&mirror);
     Router::new()
         .route(path, post(receive))
         .with_state(WebhookState { mirror, webhooks })
+}
+
+/// A webhook route that can verify nothing refuses everything: said once, where it is
+/// mounted.
+fn warn_without_secret(mirror: &Mirror) {
+    if mirror.config().webhook_secrets.is_empty() {
+        tracing::warn!(
+            "STRIPE_WEBHOOK_SECRET is not set: every delivery will be refused (400); \
+             set it to the endpoint's signing secret (`stripe listen` prints one)"
+        );
+    }
 }
 
 /// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
@@ -80,7 +95,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
     if mirror.config().webhook_secrets.is_empty() {
-        tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: every delivery will be refused");
         eprintln!("warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused");
     }
     println!(

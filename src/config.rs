@@ -193,6 +193,18 @@ impl Config {
         }
     }
 
+    /// Another database, the rest kept (e.g. all else from the environment):
+    ///
+    /// ```
+    /// let config = stripe_mirror::Config::from_env()?.database_url("sqlite://app.db");
+    /// assert_eq!(config.database_url, "sqlite://app.db");
+    /// # Ok::<_, stripe_mirror::Error>(())
+    /// ```
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = url.into();
+        self
+    }
+
     /// Live mode: live keys and live rows ([`Config::live_mode`]).
     pub fn live_mode(mut self, live: bool) -> Self {
         self.live_mode = live;

@@ -36,12 +36,13 @@
 //!
 //! From an empty app to its first subscription check, in test mode:
 //!
-//! 1. **Add the crate**, with the storage you deploy on (SQLite is the default) and
-//!    the webhook route for axum:
+//! 1. **Add the crate**, with the webhook route for axum (SQLite, the default storage,
+//!    needs no feature; add `"postgres"` for Postgres, which links libpq):
 //!
 //!    ```toml
 //!    [dependencies]
-//!    stripe-mirror = { version = "0.1", features = ["postgres", "axum"] }
+//!    stripe-mirror = { version = "0.1", features = ["axum"] }
+//!    axum = "0.8" # your own routes; the same major version as the crate's
 //!    tokio = { version = "1", features = ["full"] }
 //!    ```
 //!
@@ -196,7 +197,7 @@ pub use models::subscription::{
 pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};
 pub use sync::remote::{SyncFailure, SyncOptions, SyncProgress, SyncReport, sync_all};
-pub use webhooks::{Event, WebhookRequest, WebhookResponse, Webhooks};
+pub use webhooks::{Event, HandlerError, WebhookRequest, WebhookResponse, Webhooks};
 
 /// diesel, as the crate uses it (for [`mirror_schema!`]).
 #[doc(hidden)]
@@ -208,3 +209,8 @@ pub use ::stripe as async_stripe;
 /// async-stripe's generated object types, for typed access to event payloads
 /// ([`Event::object_as`]).
 pub use stripe_shared as types;
+
+/// The README's Rust examples, compiled (and the runnable ones run) by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -85,3 +85,40 @@ async fn the_webhook_route_merges_into_an_app_with_state() {
         assert_eq!((posted, read.as_str()), (200, "active"), "{}", b.name);
     }
 }
+
+/// A webhook route mounted without a signing secret refuses every delivery: the app
+/// hears it once, where the route is built, not first from Stripe's failed deliveries.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn mounting_the_webhook_route_without_a_secret_warns() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    async fn warned(config: stripe_mirror::Config) -> bool {
+        let mirror = Mirror::connect(config).await.unwrap();
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let _: Router<AppState> = stripe_mirror::axum::webhook_router(mirror, Webhooks::new());
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text.contains("STRIPE_WEBHOOK_SECRET is not set")
+    }
+    let bare = stripe_mirror::Config::new("sqlite::memory:");
+    assert!(warned(bare.clone()).await, "no warning without a secret");
+    assert!(
+        !warned(bare.webhook_secret(SECRET)).await,
+        "a warning with a secret set"
+    );
+}
