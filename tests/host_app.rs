@@ -91,20 +91,9 @@ async fn the_webhook_route_merges_into_an_app_with_state() {
 #[cfg(feature = "cli")]
 #[tokio::test]
 async fn mounting_the_webhook_route_without_a_secret_warns() {
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     async fn warned(config: stripe_mirror::Config) -> bool {
         let mirror = Mirror::connect(config).await.unwrap();
-        let captured = Captured::default();
+        let captured = common::Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
@@ -112,8 +101,7 @@ async fn mounting_the_webhook_route_without_a_secret_warns() {
         tracing::subscriber::with_default(subscriber, || {
             let _: Router<AppState> = stripe_mirror::axum::webhook_router(mirror, Webhooks::new());
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        text.contains("STRIPE_WEBHOOK_SECRET is not set")
+        captured.text().contains("STRIPE_WEBHOOK_SECRET is not set")
     }
     let bare = stripe_mirror::Config::new("sqlite::memory:");
     assert!(warned(bare.clone()).await, "no warning without a secret");

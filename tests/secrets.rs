@@ -7,9 +7,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::json;
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{Event, HandlerError};
@@ -30,20 +27,6 @@ const SECRETS: [&str; 5] = [
     ENCRYPTION_KEY,
 ];
 
-/// Everything the process logs, at every level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn assert_clean(what: &str, text: &str) {
     for secret in SECRETS {
         assert!(
@@ -55,7 +38,8 @@ fn assert_clean(what: &str, text: &str) {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_output_or_errors() {
-    let captured = Captured::default();
+    // Everything the process logs, at every level.
+    let captured = common::Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -165,7 +149,7 @@ async fn no_secret_reaches_logs_output_or_errors() {
     for (what, text) in &shown {
         assert_clean(what, text);
     }
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let logs = captured.text();
     assert!(
         logs.contains("webhook"),
         "the capture saw the crate's events: {logs}"
