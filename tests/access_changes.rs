@@ -423,6 +423,60 @@ async fn nothing_is_told_when_access_did_not_change() {
     }
 }
 
+/// Two deliveries for one subscriber at once, the hook slow (800 ms, as a call to a
+/// mail or CRM API can be): the delivery that finds the subscriber being told by the
+/// other waits for it (up to 3 s), and both succeed; the hook ends told the final state.
+#[tokio::test]
+async fn a_delivery_waits_while_another_tells_the_same_subscriber() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let told: Arc<Mutex<Vec<AccessChange>>> = Arc::default();
+        let webhooks: Webhooks = Webhooks::new()
+            .with_state(told.clone())
+            .on_access_change(
+                |change: AccessChange, _m: Mirror, told: Arc<Mutex<Vec<AccessChange>>>| async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+                    told.lock().unwrap().push(change);
+                    Ok(())
+                },
+            )
+            .into();
+        let t = 1_700_000_100;
+        let created = event(
+            "evt_w1",
+            "customer.created",
+            t,
+            customer("cus_w", Some("user-w"), "w@example.com"),
+        );
+        let subscribed = event(
+            "evt_w2",
+            "customer.subscription.created",
+            t + 1,
+            subscription("sub_w", "cus_w", "active", "prod_pro"),
+        );
+        let (first, second) = tokio::join!(
+            webhooks.receive(&mirror, post(&created)),
+            webhooks.receive(&mirror, post(&subscribed)),
+        );
+        assert_eq!(
+            (first.outcome, second.outcome),
+            (Outcome::Processed, Outcome::Processed),
+            "{}: {:?} / {:?}",
+            b.name,
+            first.error,
+            second.error
+        );
+        let told = told.lock().unwrap().clone();
+        let last = told.last().expect("the hook was told");
+        assert!(
+            last.after.valid && last.after.products == ["prod_pro"],
+            "{}: {told:?}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_failing_hook_fails_the_event_and_is_told_again_on_redelivery_and_replay() {
     for b in backends() {

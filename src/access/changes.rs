@@ -547,7 +547,9 @@ pub(crate) async fn tell(
     let lease = timeout.as_secs() as i64 + 10;
     let waited = tokio::time::Instant::now();
     let mut told = false;
-    for _ in 0..MAX_ROUNDS {
+    // Rounds that told (or found nothing to tell); a wait for another worker is no round.
+    let mut rounds = 0;
+    while rounds < MAX_ROUNDS {
         let (s, l, now) = (subscriber.clone(), *live, mirror.now());
         let claimed = mirror
             .db()
@@ -567,6 +569,7 @@ pub(crate) async fn tell(
             }
             Claimed::Mine(mine) => (mine.token, mine.version, mine.before, mine.after),
         };
+        rounds += 1;
         let result = if before == after {
             Ok(())
         } else {
