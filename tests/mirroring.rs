@@ -380,6 +380,62 @@ async fn stale_writes_change_nothing() {
     }
 }
 
+/// Items are tombstoned only when the subscription lists them all: a list that is one
+/// page of more (`has_more`), or no list at all, says nothing of the items it leaves out.
+#[tokio::test]
+async fn items_left_out_of_a_partial_list_stay() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let both = sub_version("active", &[("si_a", "price_a"), ("si_b", "price_b")]);
+        Subscription::sync_from_stripe_data_at(&m, &both, 100)
+            .await
+            .unwrap();
+        let mut page = sub_version("active", &[("si_a", "price_a")]);
+        page["items"]["has_more"] = json!(true);
+        Subscription::sync_from_stripe_data_at(&m, &page, 200)
+            .await
+            .unwrap();
+        let mut bare = sub_version("past_due", &[]);
+        bare.as_object_mut().unwrap().remove("items");
+        let s = Subscription::sync_from_stripe_data_at(&m, &bare, 300)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.status.as_ref().map(|s| s.as_str()),
+            Some("past_due"),
+            "{n}"
+        );
+        let items = s.items(&m).await.unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["si_a", "si_b"],
+            "{n}"
+        );
+        // The whole list again: the item it leaves out is gone.
+        Subscription::sync_from_stripe_data_at(&m, &page_all(&["si_b"]), 400)
+            .await
+            .unwrap();
+        assert!(
+            SubscriptionItem::get(&m, "si_a")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{n}"
+        );
+    }
+}
+
+fn page_all(ids: &[&str]) -> serde_json::Value {
+    let mut v = sub_version(
+        "active",
+        &ids.iter().map(|id| (*id, "price_b")).collect::<Vec<_>>(),
+    );
+    v["items"]["has_more"] = json!(false);
+    v
+}
+
 #[tokio::test]
 async fn tombstones_cannot_be_resurrected() {
     for b in backends() {

@@ -737,6 +737,43 @@ async fn a_refetch_answered_404_tombstones_the_object_and_finishes_the_event() {
     }
 }
 
+/// A re-fetch of a deleted object answered with something that is not an object (a
+/// fake Stripe's odd answer): a clear 400 for that delivery, stored failed, no panic.
+#[tokio::test]
+async fn a_refetch_answered_with_no_object_is_refused_without_a_panic() {
+    for b in backends() {
+        let (base, hits) = stripe_stub(vec![(
+            "/v1/customers/cus_odd",
+            200,
+            json!(["not", "an", "object"]),
+        )])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new().refetch(&["customer"]);
+        let ev = event(
+            "evt_odd",
+            "customer.deleted",
+            now(),
+            json!({"id": "cus_odd", "object": "customer", "email": "x@example.com"}),
+            None,
+        );
+        let answer = webhooks.receive(&m, post(&ev)).await;
+        assert_eq!(*hits.lock().unwrap(), 1);
+        assert_eq!(
+            (answer.status, answer.outcome),
+            (400, Outcome::InvalidObject),
+            "{}: {:?}",
+            b.name,
+            answer.error
+        );
+        let failed = sql_number(
+            m.config(),
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_events WHERE id = 'evt_odd' AND status = 'failed'",
+        );
+        assert_eq!(failed, 1, "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn checkout_never_moves_a_customer_to_another_subscriber() {
     for b in backends() {

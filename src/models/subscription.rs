@@ -151,6 +151,9 @@ static ITEMS: Children = Children {
     table: &SUBSCRIPTION_ITEMS,
     parent_column: "subscription_id",
     list: item_list,
+    complete: |f| {
+        f.get("items.data").is_some() && f.get("items.has_more") != Some(&Value::Bool(true))
+    },
 };
 
 mirror_table!(SUBSCRIPTIONS {

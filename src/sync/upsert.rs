@@ -64,6 +64,9 @@ pub(crate) struct Children {
     pub parent_column: &'static str,
     /// Where the children are in the parent.
     pub list: for<'a> fn(&Fields<'a>) -> Result<Vec<&'a Value>>,
+    /// The parent lists every child (not absent, not one page of more): only then are
+    /// the children it does not list gone from it.
+    pub complete: fn(&Fields<'_>) -> bool,
 }
 
 pub(crate) struct Statements {
@@ -187,6 +190,8 @@ pub(crate) struct Row {
     /// The children's rows (a subscription's items), mapped with the parent so that a
     /// bad child is an error before anything is written.
     children: Vec<Row>,
+    /// `children` is the whole list ([`Children::complete`]).
+    children_complete: bool,
 }
 
 impl Row {
@@ -348,12 +353,14 @@ impl MirrorTable {
             typed,
             columns: self.columns,
             children: Vec::new(),
+            children_complete: false,
         };
         if let Some(children) = self.children
             && with_children
             && !row.deleted
         {
             row.children = child_rows(children, &row, &fields)?;
+            row.children_complete = (children.complete)(&fields);
         }
         Ok(row)
     }
@@ -510,7 +517,11 @@ impl MirrorTable {
         for row in &parent.children {
             execute(conn, &table.statements().forced, &row.binds())?;
         }
-        // Children no longer listed are gone from the parent: tombstone them.
+        // Children no longer listed are gone from the parent: tombstone them, when the
+        // parent lists them all.
+        if !parent.children_complete {
+            return Ok(());
+        }
         let (t, pc) = (table.table, children.parent_column);
         let mut sql =
             format!("UPDATE {t} SET deleted = TRUE, stamp = ? WHERE {pc} = ? AND deleted = FALSE");

@@ -62,8 +62,12 @@ pub(crate) fn plan(event: &Event) -> Result<Plan> {
     let deleted = (event.event_type.ends_with(".deleted") && table.kind != "subscription")
         || matches!(event.refetched, Some(Refetched::Missing));
     let mut object = object.clone();
-    if deleted && table.final_tombstones {
-        object["deleted"] = json!(true);
+    // Not an object (a fake's odd answer to a re-fetch): the mapping below refuses it.
+    if let Some(fields) = object
+        .as_object_mut()
+        .filter(|_| deleted && table.final_tombstones)
+    {
+        fields.insert("deleted".to_owned(), json!(true));
     }
     let row = table.row(&object, stamp, Some(event.livemode))?;
     Ok(Plan::Object {
