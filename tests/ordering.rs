@@ -774,6 +774,74 @@ async fn a_refetch_answered_with_no_object_is_refused_without_a_panic() {
     }
 }
 
+/// Two Checkout sessions naming one subscriber for two customers, committed side by
+/// side on Postgres (two groups, two app instances): the second waits on the
+/// subscriber's access row the first holds, then sees its link, and links nothing.
+/// The first is written by hand here (its access mark, its link), held open while the
+/// second is delivered.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, PgConnection};
+    let b = backends()
+        .into_iter()
+        .find(|b| b.name == "postgres")
+        .expect("a Postgres backend");
+    let m = Mirror::connect(config(&b, None)).await.unwrap();
+    let webhooks = Webhooks::new();
+    let t = now();
+    for id in ["cus_first", "cus_second"] {
+        let customer = json!({"id": id, "object": "customer", "created": t - 100});
+        deliver(
+            &webhooks,
+            &m,
+            &event(
+                &format!("evt_{id}"),
+                "customer.created",
+                t - 100,
+                customer,
+                None,
+            ),
+        )
+        .await;
+    }
+    let mut first = PgConnection::establish(&b.config.database_url).unwrap();
+    first
+        .batch_execute(
+            "BEGIN; \
+             INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES ('user-9', FALSE, TRUE, 1) \
+             ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1; \
+             UPDATE stripe_customers SET subscriber_id = 'user-9' WHERE id = 'cus_first';",
+        )
+        .unwrap();
+    let session = json!({"id": "cs_second", "object": "checkout.session", "customer": "cus_second",
+                         "client_reference_id": "user-9", "mode": "subscription"});
+    let second = event(
+        "evt_cs_second",
+        "checkout.session.completed",
+        t,
+        session,
+        None,
+    );
+    let (w, mm) = (webhooks.clone(), m.clone());
+    let delivered = tokio::spawn(async move { w.receive(&mm, post(&second)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    first.batch_execute("COMMIT").unwrap();
+    let answer = delivered.await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed, "{:?}", answer.error);
+    let holder = Customer::by_subscriber(&m, "user-9")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.id, "cus_first");
+    let second = Customer::get(&m, "cus_second").await.unwrap().unwrap();
+    assert_eq!(
+        second.subscriber_id, None,
+        "a second customer linked to user-9"
+    );
+}
+
 #[tokio::test]
 async fn checkout_never_moves_a_customer_to_another_subscriber() {
     for b in backends() {

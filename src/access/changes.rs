@@ -391,7 +391,7 @@ const MARK: &str = concat!(
 );
 
 /// Marks one subscriber dirty (a change may be untold).
-fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
+pub(crate) fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<()> {
     execute(
         conn,
         MARK,

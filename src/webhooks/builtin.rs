@@ -169,6 +169,9 @@ pub(crate) fn link_session(
     let Some(subscriber) = subscriber else {
         return Ok(());
     };
+    // The subscriber's access row first: its lock (until commit, on Postgres) makes a
+    // concurrent link of the same subscriber wait, and then see this one's below.
+    crate::access::changes::mark(conn, subscriber, livemode)?;
     // Another customer already holds this subscriber: a second one would shadow it
     // (a buyer may name someone else's id on a Payment Link).
     let taken: i64 = on_conn!(conn, c => stripe_customers::table
