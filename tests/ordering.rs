@@ -842,6 +842,61 @@ async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
     );
 }
 
+/// A Checkout link locks the customer's row before its subscriber's access row, the
+/// order a customer event locks them in: with the customer held by another writer
+/// (here by hand, as a `customer.updated` in another group would), the delivery waits
+/// holding no access row, so that writer can mark the subscriber and commit; the
+/// reverse order would deadlock.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_checkout_link_locks_in_the_order_customer_events_do() {
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, PgConnection};
+    let b = backends()
+        .into_iter()
+        .find(|b| b.name == "postgres")
+        .expect("a Postgres backend");
+    let m = Mirror::connect(config(&b, None)).await.unwrap();
+    let webhooks = Webhooks::new();
+    let t = now();
+    let customer = json!({"id": "cus_k", "object": "customer", "created": t - 100});
+    deliver(
+        &webhooks,
+        &m,
+        &event("evt_cus_k", "customer.created", t - 100, customer, None),
+    )
+    .await;
+    let mut other = PgConnection::establish(&b.config.database_url).unwrap();
+    other
+        .batch_execute(
+            "BEGIN; UPDATE stripe_customers SET email = 'k@example.com' WHERE id = 'cus_k';",
+        )
+        .unwrap();
+    let session = json!({"id": "cs_k", "object": "checkout.session", "customer": "cus_k",
+                         "client_reference_id": "user-7", "mode": "subscription"});
+    let linking = event("evt_cs_k", "checkout.session.completed", t, session, None);
+    let (w, mm) = (webhooks.clone(), m.clone());
+    let delivered = tokio::spawn(async move { w.receive(&mm, post(&linking)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The other writer marks the subscriber next, as a customer event does after its row.
+    // Waiting for it would be a deadlock, which Postgres breaks only after a second
+    // (`deadlock_timeout`): the other writer gives up sooner, and says so.
+    let marked = other.batch_execute(
+        "SET LOCAL lock_timeout = '500ms'; \
+         INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES ('user-7', FALSE, TRUE, 1) \
+         ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1;",
+    );
+    assert!(
+        marked.is_ok(),
+        "the delivery held the access row: {marked:?}"
+    );
+    other.batch_execute("COMMIT").unwrap();
+    let answer = delivered.await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed, "{:?}", answer.error);
+    let linked = Customer::get(&m, "cus_k").await.unwrap().unwrap();
+    assert_eq!(linked.subscriber_id.as_deref(), Some("user-7"));
+}
+
 #[tokio::test]
 async fn checkout_never_moves_a_customer_to_another_subscriber() {
     for b in backends() {

@@ -169,8 +169,19 @@ pub(crate) fn link_session(
     let Some(subscriber) = subscriber else {
         return Ok(());
     };
-    // The subscriber's access row first: its lock (until commit, on Postgres) makes a
-    // concurrent link of the same subscriber wait, and then see this one's below.
+    // The customer's row first (a placeholder until its own event lands), then the
+    // subscriber's access row: the order every customer event locks them in, so two
+    // groups cannot wait on each other. The access row's lock (until commit, on
+    // Postgres) makes a concurrent link of the same subscriber wait, and then see
+    // this one's below.
+    let placeholder = json!({ "id": customer, "object": "customer", "livemode": livemode });
+    let table = &crate::models::customer::CUSTOMERS;
+    let stamp = Stamp {
+        source: Source::Created,
+        ..Stamp::fetched(0)
+    };
+    let row = table.row(&placeholder, stamp, Some(livemode))?;
+    table.write(conn, &row, &placeholder)?;
     crate::access::changes::mark(conn, subscriber, livemode)?;
     // Another customer already holds this subscriber: a second one would shadow it
     // (a buyer may name someone else's id on a Payment Link).
@@ -186,14 +197,6 @@ pub(crate) fn link_session(
             "checkout session names a subscriber that already has a customer; not linked");
         return Ok(());
     }
-    let placeholder = json!({ "id": customer, "object": "customer", "livemode": livemode });
-    let table = &crate::models::customer::CUSTOMERS;
-    let stamp = Stamp {
-        source: Source::Created,
-        ..Stamp::fetched(0)
-    };
-    let row = table.row(&placeholder, stamp, Some(livemode))?;
-    table.write(conn, &row, &placeholder)?;
     let linked = on_conn!(conn, c => diesel::update(
             stripe_customers::table
                 .find(&customer)
