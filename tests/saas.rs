@@ -82,7 +82,7 @@ async fn subscription(
 #[tokio::test]
 async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
     // (status, extra fields, granted without past_due grace, with it)
-    let cases: [(&str, Value, Option<&str>, Option<&str>); 10] = [
+    let cases: [(&str, Value, Option<&str>, Option<&str>); 11] = [
         ("active", json!({}), None, None),
         ("trialing", json!({"trial_end": FAR}), None, None),
         ("past_due", json!({}), Some("past_due"), None),
@@ -109,6 +109,14 @@ async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
             json!({"cancel_at": PAST}),
             Some("canceled"),
             Some("canceled"),
+        ),
+        // Set to cancel months ahead, between a period's end and its renewal's event:
+        // still granted (the cancellation date, not each renewal, ends access).
+        (
+            "active",
+            json!({"cancel_at": FAR, "current_period_end": PAST}),
+            None,
+            None,
         ),
     ];
     for b in backends() {

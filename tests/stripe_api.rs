@@ -999,3 +999,38 @@ async fn stripe_should_retry_false_stops_at_once_and_true_retries_a_400() {
         assert_eq!(seen.lock().unwrap().len(), 2, "{}: retried once", b.name);
     }
 }
+
+/// A list page that is not one (no `data` array), or that says there is more without a
+/// last id to ask after, fails the backfill with the kind named: it is never reported
+/// as a whole backfill that stopped early.
+#[tokio::test]
+async fn a_malformed_list_page_fails_the_backfill() {
+    let (base, _) = common::stripe_stub(vec![
+        ("/v1/products", 200, json!({"object": "list", "url": "/v1/products"})),
+        (
+            "/v1/customers",
+            200,
+            json!({"object": "list", "has_more": true, "data": [{"object": "customer", "email": "a@example.com"}]}),
+        ),
+    ])
+    .await;
+    for b in common::backends() {
+        let mut config = with_api(&b.config, &base);
+        config.stripe_retries = 0;
+        let m = Mirror::connect(config).await.unwrap();
+        for (kind, problem) in [
+            ("product", "is not an array"),
+            ("customer", "has more after it"),
+        ] {
+            let failed = sync_all(&m, &SyncOptions::default().objects(&[kind]), |_| {})
+                .await
+                .expect_err(kind);
+            let message = failed.to_string();
+            assert!(
+                message.contains(kind) && message.contains(problem),
+                "{}: {message}",
+                b.name
+            );
+        }
+    }
+}

@@ -615,8 +615,9 @@ impl Subscription {
         if self.cancel_at.is_some_and(|at| at <= now) {
             return false;
         }
-        !(self.cancel_at_period_end == Some(true) || self.cancel_at.is_some())
-            || self.is_period_current_at(now)
+        // Set to end with its period: only while the period lasts. A cancellation set
+        // for a later date ends access at that date (above), not at each renewal.
+        self.cancel_at_period_end != Some(true) || self.is_period_current_at(now)
     }
 
     /// In a trial that has not ended.

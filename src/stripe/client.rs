@@ -321,8 +321,7 @@ impl StripeClient {
                 // Our own doubling backoff, or longer when the server asks for it
                 // (`Retry-After`), never more than 30 s: a retry past that is
                 // better left to the caller (Stripe's redelivery, the next sync).
-                let ours = self.backoff * 2u32.saturating_pow(attempt);
-                let wait = asked.map_or(ours, |a| a.min(MAX_RETRY_AFTER).max(ours));
+                let wait = retry_wait(self.backoff, attempt, asked);
                 tracing::warn!(%request, attempt, error = %err, "Stripe request failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -343,6 +342,15 @@ impl StripeClient {
 /// The longest `Retry-After` we honour within one call. Webhook deliveries bound their
 /// fetches as a whole (10 s) on top of this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How long to wait before retry `attempt + 1`: our doubling backoff, or what the
+/// server asked for when longer, and never more than [`MAX_RETRY_AFTER`].
+fn retry_wait(backoff: Duration, attempt: u32, asked: Option<Duration>) -> Duration {
+    let ours = backoff
+        .saturating_mul(2u32.saturating_pow(attempt))
+        .min(MAX_RETRY_AFTER);
+    asked.map_or(ours, |a| a.min(MAX_RETRY_AFTER).max(ours))
+}
 
 /// Reads a `Retry-After` header: delay-seconds (`"2"`, `"0.5"` as some proxies send)
 /// or an HTTP date, measured from the response's own `Date` when it has one (so the
@@ -482,6 +490,21 @@ mod tests {
             Some(1_795_648_287)
         );
         assert_eq!(stripe_time("yesterday"), None);
+    }
+
+    #[test]
+    fn retry_waits_double_and_never_pass_the_cap() {
+        let half = Duration::from_millis(500);
+        assert_eq!(retry_wait(half, 0, None), half);
+        assert_eq!(retry_wait(half, 3, None), Duration::from_secs(4));
+        // Doubling alone would wait 256 s, then overflow: the cap holds for any count.
+        assert_eq!(retry_wait(half, 9, None), MAX_RETRY_AFTER);
+        assert_eq!(retry_wait(half, u32::MAX, None), MAX_RETRY_AFTER);
+        // The server's `Retry-After` when longer than ours, capped alike.
+        let asked = |s| Some(Duration::from_secs(s));
+        assert_eq!(retry_wait(half, 0, asked(3)), Duration::from_secs(3));
+        assert_eq!(retry_wait(half, 3, asked(1)), Duration::from_secs(4));
+        assert_eq!(retry_wait(half, 0, asked(600)), MAX_RETRY_AFTER);
     }
 
     #[test]

@@ -311,9 +311,12 @@ pub async fn sync_all(
                 .await
                 .map_err(|source| Error::Task { source })??;
             let (mut page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
+            // A page that is not a list, or says there is more without a last id to ask
+            // after, is an error: ending there would report a partial backfill as whole.
+            let list = |problem| Error::mapping("list", table.kind, "data", problem);
             let items: Vec<Value> = match page.get_mut("data").map(Value::take) {
                 Some(Value::Array(items)) => items,
-                _ => Vec::new(),
+                _ => return Err(list("is not an array (not a list page)")),
             };
             let has_more = page
                 .get("has_more")
@@ -324,8 +327,11 @@ pub async fn sync_all(
                 .and_then(|o| o.get("id"))
                 .and_then(Value::as_str)
                 .map(str::to_owned);
-            if has_more && after.is_some() {
-                next = Some(AbortOnDrop(fetch(after)));
+            if has_more {
+                let Some(after) = after else {
+                    return Err(list("has more after it but its last object has no id"));
+                };
+                next = Some(AbortOnDrop(fetch(Some(after))));
             }
             let fail_fast = options.fail_fast;
             let (written, failures) = mirror
