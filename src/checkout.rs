@@ -178,6 +178,10 @@ impl Checkout {
 /// subscriber without one), and mirrors the subscription it created. Returns the
 /// session's `status` (`complete`, `open`, `expired`).
 ///
+/// The id comes from a URL anyone can edit, and the status is the session's, whoever
+/// it belongs to: to open a page to the signed-in user, ask the gate for that user
+/// (`require_subscription(user).check()`), not this status.
+///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
 /// let status = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
