@@ -774,6 +774,33 @@ async fn a_refetch_answered_with_no_object_is_refused_without_a_panic() {
     }
 }
 
+/// A mirror on the Postgres backend, and a connection of the test's own: another
+/// writer, driven by hand, that holds rows while a delivery runs.
+#[cfg(feature = "postgres")]
+async fn postgres_and_another_writer() -> (Mirror, diesel::PgConnection) {
+    use diesel::Connection;
+    let b = backends()
+        .into_iter()
+        .find(|b| b.name == "postgres")
+        .expect("a Postgres backend");
+    let m = Mirror::connect(config(&b, None)).await.unwrap();
+    let other = diesel::PgConnection::establish(&b.config.database_url).unwrap();
+    (m, other)
+}
+
+/// Starts delivering `ev` and gives it 300 ms to reach the rows the other writer holds.
+#[cfg(feature = "postgres")]
+async fn deliver_while_held(
+    webhooks: &Webhooks,
+    m: &Mirror,
+    ev: Value,
+) -> tokio::task::JoinHandle<stripe_mirror::WebhookResponse> {
+    let (w, m) = (webhooks.clone(), m.clone());
+    let delivered = tokio::spawn(async move { w.receive(&m, post(&ev)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    delivered
+}
+
 /// Two Checkout sessions naming one subscriber for two customers, committed side by
 /// side on Postgres (two groups, two app instances): the second waits on the
 /// subscriber's access row the first holds, then sees its link, and links nothing.
@@ -783,12 +810,7 @@ async fn a_refetch_answered_with_no_object_is_refused_without_a_panic() {
 #[tokio::test]
 async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
     use diesel::connection::SimpleConnection;
-    use diesel::{Connection, PgConnection};
-    let b = backends()
-        .into_iter()
-        .find(|b| b.name == "postgres")
-        .expect("a Postgres backend");
-    let m = Mirror::connect(config(&b, None)).await.unwrap();
+    let (m, mut other) = postgres_and_another_writer().await;
     let webhooks = Webhooks::new();
     let t = now();
     for id in ["cus_first", "cus_second"] {
@@ -806,8 +828,7 @@ async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
         )
         .await;
     }
-    let mut first = PgConnection::establish(&b.config.database_url).unwrap();
-    first
+    other
         .batch_execute(
             "BEGIN; \
              INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES ('user-9', FALSE, TRUE, 1) \
@@ -824,10 +845,8 @@ async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
         session,
         None,
     );
-    let (w, mm) = (webhooks.clone(), m.clone());
-    let delivered = tokio::spawn(async move { w.receive(&mm, post(&second)).await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    first.batch_execute("COMMIT").unwrap();
+    let delivered = deliver_while_held(&webhooks, &m, second).await;
+    other.batch_execute("COMMIT").unwrap();
     let answer = delivered.await.unwrap();
     assert_eq!(answer.outcome, Outcome::Processed, "{:?}", answer.error);
     let holder = Customer::by_subscriber(&m, "user-9")
@@ -851,12 +870,7 @@ async fn concurrent_checkouts_link_one_customer_to_a_subscriber() {
 #[tokio::test]
 async fn a_checkout_link_locks_in_the_order_customer_events_do() {
     use diesel::connection::SimpleConnection;
-    use diesel::{Connection, PgConnection};
-    let b = backends()
-        .into_iter()
-        .find(|b| b.name == "postgres")
-        .expect("a Postgres backend");
-    let m = Mirror::connect(config(&b, None)).await.unwrap();
+    let (m, mut other) = postgres_and_another_writer().await;
     let webhooks = Webhooks::new();
     let t = now();
     let customer = json!({"id": "cus_k", "object": "customer", "created": t - 100});
@@ -866,7 +880,6 @@ async fn a_checkout_link_locks_in_the_order_customer_events_do() {
         &event("evt_cus_k", "customer.created", t - 100, customer, None),
     )
     .await;
-    let mut other = PgConnection::establish(&b.config.database_url).unwrap();
     other
         .batch_execute(
             "BEGIN; UPDATE stripe_customers SET email = 'k@example.com' WHERE id = 'cus_k';",
@@ -875,9 +888,7 @@ async fn a_checkout_link_locks_in_the_order_customer_events_do() {
     let session = json!({"id": "cs_k", "object": "checkout.session", "customer": "cus_k",
                          "client_reference_id": "user-7", "mode": "subscription"});
     let linking = event("evt_cs_k", "checkout.session.completed", t, session, None);
-    let (w, mm) = (webhooks.clone(), m.clone());
-    let delivered = tokio::spawn(async move { w.receive(&mm, post(&linking)).await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let delivered = deliver_while_held(&webhooks, &m, linking).await;
     // The other writer marks the subscriber next, as a customer event does after its row.
     // Waiting for it would be a deadlock, which Postgres breaks only after a second
     // (`deadlock_timeout`): the other writer gives up sooner, and says so.
