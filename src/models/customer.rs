@@ -175,8 +175,7 @@ impl Customer {
             return Ok(found);
         }
         // Concurrent callers in this process wait here; the first one creates.
-        let lock = mirror.creating().get(&id);
-        let _guard = lock.lock().await;
+        let _guard = mirror.creating().lock(&id).await;
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {
             return Ok(found);
         }

@@ -12,18 +12,55 @@ use crate::error::{Error, Result};
 use crate::sync::upsert::{SqlValue, Written};
 use crate::sync::{MirrorTable, Model, Stamp};
 
-/// In-process locks by key (one per subscriber being created).
+/// In-process locks by key (one per subscriber being created). A key is forgotten
+/// once nobody holds or waits for its lock, so the map stays as small as the work in
+/// flight, not as large as every subscriber ever created.
 #[derive(Default)]
 pub(crate) struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
+/// [`KeyedLocks::lock`]'s guard: the key's lock, released (and the key forgotten when
+/// nobody else wants it) on drop.
+pub(crate) struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
 impl KeyedLocks {
-    pub(crate) fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.0
+    /// Waits for `key`'s lock.
+    pub(crate) async fn lock(&self, key: &str) -> KeyedGuard<'_> {
+        let lock = self
+            .0
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(|p| p.into_inner())
             .entry(key.to_owned())
             .or_default()
-            .clone()
+            .clone();
+        KeyedGuard {
+            locks: self,
+            key: key.to_owned(),
+            held: Some(lock.lock_owned().await),
+        }
+    }
+
+    /// How many keys are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map's own handle left: nobody holds it or waits for it.
+        if map
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -375,4 +412,36 @@ pub async fn sync_all(
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod keyed_locks {
+    use super::KeyedLocks;
+
+    #[tokio::test]
+    async fn a_key_is_forgotten_once_nobody_holds_or_waits_for_it() {
+        let locks = KeyedLocks::default();
+        {
+            let _held = locks.lock("user-1").await;
+            assert_eq!(locks.len(), 1);
+        }
+        assert_eq!(locks.len(), 0, "a finished key stays in the map");
+        // Two callers of one key: the second waits for the first, and the key is
+        // kept until both are done.
+        let first = locks.lock("user-2").await;
+        let order = std::sync::Mutex::new(Vec::new());
+        let second = async {
+            let _held = locks.lock("user-2").await;
+            order.lock().unwrap().push("second");
+        };
+        let release = async {
+            tokio::task::yield_now().await;
+            order.lock().unwrap().push("first");
+            drop(first);
+            assert_eq!(locks.len(), 1, "forgotten while the second waits");
+        };
+        tokio::join!(second, release);
+        assert_eq!(*order.lock().unwrap(), ["first", "second"]);
+        assert_eq!(locks.len(), 0);
+    }
 }
