@@ -236,6 +236,12 @@ fn prune_removes_old_processed_events_and_keeps_failed_ones() {
             again.contains("removed 0 deliveries and 0 processed events"),
             "{again}"
         );
+        let young = run(url, None, &["prune", "--older-than", "1h"]);
+        assert!(!young.status.success(), "{young:?}");
+        assert!(
+            String::from_utf8_lossy(&young.stderr).contains("at least 3 days"),
+            "{young:?}"
+        );
         let bad = run(url, None, &["prune", "--older-than", "30x"]);
         assert!(!bad.status.success());
         assert!(

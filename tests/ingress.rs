@@ -280,9 +280,23 @@ async fn prune_removes_old_processed_events_and_keeps_failed_ones() {
             PruneReport::default(),
             "{n}: nothing more to remove"
         );
-        // Everything processed goes with a zero age; the failed event and its delivery stay.
-        let all = prune(&m, Duration::ZERO).await.unwrap();
-        assert!(all.events <= 1, "{n}: at most evt_new: {all:?}");
+        // Younger than Stripe's retry window is refused, and removes nothing.
+        let refused = prune(&m, Duration::ZERO).await.unwrap_err();
+        assert!(
+            matches!(&refused, stripe_mirror::Error::Config(msg) if msg.contains("3 days")),
+            "{n}: {refused}"
+        );
+        assert_eq!(count("SELECT COUNT(*) AS n FROM stripe_events"), 2, "{n}");
+        // Four more days: everything processed goes at the shortest age; the failed
+        // event and its delivery stay.
+        for table in ["stripe_events", "stripe_webhook_deliveries"] {
+            common::execute_sql(
+                url,
+                &format!("UPDATE {table} SET received_at = received_at - {}", 4 * DAY),
+            );
+        }
+        let all = prune(&m, stripe_mirror::webhooks::MIN_AGE).await.unwrap();
+        assert_eq!(all.events, 1, "{n}: evt_new: {all:?}");
         assert_eq!(
             count("SELECT COUNT(*) AS n FROM stripe_events WHERE status = 'failed'"),
             1,

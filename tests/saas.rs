@@ -82,7 +82,7 @@ async fn subscription(
 #[tokio::test]
 async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
     // (status, extra fields, granted without past_due grace, with it)
-    let cases: [(&str, Value, Option<&str>, Option<&str>); 11] = [
+    let cases: [(&str, Value, Option<&str>, Option<&str>); 12] = [
         ("active", json!({}), None, None),
         ("trialing", json!({"trial_end": FAR}), None, None),
         ("past_due", json!({}), Some("past_due"), None),
@@ -117,6 +117,14 @@ async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
             json!({"cancel_at": FAR, "current_period_end": PAST}),
             None,
             None,
+        ),
+        // Past due and its cancellation date passed: the past-due grace does not
+        // reopen a subscription that has ended.
+        (
+            "past_due",
+            json!({"cancel_at": PAST}),
+            Some("canceled"),
+            Some("canceled"),
         ),
     ];
     for b in backends() {

@@ -272,7 +272,8 @@ impl Gate {
             s.is_valid_at(now)
                 || (self.allow_past_due
                     && !s.deleted
-                    && s.status == Some(SubscriptionStatus::PastDue))
+                    && s.status == Some(SubscriptionStatus::PastDue)
+                    && !s.has_ended_at(now))
         };
         let valid: Vec<Subscription> = subscriptions.into_iter().filter(|s| grants(s)).collect();
         if valid.is_empty() {
@@ -368,6 +369,10 @@ impl Gate {
 fn status_denial(newest: &Subscription, now: i64) -> Denial {
     let subscription = newest.id.clone();
     match &newest.status {
+        // Past due with its cancellation date passed: no grace brings it back.
+        Some(SubscriptionStatus::PastDue) if newest.has_ended_at(now) => {
+            Denial::Canceled { subscription }
+        }
         Some(SubscriptionStatus::PastDue) => Denial::PastDue { subscription },
         Some(SubscriptionStatus::Canceled) => Denial::Canceled { subscription },
         // Current status but its cancellation date has passed.

@@ -70,7 +70,8 @@ enum Command {
     /// Delete deliveries and processed events older than a duration; failed and
     /// pending events, and their deliveries, are kept.
     Prune {
-        /// Age to keep: a number and a unit, e.g. 30d, 12h, 90m, 3600s.
+        /// Age to keep: a number and a unit, e.g. 30d, 72h; at least 3 days (Stripe
+        /// retries an event that long).
         #[arg(long, value_parser = parse_duration)]
         older_than: Duration,
     },

@@ -608,16 +608,17 @@ impl Subscription {
 
     /// [`Subscription::is_valid`] at a given unix time.
     pub fn is_valid_at(&self, now: i64) -> bool {
-        if !self.is_status_current() {
-            return false;
-        }
-        // A cancellation date that has passed ends access, even if its event is late.
-        if self.cancel_at.is_some_and(|at| at <= now) {
-            return false;
-        }
-        // Set to end with its period: only while the period lasts. A cancellation set
-        // for a later date ends access at that date (above), not at each renewal.
-        self.cancel_at_period_end != Some(true) || self.is_period_current_at(now)
+        self.is_status_current() && !self.has_ended_at(now)
+    }
+
+    /// Its scheduled end has passed, whatever its status says: the cancellation date
+    /// (even if its event is late), or the period's end when set to cancel with it. A
+    /// cancellation set for a later date ends access at that date, not at each
+    /// renewal. Shared by [`is_valid_at`](Self::is_valid_at) and the gate's past-due
+    /// grace.
+    pub(crate) fn has_ended_at(&self, now: i64) -> bool {
+        self.cancel_at.is_some_and(|at| at <= now)
+            || (self.cancel_at_period_end == Some(true) && !self.is_period_current_at(now))
     }
 
     /// In a trial that has not ended.

@@ -35,5 +35,5 @@ pub use registry::{
     Webhooks, WithState,
 };
 pub use replay::{EventFilter, ProcessReport};
-pub use retention::{PruneReport, prune};
+pub use retention::{MIN_AGE, PruneReport, prune};
 pub use signature::SignatureError;

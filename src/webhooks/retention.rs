@@ -9,8 +9,12 @@ use diesel::RunQueryDsl;
 use super::event::status;
 use crate::Mirror;
 use crate::db::on_conn;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sync::now;
+
+/// The youngest age [`prune`] accepts: three days, the longest Stripe retries an event
+/// for. An event pruned younger could arrive again and be processed as new.
+pub const MIN_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// What [`prune`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,8 +37,10 @@ pub struct PruneReport {
 ///   requests that brought it.
 ///
 /// The mirrored objects are never touched. Idempotency holds for as long as an event
-/// is kept: Stripe retries an event for up to three days, so keep more than that
-/// (`stripe-mirror prune --older-than 30d` is a good default).
+/// is kept: Stripe retries an event for up to three days, so an age below
+/// [`MIN_AGE`] is refused with [`Error::Config`](crate::Error::Config) (a redelivery
+/// of a pruned event would run its handlers again). `stripe-mirror prune
+/// --older-than 30d` is a good default.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -44,6 +50,14 @@ pub struct PruneReport {
 /// # Ok(()) }
 /// ```
 pub async fn prune(mirror: &Mirror, older_than: Duration) -> Result<PruneReport> {
+    if older_than < MIN_AGE {
+        return Err(Error::Config(format!(
+            "prune keeps at least 3 days ({} s), Stripe's retry window: a redelivery of an \
+             event pruned sooner would run its handlers again; asked for {} s",
+            MIN_AGE.as_secs(),
+            older_than.as_secs()
+        )));
+    }
     let age = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
     let cutoff = now().saturating_sub(age);
     mirror
