@@ -896,5 +896,6 @@ fn sync_json_against_localstripe() {
             b.name
         );
         assert!(report["failures"].is_array(), "{report}");
+        assert!(report["removed"].is_object(), "{report}");
     }
 }

@@ -283,6 +283,81 @@ async fn sync_all_pages_through_everything_without_overwriting_fresher_data() {
     }
 }
 
+/// Objects deleted in Stripe while their webhooks were missed: the next backfill
+/// finds them gone from the list, re-fetches them, and leaves tombstones; what Stripe
+/// still has, and rows of the other mode, stay as they are.
+#[tokio::test]
+#[ignore = "needs localstripe: run scripts/test.sh"]
+async fn sync_all_tombstones_what_stripe_deleted_while_webhooks_were_missed() {
+    let base = localstripe();
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let tag = unique("gone");
+        let customer = |i: usize| {
+            call(
+                "POST",
+                &format!("{base}v1/customers"),
+                &[("email", &format!("{tag}-{i}@example.com"))],
+            )["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let (kept, deleted) = (customer(0), customer(1));
+        let product = call(
+            "POST",
+            &format!("{base}v1/products"),
+            &[("name", &format!("{tag} product"))],
+        )["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // A live-mode row this test key cannot see: not its business.
+        let other_mode = json!({"id": format!("cus_live_{}", std::process::id()), "object": "customer", "livemode": true});
+        Customer::sync_from_stripe_data_at(&m, &other_mode, 1)
+            .await
+            .unwrap();
+        let options = SyncOptions::default().objects(&["customer", "product"]);
+        let first = sync_all(&m, &options, |_| {}).await.unwrap();
+        assert!(first.removed.is_empty(), "{}: {first:?}", b.name);
+        for id in [&kept, &deleted] {
+            assert!(!Customer::get(&m, id).await.unwrap().unwrap().deleted);
+        }
+
+        // Deleted in Stripe; the webhooks never arrive.
+        call("DELETE", &format!("{base}v1/customers/{deleted}"), &[]);
+        call("DELETE", &format!("{base}v1/products/{product}"), &[]);
+        // The stamps of the first pass must be older than the second's first page.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = sync_all(&m, &options, |_| {}).await.unwrap();
+        assert!(second.failures.is_empty(), "{}: {second:?}", b.name);
+        assert_eq!(
+            second.removed.get("customer"),
+            Some(&1),
+            "{}: {second:?}",
+            b.name
+        );
+        assert_eq!(
+            second.removed.get("product"),
+            Some(&1),
+            "{}: {second:?}",
+            b.name
+        );
+        assert!(
+            Customer::get(&m, &deleted).await.unwrap().unwrap().deleted,
+            "{}: a tombstone",
+            b.name
+        );
+        assert!(Product::get(&m, &product).await.unwrap().unwrap().deleted);
+        assert!(!Customer::get(&m, &kept).await.unwrap().unwrap().deleted);
+        let other = Customer::get(&m, other_mode["id"].as_str().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!other.deleted, "{}: the other mode's row is left", b.name);
+    }
+}
+
 /// A stub for what no fake Stripe serves: scripted statuses, recorded idempotency keys.
 async fn stub(script: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
     scripted(

@@ -214,6 +214,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 for (kind, count) in report.counts.iter().filter(|_| !counts_shown) {
                     println!("{kind}: {count}");
                 }
+                for (kind, count) in &report.removed {
+                    println!("{kind}: {count} gone from Stripe, now tombstones");
+                }
                 for failure in &report.failures {
                     println!("failed {failure}");
                 }
@@ -327,10 +330,12 @@ fn print_json(value: &Value) -> io::Result<()> {
     writeln!(out)
 }
 
-/// `sync --json`: `{"counts": {kind: n}, "failures": [{"object", "id", "error"}]}`.
+/// `sync --json`: `{"counts": {kind: n}, "removed": {kind: n}, "failures": [{"object",
+/// "id", "error"}]}`.
 fn sync_json(report: &SyncReport) -> Value {
     json!({
         "counts": report.counts,
+        "removed": report.removed,
         "failures": report
             .failures
             .iter()

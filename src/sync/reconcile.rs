@@ -118,10 +118,11 @@ fn local_suspects(
     Ok(wanted)
 }
 
+/// A row's id, loaded by a query written as text.
 #[derive(QueryableByName)]
-struct Id {
+pub(super) struct Id {
     #[diesel(sql_type = diesel::sql_types::Text)]
-    id: String,
+    pub(super) id: String,
 }
 
 /// Objects named by the events Stripe lists as created since `from`.

@@ -140,7 +140,8 @@ pub(crate) fn creation_key(kind: &str, live: bool, natural: &str) -> String {
 pub(crate) enum Refetch {
     /// The row holds Stripe's object as of the fetch (or fresher event data).
     Current,
-    /// Stripe answered 404: the row is a tombstone.
+    /// Stripe answered 404, or with the object marked `deleted` (a deleted customer):
+    /// the row is a tombstone.
     Gone,
 }
 
@@ -175,7 +176,15 @@ pub(crate) async fn refetch_touching(
         .get_built(retrieve_request(table, id)?, Some(&object))
         .await
     {
-        Ok(answer) => (answer.value, answer.at, Refetch::Current),
+        Ok(answer) => {
+            let gone = answer.value.get("deleted") == Some(&Value::Bool(true));
+            let outcome = if gone {
+                Refetch::Gone
+            } else {
+                Refetch::Current
+            };
+            (answer.value, answer.at, outcome)
+        }
         // A tombstone is final whatever its stamp.
         Err(err) if crate::stripe::is_missing(&err) => (
             json!({ "id": id, "object": table.accepts[0], "deleted": true }),
@@ -290,6 +299,9 @@ impl<T> Drop for AbortOnDrop<T> {
 pub struct SyncReport {
     /// Objects mirrored per kind.
     pub counts: BTreeMap<String, usize>,
+    /// Objects the mirror held that Stripe's list no longer had and Stripe no longer
+    /// has (deleted while webhooks were missed), per kind: now tombstones.
+    pub removed: BTreeMap<String, usize>,
     /// Objects that could not be mirrored: kind, id, error.
     pub failures: Vec<SyncFailure>,
 }
@@ -307,6 +319,12 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// Mirrors every object of the chosen kinds (the `djstripe_sync_models` analogue):
 /// follows pagination to the end one page at a time (memory stays flat), upserts each
 /// page in one transaction, never overwrites fresher data, and reports progress.
+///
+/// Once a kind's list is read to its end, the rows of that kind (in the key's mode)
+/// the list did not have, and nothing wrote since it began, are re-fetched one by one:
+/// what Stripe no longer has becomes a tombstone ([`SyncReport::removed`]), so a
+/// backfill also heals deletes whose webhooks were missed. A row Stripe still has
+/// (a list that leaves some out) is only refreshed.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -342,11 +360,17 @@ pub async fn sync_all(
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None)));
+        // A first backfill has nothing the list could have left out: no scan after it.
+        let had_rows = mirror.db().run(move |conn| has_rows(conn, table)).await?;
         let mut done = 0;
+        // Stripe's time of the first page: every row the pass writes, or finds fresher,
+        // is stamped at or after it.
+        let mut began = None;
         while let Some(mut fetching) = next.take() {
             let answer = (&mut fetching.0)
                 .await
                 .map_err(|source| Error::Task { source })??;
+            began.get_or_insert(answer.at);
             let (mut page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
             // A page that is not a list, or says there is more without a last id to ask
             // after, is an error: ending there would report a partial backfill as whole.
@@ -410,8 +434,57 @@ pub async fn sync_all(
             });
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
+        if let Some(began) = began.filter(|_| had_rows) {
+            remove_unlisted(mirror, table, began, &mut report).await?;
+        }
     }
     Ok(report)
+}
+
+/// Whether `table` holds any row (one index probe, whatever its size).
+fn has_rows(conn: &mut crate::db::Conn<'_>, table: &MirrorTable) -> Result<bool> {
+    use diesel::RunQueryDsl;
+    let sql = format!("SELECT id FROM {} LIMIT 1", table.table);
+    let first: Vec<super::reconcile::Id> =
+        crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &[]).load(c))?;
+    Ok(!first.is_empty())
+}
+
+/// After a whole list: re-fetches the live rows of its kind and mode stamped before
+/// the list began (not in it, not written since), tombstoning what Stripe no longer has.
+async fn remove_unlisted(
+    mirror: &Mirror,
+    table: &'static MirrorTable,
+    began: i64,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let live = mirror.live_mode();
+    let ids: Vec<String> = mirror
+        .db()
+        .run(move |conn| {
+            let sql = format!(
+                "SELECT id FROM {} WHERE deleted = FALSE AND livemode = ? AND stamp < ?",
+                table.table
+            );
+            let binds = [SqlValue::Bool(Some(live)), SqlValue::Int(Some(began))];
+            use diesel::RunQueryDsl;
+            let ids: Vec<super::reconcile::Id> =
+                crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &binds).load(c))?;
+            Ok(ids.into_iter().map(|row| row.id).collect())
+        })
+        .await?;
+    for id in ids {
+        match refetch(mirror, table, &id).await {
+            Ok(Refetch::Gone) => *report.removed.entry(table.kind.to_owned()).or_default() += 1,
+            Ok(Refetch::Current) => {}
+            Err(err) => report.failures.push(SyncFailure {
+                object: table.kind,
+                id,
+                error: err.to_string(),
+            }),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
