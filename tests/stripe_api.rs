@@ -718,6 +718,43 @@ async fn get_or_create_idempotency_key_holds_across_processes() {
     assert_eq!(ca.unwrap().id, cb.unwrap().id);
 }
 
+/// A subscriber whose customer was deleted gets a new one: the creation's idempotency
+/// key changes with the tombstone, or Stripe (here stripe-stateful-mock, which replays
+/// keys as Stripe does for 24 hours) would hand back the deleted customer.
+#[tokio::test]
+#[ignore = "needs stripe-stateful-mock: run scripts/test.sh"]
+async fn get_or_create_after_the_customer_was_deleted_creates_a_new_one() {
+    let base = stripe_mock();
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let user = User(unique("again"));
+        let first = Customer::get_or_create(&m, &user).await.unwrap();
+        // Deleted in Stripe (stripe-stateful-mock has no DELETE for customers; what
+        // get_or_create sees is the mirror's tombstone, which the `customer.deleted`
+        // webhook writes).
+        Customer::mark_deleted(&m, &first.id).await.unwrap();
+        let second = Customer::get_or_create(&m, &user).await.unwrap();
+        assert_ne!(
+            second.id, first.id,
+            "{}: the deleted customer again",
+            b.name
+        );
+        assert!(!second.deleted, "{}", b.name);
+        assert_eq!(
+            Customer::by_subscriber(&m, &user.0)
+                .await
+                .unwrap()
+                .map(|c| c.id),
+            Some(second.id.clone()),
+            "{}",
+            b.name
+        );
+        // And that one is kept: the new key replays it.
+        let again = Customer::get_or_create(&m, &user).await.unwrap();
+        assert_eq!(again.id, second.id, "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn sync_all_collects_bad_objects_or_stops_at_the_first_when_asked() {
     const PAGE: &str = r#"{"object":"list","has_more":false,"data":[

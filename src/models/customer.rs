@@ -129,6 +129,22 @@ impl Customer {
             .load(c))?)
     }
 
+    /// How many of the subscriber's customers in the current mode are tombstones.
+    async fn deleted_of(mirror: &Mirror, subscriber_id: &str) -> Result<i64> {
+        let (subscriber_id, live) = (subscriber_id.to_owned(), mirror.live_mode());
+        mirror
+            .db()
+            .read(move |conn| {
+                Ok(on_conn!(conn, c => stripe_customers::table
+                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
+                    .filter(stripe_customers::livemode.eq(live))
+                    .filter(stripe_customers::deleted.eq(true))
+                    .count()
+                    .get_result(c))?)
+            })
+            .await
+    }
+
     /// Every customer of the subscriber in the current mode, newest first (usually one;
     /// a Checkout for a customer-less subscriber can add another).
     pub async fn all_by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Vec<Customer>> {
@@ -154,7 +170,9 @@ impl Customer {
     /// The subscriber's customer in the current mode: from the mirror when there is
     /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
     /// derived from subscriber and mode, so a repeat or a concurrent call cannot create
-    /// a second one) and stored at once.
+    /// a second one) and stored at once. Once the subscriber's customer is deleted (a
+    /// tombstone in the mirror), the key changes, so the next call creates a new
+    /// customer instead of Stripe replaying the deleted one's creation for 24 hours.
     ///
     /// ```no_run
     /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -194,11 +212,13 @@ impl Customer {
         let form = stripe_client_core::StripeRequest::build(&create)
             .body
             .unwrap_or_default();
-        let key = crate::sync::remote::creation_key(
-            "customer",
-            mirror.live_mode(),
-            &format!("{id}/{form}"),
-        );
+        // After a deleted customer, another key: Stripe would replay the deleted one.
+        let deleted = Self::deleted_of(mirror, &id).await?;
+        let material = match deleted {
+            0 => format!("{id}/{form}"),
+            n => format!("{id}/{form}/after {n} deleted"),
+        };
+        let key = crate::sync::remote::creation_key("customer", mirror.live_mode(), &material);
         let object = format!("customer of subscriber {id}");
         let created = mirror
             .stripe()
