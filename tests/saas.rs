@@ -82,7 +82,7 @@ async fn subscription(
 #[tokio::test]
 async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
     // (status, extra fields, granted without past_due grace, with it)
-    let cases: [(&str, Value, Option<&str>, Option<&str>); 12] = [
+    let cases: [(&str, Value, Option<&str>, Option<&str>); 13] = [
         ("active", json!({}), None, None),
         ("trialing", json!({"trial_end": FAR}), None, None),
         ("past_due", json!({}), Some("past_due"), None),
@@ -123,6 +123,13 @@ async fn the_gate_answers_every_status_and_product_mix_with_its_reason() {
         (
             "past_due",
             json!({"cancel_at": PAST}),
+            Some("canceled"),
+            Some("canceled"),
+        ),
+        // Past due, set to cancel with its period, and the period is over.
+        (
+            "past_due",
+            json!({"cancel_at_period_end": true, "current_period_end": PAST}),
             Some("canceled"),
             Some("canceled"),
         ),

@@ -46,6 +46,10 @@ enum Command {
         /// Stop at the first object that cannot be mirrored.
         #[arg(long)]
         fail_fast: bool,
+        /// Also tombstone mirrored objects Stripe no longer has (deleted while their
+        /// webhooks were missed): those each list leaves out are re-fetched.
+        #[arg(long)]
+        remove_missing: bool,
         /// Print the counts per kind and the failures as one JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -196,9 +200,12 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Sync {
             objects,
             fail_fast,
+            remove_missing,
             json,
         } => {
-            let mut options = SyncOptions::default().fail_fast(fail_fast);
+            let mut options = SyncOptions::default()
+                .fail_fast(fail_fast)
+                .remove_missing(remove_missing);
             if !objects.is_empty() {
                 options = options.objects(&objects.iter().map(String::as_str).collect::<Vec<_>>());
             }

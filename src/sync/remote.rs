@@ -2,7 +2,7 @@
 //! of a kind (`sync_all`), and upsert through the same guard the webhooks use, stamped
 //! with the fetch time so fresher webhook data is never overwritten.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -224,6 +224,9 @@ pub struct SyncOptions {
     pub page_size: u32,
     /// Stop at the first object that cannot be mirrored.
     pub fail_fast: bool,
+    /// After each kind's whole list, re-fetch the mirrored objects it did not have and
+    /// tombstone what Stripe no longer has ([`SyncOptions::remove_missing`]).
+    pub remove_missing: bool,
 }
 
 impl Default for SyncOptions {
@@ -234,6 +237,7 @@ impl Default for SyncOptions {
                 .to_vec(),
             page_size: 100,
             fail_fast: false,
+            remove_missing: false,
         }
     }
 }
@@ -254,6 +258,22 @@ impl SyncOptions {
     /// Only these kinds.
     pub fn objects(mut self, kinds: &[&str]) -> Self {
         self.objects = kinds.iter().map(|k| k.to_string()).collect();
+        self
+    }
+
+    /// Also remove what Stripe deleted while its webhooks were missed. Once a kind's
+    /// list is read to its end, the mirrored objects of that kind and mode it did not
+    /// have, and nothing wrote since it began, are re-fetched one by one: what Stripe
+    /// no longer has becomes a tombstone ([`SyncReport::removed`]); what it still has
+    /// is refreshed.
+    ///
+    /// A key of the wrong mode or account would make every row look deleted, so the
+    /// sync refuses ([`Error::Config`], nothing removed) when a listed object is of
+    /// the other mode, or when more than half of the rows the mirror held are missing
+    /// from the list; remove those one by one with `sync` (e.g.
+    /// [`Customer::sync`](crate::Customer::sync)) once the key is checked.
+    pub fn remove_missing(mut self, yes: bool) -> Self {
+        self.remove_missing = yes;
         self
     }
 }
@@ -320,11 +340,8 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// follows pagination to the end one page at a time (memory stays flat), upserts each
 /// page in one transaction, never overwrites fresher data, and reports progress.
 ///
-/// Once a kind's list is read to its end, the rows of that kind (in the key's mode)
-/// the list did not have, and nothing wrote since it began, are re-fetched one by one:
-/// what Stripe no longer has becomes a tombstone ([`SyncReport::removed`]), so a
-/// backfill also heals deletes whose webhooks were missed. A row Stripe still has
-/// (a list that leaves some out) is only refreshed.
+/// With [`SyncOptions::remove_missing`] it also tombstones what Stripe deleted while
+/// its webhooks were missed.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -360,12 +377,22 @@ pub async fn sync_all(
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None)));
-        // A first backfill has nothing the list could have left out: no scan after it.
-        let had_rows = mirror.db().run(move |conn| has_rows(conn, table)).await?;
+        let live = mirror.live_mode();
+        // The live rows the mirror holds before the list: what it could leave out.
+        let held = if options.remove_missing {
+            mirror
+                .db()
+                .run(move |conn| live_rows(conn, table, live))
+                .await?
+        } else {
+            0
+        };
         let mut done = 0;
         // Stripe's time of the first page: every row the pass writes, or finds fresher,
         // is stamped at or after it.
         let mut began = None;
+        // Evidence the key does not serve this mirror's mode; ids the list could not map.
+        let (mut other_mode, mut unmapped) = (false, BTreeSet::new());
         while let Some(mut fetching) = next.take() {
             let answer = (&mut fetching.0)
                 .await
@@ -394,6 +421,9 @@ pub async fn sync_all(
                 };
                 next = Some(AbortOnDrop(fetch(Some(after))));
             }
+            other_mode |= items
+                .iter()
+                .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
             let fail_fast = options.fail_fast;
             let (written, failures) = mirror
                 .db()
@@ -427,6 +457,7 @@ pub async fn sync_all(
                 })
                 .await?;
             done += written;
+            unmapped.extend(failures.iter().map(|f: &SyncFailure| f.id.clone()));
             report.failures.extend(failures);
             progress(&SyncProgress {
                 object: table.kind.to_owned(),
@@ -434,49 +465,103 @@ pub async fn sync_all(
             });
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
-        if let Some(began) = began.filter(|_| had_rows) {
-            remove_unlisted(mirror, table, began, &mut report).await?;
+        if let Some(began) = began.filter(|_| held > 0) {
+            if other_mode {
+                return Err(Error::Config(format!(
+                    "Stripe listed {}s of the other mode (the mirror's live mode is {live}); \
+                     nothing was removed: check STRIPE_LIVE_MODE and the secret key",
+                    table.kind
+                )));
+            }
+            let unlisted = Unlisted {
+                began,
+                held,
+                unmapped: &unmapped,
+                fail_fast: options.fail_fast,
+            };
+            remove_unlisted(mirror, table, unlisted, &mut report).await?;
         }
     }
     Ok(report)
 }
 
-/// Whether `table` holds any row (one index probe, whatever its size).
-fn has_rows(conn: &mut crate::db::Conn<'_>, table: &MirrorTable) -> Result<bool> {
+/// The ids of `table`'s live rows in a mode stamped before `before`.
+fn live_ids(
+    conn: &mut crate::db::Conn<'_>,
+    table: &MirrorTable,
+    live: bool,
+    before: i64,
+) -> Result<Vec<String>> {
     use diesel::RunQueryDsl;
-    let sql = format!("SELECT id FROM {} LIMIT 1", table.table);
-    let first: Vec<super::reconcile::Id> =
-        crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &[]).load(c))?;
-    Ok(!first.is_empty())
+    let sql = format!(
+        "SELECT id FROM {} WHERE deleted = FALSE AND livemode = ? AND stamp < ?",
+        table.table
+    );
+    let binds = [SqlValue::Bool(Some(live)), SqlValue::Int(Some(before))];
+    let ids: Vec<super::reconcile::Id> =
+        crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &binds).load(c))?;
+    Ok(ids.into_iter().map(|row| row.id).collect())
+}
+
+/// How many live rows of `table` the mirror holds in a mode.
+fn live_rows(conn: &mut crate::db::Conn<'_>, table: &MirrorTable, live: bool) -> Result<usize> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM {} WHERE deleted = FALSE AND livemode = ?",
+        table.table
+    );
+    let binds = [SqlValue::Bool(Some(live))];
+    let count: Count = crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &binds).get_result(c))?;
+    Ok(usize::try_from(count.n).unwrap_or(0))
+}
+
+/// What [`remove_unlisted`] goes by.
+struct Unlisted<'a> {
+    /// Stripe's time of the list's first page.
+    began: i64,
+    /// The live rows the mirror held before the list.
+    held: usize,
+    /// Listed objects that could not be mapped (their rows were not rewritten).
+    unmapped: &'a BTreeSet<String>,
+    fail_fast: bool,
 }
 
 /// After a whole list: re-fetches the live rows of its kind and mode stamped before
-/// the list began (not in it, not written since), tombstoning what Stripe no longer has.
+/// the list began (not in it, not written since), tombstoning what Stripe no longer
+/// has. Refuses when more than half of what the mirror held is missing (a key of
+/// another account).
 async fn remove_unlisted(
     mirror: &Mirror,
     table: &'static MirrorTable,
-    began: i64,
+    by: Unlisted<'_>,
     report: &mut SyncReport,
 ) -> Result<()> {
-    let live = mirror.live_mode();
-    let ids: Vec<String> = mirror
+    let (live, began) = (mirror.live_mode(), by.began);
+    let mut ids = mirror
         .db()
-        .run(move |conn| {
-            let sql = format!(
-                "SELECT id FROM {} WHERE deleted = FALSE AND livemode = ? AND stamp < ?",
-                table.table
-            );
-            let binds = [SqlValue::Bool(Some(live)), SqlValue::Int(Some(began))];
-            use diesel::RunQueryDsl;
-            let ids: Vec<super::reconcile::Id> =
-                crate::db::on_conn!(conn, c => crate::db::statement::Bound::new(&sql, &binds).load(c))?;
-            Ok(ids.into_iter().map(|row| row.id).collect())
-        })
+        .run(move |conn| live_ids(conn, table, live, began))
         .await?;
+    ids.retain(|id| !by.unmapped.contains(id));
+    if ids.len() * 2 > by.held {
+        return Err(Error::Config(format!(
+            "{} of the {} {}s the mirror held are not in Stripe's list: is the secret key \
+             for this account and mode? Nothing was removed; once the key is checked, \
+             remove them one by one with sync",
+            ids.len(),
+            by.held,
+            table.kind
+        )));
+    }
     for id in ids {
         match refetch(mirror, table, &id).await {
             Ok(Refetch::Gone) => *report.removed.entry(table.kind.to_owned()).or_default() += 1,
             Ok(Refetch::Current) => {}
+            Err(err) if by.fail_fast => return Err(err),
             Err(err) => report.failures.push(SyncFailure {
                 object: table.kind,
                 id,
