@@ -106,6 +106,15 @@ impl Model for Customer {
 
 sync_methods!(Customer, "customer");
 
+/// The subscriber's customers in a mode, live or tombstones.
+#[diesel::dsl::auto_type(no_type_alias)]
+fn of_subscriber<'a>(subscriber_id: &'a str, live: bool, deleted: bool) -> _ {
+    stripe_customers::subscriber_id
+        .eq(subscriber_id)
+        .and(stripe_customers::livemode.eq(live))
+        .and(stripe_customers::deleted.eq(deleted))
+}
+
 impl Customer {
     /// The customer of a host-app subscriber in the current mode (not deleted).
     pub async fn by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Option<Customer>> {
@@ -122,9 +131,7 @@ impl Customer {
         live: bool,
     ) -> Result<Vec<String>> {
         Ok(on_conn!(conn, c => stripe_customers::table
-            .filter(stripe_customers::subscriber_id.eq(subscriber_id))
-            .filter(stripe_customers::livemode.eq(live))
-            .filter(stripe_customers::deleted.eq(false))
+            .filter(of_subscriber(subscriber_id, live, false))
             .select(stripe_customers::id)
             .load(c))?)
     }
@@ -136,9 +143,7 @@ impl Customer {
             .db()
             .read(move |conn| {
                 Ok(on_conn!(conn, c => stripe_customers::table
-                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
-                    .filter(stripe_customers::livemode.eq(live))
-                    .filter(stripe_customers::deleted.eq(true))
+                    .filter(of_subscriber(&subscriber_id, live, true))
                     .count()
                     .get_result(c))?)
             })
@@ -153,9 +158,7 @@ impl Customer {
             .db()
             .read(move |conn| {
                 Ok(on_conn!(conn, c => stripe_customers::table
-                    .filter(stripe_customers::subscriber_id.eq(&subscriber_id))
-                    .filter(stripe_customers::livemode.eq(live))
-                    .filter(stripe_customers::deleted.eq(false))
+                    .filter(of_subscriber(&subscriber_id, live, false))
                     .order((
                         stripe_customers::created.is_null().asc(),
                         stripe_customers::created.desc(),
