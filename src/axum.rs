@@ -135,7 +135,9 @@ async fn receive(State(state): State<WebhookState>, request: Request) -> Respons
         while let Some(chunk) = stream.next().await {
             // A broken stream ends the body: the signature check refuses what arrived.
             let Ok(chunk) = chunk else { break };
-            body.extend_from_slice(&chunk[..chunk.len().min(cap + 1 - body.len())]);
+            // At most one byte over the cap is kept (a cap of `usize::MAX` included).
+            let room = cap.saturating_add(1).saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if body.len() > cap {
                 // Over the cap: the rest is never read (the connection is then closed).
                 break;
@@ -305,6 +307,16 @@ where
                 rule: PhantomData,
             }),
             Ok(Err(denial)) => Err(rule.denied(&denial)),
+            // A gate built wrong (a price id for a product, an empty feature) is the
+            // app's bug, not an outage: 500, not "try again".
+            Err(err @ crate::Error::Config(_)) => {
+                tracing::error!(error = %err, "the access gate is misconfigured");
+                Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "access could not be checked",
+                )
+                    .into_response())
+            }
             Err(err) => {
                 tracing::error!(error = %err, "access check failed");
                 Err((

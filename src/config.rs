@@ -397,6 +397,12 @@ impl Config {
             .collect()
     }
 
+    /// The database URL with its passwords masked (`postgres://app:***@db/app`, and a
+    /// `password=` parameter), for logs and messages.
+    pub fn database_url_redacted(&self) -> String {
+        crate::db::redact_url(&self.database_url)
+    }
+
     /// The secret key from the environment for the current mode, if any:
     /// `STRIPE_SECRET_KEY` first, then the per-mode variable.
     pub fn env_secret_key(&self) -> Option<&Secret> {

@@ -15,10 +15,12 @@ use stripe_mirror::axum::{Access, AccessRule};
 use stripe_mirror::{Customer, Mirror, Subscription};
 
 /// Pro members; the user id comes from `x-user`; denied requests are answered with a
-/// status, or redirected to the pricing page when `redirect` is set.
+/// status, or redirected to the pricing page when `redirect` is set. `broken` builds
+/// the gate wrong (an empty feature name), as an app's bug would.
 #[derive(Clone)]
 struct Members {
     redirect: bool,
+    broken: bool,
 }
 
 impl<S: Send + Sync> AccessRule<S> for Members {
@@ -31,7 +33,12 @@ impl<S: Send + Sync> AccessRule<S> for Members {
             .map(str::to_owned)
     }
     fn gate(&self, subscriber: &str) -> Gate {
-        require_subscription(subscriber).to_products(&["prod_pro"])
+        let gate = require_subscription(subscriber).to_products(&["prod_pro"]);
+        if self.broken {
+            gate.with_feature("")
+        } else {
+            gate
+        }
     }
     fn denied(&self, denial: &Denial) -> Response {
         if self.redirect {
@@ -124,7 +131,10 @@ async fn a_protected_route_lets_subscribers_in_and_answers_the_rest_as_configure
         }
         let url = serve(AppState {
             mirror: mirror.clone(),
-            members: Members { redirect: false },
+            members: Members {
+                redirect: false,
+                broken: false,
+            },
         })
         .await;
         let (status, _, body) = get_as(&url, Some("pro")).await;
@@ -153,8 +163,11 @@ async fn a_protected_route_lets_subscribers_in_and_answers_the_rest_as_configure
         );
 
         let url = serve(AppState {
-            mirror,
-            members: Members { redirect: true },
+            mirror: mirror.clone(),
+            members: Members {
+                redirect: true,
+                broken: false,
+            },
         })
         .await;
         let (status, location, _) = get_as(&url, Some("basic")).await;
@@ -165,5 +178,17 @@ async fn a_protected_route_lets_subscribers_in_and_answers_the_rest_as_configure
             b.name
         );
         assert_eq!(get_as(&url, Some("pro")).await.0, 200, "{}", b.name);
+
+        // A gate built wrong is the app's bug: 500, not 503's "try again".
+        let url = serve(AppState {
+            mirror,
+            members: Members {
+                redirect: false,
+                broken: true,
+            },
+        })
+        .await;
+        let (status, _, body) = get_as(&url, Some("pro")).await;
+        assert_eq!(status, 500, "{}: {body}", b.name);
     }
 }

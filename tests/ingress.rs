@@ -385,6 +385,27 @@ mod axum_route {
         assert!(d.remote_addr.is_some());
     }
 
+    /// `usize::MAX` means no limit: the whole body is read and checked (it was an
+    /// overflow: a panic in debug builds, an empty body in release).
+    #[tokio::test]
+    async fn a_body_limit_of_usize_max_reads_the_whole_body() {
+        let b = &backends()[0];
+        let config = b
+            .config
+            .clone()
+            .webhook_secret(SECRET)
+            .webhook_body_limit(usize::MAX);
+        let m = Mirror::connect(config).await.unwrap();
+        let addr = serve(m.clone(), Webhooks::new()).await;
+        let (status, body) = exchange(addr, 100, 100).await;
+        assert!(
+            status.contains(" 400 "),
+            "{status}: the signature is refused"
+        );
+        assert_eq!(body["outcome"], "invalid_signature", "{body}");
+        assert_eq!(last_delivery(&m).await.body_size, 100);
+    }
+
     #[tokio::test]
     async fn a_body_slower_than_the_read_timeout_is_answered_408_and_logged() {
         let b = &backends()[0];

@@ -727,8 +727,11 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         config.database_url = url;
     }
     // Anything secret that an error message might repeat is never shown.
-    d.scrub
-        .extend(password_of(&config.database_url).filter(|p| p.len() >= 3));
+    d.scrub.extend(
+        passwords_of(&config.database_url)
+            .into_iter()
+            .filter(|p| p.len() >= 3),
+    );
     for secret in [
         &config.secret_key,
         &config.test_secret_key,
@@ -761,7 +764,7 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         },
     );
 
-    let shown_url = redact_url(&config.database_url);
+    let shown_url = config.database_url_redacted();
     let mirror = match Mirror::open(config.clone()).await {
         Ok(mirror) => {
             d.ok(
@@ -1021,25 +1024,24 @@ fn stripe_status(err: &stripe_mirror::Error) -> Option<u16> {
     }
 }
 
-/// The database URL with its password replaced, for display.
-fn redact_url(url: &str) -> String {
-    match password_of(url) {
-        Some(password) => url.replacen(&format!(":{password}@"), ":***@", 1),
-        None => url.to_owned(),
+/// The passwords in a database URL: `scheme://user:password@host/...` and the
+/// `password=` / `sslpassword=` parameters libpq also takes.
+fn passwords_of(url: &str) -> Vec<String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut found = Vec::new();
+    if let (Some(scheme), Some(at)) = (base.find("://"), base.rfind('@'))
+        && at > scheme
+        && let Some((_, password)) = base[scheme + 3..at].split_once(':')
+    {
+        found.push(password.to_owned());
     }
-}
-
-/// The password in `scheme://user:password@host/...`, if any.
-fn password_of(url: &str) -> Option<String> {
-    let scheme = url.find("://")?;
-    let at = url.rfind('@')?;
-    if at <= scheme {
-        return None;
+    for param in query.split('&') {
+        if let Some(("password" | "sslpassword", value)) = param.split_once('=') {
+            found.push(value.to_owned());
+        }
     }
-    let creds = &url[scheme + 3..at];
-    let colon = creds.find(':')?;
-    let password = &creds[colon + 1..];
-    (!password.is_empty()).then(|| password.to_owned())
+    found.retain(|p| !p.is_empty());
+    found
 }
 
 /// Which of the crate's migrations a database has applied, read from diesel's
@@ -1195,17 +1197,13 @@ mod tests {
     }
 
     #[test]
-    fn database_passwords_are_masked() {
+    fn database_passwords_are_found_for_scrubbing() {
+        assert_eq!(passwords_of("postgres://app:hunter2@db/app"), ["hunter2"]);
         assert_eq!(
-            redact_url("postgres://app:hunter2@db:5432/app"),
-            "postgres://app:***@db:5432/app"
+            passwords_of("postgres://app@db/app?sslmode=require&password=hunter3"),
+            ["hunter3"]
         );
-        assert_eq!(
-            password_of("postgres://app:hunter2@db/app").as_deref(),
-            Some("hunter2")
-        );
-        assert_eq!(redact_url("postgres://app@db/app"), "postgres://app@db/app");
-        assert_eq!(redact_url("sqlite://mirror.db"), "sqlite://mirror.db");
-        assert_eq!(password_of("sqlite://a:b.db"), None);
+        assert!(passwords_of("postgres://app@db/app").is_empty());
+        assert!(passwords_of("sqlite://a:b.db").is_empty());
     }
 }

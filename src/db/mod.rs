@@ -233,18 +233,43 @@ pub(crate) fn parse_url(url: &str) -> Target {
 
 /// The URL with any password replaced, for error messages.
 pub(crate) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    // The query first: an `@` in it is not the userinfo's.
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
+            let creds = &base[scheme + 3..at];
             match creds.find(':') {
                 Some(colon) => {
-                    format!("{}://{}:***{}", &url[..scheme], &creds[..colon], &url[at..])
+                    format!(
+                        "{}://{}:***{}",
+                        &base[..scheme],
+                        &creds[..colon],
+                        &base[at..]
+                    )
                 }
-                None => url.to_owned(),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        // libpq also takes the password as a parameter: `?password=...`.
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if name == "password" || name == "sslpassword" => {
+                    format!("{name}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&params.join("&"));
     }
+    shown
 }
 
 impl Database {
@@ -464,5 +489,13 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=hunter2&x=a@b"),
+            "postgres://u@h/db?sslmode=require&password=***&x=a@b"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db?sslpassword=hunter2"),
+            "postgres://u:***@h/db?sslpassword=***"
+        );
     }
 }
