@@ -71,7 +71,8 @@ pub struct Config {
     pub database_url: String,
     /// Live mode (`STRIPE_LIVE_MODE`): which keys are used and which rows reads return.
     pub live_mode: bool,
-    /// `STRIPE_SECRET_KEY`: overrides the per-mode keys below.
+    /// `STRIPE_SECRET_KEY`: overrides the per-mode keys below when it is a key of the
+    /// current mode (one of the other mode is never used).
     pub secret_key: Option<Secret>,
     /// `STRIPE_TEST_SECRET_KEY`.
     pub test_secret_key: Option<Secret>,
@@ -132,8 +133,21 @@ impl std::fmt::Debug for Config {
             .field("secret_key", &self.secret_key)
             .field("test_secret_key", &self.test_secret_key)
             .field("live_secret_key", &self.live_secret_key)
-            .field("test_publishable_key", &self.test_publishable_key)
-            .field("live_publishable_key", &self.live_publishable_key)
+            // Masked too: a secret key pasted into the wrong variable must not show.
+            .field(
+                "test_publishable_key",
+                &self
+                    .test_publishable_key
+                    .as_deref()
+                    .map(crate::secret::mask),
+            )
+            .field(
+                "live_publishable_key",
+                &self
+                    .live_publishable_key
+                    .as_deref()
+                    .map(crate::secret::mask),
+            )
             .field("webhook_secrets", &self.webhook_secrets)
             .field("encryption_key", &self.encryption_key)
             .field("previous_encryption_keys", &self.previous_encryption_keys)
@@ -404,13 +418,81 @@ impl Config {
     }
 
     /// The secret key from the environment for the current mode, if any:
-    /// `STRIPE_SECRET_KEY` first, then the per-mode variable.
+    /// `STRIPE_SECRET_KEY` first, then the per-mode variable. A key of the other mode
+    /// (or not a secret or restricted key) is skipped: it would act on the other
+    /// mode's data while the mirror stores and reads this one's.
     pub fn env_secret_key(&self) -> Option<&Secret> {
-        self.secret_key.as_ref().or(if self.live_mode {
-            self.live_secret_key.as_ref()
+        self.env_secret_keys()
+            .find(|(_, key)| self.key_problem(key.expose()).is_none())
+            .map(|(_, key)| key)
+    }
+
+    /// Why no environment secret key serves the current mode, when one is set but
+    /// none does: names the variable and the key, masked.
+    pub(crate) fn env_secret_key_refused(&self) -> Option<String> {
+        if self.env_secret_key().is_some() {
+            return None;
+        }
+        let (name, key) = self.env_secret_keys().next()?;
+        let problem = self.key_problem(key.expose())?;
+        Some(format!("{name} holds {} {problem}", key.masked()))
+    }
+
+    /// The environment's secret keys for the current mode, with their variables.
+    fn env_secret_keys(&self) -> impl Iterator<Item = (&'static str, &Secret)> {
+        let per_mode = if self.live_mode {
+            ("STRIPE_LIVE_SECRET_KEY", self.live_secret_key.as_ref())
         } else {
-            self.test_secret_key.as_ref()
-        })
+            ("STRIPE_TEST_SECRET_KEY", self.test_secret_key.as_ref())
+        };
+        [("STRIPE_SECRET_KEY", self.secret_key.as_ref()), per_mode]
+            .into_iter()
+            .filter_map(|(name, key)| Some((name, key?)))
+    }
+
+    /// Why `key` cannot be this mode's secret key, if it cannot.
+    fn key_problem(&self, key: &str) -> Option<String> {
+        use crate::models::api_key::{ApiKeyKind, parse_key};
+        let mode = |live| if live { "live" } else { "test" };
+        match parse_key(key) {
+            Err(_) => Some("which is not a Stripe API key".to_owned()),
+            Ok((ApiKeyKind::Publishable, _)) => Some(
+                "a publishable key, where a secret (sk_) or restricted (rk_) key goes".to_owned(),
+            ),
+            Ok((_, live)) if live != self.live_mode => Some(format!(
+                "a {} key while the mirror is in {} mode: set STRIPE_LIVE_MODE={} to use it, \
+                 or give a {} key",
+                mode(live),
+                mode(self.live_mode),
+                live,
+                mode(self.live_mode)
+            )),
+            Ok(_) => None,
+        }
+    }
+
+    /// The publishable key for the current mode from the environment, if it is one;
+    /// anything else (a secret key pasted into the wrong variable, the other mode's)
+    /// is refused, naming the variable, so it is never sent to a browser.
+    pub(crate) fn env_publishable_key(&self) -> crate::Result<Option<&str>> {
+        use crate::models::api_key::{ApiKeyKind, parse_key};
+        let (name, key) = if self.live_mode {
+            ("STRIPE_LIVE_PUBLISHABLE_KEY", &self.live_publishable_key)
+        } else {
+            ("STRIPE_TEST_PUBLISHABLE_KEY", &self.test_publishable_key)
+        };
+        let Some(key) = key.as_deref() else {
+            return Ok(None);
+        };
+        match parse_key(key) {
+            Ok((ApiKeyKind::Publishable, live)) if live == self.live_mode => Ok(Some(key)),
+            _ => Err(crate::Error::Config(format!(
+                "{name} holds {}, which is not a {} publishable key (pk_{}_...)",
+                crate::secret::mask(key),
+                if self.live_mode { "live" } else { "test" },
+                if self.live_mode { "live" } else { "test" }
+            ))),
+        }
     }
 }
 
@@ -429,6 +511,58 @@ mod tests {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         }
+    }
+
+    #[test]
+    fn an_environment_key_of_the_other_mode_is_never_used() {
+        // A live key while the mirror is in test mode: skipped, and the refusal names it.
+        let c = Config::from_lookup(lookup(&[(
+            "STRIPE_SECRET_KEY",
+            "sk_live_realmoney0000abcd",
+        )]))
+        .unwrap();
+        assert!(c.env_secret_key().is_none());
+        let why = c.env_secret_key_refused().unwrap();
+        assert!(
+            why.contains("STRIPE_SECRET_KEY")
+                && why.contains("sk_live_...abcd")
+                && why.contains("STRIPE_LIVE_MODE=true"),
+            "{why}"
+        );
+        assert!(!why.contains("realmoney"), "{why}");
+        // The per-mode key that matches serves, even behind a mismatched override.
+        let c = Config::from_lookup(lookup(&[
+            ("STRIPE_SECRET_KEY", "sk_test_leftover00001111"),
+            ("STRIPE_LIVE_SECRET_KEY", "sk_live_production0002222"),
+            ("STRIPE_LIVE_MODE", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.env_secret_key().unwrap().expose(),
+            "sk_live_production0002222"
+        );
+        // A publishable key where the secret goes.
+        let c = Config::from_lookup(lookup(&[("STRIPE_SECRET_KEY", "pk_test_public00003333")]))
+            .unwrap();
+        assert!(c.env_secret_key_refused().unwrap().contains("publishable"));
+        // A secret key in the publishable variable: refused, and masked in Debug.
+        let c = Config::from_lookup(lookup(&[(
+            "STRIPE_TEST_PUBLISHABLE_KEY",
+            "sk_test_swappedsecret0004444",
+        )]))
+        .unwrap();
+        let err = c.env_publishable_key().unwrap_err().to_string();
+        assert!(err.contains("STRIPE_TEST_PUBLISHABLE_KEY"), "{err}");
+        assert!(!err.contains("swappedsecret") && !format!("{c:?}").contains("swappedsecret"));
+        let c = Config::from_lookup(lookup(&[(
+            "STRIPE_TEST_PUBLISHABLE_KEY",
+            "pk_test_fine0005555",
+        )]))
+        .unwrap();
+        assert_eq!(
+            c.env_publishable_key().unwrap(),
+            Some("pk_test_fine0005555")
+        );
     }
 
     #[test]

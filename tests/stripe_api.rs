@@ -736,6 +736,33 @@ async fn bootstrap_demo_products_is_idempotent_on_both_fakes() {
     }
 }
 
+/// A live key left in `STRIPE_SECRET_KEY` of a test-mode mirror is never used: the
+/// demo catalogue would land in the live account, and customers made with it would be
+/// stored as test rows. The call fails naming the variable; nothing reaches Stripe.
+#[tokio::test]
+async fn a_key_of_the_other_mode_is_never_used() {
+    let (base, hits) = common::stripe_stub(vec![]).await;
+    for b in &common::backends() {
+        let mut config = with_api(&b.config, &base);
+        config.secret_key = Some(Secret::new("sk_live_realmoney00000abcd"));
+        let m = Mirror::connect(config).await.unwrap();
+        let err = Customer::get_or_create(&m, &User("u-1".into()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(msg) if msg.contains("STRIPE_SECRET_KEY") && msg.contains("STRIPE_LIVE_MODE=true")),
+            "{}: {err}",
+            b.name
+        );
+        assert!(!err.to_string().contains("realmoney"), "{err}");
+        let demo = stripe_mirror::bootstrap_demo_products(&m)
+            .await
+            .unwrap_err();
+        assert!(matches!(demo, Error::Config(_)), "{}: {demo}", b.name);
+    }
+    assert_eq!(*hits.lock().unwrap(), 0, "nothing reached Stripe");
+}
+
 #[tokio::test]
 async fn bootstrap_refuses_live_mode() {
     for b in &common::backends() {

@@ -365,13 +365,20 @@ impl ApiKey {
     }
 
     /// The secret key for the mirror's current mode: a stored secret key first, then
-    /// `STRIPE_SECRET_KEY`, then `STRIPE_TEST_SECRET_KEY` / `STRIPE_LIVE_SECRET_KEY`.
+    /// `STRIPE_SECRET_KEY`, then `STRIPE_TEST_SECRET_KEY` / `STRIPE_LIVE_SECRET_KEY`,
+    /// each only if it is a key of this mode. An environment key of the other mode
+    /// (with none of this one) is [`Error::Config`], naming the variable: using it
+    /// would act on the other mode's data.
     pub async fn default_secret_key(mirror: &Mirror) -> Result<Secret> {
         let live = mirror.live_mode();
         if let Some(key) = Self::latest(mirror, ApiKeyKind::Secret, live).await? {
             return Ok(key.secret);
         }
-        mirror.config().env_secret_key().cloned().ok_or(if live {
+        let config = mirror.config();
+        if let Some(refused) = config.env_secret_key_refused() {
+            return Err(Error::Config(refused));
+        }
+        config.env_secret_key().cloned().ok_or(if live {
             Error::NoApiKey {
                 mode: "live",
                 env: "LIVE",
@@ -385,17 +392,14 @@ impl ApiKey {
     }
 
     /// The publishable key for the current mode: stored first, then the environment.
+    /// An environment value that is not this mode's publishable key (a secret key in
+    /// the wrong variable) is [`Error::Config`], so it never reaches a page.
     pub async fn default_publishable_key(mirror: &Mirror) -> Result<Option<String>> {
         let live = mirror.live_mode();
         if let Some(key) = Self::latest(mirror, ApiKeyKind::Publishable, live).await? {
             return Ok(Some(key.secret.expose().to_owned()));
         }
-        let config = mirror.config();
-        Ok(if live {
-            config.live_publishable_key.clone()
-        } else {
-            config.test_publishable_key.clone()
-        })
+        Ok(mirror.config().env_publishable_key()?.map(str::to_owned))
     }
 }
 
