@@ -552,12 +552,17 @@ fn json_output_of_api_keys_list_and_process_events() {
                     .await;
             }
         });
-        let report = parse_json(
-            &command(url)
-                .args(["process-events", "--json"])
-                .output()
-                .unwrap(),
+        let out = command(url)
+            .args(["process-events", "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: ran to its end with a failed event",
+            b.name
         );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["processed"], 0, "{}: {report}", b.name);
         assert_eq!(report["handlers_pending"], 1, "{}: {report}", b.name);
         assert_eq!(report["busy"], 0, "{}: {report}", b.name);
@@ -830,7 +835,10 @@ async fn sync_prints_plain_progress_lines_and_json_off_a_terminal() {
         })
         .await
         .unwrap();
-        let stdout = ok(&plain);
+        // Ran to its end with one object failed: exit status 2, both ways.
+        assert_eq!(plain.status.code(), Some(2), "{plain:?}");
+        assert_eq!(as_json.status.code(), Some(2), "{as_json:?}");
+        let stdout = String::from_utf8_lossy(&plain.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&plain.stderr).into_owned();
         assert_eq!(
             stderr.lines().collect::<Vec<_>>(),
@@ -849,7 +857,7 @@ async fn sync_prints_plain_progress_lines_and_json_off_a_terminal() {
             "{stdout}"
         );
 
-        let report = parse_json(&as_json);
+        let report: Value = serde_json::from_slice(&as_json.stdout).unwrap();
         assert_eq!(
             report["counts"],
             json!({"product": 2, "subscription": 1}),

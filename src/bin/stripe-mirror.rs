@@ -4,6 +4,10 @@
 //! (`sync`, `process-events`, `api-keys list`, `doctor`), progress on stderr.
 //!
 //! Settings come from the environment (`DATABASE_URL`, `STRIPE_*`; see the crate docs).
+//!
+//! Exit status: 0 done; 1 the command failed (nothing or part of it done, the error on
+//! stderr); 2 it ran to its end but some objects or events failed (`sync`,
+//! `process-events`, `reconcile`: listed in its output), so cron and CI notice.
 
 use std::error::Error as StdError;
 use std::io::{self, BufRead, IsTerminal, Write};
@@ -25,7 +29,12 @@ type BoxError = Box<dyn StdError>;
 
 /// Keeps a local SQL mirror of a Stripe account.
 #[derive(Parser)]
-#[command(name = "stripe-mirror", version, about)]
+#[command(
+    name = "stripe-mirror",
+    version,
+    about,
+    after_help = "Exit status: 0 done; 1 failed; 2 ran to its end but some objects or events failed (listed)."
+)]
 struct Cli {
     /// Database URL (overrides DATABASE_URL).
     #[arg(long, global = true)]
@@ -160,6 +169,15 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Exit status of a command that ran to its end with `failed` items left over.
+fn finished(failed: usize) -> ExitCode {
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     // doctor opens the database without migrating and reports a bad environment as a
     // failed check; key input is read before connecting.
@@ -217,6 +235,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let report = result?;
             if json {
                 print_json(&sync_json(&report))?;
+                return Ok(finished(report.failures.len()));
             } else {
                 for (kind, count) in report.counts.iter().filter(|_| !counts_shown) {
                     println!("{kind}: {count}");
@@ -227,6 +246,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 for failure in &report.failures {
                     println!("failed {failure}");
                 }
+                return Ok(finished(report.failures.len()));
             }
         }
         Command::BootstrapDemoProducts => {
@@ -261,7 +281,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                         .map(|(id, error)| json!({ "id": id, "error": error }))
                         .collect::<Vec<_>>(),
                 }))?;
-                return Ok(ExitCode::SUCCESS);
+                return Ok(finished(report.failed.len()));
             }
             println!(
                 "processed {}, failed {}, busy {}, handler work pending {}",
@@ -278,6 +298,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             for (id, error) in &report.failed {
                 println!("failed {id}: {error}");
             }
+            return Ok(finished(report.failed.len()));
         }
         Command::Prune { older_than } => {
             let report = stripe_mirror::webhooks::prune(&mirror, older_than).await?;
@@ -297,6 +318,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             for (kind, id, error) in &report.failed {
                 println!("failed {kind} {id}: {error}");
             }
+            return Ok(finished(report.failed.len()));
         }
         Command::ApiKeys(ApiKeys::Add { .. }) => {
             let secret = key_input.expect("read above");
