@@ -15,6 +15,18 @@
 //! previous key still open, and [`Mirror::connect`](crate::Mirror::connect) (or
 //! `stripe-mirror api-keys encrypt`) re-seals every row under the current key, plaintext
 //! rows from before encryption was turned on included: the upgrade is in place.
+//!
+//! With several app instances on one database, roll a key out in two deploys, since
+//! the first instance to start with a new current key re-seals every row, and the
+//! instances still running without that key can no longer read them:
+//! 1. every instance gets the new key in `STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS` only
+//!    (it opens rows sealed with it; nothing is re-sealed while no current key is set,
+//!    or while the current one stays the old key);
+//! 2. then the new key becomes `STRIPE_MIRROR_ENCRYPTION_KEY` (and the old one moves to
+//!    the previous keys) on every instance.
+//!
+//! Drop an old key from the previous keys only once `stripe-mirror api-keys encrypt`
+//! reports every stored key sealed with the current one.
 
 use std::fmt;
 

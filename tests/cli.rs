@@ -138,6 +138,19 @@ fn api_keys_encrypt_seals_stored_keys_and_rotates() {
             !stderr.contains(KEY) && !stderr.contains(&k1) && !stderr.contains(&k2),
             "{stderr}"
         );
+        // `encrypt` with a key that opens nothing: it says what it changed (nothing)
+        // and names the row it cannot open, exit 1.
+        let stuck = with(&k1, "", &["api-keys", "encrypt"]);
+        let (out, err) = (
+            String::from_utf8_lossy(&stuck.stdout),
+            String::from_utf8_lossy(&stuck.stderr),
+        );
+        assert_eq!(stuck.status.code(), Some(1), "{}: {out} {err}", b.name);
+        assert!(out.contains("sealed 0 stored keys"), "{}: {out}", b.name);
+        assert!(
+            err.contains("cannot be decrypted") && err.contains("api-keys remove"),
+            "{err}"
+        );
     }
 }
 

@@ -205,12 +205,22 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         let mirror = Mirror::open(config).await?;
         mirror.migrate().await?;
         let changed = ApiKey::encrypt_stored(&mirror).await?;
-        let total = ApiKey::list(&mirror).await?.len();
-        println!(
-            "sealed {changed} of {total} stored keys with encryption key {}",
-            current.unwrap_or_default()
-        );
-        return Ok(ExitCode::SUCCESS);
+        let current = current.unwrap_or_default();
+        // What changed is said even when a row no configured key opens remains.
+        return Ok(match ApiKey::list(&mirror).await {
+            Ok(keys) => {
+                println!(
+                    "sealed {changed} of {} stored keys with encryption key {current}",
+                    keys.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                println!("sealed {changed} stored keys with encryption key {current}");
+                eprintln!("error: {err}; remove that row with `stripe-mirror api-keys remove`");
+                ExitCode::FAILURE
+            }
+        });
     }
     let mirror = Mirror::connect(config).await?;
     match cli.command {
