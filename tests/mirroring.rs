@@ -436,6 +436,39 @@ fn page_all(ids: &[&str]) -> serde_json::Value {
     v
 }
 
+/// A trialing subscription's `billing_cycle_anchor` is its trial's end, days ahead: it
+/// says nothing about when the object was read, so it must not stamp the row, or
+/// every event until then (the trial converting, a cancel) would look older and be
+/// refused.
+#[tokio::test]
+async fn a_future_billing_anchor_does_not_stamp_the_row_ahead() {
+    let now = chrono::Utc::now().timestamp();
+    let trial_end = now + 14 * 24 * 3600;
+    for b in backends() {
+        let m = b.mirror().await;
+        let trialing = json!({"id": "sub_trial", "object": "subscription", "customer": "cus_trial",
+            "status": "trialing", "created": now - 60, "start_date": now - 60,
+            "current_period_start": now - 60, "trial_start": now - 60, "trial_end": trial_end,
+            "billing_cycle_anchor": trial_end, "items": {"object": "list", "has_more": false, "data": []}});
+        Subscription::sync_from_stripe_data(&m, &trialing)
+            .await
+            .unwrap();
+        // The `customer.subscription.updated` of a cancel, a second later.
+        let mut canceled = trialing.clone();
+        canceled["status"] = json!("canceled");
+        canceled["canceled_at"] = json!(now);
+        let row = Subscription::sync_from_stripe_data_at(&m, &canceled, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            row.status.as_ref().map(|s| s.as_str()),
+            Some("canceled"),
+            "{}: the newer event applies",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn tombstones_cannot_be_resurrected() {
     for b in backends() {

@@ -373,14 +373,16 @@ pub(crate) fn stripe_time(date: &str) -> Option<i64> {
         .map(|d| d.timestamp())
 }
 
-/// The newest unix time among the fields an object carries at its top level.
+/// The newest unix time among the fields an object carries at its top level that say
+/// something happened (so the object was read after it). Not `billing_cycle_anchor`:
+/// a trial's end, or a date set ahead, would stamp the row in the future and make
+/// every event until then look older.
 pub(crate) fn newest_timestamp(value: &Value) -> Option<i64> {
-    const FIELDS: [&str; 8] = [
+    const FIELDS: [&str; 7] = [
         "created",
         "updated",
         "start_date",
         "current_period_start",
-        "billing_cycle_anchor",
         "canceled_at",
         "ended_at",
         "trial_start",
