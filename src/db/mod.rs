@@ -463,6 +463,113 @@ mod tests {
         }
     }
 
+    /// The "fewer pages" migration rebuilds two tables on SQLite: every row survives
+    /// it and its revert, delivery ids keep increasing, and the replay of failed
+    /// events can use the partial index that replaced the status index.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_fewer_pages_migration_keeps_every_row_and_reverts() {
+        use diesel::connection::SimpleConnection;
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            t: String,
+        }
+        let n = |c: &mut SqliteConnection, sql: &str| {
+            diesel::sql_query(sql).get_result::<N>(c).unwrap().n
+        };
+        let t = |c: &mut SqliteConnection, sql: &str| {
+            diesel::sql_query(sql)
+                .load::<T>(c)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.t)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upgrade.db");
+        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        let pending = c.pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let at = pending
+            .iter()
+            .position(|m| m.name().to_string().ends_with("_fewer_pages"))
+            .expect("the migration is embedded");
+        for m in &pending[..at] {
+            c.run_migration(m.as_ref()).unwrap();
+        }
+        let delivery = "INSERT INTO stripe_webhook_deliveries (received_at, headers, body, body_size, \
+                        body_truncated, outcome) VALUES (1, '{}', x'', 0, FALSE, 'processed')";
+        for _ in 0..3 {
+            c.batch_execute(delivery).unwrap();
+        }
+        c.batch_execute(
+            "DELETE FROM stripe_webhook_deliveries WHERE id = 1; \
+             INSERT INTO stripe_access (subscriber_id, livemode, dirty, version, delivered) \
+             VALUES ('u1', FALSE, FALSE, 3, '{\"roles\":[]}'), ('u2', TRUE, TRUE, 1, NULL)",
+        )
+        .unwrap();
+        let rows = "SELECT group_concat(id, ',') AS t FROM (SELECT id FROM stripe_webhook_deliveries ORDER BY id)";
+        let access = "SELECT group_concat(subscriber_id || livemode || dirty || version || COALESCE(delivered, '-'), ',') AS t \
+                      FROM (SELECT * FROM stripe_access ORDER BY subscriber_id)";
+        let (ids, marks) = (t(&mut c, rows), t(&mut c, access));
+        assert_eq!(ids, "2,3");
+        c.run_migration(pending[at].as_ref()).unwrap();
+        assert_eq!(t(&mut c, rows), ids, "delivery rows and ids kept");
+        assert_eq!(t(&mut c, access), marks, "access rows kept");
+        c.batch_execute(delivery).unwrap();
+        assert_eq!(
+            n(&mut c, "SELECT MAX(id) AS n FROM stripe_webhook_deliveries"),
+            4
+        );
+        assert_eq!(
+            n(
+                &mut c,
+                "SELECT COUNT(*) AS n FROM sqlite_sequence WHERE name = 'stripe_webhook_deliveries'"
+            ),
+            0,
+            "no AUTOINCREMENT counter to write on every delivery"
+        );
+        assert!(
+            diesel::sql_query("SELECT rowid AS n FROM stripe_access")
+                .load::<N>(&mut c)
+                .is_err(),
+            "stripe_access is stored in its key's B-tree"
+        );
+        #[derive(diesel::QueryableByName)]
+        struct Plan {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            detail: String,
+        }
+        let plan: Vec<Plan> = diesel::sql_query(
+            "EXPLAIN QUERY PLAN SELECT id FROM stripe_events WHERE status = 'failed' ORDER BY created, id",
+        )
+        .load(&mut c)
+        .unwrap();
+        assert!(
+            plan.iter().any(|p| p.detail.contains("idx_events_failed")),
+            "replay's query reads the failed events' index"
+        );
+        c.revert_last_migration(SQLITE_MIGRATIONS).unwrap();
+        assert_eq!(t(&mut c, rows), "2,3,4", "rows survive the revert");
+        assert_eq!(t(&mut c, access), marks);
+        assert!(
+            t(
+                &mut c,
+                "SELECT sql AS t FROM sqlite_master WHERE name = 'stripe_webhook_deliveries'"
+            )
+            .contains("AUTOINCREMENT")
+        );
+        c.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        assert_eq!(t(&mut c, rows), "2,3,4");
+    }
+
     #[test]
     fn urls_pick_the_backend() {
         assert_eq!(parse_url("sqlite://a.db"), Target::Sqlite("a.db".into()));
