@@ -184,14 +184,14 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
 /// What arrives while it runs a group joins that group before the commit (on Postgres
-/// only work keyed after the group's last, and only while no other writer waits for
-/// work); the rest gathers into the next group. It keeps its
+/// only work keyed at or after the group's last, and only while no other writer waits
+/// for work); the rest gathers into the next group. It keeps its
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle or
 /// when a group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let mut held: Option<Held> = None;
     // Work that arrived during the last group but could not join it (its key came
-    // before the group's last): it starts the next one.
+    // before the group's last): it starts the next one ([`gather`]).
     let mut carried: Vec<Box<dyn Work>> = Vec::new();
     // SQLite has this one writer: nothing else can hold what a late arrival locks, so it
     // joins the group in any order. Postgres groups keep their key order.
@@ -202,37 +202,8 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
         super::Pool::Postgres(_) => true,
     };
     loop {
-        let group = {
-            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            let first = if !carried.is_empty() {
-                None
-            } else {
-                let first = match held {
-                    Some(_) => match rx.recv_timeout(LINGER) {
-                        Ok(work) => Some(work),
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            held = None;
-                            rx.recv().ok()
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
-                    },
-                    None => rx.recv().ok(),
-                };
-                if first.is_none() {
-                    return; // the mirror is gone
-                }
-                first
-            };
-            let mut group: Vec<Box<dyn Work>> = std::mem::take(&mut carried);
-            group.extend(first);
-            while group.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(work) => group.push(work),
-                    Err(_) => break,
-                }
-            }
-            group.sort_by(|a, b| a.key().cmp(b.key()));
-            group
+        let Some(group) = gather(rx, &mut carried, &mut held) else {
+            return; // the mirror is gone
         };
         let late = Late {
             rx,
@@ -249,12 +220,57 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     }
 }
 
+/// The next group: the work carried from the last one, or else the next work to
+/// arrive, topped up with what is queued (up to [`MAX_BATCH`]), in key order. `None`
+/// when the mirror is gone. A writer with work in hand never waits for the queue's
+/// lock: another writer blocked on the queue holds it until new work comes, and the
+/// callers of the carried work may be the only ones left.
+fn gather(
+    rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>,
+    carried: &mut Vec<Box<dyn Work>>,
+    held: &mut Option<Held>,
+) -> Option<Vec<Box<dyn Work>>> {
+    let mut group: Vec<Box<dyn Work>> = carried.drain(..carried.len().min(MAX_BATCH)).collect();
+    let queue = if group.is_empty() {
+        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+        let first = match held {
+            Some(_) => match rx.recv_timeout(LINGER) {
+                Ok(work) => Some(work),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    *held = None;
+                    rx.recv().ok()
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            },
+            None => rx.recv().ok(),
+        };
+        group.push(first?);
+        Some(rx)
+    } else {
+        match rx.try_lock() {
+            Ok(rx) => Some(rx),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    };
+    if let Some(rx) = queue {
+        while group.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(work) => group.push(work),
+                Err(_) => break,
+            }
+        }
+    }
+    group.sort_by(|a, b| a.key().cmp(b.key()));
+    Some(group)
+}
+
 /// Where work queued while a group runs comes from, and whether it must keep the
 /// group's key order (Postgres, where another writer may lock the same event rows).
 struct Late<'a> {
     rx: &'a Mutex<mpsc::Receiver<Box<dyn Work>>>,
     ordered: bool,
-    /// Arrivals keyed before the group's last: they wait for the next group.
+    /// Arrivals keyed before the group's last: they start the next group.
     carried: &'a mut Vec<Box<dyn Work>>,
 }
 
@@ -314,7 +330,9 @@ fn run_group(
                         });
                     }
                 }
-                waiting = Some(late.take(&last, MAX_BATCH.saturating_sub(handovers.len())));
+                // What is carried counts too: it starts the next group.
+                let room = MAX_BATCH.saturating_sub(handovers.len() + late.carried.len());
+                waiting = Some(late.take(&last, room));
             }
             Ok(())
         })
@@ -390,21 +408,76 @@ mod tests {
         }
     }
 
+    /// Runs `f` on another thread; panics if it has not returned within 10 s (a
+    /// writer waiting where it must not would hang the test, not fail it).
+    fn returns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("returned without waiting for the queue's lock")
+    }
+
     /// Another writer blocked on the queue holds its lock: a group does not wait for
     /// it (the work that would free it is held back by the group's own callers).
     #[test]
     fn a_group_does_not_wait_for_a_writer_waiting_for_work() {
         let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
         tx.send(Box::new(Keyed("evt_z"))).unwrap();
+        let rx = Arc::new(Mutex::new(rx));
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let other = std::thread::spawn({
+            let rx = rx.clone();
+            move || {
+                let _waiting_for_work = rx.lock().unwrap();
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            }
+        });
+        locked_rx.recv().unwrap();
+        // A group that ran up to `evt_a`: nothing may join while the lock is held.
+        let joined = returns({
+            let rx = rx.clone();
+            move || {
+                let mut carried = Vec::new();
+                let mut late = Late {
+                    rx: &rx,
+                    ordered: true,
+                    carried: &mut carried,
+                };
+                late.take("evt_a", 64).len()
+            }
+        });
+        assert_eq!(joined, 0);
+        // Work carried from the last group starts the next one at once.
+        let next = returns({
+            let rx = rx.clone();
+            move || {
+                let mut carried: Vec<Box<dyn Work>> =
+                    vec![Box::new(Keyed("evt_b")), Box::new(Keyed("evt_a"))];
+                let group = gather(&rx, &mut carried, &mut None).unwrap();
+                keys(&group)
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+            }
+        });
+        assert_eq!(next, ["evt_a", "evt_b"]);
+        release_tx.send(()).unwrap();
+        other.join().unwrap();
+    }
+
+    /// A group is at most [`MAX_BATCH`], carried work included: the rest waits for the
+    /// group after.
+    #[test]
+    fn carried_work_is_bounded_like_the_rest() {
+        let (_tx, rx) = mpsc::channel::<Box<dyn Work>>();
         let rx = Mutex::new(rx);
-        let _other_writer = rx.lock().unwrap();
-        let mut carried = Vec::new();
-        let mut late = Late {
-            rx: &rx,
-            ordered: true,
-            carried: &mut carried,
-        };
-        assert!(late.take("evt_a", 64).is_empty());
+        let mut carried: Vec<Box<dyn Work>> = (0..MAX_BATCH + 6)
+            .map(|_| Box::new(Keyed("evt_c")) as Box<dyn Work>)
+            .collect();
+        let group = gather(&rx, &mut carried, &mut None).unwrap();
+        assert_eq!((group.len(), carried.len()), (MAX_BATCH, 6));
     }
 
     /// Work queued while a SQLite group runs joins that group's transaction: another

@@ -1,4 +1,7 @@
 -- Less written per webhook delivery: every index is one more entry (and page) per row.
+-- Each statement waits at most 10 s for its table's lock: a long transaction makes
+-- `migrate` fail (run it again later) rather than queue a running app's queries.
+SET LOCAL lock_timeout = '10s';
 -- Indexes no query of the mirror reads: the event type (replay matches types in Rust)
 -- and a delivery's event id. Create your own if your admin pages look them up.
 DROP INDEX idx_events_type;
