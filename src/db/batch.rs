@@ -1,20 +1,20 @@
 //! Group commit: writes that arrive together share one transaction and one commit.
 //!
-//! A durable commit costs a disk flush (SQLite `synchronous = FULL`, Postgres with
+//! A durable commit costs a disk flush (SQLite's sync of its WAL, Postgres with
 //! `fsync` on), far more than the statements before it. Webhook deliveries arriving at
-//! once queue here; one writer task takes everything queued, runs each piece of work
+//! once queue here; a writer thread takes everything queued, runs each piece of work
 //! in one transaction, commits once, and only then hands each caller its result. So:
 //! - bad input fails alone: the work checks it before it writes anything (an event's
 //!   object is mapped to rows first) and records the failure;
 //! - a database error (which on Postgres aborts the transaction) rolls the whole
 //!   group back: every caller gets an error, nothing of the group is stored, and
 //!   Stripe redelivers each one;
-//! - no caller learns its work is done before the commit that holds it returned: a
-//!   crash or a failed commit answers nobody with success;
-//! - one delivery at a time pays one commit, as before; eight at once share one:
-//!   work queued while a group runs joins it before its commit, so deliveries
-//!   answered together come back together (about 7 per commit with 8 clients on
-//!   SQLite, instead of 4).
+//! - no caller learns its work is done before the commit that holds it is on disk: a
+//!   crash or a failed commit or sync answers nobody with success;
+//! - one delivery at a time pays one commit; deliveries at once share them. On
+//!   Postgres, work queued while a group runs joins it before its commit (in key
+//!   order). On SQLite, the one writer runs the next group while the last one's sync
+//!   is in flight ([`Writing`]).
 
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
@@ -189,13 +189,20 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle or
 /// when a group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
-    let mut held: Option<Held> = None;
+    let mut held: Option<Writing> = None;
+    let syncer = match &db.pool {
+        #[cfg(feature = "sqlite")]
+        super::Pool::Sqlite(_) => start_syncer(),
+        #[cfg(feature = "postgres")]
+        super::Pool::Postgres(_) => None,
+    };
     // Work that arrived during the last group but could not join it (its key came
     // before the group's last): it starts the next one ([`gather`]).
     let mut carried: Vec<Box<dyn Work>> = Vec::new();
-    // SQLite has this one writer: nothing else can hold what a late arrival locks, so it
-    // joins the group in any order. Postgres groups keep their key order.
-    let ordered = match &db.pool {
+    // Postgres: work arriving while a group runs joins it (in key order). SQLite's one
+    // writer overlaps differently: it runs the next group while the last one's sync is
+    // in flight ([`Writing`]), which joining would leave nothing to overlap with.
+    let joins = match &db.pool {
         #[cfg(feature = "sqlite")]
         super::Pool::Sqlite(_) => false,
         #[cfg(feature = "postgres")]
@@ -207,12 +214,12 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
         };
         let late = Late {
             rx,
-            ordered,
+            joins,
             carried: &mut carried,
         };
         // A panic drops the group's senders: each caller gets `Error::Commit`.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_group(db, &mut held, group, late)
+            run_group(db, &mut held, group, late, syncer.as_ref())
         }));
         if !matches!(ran, Ok(true)) {
             held = None;
@@ -228,7 +235,7 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
 fn gather(
     rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>,
     carried: &mut Vec<Box<dyn Work>>,
-    held: &mut Option<Held>,
+    held: &mut Option<Writing>,
 ) -> Option<Vec<Box<dyn Work>>> {
     let mut group: Vec<Box<dyn Work>> = carried.drain(..carried.len().min(MAX_BATCH)).collect();
     let queue = if group.is_empty() {
@@ -265,34 +272,51 @@ fn gather(
     Some(group)
 }
 
-/// Where work queued while a group runs comes from, and whether it must keep the
-/// group's key order (Postgres, where another writer may lock the same event rows).
+/// Where work queued while a group runs comes from, and whether it may join the group
+/// (Postgres, in key order: another writer may lock the same event rows).
 struct Late<'a> {
     rx: &'a Mutex<mpsc::Receiver<Box<dyn Work>>>,
-    ordered: bool,
+    joins: bool,
     /// Arrivals keyed before the group's last: they start the next group.
     carried: &'a mut Vec<Box<dyn Work>>,
 }
 
-impl Late<'_> {
+impl<'a> Late<'a> {
     /// What arrived meanwhile and may join a group that ran up to `last`, `room` at most.
     fn take(&mut self, last: &str, room: usize) -> Vec<Box<dyn Work>> {
-        // Held by another writer waiting for work: nothing is queued, and waiting for
-        // that writer here would wait for work this group's callers hold back.
-        let rx = match self.rx.try_lock() {
-            Ok(rx) => rx,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Vec::new(),
+        if !self.joins {
+            return Vec::new();
+        }
+        let Some(rx) = self.queue() else {
+            return Vec::new();
         };
         let mut more: Vec<Box<dyn Work>> = std::iter::from_fn(|| rx.try_recv().ok())
             .take(room)
             .collect();
-        if self.ordered {
-            more.sort_by(|a, b| a.key().cmp(b.key()));
-            let after = more.partition_point(|w| w.key() < last);
-            self.carried.extend(more.drain(..after));
-        }
+        drop(rx);
+        more.sort_by(|a, b| a.key().cmp(b.key()));
+        let after = more.partition_point(|w| w.key() < last);
+        self.carried.extend(more.drain(..after));
         more
+    }
+
+    /// Whether work is queued; what is found starts the next group.
+    fn waiting(&mut self) -> bool {
+        let found = self.queue().and_then(|rx| rx.try_recv().ok());
+        let waiting = found.is_some();
+        self.carried.extend(found);
+        waiting
+    }
+
+    /// The queue, unless another writer waiting for work holds it: then nothing is
+    /// queued, and waiting for that writer would wait for work this group's callers
+    /// hold back.
+    fn queue(&self) -> Option<std::sync::MutexGuard<'a, mpsc::Receiver<Box<dyn Work>>>> {
+        match self.rx.try_lock() {
+            Ok(rx) => Some(rx),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 }
 
@@ -302,18 +326,22 @@ impl Late<'_> {
 /// together come back together, and one commit serves them all instead of half.
 fn run_group(
     db: &Database,
-    held: &mut Option<Held>,
+    held: &mut Option<Writing>,
     group: Vec<Box<dyn Work>>,
     mut late: Late<'_>,
+    syncer: Option<&mpsc::Sender<Synced>>,
 ) -> bool {
     let mut waiting = Some(group);
     let mut handovers: Vec<Handover> = Vec::new();
     let conn = match held {
         Some(conn) => Ok(conn),
-        None => db.hold().map(|conn| held.insert(conn)),
+        None => db
+            .hold()
+            .and_then(|conn| Writing::new(conn, syncer.is_some()))
+            .map(|conn| held.insert(conn)),
     };
     let committed = conn.and_then(|conn| {
-        conn.conn().write(|conn| {
+        conn.conn.conn().write(|conn| {
             let mut last = String::new();
             while let Some(next) = waiting.take().filter(|g| !g.is_empty()) {
                 let mut group = next.into_iter();
@@ -349,10 +377,154 @@ fn run_group(
         }
     }
     let ok = committed.is_ok();
-    for handover in handovers {
-        handover(committed.clone());
+    let wal = held.as_ref().and_then(|w| w.wal.clone());
+    match (ok, syncer, wal) {
+        // Committed without a sync. Work is queued: the syncer answers this group once
+        // the WAL is on disk, while this writer runs the next one. None is: sync here,
+        // without the hop to another thread.
+        (true, Some(syncer), Some(wal)) if late.waiting() => {
+            if let Err(mpsc::SendError(lost)) = syncer.send(Synced { wal, handovers }) {
+                for handover in lost.handovers {
+                    handover(Err(
+                        "the commit could not be synced: the syncer stopped".into()
+                    ));
+                }
+            }
+        }
+        #[cfg(feature = "sqlite")]
+        (true, Some(_), Some(wal)) => {
+            let synced = sync_wal(&wal);
+            for handover in handovers {
+                handover(synced.clone());
+            }
+        }
+        _ => {
+            for handover in handovers {
+                handover(committed.clone());
+            }
+        }
     }
     ok
+}
+
+/// A writer's connection. On SQLite (a file) it commits with `synchronous = NORMAL`:
+/// the commit writes its pages to the WAL without waiting for the disk, and the WAL is
+/// synced ([`sync_wal`]) before any caller of the group is answered, so a 200 still
+/// means the event is on disk, as with `FULL`. When more work is queued the syncer
+/// thread syncs and answers while this writer runs the next group: the disk's wait and
+/// the next group's statements overlap, and one sync serves every group before it.
+/// Checkpoints still sync (SQLite's `NORMAL` syncs the WAL before a checkpoint and the
+/// database after it). The connection goes back to the pool with `FULL`.
+struct Writing {
+    conn: Held,
+    /// The WAL file to sync; `None` when commits sync themselves (Postgres, an
+    /// in-memory database).
+    wal: Option<std::path::PathBuf>,
+}
+
+impl Writing {
+    fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
+        let wal = match (relaxed, &mut conn) {
+            #[cfg(feature = "sqlite")]
+            (true, Held::Sqlite(c)) => relax(c)?,
+            _ => None,
+        };
+        Ok(Writing { conn, wal })
+    }
+}
+
+/// Sets a SQLite writer's connection to commit without syncing; its WAL file, or
+/// `None` for an in-memory database (nothing to sync: left as it is).
+#[cfg(feature = "sqlite")]
+fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<std::path::PathBuf>> {
+    use diesel::RunQueryDsl;
+    use diesel::connection::SimpleConnection;
+    #[derive(diesel::QueryableByName)]
+    struct File {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        file: String,
+    }
+    let file: Vec<File> =
+        diesel::sql_query("SELECT file FROM pragma_database_list WHERE name = 'main'").load(c)?;
+    let Some(file) = file.into_iter().map(|f| f.file).find(|f| !f.is_empty()) else {
+        return Ok(None);
+    };
+    c.batch_execute("PRAGMA synchronous = NORMAL")?;
+    Ok(Some(std::path::PathBuf::from(format!("{file}-wal"))))
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        #[cfg(feature = "sqlite")]
+        if let (Some(_), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
+            use diesel::connection::SimpleConnection;
+            if let Err(error) = c.batch_execute("PRAGMA synchronous = FULL") {
+                tracing::error!(%error, "a writer's connection could not be set back to synchronous = FULL");
+            }
+        }
+    }
+}
+
+/// A group committed on SQLite without a sync, waiting for one.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+struct Synced {
+    wal: std::path::PathBuf,
+    handovers: Vec<Handover>,
+}
+
+/// Starts the thread that syncs a SQLite writer's commits and then answers their
+/// callers; it ends with its writer. `None` if it cannot start: commits then sync
+/// themselves (`synchronous = FULL`).
+#[cfg(feature = "sqlite")]
+fn start_syncer() -> Option<mpsc::Sender<Synced>> {
+    let (tx, rx) = mpsc::channel::<Synced>();
+    std::thread::Builder::new()
+        .name("stripe-mirror-syncer".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                // One sync serves every commit before it.
+                let mut synced: Vec<(std::path::PathBuf, std::result::Result<(), String>)> =
+                    Vec::new();
+                for group in std::iter::once(first).chain(rx.try_iter()) {
+                    let result = match synced.iter().find(|(wal, _)| *wal == group.wal) {
+                        Some((_, result)) => result.clone(),
+                        None => {
+                            let result = sync_wal(&group.wal);
+                            synced.push((group.wal.clone(), result.clone()));
+                            result
+                        }
+                    };
+                    for handover in group.handovers {
+                        handover(result.clone());
+                    }
+                }
+            }
+        })
+        .ok()
+        .map(|_| tx)
+}
+
+/// The WAL files synced, and when each sync began (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static SYNCED: Mutex<Vec<(std::path::PathBuf, std::time::Instant)>> = Mutex::new(Vec::new());
+
+/// Syncs a WAL file to disk. A WAL that is gone was checkpointed into the database,
+/// which the checkpoint synced.
+#[cfg(feature = "sqlite")]
+fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
+    #[cfg(test)]
+    SYNCED
+        .lock()
+        .unwrap()
+        .push((wal.to_owned(), std::time::Instant::now()));
+    match std::fs::File::open(wal).and_then(|f| f.sync_data()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!(
+            "the commit could not be synced to disk ({}): {e}",
+            wal.display()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -376,35 +548,35 @@ mod tests {
         work.iter().map(|w| w.key()).collect()
     }
 
-    /// Late arrivals join a Postgres group only after its last key (the lock order
-    /// that keeps two writers from deadlocking on an event row); the others wait for
-    /// the next group. SQLite's one writer takes them all.
+    /// Late arrivals join a Postgres group only at or after its last key (the lock
+    /// order that keeps two writers from deadlocking on an event row); the others wait
+    /// for the next group. SQLite's writer takes none (it overlaps through the sync).
     #[test]
     fn late_work_keeps_the_lock_order_where_writers_share_rows() {
         let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
         let rx = Mutex::new(rx);
-        for ordered in [true, false] {
+        for joins in [true, false] {
             for key in ["evt_c", "evt_a", "evt_d", "evt_b"] {
                 tx.send(Box::new(Keyed(key))).unwrap();
             }
             let mut carried = Vec::new();
             let mut late = Late {
                 rx: &rx,
-                ordered,
+                joins,
                 carried: &mut carried,
             };
             let joined = late.take("evt_b", 3);
-            if ordered {
-                assert_eq!(keys(&joined), ["evt_c", "evt_d"]);
-                assert_eq!(keys(&carried), ["evt_a"]);
-            } else {
-                assert_eq!(keys(&joined), ["evt_c", "evt_a", "evt_d"]);
-                assert!(carried.is_empty());
-            }
-            // `room` bounded the take: the rest is still queued.
             let rest: Vec<Box<dyn Work>> =
                 std::iter::from_fn(|| rx.lock().unwrap().try_recv().ok()).collect();
-            assert_eq!(keys(&rest).len(), 1);
+            if joins {
+                assert_eq!(keys(&joined), ["evt_c", "evt_d"]);
+                assert_eq!(keys(&carried), ["evt_a"]);
+                // `room` bounded the take: the rest is still queued.
+                assert_eq!(keys(&rest), ["evt_b"]);
+            } else {
+                assert!(joined.is_empty() && carried.is_empty());
+                assert_eq!(rest.len(), 4);
+            }
         }
     }
 
@@ -442,7 +614,7 @@ mod tests {
                 let mut carried = Vec::new();
                 let mut late = Late {
                     rx: &rx,
-                    ordered: true,
+                    joins: true,
                     carried: &mut carried,
                 };
                 late.take("evt_a", 64).len()
@@ -480,64 +652,116 @@ mod tests {
         assert_eq!((group.len(), carried.len()), (MAX_BATCH, 6));
     }
 
-    /// Work queued while a SQLite group runs joins that group's transaction: another
-    /// connection does not see the first work's row when the second runs, because
-    /// both commit together.
+    /// On SQLite every caller is answered only after a sync of the WAL that began
+    /// after its work ran (its commit does not sync: `synchronous = NORMAL`), whether
+    /// the writer synced itself or handed the group to the syncer while it ran the next.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn work_queued_while_a_group_runs_shares_its_commit() {
+    async fn sqlite_callers_are_answered_after_their_commit_is_synced() {
         use diesel::connection::SimpleConnection;
-        use diesel::{Connection, RunQueryDsl, SqliteConnection};
         use futures_util::FutureExt;
-        #[derive(diesel::QueryableByName)]
-        struct N {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("late.db");
-        let url = format!("sqlite://{}", path.display());
-        let db = Database::open(&url, 4, std::time::Duration::from_secs(5)).unwrap();
+        let path = dir.path().join("synced.db");
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let db = Database::open(
+            &format!("sqlite://{}", path.display()),
+            4,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
         db.run_blocking(|conn| {
             crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
             Ok(())
         })
         .unwrap();
-        let seen_elsewhere = move || {
-            let mut other = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-            diesel::sql_query("SELECT COUNT(*) AS n FROM t")
-                .get_result::<N>(&mut other)
-                .unwrap()
-                .n
+        let insert = |conn: &mut Conn<'_>| -> Result<std::time::Instant> {
+            crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+            Ok(std::time::Instant::now())
         };
+        let check = |ran: std::time::Instant, answered: std::time::Instant| {
+            let synced = SYNCED.lock().unwrap().clone();
+            assert!(
+                synced
+                    .iter()
+                    .any(|(w, at)| *w == wal && *at > ran && *at < answered),
+                "answered without a sync of {} between the work and the answer",
+                wal.display()
+            );
+        };
+        // Alone: the writer syncs before it answers.
+        let ran = db.write_batched("evt_a", insert).await.unwrap();
+        check(ran, std::time::Instant::now());
+        // Work queued while a group runs: the syncer syncs and answers that group while
+        // the writer runs the next one.
         let (running_tx, running_rx) = mpsc::channel::<()>();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let first = tokio::spawn({
             let db = db.clone();
             async move {
-                db.write_batched("evt_a", move |conn| {
-                    crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
-                    running_tx.send(()).unwrap();
-                    go_rx.recv().unwrap();
-                    Ok(())
-                })
-                .await
+                let ran = db
+                    .write_batched("evt_b", move |conn| {
+                        let ran = insert(conn);
+                        running_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                        ran
+                    })
+                    .await
+                    .unwrap();
+                (ran, std::time::Instant::now())
             }
         });
         tokio::task::spawn_blocking(move || running_rx.recv().unwrap())
             .await
             .unwrap();
-        let seen = seen_elsewhere.clone();
-        let second = db.write_batched("evt_b", move |_| Ok(seen()));
+        // The second holds the writer until the first is answered: the first's sync
+        // can only be the syncer's.
+        let (go2_tx, go2_rx) = mpsc::channel::<()>();
+        let second = db.write_batched("evt_c", move |conn| {
+            let ran = insert(conn);
+            go2_rx.recv().unwrap();
+            ran
+        });
         let mut second = std::pin::pin!(second);
         assert!(second.as_mut().now_or_never().is_none(), "queued, not run");
         go_tx.send(()).unwrap();
-        first.await.unwrap().unwrap();
-        assert_eq!(
-            second.await.unwrap(),
-            0,
-            "ran before the first work's commit"
-        );
-        assert_eq!(seen_elsewhere(), 1, "committed");
+        let (ran, answered) = first.await.unwrap();
+        check(ran, answered);
+        go2_tx.send(()).unwrap();
+        let ran = second.await.unwrap();
+        check(ran, std::time::Instant::now());
+    }
+
+    /// The writer's connection goes back to the pool syncing every commit again
+    /// (`FULL`): other writes on the pool (a host's) stay durable on their own.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_gives_its_connection_back_with_full_sync() {
+        use diesel::RunQueryDsl;
+        use diesel::connection::SimpleConnection;
+        #[derive(diesel::QueryableByName)]
+        struct Synchronous {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            synchronous: i32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("back.db").display());
+        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        db.write_batched("evt_a", |conn| {
+            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        // The writer gives its connection back after LINGER without work.
+        tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
+        let (mut a, mut b) = (db.hold().unwrap(), db.hold().unwrap());
+        for held in [&mut a, &mut b] {
+            let mut conn = held.conn();
+            let s: Synchronous =
+                crate::db::on_conn!(&mut conn, c => diesel::sql_query("PRAGMA synchronous")
+                .get_result(c))
+                .unwrap();
+            assert_eq!(s.synchronous, 2, "FULL");
+        }
     }
 }

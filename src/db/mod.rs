@@ -199,10 +199,11 @@ pub struct SqlitePragmas;
 impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> std::result::Result<(), r2d2::Error> {
         // WAL lets readers run beside the writer; busy_timeout makes writers queue.
-        // synchronous = FULL syncs the WAL at every commit: a webhook is answered 200
-        // only once its event is on disk, and Stripe never redelivers an event it got a
-        // 200 for (NORMAL could lose the last commits on power failure). Savepoints
-        // (a nested `write`) journal in memory, not a temp file.
+        // synchronous = FULL syncs the WAL at every commit: a write is on disk when it
+        // returns (NORMAL could lose the last commits on power failure). The mirror's
+        // own writer commits with NORMAL and syncs the WAL itself before it answers
+        // (`db::batch`), so its next group runs during the sync. Savepoints (a nested
+        // `write`) journal in memory, not a temp file.
         conn.batch_execute(
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
              PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;",
