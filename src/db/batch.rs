@@ -12,9 +12,8 @@
 //! - no caller learns its work is done before the commit that holds it is on disk: a
 //!   crash or a failed commit or sync answers nobody with success;
 //! - one delivery at a time pays one commit; deliveries at once share them. On
-//!   Postgres, work queued while a group runs joins it before its commit (in key
-//!   order). On SQLite, the one writer runs the next group while the last one's sync
-//!   is in flight ([`Writing`]).
+//!   SQLite the one writer also runs the next group while the last one's sync is in
+//!   flight ([`Writing`]); Postgres commits several groups side by side.
 
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
@@ -183,9 +182,7 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
-/// What arrives while it runs a group joins that group before the commit (on Postgres
-/// only work keyed at or after the group's last, and only while no other writer waits
-/// for work); the rest gathers into the next group. It keeps its
+/// What arrives while it runs a group gathers into the next one. It keeps its
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle or
 /// when a group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
@@ -196,30 +193,20 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
         #[cfg(feature = "postgres")]
         super::Pool::Postgres(_) => None,
     };
-    // Work that arrived during the last group but could not join it (its key came
-    // before the group's last): it starts the next one ([`gather`]).
+    // Work taken from the queue after a group's commit (to know whether to sync
+    // inline, [`Queued::waiting`]): it starts the next group ([`gather`]).
     let mut carried: Vec<Box<dyn Work>> = Vec::new();
-    // Postgres: work arriving while a group runs joins it (in key order). SQLite's one
-    // writer overlaps differently: it runs the next group while the last one's sync is
-    // in flight ([`Writing`]), which joining would leave nothing to overlap with.
-    let joins = match &db.pool {
-        #[cfg(feature = "sqlite")]
-        super::Pool::Sqlite(_) => false,
-        #[cfg(feature = "postgres")]
-        super::Pool::Postgres(_) => true,
-    };
     loop {
         let Some(group) = gather(rx, &mut carried, &mut held) else {
             return; // the mirror is gone
         };
-        let late = Late {
+        let queued = Queued {
             rx,
-            joins,
             carried: &mut carried,
         };
         // A panic drops the group's senders: each caller gets `Error::Commit`.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_group(db, &mut held, group, late, syncer.as_ref())
+            run_group(db, &mut held, group, queued, syncer.as_ref())
         }));
         if !matches!(ran, Ok(true)) {
             held = None;
@@ -272,34 +259,14 @@ fn gather(
     Some(group)
 }
 
-/// Where work queued while a group runs comes from, and whether it may join the group
-/// (Postgres, in key order: another writer may lock the same event rows).
-struct Late<'a> {
+/// The queue as a group that has committed sees it.
+struct Queued<'a> {
     rx: &'a Mutex<mpsc::Receiver<Box<dyn Work>>>,
-    joins: bool,
-    /// Arrivals keyed before the group's last: they start the next group.
+    /// Work taken from the queue: it starts the next group.
     carried: &'a mut Vec<Box<dyn Work>>,
 }
 
-impl<'a> Late<'a> {
-    /// What arrived meanwhile and may join a group that ran up to `last`, `room` at most.
-    fn take(&mut self, last: &str, room: usize) -> Vec<Box<dyn Work>> {
-        if !self.joins {
-            return Vec::new();
-        }
-        let Some(rx) = self.queue() else {
-            return Vec::new();
-        };
-        let mut more: Vec<Box<dyn Work>> = std::iter::from_fn(|| rx.try_recv().ok())
-            .take(room)
-            .collect();
-        drop(rx);
-        more.sort_by(|a, b| a.key().cmp(b.key()));
-        let after = more.partition_point(|w| w.key() < last);
-        self.carried.extend(more.drain(..after));
-        more
-    }
-
+impl<'a> Queued<'a> {
     /// Whether work is queued; what is found starts the next group.
     fn waiting(&mut self) -> bool {
         let found = self.queue().and_then(|rx| rx.try_recv().ok());
@@ -321,14 +288,12 @@ impl<'a> Late<'a> {
 }
 
 /// Runs and commits a group on the held connection (taken from the pool when none is
-/// held); true when it committed. Work queued while the group runs joins it before the
-/// commit (up to [`MAX_BATCH`] in all, in key order on Postgres): deliveries answered
-/// together come back together, and one commit serves them all instead of half.
+/// held); true when it committed.
 fn run_group(
     db: &Database,
     held: &mut Option<Writing>,
     group: Vec<Box<dyn Work>>,
-    mut late: Late<'_>,
+    mut queued: Queued<'_>,
     syncer: Option<&mpsc::Sender<Synced>>,
 ) -> bool {
     let mut waiting = Some(group);
@@ -342,25 +307,17 @@ fn run_group(
     };
     let committed = conn.and_then(|conn| {
         conn.conn.conn().write(|conn| {
-            let mut last = String::new();
-            while let Some(next) = waiting.take().filter(|g| !g.is_empty()) {
-                let mut group = next.into_iter();
-                for work in group.by_ref() {
-                    last.clear();
-                    last.push_str(work.key());
-                    let (handover, failed) = work.run(conn);
-                    handovers.push(handover);
-                    if let Some(error) = failed {
-                        // Rolled back; what did not run yet is failed below.
-                        waiting = Some(group.collect());
-                        return Err(Error::Commit {
-                            message: format!("another write of the group failed: {error}"),
-                        });
-                    }
+            let mut group = waiting.take().into_iter().flatten();
+            for work in group.by_ref() {
+                let (handover, failed) = work.run(conn);
+                handovers.push(handover);
+                if let Some(error) = failed {
+                    // Rolled back; what did not run yet is failed below.
+                    waiting = Some(group.collect());
+                    return Err(Error::Commit {
+                        message: format!("another write of the group failed: {error}"),
+                    });
                 }
-                // What is carried counts too: it starts the next group.
-                let room = MAX_BATCH.saturating_sub(handovers.len() + late.carried.len());
-                waiting = Some(late.take(&last, room));
             }
             Ok(())
         })
@@ -382,7 +339,7 @@ fn run_group(
         // Committed without a sync. Work is queued: the syncer answers this group once
         // the WAL is on disk, while this writer runs the next one. None is: sync here,
         // without the hop to another thread.
-        (true, Some(syncer), Some(wal)) if late.waiting() => {
+        (true, Some(syncer), Some(wal)) if queued.waiting() => {
             if let Err(mpsc::SendError(lost)) = syncer.send(Synced { wal, handovers }) {
                 for handover in lost.handovers {
                     handover(Err(
@@ -548,38 +505,6 @@ mod tests {
         work.iter().map(|w| w.key()).collect()
     }
 
-    /// Late arrivals join a Postgres group only at or after its last key (the lock
-    /// order that keeps two writers from deadlocking on an event row); the others wait
-    /// for the next group. SQLite's writer takes none (it overlaps through the sync).
-    #[test]
-    fn late_work_keeps_the_lock_order_where_writers_share_rows() {
-        let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
-        let rx = Mutex::new(rx);
-        for joins in [true, false] {
-            for key in ["evt_c", "evt_a", "evt_d", "evt_b"] {
-                tx.send(Box::new(Keyed(key))).unwrap();
-            }
-            let mut carried = Vec::new();
-            let mut late = Late {
-                rx: &rx,
-                joins,
-                carried: &mut carried,
-            };
-            let joined = late.take("evt_b", 3);
-            let rest: Vec<Box<dyn Work>> =
-                std::iter::from_fn(|| rx.lock().unwrap().try_recv().ok()).collect();
-            if joins {
-                assert_eq!(keys(&joined), ["evt_c", "evt_d"]);
-                assert_eq!(keys(&carried), ["evt_a"]);
-                // `room` bounded the take: the rest is still queued.
-                assert_eq!(keys(&rest), ["evt_b"]);
-            } else {
-                assert!(joined.is_empty() && carried.is_empty());
-                assert_eq!(rest.len(), 4);
-            }
-        }
-    }
-
     /// Runs `f` on another thread; panics if it has not returned within 10 s (a
     /// writer waiting where it must not would hang the test, not fail it).
     fn returns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
@@ -607,20 +532,19 @@ mod tests {
             }
         });
         locked_rx.recv().unwrap();
-        // A group that ran up to `evt_a`: nothing may join while the lock is held.
-        let joined = returns({
+        // A group that committed looks for queued work without waiting for the lock.
+        let waiting = returns({
             let rx = rx.clone();
             move || {
                 let mut carried = Vec::new();
-                let mut late = Late {
+                let mut queued = Queued {
                     rx: &rx,
-                    joins: true,
                     carried: &mut carried,
                 };
-                late.take("evt_a", 64).len()
+                queued.waiting()
             }
         });
-        assert_eq!(joined, 0);
+        assert!(!waiting);
         // Work carried from the last group starts the next one at once.
         let next = returns({
             let rx = rx.clone();
