@@ -401,6 +401,19 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<std::path::PathBuf>>
         #[diesel(sql_type = diesel::sql_types::Text)]
         file: String,
     }
+    #[derive(diesel::QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        journal_mode: String,
+    }
+    // Only a WAL is synced here: in another journal mode the commit syncs itself.
+    let mode: Vec<Mode> = diesel::sql_query("PRAGMA journal_mode").load(c)?;
+    if !mode
+        .iter()
+        .any(|m| m.journal_mode.eq_ignore_ascii_case("wal"))
+    {
+        return Ok(None);
+    }
     let file: Vec<File> =
         diesel::sql_query("SELECT file FROM pragma_database_list WHERE name = 'main'").load(c)?;
     let Some(file) = file.into_iter().map(|f| f.file).find(|f| !f.is_empty()) else {
@@ -465,23 +478,59 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
 #[cfg(all(test, feature = "sqlite"))]
 static SYNCED: Mutex<Vec<(std::path::PathBuf, std::time::Instant)>> = Mutex::new(Vec::new());
 
-/// Syncs a WAL file to disk. A WAL that is gone was checkpointed into the database,
-/// which the checkpoint synced.
+/// Held by a test to hold every sync back (and see that nobody is answered meanwhile).
+#[cfg(all(test, feature = "sqlite"))]
+static SYNC_GATE: Mutex<()> = Mutex::new(());
+
+/// The WAL files whose directory entry was synced, by inode: a WAL created anew (after
+/// every connection closed) needs its directory synced once for the file to be found
+/// after a power failure.
+#[cfg(all(unix, feature = "sqlite"))]
+static SYNCED_ENTRIES: Mutex<Vec<(std::path::PathBuf, u64)>> = Mutex::new(Vec::new());
+
+/// Syncs a WAL file to disk (and, the first time a WAL file is seen, its directory).
+/// A WAL that is gone was checkpointed into the database, which the checkpoint synced.
 #[cfg(feature = "sqlite")]
 fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
+    #[cfg(test)]
+    let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
     #[cfg(test)]
     SYNCED
         .lock()
         .unwrap()
         .push((wal.to_owned(), std::time::Instant::now()));
-    match std::fs::File::open(wal).and_then(|f| f.sync_data()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!(
-            "the commit could not be synced to disk ({}): {e}",
-            wal.display()
-        )),
+    // Opened for writing (never created nor truncated): some systems flush only
+    // files opened so.
+    let file = match std::fs::OpenOptions::new().write(true).open(wal) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(unsynced(wal, &e)),
+    };
+    file.sync_data().map_err(|e| unsynced(wal, &e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let inode = file.metadata().map_err(|e| unsynced(wal, &e))?.ino();
+        let mut seen = SYNCED_ENTRIES.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.iter().any(|(p, i)| p == wal && *i == inode) {
+            if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| unsynced(wal, &e))?;
+            }
+            seen.retain(|(p, _)| p != wal);
+            seen.push((wal.to_owned(), inode));
+        }
     }
+    Ok(())
+}
+
+#[cfg(feature = "sqlite")]
+fn unsynced(wal: &std::path::Path, e: &std::io::Error) -> String {
+    format!(
+        "the commit could not be synced to disk ({}): {e}",
+        wal.display()
+    )
 }
 
 #[cfg(test)]
@@ -581,6 +630,8 @@ mod tests {
     /// the writer synced itself or handed the group to the syncer while it ran the next.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The gate is held across awaits on purpose: the syncs must wait for the test.
+    #[allow(clippy::await_holding_lock)]
     async fn sqlite_callers_are_answered_after_their_commit_is_synced() {
         use diesel::connection::SimpleConnection;
         use futures_util::FutureExt;
@@ -613,7 +664,16 @@ mod tests {
             );
         };
         // Alone: the writer syncs before it answers.
-        let ran = db.write_batched("evt_a", insert).await.unwrap();
+        // Held back, the sync holds the answer back too.
+        let held_back = SYNC_GATE.lock().unwrap();
+        let alone = tokio::spawn({
+            let db = db.clone();
+            async move { db.write_batched("evt_a", insert).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!alone.is_finished(), "answered before its sync");
+        drop(held_back);
+        let ran = alone.await.unwrap().unwrap();
         check(ran, std::time::Instant::now());
         // Work queued while a group runs: the syncer syncs and answers that group while
         // the writer runs the next one.
@@ -647,7 +707,11 @@ mod tests {
         });
         let mut second = std::pin::pin!(second);
         assert!(second.as_mut().now_or_never().is_none(), "queued, not run");
+        let held_back = SYNC_GATE.lock().unwrap();
         go_tx.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!first.is_finished(), "answered before its sync");
+        drop(held_back);
         let (ran, answered) = first.await.unwrap();
         check(ran, answered);
         go2_tx.send(()).unwrap();
