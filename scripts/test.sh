@@ -21,6 +21,9 @@ export STRIPE_MIRROR_TEST_STRIPE_MOCK=$(scripts/stripe-mock.sh start 8430)
 # chromedriver and headless Chromium (Debian packages), on 127.0.0.1.
 export STRIPE_MIRROR_TEST_WEBDRIVER=$(scripts/chromium.sh start 9515)
 
+# One build of each kind: incremental caches only cost disk here (3 GB of them).
+export CARGO_INCREMENTAL=0
+
 echo "== format and lints"
 cargo fmt --all -- --check
 # Also half of the MSRV check: clippy's `incompatible_msrv` lint (warn by default)

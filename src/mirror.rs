@@ -101,7 +101,10 @@ impl Mirror {
     ///     .unwrap();
     /// let mirror = Mirror::from_pool(app_pool.clone().into(), Config::default());
     /// mirror.migrate().await?;
-    /// # std::fs::remove_file(&path).ok();
+    /// # drop((mirror, app_pool));
+    /// # for end in ["", "-wal", "-shm"] {
+    /// #     std::fs::remove_file(format!("{}{end}", path.display())).ok();
+    /// # }
     /// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
     /// ```
     pub fn from_pool(pool: crate::DbPool, config: Config) -> Mirror {
