@@ -340,13 +340,16 @@ fn run_group(
         // the WAL is on disk, while this writer runs the next one. None is: sync here,
         // without the hop to another thread.
         (true, Some(syncer), Some(wal)) if queued.waiting() => {
+            // The syncer gone (it panicked): sync here, as with nothing queued.
+            #[cfg(feature = "sqlite")]
             if let Err(mpsc::SendError(lost)) = syncer.send(Synced { wal, handovers }) {
+                let synced = sync_wal(&lost.wal);
                 for handover in lost.handovers {
-                    handover(Err(
-                        "the commit could not be synced: the syncer stopped".into()
-                    ));
+                    handover(synced.clone());
                 }
             }
+            #[cfg(not(feature = "sqlite"))]
+            let _ = (syncer, wal, handovers);
         }
         #[cfg(feature = "sqlite")]
         (true, Some(_), Some(wal)) => {
@@ -371,29 +374,40 @@ fn run_group(
 /// thread syncs and answers while this writer runs the next group: the disk's wait and
 /// the next group's statements overlap, and one sync serves every group before it.
 /// Checkpoints still sync (SQLite's `NORMAL` syncs the WAL before a checkpoint and the
-/// database after it). The connection goes back to the pool with `FULL`.
+/// database after it). The connection goes back to the pool with the `synchronous`
+/// level it came with (`FULL` from [`SqlitePragmas`](super::SqlitePragmas), or the
+/// host's own).
 struct Writing {
     conn: Held,
     /// The WAL file to sync; `None` when commits sync themselves (Postgres, an
     /// in-memory database).
     wal: Option<std::path::PathBuf>,
+    /// The connection's `synchronous` level before the writer relaxed it.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    synchronous: i32,
 }
 
 impl Writing {
     fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
-        let wal = match (relaxed, &mut conn) {
+        let relaxed = match (relaxed, &mut conn) {
             #[cfg(feature = "sqlite")]
             (true, Held::Sqlite(c)) => relax(c)?,
             _ => None,
         };
-        Ok(Writing { conn, wal })
+        let (wal, synchronous) = relaxed.unzip();
+        Ok(Writing {
+            conn,
+            wal,
+            synchronous: synchronous.unwrap_or(2),
+        })
     }
 }
 
-/// Sets a SQLite writer's connection to commit without syncing; its WAL file, or
-/// `None` for an in-memory database (nothing to sync: left as it is).
+/// Sets a SQLite writer's connection to commit without syncing; its WAL file and its
+/// `synchronous` level before, or `None` for an in-memory database (nothing to sync:
+/// left as it is).
 #[cfg(feature = "sqlite")]
-fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<std::path::PathBuf>> {
+fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(std::path::PathBuf, i32)>> {
     use diesel::RunQueryDsl;
     use diesel::connection::SimpleConnection;
     #[derive(diesel::QueryableByName)]
@@ -405,6 +419,11 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<std::path::PathBuf>>
     struct Mode {
         #[diesel(sql_type = diesel::sql_types::Text)]
         journal_mode: String,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Synchronous {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        synchronous: i32,
     }
     // Only a WAL is synced here: in another journal mode the commit syncs itself.
     let mode: Vec<Mode> = diesel::sql_query("PRAGMA journal_mode").load(c)?;
@@ -419,8 +438,10 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<std::path::PathBuf>>
     let Some(file) = file.into_iter().map(|f| f.file).find(|f| !f.is_empty()) else {
         return Ok(None);
     };
+    let before: Synchronous = diesel::sql_query("PRAGMA synchronous").get_result(c)?;
     c.batch_execute("PRAGMA synchronous = NORMAL")?;
-    Ok(Some(std::path::PathBuf::from(format!("{file}-wal"))))
+    let wal = std::path::PathBuf::from(format!("{file}-wal"));
+    Ok(Some((wal, before.synchronous)))
 }
 
 impl Drop for Writing {
@@ -428,8 +449,9 @@ impl Drop for Writing {
         #[cfg(feature = "sqlite")]
         if let (Some(_), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
             use diesel::connection::SimpleConnection;
-            if let Err(error) = c.batch_execute("PRAGMA synchronous = FULL") {
-                tracing::error!(%error, "a writer's connection could not be set back to synchronous = FULL");
+            let level = self.synchronous;
+            if let Err(error) = c.batch_execute(&format!("PRAGMA synchronous = {level}")) {
+                tracing::error!(%error, level, "a writer's connection could not be set back to its synchronous level");
             }
         }
     }
@@ -490,8 +512,54 @@ static SYNCED_ENTRIES: Mutex<Vec<(std::path::PathBuf, u64)>> = Mutex::new(Vec::n
 
 /// Syncs a WAL file to disk (and, the first time a WAL file is seen, its directory).
 /// A WAL that is gone was checkpointed into the database, which the checkpoint synced.
+/// Once a sync of a WAL fails, every later one fails too ([`FAILED_WALS`]).
 #[cfg(feature = "sqlite")]
 fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
+    let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
+    if failed.iter().any(|w| w == wal) {
+        return Err(format!(
+            "an earlier sync of {} failed, so commits since then may not be on disk; \
+             restart the process (SQLite recovers the WAL up to its last synced commit) \
+             once the disk is sound",
+            wal.display()
+        ));
+    }
+    drop(failed);
+    let synced = sync_wal_once(wal);
+    if let Err(SyncError::Flush(_)) = &synced {
+        FAILED_WALS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wal.to_owned());
+    }
+    synced.map_err(|e| match e {
+        SyncError::Open(e) | SyncError::Flush(e) => unsynced(wal, &e),
+    })
+}
+
+/// Why a sync failed: the WAL could not be opened (nothing was lost), or the flush
+/// itself failed (pages may be lost).
+#[cfg(feature = "sqlite")]
+enum SyncError {
+    Open(std::io::Error),
+    Flush(std::io::Error),
+}
+
+/// WAL files a flush failed for. Linux reports a failed writeback once and may drop
+/// the pages it could not write: a later sync would succeed over commits that never
+/// reached the disk, and SQLite's recovery stops at the first missing one, so the
+/// commits after it would be answered as durable and lost. Postgres panics for this;
+/// the mirror fails every later commit on that WAL (a 5xx: Stripe retries) until the
+/// process restarts.
+#[cfg(feature = "sqlite")]
+static FAILED_WALS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// A WAL whose flushes fail as if the disk did (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+#[cfg(feature = "sqlite")]
+fn sync_wal_once(wal: &std::path::Path) -> std::result::Result<(), SyncError> {
     #[cfg(test)]
     let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
     #[cfg(test)]
@@ -504,19 +572,22 @@ fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
     let file = match std::fs::OpenOptions::new().write(true).open(wal) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(unsynced(wal, &e)),
+        Err(e) => return Err(SyncError::Open(e)),
     };
-    file.sync_data().map_err(|e| unsynced(wal, &e))?;
+    #[cfg(test)]
+    if FAIL_FLUSH.lock().unwrap().as_deref() == Some(wal) {
+        return Err(SyncError::Flush(std::io::Error::from_raw_os_error(5)));
+    }
+    file.sync_data().map_err(SyncError::Flush)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let inode = file.metadata().map_err(|e| unsynced(wal, &e))?.ino();
+        let inode = file.metadata().map_err(SyncError::Open)?.ino();
         let mut seen = SYNCED_ENTRIES.lock().unwrap_or_else(|p| p.into_inner());
         if !seen.iter().any(|(p, i)| p == wal && *i == inode) {
             if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| unsynced(wal, &e))?;
+                let dir = std::fs::File::open(dir).map_err(SyncError::Open)?;
+                dir.sync_all().map_err(SyncError::Flush)?;
             }
             seen.retain(|(p, _)| p != wal);
             seen.push((wal.to_owned(), inode));
@@ -719,11 +790,94 @@ mod tests {
         check(ran, std::time::Instant::now());
     }
 
-    /// The writer's connection goes back to the pool syncing every commit again
-    /// (`FULL`): other writes on the pool (a host's) stay durable on their own.
+    /// A flush of the WAL that fails (EIO) fails its commit, and every later commit on
+    /// that WAL too, even once flushes succeed again: the failed one may have dropped
+    /// pages the later ones build on. Another database's WAL is not affected.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_gives_its_connection_back_with_full_sync() {
+    async fn a_failed_flush_fails_every_later_commit_on_that_wal() {
+        use diesel::connection::SimpleConnection;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let path = dir.path().join(name);
+            let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+            let url = format!("sqlite://{}", path.display());
+            (
+                Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap(),
+                wal,
+            )
+        };
+        let (db, wal) = open("failing.db");
+        let (other, _) = open("sound.db");
+        let insert = |conn: &mut Conn<'_>| -> Result<()> {
+            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)"))?;
+            Ok(())
+        };
+        db.write_batched("evt_a", insert).await.unwrap();
+        *FAIL_FLUSH.lock().unwrap() = Some(wal.clone());
+        let failed = db.write_batched("evt_b", insert).await.unwrap_err();
+        *FAIL_FLUSH.lock().unwrap() = None;
+        assert!(
+            failed.to_string().contains("could not be synced"),
+            "{failed}"
+        );
+        let later = db.write_batched("evt_c", insert).await.unwrap_err();
+        assert!(later.to_string().contains("an earlier sync"), "{later}");
+        other.write_batched("evt_d", insert).await.unwrap();
+    }
+
+    /// A syncer that is gone (it panicked) leaves the writer syncing its groups itself:
+    /// each caller is still answered, after a sync.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_syncer_leaves_the_writer_syncing_itself() {
+        use diesel::connection::SimpleConnection;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alone.db");
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let url = format!("sqlite://{}", path.display());
+        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        let (tx, rx) = oneshot::channel();
+        let work: Box<dyn Work> = Box::new(Pending {
+            f: |conn: &mut Conn<'_>| -> Result<std::time::Instant> {
+                crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+                Ok(std::time::Instant::now())
+            },
+            tx,
+            key: "evt_a".into(),
+        });
+        // Work is queued, so the group goes to the syncer, whose thread is gone.
+        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
+        queue_tx.send(Box::new(Keyed("evt_b"))).unwrap();
+        let queue_rx = Mutex::new(queue_rx);
+        let (syncer, gone) = mpsc::channel::<Synced>();
+        drop(gone);
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut carried = Vec::new();
+            let queued = Queued {
+                rx: &queue_rx,
+                carried: &mut carried,
+            };
+            let mut held = None;
+            run_group(&db, &mut held, vec![work], queued, Some(&syncer))
+        })
+        .await
+        .unwrap();
+        assert!(committed);
+        let ran = rx.await.unwrap().unwrap();
+        let synced = SYNCED.lock().unwrap().clone();
+        assert!(
+            synced.iter().any(|(w, at)| *w == wal && *at > ran),
+            "answered without a sync"
+        );
+    }
+
+    /// The writer's connection goes back to the pool with the `synchronous` level it
+    /// came with: `FULL` from the mirror's pragmas (other writes on the pool stay
+    /// durable on their own), or the host's choice.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_gives_its_connection_back_with_its_own_sync_level() {
         use diesel::RunQueryDsl;
         use diesel::connection::SimpleConnection;
         #[derive(diesel::QueryableByName)]
@@ -750,6 +904,47 @@ mod tests {
                 .get_result(c))
                 .unwrap();
             assert_eq!(s.synchronous, 2, "FULL");
+        }
+        drop((a, b));
+        // A host's pool that chose `NORMAL` gets `NORMAL` back, not `FULL`.
+        #[derive(Debug)]
+        struct Normal;
+        impl diesel::r2d2::CustomizeConnection<diesel::SqliteConnection, diesel::r2d2::Error> for Normal {
+            fn on_acquire(
+                &self,
+                c: &mut diesel::SqliteConnection,
+            ) -> std::result::Result<(), diesel::r2d2::Error> {
+                c.batch_execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000")
+                    .map_err(diesel::r2d2::Error::QueryError)
+            }
+        }
+        let path = dir.path().join("host.db");
+        let pool = diesel::r2d2::Pool::builder()
+            .max_size(2)
+            .connection_customizer(Box::new(Normal))
+            .build(
+                diesel::r2d2::ConnectionManager::<diesel::SqliteConnection>::new(
+                    path.to_str().unwrap(),
+                ),
+            )
+            .unwrap();
+        let db = Database::from_pool(pool.into());
+        let relaxed = db
+            .write_batched("evt_a", |conn| {
+                crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+                Ok(())
+            })
+            .await;
+        relaxed.unwrap();
+        tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
+        let (mut a, mut b) = (db.hold().unwrap(), db.hold().unwrap());
+        for held in [&mut a, &mut b] {
+            let mut conn = held.conn();
+            let s: Synchronous =
+                crate::db::on_conn!(&mut conn, c => diesel::sql_query("PRAGMA synchronous")
+                .get_result(c))
+                .unwrap();
+            assert_eq!(s.synchronous, 1, "the host's NORMAL");
         }
     }
 }
