@@ -157,27 +157,6 @@ impl Error {
         }
     }
 
-    /// A copy of a mapping error, for a plan that is shared by reference; any other
-    /// error (mapping returns none) as its message.
-    pub(crate) fn to_owned_mapping(&self) -> Self {
-        match self {
-            Error::Mapping {
-                object,
-                id,
-                field,
-                problem,
-            } => Error::Mapping {
-                object,
-                id: id.clone(),
-                field: field.clone(),
-                problem: problem.clone(),
-            },
-            other => Error::Commit {
-                message: other.to_string(),
-            },
-        }
-    }
-
     /// A write lost to a concurrent one (a deadlock, a serialization failure) and
     /// rolled back: running it again is the fix, and the webhook pipeline does so.
     pub(crate) fn is_conflict(&self) -> bool {

@@ -80,14 +80,14 @@ pub(crate) fn plan(event: &Event) -> Result<Plan> {
 /// Applies the event's built-in sync, as [`plan`] mapped it. [`Written::Undecided`]
 /// asks the caller to re-fetch the object when it can (a same-second tie nothing in
 /// the events settles).
-pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: &Plan) -> Result<Written> {
+pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Written> {
     match plan {
         Plan::Nothing => Ok(Written::Applied),
         Plan::Checkout => {
             link_checkout_customer(conn, event)?;
             Ok(Written::Applied)
         }
-        Plan::Object { table, row, object } => table.write(conn, row, object),
+        Plan::Object { table, row, object } => table.write(conn, &row, &object),
     }
 }
 

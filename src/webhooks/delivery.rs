@@ -83,8 +83,7 @@ const REDACTED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authoriza
 /// A delivery as logged: the request, and what became of it when already known.
 pub(crate) struct Entry<'a> {
     pub remote_addr: Option<&'a str>,
-    /// The request's headers as stored ([`headers_json`]).
-    pub headers: &'a str,
+    pub headers: &'a [(String, String)],
     pub body: &'a [u8],
     pub body_size: usize,
     pub valid: bool,
@@ -92,25 +91,6 @@ pub(crate) struct Entry<'a> {
     /// `Received` while the outcome is still to come ([`finish`] writes it).
     pub outcome: Outcome,
     pub error: Option<&'a str>,
-}
-
-/// A request's headers as the delivery log stores them: a JSON object, names in
-/// lower case, credentials redacted. Built before the write, off the database's
-/// writer thread.
-pub(crate) fn headers_json(headers: &[(String, String)]) -> String {
-    let headers: serde_json::Map<String, serde_json::Value> = headers
-        .iter()
-        .map(|(k, v)| {
-            let k = k.to_ascii_lowercase();
-            let v = if REDACTED_HEADERS.contains(&k.as_str()) {
-                "[redacted]".to_owned()
-            } else {
-                v.clone()
-            };
-            (k, serde_json::Value::String(v))
-        })
-        .collect();
-    serde_json::Value::Object(headers).to_string()
 }
 
 /// Inserts the delivery row; returns its id.
@@ -125,10 +105,22 @@ pub(crate) fn log(conn: &mut Conn<'_>, entry: &Entry<'_>) -> Result<i64> {
         outcome,
         error,
     } = *entry;
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            let v = if REDACTED_HEADERS.contains(&k.as_str()) {
+                "[redacted]".to_owned()
+            } else {
+                v.clone()
+            };
+            (k, serde_json::Value::String(v))
+        })
+        .collect();
     let values = (
         deliveries::received_at.eq(now()),
         deliveries::remote_addr.eq(remote_addr),
-        deliveries::headers.eq(headers),
+        deliveries::headers.eq(serde_json::Value::Object(headers).to_string()),
         deliveries::body.eq(body),
         deliveries::body_size.eq(body_size as i64),
         deliveries::body_truncated.eq(!valid && body.len() < body_size),

@@ -202,11 +202,6 @@ impl Webhooks {
             .as_ref()
             .ok()
             .and_then(|e| self.refetch_target(mirror, e));
-        // Mapped here, not on the database's writer thread, which every delivery shares.
-        let plan = match (&checked, &refetch) {
-            (Ok(event), None) => Some(std::sync::Arc::new(builtin::plan(event))),
-            _ => None,
-        };
         let this = self.clone();
         let (t, lease) = (mirror.now(), lease_secs(mirror));
         let (headers, remote) = (request.headers, request.remote_addr);
@@ -214,23 +209,19 @@ impl Webhooks {
         // answered before that transaction commits. The delivery is logged once, with its
         // outcome when it is already known (one row written, not a row and an update).
         let valid = checked.is_ok();
-        let headers = std::sync::Arc::new(delivery::headers_json(&headers));
-        let body = std::sync::Arc::new(body);
+        let (headers, body) = (std::sync::Arc::new(headers), std::sync::Arc::new(body));
         let first = mirror
             .db()
             .write_retrying(event_id.as_deref().unwrap_or(""), || {
                 let (checked, refetch, this) = (checked.clone(), refetch.clone(), this.clone());
                 let (headers, body, remote) = (headers.clone(), body.clone(), remote.clone());
-                let (logged_id, plan) = (event_id.clone(), plan.clone());
+                let logged_id = event_id.clone();
                 move |conn: &mut crate::db::Conn<'_>| {
                     let step = match (checked, refetch) {
                         (Err(failure), _) => Step::Answer(Err(failure)),
                         // The API call must not sit inside a transaction: claim after it.
                         (Ok(event), Some(target)) => Step::Refetch(event, target),
-                        (Ok(event), None) => {
-                            let plan = plan.unwrap_or_else(|| builtin::plan(&event).into());
-                            this.claim(conn, event, &plan, (t, lease))?
-                        }
+                        (Ok(event), None) => this.claim(conn, event, (t, lease))?,
                     };
                     let (outcome, error) = step.logged();
                     // A verified event's body is stored once, as its event's `data`; kept
@@ -297,8 +288,7 @@ impl Webhooks {
                         let step = match fetched {
                             Ok(fetched) => {
                                 event.refetched = Some(fetched);
-                                let plan = builtin::plan(&event);
-                                this.claim(conn, event, &plan, (t, lease))?
+                                this.claim(conn, event, (t, lease))?
                             }
                             // Stripe could not be asked: 5xx so it redelivers.
                             Err(failure) => Step::Answer(Err(failure)),
@@ -420,13 +410,12 @@ impl Webhooks {
         &self,
         conn: &mut crate::db::Conn<'_>,
         event: Event,
-        plan: &Result<builtin::Plan>,
         (t, lease): (i64, i64),
     ) -> Result<Step> {
         let keys = self.handler_keys(&event.event_type);
         let access = self.has_access_hook();
         Ok(
-            match claim_and_sync(conn, &event, plan, false, t, lease, &keys, access) {
+            match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
                     Step::Handlers(event, work)
                 }
@@ -592,7 +581,6 @@ pub(crate) const CLAIM_LOST: &str =
 pub(crate) fn claim_and_sync(
     conn: &mut crate::db::Conn<'_>,
     event: &Event,
-    plan: &Result<builtin::Plan>,
     force: bool,
     t: i64,
     lease: i64,
@@ -602,8 +590,9 @@ pub(crate) fn claim_and_sync(
     // Measured from before the claim, so the handlers' deadline never outlives it.
     let lease_ends =
         tokio::time::Instant::now() + std::time::Duration::from_secs(lease.max(1) as u64);
-    // The object was mapped ([`builtin::plan`]) before anything is written: a bad shape
-    // is known here, and the transaction needs no savepoint to undo a half-written sync.
+    // The object is mapped before anything is written: a bad shape is known here, and
+    // the transaction needs no savepoint to undo a half-written sync.
+    let plan = builtin::plan(event);
     // Nothing of this registry listens: a new event can be stored processed at once.
     let settle = !force && keys.is_empty() && !access && plan.is_ok();
     let attempt = conn.atomic(|c| {
@@ -623,7 +612,6 @@ pub(crate) fn claim_and_sync(
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(err) => {
-                    let err = err.to_owned_mapping();
                     // Stored failed, for a replay once the code is fixed. The handlers
                     // never ran: they stay due, so a replay without them (the CLI)
                     // cannot finish the event in their place.

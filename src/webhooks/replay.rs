@@ -81,10 +81,9 @@ impl Webhooks {
                 self.handler_keys(&event.event_type),
                 mirror.now(),
             );
-            let plan = super::builtin::plan(&e);
             let progress = mirror
                 .db()
-                .run(move |conn| claim_and_sync(conn, &e, &plan, force, t, lease, &keys, access))
+                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys, access))
                 .await;
             let mut work = match progress {
                 Ok(Progress::Claimed(work)) => work,
