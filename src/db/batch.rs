@@ -474,10 +474,13 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
         .name("stripe-mirror-syncer".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
-                // One sync serves every commit before it.
+                // Every group handed over so far, taken before the sync: each committed
+                // before it began, so one sync of a WAL serves them all. A group that
+                // arrives during the sync waits for a sync of its own.
+                let groups: Vec<Synced> = std::iter::once(first).chain(rx.try_iter()).collect();
                 let mut synced: Vec<(std::path::PathBuf, std::result::Result<(), String>)> =
                     Vec::new();
-                for group in std::iter::once(first).chain(rx.try_iter()) {
+                for group in groups {
                     let result = match synced.iter().find(|(wal, _)| *wal == group.wal) {
                         Some((_, result)) => result.clone(),
                         None => {
@@ -496,7 +499,7 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
         .map(|_| tx)
 }
 
-/// The WAL files synced, and when each sync began (for the tests).
+/// The WAL files synced, and when each sync was asked for (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
 static SYNCED: Mutex<Vec<(std::path::PathBuf, std::time::Instant)>> = Mutex::new(Vec::new());
 
@@ -504,96 +507,149 @@ static SYNCED: Mutex<Vec<(std::path::PathBuf, std::time::Instant)>> = Mutex::new
 #[cfg(all(test, feature = "sqlite"))]
 static SYNC_GATE: Mutex<()> = Mutex::new(());
 
-/// The WAL files whose directory entry was synced, by inode: a WAL created anew (after
-/// every connection closed) needs its directory synced once for the file to be found
-/// after a power failure.
-#[cfg(all(unix, feature = "sqlite"))]
-static SYNCED_ENTRIES: Mutex<Vec<(std::path::PathBuf, u64)>> = Mutex::new(Vec::new());
+/// A WAL whose flushes fail as if the disk did (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
-/// Syncs a WAL file to disk (and, the first time a WAL file is seen, its directory).
-/// A WAL that is gone was checkpointed into the database, which the checkpoint synced.
-/// Once a sync of a WAL fails, every later one fails too ([`FAILED_WALS`]).
+/// The WAL files this process syncs. One lock over all of it: a sync checks for an
+/// earlier failure, flushes and records its own failure as one step, so a sync on
+/// another thread (the writer's own while the syncer's runs) cannot slip in between a
+/// failed flush and its record.
 #[cfg(feature = "sqlite")]
-fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
-    let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
-    if failed.iter().any(|w| w == wal) {
-        return Err(format!(
-            "an earlier sync of {} failed, so commits since then may not be on disk; \
-             restart the process (SQLite recovers the WAL up to its last synced commit) \
-             once the disk is sound",
-            wal.display()
-        ));
-    }
-    drop(failed);
-    let synced = sync_wal_once(wal);
-    if let Err(SyncError::Flush(_)) = &synced {
-        FAILED_WALS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(wal.to_owned());
-    }
-    synced.map_err(|e| match e {
-        SyncError::Open(e) | SyncError::Flush(e) => unsynced(wal, &e),
-    })
+static WALS: Mutex<Wals> = Mutex::new(Wals {
+    open: Vec::new(),
+    failed: Vec::new(),
+});
+
+#[cfg(feature = "sqlite")]
+struct Wals {
+    /// Each WAL's handle, opened once per file and kept. Linux reports a failed
+    /// writeback to every handle open when it happened, even after another (SQLite's
+    /// own, at a checkpoint) was told; a handle opened later would not hear of it.
+    open: Vec<OpenWal>,
+    /// The WAL files a flush failed for. The failed writeback's pages may be dropped,
+    /// so a later flush could succeed over commits that never reached the disk (and
+    /// SQLite's recovery stops at the first missing one): every later sync of that
+    /// WAL fails too, until the process restarts. Postgres panics for the same reason.
+    failed: Vec<std::path::PathBuf>,
 }
 
-/// Why a sync failed: the WAL could not be opened (nothing was lost), or the flush
-/// itself failed (pages may be lost).
+#[cfg(feature = "sqlite")]
+struct OpenWal {
+    path: std::path::PathBuf,
+    /// The file's identity (its inode): a WAL deleted when every connection closed and
+    /// made anew at the same path is another file. The kept handle holds the old inode,
+    /// so the new file cannot be given its number.
+    id: u64,
+    file: std::fs::File,
+}
+
+/// Why a sync failed: the WAL could not be opened or looked at (nothing was lost), or
+/// a flush failed (pages may be lost).
 #[cfg(feature = "sqlite")]
 enum SyncError {
     Open(std::io::Error),
     Flush(std::io::Error),
 }
 
-/// WAL files a flush failed for. Linux reports a failed writeback once and may drop
-/// the pages it could not write: a later sync would succeed over commits that never
-/// reached the disk, and SQLite's recovery stops at the first missing one, so the
-/// commits after it would be answered as durable and lost. Postgres panics for this;
-/// the mirror fails every later commit on that WAL (a 5xx: Stripe retries) until the
-/// process restarts.
+/// Syncs a WAL file to disk (and, the first time a WAL file is seen, its directory).
+/// A WAL that is gone was checkpointed into the database, which the checkpoint synced.
+/// Once a flush of a WAL fails, every later sync of it fails too ([`Wals::failed`]).
 #[cfg(feature = "sqlite")]
-static FAILED_WALS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
-
-/// A WAL whose flushes fail as if the disk did (for the tests).
-#[cfg(all(test, feature = "sqlite"))]
-static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
-
-#[cfg(feature = "sqlite")]
-fn sync_wal_once(wal: &std::path::Path) -> std::result::Result<(), SyncError> {
-    #[cfg(test)]
-    let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
+fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
     #[cfg(test)]
     SYNCED
         .lock()
         .unwrap()
         .push((wal.to_owned(), std::time::Instant::now()));
-    // Opened for writing (never created nor truncated): some systems flush only
-    // files opened so.
-    let file = match std::fs::OpenOptions::new().write(true).open(wal) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(SyncError::Open(e)),
-    };
     #[cfg(test)]
-    if FAIL_FLUSH.lock().unwrap().as_deref() == Some(wal) {
-        return Err(SyncError::Flush(std::io::Error::from_raw_os_error(5)));
+    let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut wals = WALS.lock().unwrap_or_else(|p| p.into_inner());
+    if wals.failed.iter().any(|w| w == wal) {
+        return Err(format!(
+            "an earlier sync of {} failed (an I/O error or a full disk), so commits since \
+             may not be on disk; the mirror's writes to this database fail until the \
+             process restarts. Fix the disk, then reboot (the system may still hold pages \
+             that never reached it) or run `stripe-mirror sync` after the restart",
+            wal.display()
+        ));
     }
-    file.sync_data().map_err(SyncError::Flush)?;
+    match wals.sync(wal) {
+        Ok(()) => Ok(()),
+        Err(SyncError::Open(e)) => Err(unsynced(wal, &e)),
+        Err(SyncError::Flush(e)) => {
+            wals.failed.push(wal.to_owned());
+            Err(unsynced(wal, &e))
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Wals {
+    fn sync(&mut self, wal: &std::path::Path) -> std::result::Result<(), SyncError> {
+        let id = match std::fs::metadata(wal) {
+            Ok(meta) => file_id(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(SyncError::Open(e)),
+        };
+        let known = self
+            .open
+            .iter()
+            .position(|w| w.path == wal && id.is_some() && Some(w.id) == id);
+        let at = match known {
+            Some(at) => at,
+            None => {
+                // Opened for writing (never created nor truncated): some systems flush
+                // only files opened so.
+                let file = match std::fs::OpenOptions::new().write(true).open(wal) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(SyncError::Open(e)),
+                };
+                let id = file_id(&file.metadata().map_err(SyncError::Open)?);
+                // A new WAL file: its directory entry must reach the disk too, for the
+                // file to be found after a power failure.
+                #[cfg(unix)]
+                if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    let dir = std::fs::File::open(dir).map_err(SyncError::Open)?;
+                    dir.sync_all().map_err(SyncError::Flush)?;
+                }
+                // Handles of files since replaced or removed (a test's databases) go.
+                self.open.retain(|w| w.path != wal && w.path.exists());
+                self.open.push(OpenWal {
+                    path: wal.to_owned(),
+                    id: id.unwrap_or(0),
+                    file,
+                });
+                self.open.len() - 1
+            }
+        };
+        #[cfg(test)]
+        if FAIL_FLUSH.lock().unwrap().as_deref() == Some(wal) {
+            return Err(SyncError::Flush(std::io::Error::from_raw_os_error(5)));
+        }
+        let flushed = self.open[at].file.sync_data().map_err(SyncError::Flush);
+        if id.is_none() {
+            // No file identity here (not Unix): a handle is not kept.
+            self.open.remove(at);
+        }
+        flushed
+    }
+}
+
+/// A file's identity where the system gives one (its inode on Unix).
+#[cfg(feature = "sqlite")]
+fn file_id(meta: &std::fs::Metadata) -> Option<u64> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let inode = file.metadata().map_err(SyncError::Open)?.ino();
-        let mut seen = SYNCED_ENTRIES.lock().unwrap_or_else(|p| p.into_inner());
-        if !seen.iter().any(|(p, i)| p == wal && *i == inode) {
-            if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
-                let dir = std::fs::File::open(dir).map_err(SyncError::Open)?;
-                dir.sync_all().map_err(SyncError::Flush)?;
-            }
-            seen.retain(|(p, _)| p != wal);
-            seen.push((wal.to_owned(), inode));
-        }
+        Some(meta.ino())
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -798,8 +854,10 @@ mod tests {
     async fn a_failed_flush_fails_every_later_commit_on_that_wal() {
         use diesel::connection::SimpleConnection;
         let dir = tempfile::tempdir().unwrap();
+        // SQLite names its files by their real path.
+        let root = dir.path().canonicalize().unwrap();
         let open = |name: &str| {
-            let path = dir.path().join(name);
+            let path = root.join(name);
             let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
             let url = format!("sqlite://{}", path.display());
             (
@@ -830,10 +888,12 @@ mod tests {
     /// each caller is still answered, after a sync.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The gate is held across awaits on purpose: the sync must wait for the test.
+    #[allow(clippy::await_holding_lock)]
     async fn a_dead_syncer_leaves_the_writer_syncing_itself() {
         use diesel::connection::SimpleConnection;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("alone.db");
+        let path = dir.path().canonicalize().unwrap().join("alone.db");
         let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
         let url = format!("sqlite://{}", path.display());
         let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
@@ -852,7 +912,10 @@ mod tests {
         let queue_rx = Mutex::new(queue_rx);
         let (syncer, gone) = mpsc::channel::<Synced>();
         drop(gone);
-        let committed = tokio::task::spawn_blocking(move || {
+        let mut rx = std::pin::pin!(rx);
+        // Held back, the sync holds the answer back too.
+        let held_back = SYNC_GATE.lock().unwrap();
+        let group = tokio::task::spawn_blocking(move || {
             let mut carried = Vec::new();
             let queued = Queued {
                 rx: &queue_rx,
@@ -860,16 +923,167 @@ mod tests {
             };
             let mut held = None;
             run_group(&db, &mut held, vec![work], queued, Some(&syncer))
-        })
-        .await
-        .unwrap();
-        assert!(committed);
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            futures_util::FutureExt::now_or_never(rx.as_mut()).is_none(),
+            "answered before its sync"
+        );
+        drop(held_back);
+        assert!(group.await.unwrap(), "committed");
         let ran = rx.await.unwrap().unwrap();
+        let answered = std::time::Instant::now();
         let synced = SYNCED.lock().unwrap().clone();
         assert!(
-            synced.iter().any(|(w, at)| *w == wal && *at > ran),
+            synced
+                .iter()
+                .any(|(w, at)| *w == wal && *at > ran && *at < answered),
             "answered without a sync"
         );
+    }
+
+    /// A WAL deleted when every connection closed and made anew at the same path is a
+    /// new file: its syncs go to it, not to the handle kept for the old one.
+    #[cfg(all(unix, feature = "sqlite"))]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wal_made_anew_is_synced_through_a_handle_of_its_own() {
+        use diesel::connection::SimpleConnection;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap().join("anew.db");
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let url = format!("sqlite://{}", path.display());
+        let kept = || {
+            let wals = WALS.lock().unwrap();
+            let ids: Vec<u64> = wals
+                .open
+                .iter()
+                .filter(|w| w.path == wal)
+                .map(|w| w.id)
+                .collect();
+            ids
+        };
+        let insert = |conn: &mut Conn<'_>| -> Result<()> {
+            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)"))?;
+            Ok(())
+        };
+        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        db.write_batched("evt_a", insert).await.unwrap();
+        let first = std::fs::metadata(&wal).unwrap().ino();
+        assert_eq!(kept(), [first]);
+        // Every connection closes (the writer's with its thread): SQLite removes the WAL.
+        drop(db);
+        let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal.exists() {
+            assert!(
+                std::time::Instant::now() < gone,
+                "the WAL outlived its connections"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        db.write_batched("evt_b", insert).await.unwrap();
+        let second = std::fs::metadata(&wal).unwrap().ino();
+        assert_ne!(first, second, "a new file");
+        assert_eq!(kept(), [second], "the handle of the WAL that is there now");
+    }
+
+    /// A group handed to the syncer while it syncs an earlier one is answered after a
+    /// sync asked for after that group's commit, not with the earlier sync's result
+    /// (whose flush may have begun before the group's pages were written).
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The gate is held across awaits on purpose: the syncs must wait for the test.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_group_handed_over_during_a_sync_gets_a_sync_of_its_own() {
+        use diesel::connection::SimpleConnection;
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap().join("handed.db");
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let url = format!("sqlite://{}", path.display());
+        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        db.run_blocking(|conn| {
+            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+            Ok(())
+        })
+        .unwrap();
+        let syncs = || {
+            SYNCED
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(w, _)| *w == wal)
+                .count()
+        };
+        // Waits (off the runtime's threads) for a signal from a write.
+        async fn signalled(rx: mpsc::Receiver<()>) {
+            tokio::task::spawn_blocking(move || {
+                rx.recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("the write did not get this far")
+            })
+            .await
+            .unwrap();
+        }
+        // A write that waits for `start`, inserts, says so and waits for `go`.
+        let gated = |key: &'static str| {
+            let (start_tx, start_rx) = mpsc::channel::<()>();
+            let (ran_tx, ran_rx) = mpsc::channel::<()>();
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let write = db.write_batched(key, move |conn| {
+                start_rx.recv().unwrap();
+                crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+                let ran = std::time::Instant::now();
+                ran_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok(ran)
+            });
+            (write, start_tx, ran_rx, go_tx)
+        };
+        let (a, a_start, a_ran, a_go) = gated("evt_a");
+        let (b, b_start, b_ran, b_go) = gated("evt_b");
+        let (c, c_start, c_ran, c_go) = gated("evt_c");
+        let (mut a, mut b, mut c) = (Box::pin(a), Box::pin(b), Box::pin(c));
+        assert!(a.as_mut().now_or_never().is_none(), "queued");
+        a_start.send(()).unwrap();
+        signalled(a_ran).await;
+        // B is queued while A runs, so A's group goes to the syncer, which is held
+        // in A's sync.
+        assert!(b.as_mut().now_or_never().is_none(), "queued");
+        let held_back = SYNC_GATE.lock().unwrap();
+        let before = syncs();
+        a_go.send(()).unwrap();
+        let asked = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while syncs() == before {
+            assert!(
+                std::time::Instant::now() < asked,
+                "A's sync was never asked for"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Only now does B write: A's sync was asked for before B's pages existed.
+        b_start.send(()).unwrap();
+        signalled(b_ran).await;
+        // C is queued while B runs, so B's group goes to the syncer too, still in A's
+        // sync; C then holds the writer, which syncs nothing meanwhile.
+        assert!(c.as_mut().now_or_never().is_none(), "queued");
+        b_go.send(()).unwrap();
+        c_start.send(()).unwrap();
+        signalled(c_ran).await;
+        drop(held_back);
+        let a_ran_at = a.await.unwrap();
+        let b_ran_at = b.await.unwrap();
+        let answered = std::time::Instant::now();
+        let synced = SYNCED.lock().unwrap().clone();
+        assert!(synced.iter().any(|(w, at)| *w == wal && *at > a_ran_at));
+        assert!(
+            synced
+                .iter()
+                .any(|(w, at)| *w == wal && *at > b_ran_at && *at < answered),
+            "B was answered with the sync asked for before it wrote"
+        );
+        c_go.send(()).unwrap();
+        c.await.unwrap();
     }
 
     /// The writer's connection goes back to the pool with the `synchronous` level it
