@@ -43,7 +43,9 @@ cargo build --all-features --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast --run-ignored all
 else
-  cargo test --all-features --no-fail-fast --lib --bins --tests --examples -- --include-ignored
+  # Without nextest's per-test limit (.config/nextest.toml), a hung test stops the run
+  # after an hour instead.
+  timeout 3600 cargo test --all-features --no-fail-fast --lib --bins --tests --examples -- --include-ignored
 fi
 cargo test --all-features --doc
 
