@@ -91,7 +91,9 @@ impl Database {
     /// Runs `f` in a transaction shared with other writes queued at the same moment
     /// (group commit). Returns `f`'s result once the shared transaction has committed.
     /// If `f` fails (or panics), or the commit does (or no connection can be had), the
-    /// group is rolled back: `f` gets its error, the others [`Error::Commit`]. Check
+    /// group is rolled back: `f` gets its error, the others [`Error::Commit`]. If the
+    /// WAL's flush after the commit fails (SQLite), the commit stands but is not known
+    /// to be on disk: every caller gets [`Error::Commit`] saying so. Check
     /// what bad input can break before `f` writes, and record it (or keep it in a
     /// savepoint of `f`'s own, `conn.write`).
     pub(crate) async fn write_batched<R, F>(&self, key: &str, f: F) -> Result<R>
@@ -305,6 +307,12 @@ fn run_group(
             .and_then(|conn| Writing::new(conn, syncer.is_some()))
             .map(|conn| held.insert(conn)),
     };
+    // After a failed flush nothing more is written on that WAL: the group never runs.
+    #[cfg(feature = "sqlite")]
+    let conn = conn.and_then(|conn| match &conn.wal {
+        Some(wal) => wal.sound().map(|()| conn),
+        None => Ok(conn),
+    });
     let committed = conn.and_then(|conn| {
         conn.conn.conn().write(|conn| {
             let mut group = waiting.take().into_iter().flatten();
@@ -343,7 +351,7 @@ fn run_group(
             // The syncer gone (it panicked): sync here, as with nothing queued.
             #[cfg(feature = "sqlite")]
             if let Err(mpsc::SendError(lost)) = syncer.send(Synced { wal, handovers }) {
-                let synced = sync_wal(&lost.wal);
+                let synced = lost.wal.sync();
                 for handover in lost.handovers {
                     handover(synced.clone());
                 }
@@ -353,7 +361,7 @@ fn run_group(
         }
         #[cfg(feature = "sqlite")]
         (true, Some(_), Some(wal)) => {
-            let synced = sync_wal(&wal);
+            let synced = wal.sync();
             for handover in handovers {
                 handover(synced.clone());
             }
@@ -369,7 +377,7 @@ fn run_group(
 
 /// A writer's connection. On SQLite (a file) it commits with `synchronous = NORMAL`:
 /// the commit writes its pages to the WAL without waiting for the disk, and the WAL is
-/// synced ([`sync_wal`]) before any caller of the group is answered, so a 200 still
+/// synced ([`Wal::sync`]) before any caller of the group is answered, so a 200 still
 /// means the event is on disk, as with `FULL`. When more work is queued the syncer
 /// thread syncs and answers while this writer runs the next group: the disk's wait and
 /// the next group's statements overlap, and one sync serves every group before it.
@@ -381,7 +389,7 @@ struct Writing {
     conn: Held,
     /// The WAL file to sync; `None` when commits sync themselves (Postgres, an
     /// in-memory database).
-    wal: Option<std::path::PathBuf>,
+    wal: Option<Wal>,
     /// The connection's `synchronous` level before the writer relaxed it.
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     synchronous: i32,
@@ -404,10 +412,10 @@ impl Writing {
 }
 
 /// Sets a SQLite writer's connection to commit without syncing; its WAL file and its
-/// `synchronous` level before, or `None` for an in-memory database (nothing to sync:
-/// left as it is).
+/// `synchronous` level before, or `None` when its commits stay as they are (an
+/// in-memory database, another journal mode, a WAL that cannot be opened).
 #[cfg(feature = "sqlite")]
-fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(std::path::PathBuf, i32)>> {
+fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
     use diesel::RunQueryDsl;
     use diesel::connection::SimpleConnection;
     #[derive(diesel::QueryableByName)]
@@ -438,9 +446,14 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(std::path::PathBuf,
     let Some(file) = file.into_iter().map(|f| f.file).find(|f| !f.is_empty()) else {
         return Ok(None);
     };
+    // A read opens the WAL file (SQLite makes it if need be); this connection keeps it
+    // there until it closes.
+    c.batch_execute("SELECT 1 FROM sqlite_master LIMIT 1")?;
+    let Some(wal) = Wal::open(std::path::PathBuf::from(format!("{file}-wal")))? else {
+        return Ok(None);
+    };
     let before: Synchronous = diesel::sql_query("PRAGMA synchronous").get_result(c)?;
     c.batch_execute("PRAGMA synchronous = NORMAL")?;
-    let wal = std::path::PathBuf::from(format!("{file}-wal"));
     Ok(Some((wal, before.synchronous)))
 }
 
@@ -457,10 +470,15 @@ impl Drop for Writing {
     }
 }
 
+/// Postgres commits sync themselves: there is no WAL of the writer's to sync.
+#[cfg(not(feature = "sqlite"))]
+#[derive(Clone)]
+enum Wal {}
+
 /// A group committed on SQLite without a sync, waiting for one.
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 struct Synced {
-    wal: std::path::PathBuf,
+    wal: Wal,
     handovers: Vec<Handover>,
 }
 
@@ -481,11 +499,11 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
                 let mut synced: Vec<(std::path::PathBuf, std::result::Result<(), String>)> =
                     Vec::new();
                 for group in groups {
-                    let result = match synced.iter().find(|(wal, _)| *wal == group.wal) {
+                    let result = match synced.iter().find(|(wal, _)| *wal == group.wal.path) {
                         Some((_, result)) => result.clone(),
                         None => {
-                            let result = sync_wal(&group.wal);
-                            synced.push((group.wal.clone(), result.clone()));
+                            let result = group.wal.sync();
+                            synced.push((group.wal.path.clone(), result.clone()));
                             result
                         }
                     };
@@ -499,9 +517,15 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
         .map(|_| tx)
 }
 
-/// The WAL files synced, and when each sync was asked for (for the tests).
+/// The WAL files whose sync was asked for, and when (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
 static SYNCED: Mutex<Vec<(std::path::PathBuf, std::time::Instant)>> = Mutex::new(Vec::new());
+
+/// The WAL files flushed, with when the flush was asked for and when it was done (for
+/// the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static FLUSHED: Mutex<Vec<(std::path::PathBuf, std::time::Instant, std::time::Instant)>> =
+    Mutex::new(Vec::new());
 
 /// Held by a test to hold every sync back (and see that nobody is answered meanwhile).
 #[cfg(all(test, feature = "sqlite"))]
@@ -511,144 +535,113 @@ static SYNC_GATE: Mutex<()> = Mutex::new(());
 #[cfg(all(test, feature = "sqlite"))]
 static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
-/// The WAL files this process syncs. One lock over all of it: a sync checks for an
-/// earlier failure, flushes and records its own failure as one step, so a sync on
-/// another thread (the writer's own while the syncer's runs) cannot slip in between a
-/// failed flush and its record.
+/// The WAL files a flush failed for. The failed writeback's pages may be dropped, so a
+/// later flush could succeed over commits that never reached the disk (and SQLite's
+/// recovery stops at the first missing one): nothing more is written on that WAL by
+/// the mirror's writer, and every later sync of it fails, until the process restarts.
+/// Postgres panics for the same reason. Its lock is held across each flush, so no
+/// flush on another thread can slip in between a failed flush and its record.
 #[cfg(feature = "sqlite")]
-static WALS: Mutex<Wals> = Mutex::new(Wals {
-    open: Vec::new(),
-    failed: Vec::new(),
-});
+static FAILED_WALS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
+/// A SQLite writer's WAL file, opened before its first commit.
 #[cfg(feature = "sqlite")]
-struct Wals {
-    /// Each WAL's handle, opened once per file and kept. Linux reports a failed
-    /// writeback to every handle open when it happened, even after another (SQLite's
-    /// own, at a checkpoint) was told; a handle opened later would not hear of it.
-    open: Vec<OpenWal>,
-    /// The WAL files a flush failed for. The failed writeback's pages may be dropped,
-    /// so a later flush could succeed over commits that never reached the disk (and
-    /// SQLite's recovery stops at the first missing one): every later sync of that
-    /// WAL fails too, until the process restarts. Postgres panics for the same reason.
-    failed: Vec<std::path::PathBuf>,
-}
-
-#[cfg(feature = "sqlite")]
-struct OpenWal {
+#[derive(Clone)]
+struct Wal {
     path: std::path::PathBuf,
-    /// The file's identity (its inode): a WAL deleted when every connection closed and
-    /// made anew at the same path is another file. The kept handle holds the old inode,
-    /// so the new file cannot be given its number.
-    id: u64,
-    file: std::fs::File,
-}
-
-/// Why a sync failed: the WAL could not be opened or looked at (nothing was lost), or
-/// a flush failed (pages may be lost).
-#[cfg(feature = "sqlite")]
-enum SyncError {
-    Open(std::io::Error),
-    Flush(std::io::Error),
-}
-
-/// Syncs a WAL file to disk (and, the first time a WAL file is seen, its directory).
-/// A WAL that is gone was checkpointed into the database, which the checkpoint synced.
-/// Once a flush of a WAL fails, every later sync of it fails too ([`Wals::failed`]).
-#[cfg(feature = "sqlite")]
-fn sync_wal(wal: &std::path::Path) -> std::result::Result<(), String> {
-    #[cfg(test)]
-    SYNCED
-        .lock()
-        .unwrap()
-        .push((wal.to_owned(), std::time::Instant::now()));
-    #[cfg(test)]
-    let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
-    let mut wals = WALS.lock().unwrap_or_else(|p| p.into_inner());
-    if wals.failed.iter().any(|w| w == wal) {
-        return Err(format!(
-            "an earlier sync of {} failed (an I/O error or a full disk), so commits since \
-             may not be on disk; the mirror's writes to this database fail until the \
-             process restarts. Fix the disk, then reboot (the system may still hold pages \
-             that never reached it) or run `stripe-mirror sync` after the restart",
-            wal.display()
-        ));
-    }
-    match wals.sync(wal) {
-        Ok(()) => Ok(()),
-        Err(SyncError::Open(e)) => Err(unsynced(wal, &e)),
-        Err(SyncError::Flush(e)) => {
-            wals.failed.push(wal.to_owned());
-            Err(unsynced(wal, &e))
-        }
-    }
+    /// Kept while the writer holds its connection, which keeps the file there (SQLite
+    /// removes a WAL only when the database's last connection closes). Linux reports a
+    /// failed writeback to every handle open when it happened, each once, even after
+    /// another handle (SQLite's own, at a checkpoint) was told: opened before the
+    /// writer's commits, this one hears of every failure of their pages.
+    file: Arc<std::fs::File>,
 }
 
 #[cfg(feature = "sqlite")]
-impl Wals {
-    fn sync(&mut self, wal: &std::path::Path) -> std::result::Result<(), SyncError> {
-        let id = match std::fs::metadata(wal) {
-            Ok(meta) => file_id(&meta),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(SyncError::Open(e)),
-        };
-        let known = self
-            .open
-            .iter()
-            .position(|w| w.path == wal && id.is_some() && Some(w.id) == id);
-        let at = match known {
-            Some(at) => at,
-            None => {
-                // Opened for writing (never created nor truncated): some systems flush
-                // only files opened so.
-                let file = match std::fs::OpenOptions::new().write(true).open(wal) {
+impl Wal {
+    /// Opens the WAL and syncs its directory (a WAL made anew must be found after a
+    /// power failure); `None` when there is no WAL file.
+    fn open(path: std::path::PathBuf) -> Result<Option<Wal>> {
+        let wal = Wal {
+            file: Arc::new(
+                // For writing (never created nor truncated): some systems flush only
+                // files opened so.
+                match std::fs::OpenOptions::new().write(true).open(&path) {
                     Ok(file) => file,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                    Err(e) => return Err(SyncError::Open(e)),
-                };
-                let id = file_id(&file.metadata().map_err(SyncError::Open)?);
-                // A new WAL file: its directory entry must reach the disk too, for the
-                // file to be found after a power failure.
-                #[cfg(unix)]
-                if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    let dir = std::fs::File::open(dir).map_err(SyncError::Open)?;
-                    dir.sync_all().map_err(SyncError::Flush)?;
-                }
-                // Handles of files since replaced or removed (a test's databases) go.
-                self.open.retain(|w| w.path != wal && w.path.exists());
-                self.open.push(OpenWal {
-                    path: wal.to_owned(),
-                    id: id.unwrap_or(0),
-                    file,
-                });
-                self.open.len() - 1
-            }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(Error::Commit {
+                            message: unsynced(&path, &e),
+                        });
+                    }
+                },
+            ),
+            path,
         };
-        #[cfg(test)]
-        if FAIL_FLUSH.lock().unwrap().as_deref() == Some(wal) {
-            return Err(SyncError::Flush(std::io::Error::from_raw_os_error(5)));
+        wal.sound()?;
+        #[cfg(unix)]
+        if let Some(dir) = wal.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let mut failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
+            let synced = std::fs::File::open(dir).and_then(|dir| dir.sync_all());
+            if let Err(e) = synced {
+                failed.push(wal.path.clone());
+                return Err(Error::Commit {
+                    message: unsynced(&wal.path, &e),
+                });
+            }
         }
-        let flushed = self.open[at].file.sync_data().map_err(SyncError::Flush);
-        if id.is_none() {
-            // No file identity here (not Unix): a handle is not kept.
-            self.open.remove(at);
-        }
-        flushed
+        Ok(Some(wal))
     }
-}
 
-/// A file's identity where the system gives one (its inode on Unix).
-#[cfg(feature = "sqlite")]
-fn file_id(meta: &std::fs::Metadata) -> Option<u64> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Some(meta.ino())
+    /// `Err` once a flush of this WAL failed.
+    fn sound(&self) -> Result<()> {
+        let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
+        self.check(&failed)
+            .map_err(|message| Error::Commit { message })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = meta;
-        None
+
+    fn check(&self, failed: &[std::path::PathBuf]) -> std::result::Result<(), String> {
+        if failed.contains(&self.path) {
+            return Err(format!(
+                "an earlier sync of {} failed (an I/O error or a full disk), so commits \
+                 since may not be on disk; the mirror writes nothing more to this \
+                 database until the process restarts. Fix the disk, then reboot (the \
+                 system may still hold pages that never reached it) or run \
+                 `stripe-mirror sync` after the restart",
+                self.path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Flushes the WAL's pages and size to disk. Once a flush failed, every later one
+    /// fails too ([`FAILED_WALS`]).
+    fn sync(&self) -> std::result::Result<(), String> {
+        #[cfg(test)]
+        let asked = std::time::Instant::now();
+        #[cfg(test)]
+        SYNCED.lock().unwrap().push((self.path.clone(), asked));
+        #[cfg(test)]
+        let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
+        self.check(&failed)?;
+        #[cfg(test)]
+        let flushed = match FAIL_FLUSH.lock().unwrap().as_deref() == Some(&*self.path) {
+            true => Err(std::io::Error::from_raw_os_error(5)),
+            false => self.file.sync_data(),
+        };
+        #[cfg(not(test))]
+        let flushed = self.file.sync_data();
+        if let Err(e) = flushed {
+            failed.push(self.path.clone());
+            return Err(unsynced(&self.path, &e));
+        }
+        #[cfg(test)]
+        FLUSHED
+            .lock()
+            .unwrap()
+            .push((self.path.clone(), asked, std::time::Instant::now()));
+        Ok(())
     }
 }
 
@@ -675,6 +668,20 @@ mod tests {
         fn key(&self) -> &str {
             self.0
         }
+    }
+
+    /// Whether a flush of `wal` was asked for after `ran` and done before `answered`.
+    #[cfg(feature = "sqlite")]
+    fn flushed_between(
+        wal: &std::path::Path,
+        ran: std::time::Instant,
+        answered: std::time::Instant,
+    ) -> bool {
+        FLUSHED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(w, asked, done)| w == wal && *asked > ran && *done < answered)
     }
 
     fn keys(work: &[Box<dyn Work>]) -> Vec<&str> {
@@ -781,12 +788,9 @@ mod tests {
             Ok(std::time::Instant::now())
         };
         let check = |ran: std::time::Instant, answered: std::time::Instant| {
-            let synced = SYNCED.lock().unwrap().clone();
             assert!(
-                synced
-                    .iter()
-                    .any(|(w, at)| *w == wal && *at > ran && *at < answered),
-                "answered without a sync of {} between the work and the answer",
+                flushed_between(&wal, ran, answered),
+                "answered without a flush of {} between the work and the answer",
                 wal.display()
             );
         };
@@ -879,7 +883,12 @@ mod tests {
             failed.to_string().contains("could not be synced"),
             "{failed}"
         );
-        let later = db.write_batched("evt_c", insert).await.unwrap_err();
+        let later = db
+            .write_batched("evt_c", |_: &mut Conn<'_>| -> Result<()> {
+                panic!("a write ran on a WAL whose flush failed")
+            })
+            .await
+            .unwrap_err();
         assert!(later.to_string().contains("an earlier sync"), "{later}");
         other.write_batched("evt_d", insert).await.unwrap();
     }
@@ -933,59 +942,38 @@ mod tests {
         assert!(group.await.unwrap(), "committed");
         let ran = rx.await.unwrap().unwrap();
         let answered = std::time::Instant::now();
-        let synced = SYNCED.lock().unwrap().clone();
         assert!(
-            synced
-                .iter()
-                .any(|(w, at)| *w == wal && *at > ran && *at < answered),
-            "answered without a sync"
+            flushed_between(&wal, ran, answered),
+            "answered without a flush"
         );
     }
 
-    /// A WAL deleted when every connection closed and made anew at the same path is a
-    /// new file: its syncs go to it, not to the handle kept for the old one.
+    /// The writer opens its WAL before its first commit (a failure reported before
+    /// then would not reach a handle opened after), and the handle is the WAL's.
     #[cfg(all(unix, feature = "sqlite"))]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_wal_made_anew_is_synced_through_a_handle_of_its_own() {
+    async fn the_writer_opens_its_wal_before_it_commits() {
         use diesel::connection::SimpleConnection;
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().canonicalize().unwrap().join("anew.db");
+        let path = dir.path().canonicalize().unwrap().join("first.db");
         let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
         let url = format!("sqlite://{}", path.display());
-        let kept = || {
-            let wals = WALS.lock().unwrap();
-            let ids: Vec<u64> = wals
-                .open
-                .iter()
-                .filter(|w| w.path == wal)
-                .map(|w| w.id)
-                .collect();
-            ids
-        };
-        let insert = |conn: &mut Conn<'_>| -> Result<()> {
-            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)"))?;
-            Ok(())
-        };
         let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
-        db.write_batched("evt_a", insert).await.unwrap();
-        let first = std::fs::metadata(&wal).unwrap().ino();
-        assert_eq!(kept(), [first]);
-        // Every connection closes (the writer's with its thread): SQLite removes the WAL.
-        drop(db);
-        let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while wal.exists() {
-            assert!(
-                std::time::Instant::now() < gone,
-                "the WAL outlived its connections"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
-        db.write_batched("evt_b", insert).await.unwrap();
-        let second = std::fs::metadata(&wal).unwrap().ino();
-        assert_ne!(first, second, "a new file");
-        assert_eq!(kept(), [second], "the handle of the WAL that is there now");
+        let writing = Writing::new(db.hold().unwrap(), true).unwrap();
+        let kept = writing.wal.as_ref().expect("a WAL to sync");
+        assert_eq!(kept.path, wal);
+        assert_eq!(
+            kept.file.metadata().unwrap().ino(),
+            std::fs::metadata(&wal).unwrap().ino(),
+            "the handle is the WAL's"
+        );
+        let mut writing = writing;
+        crate::db::on_conn!(&mut writing.conn.conn(), c => c.batch_execute("CREATE TABLE t (x INTEGER)")).unwrap();
+        assert!(
+            writing.wal.as_ref().unwrap().sync().is_ok(),
+            "flushed through the handle opened before the commit"
+        );
     }
 
     /// A group handed to the syncer while it syncs an earlier one is answered after a
@@ -1074,13 +1062,10 @@ mod tests {
         let a_ran_at = a.await.unwrap();
         let b_ran_at = b.await.unwrap();
         let answered = std::time::Instant::now();
-        let synced = SYNCED.lock().unwrap().clone();
-        assert!(synced.iter().any(|(w, at)| *w == wal && *at > a_ran_at));
+        assert!(flushed_between(&wal, a_ran_at, answered));
         assert!(
-            synced
-                .iter()
-                .any(|(w, at)| *w == wal && *at > b_ran_at && *at < answered),
-            "B was answered with the sync asked for before it wrote"
+            flushed_between(&wal, b_ran_at, answered),
+            "B was answered with the flush asked for before it wrote"
         );
         c_go.send(()).unwrap();
         c.await.unwrap();
@@ -1120,7 +1105,7 @@ mod tests {
             assert_eq!(s.synchronous, 2, "FULL");
         }
         drop((a, b));
-        // A host's pool that chose `NORMAL` gets `NORMAL` back, not `FULL`.
+        // A host's pool that chose `EXTRA` gets `EXTRA` back, not `FULL`.
         #[derive(Debug)]
         struct Normal;
         impl diesel::r2d2::CustomizeConnection<diesel::SqliteConnection, diesel::r2d2::Error> for Normal {
@@ -1128,7 +1113,7 @@ mod tests {
                 &self,
                 c: &mut diesel::SqliteConnection,
             ) -> std::result::Result<(), diesel::r2d2::Error> {
-                c.batch_execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000")
+                c.batch_execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = EXTRA; PRAGMA busy_timeout = 5000")
                     .map_err(diesel::r2d2::Error::QueryError)
             }
         }
@@ -1158,7 +1143,7 @@ mod tests {
                 crate::db::on_conn!(&mut conn, c => diesel::sql_query("PRAGMA synchronous")
                 .get_result(c))
                 .unwrap();
-            assert_eq!(s.synchronous, 1, "the host's NORMAL");
+            assert_eq!(s.synchronous, 3, "the host's EXTRA");
         }
     }
 }
