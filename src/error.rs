@@ -157,11 +157,17 @@ impl Error {
         }
     }
 
-    /// A write lost to a concurrent one (a deadlock, a serialization failure) and
-    /// rolled back: running it again is the fix, and the webhook pipeline does so.
+    /// A write lost to a concurrent one (a deadlock, a serialization failure, a Postgres
+    /// writer's wait for a row lock past its limit) and rolled back: running it again
+    /// is the fix, and the webhook pipeline does so.
     pub(crate) fn is_conflict(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error as D};
-        const SIGNS: [&str; 2] = ["deadlock detected", "could not serialize"];
+        const SIGNS: [&str; 3] = [
+            "deadlock detected",
+            "could not serialize",
+            // A Postgres writer's bounded wait for a row lock (`lock_timeout`).
+            "canceling statement due to lock timeout",
+        ];
         match self {
             Error::Commit { message } => SIGNS.iter().any(|s| message.contains(s)),
             Error::Database(D::DatabaseError(K::SerializationFailure, _)) => true,

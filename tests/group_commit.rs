@@ -300,3 +300,58 @@ async fn handlers_on_the_mirrors_pool_get_a_connection_while_writers_hold_theirs
         }
     }
 }
+
+/// A Postgres writer waits a bounded time for a row another transaction holds: its
+/// group is rolled back and tried again, and while the row stays locked the delivery
+/// is answered 5xx (Stripe retries) instead of waiting for the lock. A deadlock between
+/// two writers' groups breaks the same way, long before Postgres' `deadlock_timeout`.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_writer_waits_a_bounded_time_for_a_locked_row() {
+    let url = common::postgres_url();
+    let mut config = Config::new(url.clone());
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    let mirror = Mirror::connect(config.clone()).await.unwrap();
+    let webhooks = Webhooks::new();
+    let created = webhooks.receive(&mirror, signed(&customer_event(1))).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    // Another transaction holds the customer's row.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        use diesel::{Connection, PgConnection, RunQueryDsl};
+        let mut c = PgConnection::establish(&url).unwrap();
+        c.transaction(|c| {
+            diesel::sql_query("SELECT id FROM stripe_customers WHERE id = 'cus_g1' FOR UPDATE")
+                .execute(c)?;
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(std::time::Duration::from_secs(15));
+            Ok::<_, diesel::result::Error>(())
+        })
+        .unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let mut updated = customer_event(1);
+    updated["id"] = json!("evt_g1_updated");
+    updated["type"] = json!("customer.updated");
+    updated["created"] = json!(chrono::Utc::now().timestamp() + 1);
+    updated["data"]["object"]["email"] = json!("new@example.com");
+    let answer = webhooks.receive(&mirror, signed(&updated)).await;
+    assert!(
+        !holder.is_finished(),
+        "answered only once the row was released"
+    );
+    assert!(answer.status >= 500, "{answer:?}");
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    // Stripe's redelivery then goes through.
+    let again = webhooks.receive(&mirror, signed(&updated)).await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        count(
+            &config,
+            "SELECT COUNT(*) AS n FROM stripe_customers WHERE id = 'cus_g1' AND email = 'new@example.com'"
+        ),
+        1
+    );
+}

@@ -115,9 +115,9 @@ impl Database {
 
 impl Database {
     /// [`write_batched`](Self::write_batched), run again (up to 4 times in all) when
-    /// the group lost to a concurrent write: a deadlock or a serialization failure
-    /// rolls the whole group back, so nothing of it was stored. `make` builds the work
-    /// anew for each try.
+    /// the group lost to a concurrent write: a deadlock, a serialization failure or a
+    /// wait for a row lock past [`POSTGRES_LOCK_WAIT`] rolls the whole group back, so
+    /// nothing of it was stored. `make` builds the work anew for each try.
     pub(crate) async fn write_retrying<R, F>(&self, key: &str, make: impl Fn() -> F) -> Result<R>
     where
         R: Send + 'static,
@@ -395,11 +395,28 @@ struct Writing {
     synchronous: i32,
 }
 
+/// How long a Postgres writer's statement waits for a row lock before its group is
+/// rolled back and run again ([`Database::write_retrying`]). Two writers' groups can
+/// lock the same customer and access rows in opposite orders (a group orders its work
+/// by event id only): Postgres would break that deadlock only after its
+/// `deadlock_timeout` (1 s by default), both groups stalled meanwhile. A wait between
+/// groups lasts a commit (milliseconds); one this long is a deadlock, or another
+/// transaction holding the mirror's rows for long.
+#[cfg(feature = "postgres")]
+const POSTGRES_LOCK_WAIT: &str = "250ms";
+
 impl Writing {
     fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
+        #[allow(unreachable_patterns)]
         let relaxed = match (relaxed, &mut conn) {
             #[cfg(feature = "sqlite")]
             (true, Held::Sqlite(c)) => relax(c)?,
+            #[cfg(feature = "postgres")]
+            (_, Held::Postgres(c)) => {
+                use diesel::connection::SimpleConnection;
+                c.batch_execute(&format!("SET lock_timeout = '{POSTGRES_LOCK_WAIT}'"))?;
+                None
+            }
             _ => None,
         };
         let (wal, synchronous) = relaxed.unzip();
@@ -459,6 +476,15 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
 
 impl Drop for Writing {
     fn drop(&mut self) {
+        #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
+        if let Held::Postgres(c) = &mut self.conn {
+            use diesel::connection::SimpleConnection;
+            // Back to the session's default (the server's, the role's or the host's).
+            if let Err(error) = c.batch_execute("RESET lock_timeout") {
+                tracing::error!(%error, "a writer's connection could not reset its lock_timeout");
+            }
+        }
         #[cfg(feature = "sqlite")]
         if let (Some(_), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
             use diesel::connection::SimpleConnection;
