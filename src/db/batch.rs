@@ -696,6 +696,17 @@ mod tests {
         }
     }
 
+    /// A new SQLite database in `dir` (a pool of `size`) and its WAL's path, named by
+    /// the directory's real path as SQLite names its files.
+    #[cfg(feature = "sqlite")]
+    fn sqlite_db(dir: &tempfile::TempDir, name: &str, size: u32) -> (Database, std::path::PathBuf) {
+        let path = dir.path().canonicalize().unwrap().join(name);
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let url = format!("sqlite://{}", path.display());
+        let db = Database::open(&url, size, std::time::Duration::from_secs(5)).unwrap();
+        (db, wal)
+    }
+
     /// Whether a flush of `wal` was asked for after `ran` and done before `answered`.
     #[cfg(feature = "sqlite")]
     fn flushed_between(
@@ -796,14 +807,7 @@ mod tests {
         use diesel::connection::SimpleConnection;
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("synced.db");
-        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
-        let db = Database::open(
-            &format!("sqlite://{}", path.display()),
-            4,
-            std::time::Duration::from_secs(5),
-        )
-        .unwrap();
+        let (db, wal) = sqlite_db(&dir, "synced.db", 4);
         db.run_blocking(|conn| {
             crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
             Ok(())
@@ -884,19 +888,8 @@ mod tests {
     async fn a_failed_flush_fails_every_later_commit_on_that_wal() {
         use diesel::connection::SimpleConnection;
         let dir = tempfile::tempdir().unwrap();
-        // SQLite names its files by their real path.
-        let root = dir.path().canonicalize().unwrap();
-        let open = |name: &str| {
-            let path = root.join(name);
-            let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
-            let url = format!("sqlite://{}", path.display());
-            (
-                Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap(),
-                wal,
-            )
-        };
-        let (db, wal) = open("failing.db");
-        let (other, _) = open("sound.db");
+        let (db, wal) = sqlite_db(&dir, "failing.db", 2);
+        let (other, _) = sqlite_db(&dir, "sound.db", 2);
         let insert = |conn: &mut Conn<'_>| -> Result<()> {
             crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)"))?;
             Ok(())
@@ -928,10 +921,7 @@ mod tests {
     async fn a_dead_syncer_leaves_the_writer_syncing_itself() {
         use diesel::connection::SimpleConnection;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().canonicalize().unwrap().join("alone.db");
-        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
-        let url = format!("sqlite://{}", path.display());
-        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        let (db, wal) = sqlite_db(&dir, "alone.db", 2);
         let (tx, rx) = oneshot::channel();
         let work: Box<dyn Work> = Box::new(Pending {
             f: |conn: &mut Conn<'_>| -> Result<std::time::Instant> {
@@ -982,10 +972,7 @@ mod tests {
         use diesel::connection::SimpleConnection;
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().canonicalize().unwrap().join("first.db");
-        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
-        let url = format!("sqlite://{}", path.display());
-        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        let (db, wal) = sqlite_db(&dir, "first.db", 2);
         let writing = Writing::new(db.hold().unwrap(), true).unwrap();
         let kept = writing.wal.as_ref().expect("a WAL to sync");
         assert_eq!(kept.path, wal);
@@ -1013,10 +1000,7 @@ mod tests {
         use diesel::connection::SimpleConnection;
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().canonicalize().unwrap().join("handed.db");
-        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
-        let url = format!("sqlite://{}", path.display());
-        let db = Database::open(&url, 2, std::time::Duration::from_secs(5)).unwrap();
+        let (db, wal) = sqlite_db(&dir, "handed.db", 2);
         db.run_blocking(|conn| {
             crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
             Ok(())
