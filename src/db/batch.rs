@@ -696,14 +696,20 @@ mod tests {
         }
     }
 
-    /// A new SQLite database in `dir` (a pool of `size`) and its WAL's path, named by
-    /// the directory's real path as SQLite names its files.
+    /// A new SQLite database in `dir` (a pool of `size`) with a table `t (x)`, and its
+    /// WAL's path, named by the directory's real path as SQLite names its files.
     #[cfg(feature = "sqlite")]
     fn sqlite_db(dir: &tempfile::TempDir, name: &str, size: u32) -> (Database, std::path::PathBuf) {
         let path = dir.path().canonicalize().unwrap().join(name);
         let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
         let url = format!("sqlite://{}", path.display());
         let db = Database::open(&url, size, std::time::Duration::from_secs(5)).unwrap();
+        db.run_blocking(|conn| {
+            use diesel::connection::SimpleConnection;
+            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+            Ok(())
+        })
+        .unwrap();
         (db, wal)
     }
 
@@ -808,11 +814,6 @@ mod tests {
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = sqlite_db(&dir, "synced.db", 4);
-        db.run_blocking(|conn| {
-            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
-            Ok(())
-        })
-        .unwrap();
         let insert = |conn: &mut Conn<'_>| -> Result<std::time::Instant> {
             crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
             Ok(std::time::Instant::now())
@@ -891,7 +892,7 @@ mod tests {
         let (db, wal) = sqlite_db(&dir, "failing.db", 2);
         let (other, _) = sqlite_db(&dir, "sound.db", 2);
         let insert = |conn: &mut Conn<'_>| -> Result<()> {
-            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)"))?;
+            crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
             Ok(())
         };
         db.write_batched("evt_a", insert).await.unwrap();
@@ -925,7 +926,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let work: Box<dyn Work> = Box::new(Pending {
             f: |conn: &mut Conn<'_>| -> Result<std::time::Instant> {
-                crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
+                crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
                 Ok(std::time::Instant::now())
             },
             tx,
@@ -982,7 +983,7 @@ mod tests {
             "the handle is the WAL's"
         );
         let mut writing = writing;
-        crate::db::on_conn!(&mut writing.conn.conn(), c => c.batch_execute("CREATE TABLE t (x INTEGER)")).unwrap();
+        crate::db::on_conn!(&mut writing.conn.conn(), c => c.batch_execute("INSERT INTO t VALUES (1)")).unwrap();
         assert!(
             writing.wal.as_ref().unwrap().sync().is_ok(),
             "flushed through the handle opened before the commit"
@@ -1001,11 +1002,6 @@ mod tests {
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = sqlite_db(&dir, "handed.db", 2);
-        db.run_blocking(|conn| {
-            crate::db::on_conn!(conn, c => c.batch_execute("CREATE TABLE t (x INTEGER)"))?;
-            Ok(())
-        })
-        .unwrap();
         let syncs = || {
             SYNCED
                 .lock()
