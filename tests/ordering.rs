@@ -890,10 +890,11 @@ async fn a_checkout_link_locks_in_the_order_customer_events_do() {
     let linking = event("evt_cs_k", "checkout.session.completed", t, session, None);
     let delivered = deliver_while_held(&webhooks, &m, linking).await;
     // The other writer marks the subscriber next, as a customer event does after its row.
-    // Waiting for it would be a deadlock, which Postgres breaks only after a second
-    // (`deadlock_timeout`): the other writer gives up sooner, and says so.
+    // Waiting for it would be a deadlock, which the mirror's writer breaks after its own
+    // lock wait (250 ms) and Postgres after a second (`deadlock_timeout`): the other
+    // writer gives up sooner than both, and says so.
     let marked = other.batch_execute(
-        "SET LOCAL lock_timeout = '500ms'; \
+        "SET LOCAL lock_timeout = '100ms'; \
          INSERT INTO stripe_access (subscriber_id, livemode, dirty, version) VALUES ('user-7', FALSE, TRUE, 1) \
          ON CONFLICT (subscriber_id, livemode) DO UPDATE SET dirty = TRUE, version = stripe_access.version + 1;",
     );

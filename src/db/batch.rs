@@ -314,7 +314,7 @@ fn run_group(
         None => Ok(conn),
     });
     let committed = conn.and_then(|conn| {
-        conn.conn.conn().write(|conn| {
+        group_transaction(&mut conn.conn.conn(), |conn| {
             let mut group = waiting.take().into_iter().flatten();
             for work in group.by_ref() {
                 let (handover, failed) = work.run(conn);
@@ -335,7 +335,13 @@ fn run_group(
         other => other.to_string(),
     });
     if let Err(error) = &committed {
-        tracing::error!(%error, writes = handovers.len(), "a group of writes could not be committed");
+        let message = error.clone();
+        if (Error::Commit { message }).is_conflict() {
+            // Run again by its callers (`write_retrying`).
+            tracing::warn!(%error, writes = handovers.len(), "a group of writes lost to a concurrent one");
+        } else {
+            tracing::error!(%error, writes = handovers.len(), "a group of writes could not be committed");
+        }
         // No connection, or rolled back before its turn: the work never ran.
         for work in waiting.into_iter().flatten() {
             work.fail(error.clone());
@@ -395,28 +401,52 @@ struct Writing {
     synchronous: i32,
 }
 
-/// How long a Postgres writer's statement waits for a row lock before its group is
+/// How long a Postgres writer's statement waits for a lock before its group is
 /// rolled back and run again ([`Database::write_retrying`]). Two writers' groups can
 /// lock the same customer and access rows in opposite orders (a group orders its work
 /// by event id only): Postgres would break that deadlock only after its
 /// `deadlock_timeout` (1 s by default), both groups stalled meanwhile. A wait between
 /// groups lasts a commit (milliseconds); one this long is a deadlock, or another
-/// transaction holding the mirror's rows for long.
+/// transaction holding the mirror's rows (or a table, as DDL does) for long.
 #[cfg(feature = "postgres")]
 const POSTGRES_LOCK_WAIT: &str = "250ms";
 
+/// Runs a group in one transaction: [`Conn::write`], but on Postgres with its lock
+/// wait bounded ([`POSTGRES_LOCK_WAIT`]) by a `SET LOCAL` sent with the `BEGIN` (one
+/// round trip, and nothing left on the connection after the transaction).
+fn group_transaction<R>(
+    conn: &mut Conn<'_>,
+    f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
+) -> Result<R> {
+    match conn {
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => {
+            use diesel::connection::{AnsiTransactionManager, TransactionManager};
+            let c: &mut diesel::PgConnection = c;
+            let begin = format!("BEGIN; SET LOCAL lock_timeout = '{POSTGRES_LOCK_WAIT}'");
+            AnsiTransactionManager::begin_transaction_sql(c, &begin)?;
+            match f(&mut Conn::Postgres(c)) {
+                Ok(value) => {
+                    AnsiTransactionManager::commit_transaction(c)?;
+                    Ok(value)
+                }
+                // As diesel's own transactions: the work's error says most.
+                Err(error) => match AnsiTransactionManager::rollback_transaction(c) {
+                    Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+                    Err(rollback) => Err(rollback.into()),
+                },
+            }
+        }
+        #[allow(unreachable_patterns)]
+        other => other.write(f),
+    }
+}
+
 impl Writing {
     fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
-        #[allow(unreachable_patterns)]
         let relaxed = match (relaxed, &mut conn) {
             #[cfg(feature = "sqlite")]
             (true, Held::Sqlite(c)) => relax(c)?,
-            #[cfg(feature = "postgres")]
-            (_, Held::Postgres(c)) => {
-                use diesel::connection::SimpleConnection;
-                c.batch_execute(&format!("SET lock_timeout = '{POSTGRES_LOCK_WAIT}'"))?;
-                None
-            }
             _ => None,
         };
         let (wal, synchronous) = relaxed.unzip();
@@ -476,15 +506,6 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
 
 impl Drop for Writing {
     fn drop(&mut self) {
-        #[cfg(feature = "postgres")]
-        #[allow(irrefutable_let_patterns)]
-        if let Held::Postgres(c) = &mut self.conn {
-            use diesel::connection::SimpleConnection;
-            // Back to the session's default (the server's, the role's or the host's).
-            if let Err(error) = c.batch_execute("RESET lock_timeout") {
-                tracing::error!(%error, "a writer's connection could not reset its lock_timeout");
-            }
-        }
         #[cfg(feature = "sqlite")]
         if let (Some(_), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
             use diesel::connection::SimpleConnection;
@@ -570,6 +591,11 @@ static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 #[cfg(feature = "sqlite")]
 static FAILED_WALS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
+/// The WAL files whose directory was synced, by inode: a WAL made anew (after every
+/// connection closed) is another file, whose directory entry must reach the disk.
+#[cfg(all(unix, feature = "sqlite"))]
+static SYNCED_DIRECTORIES: Mutex<Vec<(std::path::PathBuf, u64)>> = Mutex::new(Vec::new());
+
 /// A SQLite writer's WAL file, opened before its first commit.
 #[cfg(feature = "sqlite")]
 #[derive(Clone)]
@@ -585,38 +611,50 @@ struct Wal {
 
 #[cfg(feature = "sqlite")]
 impl Wal {
-    /// Opens the WAL and syncs its directory (a WAL made anew must be found after a
-    /// power failure); `None` when there is no WAL file.
+    /// Opens the WAL and, the first time this file is seen, syncs its directory (a WAL
+    /// made anew must be found after a power failure); `None` when there is no WAL
+    /// file or it cannot be opened (the writer's commits then sync themselves).
     fn open(path: std::path::PathBuf) -> Result<Option<Wal>> {
+        // For writing (never created nor truncated): some systems flush only files
+        // opened so.
+        let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                tracing::warn!(%error, wal = %path.display(), "the WAL cannot be opened to sync it: the writer's commits sync themselves");
+                return Ok(None);
+            }
+        };
         let wal = Wal {
-            file: Arc::new(
-                // For writing (never created nor truncated): some systems flush only
-                // files opened so.
-                match std::fs::OpenOptions::new().write(true).open(&path) {
-                    Ok(file) => file,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => {
-                        return Err(Error::Commit {
-                            message: unsynced(&path, &e),
-                        });
-                    }
-                },
-            ),
+            file: Arc::new(file),
             path,
         };
         wal.sound()?;
         #[cfg(unix)]
-        if let Some(dir) = wal.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let mut failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
-            let synced = std::fs::File::open(dir).and_then(|dir| dir.sync_all());
-            if let Err(e) = synced {
-                failed.push(wal.path.clone());
-                return Err(Error::Commit {
-                    message: unsynced(&wal.path, &e),
-                });
-            }
-        }
+        wal.sync_directory_once();
         Ok(Some(wal))
+    }
+
+    /// Syncs the WAL's directory the first time this file (by inode) is seen. Best
+    /// effort, as SQLite's own directory syncs: some file systems cannot sync a
+    /// directory (EINVAL), and a directory may be searchable but not readable.
+    #[cfg(unix)]
+    fn sync_directory_once(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(inode) = self.file.metadata().map(|m| m.ino()) else {
+            return;
+        };
+        let mut seen = SYNCED_DIRECTORIES.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.iter().any(|(p, i)| *p == self.path && *i == inode) {
+            return;
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(error) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+        {
+            tracing::warn!(%error, dir = %dir.display(), "the WAL's directory could not be synced");
+        }
+        seen.retain(|(p, _)| *p != self.path);
+        seen.push((self.path.clone(), inode));
     }
 
     /// `Err` once a flush of this WAL failed.
@@ -630,8 +668,8 @@ impl Wal {
         if failed.contains(&self.path) {
             return Err(format!(
                 "an earlier sync of {} failed (an I/O error or a full disk), so commits \
-                 since may not be on disk; the mirror writes nothing more to this \
-                 database until the process restarts. Fix the disk, then reboot (the \
+                 since may not be on disk; the mirror's writer (webhook deliveries) \
+                 writes nothing more to this database until the process restarts. Fix the disk, then reboot (the \
                  system may still hold pages that never reached it) or run \
                  `stripe-mirror sync` after the restart",
                 self.path.display()

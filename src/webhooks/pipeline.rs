@@ -101,11 +101,14 @@ impl Failure {
         }
     }
 
-    /// A crate error: bad object shapes are 400; the database being unreachable is 503.
+    /// A crate error: bad object shapes are 400; the database being unreachable, or a
+    /// write that kept losing to concurrent ones (deadlocks, lock waits), is 503.
     pub(crate) fn from_error(err: Error) -> Self {
         match &err {
             Error::Mapping { .. } => Failure::new(Outcome::InvalidObject, err),
-            _ if is_unavailable(&err) => Failure::new(Outcome::Unavailable, err),
+            _ if is_unavailable(&err) || err.is_conflict() => {
+                Failure::new(Outcome::Unavailable, err)
+            }
             _ => Failure::new(Outcome::Error, err),
         }
     }
