@@ -1137,22 +1137,25 @@ mod tests {
         })
         .await
         .unwrap();
-        // The writer gives its connection back after LINGER without work.
-        tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
-        let (mut a, mut b) = (db.hold().unwrap(), db.hold().unwrap());
-        for held in [&mut a, &mut b] {
-            let mut conn = held.conn();
-            let s: Synchronous =
-                crate::db::on_conn!(&mut conn, c => diesel::sql_query("PRAGMA synchronous")
-                .get_result(c))
-                .unwrap();
-            assert_eq!(s.synchronous, 2, "FULL");
+        // The levels of both pooled connections once the writer gave its own back
+        // (after LINGER without work).
+        async fn levels_after_linger(db: &Database) -> Vec<i32> {
+            tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
+            let mut held = [db.hold().unwrap(), db.hold().unwrap()];
+            held.iter_mut()
+                .map(|held| {
+                    let s: Synchronous = crate::db::on_conn!(&mut held.conn(), c => diesel::sql_query("PRAGMA synchronous")
+                        .get_result(c))
+                    .unwrap();
+                    s.synchronous
+                })
+                .collect()
         }
-        drop((a, b));
+        assert_eq!(levels_after_linger(&db).await, [2, 2], "FULL");
         // A host's pool that chose `EXTRA` gets `EXTRA` back, not `FULL`.
         #[derive(Debug)]
-        struct Normal;
-        impl diesel::r2d2::CustomizeConnection<diesel::SqliteConnection, diesel::r2d2::Error> for Normal {
+        struct Extra;
+        impl diesel::r2d2::CustomizeConnection<diesel::SqliteConnection, diesel::r2d2::Error> for Extra {
             fn on_acquire(
                 &self,
                 c: &mut diesel::SqliteConnection,
@@ -1164,7 +1167,7 @@ mod tests {
         let path = dir.path().join("host.db");
         let pool = diesel::r2d2::Pool::builder()
             .max_size(2)
-            .connection_customizer(Box::new(Normal))
+            .connection_customizer(Box::new(Extra))
             .build(
                 diesel::r2d2::ConnectionManager::<diesel::SqliteConnection>::new(
                     path.to_str().unwrap(),
@@ -1179,15 +1182,6 @@ mod tests {
             })
             .await;
         relaxed.unwrap();
-        tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
-        let (mut a, mut b) = (db.hold().unwrap(), db.hold().unwrap());
-        for held in [&mut a, &mut b] {
-            let mut conn = held.conn();
-            let s: Synchronous =
-                crate::db::on_conn!(&mut conn, c => diesel::sql_query("PRAGMA synchronous")
-                .get_result(c))
-                .unwrap();
-            assert_eq!(s.synchronous, 3, "the host's EXTRA");
-        }
+        assert_eq!(levels_after_linger(&db).await, [3, 3], "the host's EXTRA");
     }
 }
