@@ -330,14 +330,14 @@ fn run_group(
             Ok(())
         })
     });
+    // Lost to a concurrent write: run again by its callers (`write_retrying`).
+    let lost = committed.as_ref().err().is_some_and(Error::is_conflict);
     let committed = committed.map_err(|e: Error| match e {
         Error::Commit { message } => message,
         other => other.to_string(),
     });
     if let Err(error) = &committed {
-        let message = error.clone();
-        if (Error::Commit { message }).is_conflict() {
-            // Run again by its callers (`write_retrying`).
+        if lost {
             tracing::warn!(%error, writes = handovers.len(), "a group of writes lost to a concurrent one");
         } else {
             tracing::error!(%error, writes = handovers.len(), "a group of writes could not be committed");
@@ -669,9 +669,9 @@ impl Wal {
             return Err(format!(
                 "an earlier sync of {} failed (an I/O error or a full disk), so commits \
                  since may not be on disk; the mirror's writer (webhook deliveries) \
-                 writes nothing more to this database until the process restarts. Fix the disk, then reboot (the \
-                 system may still hold pages that never reached it) or run \
-                 `stripe-mirror sync` after the restart",
+                 writes nothing more to this database until the process restarts. Fix \
+                 the disk, then reboot (the system may still hold pages that never \
+                 reached it) or run `stripe-mirror sync` after the restart",
                 self.path.display()
             ));
         }
