@@ -183,10 +183,16 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
 /// another skip the pool's checkout (and Postgres's test query) each time.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often a lingering writer looks whether the pool has a connection left for
+/// others; when it has none (a pool of one, or every other connection busy), the
+/// writer gives its own back: a read must not wait out the linger.
+const LINGER_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
 /// What arrives while it runs a group gathers into the next one. It keeps its
-/// connection while work keeps coming, and gives it back after [`LINGER`] idle or
-/// when a group fails (a connection a server restart broke is not used again).
+/// connection while work keeps coming, and gives it back after [`LINGER`] idle, at
+/// once when the pool has no other connection to give ([`LINGER_CHECK`]), or when a
+/// group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let mut held: Option<Writing> = None;
     let syncer = match &db.pool {
@@ -199,7 +205,7 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     // inline, [`Queued::waiting`]): it starts the next group ([`gather`]).
     let mut carried: Vec<Box<dyn Work>> = Vec::new();
     loop {
-        let Some(group) = gather(rx, &mut carried, &mut held) else {
+        let Some(group) = gather(|| db.spare_connection(), rx, &mut carried, &mut held) else {
             return; // the mirror is gone
         };
         let queued = Queued {
@@ -218,10 +224,13 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
 
 /// The next group: the work carried from the last one, or else the next work to
 /// arrive, topped up with what is queued (up to [`MAX_BATCH`]), in key order. `None`
-/// when the mirror is gone. A writer with work in hand never waits for the queue's
+/// when the mirror is gone. A writer holding a connection waits for work at most
+/// [`LINGER`], and gives the connection back sooner when `spare` says the pool has
+/// none left for others. A writer with work in hand never waits for the queue's
 /// lock: another writer blocked on the queue holds it until new work comes, and the
 /// callers of the carried work may be the only ones left.
 fn gather(
+    spare: impl Fn() -> bool,
     rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>,
     carried: &mut Vec<Box<dyn Work>>,
     held: &mut Option<Writing>,
@@ -229,16 +238,21 @@ fn gather(
     let mut group: Vec<Box<dyn Work>> = carried.drain(..carried.len().min(MAX_BATCH)).collect();
     let queue = if group.is_empty() {
         let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-        let first = match held {
-            Some(_) => match rx.recv_timeout(LINGER) {
-                Ok(work) => Some(work),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    *held = None;
-                    rx.recv().ok()
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => None,
-            },
-            None => rx.recv().ok(),
+        let until = std::time::Instant::now() + LINGER;
+        let first = loop {
+            let now = std::time::Instant::now();
+            if held.is_none() {
+                break rx.recv().ok();
+            }
+            if now >= until || !spare() {
+                *held = None;
+                continue;
+            }
+            match rx.recv_timeout(LINGER_CHECK.min(until - now)) {
+                Ok(work) => break Some(work),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
         };
         group.push(first?);
         Some(rx)
@@ -815,7 +829,7 @@ mod tests {
             move || {
                 let mut carried: Vec<Box<dyn Work>> =
                     vec![Box::new(Keyed("evt_b")), Box::new(Keyed("evt_a"))];
-                let group = gather(&rx, &mut carried, &mut None).unwrap();
+                let group = gather(|| true, &rx, &mut carried, &mut None).unwrap();
                 keys(&group)
                     .iter()
                     .map(|k| k.to_string())
@@ -836,7 +850,7 @@ mod tests {
         let mut carried: Vec<Box<dyn Work>> = (0..MAX_BATCH + 6)
             .map(|_| Box::new(Keyed("evt_c")) as Box<dyn Work>)
             .collect();
-        let group = gather(&rx, &mut carried, &mut None).unwrap();
+        let group = gather(|| true, &rx, &mut carried, &mut None).unwrap();
         assert_eq!((group.len(), carried.len()), (MAX_BATCH, 6));
     }
 
@@ -1183,5 +1197,43 @@ mod tests {
             .await;
         relaxed.unwrap();
         assert_eq!(levels_after_linger(&db).await, [3, 3], "the host's EXTRA");
+    }
+
+    /// A pool of one: the writer gives its connection back once its work is done, so
+    /// a read right after a write gets it. The pool's checkout timeout here is half
+    /// the linger: a writer keeping the connection through it fails the read.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_leaves_a_pool_of_one_free_for_reads() {
+        use diesel::RunQueryDsl;
+        use diesel::connection::SimpleConnection;
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("one.db").display());
+        let db = Database::open(&url, 1, LINGER / 2).unwrap();
+        for x in 1..=3_i64 {
+            db.write_batched("evt_a", move |conn| {
+                crate::db::on_conn!(conn, c => c.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES ({x})"
+                )))?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+            let read = db
+                .run(|conn| {
+                    let count: Count = crate::db::on_conn!(conn, c => diesel::sql_query(
+                        "SELECT COUNT(*) AS n FROM t"
+                    )
+                    .get_result(c))?;
+                    Ok(count.n)
+                })
+                .await;
+            assert_eq!(read.unwrap(), x, "the read after write {x}");
+        }
     }
 }

@@ -365,6 +365,20 @@ impl Database {
         })
     }
 
+    /// Whether the pool could hand a connection to someone else right now (one idle,
+    /// or room to open one).
+    pub(crate) fn spare_connection(&self) -> bool {
+        fn spare(state: r2d2::State, max: u32) -> bool {
+            state.idle_connections > 0 || state.connections < max
+        }
+        match &self.pool {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(p) => spare(p.state(), p.max_size()),
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(p) => spare(p.state(), p.max_size()),
+        }
+    }
+
     /// Runs `f` with a pooled connection, on the calling thread (blocking).
     pub(crate) fn run_blocking<R>(&self, f: impl FnOnce(&mut Conn<'_>) -> Result<R>) -> Result<R> {
         let unavailable = |source: r2d2::PoolError| Error::Unavailable {
