@@ -521,15 +521,30 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
 impl Drop for Writing {
     fn drop(&mut self) {
         #[cfg(feature = "sqlite")]
-        if let (Some(_), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
-            use diesel::connection::SimpleConnection;
+        if let (Some(_wal), Held::Sqlite(c)) = (&self.wal, &mut self.conn) {
+            use diesel::connection::{
+                AnsiTransactionManager, SimpleConnection, TransactionManager,
+            };
             let level = self.synchronous;
-            if let Err(error) = c.batch_execute(&format!("PRAGMA synchronous = {level}")) {
-                tracing::error!(%error, level, "a writer's connection could not be set back to its synchronous level");
+            let sql = format!("PRAGMA synchronous = {level}");
+            #[cfg(test)]
+            let sql = match FAIL_RESTORE.lock().unwrap().as_deref() == Some(&*_wal.path) {
+                true => "SELECT * FROM no_such_table".to_owned(),
+                false => sql,
+            };
+            if let Err(error) = c.batch_execute(&sql) {
+                tracing::error!(%error, level, "a writer's connection could not be set back to its synchronous level; it is closed");
+                // Not back into the pool at `NORMAL`, where the next user's commits
+                // would not sync: r2d2 drops a connection diesel reports broken.
+                AnsiTransactionManager::transaction_manager_status_mut(&mut **c).set_in_error();
             }
         }
     }
 }
+
+/// A WAL whose writer's connection cannot be set back to its level (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static FAIL_RESTORE: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
 /// Postgres commits sync themselves: there is no WAL of the writer's to sync.
 #[cfg(not(feature = "sqlite"))]
@@ -1235,5 +1250,42 @@ mod tests {
                 .await;
             assert_eq!(read.unwrap(), x, "the read after write {x}");
         }
+    }
+
+    /// A writer's connection that cannot be set back to its `synchronous` level is
+    /// closed, not pooled at `NORMAL`: the next connection out of the pool syncs its
+    /// commits (`FULL`).
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_left_at_the_writers_level_is_not_pooled() {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Synchronous {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            synchronous: i32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = sqlite_db(&dir, "restore.db", 1);
+        *FAIL_RESTORE.lock().unwrap() = Some(wal.clone());
+        let wrote = db
+            .write_batched("evt_a", |conn| {
+                use diesel::connection::SimpleConnection;
+                crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+                Ok(())
+            })
+            .await;
+        // The pool of one gets the connection back as soon as the writer is idle.
+        let level = db
+            .run(|conn| {
+                let s: Synchronous = crate::db::on_conn!(conn, c => diesel::sql_query(
+                    "PRAGMA synchronous"
+                )
+                .get_result(c))?;
+                Ok(s.synchronous)
+            })
+            .await;
+        *FAIL_RESTORE.lock().unwrap() = None;
+        wrote.unwrap();
+        assert_eq!(level.unwrap(), 2, "a fresh connection at FULL");
     }
 }
