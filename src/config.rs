@@ -120,6 +120,15 @@ pub struct Config {
     /// How long one handler may run (default 60 s, never past the claim lease): past
     /// it the handler is dropped and the event fails with a 500, so Stripe retries it.
     pub webhook_handler_timeout: Duration,
+    /// How long a Postgres write waits for a row or table lock before its deliveries
+    /// are rolled back and tried again (up to 4 times, then answered 503 so Stripe
+    /// redelivers). Default 250 ms: two app instances' writes locking a customer's rows
+    /// in opposite orders deadlock, which Postgres breaks only after its
+    /// `deadlock_timeout` (1 s), both stalled meanwhile. Longer if your migrations take
+    /// table locks for a while during deploys and you prefer waiting to retrying; zero
+    /// waits as long as Postgres lets it. SQLite ignores it (its writers queue on
+    /// `busy_timeout`).
+    pub postgres_lock_wait: Duration,
     /// The host's clock (the system's unless a test injects one): used for signature
     /// tolerance, claim leases and data the host hands in, never to judge Stripe data.
     pub clock: Clock,
@@ -161,6 +170,7 @@ impl std::fmt::Debug for Config {
             .field("webhook_body_limit", &self.webhook_body_limit)
             .field("webhook_read_timeout", &self.webhook_read_timeout)
             .field("webhook_claim_lease", &self.webhook_claim_lease)
+            .field("postgres_lock_wait", &self.postgres_lock_wait)
             .field("webhook_handler_timeout", &self.webhook_handler_timeout)
             .field("clock", &self.clock)
             .finish()
@@ -193,6 +203,7 @@ impl Default for Config {
             webhook_read_timeout: crate::webhooks::DEFAULT_READ_TIMEOUT,
             webhook_claim_lease: crate::webhooks::DEFAULT_LEASE,
             webhook_handler_timeout: crate::webhooks::DEFAULT_HANDLER_TIMEOUT,
+            postgres_lock_wait: crate::db::DEFAULT_LOCK_WAIT,
             clock: Clock::system(),
         }
     }
@@ -307,6 +318,12 @@ impl Config {
     /// [`Config::webhook_read_timeout`].
     pub fn webhook_read_timeout(mut self, timeout: Duration) -> Self {
         self.webhook_read_timeout = timeout;
+        self
+    }
+
+    /// [`Config::postgres_lock_wait`].
+    pub fn postgres_lock_wait(mut self, wait: Duration) -> Self {
+        self.postgres_lock_wait = wait;
         self
     }
 

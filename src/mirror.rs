@@ -70,7 +70,8 @@ impl Mirror {
         );
         let db = tokio::task::spawn_blocking(move || Database::open(&url, size, timeout))
             .await
-            .map_err(|source| crate::Error::Task { source })??;
+            .map_err(|source| crate::Error::Task { source })??
+            .with_lock_wait(config.postgres_lock_wait);
         Ok(Mirror {
             inner: Arc::new(Inner {
                 config,
@@ -108,10 +109,11 @@ impl Mirror {
     /// # Ok::<_, stripe_mirror::Error>(()) }).unwrap();
     /// ```
     pub fn from_pool(pool: crate::DbPool, config: Config) -> Mirror {
+        let db = Database::from_pool(pool).with_lock_wait(config.postgres_lock_wait);
         Mirror {
             inner: Arc::new(Inner {
                 config,
-                db: Database::from_pool(pool),
+                db,
                 stripe: Default::default(),
                 creating: Default::default(),
             }),

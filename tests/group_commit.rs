@@ -315,27 +315,8 @@ async fn a_postgres_writer_waits_a_bounded_time_for_a_locked_row() {
     let webhooks = Webhooks::new();
     let created = webhooks.receive(&mirror, signed(&customer_event(1))).await;
     assert_eq!(created.status, 200, "{created:?}");
-    // Another transaction holds the customer's row.
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        use diesel::{Connection, PgConnection, RunQueryDsl};
-        let mut c = PgConnection::establish(&url).unwrap();
-        c.transaction(|c| {
-            diesel::sql_query("SELECT id FROM stripe_customers WHERE id = 'cus_g1' FOR UPDATE")
-                .execute(c)?;
-            locked_tx.send(()).unwrap();
-            let _ = release_rx.recv_timeout(std::time::Duration::from_secs(15));
-            Ok::<_, diesel::result::Error>(())
-        })
-        .unwrap();
-    });
-    locked_rx.recv().unwrap();
-    let mut updated = customer_event(1);
-    updated["id"] = json!("evt_g1_updated");
-    updated["type"] = json!("customer.updated");
-    updated["created"] = json!(chrono::Utc::now().timestamp() + 1);
-    updated["data"]["object"]["email"] = json!("new@example.com");
+    let (holder, release_tx) = hold_customer_row(&url, "cus_g1");
+    let updated = email_changed(1);
     let answer = webhooks.receive(&mirror, signed(&updated)).await;
     assert!(
         !holder.is_finished(),
@@ -352,6 +333,80 @@ async fn a_postgres_writer_waits_a_bounded_time_for_a_locked_row() {
         count(
             &config,
             "SELECT COUNT(*) AS n FROM stripe_customers WHERE id = 'cus_g1' AND email = 'new@example.com'"
+        ),
+        1
+    );
+}
+
+/// Another transaction holding customer `id`'s row (`SELECT ... FOR UPDATE`) until
+/// told to release it (or 15 s pass); returns once the row is locked.
+#[cfg(feature = "postgres")]
+fn hold_customer_row(
+    url: &str,
+    id: &str,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (url, id) = (url.to_owned(), id.to_owned());
+    let holder = std::thread::spawn(move || {
+        use diesel::{Connection, PgConnection, RunQueryDsl};
+        let mut c = PgConnection::establish(&url).unwrap();
+        c.transaction(|c| {
+            diesel::sql_query(format!(
+                "SELECT id FROM stripe_customers WHERE id = '{id}' FOR UPDATE"
+            ))
+            .execute(c)?;
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(std::time::Duration::from_secs(15));
+            Ok::<_, diesel::result::Error>(())
+        })
+        .unwrap();
+    });
+    locked_rx.recv().unwrap();
+    (holder, release_tx)
+}
+
+/// A later `customer.updated` of customer `n` (from [`customer_event`]) changing its
+/// email to `new@example.com`.
+#[cfg(feature = "postgres")]
+fn email_changed(n: usize) -> Value {
+    let mut updated = customer_event(n);
+    updated["id"] = json!(format!("evt_g{n}_updated"));
+    updated["type"] = json!("customer.updated");
+    updated["created"] = json!(chrono::Utc::now().timestamp() + 1);
+    updated["data"]["object"]["email"] = json!("new@example.com");
+    updated
+}
+
+/// `Config::postgres_lock_wait` longer than a lock is held: the delivery waits for
+/// the row instead of being answered 503, and is stored once the row is released. The
+/// row is held 2 s, longer than the default wait's four tries (about 1 s in all).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_postgres_lock_wait_waits_for_the_row() {
+    let url = common::postgres_url();
+    let mut config =
+        Config::new(url.clone()).postgres_lock_wait(std::time::Duration::from_secs(10));
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    let mirror = Mirror::connect(config.clone()).await.unwrap();
+    let webhooks = Webhooks::new();
+    let created = webhooks.receive(&mirror, signed(&customer_event(2))).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let (holder, release_tx) = hold_customer_row(&url, "cus_g2");
+    let updated = email_changed(2);
+    let answer = tokio::spawn({
+        let (mirror, webhooks) = (mirror.clone(), webhooks.clone());
+        async move { webhooks.receive(&mirror, signed(&updated)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    release_tx.send(()).unwrap();
+    let answer = answer.await.unwrap();
+    holder.join().unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        count(
+            &config,
+            "SELECT COUNT(*) AS n FROM stripe_customers WHERE id = 'cus_g2' AND email = 'new@example.com'"
         ),
         1
     );

@@ -116,7 +116,7 @@ impl Database {
 impl Database {
     /// [`write_batched`](Self::write_batched), run again (up to 4 times in all) when
     /// the group lost to a concurrent write: a deadlock, a serialization failure or a
-    /// wait for a row lock past [`POSTGRES_LOCK_WAIT`] rolls the whole group back, so
+    /// wait for a lock past [`Database::lock_wait`] rolls the whole group back, so
     /// nothing of it was stored. `make` builds the work anew for each try.
     pub(crate) async fn write_retrying<R, F>(&self, key: &str, make: impl Fn() -> F) -> Result<R>
     where
@@ -167,6 +167,7 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
         let db = Database {
             pool: db.pool.clone(),
             batcher: Batcher::default(),
+            lock_wait: db.lock_wait,
         };
         let rx = rx.clone();
         let spawned = std::thread::Builder::new()
@@ -328,7 +329,7 @@ fn run_group(
         None => Ok(conn),
     });
     let committed = conn.and_then(|conn| {
-        group_transaction(&mut conn.conn.conn(), |conn| {
+        group_transaction(&mut conn.conn.conn(), db.lock_wait(), |conn| {
             let mut group = waiting.take().into_iter().flatten();
             for work in group.by_ref() {
                 let (handover, failed) = work.run(conn);
@@ -415,21 +416,14 @@ struct Writing {
     synchronous: i32,
 }
 
-/// How long a Postgres writer's statement waits for a lock before its group is
-/// rolled back and run again ([`Database::write_retrying`]). Two writers' groups can
-/// lock the same customer and access rows in opposite orders (a group orders its work
-/// by event id only): Postgres would break that deadlock only after its
-/// `deadlock_timeout` (1 s by default), both groups stalled meanwhile. A wait between
-/// groups lasts a commit (milliseconds); one this long is a deadlock, or another
-/// transaction holding the mirror's rows (or a table, as DDL does) for long.
-#[cfg(feature = "postgres")]
-const POSTGRES_LOCK_WAIT: &str = "250ms";
-
 /// Runs a group in one transaction: [`Conn::write`], but on Postgres with its lock
-/// wait bounded ([`POSTGRES_LOCK_WAIT`]) by a `SET LOCAL` sent with the `BEGIN` (one
-/// round trip, and nothing left on the connection after the transaction).
+/// wait bounded (`lock_wait`, [`super::DEFAULT_LOCK_WAIT`]) by a `SET LOCAL` sent with
+/// the `BEGIN` (one round trip, and nothing left on the connection after the
+/// transaction). A group that waited too long is rolled back and run again
+/// ([`Database::write_retrying`]).
 fn group_transaction<R>(
     conn: &mut Conn<'_>,
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))] lock_wait: std::time::Duration,
     f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
 ) -> Result<R> {
     match conn {
@@ -437,7 +431,8 @@ fn group_transaction<R>(
         Conn::Postgres(c) => {
             use diesel::connection::{AnsiTransactionManager, TransactionManager};
             let c: &mut diesel::PgConnection = c;
-            let begin = format!("BEGIN; SET LOCAL lock_timeout = '{POSTGRES_LOCK_WAIT}'");
+            let wait = lock_wait.as_millis();
+            let begin = format!("BEGIN; SET LOCAL lock_timeout = '{wait}ms'");
             AnsiTransactionManager::begin_transaction_sql(c, &begin)?;
             match f(&mut Conn::Postgres(c)) {
                 Ok(value) => {

@@ -46,6 +46,14 @@ pub enum Backend {
     Postgres,
 }
 
+/// How long a Postgres writer's statement waits for a row lock by default: two
+/// writers' groups can lock the same customer and access rows in opposite orders (a
+/// group orders its work by event id only), and Postgres would break that deadlock
+/// only after its `deadlock_timeout` (1 s), both groups stalled meanwhile. A wait
+/// between groups lasts a commit (milliseconds); one this long is a deadlock, or
+/// another transaction holding the mirror's rows (or a table, as DDL does) for long.
+pub(crate) const DEFAULT_LOCK_WAIT: Duration = Duration::from_millis(250);
+
 /// A borrowed connection of either backend.
 pub(crate) enum Conn<'a> {
     #[cfg(feature = "sqlite")]
@@ -176,6 +184,9 @@ pub(crate) struct Database {
     pool: Pool,
     /// The group-commit writer ([`batch`]).
     batcher: batch::Batcher,
+    /// How long a Postgres writer's statement waits for a row lock
+    /// ([`Config::postgres_lock_wait`](crate::Config::postgres_lock_wait)).
+    lock_wait: Duration,
 }
 
 /// The SQLite settings the mirror relies on, as an r2d2 connection customizer: WAL
@@ -279,7 +290,21 @@ impl Database {
         Database {
             pool,
             batcher: Default::default(),
+            lock_wait: DEFAULT_LOCK_WAIT,
         }
+    }
+
+    /// The same pool with Postgres writers waiting at most `wait` for a row lock
+    /// (zero: as long as Postgres lets them). Set before the first write.
+    pub(crate) fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// How long a Postgres writer's statement waits for a lock.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn lock_wait(&self) -> Duration {
+        self.lock_wait
     }
 
     /// Which database, for messages: the backend (the pool does not keep its URL).
@@ -339,6 +364,7 @@ impl Database {
         Ok(Database {
             pool,
             batcher: Default::default(),
+            lock_wait: DEFAULT_LOCK_WAIT,
         })
     }
 
