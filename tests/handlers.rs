@@ -384,3 +384,38 @@ async fn an_event_that_failed_to_mirror_keeps_its_handlers_due_through_a_cli_rep
         assert_eq!(runs.load(Ordering::SeqCst), 0);
     }
 }
+
+/// A handler sees how many times processing of its event started
+/// ([`Event::attempts`]): 1 on the first delivery, one more on each redelivery and
+/// replay, so it can give up or escalate after a few.
+#[tokio::test]
+async fn a_handler_sees_the_attempt_it_runs_in() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let webhooks = Webhooks::new().on("product.created", {
+            let seen = seen.clone();
+            move |e: Event, _m: Mirror| {
+                let seen = seen.clone();
+                async move {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(e.attempts);
+                    match seen.len() {
+                        1 | 2 => Err(HandlerError::from("not yet")),
+                        _ => Ok(()),
+                    }
+                }
+            }
+        });
+        let ev = product_event("evt_attempts");
+        assert_eq!(webhooks.receive(&m, post(&ev)).await.status, 500);
+        assert_eq!(webhooks.receive(&m, post(&ev)).await.status, 500);
+        let failed = EventFilter {
+            failed: true,
+            ..Default::default()
+        };
+        let report = webhooks.process_events(&m, &failed).await.unwrap();
+        assert_eq!(report.processed, 1, "{}: {report:?}", b.name);
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 3], "{}", b.name);
+    }
+}

@@ -729,11 +729,13 @@ async fn a_refetch_answered_404_tombstones_the_object_and_finishes_the_event() {
             "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_webhook_deliveries WHERE event_id = 'evt_gone' AND outcome = 'processed' AND status_code = 200",
         );
         assert_eq!(finished, 1, "{}", b.name);
-        // A redelivery is a duplicate: nothing fails forever.
+        // A redelivery is a duplicate: nothing fails forever, and Stripe is not asked
+        // again (a failing API would have made it a 5xx).
         assert_eq!(
             webhooks.receive(&m, post(&ev)).await.outcome,
             Outcome::Duplicate
         );
+        assert_eq!(*hits.lock().unwrap(), 1, "{}: asked again", b.name);
     }
 }
 

@@ -23,7 +23,8 @@ pub struct Event {
     pub api_version: Option<String>,
     /// Unix time Stripe created the event: the freshness stamp of its data.
     pub created: i64,
-    /// How many times processing was started.
+    /// How many times processing was started, this time included: 1 in the handlers
+    /// of a first delivery, one more on each redelivery or replay that runs them.
     pub attempts: i32,
     /// The whole event JSON.
     pub raw: Value,
@@ -314,15 +315,20 @@ pub(crate) fn insert_and_claim(
             settled,
         });
     }
-    let current: String = on_conn!(conn, c => stripe_events::table
-        .find(&event.id)
-        .select(stripe_events::status)
-        .first(c))?;
-    Ok(if current == status::PROCESSED {
-        Claim::Done
-    } else {
-        Claim::Busy
+    Ok(match is_processed(conn, &event.id)? {
+        true => Claim::Done,
+        false => Claim::Busy,
     })
+}
+
+/// Whether event `id` is stored and processed: a redelivery of it has nothing to do.
+pub(crate) fn is_processed(conn: &mut Conn<'_>, id: &str) -> Result<bool> {
+    let current: Option<String> = on_conn!(conn, c => stripe_events::table
+        .find(id)
+        .select(stripe_events::status)
+        .first(c)
+        .optional())?;
+    Ok(current.as_deref() == Some(status::PROCESSED))
 }
 
 /// Claims a row [`insert_and_claim`] stored settled (in the same transaction) once its

@@ -222,6 +222,11 @@ impl Webhooks {
                 move |conn: &mut crate::db::Conn<'_>| {
                     let step = match (checked, refetch) {
                         (Err(failure), _) => Step::Answer(Err(failure)),
+                        // A redelivery of a processed event is a duplicate, answered
+                        // without asking Stripe (which may be down or rate limiting).
+                        (Ok(event), Some(_)) if event::is_processed(conn, &event.id)? => {
+                            Step::Answer(Ok(Outcome::Duplicate))
+                        }
                         // The API call must not sit inside a transaction: claim after it.
                         (Ok(event), Some(target)) => Step::Refetch(event, target),
                         (Ok(event), None) => this.claim(conn, event, (t, lease))?,
@@ -420,6 +425,11 @@ impl Webhooks {
         Ok(
             match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
+                    // The handlers see this claim's count, the first one 1.
+                    let event = Event {
+                        attempts: work.token,
+                        ..event
+                    };
                     Step::Handlers(event, work)
                 }
                 Ok(Progress::Claimed(_)) => Step::Answer(Ok(Outcome::Processed)),

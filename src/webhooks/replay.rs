@@ -99,6 +99,11 @@ impl Webhooks {
                 }
                 Err(err) => return Err(err),
             };
+            // The handlers see this claim's count.
+            let event = Event {
+                attempts: work.token,
+                ..event
+            };
             let mut fetched = Ok(());
             if let Some((table, id)) = work.follow_up.clone() {
                 fetched = follow_up(mirror, &event, &mut work, table, &id).await;
