@@ -739,6 +739,26 @@ async fn a_refetch_answered_404_tombstones_the_object_and_finishes_the_event() {
     }
 }
 
+/// A row of the other mode (a database shared by a live and a test instance): a
+/// test key's fetch is answered 404, which says only that the key cannot see it. The
+/// sync fails and the row stays as it was, never tombstoned for good.
+#[tokio::test]
+async fn a_404_for_a_row_of_the_other_mode_does_not_tombstone_it() {
+    for b in backends() {
+        let (base, hits) = stripe_stub(vec![]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let live = json!({"id": "cus_live", "object": "customer", "livemode": true,
+                          "email": "live@example.com", "created": now()});
+        Customer::sync_from_stripe_data(&m, &live).await.unwrap();
+        let synced = Customer::sync(&m, "cus_live").await;
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+        assert!(synced.is_err(), "{}: {synced:?}", b.name);
+        let c = Customer::get(&m, "cus_live").await.unwrap().unwrap();
+        assert!(!c.deleted, "{}: {c:?}", b.name);
+        assert_eq!(c.email.as_deref(), Some("live@example.com"), "{}", b.name);
+    }
+}
+
 /// A re-fetch of a deleted object answered with something that is not an object (a
 /// fake Stripe's odd answer): a clear 400 for that delivery, stored failed, no panic.
 #[tokio::test]

@@ -142,6 +142,14 @@ pub(crate) struct Seen {
     data: String,
 }
 
+impl Seen {
+    /// The held object's mode (`livemode` of its data).
+    pub(crate) fn livemode(&self) -> Option<bool> {
+        let data: Value = serde_json::from_str(&self.data).ok()?;
+        data.get("livemode")?.as_bool()
+    }
+}
+
 impl Stamp {
     /// Data fetched from the API (or handed in by the host) at `at`.
     pub(crate) fn fetched(at: i64) -> Stamp {
