@@ -931,6 +931,62 @@ async fn a_checkout_link_locks_in_the_order_customer_events_do() {
     assert_eq!(linked.subscriber_id.as_deref(), Some("user-7"));
 }
 
+/// Two writes move one customer to two subscribers at once on Postgres: the one that
+/// commits second reads the subscriber the first one left it with (it waits for the
+/// row), so that subscriber is marked too and its hook is told it lost access. Read
+/// before the wait, the mark went to the subscriber both writes moved it from.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_customer_moved_twice_at_once_marks_every_subscriber_it_left() {
+    use diesel::connection::SimpleConnection;
+    let (m, mut other) = postgres_and_another_writer().await;
+    let webhooks = Webhooks::new();
+    let t = now();
+    let customer = |subscriber: &str| {
+        json!({"id": "cus_moved", "object": "customer", "created": t - 100,
+               "metadata": {"stripe_mirror_subscriber": subscriber}})
+    };
+    let created = event(
+        "evt_moved_0",
+        "customer.created",
+        t - 100,
+        customer("user-0"),
+        None,
+    );
+    deliver(&webhooks, &m, &created).await;
+    // The other writer moves it to user-b and has not committed yet.
+    other
+        .batch_execute(
+            "BEGIN; UPDATE stripe_customers SET subscriber_id = 'user-b' WHERE id = 'cus_moved';",
+        )
+        .unwrap();
+    let moved = event(
+        "evt_moved_a",
+        "customer.updated",
+        t,
+        customer("user-a"),
+        None,
+    );
+    let delivered = deliver_while_held(&webhooks, &m, moved).await;
+    other.batch_execute("COMMIT").unwrap();
+    let answer = delivered.await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Processed, "{:?}", answer.error);
+    let marked = |subscriber: &str| {
+        sql_number(
+            m.config(),
+            &format!(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM stripe_access WHERE subscriber_id = '{subscriber}' AND dirty"
+            ),
+        )
+    };
+    assert_eq!(marked("user-a"), 1, "the subscriber it moved to");
+    assert_eq!(
+        marked("user-b"),
+        1,
+        "the subscriber the other write left it with"
+    );
+}
+
 #[tokio::test]
 async fn checkout_never_moves_a_customer_to_another_subscriber() {
     for b in backends() {

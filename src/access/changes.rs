@@ -277,11 +277,16 @@ pub(crate) fn before_write(
             roles: None,
         }),
         AccessLink::ProductRoles => {
-            let data: Option<String> = on_conn!(conn, c => stripe_products::table
+            let query = stripe_products::table
                 .find(&row.id)
-                .select(stripe_products::data)
-                .first(c)
-                .optional())?;
+                .select(stripe_products::data);
+            let data: Option<String> = match conn {
+                #[cfg(feature = "sqlite")]
+                Conn::Sqlite(c) => query.first(&mut **c).optional()?,
+                // Locked, as in `subscriber_of`.
+                #[cfg(feature = "postgres")]
+                Conn::Postgres(c) => query.for_update().first(&mut **c).optional()?,
+            };
             Some(Before {
                 subscriber: None,
                 roles: data.map(|d| super::roles_in(&d)),
@@ -329,12 +334,20 @@ pub(crate) fn after_write(
     Ok(())
 }
 
+/// The customer's subscriber as the write about to change the row sees it.
 fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>> {
-    let found: Option<(Option<String>, bool)> = on_conn!(conn, c => stripe_customers::table
+    let query = stripe_customers::table
         .find(customer)
-        .select((stripe_customers::subscriber_id, stripe_customers::livemode))
-        .first(c)
-        .optional())?;
+        .select((stripe_customers::subscriber_id, stripe_customers::livemode));
+    let found: Option<(Option<String>, bool)> = match conn {
+        // SQLite's writers run one at a time: the row cannot change until the commit.
+        #[cfg(feature = "sqlite")]
+        Conn::Sqlite(c) => query.first(&mut **c).optional()?,
+        // Locked until the commit: a concurrent write of the row commits first and is
+        // read here (the subscriber it moved the customer to is the one left), or waits.
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(c) => query.for_update().first(&mut **c).optional()?,
+    };
     Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
 }
 
