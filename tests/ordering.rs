@@ -759,6 +759,72 @@ async fn a_404_for_a_row_of_the_other_mode_does_not_tombstone_it() {
     }
 }
 
+/// Products (and legacy plans) take ids of the caller's choosing, so a deleted one can
+/// be made again under its id. It comes back from its `product.created` event of a
+/// later second, or from a fetch asked for once the deletion was stored; a late update
+/// of the deleted one still cannot bring it back.
+#[tokio::test]
+async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
+    for b in backends() {
+        let product = |id: &str, name: &str| json!({"id": id, "object": "product", "name": name, "active": true, "livemode": false});
+        let (base, hits) = stripe_stub(vec![(
+            "/v1/products/prod_again_f",
+            200,
+            product("prod_again_f", "Fetched again"),
+        )])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = now();
+        for id in ["prod_again", "prod_again_f"] {
+            let (made, gone) = (format!("evt_{id}_made"), format!("evt_{id}_gone"));
+            deliver(
+                &webhooks,
+                &m,
+                &event(
+                    &made,
+                    "product.created",
+                    t - 100,
+                    product(id, "First"),
+                    None,
+                ),
+            )
+            .await;
+            deliver(
+                &webhooks,
+                &m,
+                &event(&gone, "product.deleted", t - 50, product(id, "First"), None),
+            )
+            .await;
+        }
+        let late = event(
+            "evt_late",
+            "product.updated",
+            t - 40,
+            product("prod_again", "Late"),
+            None,
+        );
+        deliver(&webhooks, &m, &late).await;
+        let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
+        assert!(p.deleted, "{}: a late update: {p:?}", b.name);
+        let again = event(
+            "evt_again",
+            "product.created",
+            t - 10,
+            product("prod_again", "Second"),
+            None,
+        );
+        deliver(&webhooks, &m, &again).await;
+        let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
+        assert!(!p.deleted, "{}: made again: {p:?}", b.name);
+        assert_eq!(p.name.as_deref(), Some("Second"), "{}", b.name);
+        let fetched = Product::sync(&m, "prod_again_f").await.unwrap();
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+        assert!(!fetched.deleted, "{}: fetched again: {fetched:?}", b.name);
+        assert_eq!(fetched.name.as_deref(), Some("Fetched again"), "{}", b.name);
+    }
+}
+
 /// A re-fetch of a deleted object answered with something that is not an object (a
 /// fake Stripe's odd answer): a clear 400 for that delivery, stored failed, no panic.
 #[tokio::test]

@@ -77,6 +77,8 @@ pub(crate) struct Statements {
     forced: String,
     /// Marks the row deleted whatever its stamp.
     delete: String,
+    /// The upsert with no condition: an object made again under a deleted one's id.
+    revive: String,
 }
 
 /// Where written data comes from. Orders writes that share a stamp (Stripe stamps
@@ -399,7 +401,8 @@ impl MirrorTable {
             } else {
                 "TRUE".to_owned()
             };
-            let upsert = format!("{insert}{} WHERE {live}", sets.join(", "));
+            let revive = format!("{insert}{}", sets.join(", "));
+            let upsert = format!("{revive} WHERE {live}");
             Statements {
                 // Newer stamp, or the same stamp from a later source; an update and a
                 // fetch (or two of either) in one second are left to `settle_tie`.
@@ -414,6 +417,7 @@ impl MirrorTable {
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
                      stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END"
                 ),
+                revive,
             }
         })
     }
@@ -458,18 +462,36 @@ impl MirrorTable {
         let Some(current) = self.current(conn, &row.id)? else {
             return Ok(Written::Kept);
         };
+        // The row as it is, the same as the row a fetch saw before it was asked for.
+        let unchanged = |seen: &Seen| {
+            (seen.stamp, seen.rank, seen.data.as_str())
+                == (current.stamp, current.stamp_rank, current.data.as_str())
+        };
+        if current.deleted && self.final_tombstones {
+            // Final against anything from before the deletion or of its second. Products
+            // and plans take ids of the caller's choosing, so an object can be made
+            // again under a deleted one's id: a `*.created` event of a later second, or
+            // a fetch asked for once the tombstone was stored (Stripe had deleted the
+            // object by then, so a live answer is the new one), bring the row back.
+            let remade = !row.deleted
+                && match row.stamp.source {
+                    Source::Created => row.stamp.at > current.stamp,
+                    Source::Fetched => row.stamp.settles.as_ref().is_some_and(unchanged),
+                    Source::Updated | Source::Deleted => false,
+                };
+            if !remade {
+                return Ok(Written::Kept);
+            }
+            execute(conn, &self.statements().revive, binds)?;
+            return Ok(Written::Applied);
+        }
         let in_play = |s: Option<Source>| matches!(s, Some(Source::Updated | Source::Fetched));
         let tie = current.stamp == row.stamp.at
-            && !(current.deleted && self.final_tombstones)
             && in_play(Some(row.stamp.source))
             && in_play(Source::from_rank(current.stamp_rank));
         if !tie {
             return Ok(Written::Kept);
         }
-        let unchanged = |seen: &Seen| {
-            (seen.stamp, seen.rank, seen.data.as_str())
-                == (current.stamp, current.stamp_rank, current.data.as_str())
-        };
         if row.stamp.settles.as_ref().is_some_and(unchanged) {
             execute(conn, &self.statements().forced, binds)?;
             return Ok(Written::Applied);
