@@ -391,6 +391,64 @@ async fn features_follow_the_entitlement_summary_then_product_features() {
     }
 }
 
+/// One database for both modes (`STRIPE_LIVE_MODE` moves an app between them): a
+/// product id of your choosing exists in each, with its own features. A live
+/// subscriber gets only what the live product's features grant, never the test ones.
+#[tokio::test]
+async fn product_features_of_the_other_mode_grant_nothing() {
+    for b in backends() {
+        let features = json!({"object": "list", "has_more": false, "data": [
+            {"id": "prodft_both", "object": "product_feature", "livemode": false,
+             "entitlement_feature": {"id": "feat_x", "object": "entitlements.feature", "lookup_key": "exports"}}]});
+        let (base, _) =
+            common::stripe_stub(vec![("/v1/products/prod_both/features", 200, features)]).await;
+        let test = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        ProductFeature::sync_for_product(&test, "prod_both")
+            .await
+            .unwrap();
+        customer(&test, "cus_both_test", "both-test").await;
+        subscription(
+            &test,
+            "sub_both_test",
+            "cus_both_test",
+            "active",
+            &["prod_both"],
+            json!({}),
+        )
+        .await;
+        assert!(
+            has_feature(&test, "both-test", "exports").await.unwrap(),
+            "{}: the test subscriber",
+            b.name
+        );
+        let live = Mirror::connect(config(&b, None).live_mode(true))
+            .await
+            .unwrap();
+        Customer::sync_from_stripe_data(
+            &live,
+            &json!({"id": "cus_both_live", "object": "customer", "created": 1, "livemode": true,
+                    "metadata": {"stripe_mirror_subscriber": "both-live"}}),
+        )
+        .await
+        .unwrap();
+        let live_sub = json!({"livemode": true});
+        subscription(
+            &live,
+            "sub_both_live",
+            "cus_both_live",
+            "active",
+            &["prod_both"],
+            live_sub,
+        )
+        .await;
+        assert!(
+            !has_feature(&live, "both-live", "exports").await.unwrap(),
+            "{}: a test-mode feature granted a live subscriber",
+            b.name
+        );
+    }
+}
+
 /// One request the stub received.
 #[derive(Clone, Debug)]
 struct Seen {

@@ -484,7 +484,7 @@ pub(crate) fn compute(
         .select(stripe_entitlement_summaries::lookup_keys)
         .load(c))?;
     let mut features: Vec<String> = if summaries.is_empty() {
-        ProductFeature::for_products(conn, &products)?
+        ProductFeature::for_products(conn, &products, live)?
             .into_iter()
             .filter_map(|f| f.lookup_key)
             .collect()

@@ -339,7 +339,7 @@ impl Gate {
                     .any(|keys| keys.split(',').any(|k| k == feature)),
                 true => {
                     let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-                    let features = ProductFeature::for_products(conn, &all)?;
+                    let features = ProductFeature::for_products(conn, &all, live)?;
                     let granting: Vec<String> = features
                         .into_iter()
                         .filter(|f| f.lookup_key.as_deref() == Some(feature.as_str()))

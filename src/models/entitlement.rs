@@ -187,8 +187,11 @@ impl ProductFeature {
 
     /// Fetches a product's features (`GET /v1/products/{id}/features`) and mirrors
     /// them; features no longer attached become tombstones. Returns the live ones.
+    /// Only the mirror's mode is touched: a product id of your choosing can exist in
+    /// both modes, each with its own features.
     pub async fn sync_for_product(mirror: &Mirror, product_id: &str) -> Result<Vec<Self>> {
         let client = mirror.stripe().await?;
+        let live = mirror.live_mode();
         let path = format!("/products/{product_id}/features");
         let mut query = json!({ "limit": 100 });
         let mut rows = Vec::new();
@@ -210,7 +213,7 @@ impl ProductFeature {
                 // The object does not name its product: the listing does.
                 feature["product"] = json!(product_id);
                 rows.push((
-                    PRODUCT_FEATURES.row(&feature, Stamp::fetched(page.at), None)?,
+                    PRODUCT_FEATURES.row(&feature, Stamp::fetched(page.at), Some(live))?,
                     feature,
                 ));
             }
@@ -233,26 +236,28 @@ impl ProductFeature {
                     for (row, feature) in &rows {
                         PRODUCT_FEATURES.write(c, row, feature)?;
                     }
-                    let mut sql = "UPDATE stripe_product_features SET deleted = TRUE WHERE product_id = ? AND deleted = FALSE".to_owned();
-                    let mut binds = vec![SqlValue::Text(Some(product.clone()))];
+                    let mut sql = "UPDATE stripe_product_features SET deleted = TRUE WHERE product_id = ? AND livemode = ? AND deleted = FALSE".to_owned();
+                    let mut binds = vec![SqlValue::Text(Some(product.clone())), SqlValue::Bool(Some(live))];
                     if !rows.is_empty() {
                         sql.push_str(&format!(" AND id NOT IN ({})", vec!["?"; rows.len()].join(", ")));
                         binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
                     }
                     execute(c, &sql, &binds)?;
-                    Self::for_products(c, std::slice::from_ref(&product))
+                    Self::for_products(c, std::slice::from_ref(&product), live)
                 })
             })
             .await
     }
 
-    /// The live features of these products.
+    /// The features (not detached) of these products in a mode.
     pub(crate) fn for_products(
         conn: &mut crate::db::Conn<'_>,
         products: &[String],
+        live: bool,
     ) -> Result<Vec<Self>> {
         Ok(on_conn!(conn, c => stripe_product_features::table
             .filter(stripe_product_features::product_id.eq_any(products))
+            .filter(stripe_product_features::livemode.eq(live))
             .filter(stripe_product_features::deleted.eq(false))
             .order(stripe_product_features::id.asc())
             .select(ProductFeature::as_select())
