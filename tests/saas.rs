@@ -449,6 +449,23 @@ async fn product_features_of_the_other_mode_grant_nothing() {
     }
 }
 
+/// An empty subscriber id is refused before Stripe is asked: Stripe drops an empty
+/// metadata value, so the customer could never be found again and every call would
+/// make another one.
+#[tokio::test]
+async fn a_customer_is_never_made_for_an_empty_subscriber_id() {
+    for b in backends() {
+        let (base, hits) = common::stripe_stub(vec![]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        for empty in ["", "  "] {
+            let refused = Customer::get_or_create(&m, &User(empty)).await;
+            let err = refused.expect_err("an empty subscriber id");
+            assert!(err.to_string().contains("subscriber id is empty"), "{err}");
+        }
+        assert_eq!(*hits.lock().unwrap(), 0, "{}: Stripe was asked", b.name);
+    }
+}
+
 /// One request the stub received.
 #[derive(Clone, Debug)]
 struct Seen {

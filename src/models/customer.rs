@@ -23,7 +23,8 @@ pub const SUBSCRIBER_METADATA_KEY: &str = "stripe_mirror_subscriber";
 /// }
 /// ```
 pub trait Subscriber {
-    /// A stable id for this user, unique in the host app.
+    /// A stable id for this user, unique in the host app, not empty (Stripe drops an
+    /// empty metadata value, so the customer could never be found by it again).
     fn subscriber_id(&self) -> String;
     /// The email to put on the Stripe customer.
     fn email(&self) -> Option<String>;
@@ -192,6 +193,14 @@ impl Customer {
     /// ```
     pub async fn get_or_create(mirror: &Mirror, subscriber: &impl Subscriber) -> Result<Customer> {
         let id = subscriber.subscriber_id();
+        if id.trim().is_empty() {
+            // Stripe drops empty metadata: every call would create another customer.
+            return Err(Error::Config(
+                "the subscriber id is empty: Subscriber::subscriber_id must return your user's \
+                 id, which finds their Stripe customer again"
+                    .into(),
+            ));
+        }
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {
             return Ok(found);
         }
