@@ -466,6 +466,48 @@ async fn a_customer_is_never_made_for_an_empty_subscriber_id() {
     }
 }
 
+/// The customer's own checks and the gate read the same clock (`Config::clock`): at a
+/// time past the subscription's cancellation date they both deny, before it they both
+/// grant.
+#[tokio::test]
+async fn the_customer_checks_and_the_gate_read_the_mirrors_clock() {
+    for b in backends() {
+        for (at, valid) in [(FAR - 10, true), (FAR + 10, false)] {
+            let mut config = config(&b, None);
+            config.clock = stripe_mirror::Clock::from_fn(move || at);
+            let m = Mirror::connect(config).await.unwrap();
+            customer(&m, "cus_clock", "clock-user").await;
+            subscription(
+                &m,
+                "sub_clock",
+                "cus_clock",
+                "active",
+                &["prod_clock"],
+                json!({"cancel_at": FAR}),
+            )
+            .await;
+            let c = Customer::by_subscriber(&m, "clock-user")
+                .await
+                .unwrap()
+                .unwrap();
+            let gate = require_subscription("clock-user").check(&m).await.unwrap();
+            assert_eq!(gate.is_ok(), valid, "{}: the gate at {at}", b.name);
+            assert_eq!(
+                c.has_valid_subscription(&m).await.unwrap(),
+                valid,
+                "{}: has_valid_subscription at {at}",
+                b.name
+            );
+            assert_eq!(
+                c.subscription(&m).await.unwrap().is_some(),
+                valid,
+                "{}",
+                b.name
+            );
+        }
+    }
+}
+
 /// One request the stub received.
 #[derive(Clone, Debug)]
 struct Seen {

@@ -245,10 +245,12 @@ impl Customer {
         Subscription::for_customer(mirror, &self.id).await
     }
 
-    /// The subscriptions that grant access now ([`Subscription::is_valid`]).
+    /// The subscriptions that grant access now ([`Subscription::is_valid_at`] the
+    /// mirror's clock, as the gate reads it).
     pub async fn valid_subscriptions(&self, mirror: &Mirror) -> Result<Vec<Subscription>> {
         let mut subs = self.subscriptions(mirror).await?;
-        subs.retain(Subscription::is_valid);
+        let now = mirror.now();
+        subs.retain(|s| s.is_valid_at(now));
         Ok(subs)
     }
 
