@@ -364,6 +364,8 @@ impl Config {
         };
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let secret = |name: &str| get(name).map(|v| Secret::new(v.trim()));
+        // A `.env` written on Windows ends each value with `\r`.
+        let text = |name: &str| get(name).map(|v| v.trim().to_owned());
         let live_mode = match get("STRIPE_LIVE_MODE").as_deref().map(str::trim) {
             None => false,
             Some(v) if ["1", "true", "yes", "on"].contains(&v.to_ascii_lowercase().as_str()) => {
@@ -379,13 +381,13 @@ impl Config {
             }
         };
         Ok(Config {
-            database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            database_url: text("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             live_mode,
             secret_key: secret("STRIPE_SECRET_KEY"),
             test_secret_key: secret("STRIPE_TEST_SECRET_KEY"),
             live_secret_key: secret("STRIPE_LIVE_SECRET_KEY"),
-            test_publishable_key: get("STRIPE_TEST_PUBLISHABLE_KEY"),
-            live_publishable_key: get("STRIPE_LIVE_PUBLISHABLE_KEY"),
+            test_publishable_key: text("STRIPE_TEST_PUBLISHABLE_KEY"),
+            live_publishable_key: text("STRIPE_LIVE_PUBLISHABLE_KEY"),
             webhook_secrets: get("STRIPE_WEBHOOK_SECRET")
                 .map(|v| {
                     v.split(',')
@@ -414,7 +416,7 @@ impl Config {
                 })
                 .transpose()?
                 .unwrap_or_default(),
-            api_base: get("STRIPE_API_BASE"),
+            api_base: text("STRIPE_API_BASE"),
             ..Config::default()
         })
     }
@@ -528,6 +530,29 @@ mod tests {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         }
+    }
+
+    /// A `.env` written on Windows ends each value with `\r`: the publishable key a
+    /// page gets, the database URL and the API base are read without it.
+    #[test]
+    fn values_are_read_without_the_line_ends_of_a_windows_env_file() {
+        let c = Config::from_lookup(lookup(&[
+            ("STRIPE_TEST_PUBLISHABLE_KEY", "pk_test_fromwindows0000\r\n"),
+            ("STRIPE_LIVE_PUBLISHABLE_KEY", " pk_live_fromwindows0000\r"),
+            ("DATABASE_URL", "sqlite://app.db\r"),
+            ("STRIPE_API_BASE", "http://127.0.0.1:8420/\r"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.test_publishable_key.as_deref(),
+            Some("pk_test_fromwindows0000")
+        );
+        assert_eq!(
+            c.live_publishable_key.as_deref(),
+            Some("pk_live_fromwindows0000")
+        );
+        assert_eq!(c.database_url, "sqlite://app.db");
+        assert_eq!(c.api_base.as_deref(), Some("http://127.0.0.1:8420/"));
     }
 
     #[test]

@@ -275,6 +275,35 @@ async fn api_keys_are_stored_once_and_never_shown() {
     }
 }
 
+/// A restricted key (`rk_`, which the environment variables also take) stored in the
+/// database serves when no secret key is stored or set.
+#[tokio::test]
+async fn a_stored_restricted_key_serves_without_a_secret_key() {
+    for b in backends() {
+        let m = Mirror::connect(b.config.clone()).await.unwrap();
+        let key = ApiKey::get_or_create(&m, "rk_test_51Hrestrictedkey00000rk01")
+            .await
+            .unwrap();
+        assert_eq!(key.kind, ApiKeyKind::Restricted, "{}", b.name);
+        assert_eq!(
+            ApiKey::default_secret_key(&m).await.unwrap().expose(),
+            "rk_test_51Hrestrictedkey00000rk01",
+            "{}",
+            b.name
+        );
+        // A stored secret key comes first.
+        ApiKey::get_or_create(&m, "sk_test_51Hsecretkey0000000000sk01")
+            .await
+            .unwrap();
+        assert_eq!(
+            ApiKey::default_secret_key(&m).await.unwrap().expose(),
+            "sk_test_51Hsecretkey0000000000sk01",
+            "{}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn no_key_at_all_says_how_to_add_one() {
     for b in backends() {

@@ -366,7 +366,8 @@ impl ApiKey {
 
     /// The secret key for the mirror's current mode: a stored secret key first, then
     /// `STRIPE_SECRET_KEY`, then `STRIPE_TEST_SECRET_KEY` / `STRIPE_LIVE_SECRET_KEY`,
-    /// each only if it is a key of this mode. An environment key of the other mode
+    /// each only if it is a key of this mode, then a stored restricted key (`rk_`, as
+    /// the environment variables also take). An environment key of the other mode
     /// (with none of this one) is [`Error::Config`], naming the variable: using it
     /// would act on the other mode's data.
     pub async fn default_secret_key(mirror: &Mirror) -> Result<Secret> {
@@ -375,10 +376,16 @@ impl ApiKey {
             return Ok(key.secret);
         }
         let config = mirror.config();
+        if let Some(key) = config.env_secret_key() {
+            return Ok(key.clone());
+        }
+        if let Some(key) = Self::latest(mirror, ApiKeyKind::Restricted, live).await? {
+            return Ok(key.secret);
+        }
         if let Some(refused) = config.env_secret_key_refused() {
             return Err(Error::Config(refused));
         }
-        config.env_secret_key().cloned().ok_or(if live {
+        Err(if live {
             Error::NoApiKey {
                 mode: "live",
                 env: "LIVE",
