@@ -31,9 +31,10 @@ async fn main() -> Result<(), stripe_mirror::Error> {
         .api_base
         .clone()
         .unwrap_or_else(|| "https://api.stripe.com/".into());
+    // Redacted: a Postgres URL may hold a password.
     println!(
         "database {}, Stripe API {api}",
-        mirror.config().database_url
+        mirror.config().database_url_redacted()
     );
 
     let catalogue = bootstrap_demo_products(&mirror).await?;
