@@ -11,9 +11,13 @@ if [ -n "${STRIPE_TEST_SECRET_KEY:-}" ]; then
   exec cargo run --example quickstart
 fi
 
-trap 'scripts/localstripe.sh stop' EXIT
 PORT="${STRIPE_MIRROR_DEMO_PORT:-8425}"
-export STRIPE_API_BASE=$(scripts/localstripe.sh start "$PORT")
+# Only the demo's own localstripe is stopped after (a test run's keeps its own port).
+trap 'scripts/localstripe.sh stop "$PORT"' EXIT
+# Assigned before it is exported: a failed start stops the demo here (an empty
+# STRIPE_API_BASE would send it to api.stripe.com).
+STRIPE_API_BASE=$(scripts/localstripe.sh start "$PORT")
+export STRIPE_API_BASE
 export STRIPE_SECRET_KEY=sk_test_localstripedemo0000
 # localstripe forgets everything when it stops, so the demo starts from an empty mirror.
 if [ -z "${DATABASE_URL:-}" ]; then

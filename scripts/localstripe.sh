@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (pinned, into .run/venv) and starts or stops localstripe on 127.0.0.1.
 #   scripts/localstripe.sh start [PORT]  -> prints its base URL (default port 8420)
-#   scripts/localstripe.sh stop
+#   scripts/localstripe.sh stop [PORT]  (every one started here, without a port)
 # The same venv holds the official Stripe Python SDK, used by the tests to
 # cross-check webhook signatures.
 set -euo pipefail
@@ -15,7 +15,18 @@ mkdir -p "$RUN"
 
 install() {
   if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import localstripe, stripe" 2>/dev/null; then
-    python3 -m venv "$VENV"
+    if ! python3 -m venv "$VENV" >&2; then
+      # Debian's python3 leaves venv (ensurepip) to its own package.
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "localstripe: installing Debian's python3-venv" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null) >&2
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" >&2
+      else
+        echo "localstripe: python3 cannot make a venv; install python3-venv" >&2
+        exit 1
+      fi
+    fi
     "$VENV/bin/pip" install -q "localstripe==$LOCALSTRIPE_VERSION" "stripe==$STRIPE_SDK_VERSION" >&2
   fi
 }
@@ -29,7 +40,7 @@ case "${1:-}" in
     echo "http://127.0.0.1:$PORT/"
     ;;
   stop)
-    stop_servers localstripe
+    stop_servers localstripe "${2:-}"
     ;;
   *) echo "usage: $0 install|start [PORT]|stop" >&2; exit 2 ;;
 esac

@@ -19,6 +19,16 @@ case "$(realpath -m "$DIR")" in
 esac
 PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
 mkdir -p "$RUN"
+# As root the server runs as `postgres`, which must reach its directory: in a checkout
+# it cannot (one under /root, mode 0700), the data lives under /tmp instead, in a
+# directory named for this checkout.
+if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$RUN" 2>/dev/null; then
+  ELSEWHERE="/tmp/stripe-mirror-pg-$(printf %s "$RUN" | md5sum | cut -c1-12)"
+  mkdir -p "$ELSEWHERE"
+  chmod 755 "$ELSEWHERE"
+  DIR=$(realpath -m "$DIR")
+  DIR="$ELSEWHERE/${DIR#"$RUN"/}"
+fi
 
 find_bin() {
   if command -v initdb >/dev/null 2>&1; then dirname "$(command -v initdb)"; return; fi

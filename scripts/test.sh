@@ -11,15 +11,19 @@ cd "$(dirname "$0")/.."
 cleanup() { scripts/postgres.sh stop || true; scripts/localstripe.sh stop || true; scripts/stripe-mock.sh stop || true; scripts/chromium.sh stop || true; }
 trap cleanup EXIT
 
+# Each assigned before it is exported: `export X=$(...)` would hide a failed start.
 PG_URL=$(scripts/postgres.sh start)
 export STRIPE_MIRROR_TEST_POSTGRES="$PG_URL"
 # localstripe and the official Stripe SDK (pinned, in .run/venv), on 127.0.0.1.
-export STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
+STRIPE_MIRROR_TEST_LOCALSTRIPE=$(scripts/localstripe.sh start 8420)
+export STRIPE_MIRROR_TEST_LOCALSTRIPE
 export STRIPE_MIRROR_TEST_PYTHON="$PWD/.run/venv/bin/python"
 # stripe-stateful-mock (pinned, npm, in .run/ssm), on 127.0.0.1.
-export STRIPE_MIRROR_TEST_STRIPE_MOCK=$(scripts/stripe-mock.sh start 8430)
+STRIPE_MIRROR_TEST_STRIPE_MOCK=$(scripts/stripe-mock.sh start 8430)
+export STRIPE_MIRROR_TEST_STRIPE_MOCK
 # chromedriver and headless Chromium (Debian packages), on 127.0.0.1.
-export STRIPE_MIRROR_TEST_WEBDRIVER=$(scripts/chromium.sh start 9515)
+STRIPE_MIRROR_TEST_WEBDRIVER=$(scripts/chromium.sh start 9515)
+export STRIPE_MIRROR_TEST_WEBDRIVER
 
 # One build of each kind: incremental caches only cost disk here (3 GB of them).
 export CARGO_INCREMENTAL=0
