@@ -40,7 +40,9 @@ pub struct PruneReport {
 /// is kept: Stripe retries an event for up to three days, so an age below
 /// [`MIN_AGE`] is refused with [`Error::Config`](crate::Error::Config) (a redelivery
 /// of a pruned event would run its handlers again). `stripe-mirror prune
-/// --older-than 30d` is a good default.
+/// --older-than 30d` is a good default: Stripe keeps events 30 days, and one resent
+/// by hand (Dashboard, `stripe events resend`) after it was pruned is stored as new
+/// and runs its handlers again.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -69,9 +71,13 @@ pub async fn prune(mirror: &Mirror, older_than: Duration) -> Result<PruneReport>
                     "DELETE FROM stripe_events WHERE status = '{}' AND received_at < {cutoff}",
                     status::PROCESSED
                 );
+                // `NOT EXISTS`, not `NOT IN`: Postgres cannot turn `NOT IN` into an
+                // anti-join, and past its hash memory it scans the events once per
+                // delivery.
                 let deliveries = format!(
                     "DELETE FROM stripe_webhook_deliveries WHERE received_at < {cutoff} \
-                     AND (event_id IS NULL OR event_id NOT IN (SELECT id FROM stripe_events))"
+                     AND (event_id IS NULL OR NOT EXISTS \
+                     (SELECT 1 FROM stripe_events e WHERE e.id = stripe_webhook_deliveries.event_id))"
                 );
                 on_conn!(conn, c => {
                     let events = diesel::sql_query(events).execute(c)?;
