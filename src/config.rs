@@ -115,7 +115,7 @@ pub struct Config {
     /// database's clock). A worker that dies holding a claim delays the event's
     /// redelivery by at most this much; all handlers of an event must end within it
     /// (less a tenth, at most 10 s, to record them), so a handler never runs while
-    /// another worker may have taken the event over.
+    /// another worker may have taken the event over. Taken as 1 s to 30 days.
     pub webhook_claim_lease: Duration,
     /// How long one handler may run (default 60 s, never past the claim lease): past
     /// it the handler is dropped and the event fails with a 500, so Stripe retries it.

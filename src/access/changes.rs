@@ -557,7 +557,7 @@ pub(crate) async fn tell(
     deadline: Option<tokio::time::Instant>,
 ) -> std::result::Result<bool, String> {
     let timeout = mirror.config().webhook_handler_timeout;
-    let lease = timeout.as_secs() as i64 + 10;
+    let lease = crate::webhooks::pipeline::whole_secs(timeout) + 10;
     let waited = tokio::time::Instant::now();
     let mut told = false;
     // Rounds that told (or found nothing to tell); a wait for another worker is no round.

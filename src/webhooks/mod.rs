@@ -17,7 +17,7 @@
 mod builtin;
 pub mod delivery;
 pub mod event;
-mod pipeline;
+pub(crate) mod pipeline;
 pub(crate) mod registry;
 mod replay;
 mod retention;

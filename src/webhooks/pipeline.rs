@@ -575,7 +575,19 @@ async fn record_failed(
 
 /// The claim lease in whole seconds ([`Config::webhook_claim_lease`](crate::Config::webhook_claim_lease)).
 pub(crate) fn lease_secs(mirror: &Mirror) -> i64 {
-    mirror.config().webhook_claim_lease.as_secs().max(1) as i64
+    whole_secs(mirror.config().webhook_claim_lease)
+}
+
+/// The longest claim lease taken: Stripe keeps events 30 days. A longer one (say
+/// `Duration::MAX`) would overflow the database's `now + lease`.
+pub(crate) const MAX_LEASE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// A lease in whole seconds, 1 to [`MAX_LEASE`].
+pub(crate) fn whole_secs(lease: std::time::Duration) -> i64 {
+    let secs = lease
+        .clamp(std::time::Duration::from_secs(1), MAX_LEASE)
+        .as_secs();
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
 /// The answer when a worker's claim ended before its handlers did.
@@ -843,5 +855,25 @@ fn respond(
                 error: Some(f.error),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Any lease a host sets gives a number the database can add to its clock: at
+    /// least 1 s, at most [`MAX_LEASE`] (`Duration::MAX` was -1: every claim expired).
+    #[test]
+    fn a_lease_is_whole_seconds_from_one_to_thirty_days() {
+        assert_eq!(whole_secs(Duration::from_secs(300)), 300);
+        assert_eq!(whole_secs(Duration::ZERO), 1);
+        assert_eq!(whole_secs(Duration::from_millis(1500)), 1);
+        assert_eq!(whole_secs(Duration::MAX), 30 * 24 * 3600);
+        assert_eq!(
+            whole_secs(Duration::from_secs(u64::MAX / 2)),
+            30 * 24 * 3600
+        );
     }
 }
