@@ -419,3 +419,45 @@ async fn a_handler_sees_the_attempt_it_runs_in() {
         assert_eq!(*seen.lock().unwrap(), [1, 2, 3], "{}", b.name);
     }
 }
+
+/// A claim is stamped on the database's clock in whole seconds, truncated on both
+/// backends (Postgres rounded, half a second ahead of the host's clock): read from
+/// inside the handler, the claim's start is never after the second it was read in.
+#[tokio::test]
+async fn a_claim_starts_at_the_database_clocks_whole_second() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let url = m.config().database_url.clone();
+        let webhooks = Webhooks::new().on("product.created", {
+            let seen = seen.clone();
+            move |e: Event, _m: Mirror| {
+                let (seen, url) = (seen.clone(), url.clone());
+                async move {
+                    let started = common::query_count(
+                        &url,
+                        &format!(
+                            "SELECT CAST(claimed_at - 300 AS BIGINT) AS n FROM stripe_events WHERE id = '{}'",
+                            e.id
+                        ),
+                    );
+                    seen.lock().unwrap().push((started, now()));
+                    Ok(())
+                }
+            }
+        });
+        for i in 0..12 {
+            let before = now();
+            let ev = product_event(&format!("evt_clock_{i}"));
+            assert_eq!(webhooks.receive(&m, post(&ev)).await.status, 200);
+            let (started, read) = seen.lock().unwrap().pop().unwrap();
+            assert!(
+                before <= started && started <= read,
+                "{}: a claim made between {before} and {read} starts at {started}",
+                b.name
+            );
+            // Spread over the second, so half of them fall in its second half.
+            tokio::time::sleep(Duration::from_millis(90)).await;
+        }
+    }
+}

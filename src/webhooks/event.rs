@@ -362,7 +362,8 @@ pub(crate) fn database_now(conn: &Conn<'_>) -> &'static str {
         #[cfg(feature = "sqlite")]
         Conn::Sqlite(_) => "unixepoch()",
         #[cfg(feature = "postgres")]
-        Conn::Postgres(_) => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS BIGINT)",
+        // Truncated, as SQLite's `unixepoch()` (a cast alone rounds: half a second on).
+        Conn::Postgres(_) => "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp())) AS BIGINT)",
     }
 }
 
