@@ -738,3 +738,21 @@ fn large_objects_are_stored_lz4_compressed_on_postgres() {
     ) == 1;
     assert_eq!(method, if has_lz4 { "lz4" } else { "pglz" });
 }
+
+/// A NUL character (U+0000) in an object from the API or the host is refused alike on
+/// both backends, as a mapping error naming the object (Postgres cannot store it;
+/// SQLite would have).
+#[tokio::test]
+async fn an_object_holding_a_nul_is_refused_on_both_backends() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let nul = json!({"id": "cus_nul", "object": "customer", "name": "a\u{0}b"});
+        let refused = Customer::sync_from_stripe_data(&m, &nul).await;
+        assert!(
+            matches!(&refused, Err(Error::Mapping { id, .. }) if id == "cus_nul"),
+            "{n}: {refused:?}"
+        );
+        assert!(Customer::get(&m, "cus_nul").await.unwrap().is_none(), "{n}");
+    }
+}

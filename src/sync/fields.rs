@@ -20,6 +20,17 @@ pub(crate) struct Fields<'a> {
     pub deleted: bool,
 }
 
+/// Whether any string or key in `v` holds U+0000: Postgres cannot store it, so it is
+/// refused on every backend alike (an event's whole body, an object's JSON).
+pub(crate) fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 impl<'a> Fields<'a> {
     /// Reads `value` as an object of `kind` with a string id.
     pub fn new(kind: &'static str, value: &'a Value) -> Result<Self> {

@@ -333,6 +333,15 @@ impl MirrorTable {
             _ => value,
         };
         let fields = Fields::new(self.kind, value)?;
+        // From the API or the host (events are checked whole when they arrive).
+        if with_children && super::fields::holds_nul(value) {
+            return Err(Error::mapping(
+                self.kind,
+                fields.id,
+                "<a string>",
+                "holds a NUL character (U+0000), which Postgres cannot store",
+            ));
+        }
         match fields.str("object")? {
             Some(object) if self.accepts.contains(&object.as_str()) => {}
             Some(object) => {

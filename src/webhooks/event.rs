@@ -34,16 +34,6 @@ pub struct Event {
     pub(crate) text: Option<std::sync::Arc<str>>,
 }
 
-/// Whether any string or key in `v` holds U+0000 (refused on every backend alike).
-fn holds_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(a) => a.iter().any(holds_nul),
-        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
-    }
-}
-
 /// What a re-fetch of an event's object found.
 #[derive(Clone, Debug)]
 pub(crate) enum Refetched {
@@ -66,7 +56,7 @@ impl Event {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or("event has no string `type`")?;
-        if holds_nul(&raw) {
+        if crate::sync::fields::holds_nul(&raw) {
             return Err(
                 "event holds a NUL character (U+0000): Stripe never sends one, and Postgres cannot store it",
             );
