@@ -461,3 +461,59 @@ async fn a_claim_starts_at_the_database_clocks_whole_second() {
         }
     }
 }
+
+/// A replay of failed events also takes those a killed worker left `processing` once
+/// their lease has ended, and pages through any number of events (here more than one
+/// page of them), each once, in the order they were created.
+#[tokio::test]
+async fn a_replay_takes_stuck_events_and_pages_through_many() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failing = Arc::new(AtomicUsize::new(1));
+        let webhooks = Webhooks::new().on("product.created", {
+            let (order, failing) = (order.clone(), failing.clone());
+            move |e: Event, _m: Mirror| {
+                let (order, failing) = (order.clone(), failing.clone());
+                async move {
+                    if failing.load(Ordering::SeqCst) > 0 {
+                        return Err(HandlerError::from("not yet"));
+                    }
+                    order.lock().unwrap().push(e.id);
+                    Ok(())
+                }
+            }
+        });
+        let t = now();
+        let ids: Vec<String> = (0..130).map(|i| format!("evt_page_{i:03}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let mut ev = product_event(id);
+            ev["created"] = json!(t - 1000 + i as i64);
+            assert_eq!(webhooks.receive(&m, post(&ev)).await.status, 500);
+        }
+        // A worker killed while it ran the last one: `processing`, its lease over.
+        common::execute_sql(
+            &m.config().database_url,
+            "UPDATE stripe_events SET status = 'processing', claimed_at = 1 WHERE id = 'evt_page_129'",
+        );
+        failing.store(0, Ordering::SeqCst);
+        let failed = EventFilter {
+            failed: true,
+            ..Default::default()
+        };
+        let report = webhooks.process_events(&m, &failed).await.unwrap();
+        assert_eq!(
+            (report.processed, report.failed.len(), report.busy),
+            (130, 0, 0),
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(*order.lock().unwrap(), ids, "{}", b.name);
+        assert_eq!(
+            stored(m.config(), "evt_page_129").0,
+            "processed",
+            "{}",
+            b.name
+        );
+    }
+}

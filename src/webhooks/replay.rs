@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 /// Which stored events [`Webhooks::process_events`] re-runs.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
-    /// Events whose processing failed.
+    /// Events whose processing failed, or stopped: a worker killed while it held the
+    /// event leaves it `processing` until its claim's lease ends, then it counts here.
     pub failed: bool,
     /// These event ids, whatever their status.
     pub ids: Vec<String>,
@@ -48,31 +49,81 @@ impl Webhooks {
         if filter.ids.is_empty() && filter.event_type.is_none() && !filter.failed {
             return Ok(ProcessReport::default());
         }
+        // The ids first (their types filtered here), the events a page at a time: a
+        // month of stored events does not fit in memory.
         let f = filter.clone();
-        let events: Vec<Event> = mirror
+        let ids: Vec<String> = mirror
             .db()
             .run(move |conn| {
                 use crate::db::schema::stripe_events as ev;
                 use diesel::prelude::*;
-                let rows: Vec<event::EventRow> = crate::db::on_conn!(conn, c => {
-                    let mut q = ev::table.select(event::EventRow::as_select()).order((ev::created.asc(), ev::id.asc())).into_boxed();
+                // A worker killed while it held an event leaves it `processing` under a
+                // lease that ends: once it has, the event is as failed.
+                let stuck = format!(
+                    "(status = '{}' AND claimed_at < {})",
+                    event::status::PROCESSING,
+                    event::database_now(conn)
+                );
+                let rows: Vec<(String, String)> = crate::db::on_conn!(conn, c => {
+                    let mut q = ev::table
+                        .select((ev::id, ev::event_type))
+                        .order((ev::created.asc(), ev::id.asc()))
+                        .into_boxed();
                     if !f.ids.is_empty() {
                         q = q.filter(ev::id.eq_any(f.ids.clone()));
                     }
                     if f.failed {
-                        q = q.filter(ev::status.eq(event::status::FAILED));
+                        q = q.filter(
+                            ev::status
+                                .eq(event::status::FAILED)
+                                .or(diesel::dsl::sql::<diesel::sql_types::Bool>(&stuck)),
+                        );
                     }
                     q.load(c)
                 })?;
-                rows.into_iter()
-                    .map(event::EventRow::into_event)
-                    .filter(|e| e.as_ref().map_or(true, |e| f.event_type.as_deref().is_none_or(|p| matches_pattern(p, &e.event_type))))
-                    .collect()
+                Ok(rows
+                    .into_iter()
+                    .filter(|(_, t)| {
+                        f.event_type
+                            .as_deref()
+                            .is_none_or(|p| matches_pattern(p, t))
+                    })
+                    .map(|(id, _)| id)
+                    .collect())
             })
             .await?;
         // Only an explicit choice of events replays processed ones.
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
         let mut report = ProcessReport::default();
+        for page in ids.chunks(REPLAY_PAGE) {
+            let page = page.to_vec();
+            let events: Vec<Event> = mirror
+                .db()
+                .run(move |conn| {
+                    use crate::db::schema::stripe_events as ev;
+                    use diesel::prelude::*;
+                    let mut rows: Vec<event::EventRow> = crate::db::on_conn!(conn, c => ev::table
+                        .select(event::EventRow::as_select())
+                        .filter(ev::id.eq_any(&page))
+                        .load(c))?;
+                    // In the order the ids were listed (created, then id).
+                    rows.sort_by_key(|r| page.iter().position(|id| *id == r.id));
+                    rows.into_iter().map(event::EventRow::into_event).collect()
+                })
+                .await?;
+            self.replay_page(mirror, events, force, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// Re-runs one page of [`process_events`](Self::process_events)' events.
+    async fn replay_page(
+        &self,
+        mirror: &Mirror,
+        events: Vec<Event>,
+        force: bool,
+        report: &mut ProcessReport,
+    ) -> Result<()> {
         let lease = lease_secs(mirror);
         let access = self.has_access_hook();
         for event in events {
@@ -137,6 +188,9 @@ impl Webhooks {
                 None => report.processed += 1,
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
+
+/// Events [`Webhooks::process_events`] holds in memory at once.
+const REPLAY_PAGE: usize = 100;
