@@ -529,7 +529,7 @@ fn json_output_of_api_keys_list_and_process_events() {
         );
         assert_eq!(
             report,
-            json!({"processed": 0, "handlers_pending": 0, "busy": 0, "failed": []}),
+            json!({"processed": 0, "handlers_pending": 0, "busy": 0, "failed": [], "not_found": []}),
             "{}",
             b.name
         );
@@ -918,5 +918,53 @@ fn sync_json_against_localstripe() {
         );
         assert!(report["failures"].is_array(), "{report}");
         assert!(report["removed"].is_object(), "{report}");
+    }
+}
+
+/// `serve` without a webhook secret would refuse every delivery while looking healthy
+/// (Stripe gives up after three days): it does not start, and says what to set.
+#[test]
+fn serve_without_a_webhook_secret_does_not_start() {
+    for b in common::backends() {
+        let mut child = command(&b.config.database_url)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("{}: serve started without a webhook secret", b.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}: {out:?}", b.name);
+        let said = everything(&out);
+        assert!(said.contains("STRIPE_WEBHOOK_SECRET"), "{}: {said}", b.name);
+    }
+}
+
+/// An event id no stored event has (a typo, or pruned) is named and fails the run
+/// (exit 2), so a script or cron job notices.
+#[test]
+fn process_events_names_ids_it_does_not_have() {
+    for b in common::backends() {
+        let out = command(&b.config.database_url)
+            .args(["process-events", "--id", "evt_typo"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}: {out:?}", b.name);
+        let said = everything(&out);
+        assert!(said.contains("not found evt_typo"), "{}: {said}", b.name);
+        let json = command(&b.config.database_url)
+            .args(["process-events", "--id", "evt_typo", "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(json.status.code(), Some(2), "{}", b.name);
+        let report: Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(report["not_found"][0], "evt_typo", "{}", b.name);
     }
 }

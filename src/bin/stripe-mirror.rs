@@ -290,8 +290,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                         .iter()
                         .map(|(id, error)| json!({ "id": id, "error": error }))
                         .collect::<Vec<_>>(),
+                    "not_found": report.not_found,
                 }))?;
-                return Ok(finished(report.failed.len()));
+                return Ok(finished(report.failed.len() + report.not_found.len()));
             }
             println!(
                 "processed {}, failed {}, busy {}, handler work pending {}",
@@ -308,7 +309,10 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             for (id, error) in &report.failed {
                 println!("failed {id}: {error}");
             }
-            return Ok(finished(report.failed.len()));
+            for id in &report.not_found {
+                println!("not found {id}: no stored event has this id");
+            }
+            return Ok(finished(report.failed.len() + report.not_found.len()));
         }
         Command::Prune { older_than } => {
             let report = stripe_mirror::webhooks::prune(&mirror, older_than).await?;
@@ -352,6 +356,14 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             println!("removed {id}");
         }
         Command::Serve { listen } => {
+            // Up and refusing every delivery would look healthy while Stripe gives up.
+            if mirror.config().webhook_secrets.is_empty() {
+                return Err(
+                    "STRIPE_WEBHOOK_SECRET is not set: every delivery would be refused; \
+                     set it to the endpoint's signing secret (whsec_...)"
+                        .into(),
+                );
+            }
             let listener = tokio::net::TcpListener::bind(listen).await?;
             stripe_mirror::axum::serve(mirror, Webhooks::new(), listener).await?;
         }

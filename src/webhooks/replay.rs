@@ -32,6 +32,9 @@ pub struct ProcessReport {
     pub failed: Vec<(String, String)>,
     /// Events skipped because another worker held them.
     pub busy: usize,
+    /// Ids asked for ([`EventFilter::ids`]) that no stored event has (a typo, or
+    /// pruned).
+    pub not_found: Vec<String>,
 }
 
 impl Webhooks {
@@ -52,7 +55,7 @@ impl Webhooks {
         // The ids first (their types filtered here), the events a page at a time: a
         // month of stored events does not fit in memory.
         let f = filter.clone();
-        let ids: Vec<String> = mirror
+        let (ids, not_found): (Vec<String>, Vec<String>) = mirror
             .db()
             .run(move |conn| {
                 use crate::db::schema::stripe_events as ev;
@@ -64,6 +67,18 @@ impl Webhooks {
                     event::status::PROCESSING,
                     event::database_now(conn)
                 );
+                let asked = f.ids.clone();
+                let stored: Vec<String> = match asked.is_empty() {
+                    true => Vec::new(),
+                    false => crate::db::on_conn!(conn, c => ev::table
+                        .select(ev::id)
+                        .filter(ev::id.eq_any(&asked))
+                        .load(c))?,
+                };
+                let not_found = asked
+                    .into_iter()
+                    .filter(|id| !stored.contains(id))
+                    .collect();
                 let rows: Vec<(String, String)> = crate::db::on_conn!(conn, c => {
                     let mut q = ev::table
                         .select((ev::id, ev::event_type))
@@ -81,7 +96,7 @@ impl Webhooks {
                     }
                     q.load(c)
                 })?;
-                Ok(rows
+                let ids = rows
                     .into_iter()
                     .filter(|(_, t)| {
                         f.event_type
@@ -89,12 +104,16 @@ impl Webhooks {
                             .is_none_or(|p| matches_pattern(p, t))
                     })
                     .map(|(id, _)| id)
-                    .collect())
+                    .collect();
+                Ok((ids, not_found))
             })
             .await?;
         // Only an explicit choice of events replays processed ones.
         let force = !filter.ids.is_empty() || (filter.event_type.is_some() && !filter.failed);
-        let mut report = ProcessReport::default();
+        let mut report = ProcessReport {
+            not_found,
+            ..ProcessReport::default()
+        };
         for page in ids.chunks(REPLAY_PAGE) {
             let page = page.to_vec();
             let events: Vec<Event> = mirror
