@@ -6,21 +6,28 @@
 -- Each ALTER waits at most 10 s for its table's lock (the tables already altered stay
 -- locked until the migration commits): a long transaction makes `migrate` fail rather
 -- than queue a running app's queries indefinitely; run it again later.
+-- The ALTERs run through EXECUTE: PL/pgSQL checks a block's statements before it runs
+-- it, and before PostgreSQL 14 `SET COMPRESSION` is a syntax error even where the IF
+-- would skip it.
 SET LOCAL lock_timeout = '10s';
 DO $$
+DECLARE
+    c record;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_settings
                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
-        ALTER TABLE stripe_customers ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_products ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_prices ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_subscriptions ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_subscription_items ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_entitlement_summaries ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_product_features ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_events ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE stripe_webhook_deliveries ALTER COLUMN headers SET COMPRESSION lz4;
-        ALTER TABLE stripe_webhook_deliveries ALTER COLUMN body SET COMPRESSION lz4;
+        FOR c IN SELECT * FROM (VALUES ('stripe_customers', 'data'),
+                     ('stripe_products', 'data'),
+                     ('stripe_prices', 'data'),
+                     ('stripe_subscriptions', 'data'),
+                     ('stripe_subscription_items', 'data'),
+                     ('stripe_entitlement_summaries', 'data'),
+                     ('stripe_product_features', 'data'),
+                     ('stripe_events', 'data'),
+                     ('stripe_webhook_deliveries', 'headers'),
+                     ('stripe_webhook_deliveries', 'body')) AS t (tbl, col) LOOP
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN %I SET COMPRESSION lz4', c.tbl, c.col);
+        END LOOP;
     END IF;
 END
 $$;
