@@ -14,7 +14,11 @@ mkdir -p "$RUN"
 . scripts/lib.sh
 
 install() {
-  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import localstripe, stripe" 2>/dev/null; then
+  # Installed, and at the pinned versions (a bumped pin reinstalls).
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "
+import importlib.metadata as m, localstripe, stripe
+assert m.version('localstripe') == '$LOCALSTRIPE_VERSION' and m.version('stripe') == '$STRIPE_SDK_VERSION'
+" 2>/dev/null; then
     if ! python3 -m venv "$VENV" >&2; then
       # Debian's python3 leaves venv (ensurepip) to its own package.
       if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
