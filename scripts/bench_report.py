@@ -38,6 +38,8 @@ p("Written by `scripts/bench.sh` (one command, a few minutes): release build, a 
 p("with the mirror's settings (WAL, `synchronous = FULL`: a 200 means the event is on disk)")
 p("and Postgres 15 at its default durability (`fsync` on, `synchronous_commit` on), both on")
 p("this machine. Tests never time anything; these figures are measured here only.")
+p("Each timed Postgres run (the floors too) starts after a `CHECKPOINT`, so that none pays")
+p("for the pages the run before it left dirty.")
 p("")
 load = f", load average before the run {machine['load']:.2f}" if machine["load"] is not None else ""
 p(f"Run: {machine['at']} UTC, {os.cpu_count()} cores ({cpu()}){load}. "
