@@ -307,7 +307,7 @@ impl Price {
                     // Another process created it between our look and our create, and
                     // a peer that does not replay idempotent requests says so with a
                     // 400: take the price it made (checked against ours below).
-                    Err(err) if err.to_string().contains("already exists") => {
+                    Err(err) if crate::stripe::already_exists(&err) => {
                         let again = client.request(&list, None, Some(&object)).await?;
                         match find(&again.value) {
                             Some(value) => crate::stripe::Answer {

@@ -152,7 +152,7 @@ impl Product {
                     Ok(created) => created,
                     // Created by another process since we looked (a peer that does
                     // not replay idempotent requests answers 400): read it.
-                    Err(err) if err.to_string().contains("already exists") => {
+                    Err(err) if crate::stripe::already_exists(&err) => {
                         client.request(&retrieve, None, Some(&object)).await?
                     }
                     Err(err) => return Err(err),

@@ -450,9 +450,47 @@ pub(crate) fn is_missing(err: &Error) -> bool {
     })
 }
 
+/// Whether a create failed because the object is there already: made by another
+/// process between our look and our create. Stripe says so with a 400
+/// (`resource_already_exists`); localstripe with a 409 (after the client's retries,
+/// which Stripe's own 409, a request of the same key in flight, gets first).
+pub(crate) fn already_exists(err: &Error) -> bool {
+    matches!(err, Error::Stripe(e)
+        if e.code.as_deref() == Some("resource_already_exists")
+        || e.message.contains("already exists")
+        || e.status == Some(409))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_made_meanwhile_already_exists() {
+        let answer = |status: u16, code: Option<&str>, message: &str| {
+            Error::Stripe(Box::new(StripeApiError {
+                request: "POST /v1/products".into(),
+                status: Some(status),
+                error_type: Some("invalid_request_error".into()),
+                code: code.map(str::to_owned),
+                message: message.into(),
+                ..Default::default()
+            }))
+        };
+        let stripe = answer(
+            400,
+            Some("resource_already_exists"),
+            "Product already exists.",
+        );
+        assert!(already_exists(&stripe));
+        assert!(already_exists(&answer(409, None, "Conflict")));
+        assert!(!already_exists(&answer(
+            400,
+            Some("parameter_missing"),
+            "name"
+        )));
+        assert!(!already_exists(&answer(500, None, "oops")));
+    }
 
     fn not_found(code: Option<&str>, message: &str) -> Error {
         Error::Stripe(Box::new(StripeApiError {
