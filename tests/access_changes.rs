@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{EventFilter, Outcome};
 use stripe_mirror::{
-    AccessChange, Config, Mirror, Secret, Subscription, WebhookRequest, Webhooks, access_of,
+    AccessChange, Config, Event, Mirror, Secret, Subscription, WebhookRequest, Webhooks, access_of,
 };
 
 const SECRET: &str = "whsec_test_access";
@@ -777,5 +777,48 @@ async fn a_backfill_marks_each_subscriber_it_changed_for_the_hook() {
         );
         assert_eq!(host.row("user-b1"), "prod_team/-", "{}", b.name);
         assert_eq!(host.row("user-b2"), "-/-", "{}", b.name);
+    }
+}
+
+/// A host handler that keeps failing (a mail server down) fails the event, but the
+/// access change is told all the same, once: a user's access does not wait for
+/// Stripe's redeliveries of an event whose other work fails.
+#[tokio::test]
+async fn a_failing_handler_does_not_hold_back_the_access_change() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-m"]);
+        let webhooks = host.webhooks().on(
+            "customer.subscription.created",
+            |_e: Event, _m: Mirror| async { Err("mail server down".into()) },
+        );
+        let t = 1_700_000_100;
+        let customer = customer("cus_m", Some("user-m"), "m@example.com");
+        deliver(
+            &webhooks,
+            &mirror,
+            &event("evt_cm", "customer.created", t, customer),
+        )
+        .await;
+        let sub = event(
+            "evt_sm",
+            "customer.subscription.created",
+            t,
+            subscription("sub_m", "cus_m", "active", "prod_pro"),
+        );
+        for _ in 0..2 {
+            let answer = webhooks.receive(&mirror, post(&sub)).await;
+            assert_eq!(answer.status, 500, "{}", b.name);
+            assert!(
+                answer.error.unwrap().contains("mail server down"),
+                "{}",
+                b.name
+            );
+        }
+        let granted: Vec<AccessChange> =
+            host.calls().into_iter().filter(|c| c.after.valid).collect();
+        assert_eq!(granted.len(), 1, "{}: {granted:?}", b.name);
+        assert_eq!(host.row("user-m"), "prod_pro/-", "{}", b.name);
     }
 }

@@ -323,7 +323,9 @@ impl Webhooks {
 
     /// Runs the handlers for `event` whose entry in `log` is not `ok`, in order, and
     /// records each outcome in `log`; stops at the first failure, panic or timeout.
-    /// All of them must end by `deadline` (the claim's lease, less a margin).
+    /// Then tells the access changes due, whether or not a handler failed: the sync
+    /// they follow is committed, and a user's access must not wait for a mail server.
+    /// All of it must end by `deadline` (the claim's lease, less a margin).
     pub(crate) async fn run_handlers(
         &self,
         mirror: &Mirror,
@@ -331,6 +333,7 @@ impl Webhooks {
         log: &mut HandlerLog,
         deadline: tokio::time::Instant,
     ) -> std::result::Result<Outcome, Failure> {
+        let mut failed = None;
         for (key, handler) in self.handlers_for(&event.event_type) {
             if log.get(&key).map(String::as_str) == Some(HANDLER_OK) {
                 continue;
@@ -349,12 +352,19 @@ impl Webhooks {
             };
             tracing::warn!(event = %event.id, event_type = %event.event_type, %error, "webhook handler failed");
             log.insert(key, error.clone());
-            return Err(Failure::new(Outcome::HandlerFailed, error));
+            failed = Some(Failure::new(Outcome::HandlerFailed, error));
+            break;
         }
+        // The first failure is the answer, a handler's before the hook's.
+        let answer = |failed: Option<Failure>, more: Option<String>| match (failed, more) {
+            (Some(first), _) => Err(first),
+            (None, Some(error)) => Err(Failure::new(Outcome::HandlerFailed, error)),
+            (None, None) => Ok(Outcome::Processed),
+        };
         // Then the subscribers whose access the event changed. Without the hook (the
         // CLI's registry) their entries stay pending for the host's.
         let Some(hook) = &self.inner.access_hook else {
-            return Ok(Outcome::Processed);
+            return answer(failed, None);
         };
         let due: Vec<String> = log
             .iter()
@@ -366,7 +376,7 @@ impl Webhooks {
             if tokio::time::Instant::now() >= deadline {
                 let error = format!("{key}: the event's claim ends before it could be told");
                 log.insert(key, error.clone());
-                return Err(Failure::new(Outcome::HandlerFailed, error));
+                return answer(failed, Some(error));
             }
             match changes::tell(mirror, hook, &touched, Some(deadline)).await {
                 Ok(_) => {
@@ -374,11 +384,11 @@ impl Webhooks {
                 }
                 Err(error) => {
                     log.insert(key, error.clone());
-                    return Err(Failure::new(Outcome::HandlerFailed, error));
+                    return answer(failed, Some(error));
                 }
             }
         }
-        Ok(Outcome::Processed)
+        answer(failed, None)
     }
 
     /// Whether an access hook is registered.
