@@ -822,3 +822,47 @@ async fn a_failing_handler_does_not_hold_back_the_access_change() {
         assert_eq!(host.row("user-m"), "prod_pro/-", "{}", b.name);
     }
 }
+
+/// A hook's own error that reads like a timeout ("query timed out after 5s") is a
+/// failure like any other: the subscriber is not held as after a hook cut off at its
+/// limit, so Stripe's redelivery tells it at once.
+#[tokio::test]
+async fn a_hook_error_that_mentions_a_timeout_does_not_hold_the_subscriber() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let calls = Arc::new(Mutex::new(0));
+        let webhooks = Webhooks::new().on_access_change({
+            let calls = calls.clone();
+            move |_change: AccessChange, _m: Mirror| {
+                let calls = calls.clone();
+                async move {
+                    let mut calls = calls.lock().unwrap();
+                    *calls += 1;
+                    match *calls {
+                        1 => Err("query timed out after 5s".into()),
+                        _ => Ok(()),
+                    }
+                }
+            }
+        });
+        let t = 1_700_000_100;
+        let customer = customer("cus_t", Some("user-t"), "t@example.com");
+        deliver(
+            &webhooks,
+            &mirror,
+            &event("evt_ct", "customer.created", t, customer),
+        )
+        .await;
+        let sub = event(
+            "evt_st",
+            "customer.subscription.created",
+            t,
+            subscription("sub_t", "cus_t", "active", "prod_pro"),
+        );
+        assert_eq!(webhooks.receive(&mirror, post(&sub)).await.status, 500);
+        let again = webhooks.receive(&mirror, post(&sub)).await;
+        assert_eq!(again.status, 200, "{}: {:?}", b.name, again.error);
+        assert_eq!(*calls.lock().unwrap(), 2, "{}", b.name);
+    }
+}

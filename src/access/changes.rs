@@ -36,6 +36,7 @@ use crate::models::entitlement::ProductFeature;
 use crate::models::subscription::{Subscription, SubscriptionStatus};
 use crate::sync::upsert::{MirrorTable, Row, SqlValue, execute};
 use crate::webhooks::HandlerError;
+use crate::webhooks::registry::Stopped;
 
 /// A subscriber's access, as the mirror holds it: what a host copies into its own
 /// `users` table.
@@ -516,6 +517,9 @@ pub(crate) fn compute(
 const BUSY_WAIT: Duration = Duration::from_secs(3);
 /// At most this many rounds when writes keep arriving while the hook runs.
 const MAX_ROUNDS: usize = 5;
+/// Less time than this left in the event's claim: no wait for another worker, no
+/// hook started (it would be cut off at once).
+const TOO_LATE: Duration = Duration::from_millis(100);
 
 /// The handler-log key under which an event records that it must tell a subscriber.
 pub(crate) fn log_key((subscriber, live): &Touched) -> String {
@@ -571,7 +575,11 @@ pub(crate) async fn tell(
             .map_err(|e| format!("access of {subscriber} could not be read: {e}"))?;
         let (token, version, before, after) = match claimed {
             Claimed::Clean => return Ok(told),
-            Claimed::Busy if waited.elapsed() < BUSY_WAIT => {
+            // Never past the event's claim: its answer must be recorded within it.
+            Claimed::Busy
+                if waited.elapsed() < BUSY_WAIT
+                    && deadline.is_none_or(|d| tokio::time::Instant::now() + TOO_LATE < d) =>
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -583,8 +591,21 @@ pub(crate) async fn tell(
             Claimed::Mine(mine) => (mine.token, mine.version, mine.before, mine.after),
         };
         rounds += 1;
+        // Within the event's claim when telling for an event.
+        let limit = deadline.map_or(timeout, |d| {
+            timeout.min(d.saturating_duration_since(tokio::time::Instant::now()))
+        });
         let result = if before == after {
             Ok(())
+        } else if limit < TOO_LATE {
+            // A hook started now would be cut off at once, perhaps half done: not
+            // started, the row stays dirty for the next delivery or sweep.
+            Err(Stopped {
+                message: format!(
+                    "access hook for {subscriber} not started: the event's claim ends first"
+                ),
+                timed_out: false,
+            })
         } else {
             let change = AccessChange {
                 subscriber: subscriber.clone(),
@@ -593,23 +614,20 @@ pub(crate) async fn tell(
                 after: after.clone(),
             };
             told = true;
-            // Within the event's claim when telling for an event.
-            let limit = deadline.map_or(timeout, |d| {
-                timeout.min(d.saturating_duration_since(tokio::time::Instant::now()))
-            });
             let run = hook(change, mirror.clone());
             crate::webhooks::registry::guarded(run, limit)
                 .await
-                .map_err(|e| format!("access hook for {subscriber} {e}"))
+                .map_err(|e| Stopped {
+                    message: format!("access hook for {subscriber} {e}"),
+                    ..e
+                })
         };
         let (s, l, now) = (subscriber.clone(), *live, mirror.now());
-        let error = result.as_ref().err().cloned();
+        let error = result.as_ref().err().map(|e| e.message.clone());
         // A hook cut off by its timeout may still be writing (work it handed to a
         // thread): its claim is kept until the lease ends, so no newer state is told
         // before that write lands.
-        let keep_claim = error
-            .as_deref()
-            .is_some_and(|e| e.contains("timed out after"));
+        let keep_claim = result.as_ref().is_err_and(|e| e.timed_out);
         let still_dirty = mirror
             .db()
             .run(move |conn| release(conn, &s, l, token, version, &after, error, keep_claim, now))
@@ -617,7 +635,7 @@ pub(crate) async fn tell(
             .map_err(|e| format!("access of {subscriber} could not be recorded: {e}"))?;
         if let Err(error) = result {
             tracing::warn!(subscriber = %subscriber, %error, "access hook failed");
-            return Err(error);
+            return Err(error.message);
         }
         if !still_dirty {
             return Ok(told);

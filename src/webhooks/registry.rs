@@ -467,15 +467,35 @@ pub struct AccessReport {
 
 /// Runs a handler or hook within `limit`, turning an error, a panic or the timeout
 /// into a message ("failed: ...", "panicked: ...", "timed out after ...").
-pub(crate) async fn guarded<F>(run: F, limit: Duration) -> std::result::Result<(), String>
+pub(crate) async fn guarded<F>(run: F, limit: Duration) -> std::result::Result<(), Stopped>
 where
     F: Future<Output = std::result::Result<(), HandlerError>> + Send,
 {
-    match tokio::time::timeout(limit, AssertUnwindSafe(run).catch_unwind()).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(err))) => Err(format!("failed: {err}")),
-        Ok(Err(panic)) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
-        Err(_) => Err(format!("timed out after {limit:?}")),
+    let (message, timed_out) =
+        match tokio::time::timeout(limit, AssertUnwindSafe(run).catch_unwind()).await {
+            Ok(Ok(Ok(()))) => return Ok(()),
+            Ok(Ok(Err(err))) => (format!("failed: {err}"), false),
+            Ok(Err(panic)) => (
+                format!("panicked: {}", panic_message(panic.as_ref())),
+                false,
+            ),
+            Err(_) => (format!("timed out after {limit:?}"), true),
+        };
+    Err(Stopped { message, timed_out })
+}
+
+/// How a [`guarded`] run ended without success.
+pub(crate) struct Stopped {
+    /// What happened, for the handler log.
+    pub message: String,
+    /// Cut off at its time limit (it may still be at work on another thread), as
+    /// opposed to failed or panicked: told by the type, never by the message's text.
+    pub timed_out: bool,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
