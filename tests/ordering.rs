@@ -1321,3 +1321,38 @@ async fn reconcile_refetches_flagged_rows_failed_syncs_and_missed_events() {
         assert_eq!(stored, 0, "{}", b.name);
     }
 }
+
+/// An id that makes no URI (a space in it) is refused at once, never sent, never
+/// retried as if the network had failed.
+#[tokio::test]
+async fn an_id_that_makes_no_uri_is_refused_without_retries() {
+    let b = backends().remove(0);
+    let (base, hits) = stripe_stub(vec![]).await;
+    let mut config = config(&b, Some(&base));
+    config.stripe_retries = 3;
+    config.stripe_retry_backoff = std::time::Duration::from_millis(1);
+    let m = Mirror::connect(config).await.unwrap();
+    let err = Customer::sync(&m, "cus with spaces")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad request"), "{err}");
+    assert!(!err.contains("attempts"), "retried: {err}");
+    assert_eq!(*hits.lock().unwrap(), 0);
+}
+
+/// An answer larger than any Stripe sends (a proxy's, a fake's) is refused once it
+/// passes 32 MiB, not read whole into memory.
+#[tokio::test]
+async fn an_answer_too_large_is_refused() {
+    let b = backends().remove(0);
+    let huge = json!({"id": "cus_huge", "object": "customer", "name": "x".repeat(33 << 20)});
+    let (base, _) = stripe_stub(vec![("/v1/customers/cus_huge", 200, huge)]).await;
+    let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+    let err = Customer::sync(&m, "cus_huge")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("larger than 32 MiB"), "{err}");
+    assert!(Customer::get(&m, "cus_huge").await.unwrap().is_none());
+}

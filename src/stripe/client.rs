@@ -202,11 +202,13 @@ impl StripeClient {
         Ok(self.send(req, object, None).await?.value)
     }
 
-    async fn attempt(
+    /// The HTTP request of `req`; an error is ours (an id that makes no URI, a key no
+    /// header can carry): no retry mends it.
+    fn build(
         &self,
         req: &RequestBuilder,
         idempotency_key: Option<&str>,
-    ) -> std::result::Result<Reply, String> {
+    ) -> std::result::Result<hyper::Request<Full<Bytes>>, String> {
         let mut uri = format!("{}v1{}", self.api_base, req.path);
         if let Some(query) = &req.query {
             uri.push('?');
@@ -228,9 +230,17 @@ impl StripeClient {
         if req.body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
         }
-        let request = builder
+        builder
             .body(Full::new(Bytes::from(req.body.clone().unwrap_or_default())))
-            .map_err(|e| format!("bad request: {e}"))?;
+            .map_err(|e| format!("bad request: {e}"))
+    }
+
+    async fn attempt(
+        &self,
+        req: &RequestBuilder,
+        idempotency_key: Option<&str>,
+    ) -> std::result::Result<Reply, String> {
+        let request = self.build(req, idempotency_key)?;
         let exchange = async {
             let response = self
                 .http
@@ -252,11 +262,14 @@ impl StripeClient {
             let retry_after = text("retry-after").and_then(|v| retry_after(&v, date));
             let request_id = text("request-id");
             let replayed = text("idempotent-replayed").as_deref() == Some("true");
-            let body = response
-                .into_body()
+            // Bounded: a proxy or a fake answering gigabytes must not fill memory.
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| match e.is::<http_body_util::LengthLimitError>() {
+                    true => format!("the answer is larger than {} MiB", MAX_ANSWER >> 20),
+                    false => e.to_string(),
+                })?
                 .to_bytes();
             Ok(Reply {
                 status,
@@ -285,6 +298,9 @@ impl StripeClient {
             StripeMethod::Delete => "DELETE",
         };
         let request = format!("{method} /v1{}", req.path);
+        if let Err(ours) = self.build(&req, idempotency_key.as_deref()) {
+            return Err(api_error(&request, object, None, ours));
+        }
         let mut attempt = 0;
         loop {
             let failure = match self.attempt(&req, idempotency_key.as_deref()).await {
@@ -338,6 +354,9 @@ impl StripeClient {
         }
     }
 }
+
+/// The largest answer read: a page of 100 expanded objects is a few MiB.
+const MAX_ANSWER: usize = 32 << 20;
 
 /// The longest `Retry-After` we honour within one call. Webhook deliveries bound their
 /// fetches as a whole (10 s) on top of this.
