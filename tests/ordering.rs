@@ -1356,3 +1356,20 @@ async fn an_answer_too_large_is_refused() {
     assert!(err.contains("larger than 32 MiB"), "{err}");
     assert!(Customer::get(&m, "cus_huge").await.unwrap().is_none());
 }
+
+/// `StripeClient::post` with a form nested deeper than Stripe's encoding allows (a
+/// caller's mistake) answers an error instead of panicking, and sends nothing.
+#[tokio::test]
+async fn a_form_too_deep_for_stripe_is_an_error_not_a_panic() {
+    let b = backends().remove(0);
+    let (base, hits) = stripe_stub(vec![]).await;
+    let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+    let deep = json!({"metadata": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}});
+    let client = m.stripe().await.unwrap();
+    let err = client
+        .post("/customers", &deep, None, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("form encoding"), "{err}");
+    assert_eq!(*hits.lock().unwrap(), 0);
+}

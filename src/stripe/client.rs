@@ -128,7 +128,8 @@ impl StripeClient {
         query: &Value,
         object: Option<&str>,
     ) -> Result<Answer> {
-        let req = RequestBuilder::new(StripeMethod::Get, path).query(query);
+        let mut req = RequestBuilder::new(StripeMethod::Get, path);
+        req.query = Some(form_encoded(query, "query")?);
         self.send(req, object, None).await
     }
 
@@ -160,7 +161,8 @@ impl StripeClient {
                 .map_err(|e| Error::Config(format!("idempotency key: {e}")))?,
             None => stripe_client_core::IdempotencyKey::new_uuid_v4(),
         };
-        let req = RequestBuilder::new(StripeMethod::Post, path).form(form);
+        let mut req = RequestBuilder::new(StripeMethod::Post, path);
+        req.body = Some(form_encoded(form, "form")?);
         self.send(req, object, Some(key.as_str().to_owned())).await
     }
 
@@ -447,6 +449,16 @@ fn preview(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
 }
 
+/// `value` in Stripe's form encoding (async-stripe's, which panics where this errs:
+/// nesting deeper than 5 levels, a value that is not a map).
+fn form_encoded(value: &Value, what: &str) -> Result<String> {
+    serde_qs::to_string(value).map_err(|e| {
+        Error::Config(format!(
+            "the {what} cannot be sent in Stripe's form encoding: {e}"
+        ))
+    })
+}
+
 fn api_error(request: &str, object: Option<&str>, status: Option<u16>, message: String) -> Error {
     Error::Stripe(Box::new(StripeApiError {
         request: request.to_owned(),
@@ -483,6 +495,20 @@ pub(crate) fn already_exists(err: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A form async-stripe cannot encode (nested deeper than 5 levels) is an error,
+    /// not a panic of `StripeClient::post`.
+    #[test]
+    fn a_form_too_deep_is_an_error() {
+        let deep = serde_json::json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}});
+        let err = form_encoded(&deep, "form").unwrap_err().to_string();
+        assert!(err.contains("form encoding"), "{err}");
+        let flat = serde_json::json!({"metadata": {"k": "v"}, "limit": 10});
+        assert_eq!(
+            form_encoded(&flat, "form").unwrap(),
+            "limit=10&metadata[k]=v"
+        );
+    }
 
     #[test]
     fn an_object_made_meanwhile_already_exists() {
