@@ -825,6 +825,31 @@ async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
     }
 }
 
+/// An event of a Connect account names its `account`: the platform's key cannot fetch
+/// its objects (Stripe answers 404, which would make a final tombstone), so it is
+/// never re-fetched and its payload is mirrored.
+#[tokio::test]
+async fn a_connect_accounts_event_is_not_refetched_with_the_platforms_key() {
+    for b in backends() {
+        let (base, hits) = stripe_stub(vec![]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new().refetch(&["customer"]);
+        let mut ev = event(
+            "evt_connect",
+            "customer.updated",
+            now(),
+            json!({"id": "cus_connect", "object": "customer", "email": "c@example.com"}),
+            None,
+        );
+        ev["account"] = json!("acct_1Connected");
+        deliver(&webhooks, &m, &ev).await;
+        assert_eq!(*hits.lock().unwrap(), 0, "{}: asked Stripe", b.name);
+        let c = Customer::get(&m, "cus_connect").await.unwrap().unwrap();
+        assert!(!c.deleted, "{}: {c:?}", b.name);
+        assert_eq!(c.email.as_deref(), Some("c@example.com"), "{}", b.name);
+    }
+}
+
 /// A re-fetch of a deleted object answered with something that is not an object (a
 /// fake Stripe's odd answer): a clear 400 for that delivery, stored failed, no panic.
 #[tokio::test]

@@ -93,14 +93,24 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Wr
 
 /// The mirrored object an event is about, when it can be fetched by id.
 pub(crate) fn object_of(event: &Event) -> Option<(&'static MirrorTable, String)> {
+    if connected(event) {
+        return None;
+    }
     let table = table_for(event).filter(|t| t.api_path.is_some())?;
     let id = event.object().get("id")?.as_str()?;
     Some((table, id.to_owned()))
 }
 
+/// An event of a Connect account (it names the `account`): its objects are not the
+/// platform's, so the platform's key cannot fetch them, and Stripe's 404 would make
+/// a final tombstone. Never fetched; the event's own payload is what is mirrored.
+fn connected(event: &Event) -> bool {
+    event.raw.get("account").is_some_and(|a| !a.is_null())
+}
+
 /// The subscription a completed Checkout created.
 pub(crate) fn checkout_subscription(event: &Event) -> Option<(&'static MirrorTable, String)> {
-    if event.event_type != "checkout.session.completed" {
+    if event.event_type != "checkout.session.completed" || connected(event) {
         return None;
     }
     let id = match event.object().get("subscription")? {
