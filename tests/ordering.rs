@@ -818,6 +818,22 @@ async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
         let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
         assert!(!p.deleted, "{}: made again: {p:?}", b.name);
         assert_eq!(p.name.as_deref(), Some("Second"), "{}", b.name);
+        // The old product's deletion, delivered late (its first delivery was refused),
+        // does not delete the new one.
+        let late_gone = event(
+            "evt_prod_again_gone_late",
+            "product.deleted",
+            t - 30,
+            product("prod_again", "First"),
+            None,
+        );
+        deliver(&webhooks, &m, &late_gone).await;
+        let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
+        assert!(
+            !p.deleted,
+            "{}: a late deletion of the old one: {p:?}",
+            b.name
+        );
         let fetched = Product::sync(&m, "prod_again_f").await.unwrap();
         assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
         assert!(!fetched.deleted, "{}: fetched again: {fetched:?}", b.name);

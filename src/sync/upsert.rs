@@ -422,9 +422,17 @@ impl MirrorTable {
                     f = Source::Fetched as i32
                 ),
                 forced: upsert,
+                // Whatever its stamp, but not over a live row an event of a later
+                // second wrote: an object made again under the id (a product's, a
+                // plan's), which the old one's late deletion must not delete. A fetch's
+                // stamp is when Stripe answered, not when it read: a deletion racing a
+                // fetch still wins over it.
                 delete: format!(
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
-                     stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END"
+                     stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END \
+                     WHERE {t}.deleted OR {t}.stamp <= excluded.stamp OR {t}.stamp_rank NOT IN ({c}, {u})",
+                    c = Source::Created as i32,
+                    u = Source::Updated as i32
                 ),
                 revive,
             }
@@ -439,8 +447,10 @@ impl MirrorTable {
         let binds = row.binds();
         let before = crate::access::changes::before_write(conn, self, row)?;
         let written = if row.deleted {
-            execute(conn, &stmts.delete, &binds)?;
-            Written::Applied
+            match execute(conn, &stmts.delete, &binds)? {
+                0 => Written::Kept,
+                _ => Written::Applied,
+            }
         } else if execute(conn, &stmts.live, &binds)? > 0 {
             Written::Applied
         } else {

@@ -58,9 +58,14 @@ pub(crate) fn plan(event: &Event) -> Result<Plan> {
         ),
     };
     // `customer.deleted`, `product.deleted`, ... carry the object as it was; a deleted
-    // subscription is a canceled one, which its payload already says.
-    let deleted = (event.event_type.ends_with(".deleted") && table.kind != "subscription")
-        || matches!(event.refetched, Some(Refetched::Missing));
+    // subscription is a canceled one, which its payload already says. A re-fetched
+    // object says itself whether it is deleted: a live one after a deletion was made
+    // again under the id.
+    let deleted = match &event.refetched {
+        Some(Refetched::Missing) => true,
+        Some(Refetched::Object(..)) => false,
+        None => event.event_type.ends_with(".deleted") && table.kind != "subscription",
+    };
     let mut object = object.clone();
     // Not an object (a fake's odd answer to a re-fetch): the mapping below refuses it.
     if let Some(fields) = object
