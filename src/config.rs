@@ -126,8 +126,8 @@ pub struct Config {
     /// in opposite orders deadlock, which Postgres breaks only after its
     /// `deadlock_timeout` (1 s), both stalled meanwhile. Longer if your migrations take
     /// table locks for a while during deploys and you prefer waiting to retrying; zero
-    /// waits as long as Postgres lets it. SQLite ignores it (its writers queue on
-    /// `busy_timeout`).
+    /// waits as long as Postgres lets it; taken in whole milliseconds, 1 ms to about
+    /// 24 days. SQLite ignores it (its writers queue on `busy_timeout`).
     pub postgres_lock_wait: Duration,
     /// The host's clock (the system's unless a test injects one): used for signature
     /// tolerance, claim leases and data the host hands in, never to judge Stripe data.

@@ -295,9 +295,17 @@ impl Database {
     }
 
     /// The same pool with Postgres writers waiting at most `wait` for a row lock
-    /// (zero: as long as Postgres lets them). Set before the first write.
+    /// (zero: as long as Postgres lets them). Set before the first write. Taken in
+    /// whole milliseconds, at least 1 (a shorter wait is not "no limit") and at most
+    /// what Postgres' `lock_timeout` holds (about 24 days).
     pub(crate) fn with_lock_wait(mut self, wait: Duration) -> Self {
-        self.lock_wait = wait;
+        self.lock_wait = match wait.is_zero() {
+            true => Duration::ZERO,
+            false => wait.clamp(
+                Duration::from_millis(1),
+                Duration::from_millis(i32::MAX as u64),
+            ),
+        };
         self
     }
 
@@ -502,6 +510,19 @@ mod tests {
                 .unwrap();
             assert_eq!(value.synchronous, 2, "PRAGMA synchronous is FULL");
         }
+    }
+
+    /// Any lock wait a host sets is one Postgres' `lock_timeout` takes: below 1 ms is
+    /// 1 ms (`0ms` would mean no limit), above its maximum is its maximum.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_lock_wait_is_one_postgres_takes() {
+        let db = || Database::open(":memory:", 1, Duration::from_secs(1)).unwrap();
+        let wait = |d| db().with_lock_wait(d).lock_wait();
+        assert_eq!(wait(Duration::ZERO), Duration::ZERO);
+        assert_eq!(wait(Duration::from_micros(10)), Duration::from_millis(1));
+        assert_eq!(wait(Duration::from_millis(250)), Duration::from_millis(250));
+        assert_eq!(wait(Duration::MAX), Duration::from_millis(i32::MAX as u64));
     }
 
     /// The "fewer pages" migration rebuilds two tables on SQLite: every row survives
