@@ -20,9 +20,11 @@ esac
 PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
 mkdir -p "$RUN"
 # As root the server runs as `postgres`, which must reach its directory: in a checkout
-# it cannot (one under /root, mode 0700), the data lives under /tmp instead, in a
-# directory named for this checkout.
-if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$RUN" 2>/dev/null; then
+# other users cannot (one under /root, mode 0700), the data lives under /tmp instead,
+# in a directory named for this checkout. Asked as `nobody`, which every Debian has:
+# the `postgres` user may not exist yet (the package is installed below), and start
+# and stop must decide alike.
+if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- test -x "$RUN" 2>/dev/null; then
   ELSEWHERE="/tmp/stripe-mirror-pg-$(printf %s "$RUN" | md5sum | cut -c1-12)"
   mkdir -p "$ELSEWHERE"
   chmod 755 "$ELSEWHERE"

@@ -185,9 +185,14 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a lingering writer looks whether the pool has a connection left for
-/// others; when it has none (a pool of one, or every other connection busy), the
-/// writer gives its own back: a read must not wait out the linger.
+/// others; when it has had none for [`STARVED_CHECKS`] looks (a pool of one, or every
+/// other connection busy), the writer gives its own back: a read must not wait out
+/// the linger.
 const LINGER_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Checks in a row without a spare connection before a lingering writer gives its own
+/// back (a read waits at most about this many [`LINGER_CHECK`]s).
+const STARVED_CHECKS: u32 = 3;
 
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
 /// What arrives while it runs a group gathers into the next one. It keeps its
@@ -240,12 +245,17 @@ fn gather(
     let queue = if group.is_empty() {
         let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
         let until = std::time::Instant::now() + LINGER;
+        // Checks in a row that found the pool without a spare connection: a moment's
+        // rush of reads is no reason to give the connection up, a reader left waiting
+        // is.
+        let mut starved = 0;
         let first = loop {
             let now = std::time::Instant::now();
             if held.is_none() {
                 break rx.recv().ok();
             }
-            if now >= until || !spare() {
+            starved = if spare() { 0 } else { starved + 1 };
+            if now >= until || starved >= STARVED_CHECKS {
                 *held = None;
                 continue;
             }
