@@ -152,8 +152,13 @@ impl Product {
                     Ok(created) => created,
                     // Created by another process since we looked (a peer that does
                     // not replay idempotent requests answers 400): read it.
+                    // A read that misses says the create failed for another reason
+                    // (a 409 of a key still in use): its own error is the answer.
                     Err(err) if crate::stripe::already_exists(&err) => {
-                        client.request(&retrieve, None, Some(&object)).await?
+                        match client.request(&retrieve, None, Some(&object)).await {
+                            Ok(found) => found,
+                            Err(_) => return Err(err),
+                        }
                     }
                     Err(err) => return Err(err),
                 }
