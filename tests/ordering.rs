@@ -866,6 +866,29 @@ async fn a_connect_accounts_event_is_not_refetched_with_the_platforms_key() {
     }
 }
 
+/// With re-fetches on (`Webhooks::refetch`), a product made again under a deleted
+/// one's id comes back from the fetch of its next event: the fetch was asked for once
+/// the tombstone was stored, so the live object it answers is the new one.
+#[tokio::test]
+async fn a_refetch_brings_back_a_product_made_again_under_its_id() {
+    for b in backends() {
+        let live = json!({"id": "prod_rf", "object": "product", "name": "Again", "active": true,
+                          "livemode": false});
+        let (base, hits) = stripe_stub(vec![("/v1/products/prod_rf", 200, live.clone())]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new().refetch(&["product"]);
+        Product::sync_from_stripe_data_at(&m, &live, now() - 100)
+            .await
+            .unwrap();
+        Product::mark_deleted(&m, "prod_rf").await.unwrap();
+        let updated = event("evt_rf", "product.updated", now(), live, None);
+        deliver(&webhooks, &m, &updated).await;
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+        let p = Product::get(&m, "prod_rf").await.unwrap().unwrap();
+        assert!(!p.deleted, "{}: {p:?}", b.name);
+    }
+}
+
 /// A re-fetch of a deleted object answered with something that is not an object (a
 /// fake Stripe's odd answer): a clear 400 for that delivery, stored failed, no panic.
 #[tokio::test]

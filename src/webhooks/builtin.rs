@@ -48,7 +48,7 @@ pub(crate) fn plan(event: &Event) -> Result<Plan> {
     // A re-fetched object is stamped with Stripe's time of the fetch; the payload with
     // the event's, ordered within its second by the event's type.
     let (object, stamp) = match &event.refetched {
-        Some(Refetched::Object(object, at)) => (object, Stamp::fetched(*at)),
+        Some(Refetched::Object(object, stamp)) => (object, stamp.clone()),
         // Stripe no longer has it: a tombstone (a subscription's is its canceled state,
         // which Stripe keeps, so this only happens to the other kinds).
         Some(Refetched::Missing) => (event.object(), event_stamp(event, Source::Deleted)),

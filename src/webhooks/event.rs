@@ -37,8 +37,9 @@ pub struct Event {
 /// What a re-fetch of an event's object found.
 #[derive(Clone, Debug)]
 pub(crate) enum Refetched {
-    /// The object, and when Stripe answered (Stripe's clock).
-    Object(Value, i64),
+    /// The object, stamped when Stripe answered (Stripe's clock), over the row as it
+    /// was before the request ([`Stamp::fetched_over`](crate::sync::Stamp)).
+    Object(Value, crate::sync::Stamp),
     /// Stripe answered 404: deleted since.
     Missing,
 }

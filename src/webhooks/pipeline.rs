@@ -476,6 +476,14 @@ impl Webhooks {
         let request = crate::sync::remote::retrieve_request(table, id)?;
         let object = format!("{} {id}", table.kind);
         let client = mirror.stripe().await?;
+        // The row before the request: a fetch newer than it settles a tie, and brings
+        // back an object made again after its tombstone.
+        let key = id.clone();
+        let table_of: &'static MirrorTable = table;
+        let seen = mirror
+            .db()
+            .read(move |conn| table_of.seen(conn, &key))
+            .await?;
         // Bounded like a follow-up: retries and `Retry-After` waits must not hold the
         // delivery past Stripe's own patience; a redelivery tries again.
         let answer =
@@ -491,7 +499,10 @@ impl Webhooks {
                     }))
                 })?;
         match answer {
-            Ok(answer) => Ok(Refetched::Object(answer.value, answer.at)),
+            Ok(answer) => Ok(Refetched::Object(
+                answer.value,
+                crate::sync::Stamp::fetched_over(answer.at, seen),
+            )),
             Err(err) if crate::stripe::is_missing(&err) => Ok(Refetched::Missing),
             Err(err) => Err(err),
         }
