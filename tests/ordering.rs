@@ -1411,13 +1411,18 @@ async fn an_id_that_makes_no_uri_is_refused_without_retries() {
 async fn an_answer_too_large_is_refused() {
     let b = backends().remove(0);
     let huge = json!({"id": "cus_huge", "object": "customer", "name": "x".repeat(33 << 20)});
-    let (base, _) = stripe_stub(vec![("/v1/customers/cus_huge", 200, huge)]).await;
-    let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+    let (base, hits) = stripe_stub(vec![("/v1/customers/cus_huge", 200, huge)]).await;
+    let mut config = config(&b, Some(&base));
+    config.stripe_retries = 2;
+    config.stripe_retry_backoff = std::time::Duration::from_millis(1);
+    let m = Mirror::connect(config).await.unwrap();
     let err = Customer::sync(&m, "cus_huge")
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("larger than 32 MiB"), "{err}");
+    // Not downloaded again: another attempt would be as large.
+    assert_eq!(*hits.lock().unwrap(), 1, "{err}");
     assert!(Customer::get(&m, "cus_huge").await.unwrap().is_none());
 }
 

@@ -241,14 +241,16 @@ impl StripeClient {
         &self,
         req: &RequestBuilder,
         idempotency_key: Option<&str>,
-    ) -> std::result::Result<Reply, String> {
-        let request = self.build(req, idempotency_key)?;
+    ) -> std::result::Result<Reply, (String, bool)> {
+        // The error, and whether another attempt may go better (a network failure,
+        // not an answer too large).
+        let request = self.build(req, idempotency_key).map_err(|e| (e, false))?;
         let exchange = async {
             let response = self
                 .http
                 .request(request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), true))?;
             let headers = response.headers();
             let text = |name: &str| {
                 headers
@@ -269,8 +271,11 @@ impl StripeClient {
                 .collect()
                 .await
                 .map_err(|e| match e.is::<http_body_util::LengthLimitError>() {
-                    true => format!("the answer is larger than {} MiB", MAX_ANSWER >> 20),
-                    false => e.to_string(),
+                    true => (
+                        format!("the answer is larger than {} MiB", MAX_ANSWER >> 20),
+                        false,
+                    ),
+                    false => (e.to_string(), true),
                 })?
                 .to_bytes();
             Ok(Reply {
@@ -285,7 +290,12 @@ impl StripeClient {
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("timeout: no answer within {:?}", self.timeout)))
+            .unwrap_or_else(|_| {
+                Err((
+                    format!("timeout: no answer within {:?}", self.timeout),
+                    true,
+                ))
+            })
     }
 
     async fn send(
@@ -332,7 +342,7 @@ impl StripeClient {
                     let asked = reply.retry_after;
                     (retry, asked, stripe_error(&request, object, &reply))
                 }
-                Err(network) => (true, None, api_error(&request, object, None, network)),
+                Err((network, retry)) => (retry, None, api_error(&request, object, None, network)),
             };
             let (retry, asked, err) = failure;
             if retry && attempt < self.retries {
