@@ -196,8 +196,8 @@ const STARVED_CHECKS: u32 = 3;
 
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
 /// What arrives while it runs a group gathers into the next one. It keeps its
-/// connection while work keeps coming, and gives it back after [`LINGER`] idle, at
-/// once when the pool has no other connection to give ([`LINGER_CHECK`]), or when a
+/// connection while work keeps coming, and gives it back after [`LINGER`] idle, within
+/// [`STARVED_CHECKS`] looks when the pool has no other connection to give, or when a
 /// group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let mut held: Option<Writing> = None;
