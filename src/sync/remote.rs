@@ -171,11 +171,13 @@ pub(crate) async fn refetch_touching(
     let client = mirror.stripe().await?;
     let key = id.to_owned();
     let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
-    // A row of the other mode: Stripe answers this mode's key 404 for it.
-    let other_mode = seen
-        .as_ref()
-        .and_then(super::upsert::Seen::livemode)
-        .is_some_and(|live| live != mirror.live_mode());
+    // A row of the other mode: Stripe answers this mode's key 404 for it. Read (its
+    // data parsed) only when a 404 comes.
+    let other_mode = || {
+        seen.as_ref()
+            .and_then(super::upsert::Seen::livemode)
+            .is_some_and(|live| live != mirror.live_mode())
+    };
     let object = format!("{} {id}", table.kind);
     let (value, at, outcome) = match client
         .get_built(retrieve_request(table, id)?, Some(&object))
@@ -192,7 +194,7 @@ pub(crate) async fn refetch_touching(
         }
         // A tombstone is final whatever its stamp: never for a 404 that only says the
         // key cannot see the row (Stripe's message says so).
-        Err(err) if crate::stripe::is_missing(&err) && !other_mode => (
+        Err(err) if crate::stripe::is_missing(&err) && !other_mode() => (
             json!({ "id": id, "object": table.accepts[0], "deleted": true }),
             mirror.now(),
             Refetch::Gone,
