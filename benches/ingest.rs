@@ -223,7 +223,10 @@ fn fresh(backend: &str, admin: Option<&str>) -> Db {
             diesel::sql_query(format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .unwrap();
-            Db::Postgres(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
+            // Keeps the options after `?` (scripts/postgres.sh's gssencmode=disable).
+            let (server, options) = admin.split_once('?').unwrap_or((admin, ""));
+            let base = server.rsplit_once('/').unwrap().0;
+            Db::Postgres(format!("{base}/{name}?{options}"))
         }
     }
 }

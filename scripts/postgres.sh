@@ -18,6 +18,10 @@ case "$(realpath -m "$DIR")" in
   *) echo "postgres: STRIPE_MIRROR_PG_DIR must be under $RUN" >&2; exit 2 ;;
 esac
 PORT="${STRIPE_MIRROR_PG_PORT:-54329}"
+# gssencmode=disable: the server only trusts 127.0.0.1, and libpq's default ("prefer")
+# loads Kerberos to look for a ticket. A pool thread still connecting in the background
+# when a test process exits then aborts it in k5_mutex_lock (diesel-rs/diesel#3226).
+OPTIONS="gssencmode=disable"
 mkdir -p "$RUN"
 # As root the server runs as `postgres`, which must reach its directory: in a checkout
 # other users cannot (one under /root, mode 0700), the data lives under /tmp instead,
@@ -61,7 +65,7 @@ case "${1:-}" in
         -o "-h 127.0.0.1 -p $PORT -k $DIR -c max_connections=200" \
         -l "$DIR/server.log" start >/dev/null
     fi
-    URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+    URL="postgres://postgres@127.0.0.1:$PORT/postgres?$OPTIONS"
     [ -z "${STRIPE_MIRROR_PG_DIR:-}" ] && echo "$URL" >"$RUN/postgres.url"
     echo "$URL"
     ;;
@@ -70,7 +74,7 @@ case "${1:-}" in
     as_pg "$BIN/pg_ctl" -D "$DIR" -w -t 60 \
       -o "-h 127.0.0.1 -p $PORT -k $DIR -c max_connections=200" \
       -l "$DIR/server.log" start >/dev/null
-    echo "postgres://postgres@127.0.0.1:$PORT/postgres"
+    echo "postgres://postgres@127.0.0.1:$PORT/postgres?$OPTIONS"
     ;;
   stop)
     BIN=$(find_bin)

@@ -667,7 +667,7 @@ fn postgres_stopped() -> Result<(), Failed> {
         }
     }
     let _stop = Stop(&env, &dir);
-    let url = format!("{}/soakfault", admin.rsplit_once('/').unwrap().0);
+    let url = common::database_url(&admin, "soakfault");
     common::execute_sql(&admin, "CREATE DATABASE soakfault");
     host_table(&url);
     let corpus = corpus(300, "pgstop");

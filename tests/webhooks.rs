@@ -751,7 +751,7 @@ print("t=%d,v1=%s" % (t, stripe.WebhookSignature._compute_signature("%d.%s" % (t
 async fn database_outage_is_503_and_recovers() {
     use diesel::{Connection, RunQueryDsl};
     let url = common::postgres_url();
-    let db = url.rsplit('/').next().unwrap().to_owned();
+    let db = common::database_name(&url).to_owned();
     let mut config = stripe_mirror::Config::new(url);
     config.webhook_secrets = vec![Secret::new(SECRET)];
     config.connection_timeout = std::time::Duration::from_millis(500);

@@ -52,8 +52,24 @@ pub fn postgres_url() -> String {
     diesel::sql_query(format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .expect("create test database");
-    let base = admin.rsplit_once('/').expect("admin url has a database").0;
-    format!("{base}/{name}")
+    database_url(&admin, &name)
+}
+
+/// `admin` (a server's URL) with its database replaced by `name`, keeping the options
+/// after `?` (scripts/postgres.sh's `gssencmode=disable`).
+pub fn database_url(admin: &str, name: &str) -> String {
+    let (rest, options) = match admin.split_once('?') {
+        Some((rest, options)) => (rest, format!("?{options}")),
+        None => (admin, String::new()),
+    };
+    let base = rest.rsplit_once('/').expect("admin url has a database").0;
+    format!("{base}/{name}{options}")
+}
+
+/// The database name in a Postgres URL.
+pub fn database_name(url: &str) -> &str {
+    let rest = url.split_once('?').map_or(url, |(rest, _)| rest);
+    rest.rsplit('/').next().expect("url has a database")
 }
 
 /// One configuration per backend: a SQLite file, and with the `postgres` feature a
