@@ -195,14 +195,28 @@ fn corpus(n: usize) -> Vec<String> {
 
 enum Db {
     Sqlite(tempfile::TempDir),
-    Postgres(String),
+    /// The database's URL, the server's admin URL and the database's name.
+    Postgres(String, String, String),
+}
+
+/// A run's Postgres database is dropped when the run ends: left behind, its tables'
+/// autovacuum would run during the next run, writing pages and WAL beside it.
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Db::Postgres(_, admin, name) = self {
+            run_sql(
+                admin,
+                &[&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")],
+            );
+        }
+    }
 }
 
 impl Db {
     fn url(&self) -> String {
         match self {
             Db::Sqlite(dir) => format!("sqlite://{}", dir.path().join("bench.db").display()),
-            Db::Postgres(url) => url.clone(),
+            Db::Postgres(url, ..) => url.clone(),
         }
     }
 }
@@ -226,7 +240,7 @@ fn fresh(backend: &str, admin: Option<&str>) -> Db {
             // Keeps the options after `?` (scripts/postgres.sh's gssencmode=disable).
             let (server, options) = admin.split_once('?').unwrap_or((admin, ""));
             let base = server.rsplit_once('/').unwrap().0;
-            Db::Postgres(format!("{base}/{name}?{options}"))
+            Db::Postgres(format!("{base}/{name}?{options}"), admin.to_owned(), name)
         }
     }
 }
