@@ -496,7 +496,8 @@ fn main() {
         "{}",
         json!({"corpus": {"events": events, "mean_body_bytes": mean_body}})
     );
-    // `STRIPE_MIRROR_BENCH_ONLY=sqlite:8:false`: one ingest run (for a profiler); `=http`: the HTTP floor.
+    // `STRIPE_MIRROR_BENCH_ONLY=sqlite:8:false`: one ingest run (for a profiler), or several
+    // comma separated; `=http`: the HTTP floor.
     if let Ok(only) = std::env::var("STRIPE_MIRROR_BENCH_ONLY") {
         if only == "http" {
             for clients in [1, 8] {
@@ -508,20 +509,23 @@ fn main() {
             }
             return;
         }
-        let parts: Vec<&str> = only.split(':').collect();
-        let db = fresh(parts[0], admin.as_deref());
-        let r = ingest(
-            &rt,
-            &db.url(),
-            parts[2] == "true",
-            parts[1].parse().unwrap(),
-            &corpus,
-        );
-        println!(
-            "{}",
-            json!({"only": only, "events_per_s": r.events_per_s, "p50_ms": r.p50_ms,
-            "statements_per_event": r.statements, "commits_per_event": r.commits, "non_200": r.non_200})
-        );
+        // Several, comma separated, run in order in this one process.
+        for one in only.split(',') {
+            let parts: Vec<&str> = one.split(':').collect();
+            let db = fresh(parts[0], admin.as_deref());
+            let r = ingest(
+                &rt,
+                &db.url(),
+                parts[2] == "true",
+                parts[1].parse().unwrap(),
+                &corpus,
+            );
+            println!(
+                "{}",
+                json!({"only": one, "events_per_s": r.events_per_s, "p50_ms": r.p50_ms,
+                "statements_per_event": r.statements, "commits_per_event": r.commits, "non_200": r.non_200})
+            );
+        }
         let mut by: std::collections::BTreeMap<String, (usize, Duration)> = Default::default();
         for (k, d) in TIMING.lock().unwrap().iter() {
             let e = by.entry(k.clone()).or_default();
