@@ -866,3 +866,45 @@ async fn a_hook_error_that_mentions_a_timeout_does_not_hold_the_subscriber() {
         assert_eq!(*calls.lock().unwrap(), 2, "{}", b.name);
     }
 }
+
+/// A handler timeout shorter than the margin kept for the end of an event's claim still
+/// lets a quick hook run: only the claim's end stops a hook from starting.
+#[tokio::test]
+async fn a_short_handler_timeout_still_tells_a_quick_hook() {
+    for b in backends() {
+        let mut config = config(&b);
+        config.webhook_handler_timeout = std::time::Duration::from_millis(50);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let calls: Arc<Mutex<Vec<AccessChange>>> = Arc::default();
+        let seen = calls.clone();
+        let webhooks: Webhooks = Webhooks::new()
+            .on_access_change(move |change: AccessChange, _m: Mirror| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(change);
+                    Ok(())
+                }
+            })
+            .into();
+        let t = 1_700_000_100;
+        for (id, kind, object) in [
+            ("evt_sp", "product.created", product("prod_pro", "pro")),
+            (
+                "evt_sc",
+                "customer.created",
+                customer("cus_s", Some("user-s"), "s@example.com"),
+            ),
+            (
+                "evt_ss",
+                "customer.subscription.created",
+                subscription("sub_s", "cus_s", "active", "prod_pro"),
+            ),
+        ] {
+            let outcome = deliver(&webhooks, &mirror, &event(id, kind, t, object)).await;
+            assert_eq!(outcome, Outcome::Processed, "{}: {id}", b.name);
+        }
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1, "{}: {calls:?}", b.name);
+        assert!(calls[0].granted(), "{}", b.name);
+    }
+}

@@ -592,12 +592,11 @@ pub(crate) async fn tell(
         };
         rounds += 1;
         // Within the event's claim when telling for an event.
-        let limit = deadline.map_or(timeout, |d| {
-            timeout.min(d.saturating_duration_since(tokio::time::Instant::now()))
-        });
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let limit = left.map_or(timeout, |left| timeout.min(left));
         let result = if before == after {
             Ok(())
-        } else if limit < TOO_LATE {
+        } else if left.is_some_and(|left| left < TOO_LATE) {
             // A hook started now would be cut off at once, perhaps half done: not
             // started, the row stays dirty for the next delivery or sweep.
             Err(Stopped {
