@@ -1291,3 +1291,57 @@ async fn a_malformed_list_page_fails_the_backfill() {
         }
     }
 }
+
+const MISSING: &str = r#"{"error":{"type":"invalid_request_error","code":"resource_missing","message":"No such product: 'prod_race'"}}"#;
+const EXISTS: &str = r#"{"error":{"type":"invalid_request_error","code":"resource_already_exists","message":"Product already exists."}}"#;
+const RACED: &str = r#"{"id":"prod_race","object":"product","name":"Made by another process","active":true,"livemode":false,"metadata":{}}"#;
+
+/// A product created by another process between the look and the create: the create's
+/// "already exists" is answered by reading that product. When the read finds nothing
+/// either, the create's own error is the answer, not the read's 404.
+#[tokio::test]
+async fn a_product_made_meanwhile_is_read_back_and_a_failed_read_keeps_the_create_error() {
+    for b in common::backends() {
+        let (base, keys) = stub(vec![(404, MISSING), (400, EXISTS), (200, RACED)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let p = Product::get_or_create(&m, &NewProduct::new("prod_race", "Race"))
+            .await
+            .unwrap();
+        assert_eq!(
+            p.name.as_deref(),
+            Some("Made by another process"),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            keys.lock().unwrap().len(),
+            3,
+            "{}: look, create, read",
+            b.name
+        );
+        assert!(
+            Product::get(&m, "prod_race").await.unwrap().is_some(),
+            "{}",
+            b.name
+        );
+
+        let (base, keys) = stub(vec![(404, MISSING), (400, EXISTS), (404, MISSING)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let err = Product::get_or_create(&m, &NewProduct::new("prod_gone", "Gone"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            keys.lock().unwrap().len(),
+            3,
+            "{}: look, create, read",
+            b.name
+        );
+        assert!(err.contains("resource_already_exists"), "{}: {err}", b.name);
+        assert!(
+            Product::get(&m, "prod_gone").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+    }
+}
