@@ -877,15 +877,13 @@ async fn a_short_handler_timeout_still_tells_a_quick_hook() {
         let mirror = Mirror::connect(config.clone()).await.unwrap();
         let calls: Arc<Mutex<Vec<AccessChange>>> = Arc::default();
         let seen = calls.clone();
-        let webhooks: Webhooks = Webhooks::new()
-            .on_access_change(move |change: AccessChange, _m: Mirror| {
-                let seen = seen.clone();
-                async move {
-                    seen.lock().unwrap().push(change);
-                    Ok(())
-                }
-            })
-            .into();
+        let webhooks = Webhooks::new().on_access_change(move |change: AccessChange, _m: Mirror| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(change);
+                Ok(())
+            }
+        });
         let t = 1_700_000_100;
         for (id, kind, object) in [
             ("evt_sp", "product.created", product("prod_pro", "pro")),
