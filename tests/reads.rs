@@ -190,13 +190,15 @@ async fn prices_and_products() {
         )
         .await
         .unwrap();
-        for (id, amount, active, interval) in [
-            ("price_y", 20000, true, "year"),
-            ("price_m", 2000, true, "month"),
-            ("price_old", 1500, false, "month"),
+        // The live mode's price of the same product id is not sold in test mode.
+        for (id, amount, active, interval, live) in [
+            ("price_y", 20000, true, "year", false),
+            ("price_m", 2000, true, "month", false),
+            ("price_old", 1500, false, "month", false),
+            ("price_live", 900, true, "month", true),
         ] {
             Price::sync_from_stripe_data(&m, &json!({"id": id, "object": "price", "product": "prod_pro", "active": active,
-                "currency": "usd", "unit_amount": amount, "recurring": {"interval": interval, "interval_count": 1}}))
+                "livemode": live, "currency": "usd", "unit_amount": amount, "recurring": {"interval": interval, "interval_count": 1}}))
                 .await
                 .unwrap();
         }

@@ -168,14 +168,17 @@ impl Product {
         crate::sync::sync_from_stripe_data::<Product>(mirror, answer.value, answer.at).await
     }
 
-    /// The product's active, not deleted prices, cheapest first.
+    /// The product's active, not deleted prices in the current mode, cheapest first. A
+    /// product id used in both modes (one you chose, as `pro`) lists only the prices
+    /// Checkout can sell in this one.
     pub async fn active_prices(&self, mirror: &Mirror) -> Result<Vec<Price>> {
-        let id = self.id.clone();
+        let (id, live) = (self.id.clone(), mirror.live_mode());
         mirror
             .db()
             .run(move |conn| {
                 Ok(on_conn!(conn, c => stripe_prices::table
                     .filter(stripe_prices::product_id.eq(&id))
+                    .filter(stripe_prices::livemode.eq(live))
                     .filter(stripe_prices::active.eq(true))
                     .filter(stripe_prices::deleted.eq(false))
                     .order((stripe_prices::unit_amount.asc(), stripe_prices::id.asc()))
