@@ -7,6 +7,9 @@
 //! `STRIPE_TEST_SECRET_KEY=sk_test_...` for Stripe's own Checkout in test mode. Paying
 //! sends the buyer back to `APP_URL` (default `http://127.0.0.1:8000`, where the
 //! `subscription_gate` example listens). Database: `DATABASE_URL`.
+//! Against localstripe, use a database of its own and remove it whenever localstripe
+//! restarts (it forgets everything; the mirror would keep ids it no longer has):
+//! `rm -f .run/examples.db*; export DATABASE_URL=sqlite://.run/examples.db`.
 
 use stripe_mirror::checkout::Checkout;
 use stripe_mirror::models::price::NewPrice;

@@ -6,6 +6,9 @@
 //! `STRIPE_TEST_SECRET_KEY=sk_test_...` for Stripe's own portal in test mode (save the
 //! portal settings once at <https://dashboard.stripe.com/test/settings/billing/portal>).
 //! The portal's way back is `APP_URL/account` (default `http://127.0.0.1:8000`).
+//! Against localstripe, use a database of its own and remove it whenever localstripe
+//! restarts (it forgets everything; the mirror would keep ids it no longer has):
+//! `rm -f .run/examples.db*; export DATABASE_URL=sqlite://.run/examples.db`.
 
 use stripe_mirror::checkout::billing_portal;
 use stripe_mirror::{Customer, Mirror, Subscriber};

@@ -5,6 +5,9 @@
 //! `STRIPE_TEST_SECRET_KEY` is set), or with `cargo run --example quickstart` when
 //! `STRIPE_API_BASE`/`STRIPE_SECRET_KEY` already point somewhere. Database:
 //! `DATABASE_URL`, default `sqlite://stripe-mirror.db`.
+//! Against localstripe, use a database of its own and remove it whenever localstripe
+//! restarts (it forgets everything; the mirror would keep ids it no longer has):
+//! `rm -f .run/examples.db*; export DATABASE_URL=sqlite://.run/examples.db`.
 
 use serde_json::json;
 use stripe_mirror::{Customer, Mirror, Product, Subscriber, Subscription, bootstrap_demo_products};

@@ -12,6 +12,9 @@
 //! Against Stripe test mode: `STRIPE_TEST_SECRET_KEY=sk_test_...` and
 //! `stripe listen --forward-to localhost:8000/stripe/webhook` (its `whsec_...` as
 //! `STRIPE_WEBHOOK_SECRET`). `LISTEN_ADDR` overrides 127.0.0.1:8000.
+//! Against localstripe, use a database of its own and remove it whenever localstripe
+//! restarts (it forgets everything; the mirror would keep ids it no longer has):
+//! `rm -f .run/examples.db*; export DATABASE_URL=sqlite://.run/examples.db`.
 //!
 //! There is no login: the user is whoever `?user=` names (remembered in a cookie).
 

@@ -57,8 +57,9 @@ where
 
 /// [`webhook_router`] at another path (`/billing/stripe-events`).
 ///
-/// Warns (a `tracing` warning) when no webhook secret is configured: every delivery
-/// would then be refused with a 400.
+/// Warns (a `tracing` warning) when no webhook secret is configured: every signed
+/// delivery is then answered 500 (our configuration is wrong, so Stripe keeps
+/// retrying until it is set) and logged.
 pub fn webhook_router_at<S>(path: &str, mirror: Mirror, webhooks: Webhooks) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
@@ -74,7 +75,7 @@ where
 fn warn_without_secret(mirror: &Mirror) {
     if mirror.config().webhook_secrets.is_empty() {
         tracing::warn!(
-            "STRIPE_WEBHOOK_SECRET is not set: every delivery will be refused (400); \
+            "STRIPE_WEBHOOK_SECRET is not set: every delivery will fail (500, Stripe retries); \
              set it to the endpoint's signing secret (`stripe listen` prints one)"
         );
     }
@@ -95,7 +96,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
     if mirror.config().webhook_secrets.is_empty() {
-        eprintln!("warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will be refused");
+        eprintln!(
+            "warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will fail (500) until it is"
+        );
     }
     println!(
         "listening on http://{}{WEBHOOK_PATH}",

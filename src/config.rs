@@ -236,7 +236,9 @@ impl Config {
         self
     }
 
-    /// The secret key for both modes (overrides the per-mode ones).
+    /// The secret key, used in the mode its prefix names (`sk_test_`, `sk_live_`): before
+    /// the per-mode keys, after a secret key stored in the database
+    /// ([`ApiKey::default_secret_key`](crate::ApiKey::default_secret_key)).
     pub fn secret_key(mut self, key: impl Into<String>) -> Self {
         self.secret_key = Some(Secret::new(key.into()));
         self

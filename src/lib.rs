@@ -46,11 +46,13 @@
 //!    tokio = { version = "1", features = ["full"] }
 //!    ```
 //!
-//!    For operators, the `stripe-mirror` command: `cargo install stripe-mirror --features cli`.
+//!    For operators, the `stripe-mirror` command: `cargo install stripe-mirror --features cli`
+//!    (`--features cli,postgres` for a Postgres `DATABASE_URL`).
 //!
 //! 2. **Set the environment** ([below](#environment)): `DATABASE_URL`,
-//!    `STRIPE_SECRET_KEY` (a test key, `sk_test_...`) and `STRIPE_WEBHOOK_SECRET`
-//!    (step 5 prints it). `stripe-mirror doctor` checks them, each with a one-line fix.
+//!    `STRIPE_SECRET_KEY` (a test key, `sk_test_...`), `STRIPE_WEBHOOK_SECRET`
+//!    (step 5 prints it) and, for Stripe.js on your pages, `STRIPE_TEST_PUBLISHABLE_KEY`
+//!    (`pk_test_...`). `stripe-mirror doctor` checks them all, each with a one-line fix.
 //!
 //! 3. **Open the mirror.** [`Mirror::from_env`] reads the environment, opens the pool
 //!    and applies the embedded migrations; [`Mirror::connect`] does the same from a
@@ -84,7 +86,8 @@
 //! 5. **Forward Stripe's events** to it with the Stripe CLI:
 //!    `stripe listen --forward-to localhost:8000/stripe/webhook`, and put the
 //!    `whsec_...` it prints in `STRIPE_WEBHOOK_SECRET`. Objects that existed before
-//!    are backfilled once with [`sync_all`] (`stripe-mirror sync`).
+//!    are backfilled once with [`sync_all`] (`stripe-mirror sync`); Entitlements
+//!    features are not among them: [`ProductFeature::sync_for_product`] fetches them.
 //!
 //! 6. **Sell**: a pricing page sends the user to Stripe Checkout with [`Checkout`]
 //!    (and the account page to the Billing Portal: [`billing_portal`]); see
@@ -135,11 +138,13 @@
 //! |---|---|---|
 //! | `DATABASE_URL` | `sqlite://path`, a path, or `postgres://...` | `sqlite://stripe-mirror.db` |
 //! | `STRIPE_LIVE_MODE` | use live keys and rows | `false` |
-//! | `STRIPE_SECRET_KEY` | secret key, overrides the per-mode ones | |
+//! | `STRIPE_SECRET_KEY` | secret key of the current mode (its prefix must say so); before the per-mode ones, after a secret key stored in the database (`stripe-mirror api-keys add`; `api-keys remove` goes back to the environment) | |
 //! | `STRIPE_TEST_SECRET_KEY`, `STRIPE_LIVE_SECRET_KEY` | per-mode secret keys | |
 //! | `STRIPE_TEST_PUBLISHABLE_KEY`, `STRIPE_LIVE_PUBLISHABLE_KEY` | per-mode publishable keys | |
 //! | `STRIPE_WEBHOOK_SECRET` | signing secrets, comma separated | |
 //! | `STRIPE_API_BASE` | API base URL (a local fake Stripe) | Stripe's |
+//! | `STRIPE_MIRROR_ENCRYPTION_KEY` | 64 hex characters: stored API keys are encrypted with it | off |
+//! | `STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS` | older keys, comma separated, still read during a rotation | |
 //!
 //! ## Features
 //!

@@ -1,6 +1,8 @@
 //! The delivery log: every webhook request, valid or not, is written to
-//! `stripe_webhook_deliveries` before anything else happens to it, and its outcome
-//! is written back at the end (dj-stripe's WebhookEventTrigger).
+//! `stripe_webhook_deliveries` with its outcome (dj-stripe's WebhookEventTrigger). A
+//! verified event's row is written in the transaction that stores the event, so one
+//! commit serves both; when that transaction fails, the row is written on its own
+//! afterwards (for a 503, after the answer, best effort).
 
 use diesel::prelude::*;
 

@@ -3,10 +3,10 @@
 //! [`Webhooks`] is a handler registry that reads like a route table, and
 //! [`Webhooks::receive`] is the whole pipeline for one request:
 //!
-//! 1. log the delivery ([`delivery`]), whatever it holds;
-//! 2. verify `Stripe-Signature` ([`signature`]);
-//! 3. store the event once and claim it ([`event`]), and in the same transaction
-//!    apply the built-in sync (`builtin`) through the stale-write guard;
+//! 1. verify `Stripe-Signature` ([`signature`]);
+//! 2. store the event once and claim it ([`event`]), and in the same transaction
+//!    apply the built-in sync (`builtin`) through the stale-write guard and log the
+//!    delivery ([`delivery`]; a request refused before this is logged on its own);
 //! 4. run the handlers: exact matches, then wildcards, each in registration order;
 //! 5. answer: 2xx done or duplicate, 4xx bad input, 5xx so that Stripe retries.
 //!

@@ -107,7 +107,8 @@ pub(crate) fn matches_pattern(pattern: &str, event_type: &str) -> bool {
 }
 
 impl Webhooks {
-    /// An empty registry: built-in sync only. Tolerance 300 s, body cap 1 MiB.
+    /// An empty registry: built-in sync only (the delivery settings, such as the
+    /// signature's tolerance and the body cap, are in [`Config`](crate::Config)).
     pub fn new() -> Self {
         Webhooks {
             inner: Arc::new(Registry {

@@ -19,7 +19,7 @@ CREATE TABLE stripe_entitlement_summaries (
     lookup_keys TEXT
 );
 
--- Features attached to products (`product_feature`), from `Product::sync_features`.
+-- Features attached to products (`product_feature`), from `ProductFeature::sync_for_product`.
 CREATE TABLE stripe_product_features (
     id TEXT PRIMARY KEY NOT NULL,
     livemode BOOLEAN NOT NULL,
