@@ -854,3 +854,50 @@ async fn events_no_handler_listens_to_are_finished_with_their_sync() {
         assert_eq!(finished, 1, "{}", b.name);
     }
 }
+
+/// A handler that panics before it returns its future (a closure that reads the event
+/// first) is caught like one that panics inside it: the event is failed, the answer
+/// 500, the delivery logged; nothing unwinds into the host's request.
+#[tokio::test]
+async fn a_handler_panicking_before_its_future_fails_the_event_alone() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        let webhooks = Webhooks::new().on("product.created", |e: Event, _m: Mirror| {
+            let customer = e.object()["customer"].as_str().unwrap().to_owned();
+            async move {
+                drop(customer);
+                Ok(())
+            }
+        });
+        let ev = event(
+            "evt_early_panic",
+            "product.created",
+            now(),
+            json!({"id": "prod_early", "object": "product", "name": "E"}),
+        );
+        let r = webhooks.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        assert!(r.error.unwrap().contains("panicked"), "{}", b.name);
+        let d = &Delivery::recent(&m, 1).await.unwrap()[0];
+        assert_eq!(
+            (d.outcome.as_str(), d.status_code),
+            ("handler_failed", Some(500)),
+            "{}",
+            b.name
+        );
+        // The sync is kept; a redelivery is not held off by a stuck claim.
+        assert!(Product::get(&m, "prod_early").await.unwrap().is_some());
+        assert_eq!(
+            webhooks.receive(&m, post(&ev)).await.status,
+            500,
+            "{}",
+            b.name
+        );
+    }
+}

@@ -613,8 +613,9 @@ pub(crate) async fn tell(
                 after: after.clone(),
             };
             told = true;
-            let run = hook(change, mirror.clone());
-            crate::webhooks::registry::guarded(run, limit)
+            // Called inside the guard, so a panic before the future exists is caught too.
+            let (hook, m) = (hook.clone(), mirror.clone());
+            crate::webhooks::registry::guarded(async move { hook(change, m).await }, limit)
                 .await
                 .map_err(|e| Stopped {
                     message: format!("access hook for {subscriber} {e}"),

@@ -344,7 +344,10 @@ impl Webhooks {
                 .config()
                 .webhook_handler_timeout
                 .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            let error = match guarded(handler(e, m), limit).await {
+            // Called inside the guard: a handler that panics before it returns its
+            // future is caught like one that panics while it runs.
+            let handler = handler.clone();
+            let error = match guarded(async move { handler(e, m).await }, limit).await {
                 Ok(()) => {
                     log.insert(key, HANDLER_OK.to_owned());
                     continue;
