@@ -163,17 +163,24 @@ impl Mirror {
     /// at the configured API base.
     pub async fn stripe(&self) -> Result<StripeClient> {
         let key = ApiKey::default_secret_key(self).await?;
-        let mut cached = self.inner.stripe.lock().expect("not poisoned");
-        if let Some((k, client)) = cached.as_ref()
+        // The cache holds no invariant a panic could break: a poisoned lock is used as is.
+        let cache = &self.inner.stripe;
+        let lock = || {
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((k, client)) = lock().as_ref()
             && k == key.expose()
         {
             return Ok(client.clone());
         }
+        // Built outside the lock.
         let c = &self.inner.config;
         let client = StripeClient::new(&key, c.api_base.as_deref(), c.stripe_timeout)?
             .with_retries(c.stripe_retries, c.stripe_retry_backoff)
             .with_clock(c.clock.clone());
-        *cached = Some((key.expose().to_owned(), client.clone()));
+        *lock() = Some((key.expose().to_owned(), client.clone()));
         Ok(client)
     }
 

@@ -86,8 +86,12 @@ impl StripeClient {
                 Error::Config(format!("Stripe key {key} holds characters a header cannot"))
             })?;
         authorization.set_sensitive(true);
+        // ring named here, not rustls's process-wide default: a host that also links
+        // aws-lc-rs (rustls's default backend) and installs neither would make
+        // rustls panic when it has to choose.
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| Error::Config(format!("TLS for Stripe could not be set up: {e}")))?
             .https_or_http()
             .enable_http1()
             .build();
