@@ -1345,3 +1345,48 @@ async fn a_product_made_meanwhile_is_read_back_and_a_failed_read_keeps_the_creat
         );
     }
 }
+
+const FEATURE_PAGE: &str = r#"{"object":"list","has_more":true,"data":[{"id":"prodft_1","object":"product_feature","livemode":false,"entitlement_feature":{"id":"feat_1","object":"entitlements.feature","lookup_key":"exports","livemode":false}}]}"#;
+
+/// A features list from a server that ignores `starting_after` (the same page, "has
+/// more", again) ends in an error instead of a loop; an item that is not an object
+/// is an error, not a panic. Nothing is written either way.
+#[tokio::test]
+async fn a_features_list_that_does_not_move_or_holds_no_object_is_an_error() {
+    for b in common::backends() {
+        let (base, keys) = stub(vec![(200, FEATURE_PAGE), (200, FEATURE_PAGE)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let err = stripe_mirror::ProductFeature::sync_for_product(&m, "prod_loop")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("starting_after"), "{}: {err}", b.name);
+        assert_eq!(
+            keys.lock().unwrap().len(),
+            2,
+            "{}: two pages, no more",
+            b.name
+        );
+
+        let (base, _) = stub(vec![(
+            200,
+            r#"{"object":"list","has_more":false,"data":["prodft_1"]}"#,
+        )])
+        .await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let err = stripe_mirror::ProductFeature::sync_for_product(&m, "prod_bad")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not an object"), "{}: {err}", b.name);
+        assert_eq!(
+            common::query_count(
+                &b.config.database_url,
+                "SELECT count(*) AS n FROM stripe_product_features"
+            ),
+            0,
+            "{}",
+            b.name
+        );
+    }
+}

@@ -89,17 +89,13 @@ impl EntitlementSummary {
                 .get("livemode")
                 .and_then(Value::as_bool)
                 .unwrap_or(livemode);
-            let last = data
-                .last()
-                .and_then(|e| e.get("id"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
+            let has_more = page.value.get("has_more") == Some(&json!(true));
+            let asked = query.get("starting_after").and_then(Value::as_str);
+            let next = crate::stripe::next_after(&data, has_more, asked, "entitlement")?;
             entitlements.extend(data);
-            match last {
-                Some(last) if page.value.get("has_more") == Some(&json!(true)) => {
-                    query["starting_after"] = json!(last)
-                }
-                _ => break,
+            match next {
+                Some(last) => query["starting_after"] = json!(last),
+                None => break,
             }
         }
         let summary = json!({
@@ -211,21 +207,25 @@ impl ProductFeature {
                 .unwrap_or_default();
             for mut feature in data.iter().cloned() {
                 // The object does not name its product: the listing does.
-                feature["product"] = json!(product_id);
+                let Some(fields) = feature.as_object_mut() else {
+                    return Err(Error::mapping(
+                        "product_feature",
+                        "<no id>",
+                        "data",
+                        format!("an item of product {product_id}'s features is not an object"),
+                    ));
+                };
+                fields.insert("product".into(), json!(product_id));
                 rows.push((
                     PRODUCT_FEATURES.row(&feature, Stamp::fetched(page.at), Some(live))?,
                     feature,
                 ));
             }
-            match data
-                .last()
-                .and_then(|f| f.get("id"))
-                .and_then(Value::as_str)
-            {
-                Some(last) if page.value.get("has_more") == Some(&json!(true)) => {
-                    query["starting_after"] = json!(last)
-                }
-                _ => break,
+            let has_more = page.value.get("has_more") == Some(&json!(true));
+            let asked = query.get("starting_after").and_then(Value::as_str);
+            match crate::stripe::next_after(&data, has_more, asked, "product_feature")? {
+                Some(last) => query["starting_after"] = json!(last),
+                None => break,
             }
         }
         let product = product_id.to_owned();

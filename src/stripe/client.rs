@@ -495,6 +495,35 @@ pub(crate) fn is_missing(err: &Error) -> bool {
     })
 }
 
+/// Where the next page of a Stripe list starts: after the last of `items` when the page
+/// says it `has_more`, `None` at the end. A page that says it has more but whose last
+/// object has no id, or is the one it was asked to start after (a server that ignores
+/// `starting_after`), is an error: ending there would report a partial list as whole,
+/// and asking again would loop for ever.
+pub(crate) fn next_after(
+    items: &[serde_json::Value],
+    has_more: bool,
+    asked_after: Option<&str>,
+    kind: &'static str,
+) -> Result<Option<String>> {
+    if !has_more {
+        return Ok(None);
+    }
+    let list = |problem: &str| Error::mapping("list", kind, "data", problem);
+    match items
+        .last()
+        .and_then(|o| o.get("id"))
+        .and_then(|id| id.as_str())
+    {
+        None => Err(list("has more after it but its last object has no id")),
+        Some(last) if Some(last) == asked_after => Err(list(
+            "has more, but ends with the object it was asked to start after: the server \
+             ignores `starting_after`",
+        )),
+        Some(last) => Ok(Some(last.to_owned())),
+    }
+}
+
 /// Whether a create failed because the object is there already: made by another
 /// process between our look and our create. Stripe says so with a 400
 /// (`resource_already_exists`); localstripe with a 409 (after the client's retries,
@@ -509,6 +538,35 @@ pub(crate) fn already_exists(err: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A list goes on after its last id while it has more, and a page that cannot be
+    /// gone past (no id, or the same cursor again) is an error, never an end or a loop.
+    #[test]
+    fn the_next_page_starts_after_the_last_id_and_must_move() {
+        let page = [
+            serde_json::json!({"id": "a"}),
+            serde_json::json!({"id": "b"}),
+        ];
+        assert_eq!(next_after(&page, false, None, "customer").unwrap(), None);
+        assert_eq!(
+            next_after(&page, true, None, "customer")
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            next_after(&page, true, Some("a"), "customer")
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        let stuck = next_after(&page, true, Some("b"), "customer").unwrap_err();
+        assert!(stuck.to_string().contains("starting_after"), "{stuck}");
+        let no_id = [serde_json::json!({"name": "x"})];
+        let err = next_after(&no_id, true, None, "customer").unwrap_err();
+        assert!(err.to_string().contains("no id"), "{err}");
+        assert!(next_after(&[], true, None, "customer").is_err());
+    }
 
     /// A form async-stripe cannot encode (nested deeper than 5 levels) is an error,
     /// not a panic of `StripeClient::post`.

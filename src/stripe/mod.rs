@@ -3,7 +3,7 @@
 mod client;
 
 pub use client::StripeClient;
-pub(crate) use client::{Answer, already_exists, is_missing, newest_timestamp};
+pub(crate) use client::{Answer, already_exists, is_missing, newest_timestamp, next_after};
 
 use std::fmt;
 

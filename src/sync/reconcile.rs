@@ -151,17 +151,9 @@ async fn missed_events(mirror: &Mirror, from: i64) -> Result<BTreeSet<(&'static 
                 })
                 .filter_map(object_of),
         );
-        after = events
-            .last()
-            .and_then(|e| e.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        if !page
-            .get("has_more")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-            || after.is_none()
-        {
+        let has_more = page.get("has_more").and_then(Value::as_bool) == Some(true);
+        after = crate::stripe::next_after(&events, has_more, after.as_deref(), "event")?;
+        if after.is_none() {
             return Ok(wanted);
         }
     }

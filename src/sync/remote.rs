@@ -385,6 +385,7 @@ pub async fn sync_all(
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None)));
+        let mut asked_after: Option<String> = None;
         let live = mirror.live_mode();
         // The live rows the mirror holds before the list: what it could leave out.
         let held = if options.remove_missing {
@@ -418,15 +419,10 @@ pub async fn sync_all(
                 .get("has_more")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let after = items
-                .last()
-                .and_then(|o| o.get("id"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            if has_more {
-                let Some(after) = after else {
-                    return Err(list("has more after it but its last object has no id"));
-                };
+            if let Some(after) =
+                crate::stripe::next_after(&items, has_more, asked_after.as_deref(), table.kind)?
+            {
+                asked_after = Some(after.clone());
                 next = Some(AbortOnDrop(fetch(Some(after))));
             }
             other_mode |= items
