@@ -376,3 +376,80 @@ async fn nul_characters_are_refused_with_a_400_not_a_database_error() {
         }
     }
 }
+
+/// An event without Stripe's time as an integer `created` is refused (400) and
+/// logged: the host's clock must never order the mirror's writes.
+#[tokio::test]
+async fn an_event_without_stripes_integer_time_is_refused_and_logged() {
+    for b in common::backends() {
+        let mut config = b.config.clone();
+        config.webhook_secrets = vec![Secret::new(SECRET)];
+        let m = Mirror::connect(config).await.unwrap();
+        let webhooks = Webhooks::new();
+        for (n, created) in [
+            None,
+            Some(json!(1_700_000_000.5)),
+            Some(json!("1700000000")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut event = json!({"id": format!("evt_notime{n}"), "object": "event",
+                "type": "product.updated", "livemode": false,
+                "data": {"object": {"id": format!("prod_notime{n}"), "object": "product", "name": "P"}}});
+            if let Some(created) = created {
+                event["created"] = created;
+            }
+            let body = event.to_string().into_bytes();
+            let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
+            let r = webhooks
+                .receive(
+                    &m,
+                    WebhookRequest::new(body).header("Stripe-Signature", header),
+                )
+                .await;
+            assert_eq!(r.status, 400, "{}: {event}: {:?}", b.name, r.error);
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains("created")),
+                "{}: {:?}",
+                b.name,
+                r.error
+            );
+            let last = Delivery::recent(&m, 1).await.unwrap().remove(0);
+            assert_eq!(last.status_code, Some(400), "{}: logged", b.name);
+            let id = format!("prod_notime{n}");
+            assert!(Product::get(&m, &id).await.unwrap().is_none(), "{}", b.name);
+        }
+    }
+}
+
+/// Settings r2d2 would assert on are `Error::Config` saying which.
+#[tokio::test]
+async fn impossible_settings_are_config_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let mut config = stripe_mirror::Config::new(url.clone());
+    config.pool_size = 0;
+    match Mirror::connect(config).await {
+        Err(stripe_mirror::Error::Config(message)) => {
+            assert!(message.contains("pool_size"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut config = stripe_mirror::Config::new(url);
+    config.connection_timeout = std::time::Duration::ZERO;
+    match Mirror::connect(config).await {
+        Err(stripe_mirror::Error::Config(message)) => {
+            assert!(message.contains("connection_timeout"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A route pattern whose last character takes several bytes is taken as it is (the
+/// check for a misplaced `*` once sliced it mid-character).
+#[test]
+fn a_pattern_ending_in_a_wide_character_is_taken() {
+    let h = |_e: Event, _m: Mirror| async { Ok(()) };
+    let _ = Webhooks::new().on("client.créé", h).on("é*", h);
+}

@@ -1390,3 +1390,22 @@ async fn a_features_list_that_does_not_move_or_holds_no_object_is_an_error() {
         );
     }
 }
+
+/// A reconcile asked to look back further than the epoch looks back to its start
+/// instead of overflowing.
+#[tokio::test]
+async fn a_reconcile_since_forever_asks_from_the_epoch() {
+    for b in common::backends() {
+        let (base, keys) = stub(vec![(
+            200,
+            r#"{"object":"list","has_more":false,"data":[]}"#,
+        )])
+        .await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        // 2^63 s: as an i64 it would be negative, and `now - since` would overflow.
+        let since = Duration::from_secs(1 << 63);
+        let report = stripe_mirror::reconcile(&m, since).await.unwrap();
+        assert_eq!(report.refetched, 0, "{}", b.name);
+        assert_eq!(keys.lock().unwrap().len(), 1, "{}: one events page", b.name);
+    }
+}

@@ -327,6 +327,18 @@ impl Database {
 
     /// Opens a pool for `url`. Fails fast when the database cannot be reached.
     pub(crate) fn open(url: &str, size: u32, timeout: Duration) -> Result<Self> {
+        // r2d2 asserts both (a panic); said here as what to change.
+        if size == 0 {
+            return Err(Error::Config(
+                "Config::pool_size is 0: the pool needs at least one connection".into(),
+            ));
+        }
+        if timeout.is_zero() {
+            return Err(Error::Config(
+                "Config::connection_timeout is zero: give the pool time to connect (the default is 5 s)"
+                    .into(),
+            ));
+        }
         let unavailable = |source: r2d2::PoolError| Error::Unavailable {
             target: redact_url(url),
             source,

@@ -53,7 +53,9 @@ pub struct ReconcileReport {
 /// # Ok(()) }
 /// ```
 pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileReport> {
-    let (from, live) = (mirror.now() - since.as_secs() as i64, mirror.live_mode());
+    // Saturating: a `since` longer than the epoch looks back to its start.
+    let back = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
+    let (from, live) = (mirror.now().saturating_sub(back).max(0), mirror.live_mode());
     let mut wanted: BTreeSet<(&'static str, String)> = mirror
         .db()
         .run(move |conn| local_suspects(conn, from, live))

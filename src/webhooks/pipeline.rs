@@ -544,7 +544,8 @@ impl Webhooks {
             header,
             body,
             &mirror.config().webhook_secrets,
-            mirror.config().webhook_tolerance.as_secs() as i64,
+            // Saturating: a tolerance past i64 would wrap negative and check nothing.
+            i64::try_from(mirror.config().webhook_tolerance.as_secs()).unwrap_or(i64::MAX),
             mirror.now(),
         )
         .map_err(|e| match e {
@@ -554,8 +555,20 @@ impl Webhooks {
         })?;
         let text = std::str::from_utf8(body)
             .map_err(|e| Failure::new(Outcome::Malformed, format!("body is not UTF-8: {e}")))?;
-        let raw = serde_json::from_str(text)
+        let raw: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| Failure::new(Outcome::Malformed, format!("body is not JSON: {e}")))?;
+        // Stripe's time of the event orders every write it makes: never the host's
+        // clock, which `Event::from_json` falls back to for hand-made events.
+        if raw
+            .get("created")
+            .and_then(serde_json::Value::as_i64)
+            .is_none()
+        {
+            return Err(Failure::new(
+                Outcome::Malformed,
+                "the event has no integer `created` (Stripe's time of the event)",
+            ));
+        }
         let mut event = Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))?;
         event.text = Some(text.into());
         Ok(event)

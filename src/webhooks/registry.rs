@@ -143,7 +143,7 @@ impl Webhooks {
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         assert!(
-            !pattern.is_empty() && !pattern[..pattern.len().saturating_sub(1)].contains('*'),
+            !pattern.is_empty() && !pattern.strip_suffix('*').unwrap_or(pattern).contains('*'),
             "webhook pattern {pattern:?}: use an event type, a prefix ending in `*`, or `*`"
         );
         let boxed: BoxHandler = Arc::new(move |e, m| Box::pin(handler(e, m)));
