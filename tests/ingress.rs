@@ -434,3 +434,35 @@ mod axum_route {
         assert!(!d.valid && d.error.is_some());
     }
 }
+
+/// An unsigned request's headers get the same budget as its body: 100 headers of 2 KiB
+/// leave about 4 KiB in the log, with a note of how many were left out, and the small
+/// ones (which say what was sent) are kept.
+#[tokio::test]
+async fn refused_requests_keep_at_most_4_kib_of_headers() {
+    for b in backends() {
+        let (m, n) = (mirror(&b).await, b.name);
+        let mut request =
+            WebhookRequest::new(b"{}".to_vec()).header("Content-Type", "application/json");
+        for i in 0..100 {
+            request = request.header(&format!("X-Filler-{i}"), &"h".repeat(2048));
+        }
+        let r = Webhooks::new().receive(&m, request).await;
+        assert_eq!(r.status, 400, "{n}");
+        let d = last_delivery(&m).await;
+        assert!(!d.valid, "{n}");
+        assert!(
+            d.headers.len() <= REFUSED_BODY_LOG_LIMIT + 256,
+            "{n}: {} bytes of headers kept",
+            d.headers.len()
+        );
+        let headers: Value = serde_json::from_str(&d.headers).unwrap();
+        assert_eq!(headers["content-type"], "application/json", "{n}");
+        assert!(
+            headers["[left out]"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("99 headers")),
+            "{n}: {headers}"
+        );
+    }
+}

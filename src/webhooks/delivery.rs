@@ -74,8 +74,9 @@ impl Outcome {
     }
 }
 
-/// How much of a refused request's body is kept in the log (bytes): enough to see what
-/// was sent, not enough for an unauthenticated client to fill the database. A verified
+/// How much of a refused request's body is kept in the log (bytes), and of its headers:
+/// enough to see what was sent, not enough for an unauthenticated client to fill the
+/// database. A verified
 /// delivery's body is stored once, as its event's `data` (`stripe_events`).
 pub const REFUSED_BODY_LOG_LIMIT: usize = 4096;
 
@@ -107,18 +108,32 @@ pub(crate) fn log(conn: &mut Conn<'_>, entry: &Entry<'_>) -> Result<i64> {
         outcome,
         error,
     } = *entry;
-    let headers: serde_json::Map<String, serde_json::Value> = headers
-        .iter()
-        .map(|(k, v)| {
-            let k = k.to_ascii_lowercase();
-            let v = if REDACTED_HEADERS.contains(&k.as_str()) {
-                "[redacted]".to_owned()
-            } else {
-                v.clone()
-            };
-            (k, serde_json::Value::String(v))
-        })
-        .collect();
+    // A refused request's headers get the budget of its body: anyone can send them.
+    let mut budget = if valid {
+        usize::MAX
+    } else {
+        REFUSED_BODY_LOG_LIMIT
+    };
+    let (mut kept, mut left_out) = (serde_json::Map::new(), 0);
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        let v = if REDACTED_HEADERS.contains(&k.as_str()) {
+            "[redacted]".to_owned()
+        } else {
+            v.clone()
+        };
+        if k.len() + v.len() > budget {
+            left_out += 1;
+            continue;
+        }
+        budget -= k.len() + v.len();
+        kept.insert(k, serde_json::Value::String(v));
+    }
+    if left_out > 0 {
+        let note = format!("{left_out} headers left out: past the log's limit");
+        kept.insert("[left out]".into(), note.into());
+    }
+    let headers = kept;
     let values = (
         deliveries::received_at.eq(now()),
         deliveries::remote_addr.eq(remote_addr),
