@@ -445,7 +445,7 @@ async fn refused_requests_keep_at_most_4_kib_of_headers() {
         let mut request =
             WebhookRequest::new(b"{}".to_vec()).header("Content-Type", "application/json");
         for i in 0..100 {
-            request = request.header(&format!("X-Filler-{i}"), &"h".repeat(2048));
+            request = request.header(format!("X-Filler-{i}"), "h".repeat(2048));
         }
         let r = Webhooks::new().receive(&m, request).await;
         assert_eq!(r.status, 400, "{n}");
