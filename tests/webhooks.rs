@@ -901,3 +901,79 @@ async fn a_handler_panicking_before_its_future_fails_the_event_alone() {
         );
     }
 }
+
+/// A stored event that cannot be read (its data, or its handler log, damaged by hand or
+/// by an older version) is reported among the failed ones; the replay goes on with the
+/// others, and a handler that had succeeded is never run again for a damaged log.
+#[tokio::test]
+async fn a_replay_reports_an_unreadable_event_and_goes_on() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        let fail = Arc::new(Mutex::new(true));
+        let runs: Log = Default::default();
+        let (f, r) = (fail.clone(), runs.clone());
+        let webhooks = Webhooks::new().on("product.created", move |e: Event, _m: Mirror| {
+            let (f, r) = (f.clone(), r.clone());
+            async move {
+                r.lock().unwrap().push(e.id.clone());
+                if *f.lock().unwrap() {
+                    return Err("mail server down".into());
+                }
+                Ok(())
+            }
+        });
+        for n in 1..=3 {
+            let ev = event(
+                &format!("evt_rd{n}"),
+                "product.created",
+                now(),
+                json!({"id": format!("prod_rd{n}"), "object": "product", "name": "R"}),
+            );
+            assert_eq!(
+                webhooks.receive(&m, post(&ev)).await.status,
+                500,
+                "{}",
+                b.name
+            );
+        }
+        let url = &b.config.database_url;
+        common::execute_sql(
+            url,
+            "UPDATE stripe_events SET data = 'not json' WHERE id = 'evt_rd1'",
+        );
+        common::execute_sql(
+            url,
+            "UPDATE stripe_events SET handlers = 'not json' WHERE id = 'evt_rd2'",
+        );
+        *fail.lock().unwrap() = false;
+        let before = runs.lock().unwrap().len();
+        let report = webhooks
+            .process_events(
+                &m,
+                &EventFilter {
+                    failed: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.processed, 1, "{}: {report:?}", b.name);
+        let mut failed: Vec<&str> = report.failed.iter().map(|(id, _)| id.as_str()).collect();
+        failed.sort();
+        assert_eq!(failed, ["evt_rd1", "evt_rd2"], "{}: {report:?}", b.name);
+        assert!(
+            report
+                .failed
+                .iter()
+                .all(|(_, e)| e.contains("not JSON") || e.contains("not a JSON")),
+            "{}: {report:?}",
+            b.name
+        );
+        assert_eq!(
+            runs.lock().unwrap()[before..],
+            ["evt_rd3".to_owned()],
+            "{}: only the readable one ran",
+            b.name
+        );
+    }
+}

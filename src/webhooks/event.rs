@@ -295,7 +295,11 @@ pub(crate) fn insert_and_claim(
         status,
     }) = claimed
     {
-        let handlers = serde_json::from_str(&handlers).unwrap_or_default();
+        // Read as empty, a damaged log would run again handlers that succeeded.
+        let handlers = serde_json::from_str(&handlers).map_err(|e| Error::Corrupt {
+            what: format!("event {}", event.id),
+            problem: format!("its handler log (`handlers`) is not a JSON object: {e}"),
+        })?;
         // A claim sets `processing`: `processed` here is the new, settled row, whose
         // sync is still to run.
         let settled = status == PROCESSED;

@@ -116,7 +116,7 @@ impl Webhooks {
         };
         for page in ids.chunks(REPLAY_PAGE) {
             let page = page.to_vec();
-            let events: Vec<Event> = mirror
+            let events: Vec<(String, Result<Event>)> = mirror
                 .db()
                 .run(move |conn| {
                     use crate::db::schema::stripe_events as ev;
@@ -127,10 +127,23 @@ impl Webhooks {
                         .load(c))?;
                     // In the order the ids were listed (created, then id).
                     rows.sort_by_key(|r| page.iter().position(|id| *id == r.id));
-                    rows.into_iter().map(event::EventRow::into_event).collect()
+                    Ok(rows
+                        .into_iter()
+                        .map(|r| (r.id.clone(), r.into_event()))
+                        .collect())
                 })
                 .await?;
-            self.replay_page(mirror, events, force, &mut report).await?;
+            // A row that cannot be read (stored by an older version, or edited by hand)
+            // is reported with the others that failed; the replay goes on past it.
+            let mut readable = Vec::with_capacity(events.len());
+            for (id, event) in events {
+                match event {
+                    Ok(event) => readable.push(event),
+                    Err(err) => report.failed.push((id, err.to_string())),
+                }
+            }
+            self.replay_page(mirror, readable, force, &mut report)
+                .await?;
         }
         Ok(report)
     }
@@ -162,8 +175,9 @@ impl Webhooks {
                     report.busy += 1;
                     continue;
                 }
-                // The object cannot be mirrored: the event stays failed, the replay goes on.
-                Err(err @ Error::Mapping { .. }) => {
+                // The object cannot be mirrored, or the row cannot be read: the event
+                // stays as it was, the replay goes on.
+                Err(err @ (Error::Mapping { .. } | Error::Corrupt { .. })) => {
                     report.failed.push((event.id, err.to_string()));
                     continue;
                 }
