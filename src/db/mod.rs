@@ -360,6 +360,18 @@ impl Database {
                         .map_err(unavailable)?,
                 )
             }
+            // libpq splits user and host at the first `@`, the redaction at the last: a
+            // raw `@` in the password would put the rest of it in libpq's errors.
+            #[cfg(feature = "postgres")]
+            Target::Postgres(url)
+                if url.split('?').next().unwrap_or("").matches('@').count() > 1 =>
+            {
+                return Err(Error::Config(format!(
+                    "DATABASE_URL {} holds more than one `@`: percent-encode an `@` in the user \
+                     or password as `%40`",
+                    redact_url(&url)
+                )));
+            }
             #[cfg(feature = "postgres")]
             Target::Postgres(url) => Pool::Postgres(
                 r2d2::Pool::builder()
@@ -496,6 +508,27 @@ impl Database {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A raw `@` in a Postgres password is refused before libpq sees it: libpq would
+    /// take what follows it for the host and print it in its error.
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_raw_at_in_a_postgres_password_is_refused_without_showing_it() {
+        let url = "postgres://app:p@ss-word@127.0.0.1:1/app";
+        let err = Database::open(url, 1, Duration::from_millis(100))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("%40"), "{err}");
+        assert!(!err.contains("ss-word") && !err.contains("p@"), "{err}");
+        // Encoded, it goes on to connect (and fails there: nothing listens on port 1).
+        let encoded = "postgres://app:p%40ss-word@127.0.0.1:1/app";
+        let err = Database::open(encoded, 1, Duration::from_millis(100))
+            .err()
+            .expect("nothing listens")
+            .to_string();
+        assert!(!err.contains("%40") && !err.contains("ss-word"), "{err}");
+    }
 
     /// Every pooled SQLite connection syncs each commit (2 = FULL): a 200 is durable.
     #[cfg(feature = "sqlite")]
