@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use stripe_mirror::models::product::NewProduct;
 use stripe_mirror::{
     Config, Customer, Error, Mirror, Product, Secret, Subscriber, Subscription, SyncOptions,
-    sync_all,
+    WebhookRequest, sync_all,
 };
 
 const KEY: &str = "sk_test_apitests0000000000000";
@@ -1407,5 +1407,47 @@ async fn a_reconcile_since_forever_asks_from_the_epoch() {
         let report = stripe_mirror::reconcile(&m, since).await.unwrap();
         assert_eq!(report.refetched, 0, "{}", b.name);
         assert_eq!(keys.lock().unwrap().len(), 1, "{}: one events page", b.name);
+    }
+}
+
+/// A 404 turned into a tombstone is stamped with Stripe's time of the answer (its
+/// `Date`), not the host's clock: with the host an hour ahead, a product made again
+/// under the same id a few seconds after the 404 still comes back with its event.
+#[tokio::test]
+async fn a_tombstone_from_a_404_is_stamped_with_stripes_time() {
+    const DATE: &str = "Wed, 25 Nov 2026 23:11:27 GMT";
+    const AT: i64 = 1_795_648_287;
+    for b in common::backends() {
+        let (base, _) = scripted(vec![(404, vec![("Date", DATE)], MISSING)]).await;
+        let config = with_api(&b.config, &base)
+            .clock(stripe_mirror::Clock::skewed(3600))
+            .webhook_secret("whsec_ahead");
+        let m = Mirror::connect(config).await.unwrap();
+        assert!(
+            Product::sync(&m, "prod_again").await.unwrap().deleted,
+            "{}",
+            b.name
+        );
+        let stamp = common::query_count(
+            &b.config.database_url,
+            "SELECT stamp AS n FROM stripe_products WHERE id = 'prod_again'",
+        );
+        assert_eq!(stamp, AT, "{}: Stripe's time, not the host's", b.name);
+
+        let event = json!({"id": "evt_again", "object": "event", "type": "product.created",
+            "created": AT + 5, "livemode": false,
+            "data": {"object": {"id": "prod_again", "object": "product", "name": "Again", "active": true}}});
+        let body = event.to_string().into_bytes();
+        let header =
+            stripe_mirror::webhooks::signature::sign(&body, &Secret::new("whsec_ahead"), m.now());
+        let r = stripe_mirror::Webhooks::new()
+            .receive(
+                &m,
+                WebhookRequest::new(body).header("Stripe-Signature", header),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}: {r:?}", b.name);
+        let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
+        assert!(!p.deleted, "{}: made again, mirrored again", b.name);
     }
 }

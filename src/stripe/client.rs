@@ -456,6 +456,7 @@ fn stripe_error(request: &str, object: Option<&str>, reply: &Reply) -> Error {
             }
         }),
         request_id,
+        at: reply.date,
     }))
 }
 

@@ -25,6 +25,9 @@ pub struct StripeApiError {
     pub message: String,
     /// Stripe's request id (`req_...`), for Stripe support.
     pub request_id: Option<String>,
+    /// Stripe's time of the answer (unix seconds, its `Date` header), when one came:
+    /// a 404 turned into a tombstone is stamped with it, not with the host's clock.
+    pub at: Option<i64>,
 }
 
 impl fmt::Display for StripeApiError {

@@ -194,9 +194,15 @@ pub(crate) async fn refetch_touching(
         }
         // A tombstone is final whatever its stamp: never for a 404 that only says the
         // key cannot see the row (Stripe's message says so).
+        // Stamped with Stripe's time of the 404: a host clock running ahead would
+        // stamp it past the `*.created` of an object made again under the same id.
         Err(err) if crate::stripe::is_missing(&err) && !other_mode() => (
             json!({ "id": id, "object": table.accepts[0], "deleted": true }),
-            mirror.now(),
+            match &err {
+                Error::Stripe(e) => e.at,
+                _ => None,
+            }
+            .unwrap_or_else(|| mirror.now()),
             Refetch::Gone,
         ),
         Err(err) => return Err(err),
