@@ -1451,3 +1451,51 @@ async fn a_tombstone_from_a_404_is_stamped_with_stripes_time() {
         assert!(!p.deleted, "{}: made again, mirrored again", b.name);
     }
 }
+
+const MADE: &str = r#"{"id":"prod_again2","object":"product","name":"Again","active":true,"livemode":false,"created":1700000000,"metadata":{}}"#;
+const MISSING2: &str = r#"{"error":{"type":"invalid_request_error","code":"resource_missing","message":"No such product: 'prod_again2'"}}"#;
+
+/// A product deleted (a tombstone in the mirror) and asked for again is made again
+/// under another idempotency key (Stripe would replay the deleted one's creation for
+/// 24 hours), and the answer brings the row back instead of leaving it deleted.
+#[tokio::test]
+async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
+    for b in common::backends() {
+        let (base, first) = stub(vec![(404, MISSING2), (200, MADE)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let new = NewProduct::new("prod_again2", "Again");
+        assert!(
+            !Product::get_or_create(&m, &new).await.unwrap().deleted,
+            "{}",
+            b.name
+        );
+        assert!(
+            Product::mark_deleted(&m, "prod_again2")
+                .await
+                .unwrap()
+                .deleted
+        );
+
+        let (base, again) = stub(vec![(404, MISSING2), (200, MADE)]).await;
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let p = Product::get_or_create(&m, &new).await.unwrap();
+        assert!(!p.deleted, "{}: made again, mirrored live", b.name);
+        assert!(
+            !Product::get(&m, "prod_again2")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted
+        );
+        let (first, again) = (first.lock().unwrap().clone(), again.lock().unwrap().clone());
+        assert!(
+            first[1].is_some() && again[1].is_some(),
+            "{first:?} {again:?}"
+        );
+        assert_ne!(
+            first[1], again[1],
+            "{}: another key after the deletion",
+            b.name
+        );
+    }
+}

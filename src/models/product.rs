@@ -5,9 +5,9 @@ use diesel::prelude::*;
 use crate::Mirror;
 use crate::db::schema::{stripe_prices, stripe_products};
 use crate::db::{Conn, on_conn};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::price::Price;
-use crate::sync::upsert::{SqlValue, mirror_table};
+use crate::sync::upsert::{SqlValue, Stamp, mirror_table};
 use crate::sync::{Model, sync_methods};
 
 /// A mirrored Stripe product.
@@ -116,7 +116,10 @@ impl NewProduct {
 impl Product {
     /// The product with `new.id` in the current mode: the mirror's row when it has one, else
     /// Stripe's, else created in Stripe (idempotency key derived from the id and mode,
-    /// so racing processes create one), mirrored at once.
+    /// so racing processes create one), mirrored at once. After the product was
+    /// deleted (a tombstone in the mirror) the key changes, so it is made again rather
+    /// than Stripe replaying the deleted one's creation; if Stripe will not make it
+    /// again, the error says so.
     ///
     /// ```no_run
     /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -127,12 +130,23 @@ impl Product {
     /// ```
     pub async fn get_or_create(mirror: &Mirror, new: &NewProduct) -> Result<Product> {
         let live = mirror.live_mode();
-        if let Some(found) = Self::get(mirror, &new.id)
-            .await?
-            .filter(|p| !p.deleted && p.livemode == live)
-        {
-            return Ok(found);
+        let held = Self::get(mirror, &new.id).await?;
+        if let Some(found) = held.as_ref().filter(|p| !p.deleted && p.livemode == live) {
+            return Ok(found.clone());
         }
+        // The row as it was before asking: an answer that settles it may revive a
+        // tombstone (a product made again under its id).
+        let id = new.id.clone();
+        let seen = mirror
+            .db()
+            .run(move |conn| <Product as Model>::TABLE.seen(conn, &id))
+            .await?;
+        // After a deletion, another key: Stripe would replay the deleted one's creation
+        // for 24 hours instead of making it again.
+        let material = match held.as_ref().filter(|p| p.deleted) {
+            Some(gone) => format!("{}/after deletion at {}", new.id, gone.stamp),
+            None => new.id.clone(),
+        };
         let client = mirror.stripe().await?;
         let object = format!("product {}", new.id);
         let retrieve = stripe_product::product::RetrieveProduct::new(new.id.as_str());
@@ -147,7 +161,7 @@ impl Product {
                 if let Some(d) = &new.description {
                     create = create.description(d.as_str());
                 }
-                let key = crate::sync::remote::creation_key("product", mirror.live_mode(), &new.id);
+                let key = crate::sync::remote::creation_key("product", live, &material);
                 match client.request(&create, Some(key), Some(&object)).await {
                     Ok(created) => created,
                     // Created by another process since we looked (a peer that does
@@ -165,7 +179,16 @@ impl Product {
             }
             Err(err) => return Err(err),
         };
-        crate::sync::sync_from_stripe_data::<Product>(mirror, answer.value, answer.at).await
+        let stamp = Stamp::fetched_over(answer.at, seen);
+        let product = crate::sync::sync_stamped::<Product>(mirror, answer.value, stamp).await?;
+        if product.deleted {
+            return Err(Error::Config(format!(
+                "product {} is deleted in Stripe and was not made again: choose another id \
+                 for it",
+                new.id
+            )));
+        }
+        Ok(product)
     }
 
     /// The product's active, not deleted prices in the current mode, cheapest first. A

@@ -39,10 +39,19 @@ pub(crate) async fn sync_from_stripe_data<M: Model>(
     data: Value,
     at: i64,
 ) -> Result<M> {
+    sync_stamped::<M>(mirror, data, Stamp::fetched(at)).await
+}
+
+/// [`sync_from_stripe_data`] with the stamp given (a fetch that may settle the row).
+pub(crate) async fn sync_stamped<M: Model>(
+    mirror: &Mirror,
+    data: Value,
+    stamp: Stamp,
+) -> Result<M> {
     mirror
         .db()
         .run(move |conn| {
-            let row = M::TABLE.row(&data, Stamp::fetched(at), None)?;
+            let row = M::TABLE.row(&data, stamp, None)?;
             conn.write(|c| {
                 M::TABLE.write(c, &row, &data)?;
                 M::find(c, &row.id)?.ok_or_else(|| Error::NotFound {
