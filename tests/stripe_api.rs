@@ -1457,12 +1457,17 @@ const MISSING2: &str = r#"{"error":{"type":"invalid_request_error","code":"resou
 
 /// A product deleted (a tombstone in the mirror) and asked for again is made again
 /// under another idempotency key (Stripe would replay the deleted one's creation for
-/// 24 hours), and the answer brings the row back instead of leaving it deleted.
+/// 24 hours), and the answer brings the row back instead of leaving it deleted. The
+/// old product's deletion, delivered late, does not take the new one.
 #[tokio::test]
 async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
+    // Stripe's clock on the answers: now, as the host's.
+    let date: &'static str = Box::leak(chrono::Utc::now().to_rfc2822().into_boxed_str());
     for b in common::backends() {
-        let (base, first) = stub(vec![(404, MISSING2), (200, MADE)]).await;
-        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let made = || vec![(404, vec![], MISSING2), (200, vec![("Date", date)], MADE)];
+        let (base, first) = scripted(made()).await;
+        let config = with_api(&b.config, &base).webhook_secret("whsec_again");
+        let m = Mirror::connect(config).await.unwrap();
         let new = NewProduct::new("prod_again2", "Again");
         assert!(
             !Product::get_or_create(&m, &new).await.unwrap().deleted,
@@ -1476,17 +1481,11 @@ async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
                 .deleted
         );
 
-        let (base, again) = stub(vec![(404, MISSING2), (200, MADE)]).await;
-        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let (base, again) = scripted(made()).await;
+        let config = with_api(&b.config, &base).webhook_secret("whsec_again");
+        let m = Mirror::connect(config).await.unwrap();
         let p = Product::get_or_create(&m, &new).await.unwrap();
         assert!(!p.deleted, "{}: made again, mirrored live", b.name);
-        assert!(
-            !Product::get(&m, "prod_again2")
-                .await
-                .unwrap()
-                .unwrap()
-                .deleted
-        );
         let (first, again) = (first.lock().unwrap().clone(), again.lock().unwrap().clone());
         assert!(
             first[1].is_some() && again[1].is_some(),
@@ -1495,6 +1494,27 @@ async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
         assert_ne!(
             first[1], again[1],
             "{}: another key after the deletion",
+            b.name
+        );
+
+        // The old product's deletion, from before the new one was made, comes late.
+        let event = json!({"id": "evt_old_deleted", "object": "event", "type": "product.deleted",
+            "created": m.now() - 30, "livemode": false,
+            "data": {"object": {"id": "prod_again2", "object": "product", "deleted": true}}});
+        let body = event.to_string().into_bytes();
+        let header =
+            stripe_mirror::webhooks::signature::sign(&body, &Secret::new("whsec_again"), m.now());
+        let r = stripe_mirror::Webhooks::new()
+            .receive(
+                &m,
+                WebhookRequest::new(body).header("Stripe-Signature", header),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}: {r:?}", b.name);
+        let p = Product::get(&m, "prod_again2").await.unwrap().unwrap();
+        assert!(
+            !p.deleted,
+            "{}: the old deletion leaves the new product",
             b.name
         );
     }

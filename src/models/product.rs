@@ -118,8 +118,8 @@ impl Product {
     /// Stripe's, else created in Stripe (idempotency key derived from the id and mode,
     /// so racing processes create one), mirrored at once. After the product was
     /// deleted (a tombstone in the mirror) the key changes, so it is made again rather
-    /// than Stripe replaying the deleted one's creation; if Stripe will not make it
-    /// again, the error says so.
+    /// than Stripe replaying the deleted one's creation, and the old product's late
+    /// `product.deleted` does not take the new one.
     ///
     /// ```no_run
     /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -150,6 +150,9 @@ impl Product {
         let client = mirror.stripe().await?;
         let object = format!("product {}", new.id);
         let retrieve = stripe_product::product::RetrieveProduct::new(new.id.as_str());
+        // Whether the answer is the creation itself (stamped as a `product.created`
+        // would be: the old product's late deletion must not take the new one).
+        let mut made = false;
         let answer = match client.request(&retrieve, None, Some(&object)).await {
             Ok(found) => found,
             Err(err) if crate::stripe::is_missing(&err) => {
@@ -163,7 +166,10 @@ impl Product {
                 }
                 let key = crate::sync::remote::creation_key("product", live, &material);
                 match client.request(&create, Some(key), Some(&object)).await {
-                    Ok(created) => created,
+                    Ok(created) => {
+                        made = true;
+                        created
+                    }
                     // Created by another process since we looked (a peer that does
                     // not replay idempotent requests answers 400): read it.
                     // A read that misses says the create failed for another reason
@@ -179,16 +185,19 @@ impl Product {
             }
             Err(err) => return Err(err),
         };
-        let stamp = Stamp::fetched_over(answer.at, seen);
-        let product = crate::sync::sync_stamped::<Product>(mirror, answer.value, stamp).await?;
-        if product.deleted {
+        if answer.value.get("deleted") == Some(&serde_json::Value::Bool(true)) {
             return Err(Error::Config(format!(
                 "product {} is deleted in Stripe and was not made again: choose another id \
                  for it",
                 new.id
             )));
         }
-        Ok(product)
+        let stamp = match made {
+            true => Stamp::created_over(answer.at, seen),
+            false => Stamp::fetched_over(answer.at, seen),
+        };
+        // As the mirror holds it: deleted only if a newer deletion came meanwhile.
+        crate::sync::sync_stamped::<Product>(mirror, answer.value, stamp).await
     }
 
     /// The product's active, not deleted prices in the current mode, cheapest first. A

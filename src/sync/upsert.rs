@@ -164,6 +164,17 @@ impl Stamp {
         }
     }
 
+    /// An object as its creation answered at `at` (ranked as its `*.created` event),
+    /// asked for when the row was `seen`: a create made once a tombstone was stored
+    /// brings the row back, and a deletion of an older second cannot take it.
+    pub(crate) fn created_over(at: i64, seen: Option<Seen>) -> Stamp {
+        Stamp {
+            source: Source::Created,
+            settles: seen,
+            ..Stamp::fetched(at)
+        }
+    }
+
     /// Data fetched at `at`, asked for when the row was `seen` ([`Stamp::settles`]).
     pub(crate) fn fetched_over(at: i64, seen: Option<Seen>) -> Stamp {
         Stamp {
@@ -494,7 +505,10 @@ impl MirrorTable {
             // object by then, so a live answer is the new one), bring the row back.
             let remade = !row.deleted
                 && match row.stamp.source {
-                    Source::Created => row.stamp.at > current.stamp,
+                    Source::Created => {
+                        row.stamp.at > current.stamp
+                            || row.stamp.settles.as_ref().is_some_and(unchanged)
+                    }
                     Source::Fetched => row.stamp.settles.as_ref().is_some_and(unchanged),
                     Source::Updated | Source::Deleted => false,
                 };
