@@ -977,3 +977,71 @@ async fn a_replay_reports_an_unreadable_event_and_goes_on() {
         );
     }
 }
+
+/// A redelivered event whose stored handler log is damaged fails alone (500, marked
+/// failed, its log kept): deliveries sharing its group are answered as if it were not
+/// there, not 503.
+#[tokio::test]
+async fn a_damaged_handler_log_fails_its_event_alone() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        let webhooks = Webhooks::new().on("product.created", |_e: Event, _m: Mirror| async {
+            Err("mail server down".into())
+        });
+        let damaged = event(
+            "evt_dmg",
+            "product.created",
+            now(),
+            json!({"id": "prod_dmg", "object": "product", "name": "D"}),
+        );
+        assert_eq!(webhooks.receive(&m, post(&damaged)).await.status, 500);
+        common::execute_sql(
+            &b.config.database_url,
+            "UPDATE stripe_events SET handlers = 'not json' WHERE id = 'evt_dmg'",
+        );
+        // Queued at once (one poll of `join_all`), around the damaged one: groups
+        // hold several of them.
+        let others: Vec<_> = (0..16)
+            .map(|i| {
+                event(
+                    &format!("evt_dmg_other{i}"),
+                    "price.created",
+                    now(),
+                    json!({"id": format!("price_dmg{i}"), "object": "price", "product": "prod_dmg",
+                        "currency": "usd", "unit_amount": 100}),
+                )
+            })
+            .collect();
+        let mut requests: Vec<_> = others.iter().map(post).collect();
+        requests.insert(4, post(&damaged));
+        let answers =
+            futures_util::future::join_all(requests.into_iter().map(|r| webhooks.receive(&m, r)))
+                .await;
+        let a = &answers[4];
+        assert_eq!(
+            (a.status, a.outcome),
+            (500, Outcome::Error),
+            "{}: {a:?}",
+            b.name
+        );
+        for (i, o) in answers.iter().enumerate().filter(|(i, _)| *i != 4) {
+            assert_eq!(o.status, 200, "{}: {i}: {o:?}", b.name);
+        }
+        let (status, log) = (
+            common::query_text(
+                &b.config.database_url,
+                "SELECT status AS t FROM stripe_events WHERE id = 'evt_dmg'",
+            ),
+            common::query_text(
+                &b.config.database_url,
+                "SELECT handlers AS t FROM stripe_events WHERE id = 'evt_dmg'",
+            ),
+        );
+        assert_eq!(
+            (status.as_str(), log.as_str()),
+            ("failed", "not json"),
+            "{}",
+            b.name
+        );
+    }
+}

@@ -215,6 +215,9 @@ pub(crate) enum Claim {
     Done,
     /// Another worker holds it right now.
     Busy,
+    /// Claimed, but its handler log cannot be read (damaged by hand, or by an older
+    /// version): it has been marked failed, its log left as it is; the problem.
+    Unreadable(String),
 }
 
 /// Stores the event if new (received at `t`, the host's clock), then claims it for
@@ -295,11 +298,22 @@ pub(crate) fn insert_and_claim(
         status,
     }) = claimed
     {
-        // Read as empty, a damaged log would run again handlers that succeeded.
-        let handlers = serde_json::from_str(&handlers).map_err(|e| Error::Corrupt {
-            what: format!("event {}", event.id),
-            problem: format!("its handler log (`handlers`) is not a JSON object: {e}"),
-        })?;
+        // Read as empty, a damaged log would run again handlers that succeeded. The
+        // event alone fails: its claim is let go and its log kept for the operator.
+        let handlers = match serde_json::from_str(&handlers) {
+            Ok(handlers) => handlers,
+            Err(e) => {
+                let problem = format!("its handler log (`handlers`) is not a JSON object: {e}");
+                on_conn!(conn, c => diesel::update(stripe_events::table.find(&event.id))
+                    .set((
+                        stripe_events::status.eq(status::FAILED),
+                        stripe_events::error.eq(&problem),
+                        stripe_events::claimed_at.eq(None::<i64>),
+                    ))
+                    .execute(c))?;
+                return Ok(Claim::Unreadable(problem));
+            }
+        };
         // A claim sets `processing`: `processed` here is the new, settled row, whose
         // sync is still to run.
         let settled = status == PROCESSED;

@@ -438,8 +438,11 @@ impl Webhooks {
                     Outcome::InProgress,
                     "another worker is processing this event",
                 ))),
-                // A bad object shape (400), stored failed; the delivery keeps it.
-                Err(err @ Error::Mapping { .. }) => Step::Answer(Err(Failure::from_error(err))),
+                // A bad object shape (400), or a stored event that cannot be read (500),
+                // marked failed: this delivery alone fails, the group goes on.
+                Err(err @ (Error::Mapping { .. } | Error::Corrupt { .. })) => {
+                    Step::Answer(Err(Failure::from_error(err)))
+                }
                 // A database error (or a lost race) fails the group: nothing of it is
                 // stored, this delivery is answered 5xx and the others of the group 503,
                 // and Stripe retries each.
@@ -655,6 +658,13 @@ pub(crate) fn claim_and_sync(
                 } => (token, synced, handlers, settled),
                 Claim::Done => return Ok(Ok(Progress::Done)),
                 Claim::Busy => return Ok(Ok(Progress::Busy)),
+                // This event alone fails (500); the group's other deliveries go on.
+                Claim::Unreadable(problem) => {
+                    return Ok(Err(Error::Corrupt {
+                        what: format!("event {}", event.id),
+                        problem,
+                    }));
+                }
             };
         let (mut follow_up, mut synced_now) = (None, false);
         if !synced {
