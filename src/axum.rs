@@ -75,7 +75,7 @@ where
 fn warn_without_secret(mirror: &Mirror) {
     if mirror.config().webhook_secrets.is_empty() {
         tracing::warn!(
-            "STRIPE_WEBHOOK_SECRET is not set: every delivery will fail (500, Stripe retries); \
+            "STRIPE_WEBHOOK_SECRET is not set: every signed delivery will fail (500, Stripe retries); \
              set it to the endpoint's signing secret (`stripe listen` prints one)"
         );
     }

@@ -1045,3 +1045,53 @@ async fn a_damaged_handler_log_fails_its_event_alone() {
         );
     }
 }
+
+/// A replay orders its writes by the event's `created` as stored, even when the stored
+/// body lacks it (stored by a version that took such bodies): never the host's clock.
+#[tokio::test]
+async fn a_replay_stamps_with_the_stored_created_not_the_host_clock() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        let webhooks = Webhooks::new();
+        let created = 1_700_000_000;
+        let ev = event(
+            "evt_oldbody",
+            "product.updated",
+            created,
+            json!({"id": "prod_oldbody", "object": "product", "name": "Old"}),
+        );
+        assert_eq!(
+            webhooks.receive(&m, post(&ev)).await.status,
+            200,
+            "{}",
+            b.name
+        );
+        let url = &b.config.database_url;
+        let mut body = ev.clone();
+        body.as_object_mut().unwrap().remove("created");
+        common::execute_sql(
+            url,
+            &format!(
+                "UPDATE stripe_events SET data = '{body}', synced = FALSE, status = 'failed' \
+                 WHERE id = 'evt_oldbody'"
+            ),
+        );
+        common::execute_sql(url, "DELETE FROM stripe_products WHERE id = 'prod_oldbody'");
+        let report = webhooks
+            .process_events(
+                &m,
+                &EventFilter {
+                    ids: vec!["evt_oldbody".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.processed, 1, "{}: {report:?}", b.name);
+        let stamp = common::query_count(
+            url,
+            "SELECT stamp AS n FROM stripe_products WHERE id = 'prod_oldbody'",
+        );
+        assert_eq!(stamp, created, "{}: the stored created, not now", b.name);
+    }
+}

@@ -243,6 +243,16 @@ pub(crate) fn parse_url(url: &str) -> Target {
     }
 }
 
+/// Whether a Postgres URL's user or password holds a raw `@`: libpq takes its user
+/// info up to the first `@` before any `/`, and what follows for the host; more than
+/// one `@` there means part of the password would be read, and printed, as the host.
+#[cfg(feature = "postgres")]
+fn raw_at_in_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority.matches('@').count() > 1
+}
+
 /// The URL with any password replaced, for error messages.
 pub(crate) fn redact_url(url: &str) -> String {
     // The query first: an `@` in it is not the userinfo's.
@@ -363,9 +373,7 @@ impl Database {
             // libpq splits user and host at the first `@`, the redaction at the last: a
             // raw `@` in the password would put the rest of it in libpq's errors.
             #[cfg(feature = "postgres")]
-            Target::Postgres(url)
-                if url.split('?').next().unwrap_or("").matches('@').count() > 1 =>
-            {
+            Target::Postgres(url) if raw_at_in_userinfo(&url) => {
                 return Err(Error::Config(format!(
                     "DATABASE_URL {} holds more than one `@`: percent-encode an `@` in the user \
                      or password as `%40`",
@@ -528,6 +536,13 @@ mod tests {
             .expect("nothing listens")
             .to_string();
         assert!(!err.contains("%40") && !err.contains("ss-word"), "{err}");
+        // Wherever the second `@` hides (after a raw `?` in the password), refused; an
+        // `@` in the database name is libpq's to take.
+        assert!(raw_at_in_userinfo("postgres://u:a?b@c@127.0.0.1:1/db"));
+        assert!(!raw_at_in_userinfo("postgres://u@127.0.0.1:1/my@db"));
+        assert!(!raw_at_in_userinfo(
+            "postgres://u:p%40w@127.0.0.1:1/db?sslmode=disable"
+        ));
     }
 
     /// Every pooled SQLite connection syncs each commit (2 = FULL): a 200 is durable.

@@ -159,6 +159,9 @@ pub(crate) struct EventRow {
     pub id: String,
     pub attempts: i32,
     pub data: String,
+    /// Stripe's time of the event as stored: a replay orders its writes by it, even
+    /// for an event whose body lacks it (stored before such bodies were refused).
+    pub created: i64,
 }
 
 impl EventRow {
@@ -172,6 +175,7 @@ impl EventRow {
             problem: e.to_owned(),
         })?;
         event.attempts = self.attempts;
+        event.created = self.created;
         Ok(event)
     }
 }

@@ -7,8 +7,8 @@
 //! 2. store the event once and claim it ([`event`]), and in the same transaction
 //!    apply the built-in sync (`builtin`) through the stale-write guard and log the
 //!    delivery ([`delivery`]; a request refused before this is logged on its own);
-//! 4. run the handlers: exact matches, then wildcards, each in registration order;
-//! 5. answer: 2xx done or duplicate, 4xx bad input, 5xx so that Stripe retries.
+//! 3. run the handlers: exact matches, then wildcards, each in registration order;
+//! 4. answer: 2xx done or duplicate, 4xx bad input, 5xx so that Stripe retries.
 //!
 //! Files: `registry` (the route table and how handlers run), `pipeline` (one request),
 //! `replay` ([`Webhooks::process_events`]), `builtin` (the crate's own sync),

@@ -547,8 +547,7 @@ impl Webhooks {
             header,
             body,
             &mirror.config().webhook_secrets,
-            // Saturating: a tolerance past i64 would wrap negative and check nothing.
-            i64::try_from(mirror.config().webhook_tolerance.as_secs()).unwrap_or(i64::MAX),
+            tolerance_secs(mirror.config().webhook_tolerance),
             mirror.now(),
         )
         .map_err(|e| match e {
@@ -597,6 +596,34 @@ async fn record_failed(
         record.await;
     } else {
         tokio::spawn(record);
+    }
+}
+
+/// The signature's tolerance in whole seconds, 0 when off: rounded up (half a second
+/// is 1 s, not 0, which would turn the check off) and saturating (past i64 it would
+/// wrap negative).
+fn tolerance_secs(tolerance: std::time::Duration) -> i64 {
+    let secs = tolerance
+        .as_secs()
+        .saturating_add(u64::from(tolerance.subsec_nanos() > 0));
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tolerance_tests {
+    use std::time::Duration;
+
+    /// Half a second checks (1 s), zero is off, and no tolerance wraps negative.
+    #[test]
+    fn the_tolerance_rounds_up_and_saturates() {
+        assert_eq!(super::tolerance_secs(Duration::from_millis(500)), 1);
+        assert_eq!(super::tolerance_secs(Duration::ZERO), 0);
+        assert_eq!(super::tolerance_secs(Duration::from_secs(300)), 300);
+        assert_eq!(super::tolerance_secs(Duration::MAX), i64::MAX);
+        assert_eq!(
+            super::tolerance_secs(Duration::from_secs(1 << 63)),
+            i64::MAX
+        );
     }
 }
 
