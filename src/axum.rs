@@ -97,7 +97,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     if mirror.config().webhook_secrets.is_empty() {
         eprintln!(
-            "warning: STRIPE_WEBHOOK_SECRET is not set; every delivery will fail (500) until it is"
+            "warning: STRIPE_WEBHOOK_SECRET is not set; every signed delivery will fail (500) until it is"
         );
     }
     println!(
