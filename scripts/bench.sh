@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 events=${1:-3500}
+# Stopped at the end, as scripts/test.sh does: a server left running would hold the
+# port a later test run (or CI on this machine) starts its own on.
+trap 'scripts/postgres.sh stop || true' EXIT
 export STRIPE_MIRROR_BENCH_POSTGRES
 STRIPE_MIRROR_BENCH_POSTGRES=$(scripts/postgres.sh start)
 out=target/bench-results.jsonl

@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export STRIPE_MIRROR_SOAK_EVENTS=${1:-20000}
+# Stopped at the end, as scripts/test.sh does: a server left running would hold the
+# port a later test run (or CI on this machine) starts its own on.
+trap 'scripts/postgres.sh stop || true' EXIT
 export STRIPE_MIRROR_TEST_POSTGRES
 STRIPE_MIRROR_TEST_POSTGRES=$(scripts/postgres.sh start)
 mkdir -p .run
