@@ -182,6 +182,11 @@ impl Checkout {
 /// it belongs to: to open a page to the signed-in user, ask the gate for that user
 /// (`require_subscription(user).check()`), not this status.
 ///
+/// With an access hook ([`Webhooks::on_access_change`](crate::Webhooks::on_access_change)),
+/// call [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes)
+/// afterwards: this call marks the subscriber but tells no hook, and Stripe's webhook
+/// for the same change then finds nothing new to tell.
+///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
 /// let status = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;

@@ -173,8 +173,10 @@ impl Customer {
 
     /// The subscriber's customer in the current mode: from the mirror when there is
     /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
-    /// derived from subscriber and mode, so a repeat or a concurrent call cannot create
-    /// a second one) and stored at once. Once the subscriber's customer is deleted (a
+    /// derived from subscriber, mode and the details sent, so a repeat or a concurrent
+    /// call within Stripe's 24 hours of idempotency creates one) and stored at once.
+    /// The mirror is the memory past that: on a new database, run
+    /// [`sync_all`](crate::sync_all) first, or the subscriber gets a second customer. Once the subscriber's customer is deleted (a
     /// tombstone in the mirror), the key changes, so the next call creates a new
     /// customer instead of Stripe replaying the deleted one's creation for 24 hours.
     ///
