@@ -356,23 +356,7 @@ async fn nul_characters_are_refused_with_a_400_not_a_database_error() {
             ),
         ];
         for case in cases {
-            let body = case.to_string().into_bytes();
-            let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
-            let r = webhooks
-                .receive(
-                    &m,
-                    WebhookRequest::new(body).header("Stripe-Signature", header),
-                )
-                .await;
-            assert_eq!(r.status, 400, "{}: {case}: {:?}", b.name, r.error);
-            assert!(
-                r.error.as_deref().is_some_and(|e| e.contains("NUL")),
-                "{}: {:?}",
-                b.name,
-                r.error
-            );
-            let last = Delivery::recent(&m, 1).await.unwrap().remove(0);
-            assert_eq!(last.status_code, Some(400), "{}: logged", b.name);
+            refused_and_logged(&m, &webhooks, &case, "NUL", b.name).await;
         }
     }
 }
@@ -400,23 +384,7 @@ async fn an_event_without_stripes_integer_time_is_refused_and_logged() {
             if let Some(created) = created {
                 event["created"] = created;
             }
-            let body = event.to_string().into_bytes();
-            let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
-            let r = webhooks
-                .receive(
-                    &m,
-                    WebhookRequest::new(body).header("Stripe-Signature", header),
-                )
-                .await;
-            assert_eq!(r.status, 400, "{}: {event}: {:?}", b.name, r.error);
-            assert!(
-                r.error.as_deref().is_some_and(|e| e.contains("created")),
-                "{}: {:?}",
-                b.name,
-                r.error
-            );
-            let last = Delivery::recent(&m, 1).await.unwrap().remove(0);
-            assert_eq!(last.status_code, Some(400), "{}: logged", b.name);
+            refused_and_logged(&m, &webhooks, &event, "created", b.name).await;
             let id = format!("prod_notime{n}");
             assert!(Product::get(&m, &id).await.unwrap().is_none(), "{}", b.name);
         }
@@ -452,4 +420,31 @@ async fn impossible_settings_are_config_errors_not_panics() {
 fn a_pattern_ending_in_a_wide_character_is_taken() {
     let h = |_e: Event, _m: Mirror| async { Ok(()) };
     let _ = Webhooks::new().on("client.créé", h).on("é*", h);
+}
+
+/// Delivers `event`, signed, and checks it is refused with a 400 whose error names
+/// `reason`, and logged.
+async fn refused_and_logged(
+    m: &Mirror,
+    webhooks: &Webhooks,
+    event: &Value,
+    reason: &str,
+    name: &str,
+) {
+    let body = event.to_string().into_bytes();
+    let header = sign(&body, &Secret::new(SECRET), chrono::Utc::now().timestamp());
+    let r = webhooks
+        .receive(
+            m,
+            WebhookRequest::new(body).header("Stripe-Signature", header),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{name}: {event}: {:?}", r.error);
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains(reason)),
+        "{name}: {:?}",
+        r.error
+    );
+    let last = Delivery::recent(m, 1).await.unwrap().remove(0);
+    assert_eq!(last.status_code, Some(400), "{name}: logged");
 }

@@ -1437,15 +1437,7 @@ async fn a_tombstone_from_a_404_is_stamped_with_stripes_time() {
         let event = json!({"id": "evt_again", "object": "event", "type": "product.created",
             "created": AT + 5, "livemode": false,
             "data": {"object": {"id": "prod_again", "object": "product", "name": "Again", "active": true}}});
-        let body = event.to_string().into_bytes();
-        let header =
-            stripe_mirror::webhooks::signature::sign(&body, &Secret::new("whsec_ahead"), m.now());
-        let r = stripe_mirror::Webhooks::new()
-            .receive(
-                &m,
-                WebhookRequest::new(body).header("Stripe-Signature", header),
-            )
-            .await;
+        let r = deliver(&m, "whsec_ahead", &event).await;
         assert_eq!(r.status, 200, "{}: {r:?}", b.name);
         let p = Product::get(&m, "prod_again").await.unwrap().unwrap();
         assert!(!p.deleted, "{}: made again, mirrored again", b.name);
@@ -1501,15 +1493,7 @@ async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
         let event = json!({"id": "evt_old_deleted", "object": "event", "type": "product.deleted",
             "created": m.now() - 30, "livemode": false,
             "data": {"object": {"id": "prod_again2", "object": "product", "deleted": true}}});
-        let body = event.to_string().into_bytes();
-        let header =
-            stripe_mirror::webhooks::signature::sign(&body, &Secret::new("whsec_again"), m.now());
-        let r = stripe_mirror::Webhooks::new()
-            .receive(
-                &m,
-                WebhookRequest::new(body).header("Stripe-Signature", header),
-            )
-            .await;
+        let r = deliver(&m, "whsec_again", &event).await;
         assert_eq!(r.status, 200, "{}: {r:?}", b.name);
         let p = Product::get(&m, "prod_again2").await.unwrap().unwrap();
         assert!(
@@ -1518,4 +1502,16 @@ async fn a_deleted_product_asked_for_again_is_made_again_and_mirrored_live() {
             b.name
         );
     }
+}
+
+/// Delivers `event` signed with `secret` now (the mirror's clock), with no handler.
+async fn deliver(m: &Mirror, secret: &str, event: &Value) -> stripe_mirror::WebhookResponse {
+    let body = event.to_string().into_bytes();
+    let header = stripe_mirror::webhooks::signature::sign(&body, &Secret::new(secret), m.now());
+    stripe_mirror::Webhooks::new()
+        .receive(
+            m,
+            WebhookRequest::new(body).header("Stripe-Signature", header),
+        )
+        .await
 }
