@@ -8,10 +8,11 @@ mod common;
 
 use common::{backends, stripe_stub};
 use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
 use stripe_mirror::webhooks::Outcome;
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::{
-    Clock, Config, Customer, Mirror, Product, Secret, Subscription, WebhookRequest, Webhooks,
+    Clock, Config, Customer, Event, Mirror, Product, Secret, Subscription, WebhookRequest, Webhooks,
 };
 
 const SECRET: &str = "whsec_test_ordering";
@@ -841,28 +842,72 @@ async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
     }
 }
 
-/// An event of a Connect account names its `account`: the platform's key cannot fetch
-/// its objects (Stripe answers 404, which would make a final tombstone), so it is
-/// never re-fetched and its payload is mirrored.
+/// An event of a Connect account (it names the `account`) is not the platform's: its
+/// objects are not mirrored (a connected account's customer, whose metadata the account
+/// sets, must not pass the platform's gate; its products must not take the platform's
+/// ids), never re-fetched with the platform's key, and a completed Checkout of it links
+/// nobody. The event is stored and its handlers run.
 #[tokio::test]
-async fn a_connect_accounts_event_is_not_refetched_with_the_platforms_key() {
+async fn a_connect_accounts_event_is_stored_and_handled_but_not_mirrored() {
     for b in backends() {
         let (base, hits) = stripe_stub(vec![]).await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
-        let webhooks = Webhooks::new().refetch(&["customer"]);
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let s = seen.clone();
+        let webhooks =
+            Webhooks::new()
+                .refetch(&["customer"])
+                .on_any(move |e: Event, _m: Mirror| {
+                    let s = s.clone();
+                    async move {
+                        s.lock().unwrap().push(e.id);
+                        Ok(())
+                    }
+                });
         let mut ev = event(
             "evt_connect",
             "customer.updated",
             now(),
-            json!({"id": "cus_connect", "object": "customer", "email": "c@example.com"}),
+            json!({"id": "cus_connect", "object": "customer", "email": "c@example.com",
+                   "metadata": {"stripe_mirror_subscriber": "user-1"}}),
             None,
         );
         ev["account"] = json!("acct_1Connected");
         deliver(&webhooks, &m, &ev).await;
+        let mut product = event(
+            "evt_connect_product",
+            "product.created",
+            now(),
+            json!({"id": "pro", "object": "product", "name": "Theirs", "metadata": {"roles": "admin"}}),
+            None,
+        );
+        product["account"] = json!("acct_1Connected");
+        deliver(&webhooks, &m, &product).await;
         assert_eq!(*hits.lock().unwrap(), 0, "{}: asked Stripe", b.name);
-        let c = Customer::get(&m, "cus_connect").await.unwrap().unwrap();
-        assert!(!c.deleted, "{}: {c:?}", b.name);
-        assert_eq!(c.email.as_deref(), Some("c@example.com"), "{}", b.name);
+        assert!(
+            Customer::get(&m, "cus_connect").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            Customer::by_subscriber(&m, "user-1")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            Product::get(&m, "pro").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["evt_connect", "evt_connect_product"],
+            "{}: handled",
+            b.name
+        );
     }
 }
 

@@ -39,6 +39,12 @@ pub(crate) enum Plan {
 
 /// Maps the event's object to the row its sync writes.
 pub(crate) fn plan(event: &Event) -> Result<Plan> {
+    // A Connect account's objects are not the platform's: mirrored beside them, its
+    // customers (whose metadata the account sets) would pass the platform's gate and
+    // its products could take the platform's ids. Stored, and handed to handlers only.
+    if connected(event) {
+        return Ok(Plan::Nothing);
+    }
     if event.event_type == "checkout.session.completed" {
         return Ok(Plan::Checkout);
     }
@@ -107,8 +113,9 @@ pub(crate) fn object_of(event: &Event) -> Option<(&'static MirrorTable, String)>
 }
 
 /// An event of a Connect account (it names the `account`): its objects are not the
-/// platform's, so the platform's key cannot fetch them, and Stripe's 404 would make
-/// a final tombstone. Never fetched; the event's own payload is what is mirrored.
+/// platform's. Never mirrored ([`plan`]) nor fetched (the platform's key cannot, and
+/// Stripe's 404 would make a final tombstone); the event is stored and its handlers
+/// run.
 fn connected(event: &Event) -> bool {
     event.raw.get("account").is_some_and(|a| !a.is_null())
 }
