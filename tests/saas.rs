@@ -1226,3 +1226,44 @@ async fn the_host_gets_a_configured_async_stripe_client() {
     assert_eq!(typed.id.as_str(), "cus_QXg1o8vcGmoR32");
     assert_eq!(*hits.lock().unwrap(), 1);
 }
+
+/// `access_of` (what the access hook is told) agrees with the gate: no feature without
+/// a valid subscription, even while Stripe's summary still lists it.
+#[tokio::test]
+async fn told_features_need_a_valid_subscription_as_the_gate_does() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        customer(&m, "cus_fv", "feature-valid").await;
+        subscription(&m, "sub_fv", "cus_fv", "active", &["prod_fv"], json!({})).await;
+        let t = chrono::Utc::now().timestamp();
+        let r = webhooks
+            .receive(
+                &m,
+                signed(&summary_event("evt_fv", t, "cus_fv", &["exports"])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        let granted = stripe_mirror::access::access_of(&m, "feature-valid")
+            .await
+            .unwrap();
+        assert_eq!(granted.features, ["exports"], "{}", b.name);
+
+        // Canceled later (its `canceled_at` is newer than its creation).
+        let canceled = json!({"canceled_at": 200, "ended_at": 200});
+        subscription(&m, "sub_fv", "cus_fv", "canceled", &["prod_fv"], canceled).await;
+        assert!(
+            !has_feature(&m, "feature-valid", "exports").await.unwrap(),
+            "{}",
+            b.name
+        );
+        let told = stripe_mirror::access::access_of(&m, "feature-valid")
+            .await
+            .unwrap();
+        assert!(
+            !told.valid && told.features.is_empty(),
+            "{}: {told:?}",
+            b.name
+        );
+    }
+}

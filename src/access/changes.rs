@@ -484,7 +484,11 @@ pub(crate) fn compute(
         .filter(stripe_entitlement_summaries::deleted.eq(false))
         .select(stripe_entitlement_summaries::lookup_keys)
         .load(c))?;
-    let mut features: Vec<String> = if summaries.is_empty() {
+    // As the gate decides: features only with a valid subscription, whatever Stripe's
+    // summary still lists (it may not have caught up with a cancellation).
+    let mut features: Vec<String> = if valid.is_empty() {
+        Vec::new()
+    } else if summaries.is_empty() {
         ProductFeature::for_products(conn, &products, live)?
             .into_iter()
             .filter_map(|f| f.lookup_key)
