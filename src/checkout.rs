@@ -183,9 +183,9 @@ impl Checkout {
 /// (`require_subscription(user).check()`), not this status.
 ///
 /// With an access hook ([`Webhooks::on_access_change`](crate::Webhooks::on_access_change)),
-/// call [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes)
-/// afterwards: this call marks the subscriber but tells no hook, and Stripe's webhook
-/// for the same change then finds nothing new to tell.
+/// call [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change)
+/// for the signed-in user afterwards: this call marks the subscriber but tells no
+/// hook, and Stripe's webhook for the same change then finds nothing new to tell.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {

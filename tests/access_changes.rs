@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{EventFilter, Outcome};
 use stripe_mirror::{
-    AccessChange, Config, Event, Mirror, Secret, Subscription, WebhookRequest, Webhooks, access_of,
+    AccessChange, Config, Customer, Event, Mirror, Secret, Subscription, WebhookRequest, Webhooks,
+    access_of,
 };
 
 const SECRET: &str = "whsec_test_access";
@@ -904,5 +905,48 @@ async fn a_short_handler_timeout_still_tells_a_quick_hook() {
         let calls = calls.lock().unwrap().clone();
         assert_eq!(calls.len(), 1, "{}: {calls:?}", b.name);
         assert!(calls[0].granted(), "{}", b.name);
+    }
+}
+
+/// `deliver_access_change` tells one subscriber's change made outside a delivery (as
+/// the success page's `sync_session` makes), and leaves the others due for
+/// `deliver_access_changes`.
+#[tokio::test]
+async fn deliver_access_change_tells_one_subscriber_only() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-a", "user-b"]);
+        let webhooks = host.webhooks();
+        for (c, user, sub) in [("cus_a", "user-a", "sub_a"), ("cus_b", "user-b", "sub_b")] {
+            Customer::sync_from_stripe_data(&mirror, &customer(c, Some(user), "x@example.com"))
+                .await
+                .unwrap();
+            Subscription::sync_from_stripe_data(
+                &mirror,
+                &subscription(sub, c, "active", "prod_team"),
+            )
+            .await
+            .unwrap();
+        }
+        assert!(host.calls().is_empty());
+        let one = webhooks
+            .deliver_access_change(&mirror, "user-a")
+            .await
+            .unwrap();
+        assert_eq!((one.told, one.failed.len()), (1, 0), "{}: {one:?}", b.name);
+        let calls = host.calls();
+        assert_eq!(calls.len(), 1, "{}", b.name);
+        assert_eq!(calls[0].subscriber, "user-a");
+        assert_eq!(host.row("user-a"), "prod_team/-", "{}", b.name);
+        assert_eq!(host.row("user-b"), "-/-", "{}: not told yet", b.name);
+        let again = webhooks
+            .deliver_access_change(&mirror, "user-a")
+            .await
+            .unwrap();
+        assert_eq!(again.told, 0, "{}: nothing new", b.name);
+        let rest = webhooks.deliver_access_changes(&mirror).await.unwrap();
+        assert_eq!(rest.told, 1, "{}: {rest:?}", b.name);
+        assert_eq!(host.row("user-b"), "prod_team/-", "{}", b.name);
     }
 }

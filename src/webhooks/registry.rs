@@ -271,6 +271,38 @@ impl Webhooks {
         }
     }
 
+    /// Tells the access hook one subscriber's change not told yet, in the mirror's
+    /// mode: for a page that has just synced that user (the Checkout success page,
+    /// after [`sync_session`](crate::checkout::sync_session)), without waiting for
+    /// [`deliver_access_changes`](Self::deliver_access_changes) to reach everyone.
+    /// Nothing is told when nothing changed (`told` 0).
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror, webhooks: stripe_mirror::Webhooks) -> stripe_mirror::Result<()> {
+    /// stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
+    /// webhooks.deliver_access_change(&mirror, "user-42").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn deliver_access_change(
+        &self,
+        mirror: &Mirror,
+        subscriber_id: &str,
+    ) -> crate::Result<AccessReport> {
+        let hook = self.inner.access_hook.clone().ok_or_else(|| {
+            crate::Error::Config(
+                "deliver_access_change: no on_access_change hook is registered".into(),
+            )
+        })?;
+        let mut report = AccessReport::default();
+        let touched = (subscriber_id.to_owned(), mirror.live_mode());
+        match changes::tell(mirror, &hook, &touched, None).await {
+            Ok(true) => report.told += 1,
+            Ok(false) => report.unchanged += 1,
+            Err(error) => report.failed.push((touched.0, error)),
+        }
+        Ok(report)
+    }
+
     /// Runs `handler` for every event.
     pub fn on_any<H, F>(self, handler: H) -> Self
     where
