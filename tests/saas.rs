@@ -1267,3 +1267,48 @@ async fn told_features_need_a_valid_subscription_as_the_gate_does() {
         );
     }
 }
+
+/// Features are decided per customer: an (empty) Entitlements summary on a
+/// subscriber's old customer says nothing of another customer's valid subscription,
+/// whose products' features still grant; the gate and `access_of` agree.
+#[tokio::test]
+async fn one_customers_summary_does_not_hide_anothers_product_features() {
+    for b in backends() {
+        let features = json!({"object": "list", "has_more": false, "data": [
+            {"id": "prodft_pc", "object": "product_feature", "livemode": false,
+             "entitlement_feature": {"id": "feat_pc", "object": "entitlements.feature", "lookup_key": "exports"}}]});
+        let (base, _) =
+            common::stripe_stub(vec![("/v1/products/prod_pc/features", 200, features)]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        ProductFeature::sync_for_product(&m, "prod_pc")
+            .await
+            .unwrap();
+        // The old customer: Stripe's summary says no features; no valid subscription.
+        customer(&m, "cus_pc_old", "per-customer").await;
+        let t = chrono::Utc::now().timestamp();
+        let r = Webhooks::new()
+            .receive(&m, signed(&summary_event("evt_pc", t, "cus_pc_old", &[])))
+            .await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        // The new customer: a valid subscription to a product with the feature.
+        customer(&m, "cus_pc_new", "per-customer").await;
+        subscription(
+            &m,
+            "sub_pc",
+            "cus_pc_new",
+            "active",
+            &["prod_pc"],
+            json!({}),
+        )
+        .await;
+        assert!(
+            has_feature(&m, "per-customer", "exports").await.unwrap(),
+            "{}",
+            b.name
+        );
+        let told = stripe_mirror::access::access_of(&m, "per-customer")
+            .await
+            .unwrap();
+        assert_eq!(told.features, ["exports"], "{}", b.name);
+    }
+}

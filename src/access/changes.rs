@@ -26,13 +26,11 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::db::schema::{
-    stripe_access, stripe_customers, stripe_entitlement_summaries, stripe_products,
-    stripe_subscription_items,
+    stripe_access, stripe_customers, stripe_products, stripe_subscription_items,
 };
 use crate::db::statement::Bound;
 use crate::db::{Conn, on_conn};
 use crate::error::Result;
-use crate::models::entitlement::ProductFeature;
 use crate::models::subscription::{Subscription, SubscriptionStatus};
 use crate::sync::upsert::{MirrorTable, Row, SqlValue, execute};
 use crate::webhooks::HandlerError;
@@ -457,14 +455,24 @@ pub(crate) fn compute(
         .collect();
     let shown = valid.first().copied().or(subscriptions.first());
     let valid_ids: Vec<&str> = valid.iter().map(|s| s.id.as_str()).collect();
-    let mut products: Vec<String> = on_conn!(conn, c => stripe_subscription_items::table
+    let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
         .filter(stripe_subscription_items::subscription_id.eq_any(&valid_ids))
         .filter(stripe_subscription_items::deleted.eq(false))
-        .select(stripe_subscription_items::product_id)
-        .load::<Option<String>>(c))?
-    .into_iter()
-    .flatten()
-    .collect();
+        .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
+        .load(c))?;
+    // Each valid subscription with its products, for the features it grants.
+    let with_products: Vec<(Subscription, Vec<String>)> = valid
+        .iter()
+        .map(|s| {
+            let of = items
+                .iter()
+                .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
+                .filter_map(|(_, p)| p.clone())
+                .collect();
+            ((*s).clone(), of)
+        })
+        .collect();
+    let mut products: Vec<String> = items.into_iter().filter_map(|(_, p)| p).collect();
     products.sort();
     products.dedup();
     let product_data: Vec<String> = on_conn!(conn, c => stripe_products::table
@@ -479,29 +487,13 @@ pub(crate) fn compute(
         .collect();
     roles.sort();
     roles.dedup();
-    let summaries: Vec<Option<String>> = on_conn!(conn, c => stripe_entitlement_summaries::table
-        .filter(stripe_entitlement_summaries::id.eq_any(&customers))
-        .filter(stripe_entitlement_summaries::deleted.eq(false))
-        .select(stripe_entitlement_summaries::lookup_keys)
-        .load(c))?;
-    // As the gate decides: features only with a valid subscription, whatever Stripe's
-    // summary still lists (it may not have caught up with a cancellation).
-    let mut features: Vec<String> = if valid.is_empty() {
-        Vec::new()
-    } else if summaries.is_empty() {
-        ProductFeature::for_products(conn, &products, live)?
-            .into_iter()
-            .filter_map(|f| f.lookup_key)
-            .collect()
-    } else {
-        summaries
-            .iter()
-            .flatten()
-            .flat_map(|keys| keys.split(','))
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
+    // As the gate decides: features only with a valid subscription (Stripe's summary
+    // may not have caught up with a cancellation), each customer's summary or else
+    // its subscriptions' product features.
+    let mut features: Vec<String> = super::features_by_subscription(conn, &with_products, live)?
+        .into_iter()
+        .flatten()
+        .collect();
     features.sort();
     features.dedup();
     Ok(AccessState {

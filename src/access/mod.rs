@@ -327,30 +327,10 @@ impl Gate {
             }
         }
         if let Some(feature) = &gate.feature {
-            let summaries: Vec<Option<String>> = on_conn!(conn, c => {
-                use crate::db::schema::stripe_entitlement_summaries as es;
-                es::table.filter(es::id.eq_any(&customer_ids)).filter(es::deleted.eq(false)).select(es::lookup_keys).load(c)
-            })?;
-            let has = match summaries.is_empty() {
-                // Stripe's own answer, when it has sent one.
-                false => summaries
-                    .iter()
-                    .flatten()
-                    .any(|keys| keys.split(',').any(|k| k == feature)),
-                true => {
-                    let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-                    let features = ProductFeature::for_products(conn, &all, live)?;
-                    let granting: Vec<String> = features
-                        .into_iter()
-                        .filter(|f| f.lookup_key.as_deref() == Some(feature.as_str()))
-                        .filter_map(|f| f.product_id)
-                        .collect();
-                    candidates
-                        .retain(|(_, products)| products.iter().any(|p| granting.contains(p)));
-                    !candidates.is_empty()
-                }
-            };
-            if !has {
+            let granted = features_by_subscription(conn, &candidates, live)?;
+            let mut grants = granted.iter().map(|f| f.iter().any(|k| k == feature));
+            candidates.retain(|_| grants.next().unwrap_or(false));
+            if candidates.is_empty() {
                 return Ok(Err(Denial::MissingFeature {
                     feature: feature.clone(),
                 }));
@@ -363,6 +343,59 @@ impl Gate {
     pub async fn allows(&self, mirror: &Mirror) -> Result<bool> {
         Ok(self.check(mirror).await?.is_ok())
     }
+}
+
+/// The features each subscription (with its products) grants: its customer's
+/// Entitlements summary when Stripe has sent one (Stripe's own answer), else the
+/// mirrored features of its products. Decided per customer: one customer's summary
+/// says nothing of another's subscriptions. The one rule of the gate and of what the
+/// access hook is told.
+pub(crate) fn features_by_subscription(
+    conn: &mut crate::db::Conn<'_>,
+    subscriptions: &[(Subscription, Vec<String>)],
+    live: bool,
+) -> Result<Vec<Vec<String>>> {
+    use crate::db::schema::stripe_entitlement_summaries as es;
+    let customers: Vec<&str> = subscriptions
+        .iter()
+        .filter_map(|(s, _)| s.customer_id.as_deref())
+        .collect();
+    let summaries: Vec<(String, Option<String>)> = on_conn!(conn, c => es::table
+        .filter(es::id.eq_any(&customers))
+        .filter(es::deleted.eq(false))
+        .select((es::id, es::lookup_keys))
+        .load(c))?;
+    let summary_of = |s: &Subscription| {
+        summaries
+            .iter()
+            .find(|(id, _)| Some(id.as_str()) == s.customer_id.as_deref())
+    };
+    let products: Vec<String> = subscriptions
+        .iter()
+        .filter(|(s, _)| summary_of(s).is_none())
+        .flat_map(|(_, p)| p.clone())
+        .collect();
+    let product_features = match products.is_empty() {
+        true => Vec::new(),
+        false => ProductFeature::for_products(conn, &products, live)?,
+    };
+    Ok(subscriptions
+        .iter()
+        .map(|(s, products)| match summary_of(s) {
+            Some((_, keys)) => keys
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None => product_features
+                .iter()
+                .filter(|f| f.product_id.as_ref().is_some_and(|p| products.contains(p)))
+                .filter_map(|f| f.lookup_key.clone())
+                .collect(),
+        })
+        .collect())
 }
 
 /// Why the newest subscription grants nothing.

@@ -601,7 +601,10 @@ impl Subscription {
     }
 
     /// Grants access now: status current, and a subscription set to cancel at period
-    /// end only while its period lasts (dj-stripe's `is_valid`).
+    /// end only while its period lasts (dj-stripe's `is_valid`). "Now" is this host's
+    /// system clock; the gate and [`Customer::valid_subscriptions`](crate::Customer::valid_subscriptions)
+    /// read the mirror's ([`Config::clock`](crate::Config::clock)): for the same
+    /// answer, call `is_valid_at(mirror.now())`.
     pub fn is_valid(&self) -> bool {
         self.is_valid_at(unix_now())
     }
