@@ -25,9 +25,7 @@ use diesel::prelude::*;
 use serde_json::{Value, json};
 
 use crate::Mirror;
-use crate::db::schema::{
-    stripe_access, stripe_customers, stripe_products, stripe_subscription_items,
-};
+use crate::db::schema::{stripe_access, stripe_customers, stripe_products};
 use crate::db::statement::Bound;
 use crate::db::{Conn, on_conn};
 use crate::error::Result;
@@ -454,25 +452,12 @@ pub(crate) fn compute(
         .filter(|s| s.is_valid_at(now))
         .collect();
     let shown = valid.first().copied().or(subscriptions.first());
-    let valid_ids: Vec<&str> = valid.iter().map(|s| s.id.as_str()).collect();
-    let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
-        .filter(stripe_subscription_items::subscription_id.eq_any(&valid_ids))
-        .filter(stripe_subscription_items::deleted.eq(false))
-        .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
-        .load(c))?;
-    // Each valid subscription with its products, for the features it grants.
-    let with_products: Vec<(Subscription, Vec<String>)> = valid
+    // Each valid subscription with its products: the roles and features it grants.
+    let with_products = super::with_products(conn, valid.iter().map(|s| (*s).clone()).collect())?;
+    let mut products: Vec<String> = with_products
         .iter()
-        .map(|s| {
-            let of = items
-                .iter()
-                .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
-                .filter_map(|(_, p)| p.clone())
-                .collect();
-            ((*s).clone(), of)
-        })
+        .flat_map(|(_, p)| p.iter().cloned())
         .collect();
-    let mut products: Vec<String> = items.into_iter().filter_map(|(_, p)| p).collect();
     products.sort();
     products.dedup();
     let product_data: Vec<String> = on_conn!(conn, c => stripe_products::table

@@ -280,26 +280,7 @@ impl Gate {
             return Ok(Err(status_denial(&newest, now)));
         }
         let gate = self;
-        let ids: Vec<String> = valid.iter().map(|s| s.id.clone()).collect();
-        let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
-            .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
-            .filter(stripe_subscription_items::deleted.eq(false))
-            .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
-            .load(c))?;
-        let products_of = |s: &Subscription| -> Vec<String> {
-            items
-                .iter()
-                .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
-                .filter_map(|(_, p)| p.clone())
-                .collect()
-        };
-        let mut candidates: Vec<(Subscription, Vec<String>)> = valid
-            .into_iter()
-            .map(|s| {
-                let p = products_of(&s);
-                (s, p)
-            })
-            .collect();
+        let mut candidates = with_products(conn, valid)?;
         if let Some(wanted) = &gate.products {
             candidates.retain(|(_, products)| products.iter().any(|p| wanted.contains(p)));
             if candidates.is_empty() {
@@ -343,6 +324,30 @@ impl Gate {
     pub async fn allows(&self, mirror: &Mirror) -> Result<bool> {
         Ok(self.check(mirror).await?.is_ok())
     }
+}
+
+/// Each subscription with the products of its live items (one query for all).
+pub(crate) fn with_products(
+    conn: &mut crate::db::Conn<'_>,
+    subscriptions: Vec<Subscription>,
+) -> Result<Vec<(Subscription, Vec<String>)>> {
+    let ids: Vec<&str> = subscriptions.iter().map(|s| s.id.as_str()).collect();
+    let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
+        .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
+        .filter(stripe_subscription_items::deleted.eq(false))
+        .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
+        .load(c))?;
+    Ok(subscriptions
+        .into_iter()
+        .map(|s| {
+            let products = items
+                .iter()
+                .filter(|(sub, _)| sub.as_deref() == Some(s.id.as_str()))
+                .filter_map(|(_, p)| p.clone())
+                .collect();
+            (s, products)
+        })
+        .collect())
 }
 
 /// The features each subscription (with its products) grants: its customer's
