@@ -17,8 +17,8 @@ use stripe_mirror::models::price::NewPrice;
 use stripe_mirror::models::product::NewProduct;
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::{
-    Config, Customer, Error, Mirror, Price, Product, ProductFeature, Secret, Subscriber,
-    Subscription, WebhookRequest, Webhooks, has_feature, has_role,
+    Config, Customer, EntitlementSummary, Error, Mirror, Price, Product, ProductFeature, Secret,
+    Subscriber, Subscription, WebhookRequest, Webhooks, has_feature, has_role,
 };
 
 const SECRET: &str = "whsec_test_saas";
@@ -388,6 +388,105 @@ async fn features_follow_the_entitlement_summary_then_product_features() {
             "{}",
             b.name
         );
+    }
+}
+
+/// An event's summary lists at most 10 entitlements and says `has_more`: the mirror
+/// fetches the customer's whole list (every page) before it answers, so features past
+/// the 10th are not lost; when that fetch fails, the delivery is a 503 for Stripe to
+/// retry and the row stays flagged for `reconcile`.
+#[tokio::test]
+async fn a_partial_entitlement_summary_is_fetched_whole() {
+    for b in backends() {
+        let keys: Vec<String> = (1..=12).map(|i| format!("f{i:02}")).collect();
+        let listed = |keys: &[String], more: bool| {
+            let data: Vec<Value> = keys
+                .iter()
+                .map(|k| json!({"id": format!("ent_{k}"), "object": "entitlements.active_entitlement",
+                    "livemode": false, "lookup_key": k,
+                    "feature": {"id": format!("feat_{k}"), "object": "entitlements.feature", "lookup_key": k}}))
+                .collect();
+            json!({"object": "list", "has_more": more, "data": data})
+        };
+        let (base, hits) = common::stripe_stub(vec![
+            (
+                "/v1/entitlements/active_entitlements?starting_after=ent_f10",
+                200,
+                listed(&keys[10..], false),
+            ),
+            (
+                "/v1/entitlements/active_entitlements?customer=cus_many",
+                200,
+                listed(&keys[..10], true),
+            ),
+            (
+                "/v1/entitlements/active_entitlements?customer=cus_down",
+                500,
+                json!({"error": {"type": "api_error", "message": "down"}}),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+        for (cus, user) in [("cus_many", "many-user"), ("cus_down", "down-user")] {
+            customer(&m, cus, user).await;
+            subscription(
+                &m,
+                &format!("sub_{cus}"),
+                cus,
+                "active",
+                &["prod_x"],
+                json!({}),
+            )
+            .await;
+        }
+        let t = chrono::Utc::now().timestamp();
+        let first_ten: Vec<&str> = keys[..10].iter().map(String::as_str).collect();
+        let partial = |id: &str, customer: &str| {
+            let mut event = summary_event(id, t, customer, &first_ten);
+            event["data"]["object"]["entitlements"]["has_more"] = json!(true);
+            event
+        };
+
+        let r = webhooks
+            .receive(&m, signed(&partial("evt_many", "cus_many")))
+            .await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        assert_eq!(*hits.lock().unwrap(), 2, "{}: both pages fetched", b.name);
+        for key in ["f01", "f10", "f11", "f12"] {
+            assert!(
+                has_feature(&m, "many-user", key).await.unwrap(),
+                "{}: {key} of 12",
+                b.name
+            );
+        }
+        let summary = EntitlementSummary::for_customer(&m, "cus_many")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.features().len(), 12, "{}", b.name);
+
+        // The fetch fails: answered 503 (Stripe redelivers), and what the event
+        // listed is kept, flagged for `reconcile`.
+        let r = webhooks
+            .receive(&m, signed(&partial("evt_down", "cus_down")))
+            .await;
+        assert_eq!(r.status, 503, "{}: {:?}", b.name, r.error);
+        assert!(
+            has_feature(&m, "down-user", "f10").await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(
+            !has_feature(&m, "down-user", "f11").await.unwrap(),
+            "{}",
+            b.name
+        );
+        let flagged = common::query_count(
+            &b.config.database_url,
+            "SELECT COUNT(*) AS n FROM stripe_entitlement_summaries WHERE reconcile = TRUE",
+        );
+        assert_eq!(flagged, 1, "{}: only the one not fetched", b.name);
     }
 }
 

@@ -78,6 +78,7 @@ mirror_table!(CUSTOMERS {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::Customer("id"),
     children: None,
+    partial: None,
 });
 
 impl Model for Customer {

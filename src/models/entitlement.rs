@@ -65,58 +65,75 @@ impl EntitlementSummary {
             .await
     }
 
-    /// Fetches the customer's active entitlements (`GET /v1/entitlements/active_entitlements`)
-    /// and mirrors them as its summary.
+    /// Fetches the customer's active entitlements (`GET /v1/entitlements/active_entitlements`,
+    /// every page) and mirrors them as its summary. A customer Stripe no longer has
+    /// leaves a tombstone (no features) and is [`Error::NotFound`].
     pub async fn sync(mirror: &Mirror, customer_id: &str) -> Result<Self> {
-        let client = mirror.stripe().await?;
-        let mut entitlements = Vec::new();
-        let mut query = json!({ "customer": customer_id, "limit": 100 });
-        let (mut at, mut livemode) = (0, mirror.live_mode());
-        loop {
-            let object = format!("active entitlements of customer {customer_id}");
-            let page = client
-                .get_at("/entitlements/active_entitlements", &query, Some(&object))
-                .await?;
-            at = at.max(page.at);
-            let data = page
-                .value
-                .get("data")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            livemode = page
-                .value
-                .get("livemode")
-                .and_then(Value::as_bool)
-                .unwrap_or(livemode);
-            let has_more = page.value.get("has_more") == Some(&json!(true));
-            let asked = query.get("starting_after").and_then(Value::as_str);
-            let next = crate::stripe::next_after(&data, has_more, asked, "entitlement")?;
-            entitlements.extend(data);
-            match next {
-                Some(last) => query["starting_after"] = json!(last),
-                None => break,
-            }
-        }
-        let summary = json!({
-            "object": "entitlements.active_entitlement_summary", "customer": customer_id,
-            "livemode": livemode, "entitlements": { "object": "list", "data": entitlements, "has_more": false },
-        });
+        let gone = crate::sync::remote::refetch(mirror, &ENTITLEMENT_SUMMARIES, customer_id)
+            .await?
+            == crate::sync::remote::Refetch::Gone;
         let id = customer_id.to_owned();
-        mirror
+        let found = mirror
             .db()
             .run(move |conn| {
-                let row = ENTITLEMENT_SUMMARIES.row(&summary, Stamp::fetched(at), None)?;
-                conn.write(|c| {
-                    ENTITLEMENT_SUMMARIES.write(c, &row, &summary)?;
-                    Ok(on_conn!(c, c => stripe_entitlement_summaries::table
-                        .find(&id)
-                        .select(EntitlementSummary::as_select())
-                        .first(c))?)
-                })
+                Ok(on_conn!(conn, c => stripe_entitlement_summaries::table
+                    .find(&id)
+                    .filter(stripe_entitlement_summaries::deleted.eq(false))
+                    .select(EntitlementSummary::as_select())
+                    .first(c)
+                    .optional())?)
             })
-            .await
+            .await?;
+        found.filter(|_| !gone).ok_or_else(|| Error::NotFound {
+            object: ENTITLEMENT_SUMMARIES.kind,
+            id: customer_id.to_owned(),
+        })
     }
+}
+
+/// A customer's whole summary as Stripe has it now, built from every page of its
+/// active entitlements (an event's summary lists only the first 10), stamped with
+/// Stripe's time of the newest page. The one fetch behind [`EntitlementSummary::sync`]
+/// and the re-fetch of a partial summary.
+pub(crate) async fn fetch_summary(
+    client: &crate::stripe::StripeClient,
+    customer_id: &str,
+    livemode: bool,
+) -> Result<crate::stripe::Answer> {
+    let mut entitlements = Vec::new();
+    let mut query = json!({ "customer": customer_id, "limit": 100 });
+    let (mut at, mut livemode) = (0, livemode);
+    loop {
+        let object = format!("active entitlements of customer {customer_id}");
+        let page = client
+            .get_at("/entitlements/active_entitlements", &query, Some(&object))
+            .await?;
+        at = at.max(page.at);
+        let data = page
+            .value
+            .get("data")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        livemode = page
+            .value
+            .get("livemode")
+            .and_then(Value::as_bool)
+            .unwrap_or(livemode);
+        let has_more = page.value.get("has_more") == Some(&json!(true));
+        let asked = query.get("starting_after").and_then(Value::as_str);
+        let next = crate::stripe::next_after(&data, has_more, asked, "entitlement")?;
+        entitlements.extend(data);
+        match next {
+            Some(last) => query["starting_after"] = json!(last),
+            None => break,
+        }
+    }
+    let value = json!({
+        "object": "entitlements.active_entitlement_summary", "customer": customer_id,
+        "livemode": livemode, "entitlements": { "object": "list", "data": entitlements, "has_more": false },
+    });
+    Ok(crate::stripe::Answer { value, at })
 }
 
 mirror_table!(ENTITLEMENT_SUMMARIES {
@@ -156,6 +173,8 @@ mirror_table!(ENTITLEMENT_SUMMARIES {
     final_tombstones: false,
     access: crate::access::changes::AccessLink::Customer("customer_id"),
     children: None,
+    // An event's summary lists at most 10 entitlements; more are fetched.
+    partial: Some(|summary| summary.pointer("/entitlements/has_more") == Some(&Value::Bool(true))),
 });
 
 /// A feature a product grants (`product_feature`).
@@ -285,4 +304,5 @@ mirror_table!(PRODUCT_FEATURES {
     final_tombstones: false,
     access: crate::access::changes::AccessLink::Product("product_id"),
     children: None,
+    partial: None,
 });

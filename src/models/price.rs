@@ -81,6 +81,7 @@ mirror_table!(PRICES {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::None,
     children: None,
+    partial: None,
 });
 
 impl Model for Price {

@@ -48,6 +48,7 @@ mirror_table!(PRODUCTS {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::ProductRoles,
     children: None,
+    partial: None,
 });
 
 impl Model for Product {

@@ -145,6 +145,7 @@ mirror_table!(SUBSCRIPTION_ITEMS {
     final_tombstones: false,
     access: crate::access::changes::AccessLink::None,
     children: None,
+    partial: None,
 });
 
 static ITEMS: Children = Children {
@@ -193,6 +194,7 @@ mirror_table!(SUBSCRIPTIONS {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::Customer("customer_id"),
     children: Some(&ITEMS),
+    partial: None,
 });
 
 impl Model for Subscription {

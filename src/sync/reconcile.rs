@@ -78,8 +78,10 @@ pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileRepo
 fn object_of(event: &Value) -> Option<(&'static str, String)> {
     let object = event.pointer("/data/object")?;
     let table = crate::models::table_for_kind(object.get("object")?.as_str()?)?;
-    table.api_path?;
-    Some((table.kind, object.get("id")?.as_str()?.to_owned()))
+    if !super::remote::fetchable(table) {
+        return None;
+    }
+    Some((table.kind, table.id_in(object)?))
 }
 
 /// Flagged rows, and objects of events received since `from` whose sync did not apply,
@@ -92,7 +94,7 @@ fn local_suspects(
     let mut wanted = BTreeSet::new();
     for table in crate::models::MIRRORED
         .iter()
-        .filter(|t| t.api_path.is_some())
+        .filter(|t| super::remote::fetchable(t))
     {
         let ids: Vec<String> = on_conn!(conn, c => diesel::sql_query(format!(
                 "SELECT id FROM {} WHERE reconcile = TRUE AND livemode = {}",

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::error::{Error, Result};
+use crate::models::entitlement::ENTITLEMENT_SUMMARIES;
 use crate::sync::upsert::{SqlValue, Written};
 use crate::sync::{MirrorTable, Model, Stamp};
 
@@ -77,6 +78,12 @@ pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
             })
         })
         .await
+}
+
+/// Whether [`refetch`] can fetch an object of `table` by its row id: the kinds Stripe
+/// retrieves by id, and an entitlement summary (by its customer).
+pub(crate) fn fetchable(table: &MirrorTable) -> bool {
+    table.api_path.is_some() || table.kind == ENTITLEMENT_SUMMARIES.kind
 }
 
 /// async-stripe's typed retrieve request for one object of `table`.
@@ -179,10 +186,15 @@ pub(crate) async fn refetch_touching(
             .is_some_and(|live| live != mirror.live_mode())
     };
     let object = format!("{} {id}", table.kind);
-    let (value, at, outcome) = match client
-        .get_built(retrieve_request(table, id)?, Some(&object))
-        .await
-    {
+    let fetched = if table.kind == ENTITLEMENT_SUMMARIES.kind {
+        // Its customer's active entitlements, every page.
+        crate::models::entitlement::fetch_summary(&client, id, mirror.live_mode()).await
+    } else {
+        client
+            .get_built(retrieve_request(table, id)?, Some(&object))
+            .await
+    };
+    let (value, at, outcome) = match fetched {
         Ok(answer) => {
             let gone = answer.value.get("deleted") == Some(&Value::Bool(true));
             let outcome = if gone {

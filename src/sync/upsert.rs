@@ -53,6 +53,10 @@ pub(crate) struct MirrorTable {
     pub access: crate::access::changes::AccessLink,
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
+    /// Whether a payload holds only part of the object (an entitlement summary's event
+    /// lists 10 entitlements, then `has_more`): it is written, flagged `reconcile`,
+    /// and re-fetched whole like a same-second tie.
+    pub partial: Option<fn(&Value) -> bool>,
     /// The upsert statements, built on first use.
     pub sql: OnceLock<Statements>,
 }
@@ -542,16 +546,33 @@ impl MirrorTable {
             }
             Some(false) => Ok(Written::Kept),
             None => {
-                execute(
-                    conn,
-                    &format!("UPDATE {} SET reconcile = TRUE WHERE id = ?", self.table),
-                    &[SqlValue::Text(Some(row.id.clone()))],
-                )?;
+                self.flag(conn, &row.id)?;
                 tracing::info!(object = self.kind, id = %row.id, stamp = row.stamp.at,
                     "same-second versions could not be ordered; flagged for reconcile");
                 Ok(Written::Undecided)
             }
         }
+    }
+
+    /// Flags the row `reconcile`: what it holds cannot be vouched for until it is
+    /// re-fetched (a same-second tie, a partial payload).
+    pub(crate) fn flag(&self, conn: &mut Conn<'_>, id: &str) -> Result<()> {
+        execute(
+            conn,
+            &format!("UPDATE {} SET reconcile = TRUE WHERE id = ?", self.table),
+            &[SqlValue::Text(Some(id.to_owned()))],
+        )?;
+        Ok(())
+    }
+
+    /// The row id of a Stripe object of this table (its `id`, or the field named by
+    /// `id_from`), when it has one.
+    pub(crate) fn id_in(&self, object: &Value) -> Option<String> {
+        let keyed = match self.id_from {
+            Some(field) if object.get("id").is_none() => with_id_from(object, field),
+            _ => object.clone(),
+        };
+        Some(keyed.get("id")?.as_str()?.to_owned())
     }
 
     /// The row's version, read before fetching it ([`Stamp::fetched_over`]).

@@ -90,7 +90,7 @@ pub(crate) fn plan(event: &Event) -> Result<Plan> {
 
 /// Applies the event's built-in sync, as [`plan`] mapped it. [`Written::Undecided`]
 /// asks the caller to re-fetch the object when it can (a same-second tie nothing in
-/// the events settles).
+/// the events settles, or a payload holding only part of the object).
 pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Written> {
     match plan {
         Plan::Nothing => Ok(Written::Applied),
@@ -98,7 +98,18 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Wr
             link_checkout_customer(conn, event)?;
             Ok(Written::Applied)
         }
-        Plan::Object { table, row, object } => table.write(conn, &row, &object),
+        Plan::Object { table, row, object } => {
+            let written = table.write(conn, &row, &object)?;
+            // Part of the object (the first page of a list): the newest Stripe sent, kept
+            // until the whole is fetched; flagged, so `reconcile` fetches it when the
+            // follow-up cannot.
+            if written == Written::Applied && table.partial.is_some_and(|partial| partial(&object))
+            {
+                table.flag(conn, &row.id)?;
+                return Ok(Written::Undecided);
+            }
+            Ok(written)
+        }
     }
 }
 
@@ -107,9 +118,8 @@ pub(crate) fn object_of(event: &Event) -> Option<(&'static MirrorTable, String)>
     if connected(event) {
         return None;
     }
-    let table = table_for(event).filter(|t| t.api_path.is_some())?;
-    let id = event.object().get("id")?.as_str()?;
-    Some((table, id.to_owned()))
+    let table = table_for(event).filter(|t| crate::sync::remote::fetchable(t))?;
+    Some((table, table.id_in(event.object())?))
 }
 
 /// An event of a Connect account (it names the `account`): its objects are not the

@@ -164,9 +164,11 @@ pub fn query_text(database_url: &str, sql: &str) -> String {
     diesel::sql_query(sql).get_result::<T>(&mut conn).unwrap().t
 }
 
-/// A Stripe API stand-in serving fixed objects by path (any query; hyper adds the
-/// `Date` header), answering Stripe's 404 for the rest and counting requests. Only for
-/// what no fake Stripe can be told to hold (a chosen object state, a chosen event list).
+/// A Stripe API stand-in serving fixed objects by path (any query, or a route
+/// `path?text` for requests whose query contains `text`; the first route that matches
+/// answers; hyper adds the `Date` header), answering Stripe's 404 for the rest and
+/// counting requests. Only for what no fake Stripe can be told to hold (a chosen
+/// object state, a chosen event list, Entitlements).
 pub async fn stripe_stub(
     routes: Vec<(&'static str, u16, Value)>,
 ) -> (String, std::sync::Arc<std::sync::Mutex<usize>>) {
@@ -178,7 +180,11 @@ pub async fn stripe_stub(
         let (routes, h) = (routes.clone(), h.clone());
         async move {
             *h.lock().unwrap() += 1;
-            let found = routes.iter().find(|(path, _, _)| *path == req.uri().path());
+            let query = req.uri().query().unwrap_or_default();
+            let found = routes.iter().find(|(route, _, _)| match route.split_once('?') {
+                Some((path, needle)) => path == req.uri().path() && query.contains(needle),
+                None => *route == req.uri().path(),
+            });
             let (status, body) = match found {
                 Some((_, status, body)) => (*status, body.to_string()),
                 None => (
