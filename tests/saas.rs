@@ -490,6 +490,76 @@ async fn a_partial_entitlement_summary_is_fetched_whole() {
     }
 }
 
+/// Stripe embeds a subscription's first 10 items (of up to 20) and says `has_more`:
+/// the mirror fetches the rest (`/v1/subscription_items`, every page) wherever a
+/// subscription arrives (an event, `Subscription::sync`, `sync_all`), so a product on
+/// the 11th item grants access.
+#[tokio::test]
+async fn subscription_items_past_the_first_page_are_fetched() {
+    for b in backends() {
+        let item = |i: usize| {
+            json!({"id": format!("si_{i:02}"), "object": "subscription_item",
+            "price": {"id": format!("price_{i:02}"), "object": "price", "product": format!("prod_{i:02}")},
+            "quantity": 1, "current_period_start": 100, "current_period_end": FAR})
+        };
+        let items = |range: std::ops::Range<usize>, more: bool| json!({"object": "list", "has_more": more, "data": range.map(item).collect::<Vec<_>>()});
+        let sub = |status: &str| {
+            json!({"id": "sub_many", "object": "subscription", "customer": "cus_items",
+            "status": status, "created": 100, "livemode": false, "items": items(1..11, true)})
+        };
+        let list = json!({"object": "list", "has_more": false, "data": [sub("active")]});
+        let (base, hits) = common::stripe_stub(vec![
+            (
+                "/v1/subscription_items?starting_after=si_10",
+                200,
+                items(11..13, false),
+            ),
+            (
+                "/v1/subscription_items?subscription=sub_many",
+                200,
+                items(1..11, true),
+            ),
+            ("/v1/subscriptions/sub_many", 200, sub("active")),
+            ("/v1/subscriptions", 200, list),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_items", "items-user").await;
+        let gate = || require_subscription("items-user").to_products(["prod_12"]);
+
+        // An event: answered once the rest is fetched.
+        let t = chrono::Utc::now().timestamp();
+        let event = json!({"id": "evt_items", "object": "event", "type": "customer.subscription.created",
+            "created": t, "livemode": false, "data": {"object": sub("active")}});
+        let r = Webhooks::new().receive(&m, signed(&event)).await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        let held = Subscription::get(&m, "sub_many").await.unwrap().unwrap();
+        assert_eq!(held.items(&m).await.unwrap().len(), 12, "{}", b.name);
+        assert!(
+            gate().check(&m).await.unwrap().is_ok(),
+            "{}: the 12th item's product",
+            b.name
+        );
+        let flagged = common::query_count(
+            &b.config.database_url,
+            "SELECT COUNT(*) AS n FROM stripe_subscriptions WHERE reconcile = TRUE",
+        );
+        assert_eq!(flagged, 0, "{}: fetched whole, no longer flagged", b.name);
+
+        // `Subscription::sync` and `sync_all` complete it the same way.
+        let fetched_before = *hits.lock().unwrap();
+        let synced = Subscription::sync(&m, "sub_many").await.unwrap();
+        assert_eq!(synced.items(&m).await.unwrap().len(), 12, "{}", b.name);
+        let mut options = stripe_mirror::SyncOptions::default();
+        options.objects = vec!["subscription".into()];
+        let report = stripe_mirror::sync_all(&m, &options, |_| {}).await.unwrap();
+        assert!(report.failures.is_empty(), "{}: {report:?}", b.name);
+        // Each: the subscription (or the list), then two pages of items.
+        assert_eq!(*hits.lock().unwrap() - fetched_before, 6, "{}", b.name);
+        assert!(gate().check(&m).await.unwrap().is_ok(), "{}", b.name);
+    }
+}
+
 /// One database for both modes (`STRIPE_LIVE_MODE` moves an app between them): a
 /// product id of your choosing exists in each, with its own features. A live
 /// subscriber gets only what the live product's features grant, never the test ones.

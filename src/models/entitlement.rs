@@ -93,42 +93,22 @@ impl EntitlementSummary {
 
 /// A customer's whole summary as Stripe has it now, built from every page of its
 /// active entitlements (an event's summary lists only the first 10), stamped with
-/// Stripe's time of the newest page. The one fetch behind [`EntitlementSummary::sync`]
+/// Stripe's time of the first page. The one fetch behind [`EntitlementSummary::sync`]
 /// and the re-fetch of a partial summary.
 pub(crate) async fn fetch_summary(
     client: &crate::stripe::StripeClient,
     customer_id: &str,
     livemode: bool,
 ) -> Result<crate::stripe::Answer> {
-    let mut entitlements = Vec::new();
-    let mut query = json!({ "customer": customer_id, "limit": 100 });
-    let (mut at, mut livemode) = (0, livemode);
-    loop {
-        let object = format!("active entitlements of customer {customer_id}");
-        let page = client
-            .get_at("/entitlements/active_entitlements", &query, Some(&object))
-            .await?;
-        at = at.max(page.at);
-        let data = page
-            .value
-            .get("data")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        livemode = page
-            .value
-            .get("livemode")
-            .and_then(Value::as_bool)
-            .unwrap_or(livemode);
-        let has_more = page.value.get("has_more") == Some(&json!(true));
-        let asked = query.get("starting_after").and_then(Value::as_str);
-        let next = crate::stripe::next_after(&data, has_more, asked, "entitlement")?;
-        entitlements.extend(data);
-        match next {
-            Some(last) => query["starting_after"] = json!(last),
-            None => break,
-        }
-    }
+    let query = serde_json::Map::from_iter([("customer".to_owned(), json!(customer_id))]);
+    let (entitlements, at) = client
+        .list_all(
+            "/entitlements/active_entitlements",
+            query,
+            &format!("active entitlements of customer {customer_id}"),
+            "entitlement",
+        )
+        .await?;
     let value = json!({
         "object": "entitlements.active_entitlement_summary", "customer": customer_id,
         "livemode": livemode, "entitlements": { "object": "list", "data": entitlements, "has_more": false },
@@ -207,45 +187,30 @@ impl ProductFeature {
     pub async fn sync_for_product(mirror: &Mirror, product_id: &str) -> Result<Vec<Self>> {
         let client = mirror.stripe().await?;
         let live = mirror.live_mode();
-        let path = format!("/products/{product_id}/features");
-        let mut query = json!({ "limit": 100 });
+        let (features, at) = client
+            .list_all(
+                &format!("/products/{product_id}/features"),
+                serde_json::Map::new(),
+                &format!("features of product {product_id}"),
+                "product_feature",
+            )
+            .await?;
         let mut rows = Vec::new();
-        loop {
-            let page = client
-                .get_at(
-                    &path,
-                    &query,
-                    Some(&format!("features of product {product_id}")),
-                )
-                .await?;
-            let data = page
-                .value
-                .get("data")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for mut feature in data.iter().cloned() {
-                // The object does not name its product: the listing does.
-                let Some(fields) = feature.as_object_mut() else {
-                    return Err(Error::mapping(
-                        "product_feature",
-                        "<no id>",
-                        "data",
-                        format!("an item of product {product_id}'s features is not an object"),
-                    ));
-                };
-                fields.insert("product".into(), json!(product_id));
-                rows.push((
-                    PRODUCT_FEATURES.row(&feature, Stamp::fetched(page.at), Some(live))?,
-                    feature,
+        for mut feature in features {
+            // The object does not name its product: the listing does.
+            let Some(fields) = feature.as_object_mut() else {
+                return Err(Error::mapping(
+                    "product_feature",
+                    "<no id>",
+                    "data",
+                    format!("an item of product {product_id}'s features is not an object"),
                 ));
-            }
-            let has_more = page.value.get("has_more") == Some(&json!(true));
-            let asked = query.get("starting_after").and_then(Value::as_str);
-            match crate::stripe::next_after(&data, has_more, asked, "product_feature")? {
-                Some(last) => query["starting_after"] = json!(last),
-                None => break,
-            }
+            };
+            fields.insert("product".into(), json!(product_id));
+            rows.push((
+                PRODUCT_FEATURES.row(&feature, Stamp::fetched(at), Some(live))?,
+                feature,
+            ));
         }
         let product = product_id.to_owned();
         mirror

@@ -194,8 +194,45 @@ mirror_table!(SUBSCRIPTIONS {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::Customer("customer_id"),
     children: Some(&ITEMS),
-    partial: None,
+    // Stripe embeds the first 10 items (of up to 20); the rest are fetched.
+    partial: Some(
+        |subscription| subscription.pointer("/items/has_more") == Some(&Value::Bool(true))
+    ),
 });
+
+/// Completes a subscription whose embedded `items` list says `has_more` with every
+/// page of `GET /v1/subscription_items?subscription=...`: a product on its 11th item
+/// grants access like the first.
+pub(crate) async fn complete_items(
+    client: &crate::stripe::StripeClient,
+    subscription: &mut Value,
+) -> Result<()> {
+    let Some(id) = subscription
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Ok(());
+    };
+    let query =
+        serde_json::Map::from_iter([("subscription".to_owned(), Value::String(id.clone()))]);
+    let (items, _) = client
+        .list_all(
+            "/subscription_items",
+            query,
+            &format!("items of subscription {id}"),
+            "subscription_item",
+        )
+        .await?;
+    if let Some(fields) = subscription.as_object_mut() {
+        let url = format!("/v1/subscription_items?subscription={id}");
+        fields.insert(
+            "items".to_owned(),
+            serde_json::json!({ "object": "list", "data": items, "has_more": false, "url": url }),
+        );
+    }
+    Ok(())
+}
 
 impl Model for Subscription {
     const TABLE: &'static crate::sync::MirrorTable = &SUBSCRIPTIONS;

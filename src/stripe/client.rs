@@ -137,6 +137,45 @@ impl StripeClient {
         self.send(req, object, None).await
     }
 
+    /// Every object of a Stripe list: `GET /v1{path}` page after page (`query` and
+    /// `limit` 100, then `starting_after`), with Stripe's time of the first page, a
+    /// lower bound of when each object was read. `kind` names the objects in errors.
+    pub(crate) async fn list_all(
+        &self,
+        path: &str,
+        mut query: serde_json::Map<String, Value>,
+        object: &str,
+        kind: &'static str,
+    ) -> Result<(Vec<Value>, i64)> {
+        query.insert("limit".into(), Value::from(100));
+        let (mut all, mut first) = (Vec::new(), None);
+        loop {
+            let page = self
+                .get_at(path, &Value::Object(query.clone()), Some(object))
+                .await?;
+            first.get_or_insert(page.at);
+            let data = match page.value.get("data") {
+                Some(Value::Array(data)) => data.clone(),
+                _ => {
+                    return Err(Error::mapping(
+                        "list",
+                        kind,
+                        "data",
+                        "is not an array (not a list page)",
+                    ));
+                }
+            };
+            let has_more = page.value.get("has_more") == Some(&Value::Bool(true));
+            let asked = query.get("starting_after").and_then(Value::as_str);
+            let next = next_after(&data, has_more, asked, kind)?;
+            all.extend(data);
+            match next {
+                Some(last) => query.insert("starting_after".into(), Value::String(last)),
+                None => return Ok((all, first.unwrap_or_default())),
+            };
+        }
+    }
+
     /// `POST /v1{path}` with a form (a JSON object); `idempotency_key` makes the create
     /// safe to repeat, otherwise one random key is shared by all retries.
     pub async fn post(

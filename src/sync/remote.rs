@@ -80,6 +80,19 @@ pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
         .await
 }
 
+/// Completes an object Stripe sent in part ([`MirrorTable::partial`]): a
+/// subscription's items past the first 10 are fetched.
+async fn complete(
+    client: &crate::stripe::StripeClient,
+    table: &MirrorTable,
+    object: &mut Value,
+) -> Result<()> {
+    if table.partial.is_some_and(|partial| partial(object)) && table.kind == "subscription" {
+        crate::models::subscription::complete_items(client, object).await?;
+    }
+    Ok(())
+}
+
 /// Whether [`refetch`] can fetch an object of `table` by its row id: the kinds Stripe
 /// retrieves by id, and an entitlement summary (by its customer).
 pub(crate) fn fetchable(table: &MirrorTable) -> bool {
@@ -190,9 +203,15 @@ pub(crate) async fn refetch_touching(
         // Its customer's active entitlements, every page.
         crate::models::entitlement::fetch_summary(&client, id, mirror.live_mode()).await
     } else {
-        client
+        match client
             .get_built(retrieve_request(table, id)?, Some(&object))
             .await
+        {
+            Ok(mut answer) => complete(&client, table, &mut answer.value)
+                .await
+                .map(|()| answer),
+            Err(err) => Err(err),
+        }
     };
     let (value, at, outcome) = match fetched {
         Ok(answer) => {
@@ -429,10 +448,13 @@ pub async fn sync_all(
             // A page that is not a list, or says there is more without a last id to ask
             // after, is an error: ending there would report a partial backfill as whole.
             let list = |problem| Error::mapping("list", table.kind, "data", problem);
-            let items: Vec<Value> = match page.get_mut("data").map(Value::take) {
+            let mut items: Vec<Value> = match page.get_mut("data").map(Value::take) {
                 Some(Value::Array(items)) => items,
                 _ => return Err(list("is not an array (not a list page)")),
             };
+            for item in &mut items {
+                complete(&client, table, item).await?;
+            }
             let has_more = page
                 .get("has_more")
                 .and_then(Value::as_bool)
