@@ -427,7 +427,25 @@ async fn a_partial_entitlement_summary_is_fetched_whole() {
         ])
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
-        let webhooks = Webhooks::new();
+        // A handler sees the whole summary: it runs only once the fetch has landed.
+        let seen: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+        let log = seen.clone();
+        let webhooks = Webhooks::new().on(
+            "entitlements.*",
+            move |event: stripe_mirror::Event, m: Mirror| {
+                let log = log.clone();
+                async move {
+                    let customer = event.object()["customer"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let held = EntitlementSummary::for_customer(&m, &customer).await?;
+                    let features = held.map(|s| s.features().len()).unwrap_or_default();
+                    log.lock().unwrap().push((event.id.clone(), features));
+                    Ok(())
+                }
+            },
+        );
         for (cus, user) in [("cus_many", "many-user"), ("cus_down", "down-user")] {
             customer(&m, cus, user).await;
             subscription(
@@ -487,76 +505,209 @@ async fn a_partial_entitlement_summary_is_fetched_whole() {
             "SELECT COUNT(*) AS n FROM stripe_entitlement_summaries WHERE reconcile = TRUE",
         );
         assert_eq!(flagged, 1, "{}: only the one not fetched", b.name);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("evt_many".to_owned(), 12)],
+            "{}: the handler waits for the whole summary",
+            b.name
+        );
+
+        // Stripe's redelivery, once the API answers: fetched, then the handler runs.
+        let (up, _) = common::stripe_stub(vec![(
+            "/v1/entitlements/active_entitlements?customer=cus_down",
+            200,
+            listed(&keys, false),
+        )])
+        .await;
+        let again = Mirror::connect(config(&b, Some(&up))).await.unwrap();
+        let r = webhooks
+            .receive(&again, signed(&partial("evt_down", "cus_down")))
+            .await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        assert!(
+            has_feature(&m, "down-user", "f11").await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            seen.lock().unwrap().last(),
+            Some(&("evt_down".to_owned(), 12)),
+            "{}",
+            b.name
+        );
+        let flagged = common::query_count(
+            &b.config.database_url,
+            "SELECT COUNT(*) AS n FROM stripe_entitlement_summaries WHERE reconcile = TRUE",
+        );
+        assert_eq!(flagged, 0, "{}", b.name);
+
+        // A customer Stripe answers 404 for: the summary is removed and its
+        // subscriber's features fall back to the products' own (none here).
+        let err = EntitlementSummary::sync(&again, "cus_many")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{}: {err}", b.name);
+        assert!(
+            !has_feature(&m, "many-user", "f01").await.unwrap(),
+            "{}",
+            b.name
+        );
     }
 }
 
 /// Stripe embeds a subscription's first 10 items (of up to 20) and says `has_more`:
 /// the mirror fetches the rest (`/v1/subscription_items`, every page) wherever a
-/// subscription arrives (an event, `Subscription::sync`, `sync_all`), so a product on
-/// the 11th item grants access.
+/// subscription is fetched (an event's follow-up, `Subscription::sync`, `sync_all`),
+/// so a product on the 11th item grants access. Each path has a subscription of its
+/// own, so none passes on another's items.
 #[tokio::test]
 async fn subscription_items_past_the_first_page_are_fetched() {
     for b in backends() {
-        let item = |i: usize| {
-            json!({"id": format!("si_{i:02}"), "object": "subscription_item",
+        let item = |sub: &str, i: usize| {
+            json!({"id": format!("si_{sub}_{i:02}"), "object": "subscription_item",
             "price": {"id": format!("price_{i:02}"), "object": "price", "product": format!("prod_{i:02}")},
             "quantity": 1, "current_period_start": 100, "current_period_end": FAR})
         };
-        let items = |range: std::ops::Range<usize>, more: bool| json!({"object": "list", "has_more": more, "data": range.map(item).collect::<Vec<_>>()});
-        let sub = |status: &str| {
-            json!({"id": "sub_many", "object": "subscription", "customer": "cus_items",
-            "status": status, "created": 100, "livemode": false, "items": items(1..11, true)})
+        let items = |sub: &str, range: std::ops::Range<usize>, more: bool| {
+            let data: Vec<Value> = range.map(|i| item(sub, i)).collect();
+            json!({"object": "list", "has_more": more, "data": data})
         };
-        let list = json!({"object": "list", "has_more": false, "data": [sub("active")]});
-        let (base, hits) = common::stripe_stub(vec![
+        let sub = |id: &str, customer: &str| {
+            json!({"id": id, "object": "subscription", "customer": customer,
+            "status": "active", "created": 100, "livemode": false, "items": items(id, 1..11, true)})
+        };
+        let mut routes = vec![
             (
-                "/v1/subscription_items?starting_after=si_10",
+                "/v1/subscriptions/sub_sync",
                 200,
-                items(11..13, false),
+                sub("sub_sync", "cus_sync"),
+            ),
+            ("/v1/subscriptions/sub_evt", 200, sub("sub_evt", "cus_evt")),
+            (
+                "/v1/subscriptions/sub_gone_items",
+                200,
+                sub("sub_gone_items", "cus_gi"),
             ),
             (
-                "/v1/subscription_items?subscription=sub_many",
+                "/v1/subscriptions",
                 200,
-                items(1..11, true),
+                json!({"object": "list", "has_more": false,
+                "data": [sub("sub_list", "cus_list"), sub("sub_down", "cus_down_l")]}),
             ),
-            ("/v1/subscriptions/sub_many", 200, sub("active")),
-            ("/v1/subscriptions", 200, list),
-        ])
-        .await;
-        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
-        customer(&m, "cus_items", "items-user").await;
-        let gate = || require_subscription("items-user").to_products(["prod_12"]);
+            (
+                "/v1/subscription_items?subscription=sub_down",
+                500,
+                json!({"error": {"type": "api_error", "message": "down"}}),
+            ),
+        ];
+        // Each subscription's two pages of items (11 and 12 on the second); the items of
+        // `sub_gone_items` answer 404 (the unmatched route).
+        let pages: Vec<(&'static str, Value)> = ["sub_evt", "sub_sync", "sub_list"]
+            .into_iter()
+            .flat_map(|s| {
+                let later: &'static str =
+                    format!("/v1/subscription_items?starting_after=si_{s}_10").leak();
+                let first: &'static str = format!("/v1/subscription_items?subscription={s}").leak();
+                [
+                    (later, items(s, 11..13, false)),
+                    (first, items(s, 1..11, true)),
+                ]
+            })
+            .collect();
+        routes.splice(0..0, pages.into_iter().map(|(r, v)| (r, 200, v)));
+        let (base, _) = common::stripe_stub(routes).await;
+        let mirror = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let m = &mirror;
+        for (cus, user) in [
+            ("cus_evt", "evt-user"),
+            ("cus_sync", "sync-user"),
+            ("cus_list", "list-user"),
+            ("cus_down_l", "list-down-user"),
+            ("cus_gi", "gi-user"),
+        ] {
+            customer(m, cus, user).await;
+        }
+        let whole = |user: &'static str| async move {
+            require_subscription(user)
+                .to_products(["prod_12"])
+                .check(m)
+                .await
+                .unwrap()
+                .is_ok()
+        };
+        let count = |id: &'static str| async move {
+            Subscription::get(m, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .items(m)
+                .await
+                .unwrap()
+                .len()
+        };
 
-        // An event: answered once the rest is fetched.
+        // An event: answered once the rest is fetched, and no longer flagged.
         let t = chrono::Utc::now().timestamp();
         let event = json!({"id": "evt_items", "object": "event", "type": "customer.subscription.created",
-            "created": t, "livemode": false, "data": {"object": sub("active")}});
-        let r = Webhooks::new().receive(&m, signed(&event)).await;
+            "created": t, "livemode": false, "data": {"object": sub("sub_evt", "cus_evt")}});
+        let r = Webhooks::new().receive(m, signed(&event)).await;
         assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
-        let held = Subscription::get(&m, "sub_many").await.unwrap().unwrap();
-        assert_eq!(held.items(&m).await.unwrap().len(), 12, "{}", b.name);
+        assert_eq!(count("sub_evt").await, 12, "{}", b.name);
         assert!(
-            gate().check(&m).await.unwrap().is_ok(),
+            whole("evt-user").await,
             "{}: the 12th item's product",
             b.name
         );
-        let flagged = common::query_count(
-            &b.config.database_url,
-            "SELECT COUNT(*) AS n FROM stripe_subscriptions WHERE reconcile = TRUE",
-        );
-        assert_eq!(flagged, 0, "{}: fetched whole, no longer flagged", b.name);
 
-        // `Subscription::sync` and `sync_all` complete it the same way.
-        let fetched_before = *hits.lock().unwrap();
-        let synced = Subscription::sync(&m, "sub_many").await.unwrap();
-        assert_eq!(synced.items(&m).await.unwrap().len(), 12, "{}", b.name);
+        // `Subscription::sync`.
+        let synced = Subscription::sync(m, "sub_sync").await.unwrap();
+        assert_eq!(
+            synced.data()["items"]["has_more"],
+            json!(false),
+            "{}",
+            b.name
+        );
+        assert_eq!(count("sub_sync").await, 12, "{}", b.name);
+        assert!(whole("sync-user").await, "{}", b.name);
+
+        // `sync_all`: one subscription completed; one whose items cannot be fetched is
+        // written as listed, reported and flagged.
         let mut options = stripe_mirror::SyncOptions::default();
         options.objects = vec!["subscription".into()];
-        let report = stripe_mirror::sync_all(&m, &options, |_| {}).await.unwrap();
-        assert!(report.failures.is_empty(), "{}: {report:?}", b.name);
-        // Each: the subscription (or the list), then two pages of items.
-        assert_eq!(*hits.lock().unwrap() - fetched_before, 6, "{}", b.name);
-        assert!(gate().check(&m).await.unwrap().is_ok(), "{}", b.name);
+        let report = stripe_mirror::sync_all(m, &options, |_| {}).await.unwrap();
+        assert_eq!(count("sub_list").await, 12, "{}", b.name);
+        assert!(whole("list-user").await, "{}", b.name);
+        assert_eq!(count("sub_down").await, 10, "{}", b.name);
+        assert_eq!(report.failures.len(), 1, "{}: {report:?}", b.name);
+        assert_eq!(report.failures[0].id, "sub_down", "{}", b.name);
+        let flagged = |id: &str| {
+            common::query_count(
+                &b.config.database_url,
+                &format!(
+                    "SELECT COUNT(*) AS n FROM stripe_subscriptions WHERE reconcile = TRUE AND id = '{id}'"
+                ),
+            )
+        };
+        assert_eq!(flagged("sub_down"), 1, "{}", b.name);
+        assert_eq!(
+            flagged("sub_list") + flagged("sub_evt") + flagged("sub_sync"),
+            0,
+            "{}",
+            b.name
+        );
+
+        // A 404 for the items of a subscription Stripe has just answered for: the list
+        // changed meanwhile (a conflict, try again), never a deleted subscription.
+        let err = Subscription::sync(m, "sub_gone_items").await.unwrap_err();
+        assert!(err.is_transient(), "{}: {err}", b.name);
+        assert!(
+            Subscription::get(m, "sub_gone_items")
+                .await
+                .unwrap()
+                .is_none(),
+            "{}: nothing written, no tombstone",
+            b.name
+        );
     }
 }
 

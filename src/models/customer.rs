@@ -16,18 +16,29 @@ pub const SUBSCRIBER_METADATA_KEY: &str = "stripe_mirror_subscriber";
 /// The host app's user behind a Stripe customer (dj-stripe's "subscriber").
 ///
 /// ```
+/// use stripe_mirror::Subscriber;
+///
 /// struct User { id: u64, email: String }
-/// impl stripe_mirror::Subscriber for User {
+/// impl Subscriber for User {
 ///     fn subscriber_id(&self) -> String { self.id.to_string() }
 ///     fn email(&self) -> Option<String> { Some(self.email.clone()) }
 /// }
+///
+/// // Only the id is required: neither email nor name is sent to Stripe.
+/// struct Team(String);
+/// impl Subscriber for Team {
+///     fn subscriber_id(&self) -> String { format!("team-{}", self.0) }
+/// }
+/// assert_eq!(Team("7".into()).email(), None);
 /// ```
 pub trait Subscriber {
     /// A stable id for this user, unique in the host app, not empty (Stripe drops an
     /// empty metadata value, so the customer could never be found by it again).
     fn subscriber_id(&self) -> String;
-    /// The email to put on the Stripe customer.
-    fn email(&self) -> Option<String>;
+    /// The email to put on the Stripe customer (none by default).
+    fn email(&self) -> Option<String> {
+        None
+    }
     /// The name to put on the Stripe customer.
     fn name(&self) -> Option<String> {
         None

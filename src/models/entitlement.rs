@@ -66,25 +66,16 @@ impl EntitlementSummary {
     }
 
     /// Fetches the customer's active entitlements (`GET /v1/entitlements/active_entitlements`,
-    /// every page) and mirrors them as its summary. A customer Stripe no longer has
-    /// leaves a tombstone (no features) and is [`Error::NotFound`].
+    /// every page) and mirrors them as its summary. When Stripe answers 404 (the
+    /// customer is gone), the summary is removed, so features fall back to the
+    /// subscribed products' own, and this is [`Error::NotFound`].
     pub async fn sync(mirror: &Mirror, customer_id: &str) -> Result<Self> {
-        let gone = crate::sync::remote::refetch(mirror, &ENTITLEMENT_SUMMARIES, customer_id)
-            .await?
-            == crate::sync::remote::Refetch::Gone;
-        let id = customer_id.to_owned();
-        let found = mirror
-            .db()
-            .run(move |conn| {
-                Ok(on_conn!(conn, c => stripe_entitlement_summaries::table
-                    .find(&id)
-                    .filter(stripe_entitlement_summaries::deleted.eq(false))
-                    .select(EntitlementSummary::as_select())
-                    .first(c)
-                    .optional())?)
-            })
-            .await?;
-        found.filter(|_| !gone).ok_or_else(|| Error::NotFound {
+        use crate::sync::remote::{Refetch, refetch};
+        let found = match refetch(mirror, &ENTITLEMENT_SUMMARIES, customer_id).await? {
+            Refetch::Gone => None,
+            Refetch::Current => Self::for_customer(mirror, customer_id).await?,
+        };
+        found.ok_or_else(|| Error::NotFound {
             object: ENTITLEMENT_SUMMARIES.kind,
             id: customer_id.to_owned(),
         })

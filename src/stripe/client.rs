@@ -152,7 +152,13 @@ impl StripeClient {
         loop {
             let page = self
                 .get_at(path, &Value::Object(query.clone()), Some(object))
-                .await?;
+                .await;
+            // A later page's 404: what it starts after is gone, not the list's owner.
+            let page = if first.is_some() {
+                page.map_err(changed_while_read)?
+            } else {
+                page?
+            };
             first.get_or_insert(page.at);
             let data = match page.value.get("data") {
                 Some(Value::Array(data)) => data.clone(),
@@ -533,6 +539,24 @@ pub(crate) fn is_missing(err: &Error) -> bool {
         // Fakes (localstripe) send no code; Stripe's unknown-URL error has none either.
         None => e.error_type.is_some() && !e.message.starts_with("Unrecognized request URL"),
     })
+}
+
+/// A 404 met while reading the rest of an object (a later page of a list, a
+/// subscription's items) says the list changed while it was read, not that the object
+/// is gone: reported as a conflict (409), which is worth trying again and never turns
+/// into a tombstone. Other errors are returned as they are.
+pub(crate) fn changed_while_read(err: Error) -> Error {
+    match err {
+        Error::Stripe(mut e) if e.status == Some(404) => {
+            e.status = Some(409);
+            e.message = format!(
+                "{} (a 404 while reading the rest of the object: it changed meanwhile; try again)",
+                e.message
+            );
+            Error::Stripe(e)
+        }
+        other => other,
+    }
 }
 
 /// Where the next page of a Stripe list starts: after the last of `items` when the page

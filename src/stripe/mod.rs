@@ -3,7 +3,9 @@
 mod client;
 
 pub use client::StripeClient;
-pub(crate) use client::{Answer, already_exists, is_missing, newest_timestamp, next_after};
+pub(crate) use client::{
+    Answer, already_exists, changed_while_read, is_missing, newest_timestamp, next_after,
+};
 
 use std::fmt;
 

@@ -80,6 +80,31 @@ pub(crate) async fn sync_one<M: Model>(mirror: &Mirror, id: &str) -> Result<M> {
         .await
 }
 
+/// One object of `table` as Stripe has it now, whole: retrieved by id (an entitlement
+/// summary: its customer's active entitlements, every page) and [`complete`]d. Only
+/// the object's own 404 is Stripe saying it is gone: a 404 of a later page or of its
+/// items means the list changed while it was read, and comes back as a conflict
+/// (409, worth trying again), never as a tombstone. The one fetch behind `refetch`,
+/// `reconcile` and `Webhooks::refetch`.
+pub(crate) async fn fetch_whole(
+    client: &crate::stripe::StripeClient,
+    table: &MirrorTable,
+    id: &str,
+    livemode: bool,
+) -> Result<crate::stripe::Answer> {
+    if table.kind == ENTITLEMENT_SUMMARIES.kind {
+        return crate::models::entitlement::fetch_summary(client, id, livemode).await;
+    }
+    let object = format!("{} {id}", table.kind);
+    let mut answer = client
+        .get_built(retrieve_request(table, id)?, Some(&object))
+        .await?;
+    complete(client, table, &mut answer.value)
+        .await
+        .map_err(crate::stripe::changed_while_read)?;
+    Ok(answer)
+}
+
 /// Completes an object Stripe sent in part ([`MirrorTable::partial`]): a
 /// subscription's items past the first 10 are fetched.
 async fn complete(
@@ -87,10 +112,20 @@ async fn complete(
     table: &MirrorTable,
     object: &mut Value,
 ) -> Result<()> {
-    if table.partial.is_some_and(|partial| partial(object)) && table.kind == "subscription" {
+    if table.is_partial(object) && table.kind == "subscription" {
         crate::models::subscription::complete_items(client, object).await?;
     }
     Ok(())
+}
+
+/// What a 404 leaves of an object: its id (and the field it is keyed by, an
+/// entitlement summary's customer, so the subscriber's access is marked changed).
+fn tombstone_of(table: &MirrorTable, id: &str) -> Value {
+    let mut tombstone = json!({ "id": id, "object": table.accepts[0], "deleted": true });
+    if let (Some(field), Some(fields)) = (table.id_from, tombstone.as_object_mut()) {
+        fields.insert(field.to_owned(), json!(id));
+    }
+    tombstone
 }
 
 /// Whether [`refetch`] can fetch an object of `table` by its row id: the kinds Stripe
@@ -198,21 +233,7 @@ pub(crate) async fn refetch_touching(
             .and_then(super::upsert::Seen::livemode)
             .is_some_and(|live| live != mirror.live_mode())
     };
-    let object = format!("{} {id}", table.kind);
-    let fetched = if table.kind == ENTITLEMENT_SUMMARIES.kind {
-        // Its customer's active entitlements, every page.
-        crate::models::entitlement::fetch_summary(&client, id, mirror.live_mode()).await
-    } else {
-        match client
-            .get_built(retrieve_request(table, id)?, Some(&object))
-            .await
-        {
-            Ok(mut answer) => complete(&client, table, &mut answer.value)
-                .await
-                .map(|()| answer),
-            Err(err) => Err(err),
-        }
-    };
+    let fetched = fetch_whole(&client, table, id, mirror.live_mode()).await;
     let (value, at, outcome) = match fetched {
         Ok(answer) => {
             let gone = answer.value.get("deleted") == Some(&Value::Bool(true));
@@ -228,7 +249,7 @@ pub(crate) async fn refetch_touching(
         // Stamped with Stripe's time of the 404: a host clock running ahead would
         // stamp it past the `*.created` of an object made again under the same id.
         Err(err) if crate::stripe::is_missing(&err) && !other_mode() => (
-            json!({ "id": id, "object": table.accepts[0], "deleted": true }),
+            tombstone_of(table, id),
             match &err {
                 Error::Stripe(e) => e.at,
                 _ => None,
@@ -452,9 +473,6 @@ pub async fn sync_all(
                 Some(Value::Array(items)) => items,
                 _ => return Err(list("is not an array (not a list page)")),
             };
-            for item in &mut items {
-                complete(&client, table, item).await?;
-            }
             let has_more = page
                 .get("has_more")
                 .and_then(Value::as_bool)
@@ -464,6 +482,24 @@ pub async fn sync_all(
             {
                 asked_after = Some(after.clone());
                 next = Some(AbortOnDrop(fetch(Some(after))));
+            }
+            // Objects listed in part (a subscription's items past the first 10) are
+            // completed before the page is written; one that cannot be is written as
+            // listed, flagged for `reconcile`, and reported.
+            let mut incomplete = Vec::new();
+            for item in &mut items {
+                let completed = complete(&client, table, item).await;
+                if let Err(err) = completed.map_err(crate::stripe::changed_while_read) {
+                    if options.fail_fast {
+                        return Err(err);
+                    }
+                    let id = item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
+                    incomplete.push(SyncFailure {
+                        object: table.kind,
+                        id: id.to_owned(),
+                        error: format!("mirrored in part, flagged for reconcile: {err}"),
+                    });
+                }
             }
             other_mode |= items
                 .iter()
@@ -503,6 +539,7 @@ pub async fn sync_all(
             done += written;
             unmapped.extend(failures.iter().map(|f: &SyncFailure| f.id.clone()));
             report.failures.extend(failures);
+            report.failures.extend(incomplete);
             progress(&SyncProgress {
                 object: table.kind.to_owned(),
                 done,

@@ -54,8 +54,9 @@ pub(crate) struct MirrorTable {
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
     /// Whether a payload holds only part of the object (an entitlement summary's event
-    /// lists 10 entitlements, then `has_more`): it is written, flagged `reconcile`,
-    /// and re-fetched whole like a same-second tie.
+    /// lists 10 entitlements, then `has_more`): it is written and flagged `reconcile`;
+    /// a webhook's follow-up re-fetches it whole like a same-second tie, and every
+    /// fetch completes it first (`sync::remote::fetch_whole`).
     pub partial: Option<fn(&Value) -> bool>,
     /// The upsert statements, built on first use.
     pub sql: OnceLock<Statements>,
@@ -479,8 +480,18 @@ impl MirrorTable {
         }
         if written == Written::Applied {
             crate::access::changes::after_write(conn, self, row, before)?;
+            // Part of the object: kept (the newest Stripe sent) and flagged, so the
+            // webhook's follow-up or `reconcile` fetches it whole.
+            if self.is_partial(value) {
+                self.flag(conn, &row.id)?;
+            }
         }
         Ok(written)
+    }
+
+    /// Whether `value` holds only part of the object ([`MirrorTable::partial`]).
+    pub(crate) fn is_partial(&self, value: &Value) -> bool {
+        self.partial.is_some_and(|partial| partial(value))
     }
 
     /// The guard refused `row`: when it was a same-second tie between updates and

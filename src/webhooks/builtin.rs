@@ -100,12 +100,9 @@ pub(crate) fn apply(conn: &mut Conn<'_>, event: &Event, plan: Plan) -> Result<Wr
         }
         Plan::Object { table, row, object } => {
             let written = table.write(conn, &row, &object)?;
-            // Part of the object (the first page of a list): the newest Stripe sent, kept
-            // until the whole is fetched; flagged, so `reconcile` fetches it when the
-            // follow-up cannot.
-            if written == Written::Applied && table.partial.is_some_and(|partial| partial(&object))
-            {
-                table.flag(conn, &row.id)?;
+            // Part of the object (the first page of a list), written and flagged: the
+            // follow-up fetches the whole.
+            if written == Written::Applied && table.is_partial(&object) {
                 return Ok(Written::Undecided);
             }
             Ok(written)

@@ -336,15 +336,14 @@ impl Webhooks {
         if !work.due {
             return respond(event_id, Ok(Outcome::Processed));
         }
-        let result = self.run_due(mirror, &event, &mut work).await;
-        // The handlers ran; a re-fetch that did not land fails the event (503: Stripe
-        // could not be asked) so that Stripe redelivers it and the mirror gets the newer
-        // version.
-        let result = result.and(
-            fetched
-                .map(|_| Outcome::Processed)
-                .map_err(|e| Failure::new(Outcome::Unavailable, e)),
-        );
+        // A re-fetch that did not land fails the event (503: Stripe could not be asked)
+        // so that Stripe redelivers it and the mirror gets the whole, newer version. The
+        // handlers and the access hook wait for that redelivery: run now, they would
+        // see an undecided tie or the first page of a list, and be recorded done.
+        let result = match fetched {
+            Ok(()) => self.run_due(mirror, &event, &mut work).await,
+            Err(e) => Err(Failure::new(Outcome::Unavailable, e)),
+        };
         let (outcome, error) = match &result {
             Ok(outcome) => (*outcome, None),
             Err(f) => (f.outcome, Some(f.error.clone())),
@@ -476,7 +475,6 @@ impl Webhooks {
         mirror: &Mirror,
         (table, id): &(&'static MirrorTable, String),
     ) -> Result<Refetched> {
-        let request = crate::sync::remote::retrieve_request(table, id)?;
         let object = format!("{} {id}", table.kind);
         let client = mirror.stripe().await?;
         // The row before the request: a fetch newer than it settles a tie, and brings
@@ -489,18 +487,16 @@ impl Webhooks {
             .await?;
         // Bounded like a follow-up: retries and `Retry-After` waits must not hold the
         // delivery past Stripe's own patience; a redelivery tries again.
-        let answer =
-            tokio::time::timeout(FOLLOW_UP_TIMEOUT, client.get_built(request, Some(&object)))
-                .await
-                .map_err(|_| {
-                    Error::Stripe(Box::new(crate::stripe::StripeApiError {
-                        request: format!("GET {object}"),
-                        message: format!(
-                            "no answer within {FOLLOW_UP_TIMEOUT:?} (retries included)"
-                        ),
-                        ..Default::default()
-                    }))
-                })?;
+        let whole = crate::sync::remote::fetch_whole(&client, table, id, mirror.live_mode());
+        let answer = tokio::time::timeout(FOLLOW_UP_TIMEOUT, whole)
+            .await
+            .map_err(|_| {
+                Error::Stripe(Box::new(crate::stripe::StripeApiError {
+                    request: format!("GET {object}"),
+                    message: format!("no answer within {FOLLOW_UP_TIMEOUT:?} (retries included)"),
+                    ..Default::default()
+                }))
+            })?;
         match answer {
             Ok(answer) => Ok(Refetched::Object(
                 answer.value,

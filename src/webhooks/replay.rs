@@ -192,15 +192,16 @@ impl Webhooks {
             if let Some((table, id)) = work.follow_up.clone() {
                 fetched = follow_up(mirror, &event, &mut work, table, &id).await;
             }
-            let error = if work.due {
-                self.run_due(mirror, &event, &mut work)
+            // As a delivery: the handlers wait until the re-fetch has landed.
+            let error = match fetched {
+                Err(failed) => Some(failed),
+                Ok(()) if work.due => self
+                    .run_due(mirror, &event, &mut work)
                     .await
                     .err()
-                    .map(|f| f.error)
-            } else {
-                None
+                    .map(|f| f.error),
+                Ok(()) => None,
             };
-            let error = error.or(fetched.err());
             let pending = work.handlers.values().any(|v| v != event::HANDLER_OK);
             if work.due {
                 let (id, err) = (event.id.clone(), error.clone());
