@@ -149,14 +149,36 @@ impl Checkout {
     }
 
     /// Creates the session for `subscriber` (their customer made first when needed).
+    /// A mirrored customer Stripe no longer has (deleted while its webhook was missed)
+    /// is found out here: it becomes a tombstone, and the session is made for a new
+    /// customer, so that user can still buy.
     pub async fn create(
         &self,
         mirror: &Mirror,
         subscriber: &impl Subscriber,
     ) -> Result<CheckoutSession> {
         let customer = Customer::get_or_create(mirror, subscriber).await?;
-        let subscriber_id = subscriber.subscriber_id();
-        let request = self.request(&customer.id, &subscriber_id)?;
+        match self
+            .open(mirror, customer, &subscriber.subscriber_id())
+            .await
+        {
+            Err(err) if stale_customer(mirror, &err).await => {
+                let customer = Customer::get_or_create(mirror, subscriber).await?;
+                self.open(mirror, customer, &subscriber.subscriber_id())
+                    .await
+            }
+            done => done,
+        }
+    }
+
+    /// Creates the session for this customer.
+    async fn open(
+        &self,
+        mirror: &Mirror,
+        customer: Customer,
+        subscriber_id: &str,
+    ) -> Result<CheckoutSession> {
+        let request = self.request(&customer.id, subscriber_id)?;
         let object = format!("checkout session for subscriber {subscriber_id}");
         let session = mirror
             .stripe()
@@ -252,8 +274,10 @@ pub struct PortalSession {
 }
 
 /// Opens the Billing Portal for `subscriber_id`'s customer; the portal sends the
-/// customer back to `return_url`. A subscriber without a customer is
-/// [`Error::NotFound`] (nothing to manage: send them to pricing).
+/// customer back to `return_url`. Of a subscriber's customers, the one holding their
+/// newest subscription that grants access is opened (else their newest subscription's).
+/// A subscriber without a customer, or whose customer Stripe no longer has (it becomes
+/// a tombstone), is [`Error::NotFound`] (nothing to manage: send them to pricing).
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -266,24 +290,52 @@ pub async fn billing_portal(
     subscriber_id: &str,
     return_url: &str,
 ) -> Result<PortalSession> {
-    let customer = Customer::by_subscriber(mirror, subscriber_id)
+    let none = || Error::NotFound {
+        object: "customer of subscriber",
+        id: subscriber_id.to_owned(),
+    };
+    let customer = Customer::billing_customer(mirror, subscriber_id)
         .await?
-        .ok_or_else(|| Error::NotFound {
-            object: "customer of subscriber",
-            id: subscriber_id.to_owned(),
-        })?;
+        .ok_or_else(none)?;
     let request = stripe_billing::billing_portal_session::CreateBillingPortalSession::new()
         .customer(customer.id.as_str())
         .return_url(return_url);
     let object = format!("billing portal session for subscriber {subscriber_id}");
-    let session = mirror
+    let session = match mirror
         .stripe()
         .await?
         .request(&request, None, Some(&object))
-        .await?
-        .value;
+        .await
+    {
+        Ok(answer) => answer.value,
+        // Stripe no longer has it: a tombstone now, and nothing to manage.
+        Err(err) if stale_customer(mirror, &err).await => return Err(none()),
+        Err(err) => return Err(err),
+    };
     session_of(&session, &customer.id, "billing portal session")
         .map(|(id, url)| PortalSession { id, url })
+}
+
+/// Whether `err` is Stripe refusing a session because the customer it names does not
+/// exist (`resource_missing` naming a `cus_` id) and a fetch of that customer confirms
+/// it is gone: the mirror then holds it as a tombstone.
+async fn stale_customer(mirror: &Mirror, err: &Error) -> bool {
+    let Error::Stripe(e) = err else { return false };
+    if e.code.as_deref() != Some("resource_missing") {
+        return false;
+    }
+    let Some(id) = e
+        .message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .find(|word| word.starts_with("cus_"))
+    else {
+        return false;
+    };
+    let customers = &crate::models::customer::CUSTOMERS;
+    matches!(
+        crate::sync::remote::refetch(mirror, customers, id).await,
+        Ok(crate::sync::remote::Refetch::Gone)
+    )
 }
 
 /// The id and URL of a created session; an answer without them is a clear error.

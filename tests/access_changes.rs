@@ -950,3 +950,52 @@ async fn deliver_access_change_tells_one_subscriber_only() {
         assert_eq!(host.row("user-b"), "prod_team/-", "{}", b.name);
     }
 }
+
+/// One database for both modes: a test-mode event reaching the live app (a test
+/// endpoint's secret among its signing secrets) changes nothing the live gate reads, so
+/// the live app's hook is not told, not by the delivery nor by
+/// `deliver_access_changes`; the test-mode app on the same database tells it.
+#[tokio::test]
+async fn the_hook_is_told_changes_of_its_own_mode_only() {
+    for b in backends() {
+        let mut live = config(&b);
+        live.live_mode = true;
+        let live_mirror = Mirror::connect(live.clone()).await.unwrap();
+        let host = Host::new(&live, &["user-m"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        for (id, kind, object) in [
+            (
+                "evt_m1",
+                "customer.created",
+                customer("cus_m", Some("user-m"), "m@example.com"),
+            ),
+            (
+                "evt_m2",
+                "customer.subscription.created",
+                subscription("sub_m", "cus_m", "active", "prod_m"),
+            ),
+        ] {
+            let outcome = deliver(&webhooks, &live_mirror, &event(id, kind, t, object)).await;
+            assert_eq!(outcome, Outcome::Processed, "{}", b.name);
+        }
+        let report = webhooks.deliver_access_changes(&live_mirror).await.unwrap();
+        assert_eq!((report.told, report.unchanged), (0, 0), "{}", b.name);
+        assert!(host.calls().is_empty(), "{}: {:?}", b.name, host.calls());
+        assert_eq!(host.row("user-m"), "-/-", "{}", b.name);
+
+        // The test-mode app on the same database tells its own change.
+        let test_mirror = Mirror::connect(config(&b)).await.unwrap();
+        let report = webhooks.deliver_access_changes(&test_mirror).await.unwrap();
+        assert_eq!(report.told, 1, "{}", b.name);
+        let calls = host.calls();
+        assert_eq!(calls.len(), 1, "{}", b.name);
+        assert!(
+            !calls[0].livemode && calls[0].after.valid,
+            "{}: {:?}",
+            b.name,
+            calls[0]
+        );
+        assert_eq!(host.row("user-m"), "prod_m/-", "{}", b.name);
+    }
+}

@@ -837,7 +837,10 @@ struct Seen {
     idempotency_key: Option<String>,
 }
 
-/// A Stripe stand-in answering by method and path, recording each request's form.
+/// A Stripe stand-in answering by method and path (or `path?text`: only a request
+/// whose form contains `text`; the first route that matches answers), recording each
+/// request's form. A body holding Stripe's `error` is answered 400; an unmatched
+/// request Stripe's 404.
 async fn recording_stub(
     routes: Vec<(&'static str, &'static str, Value)>,
 ) -> (String, Arc<Mutex<Vec<Seen>>>) {
@@ -859,6 +862,7 @@ async fn recording_stub(
             } else {
                 body.to_vec()
             };
+            let text = String::from_utf8_lossy(&raw).into_owned();
             let form = form_urlencoded::parse(&raw).into_owned().collect();
             s.lock().unwrap().push(Seen {
                 method: method.clone(),
@@ -866,7 +870,14 @@ async fn recording_stub(
                 form,
                 idempotency_key: key,
             });
-            match routes.iter().find(|(m, p, _)| *m == method && *p == path) {
+            let matches = |route: &str| match route.split_once('?') {
+                Some((p, needle)) => p == path && text.contains(needle),
+                None => route == path,
+            };
+            match routes.iter().find(|(m, p, _)| *m == method && matches(p)) {
+                Some((_, _, body)) if body.get("error").is_some() => {
+                    (axum::http::StatusCode::BAD_REQUEST, body.to_string())
+                }
                 Some((_, _, body)) => (axum::http::StatusCode::OK, body.to_string()),
                 None => (
                     axum::http::StatusCode::NOT_FOUND,
@@ -888,6 +899,130 @@ fn form(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// A customer deleted in Stripe while its webhook was missed still sits in the mirror:
+/// Stripe refuses a session naming it. Checkout finds that out, keeps the customer as
+/// a tombstone and sells to a new customer; the Billing Portal answers `NotFound`
+/// (nothing to manage). And of two customers of one subscriber, the portal opens the
+/// one that pays, not the newer empty one.
+#[tokio::test]
+async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
+    for b in backends() {
+        let missing = |id: &str| {
+            json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+            "param": "customer", "message": format!("No such customer: '{id}'")}})
+        };
+        let (base, seen) = recording_stub(vec![
+            (
+                "POST",
+                "/v1/checkout/sessions?customer=cus_old",
+                missing("cus_old"),
+            ),
+            (
+                "POST",
+                "/v1/checkout/sessions",
+                json!({"id": "cs_test_2", "object": "checkout.session",
+                "url": "https://checkout.stripe.com/c/pay/cs_test_2"}),
+            ),
+            (
+                "POST",
+                "/v1/customers",
+                json!({"id": "cus_fresh", "object": "customer",
+                "metadata": {"stripe_mirror_subscriber": "returning"}}),
+            ),
+            (
+                "POST",
+                "/v1/billing_portal/sessions?customer=cus_left",
+                missing("cus_left"),
+            ),
+            (
+                "POST",
+                "/v1/billing_portal/sessions",
+                json!({"id": "bps_2", "object": "billing_portal.session",
+                "url": "https://billing.stripe.com/p/session/bps_2"}),
+            ),
+            // GET /v1/customers/cus_old and cus_left: Stripe's 404 (unmatched).
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_old", "returning").await;
+        customer(&m, "cus_left", "leaver").await;
+
+        let session = Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/account?session={CHECKOUT_SESSION_ID}")
+            .create(&m, &User("returning"))
+            .await
+            .unwrap();
+        assert_eq!(session.customer, "cus_fresh", "{}", b.name);
+        assert!(
+            Customer::get(&m, "cus_old").await.unwrap().unwrap().deleted,
+            "{}",
+            b.name
+        );
+        let paths: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} {}", s.method, s.path))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "POST /v1/checkout/sessions",
+                "GET /v1/customers/cus_old",
+                "POST /v1/customers",
+                "POST /v1/checkout/sessions"
+            ],
+            "{}",
+            b.name
+        );
+
+        let err = billing_portal(&m, "leaver", "https://app.example/account")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{}: {err}", b.name);
+        assert!(
+            Customer::get(&m, "cus_left")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{}",
+            b.name
+        );
+
+        // Two customers: the older one pays, the newer one (a Payment Link, say) is empty.
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_pays", "object": "customer", "created": 10,
+            "metadata": {"stripe_mirror_subscriber": "two"}}),
+        )
+        .await
+        .unwrap();
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_empty", "object": "customer", "created": 20,
+            "metadata": {"stripe_mirror_subscriber": "two"}}),
+        )
+        .await
+        .unwrap();
+        subscription(
+            &m,
+            "sub_pays",
+            "cus_pays",
+            "active",
+            &["prod_pro"],
+            json!({}),
+        )
+        .await;
+        seen.lock().unwrap().clear();
+        billing_portal(&m, "two", "https://app.example/account")
+            .await
+            .unwrap();
+        let sent = seen.lock().unwrap()[0].form.get("customer").cloned();
+        assert_eq!(sent.as_deref(), Some("cus_pays"), "{}", b.name);
+    }
 }
 
 #[tokio::test]

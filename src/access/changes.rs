@@ -723,9 +723,11 @@ fn release(
     Ok(dirty.unwrap_or(false))
 }
 
-/// The subscribers with a change not yet told, in order, after `after`, at most `limit`.
+/// The subscribers of mode `live` with a change not yet told, in order, after `after`,
+/// at most `limit`.
 pub(crate) fn dirty(
     conn: &mut Conn<'_>,
+    live: bool,
     after: Option<&Touched>,
     limit: i64,
 ) -> Result<Vec<Touched>> {
@@ -733,6 +735,7 @@ pub(crate) fn dirty(
     let first = after.is_none();
     Ok(on_conn!(conn, c => stripe_access::table
         .filter(stripe_access::dirty.eq(true))
+        .filter(stripe_access::livemode.eq(live))
         .filter(
             diesel::dsl::sql::<diesel::sql_types::Bool>(if first { "TRUE" } else { "FALSE" })
                 .or(stripe_access::subscriber_id.gt(&s))

@@ -183,6 +183,36 @@ impl Customer {
             .await
     }
 
+    /// The customer whose billing the subscriber manages (the Billing Portal's): of
+    /// their customers in the current mode, the one holding their newest subscription
+    /// that grants access, else their newest subscription of any status, else their
+    /// newest customer. A second customer (a Payment Link, a backfill) is not shown
+    /// in place of the one that pays.
+    pub(crate) async fn billing_customer(
+        mirror: &Mirror,
+        subscriber_id: &str,
+    ) -> Result<Option<Customer>> {
+        let customers = Self::all_by_subscriber(mirror, subscriber_id).await?;
+        if customers.len() < 2 {
+            return Ok(customers.into_iter().next());
+        }
+        let ids: Vec<String> = customers.iter().map(|c| c.id.clone()).collect();
+        let subscriptions = mirror
+            .db()
+            .read(move |conn| Subscription::of_customers(conn, &ids))
+            .await?;
+        let now = mirror.now();
+        let paying = subscriptions
+            .iter()
+            .find(|s| s.is_valid_at(now))
+            .or(subscriptions.first())
+            .and_then(|s| s.customer_id.clone());
+        let position = paying
+            .and_then(|id| customers.iter().position(|c| c.id == id))
+            .unwrap_or(0);
+        Ok(customers.into_iter().nth(position))
+    }
+
     /// The subscriber's customer in the current mode: from the mirror when there is
     /// one, else created in Stripe (subscriber id in its metadata, an idempotency key
     /// derived from subscriber, mode and the details sent, so a repeat or a concurrent

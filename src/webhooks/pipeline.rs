@@ -206,7 +206,7 @@ impl Webhooks {
             .ok()
             .and_then(|e| self.refetch_target(mirror, e));
         let this = self.clone();
-        let (t, lease) = (mirror.now(), lease_secs(mirror));
+        let (t, lease, live) = (mirror.now(), lease_secs(mirror), mirror.live_mode());
         let (headers, remote) = (request.headers, request.remote_addr);
         // Group commit: deliveries arriving together share one transaction, and none is
         // answered before that transaction commits. The delivery is logged once, with its
@@ -229,7 +229,7 @@ impl Webhooks {
                         }
                         // The API call must not sit inside a transaction: claim after it.
                         (Ok(event), Some(target)) => Step::Refetch(event, target),
-                        (Ok(event), None) => this.claim(conn, event, (t, lease))?,
+                        (Ok(event), None) => this.claim(conn, event, (t, lease, live))?,
                     };
                     let (outcome, error) = step.logged();
                     // A verified event's body is stored once, as its event's `data`; kept
@@ -296,7 +296,7 @@ impl Webhooks {
                         let step = match fetched {
                             Ok(fetched) => {
                                 event.refetched = Some(fetched);
-                                this.claim(conn, event, (t, lease))?
+                                this.claim(conn, event, (t, lease, live))?
                             }
                             // Stripe could not be asked: 5xx so it redelivers.
                             Err(failure) => Step::Answer(Err(failure)),
@@ -417,10 +417,10 @@ impl Webhooks {
         &self,
         conn: &mut crate::db::Conn<'_>,
         event: Event,
-        (t, lease): (i64, i64),
+        (t, lease, live): (i64, i64, bool),
     ) -> Result<Step> {
         let keys = self.handler_keys(&event.event_type);
-        let access = self.has_access_hook();
+        let access = self.has_access_hook().then_some(live);
         Ok(
             match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
@@ -660,8 +660,14 @@ pub(crate) fn claim_and_sync(
     t: i64,
     lease: i64,
     keys: &[String],
-    access: bool,
+    access: Option<bool>,
 ) -> Result<Progress> {
+    // `access`: the mirror's mode when an access hook listens. Only subscribers of that
+    // mode are told: the gate reads that mode alone, and an app of the other mode on the
+    // same database tells its own.
+    let (hook, told) = (access.is_some(), |t: &&crate::access::changes::Touched| {
+        access == Some(t.1)
+    });
     // Measured from before the claim, so the handlers' deadline never outlives it.
     let lease_ends =
         tokio::time::Instant::now() + std::time::Duration::from_secs(lease.max(1) as u64);
@@ -669,7 +675,7 @@ pub(crate) fn claim_and_sync(
     // the transaction needs no savepoint to undo a half-written sync.
     let plan = builtin::plan(event);
     // Nothing of this registry listens: a new event can be stored processed at once.
-    let settle = !force && keys.is_empty() && !access && plan.is_ok();
+    let settle = !force && keys.is_empty() && !hook && plan.is_ok();
     let attempt = conn.atomic(|c| {
         let (token, synced, mut handlers, settled) =
             match event::insert_and_claim(c, event, force, settle, t, lease)? {
@@ -738,7 +744,7 @@ pub(crate) fn claim_and_sync(
             synced_now = true;
             // Each subscriber whose access may have changed is told like a handler
             // runs. Without a hook they are only marked, for `deliver_access_changes`.
-            for touched in touched.iter().filter(|_| access) {
+            for touched in touched.iter().filter(told) {
                 let pending = || event::HANDLER_PENDING.to_owned();
                 handlers
                     .entry(crate::access::changes::log_key(touched))
@@ -754,7 +760,7 @@ pub(crate) fn claim_and_sync(
         }
         // With an access hook, a follow-up fetch may change access: keep the claim open;
         // a tracked re-fetch keeps it open until the fetched object is written.
-        let mut due = (access && follow_up.is_some()) || refetch_due;
+        let mut due = (hook && follow_up.is_some()) || refetch_due;
         for key in handlers
             .keys()
             .filter(|k| crate::access::changes::from_log_key(k).is_some())
@@ -782,7 +788,7 @@ pub(crate) fn claim_and_sync(
             due,
             follow_up,
             lease_ends,
-            access,
+            access: hook,
         })))
     });
     attempt?
@@ -832,7 +838,7 @@ pub(crate) async fn follow_up(
         // The subscribers whose access the fetch changed are told with the event's.
         Ok(Ok((_, touched))) => {
             if work.access {
-                for touched in touched {
+                for touched in touched.into_iter().filter(|t| t.1 == mirror.live_mode()) {
                     let key = crate::access::changes::log_key(&touched);
                     work.handlers
                         .entry(key)

@@ -201,7 +201,9 @@ impl Webhooks {
     /// whatever order the events came in: a subscription that arrived before its
     /// customer, or before Checkout linked the customer to your user, is told when
     /// the link is made. A change that does not touch access (an email update) calls
-    /// nothing.
+    /// nothing, and neither does a change of the other mode (a test-mode event reaching
+    /// a live mirror): the gate reads the mirror's mode alone, and an app of the other
+    /// mode on the same database tells its own.
     ///
     /// Delivered at least once, and recorded like handlers: an event that changed a
     /// subscriber's access keeps an entry for it (`access:test:user-42`) in its handler
@@ -237,7 +239,7 @@ impl Webhooks {
         self
     }
 
-    /// Tells the access hook every change not told yet: those made outside webhook
+    /// Tells the access hook every change of the mirror's mode not told yet: those made outside webhook
     /// deliveries (`sync_all`, `Subscription::sync`, a Checkout success page, the CLI,
     /// a product's roles), and those whose telling failed. Call it after such syncs,
     /// at start-up, or on a timer; it is cheap when nothing is due. Each subscriber is
@@ -251,11 +253,12 @@ impl Webhooks {
         let mut report = AccessReport::default();
         // In subscriber order, each once per call (one that failed stays dirty).
         let mut after: Option<changes::Touched> = None;
+        let live = mirror.live_mode();
         loop {
             let from = after.clone();
             let batch = mirror
                 .db()
-                .run(move |conn| changes::dirty(conn, from.as_ref(), 1000))
+                .run(move |conn| changes::dirty(conn, live, from.as_ref(), 1000))
                 .await?;
             let Some(last) = batch.last().cloned() else {
                 return Ok(report);

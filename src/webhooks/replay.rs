@@ -157,7 +157,7 @@ impl Webhooks {
         report: &mut ProcessReport,
     ) -> Result<()> {
         let lease = lease_secs(mirror);
-        let access = self.has_access_hook();
+        let access = self.has_access_hook().then_some(mirror.live_mode());
         for event in events {
             let (e, keys, t) = (
                 event.clone(),
