@@ -252,9 +252,6 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<St
             conn.write(|c| crate::webhooks::link_session(c, &linked, livemode, &source))
         })
         .await?;
-    if livemode == mirror.live_mode() {
-        persist_link(mirror, &session).await;
-    }
     let subscription = match session.get("subscription") {
         Some(Value::String(id)) => Some(id.clone()),
         Some(other) => other.get("id").and_then(Value::as_str).map(str::to_owned),
@@ -317,64 +314,6 @@ pub async fn billing_portal(
     };
     session_of(&session, &customer.id, "billing portal session")
         .map(|(id, url)| PortalSession { id, url })
-}
-
-/// Writes the link Checkout made (the session's customer to its subscriber) into the
-/// customer's metadata in Stripe, where `sync_all` reads it: a Payment Link or pricing
-/// table buyer's customer carries none, so the link would live only in the mirror and
-/// a new database would lose it. The customer is fetched first, and written only when
-/// Stripe's copy names no subscriber. Best effort: a failure is logged, and the
-/// mirror's link stands.
-pub(crate) async fn persist_link(mirror: &Mirror, session: &Value) {
-    let customer = match session.get("customer") {
-        Some(Value::String(id)) => id.clone(),
-        Some(other) => match other.get("id").and_then(Value::as_str) {
-            Some(id) => id.to_owned(),
-            None => return,
-        },
-        None => return,
-    };
-    if let Err(err) = write_link(mirror, &customer).await {
-        tracing::warn!(%customer, error = %err, "could not write the subscriber link to the customer's metadata in Stripe; the mirror keeps it");
-    }
-}
-
-async fn write_link(mirror: &Mirror, customer: &str) -> Result<()> {
-    let customers = &crate::models::customer::CUSTOMERS;
-    crate::sync::remote::refetch(mirror, customers, customer).await?;
-    let Some(row) = Customer::get(mirror, customer).await? else {
-        return Ok(());
-    };
-    let named = row
-        .data()
-        .pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}"))
-        .is_some();
-    let Some(subscriber) = row.subscriber_id.clone().filter(|_| !row.deleted && !named) else {
-        return Ok(());
-    };
-    let update = stripe_core::customer::UpdateCustomer::new(customer).metadata(
-        std::collections::HashMap::from([(SUBSCRIBER_METADATA_KEY.to_owned(), subscriber.clone())]),
-    );
-    let key = crate::sync::remote::creation_key(
-        "customer-link",
-        mirror.live_mode(),
-        &format!("{customer}/{subscriber}"),
-    );
-    let object = format!("customer {customer}");
-    // The row before the update: its answer is newer, even within the same second.
-    let id = customer.to_owned();
-    let seen = mirror
-        .db()
-        .read(move |conn| customers.seen(conn, &id))
-        .await?;
-    let answer = mirror
-        .stripe()
-        .await?
-        .request(&update, Some(key), Some(&object))
-        .await?;
-    let stamp = crate::sync::Stamp::fetched_over(answer.at, seen);
-    crate::sync::sync_stamped::<Customer>(mirror, answer.value, stamp).await?;
-    Ok(())
 }
 
 /// Whether `err` is Stripe refusing a session because the customer it names does not

@@ -1025,110 +1025,6 @@ async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
     }
 }
 
-/// A Payment Link buyer's customer carries no subscriber metadata: the link
-/// `checkout.session.completed` makes would live only in the mirror, and a backfill
-/// into a new database would lose it. It is written to the customer in Stripe, where
-/// `sync_all` reads it; a customer whose metadata already names one is left alone.
-#[tokio::test]
-async fn a_checkout_link_is_written_to_the_customer_in_stripe() {
-    for b in backends() {
-        let bare = json!({"id": "cus_pl", "object": "customer", "livemode": false, "created": 5, "metadata": {}});
-        let named = json!({"id": "cus_pl", "object": "customer", "livemode": false, "created": 5,
-            "metadata": {"stripe_mirror_subscriber": "pl-user"}});
-        let sub = json!({"id": "sub_pl", "object": "subscription", "customer": "cus_pl", "status": "active",
-            "created": 6, "livemode": false, "items": {"object": "list", "has_more": false, "data": [
-                {"id": "si_pl", "object": "subscription_item", "price": {"id": "price_pl", "product": "prod_pl"},
-                 "quantity": 1, "current_period_start": 6, "current_period_end": FAR}]}});
-        let (base, seen) = recording_stub(vec![
-            ("GET", "/v1/customers/cus_pl", bare),
-            ("POST", "/v1/customers/cus_pl", named),
-            ("GET", "/v1/subscriptions/sub_pl", sub),
-            (
-                "GET",
-                "/v1/customers/cus_kept",
-                json!({"id": "cus_kept", "object": "customer", "livemode": false,
-                "metadata": {"stripe_mirror_subscriber": "kept-user"}}),
-            ),
-            (
-                "GET",
-                "/v1/subscriptions/sub_kept",
-                json!({"id": "sub_kept", "object": "subscription",
-                "customer": "cus_kept", "status": "active", "created": 6, "livemode": false,
-                "items": {"object": "list", "has_more": false, "data": []}}),
-            ),
-        ])
-        .await;
-        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
-        let session = |id: &str, customer: &str, user: &str| {
-            json!({"id": format!("evt_{id}"), "object": "event",
-            "type": "checkout.session.completed", "created": chrono::Utc::now().timestamp(), "livemode": false,
-            "data": {"object": {"id": id, "object": "checkout.session", "customer": customer, "mode": "subscription",
-                "status": "complete", "client_reference_id": user, "livemode": false,
-                "subscription": format!("sub_{}", &customer[4..])}}})
-        };
-        let r = Webhooks::new()
-            .receive(&m, signed(&session("cs_pl", "cus_pl", "pl-user")))
-            .await;
-        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
-        let posts: Vec<Seen> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.method == "POST")
-            .cloned()
-            .collect();
-        assert_eq!(posts.len(), 1, "{}", b.name);
-        assert_eq!(posts[0].path, "/v1/customers/cus_pl", "{}", b.name);
-        assert_eq!(
-            posts[0].form,
-            form(&[("metadata[stripe_mirror_subscriber]", "pl-user")]),
-            "{}",
-            b.name
-        );
-        let linked = Customer::by_subscriber(&m, "pl-user")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            linked.data()["metadata"]["stripe_mirror_subscriber"],
-            "pl-user",
-            "{}",
-            b.name
-        );
-        assert!(
-            require_subscription("pl-user")
-                .check(&m)
-                .await
-                .unwrap()
-                .is_ok(),
-            "{}",
-            b.name
-        );
-
-        // A customer whose metadata in Stripe already names a subscriber: not written.
-        seen.lock().unwrap().clear();
-        let r = Webhooks::new()
-            .receive(&m, signed(&session("cs_kept", "cus_kept", "kept-user")))
-            .await;
-        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
-        let asked: Vec<String> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| format!("{} {}", s.method, s.path))
-            .collect();
-        assert_eq!(
-            asked,
-            [
-                "GET /v1/customers/cus_kept",
-                "GET /v1/subscriptions/sub_kept"
-            ],
-            "{}",
-            b.name
-        );
-    }
-}
-
 #[tokio::test]
 async fn checkout_and_portal_send_exactly_stripes_parameters() {
     for b in backends() {
@@ -1501,13 +1397,7 @@ async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_
         let sub = json!({"id": "sub_ck", "object": "subscription", "customer": "cus_ck", "status": "active",
                          "items": {"data": [{"id": "si_ck", "object": "subscription_item",
                             "price": {"id": "price_pro", "product": "prod_pro"}, "current_period_end": FAR}]}});
-        let customer =
-            json!({"id": "cus_ck", "object": "customer", "livemode": false, "metadata": {}});
-        let (base, hits) = common::stripe_stub(vec![
-            ("/v1/subscriptions/sub_ck", 200, sub),
-            ("/v1/customers/cus_ck", 200, customer),
-        ])
-        .await;
+        let (base, hits) = common::stripe_stub(vec![("/v1/subscriptions/sub_ck", 200, sub)]).await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
         let gate = require_subscription("ck-user").to_products(&["prod_pro"]);
         assert_eq!(
@@ -1535,9 +1425,7 @@ async fn a_completed_checkout_links_the_subscriber_and_mirrors_the_subscription_
             "{}",
             b.name
         );
-        // The customer fetched and its link written (the stub's answer is the same
-        // object), then the subscription fetched.
-        assert_eq!(*hits.lock().unwrap(), 3, "{}", b.name);
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
         // The host was told, with the subscription the follow-up fetched, in the same answer.
         let told = told.lock().unwrap().clone();
         assert_eq!(told.len(), 1, "{}: {told:?}", b.name);
@@ -1621,11 +1509,6 @@ async fn the_success_page_confirms_a_checkout_without_waiting_for_webhooks() {
         let (base, _) = common::stripe_stub(vec![
             ("/v1/checkout/sessions/cs_ok", 200, session),
             ("/v1/subscriptions/sub_s", 200, sub),
-            (
-                "/v1/customers/cus_s",
-                200,
-                json!({"id": "cus_s", "object": "customer", "livemode": false, "metadata": {}}),
-            ),
         ])
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();

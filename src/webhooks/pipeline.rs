@@ -833,10 +833,6 @@ pub(crate) async fn follow_up(
         settle(work, event::HANDLER_OK.to_owned());
         return Ok(());
     }
-    // A completed Checkout's link, made in the mirror, is written to Stripe's customer.
-    if !tracked && event.event_type == "checkout.session.completed" {
-        crate::checkout::persist_link(mirror, event.object()).await;
-    }
     let fetch = crate::sync::remote::refetch_touching(mirror, table, id);
     let (failed, transient) = match tokio::time::timeout(FOLLOW_UP_TIMEOUT, fetch).await {
         // The subscribers whose access the fetch changed are told with the event's.
