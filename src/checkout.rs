@@ -148,24 +148,30 @@ impl Checkout {
         Ok(request)
     }
 
-    /// Creates the session for `subscriber` (their customer made first when needed).
-    /// A mirrored customer Stripe no longer has (deleted while its webhook was missed)
-    /// is found out here: it becomes a tombstone, and the session is made for a new
-    /// customer, so that user can still buy.
+    /// Creates the session for `subscriber`: for the customer the Billing Portal opens
+    /// (the one holding their newest subscription, should they have two), made first
+    /// when they have none. A mirrored customer Stripe no longer has (deleted while its
+    /// webhook was missed) is found out here: it becomes a tombstone, and the session is
+    /// made for their next customer or a new one, so that user can still buy.
     pub async fn create(
         &self,
         mirror: &Mirror,
         subscriber: &impl Subscriber,
     ) -> Result<CheckoutSession> {
-        let customer = Customer::get_or_create(mirror, subscriber).await?;
-        match self
-            .open(mirror, customer, &subscriber.subscriber_id())
-            .await
-        {
-            Err(err) if stale_customer(mirror, &err).await => {
-                let customer = Customer::get_or_create(mirror, subscriber).await?;
-                self.open(mirror, customer, &subscriber.subscriber_id())
-                    .await
+        let id = subscriber.subscriber_id();
+        // The customer that pays, should the subscriber have two (as the Portal opens).
+        let customer = match Customer::billing_customer(mirror, &id).await? {
+            Some(customer) => customer,
+            None => Customer::get_or_create(mirror, subscriber).await?,
+        };
+        let sent = customer.id.clone();
+        match self.open(mirror, customer, &id).await {
+            Err(err) if stale_customer(mirror, &err, &sent).await => {
+                let customer = match Customer::billing_customer(mirror, &id).await? {
+                    Some(customer) => customer,
+                    None => Customer::get_or_create(mirror, subscriber).await?,
+                };
+                self.open(mirror, customer, &id).await
             }
             done => done,
         }
@@ -276,8 +282,9 @@ pub struct PortalSession {
 /// Opens the Billing Portal for `subscriber_id`'s customer; the portal sends the
 /// customer back to `return_url`. Of a subscriber's customers, the one holding their
 /// newest subscription that grants access is opened (else their newest subscription's).
-/// A subscriber without a customer, or whose customer Stripe no longer has (it becomes
-/// a tombstone), is [`Error::NotFound`] (nothing to manage: send them to pricing).
+/// A customer Stripe no longer has becomes a tombstone and the subscriber's next one
+/// is opened; a subscriber without one is [`Error::NotFound`] (nothing to manage:
+/// send them to pricing).
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
@@ -297,45 +304,60 @@ pub async fn billing_portal(
     let customer = Customer::billing_customer(mirror, subscriber_id)
         .await?
         .ok_or_else(none)?;
+    match open_portal(mirror, &customer.id, subscriber_id, return_url).await {
+        // Stripe no longer has it (a tombstone now): the subscriber's other customer, if any.
+        Err(err) if stale_customer(mirror, &err, &customer.id).await => {
+            let customer = Customer::billing_customer(mirror, subscriber_id)
+                .await?
+                .ok_or_else(none)?;
+            open_portal(mirror, &customer.id, subscriber_id, return_url).await
+        }
+        done => done,
+    }
+}
+
+/// Creates the Billing Portal session for this customer.
+async fn open_portal(
+    mirror: &Mirror,
+    customer: &str,
+    subscriber_id: &str,
+    return_url: &str,
+) -> Result<PortalSession> {
     let request = stripe_billing::billing_portal_session::CreateBillingPortalSession::new()
-        .customer(customer.id.as_str())
+        .customer(customer)
         .return_url(return_url);
     let object = format!("billing portal session for subscriber {subscriber_id}");
-    let session = match mirror
+    let session = mirror
         .stripe()
         .await?
         .request(&request, None, Some(&object))
-        .await
-    {
-        Ok(answer) => answer.value,
-        // Stripe no longer has it: a tombstone now, and nothing to manage.
-        Err(err) if stale_customer(mirror, &err).await => return Err(none()),
-        Err(err) => return Err(err),
-    };
-    session_of(&session, &customer.id, "billing portal session")
+        .await?
+        .value;
+    session_of(&session, customer, "billing portal session")
         .map(|(id, url)| PortalSession { id, url })
 }
 
-/// Whether `err` is Stripe refusing a session because the customer it names does not
-/// exist (`resource_missing` naming a `cus_` id) and a fetch of that customer confirms
-/// it is gone: the mirror then holds it as a tombstone.
-async fn stale_customer(mirror: &Mirror, err: &Error) -> bool {
+/// Whether `err` is Stripe refusing a session because `customer`, the one it was sent,
+/// does not exist (`resource_missing` naming it), and a fetch of that customer
+/// confirms it is gone: the mirror then holds it as a tombstone.
+async fn stale_customer(mirror: &Mirror, err: &Error, customer: &str) -> bool {
     let Error::Stripe(e) = err else { return false };
-    if e.code.as_deref() != Some("resource_missing") {
-        return false;
-    }
-    let Some(id) = e
+    let named = e
         .message
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .find(|word| word.starts_with("cus_"))
-    else {
+        .any(|word| word == customer);
+    if e.code.as_deref() != Some("resource_missing") || !named {
         return false;
-    };
+    }
     let customers = &crate::models::customer::CUSTOMERS;
-    matches!(
-        crate::sync::remote::refetch(mirror, customers, id).await,
+    let gone = matches!(
+        crate::sync::remote::refetch(mirror, customers, customer).await,
         Ok(crate::sync::remote::Refetch::Gone)
-    )
+    );
+    if gone {
+        tracing::warn!(%customer, "Stripe no longer has this customer: kept as a tombstone");
+    }
+    gone
 }
 
 /// The id and URL of a created session; an answer without them is a clear error.

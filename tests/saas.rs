@@ -919,6 +919,12 @@ async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
                 "/v1/checkout/sessions?customer=cus_old",
                 missing("cus_old"),
             ),
+            // A customer Stripe still has (the key cannot use it, say): not stale.
+            (
+                "POST",
+                "/v1/checkout/sessions?customer=cus_here",
+                missing("cus_here"),
+            ),
             (
                 "POST",
                 "/v1/checkout/sessions",
@@ -938,11 +944,21 @@ async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
             ),
             (
                 "POST",
+                "/v1/billing_portal/sessions?customer=cus_dead",
+                missing("cus_dead"),
+            ),
+            (
+                "POST",
                 "/v1/billing_portal/sessions",
                 json!({"id": "bps_2", "object": "billing_portal.session",
                 "url": "https://billing.stripe.com/p/session/bps_2"}),
             ),
-            // GET /v1/customers/cus_old and cus_left: Stripe's 404 (unmatched).
+            (
+                "GET",
+                "/v1/customers/cus_here",
+                json!({"id": "cus_here", "object": "customer", "metadata": {}}),
+            ),
+            // GET /v1/customers/cus_old, cus_left, cus_dead: Stripe's 404 (unmatched).
         ])
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
@@ -1022,6 +1038,71 @@ async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
             .unwrap();
         let sent = seen.lock().unwrap()[0].form.get("customer").cloned();
         assert_eq!(sent.as_deref(), Some("cus_pays"), "{}", b.name);
+
+        // The portal's customer is gone but another one is left: that one is opened.
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": "cus_dead", "object": "customer", "created": 30,
+            "metadata": {"stripe_mirror_subscriber": "two"}}),
+        )
+        .await
+        .unwrap();
+        stripe_mirror::Subscription::mark_deleted(&m, "sub_pays")
+            .await
+            .unwrap();
+        seen.lock().unwrap().clear();
+        let missing_dead = billing_portal(&m, "two", "https://app.example/account").await;
+        let asked: Vec<(String, Option<String>)> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| (s.path.clone(), s.form.get("customer").cloned()))
+            .collect();
+        assert!(
+            missing_dead.is_ok(),
+            "{}: {missing_dead:?} {asked:?}",
+            b.name
+        );
+        assert_eq!(
+            asked.first().map(|a| a.0.as_str()),
+            Some("/v1/billing_portal/sessions")
+        );
+        assert_eq!(
+            asked.last().and_then(|a| a.1.as_deref()),
+            Some("cus_empty"),
+            "{}: {asked:?}",
+            b.name
+        );
+
+        // A `resource_missing` about something else, or about a customer Stripe still
+        // has: the error as Stripe gave it, no tombstone, no second try.
+        customer(&m, "cus_here", "here").await;
+        seen.lock().unwrap().clear();
+        let err = Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/account")
+            .create(&m, &User("here"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("No such customer: 'cus_here'"),
+            "{}: {err}",
+            b.name
+        );
+        assert!(
+            !Customer::get(&m, "cus_here")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "{}: the session, the customer's fetch",
+            b.name
+        );
     }
 }
 

@@ -202,8 +202,9 @@ impl Webhooks {
     /// customer, or before Checkout linked the customer to your user, is told when
     /// the link is made. A change that does not touch access (an email update) calls
     /// nothing, and neither does a change of the other mode (a test-mode event reaching
-    /// a live mirror): the gate reads the mirror's mode alone, and an app of the other
-    /// mode on the same database tells its own.
+    /// a live mirror): the gate reads the mirror's mode alone. Such a change stays
+    /// marked for an app of that mode on the same database, whose
+    /// [`deliver_access_changes`](Self::deliver_access_changes) tells it.
     ///
     /// Delivered at least once, and recorded like handlers: an event that changed a
     /// subscriber's access keeps an entry for it (`access:test:user-42`) in its handler
