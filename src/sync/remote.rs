@@ -487,7 +487,7 @@ pub async fn sync_all(
             // completed before the page is written; one that cannot be is written as
             // listed, flagged for `reconcile`, and reported.
             let mut incomplete = Vec::new();
-            for item in &mut items {
+            for item in items.iter_mut().filter(|item| table.is_partial(item)) {
                 let completed = complete(&client, table, item).await;
                 if let Err(err) = completed.map_err(crate::stripe::changed_while_read) {
                     if options.fail_fast {
