@@ -579,11 +579,11 @@ impl MirrorTable {
     /// The row id of a Stripe object of this table (its `id`, or the field named by
     /// `id_from`), when it has one.
     pub(crate) fn id_in(&self, object: &Value) -> Option<String> {
-        let keyed = match self.id_from {
-            Some(field) if object.get("id").is_none() => with_id_from(object, field),
-            _ => object.clone(),
+        let id = match self.id_from {
+            Some(field) if object.get("id").is_none() => id_field(object, field)?,
+            _ => object.get("id")?,
         };
-        Some(keyed.get("id")?.as_str()?.to_owned())
+        Some(id.as_str()?.to_owned())
     }
 
     /// The row's version, read before fetching it ([`Stamp::fetched_over`]).
@@ -664,14 +664,19 @@ fn child_rows(children: &Children, parent: &Row, fields: &Fields<'_>) -> Result<
 /// `value` with `id` copied from `field` (a string, or an expanded object's id).
 fn with_id_from(value: &Value, field: &str) -> Value {
     let mut keyed = value.clone();
-    let id = match value.get(field) {
-        Some(Value::Object(o)) => o.get("id").cloned(),
-        other => other.cloned(),
-    };
+    let id = id_field(value, field).cloned();
     if let (Some(map), Some(id)) = (keyed.as_object_mut(), id) {
         map.insert("id".to_owned(), id);
     }
     keyed
+}
+
+/// The id held by `field`: the field itself, or its `id` when it is expanded.
+fn id_field<'a>(value: &'a Value, field: &str) -> Option<&'a Value> {
+    match value.get(field)? {
+        Value::Object(o) => o.get("id"),
+        other => Some(other),
+    }
 }
 
 /// Orders two versions of an object stamped in the same second, each given as its

@@ -663,8 +663,8 @@ pub(crate) fn claim_and_sync(
     access: Option<bool>,
 ) -> Result<Progress> {
     // `access`: the mirror's mode when an access hook listens. Only subscribers of that
-    // mode are told: the gate reads that mode alone, and an app of the other mode on the
-    // same database tells its own.
+    // mode are told (the gate reads that mode alone); the others stay marked for an app
+    // of their mode on the same database.
     let (hook, told) = (access.is_some(), |t: &&crate::access::changes::Touched| {
         access == Some(t.1)
     });

@@ -240,9 +240,9 @@ impl Webhooks {
         self
     }
 
-    /// Tells the access hook every change of the mirror's mode not told yet: those made outside webhook
-    /// deliveries (`sync_all`, `Subscription::sync`, a Checkout success page, the CLI,
-    /// a product's roles), and those whose telling failed. Call it after such syncs,
+    /// Tells the access hook every change of the mirror's mode not told yet: those made
+    /// outside webhook deliveries (`sync_all`, `Subscription::sync`, a Checkout success
+    /// page, the CLI, a product's roles), and those whose telling failed. Call it after such syncs,
     /// at start-up, or on a timer; it is cheap when nothing is due. Each subscriber is
     /// told under its own claim, so several app instances may run it at once.
     pub async fn deliver_access_changes(&self, mirror: &Mirror) -> crate::Result<AccessReport> {
