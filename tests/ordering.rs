@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use stripe_mirror::webhooks::Outcome;
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::{
-    Clock, Config, Customer, Event, Mirror, Product, Secret, Subscription, WebhookRequest, Webhooks,
+    Clock, Config, Customer, Event, Mirror, Price, Product, Secret, Subscription, WebhookRequest,
+    Webhooks,
 };
 
 const SECRET: &str = "whsec_test_ordering";
@@ -1486,4 +1487,49 @@ async fn a_form_too_deep_for_stripe_is_an_error_not_a_panic() {
         .unwrap_err();
     assert!(err.to_string().contains("form encoding"), "{err}");
     assert_eq!(*hits.lock().unwrap(), 0);
+}
+
+/// Stripe sends a legacy `plan.*` event beside each `price.*` one of a recurring price.
+/// A plan holds part of the price (no `lookup_key`, the amount under another name): it
+/// must not clear what only the price carries, so it is fetched whole as a price.
+#[tokio::test]
+async fn a_plan_event_is_fetched_as_its_price_and_keeps_the_lookup_key() {
+    for b in backends() {
+        let t = now();
+        let price = |amount: i64| {
+            json!({"id": "price_plan", "object": "price", "product": "prod_plan", "active": true,
+                   "currency": "usd", "unit_amount": amount, "lookup_key": "pro_monthly", "created": t - 100,
+                   "recurring": {"interval": "month", "interval_count": 1}})
+        };
+        let plan = json!({"id": "price_plan", "object": "plan", "product": "prod_plan", "active": true,
+                          "currency": "usd", "amount": 1500, "interval": "month", "interval_count": 1,
+                          "created": t - 100});
+        let (base, hits) = stripe_stub(vec![("/v1/prices/price_plan", 200, price(1500))]).await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+        deliver(
+            &webhooks,
+            &m,
+            &event("evt_price", "price.created", t - 100, price(1000), None),
+        )
+        .await;
+        deliver(
+            &webhooks,
+            &m,
+            &event("evt_plan", "plan.updated", t, plan, None),
+        )
+        .await;
+        let p = Price::by_lookup_key(&m, "pro_monthly")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: the lookup key was cleared", b.name));
+        assert_eq!(p.unit_amount, Some(1500), "{}", b.name);
+        assert_eq!(p.data()["object"], "price", "{}", b.name);
+        assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
+        assert!(
+            !flagged(m.config(), "stripe_prices", "price_plan"),
+            "{}",
+            b.name
+        );
+    }
 }

@@ -81,7 +81,9 @@ mirror_table!(PRICES {
     final_tombstones: true,
     access: crate::access::changes::AccessLink::None,
     children: None,
-    partial: None,
+    // A legacy plan (the `plan.*` events Stripe sends beside a recurring price's) holds
+    // only part of the price: no `lookup_key`, no tiers. Written, then fetched whole as a price.
+    partial: Some(|price| price.get("object").and_then(serde_json::Value::as_str) == Some("plan")),
 });
 
 impl Model for Price {

@@ -54,7 +54,7 @@ pub(crate) struct MirrorTable {
     /// Nested objects mirrored with the parent (a subscription's items).
     pub children: Option<&'static Children>,
     /// Whether a payload holds only part of the object (an entitlement summary's event
-    /// lists 10 entitlements, then `has_more`): it is written and flagged `reconcile`;
+    /// lists 10 entitlements, then `has_more`; a legacy plan is part of its price): it is written and flagged `reconcile`;
     /// a webhook's follow-up re-fetches it whole like a same-second tie, and every
     /// fetch completes it first (`sync::remote::fetch_whole`).
     pub partial: Option<fn(&Value) -> bool>,
