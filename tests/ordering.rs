@@ -1533,3 +1533,46 @@ async fn a_plan_event_is_fetched_as_its_price_and_keeps_the_lookup_key() {
         );
     }
 }
+
+/// A fetch that Stripe answers slowly (a list page of expanded objects can take
+/// seconds) read the object when it was asked for, not when the answer came: an update
+/// made while it was on its way is newer, and the late answer must not undo it.
+#[tokio::test]
+async fn a_slow_fetch_does_not_undo_an_update_made_while_it_was_answered() {
+    use axum::{Router, routing::get};
+    for b in backends() {
+        let read = json!({"id": "cus_slow", "object": "customer", "email": "old@example.com", "created": now() - 1000});
+        let app = Router::new().route(
+            "/v1/customers/cus_slow",
+            get(move || {
+                let read = read.clone();
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+                    axum::Json(read)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let webhooks = Webhooks::new();
+
+        let fetch = {
+            let m = m.clone();
+            tokio::spawn(async move { Customer::sync(&m, "cus_slow").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let update = event(
+            "evt_while_read",
+            "customer.updated",
+            now(),
+            json!({"id": "cus_slow", "object": "customer", "email": "new@example.com"}),
+            Some(json!({"email": "old@example.com"})),
+        );
+        deliver(&webhooks, &m, &update).await;
+        fetch.await.unwrap().unwrap();
+        let c = Customer::get(&m, "cus_slow").await.unwrap().unwrap();
+        assert_eq!(c.email.as_deref(), Some("new@example.com"), "{}", b.name);
+    }
+}

@@ -61,6 +61,8 @@ pub(crate) struct Answer {
 /// One attempt's raw outcome.
 struct Reply {
     status: u16,
+    /// Stripe's `Date`, less the whole seconds the answer took: no later than the
+    /// second after Stripe read what it answers.
     date: Option<i64>,
     should_retry: Option<bool>,
     /// `Retry-After` (seconds or an HTTP date), how long the server asks us to wait.
@@ -295,11 +297,13 @@ impl StripeClient {
         // not an answer too large).
         let request = self.build(req, idempotency_key).map_err(|e| (e, false))?;
         let exchange = async {
+            let sent = std::time::Instant::now();
             let response = self
                 .http
                 .request(request)
                 .await
                 .map_err(|e| (e.to_string(), true))?;
+            let waited = sent.elapsed();
             let headers = response.headers();
             let text = |name: &str| {
                 headers
@@ -313,6 +317,12 @@ impl StripeClient {
             );
             let should_retry = text("stripe-should-retry").and_then(|v| v.parse().ok());
             let retry_after = text("retry-after").and_then(|v| retry_after(&v, date));
+            // `Date` is when Stripe answered; it read the object up to `waited` before.
+            // A slow answer (a list page of expanded objects can take seconds) is stamped
+            // back by its whole seconds, so an event of the seconds between the read and
+            // the answer is not taken for older than what was read (a sub-second gap is
+            // a same-second tie, which the guard settles by content).
+            let date = date.map(|d| d - i64::try_from(waited.as_secs()).unwrap_or(i64::MAX / 2));
             let request_id = text("request-id");
             let replayed = text("idempotent-replayed").as_deref() == Some("true");
             // Bounded: a proxy or a fake answering gigabytes must not fill memory.
