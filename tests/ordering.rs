@@ -1576,3 +1576,78 @@ async fn a_slow_fetch_does_not_undo_an_update_made_while_it_was_answered() {
         assert_eq!(c.email.as_deref(), Some("new@example.com"), "{}", b.name);
     }
 }
+
+/// A Payment Link buyer is linked to the app's user only by `checkout.session.completed`
+/// (its `client_reference_id`): when that webhook was missed, `reconcile` finds the
+/// session in Stripe's event list and links it by the same rule, for the platform's
+/// sessions of the mirror's mode only.
+#[tokio::test]
+async fn reconcile_links_the_buyer_of_a_missed_checkout() {
+    for b in backends() {
+        let t = now();
+        let session = |id: &str, customer: &str, user: &str| {
+            json!({"id": id, "object": "checkout.session", "status": "complete", "mode": "subscription",
+                   "customer": customer, "client_reference_id": user, "subscription": format!("sub_{customer}")})
+        };
+        let completed = |id: &str, s: Value| event(id, "checkout.session.completed", t, s, None);
+        let mut connected = completed("evt_rl_acct", session("cs_acct", "cus_acct", "acct-user"));
+        connected["account"] = json!("acct_1");
+        let mut live = completed("evt_rl_live", session("cs_live", "cus_live", "live-user"));
+        live["livemode"] = json!(true);
+        let events = json!({"object": "list", "has_more": false, "data": [
+            completed("evt_rl", session("cs_rl", "cus_buyer", "buyer-1")), connected, live]});
+        let customer = json!({"id": "cus_buyer", "object": "customer", "email": "buyer@example.com", "created": t - 10});
+        let (base, _) = stripe_stub(vec![
+            ("/v1/events", 200, events),
+            ("/v1/customers/cus_buyer", 200, customer),
+            (
+                "/v1/subscriptions/sub_cus_buyer",
+                200,
+                json!({"id": "sub_cus_buyer", "object": "subscription", "customer": "cus_buyer",
+                       "status": "active", "created": t - 10,
+                       "items": {"object": "list", "data": [{"id": "si_buyer", "object": "subscription_item",
+                           "price": {"id": "price_rl", "object": "price", "product": "prod_rl"},
+                           "current_period_end": 4102444800_i64}]}}),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        assert!(
+            Customer::by_subscriber(&m, "buyer-1")
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let report = stripe_mirror::reconcile(&m, std::time::Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(report.checkout_sessions, 1, "{}: {report:?}", b.name);
+        let c = Customer::by_subscriber(&m, "buyer-1")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: the buyer is not linked", b.name));
+        assert_eq!(
+            (c.id.as_str(), c.email.as_deref()),
+            ("cus_buyer", Some("buyer@example.com")),
+            "{}",
+            b.name
+        );
+        assert!(
+            stripe_mirror::access::require_subscription("buyer-1")
+                .check(&m)
+                .await
+                .unwrap()
+                .is_ok(),
+            "{}",
+            b.name
+        );
+        for user in ["acct-user", "live-user"] {
+            assert!(
+                Customer::by_subscriber(&m, user).await.unwrap().is_none(),
+                "{}: {user}",
+                b.name
+            );
+        }
+    }
+}

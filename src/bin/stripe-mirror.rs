@@ -324,10 +324,11 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Reconcile { since } => {
             let report = stripe_mirror::reconcile(&mirror, since).await?;
             println!(
-                "re-fetched {}, tombstoned {}, failed {}",
+                "re-fetched {}, tombstoned {}, failed {}, checkout sessions linked {}",
                 report.refetched,
                 report.tombstoned,
-                report.failed.len()
+                report.failed.len(),
+                report.checkout_sessions
             );
             for (kind, id, error) in &report.failed {
                 println!("failed {kind} {id}: {error}");

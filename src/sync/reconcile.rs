@@ -10,7 +10,10 @@
 //! 3. objects named by Stripe's own event list (`GET /v1/events`) for the window:
 //!    events Stripe sent that never reached the mirror (an outage, a wrong secret, a
 //!    deleted endpoint). Only the objects are fetched: the events themselves are left
-//!    for Stripe's redelivery, so the host's handlers still run for them.
+//!    for Stripe's redelivery, so the host's handlers still run for them. A completed
+//!    Checkout Session among them also links its customer to its subscriber, by the
+//!    rule its `checkout.session.completed` webhook follows: a Payment Link buyer is
+//!    known to the app only through it.
 //!
 //! Schedule it: hourly with a window a little longer than the interval
 //! (`stripe-mirror reconcile --since 2h` from cron or a systemd timer), after an
@@ -39,6 +42,9 @@ pub struct ReconcileReport {
     pub tombstoned: usize,
     /// Objects that could not be fetched: kind, id, error. Run again later.
     pub failed: Vec<(String, String, String)>,
+    /// Completed Checkout Sessions in Stripe's event list whose customer was linked to
+    /// their subscriber, or already was (the webhook's rule, which is idempotent).
+    pub checkout_sessions: usize,
 }
 
 /// Re-fetches flagged rows, the objects of events whose sync failed, and the objects
@@ -60,9 +66,39 @@ pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileRepo
         .db()
         .run(move |conn| local_suspects(conn, from, live))
         .await?;
-    wanted.extend(missed_events(mirror, from).await?);
+    let (missed, sessions) = missed_events(mirror, from, live).await?;
+    wanted.extend(missed);
 
     let mut report = ReconcileReport::default();
+    // Linked before the fetches, which then find the customer's subscriber (a missed
+    // webhook left a Payment Link buyer's customer without one).
+    for session in sessions {
+        let source = format!(
+            "reconcile: checkout session {}",
+            session
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("<no id>")
+        );
+        let linked = session.clone();
+        mirror
+            .db()
+            .run(move |conn| {
+                conn.write(|c| crate::webhooks::link_session(c, &linked, live, &source))
+            })
+            .await?;
+        for (kind, field) in [("customer", "customer"), ("subscription", "subscription")] {
+            let id = match session.get(field) {
+                Some(Value::String(id)) => Some(id.as_str()),
+                Some(other) => other.get("id").and_then(Value::as_str),
+                None => None,
+            };
+            if let Some(id) = id.filter(|id| !id.is_empty()) {
+                wanted.insert((kind, id.to_owned()));
+            }
+        }
+        report.checkout_sessions += 1;
+    }
     for (kind, id) in wanted {
         let table = crate::models::table_for_kind(kind).expect("a mirrored kind");
         match refetch(mirror, table, &id).await {
@@ -129,10 +165,16 @@ pub(super) struct Id {
     pub(super) id: String,
 }
 
-/// Objects named by the events Stripe lists as created since `from`.
-async fn missed_events(mirror: &Mirror, from: i64) -> Result<BTreeSet<(&'static str, String)>> {
+/// Objects named by the events Stripe lists as created since `from`, and the sessions
+/// of its `checkout.session.completed` events (the platform's, of the mirror's mode).
+async fn missed_events(
+    mirror: &Mirror,
+    from: i64,
+    live: bool,
+) -> Result<(BTreeSet<(&'static str, String)>, Vec<Value>)> {
     let client = mirror.stripe().await?;
     let mut wanted = BTreeSet::new();
+    let mut sessions = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let mut query = json!({ "limit": 100, "created": { "gte": from } });
@@ -145,20 +187,27 @@ async fn missed_events(mirror: &Mirror, from: i64) -> Result<BTreeSet<(&'static 
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        wanted.extend(
-            events
-                .iter()
-                .filter(|e| {
-                    e.get("created")
-                        .and_then(Value::as_i64)
-                        .is_none_or(|c| c >= from)
-                })
-                .filter_map(object_of),
-        );
+        let in_window = events.iter().filter(|e| {
+            e.get("created")
+                .and_then(Value::as_i64)
+                .is_none_or(|c| c >= from)
+        });
+        for event in in_window {
+            wanted.extend(object_of(event));
+            let platform = event.get("account").is_none_or(Value::is_null);
+            let of_mode = event.get("livemode").and_then(Value::as_bool) == Some(live);
+            if event.get("type").and_then(Value::as_str) == Some("checkout.session.completed")
+                && platform
+                && of_mode
+                && let Some(session) = event.pointer("/data/object")
+            {
+                sessions.push(session.clone());
+            }
+        }
         let has_more = page.get("has_more").and_then(Value::as_bool) == Some(true);
         after = crate::stripe::next_after(&events, has_more, after.as_deref(), "event")?;
         if after.is_none() {
-            return Ok(wanted);
+            return Ok((wanted, sessions));
         }
     }
 }
