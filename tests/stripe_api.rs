@@ -815,6 +815,23 @@ async fn prices_sync_and_backfill_against_stripe_stateful_mock() {
             "{}: product not fetched implicitly",
             b.name
         );
+        // An archived price (it still bills the subscriptions made on it), which Stripe
+        // lists only when asked for inactive prices.
+        let archived = call(
+            "POST",
+            &format!("{base}v1/prices"),
+            &[
+                ("product", pid),
+                ("currency", "eur"),
+                ("unit_amount", "999"),
+            ],
+        );
+        let archived = archived["id"].as_str().unwrap();
+        call(
+            "POST",
+            &format!("{base}v1/prices/{archived}"),
+            &[("active", "false")],
+        );
         let report = sync_all(
             &m,
             &SyncOptions::default()
@@ -825,8 +842,15 @@ async fn prices_sync_and_backfill_against_stripe_stateful_mock() {
         .await
         .unwrap();
         assert!(
-            report.counts["price"] >= 1 && report.counts["product"] >= 1,
+            report.counts["price"] >= 2 && report.counts["product"] >= 1,
             "{}: {report:?}",
+            b.name
+        );
+        let archived = stripe_mirror::Price::get(&m, archived).await.unwrap();
+        assert_eq!(
+            archived.map(|p| (p.active, p.unit_amount)),
+            Some((Some(false), Some(999))),
+            "{}: the archived price is mirrored",
             b.name
         );
         assert_eq!(
@@ -1514,4 +1538,51 @@ async fn deliver(m: &Mirror, secret: &str, event: &Value) -> stripe_mirror::Webh
             WebhookRequest::new(body).header("Stripe-Signature", header),
         )
         .await
+}
+
+/// Stripe lists only active prices unless asked for the others; an archived price still
+/// bills the subscriptions made on it, so the backfill asks for both, and counts each once.
+#[tokio::test]
+async fn sync_all_mirrors_archived_prices_too() {
+    let price = |id: &str, active: bool| json!({"id": id, "object": "price", "livemode": false, "product": "prod_1", "active": active});
+    let (base, _) = common::stripe_stub(vec![
+        (
+            "/v1/prices?active=false",
+            200,
+            json!({"object": "list", "has_more": false, "data": [price("price_archived", false)]}),
+        ),
+        // Stripe's default, and the answer to `active=true`.
+        (
+            "/v1/prices",
+            200,
+            json!({"object": "list", "has_more": false, "data": [price("price_on_sale", true)]}),
+        ),
+    ])
+    .await;
+    let (ignoring, _) = common::stripe_stub(vec![(
+        "/v1/prices",
+        200,
+        json!({"object": "list", "has_more": false, "data": [price("price_on_sale", true)]}),
+    )])
+    .await;
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let report = sync_all(&m, &SyncOptions::default().objects(&["price"]), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.counts["price"], 2, "{}: {report:?}", b.name);
+        let archived = stripe_mirror::Price::get(&m, "price_archived")
+            .await
+            .unwrap();
+        assert_eq!(archived.map(|p| p.active), Some(Some(false)), "{}", b.name);
+
+        // A server that ignores `active` lists every price twice: counted once.
+        let m = Mirror::connect(with_api(&b.config, &ignoring))
+            .await
+            .unwrap();
+        let report = sync_all(&m, &SyncOptions::default().objects(&["price"]), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.counts["price"], 1, "{}: {report:?}", b.name);
+    }
 }

@@ -153,11 +153,20 @@ pub(crate) fn retrieve_request(
     })
 }
 
-/// async-stripe's typed list request for a page of `table` (subscriptions of every status).
+/// How many lists make the whole of `table`: prices are listed active, then inactive
+/// (Stripe lists only active prices unless asked for the others, and an archived price
+/// still bills the subscriptions made on it).
+fn passes(table: &MirrorTable) -> usize {
+    if table.kind == "price" { 2 } else { 1 }
+}
+
+/// async-stripe's typed list request for a page of `table` in list `pass` of
+/// [`passes`] (subscriptions of every status).
 fn list_request(
     table: &MirrorTable,
     limit: i64,
     after: Option<&str>,
+    pass: usize,
 ) -> Result<stripe_client_core::RequestBuilder> {
     use stripe_client_core::StripeRequest;
     macro_rules! page {
@@ -172,7 +181,7 @@ fn list_request(
     Ok(match table.kind {
         "customer" => page!(stripe_core::customer::ListCustomer::new()),
         "product" => page!(stripe_product::product::ListProduct::new()),
-        "price" => page!(stripe_product::price::ListPrice::new()),
+        "price" => page!(stripe_product::price::ListPrice::new().active(pass == 0)),
         "subscription" => page!(
             stripe_billing::subscription::ListSubscription::new()
                 .status(stripe_billing::subscription::ListSubscriptionStatus::All)
@@ -433,17 +442,20 @@ pub async fn sync_all(
         let limit = i64::from(options.page_size.clamp(1, 100));
         // The next page is fetched while this one is written: the network and the
         // database work side by side.
-        let fetch = |after: Option<String>| {
+        let fetch = |after: Option<String>, pass: usize| {
             let client = client.clone();
             tokio::spawn(async move {
-                let request = list_request(table, limit, after.as_deref())?;
+                let request = list_request(table, limit, after.as_deref(), pass)?;
                 client
                     .get_built(request, Some(&format!("{} list", table.kind)))
                     .await
             })
         };
-        let mut next = Some(AbortOnDrop(fetch(None)));
-        let mut asked_after: Option<String> = None;
+        let mut next = Some(AbortOnDrop(fetch(None, 0)));
+        let (mut asked_after, mut pass): (Option<String>, usize) = (None, 0);
+        // Ids an earlier list of the pass gave (a server that ignores `active` lists
+        // every price twice): written and counted once.
+        let mut listed_before: BTreeSet<String> = BTreeSet::new();
         let live = mirror.live_mode();
         // The live rows the mirror holds before the list: what it could leave out.
         let held = if options.remove_missing {
@@ -481,7 +493,17 @@ pub async fn sync_all(
                 crate::stripe::next_after(&items, has_more, asked_after.as_deref(), table.kind)?
             {
                 asked_after = Some(after.clone());
-                next = Some(AbortOnDrop(fetch(Some(after))));
+                next = Some(AbortOnDrop(fetch(Some(after), pass)));
+            } else if pass + 1 < passes(table) {
+                (asked_after, pass) = (None, pass + 1);
+                next = Some(AbortOnDrop(fetch(None, pass)));
+            }
+            if passes(table) > 1 {
+                let id = |item: &Value| item.get("id").and_then(Value::as_str).map(str::to_owned);
+                items.retain(|item| match id(item) {
+                    Some(id) => listed_before.insert(id),
+                    None => true,
+                });
             }
             // Objects listed in part (a subscription's items past the first 10) are
             // completed before the page is written; one that cannot be is written as
