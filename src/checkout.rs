@@ -42,7 +42,9 @@ pub struct CheckoutSession {
 pub struct Checkout {
     mode: stripe_shared::CheckoutSessionMode,
     price: String,
-    quantity: u64,
+    /// `None`: one, or none for a metered price (Stripe refuses a quantity there).
+    quantity: Option<u64>,
+    adjustable: Option<(u64, u64)>,
     success_url: Option<String>,
     cancel_url: Option<String>,
     trial_days: Option<u32>,
@@ -55,7 +57,8 @@ impl Checkout {
         Checkout {
             mode: stripe_shared::CheckoutSessionMode::Subscription,
             price: price_id.to_owned(),
-            quantity: 1,
+            quantity: None,
+            adjustable: None,
             success_url: None,
             cancel_url: None,
             trial_days: None,
@@ -67,7 +70,7 @@ impl Checkout {
     pub fn payment(price_id: &str, quantity: u64) -> Self {
         Checkout {
             mode: stripe_shared::CheckoutSessionMode::Payment,
-            quantity,
+            quantity: Some(quantity),
             ..Self::subscription(price_id)
         }
     }
@@ -90,20 +93,37 @@ impl Checkout {
         self
     }
 
+    /// How many of the price: the seats of a per-seat plan (one unless set). A metered
+    /// price takes none: Stripe bills its usage, and refuses a quantity.
+    pub fn quantity(mut self, quantity: u64) -> Self {
+        self.quantity = Some(quantity);
+        self
+    }
+
+    /// Lets the buyer choose the quantity on the payment page, from `min` to `max`
+    /// (seats: the subscription's item then holds what they chose).
+    pub fn adjustable_quantity(mut self, min: u64, max: u64) -> Self {
+        self.adjustable = Some((min, max));
+        self
+    }
+
     /// Lets the buyer enter a promotion code.
     pub fn allow_promotion_codes(mut self, yes: bool) -> Self {
         self.allow_promotion_codes = yes;
         self
     }
 
-    /// The form posted to `/v1/checkout/sessions` for `customer` and `subscriber_id`.
+    /// The form posted to `/v1/checkout/sessions` for `customer` and `subscriber_id`;
+    /// `metered` when the mirror holds the price as metered.
     fn request(
         &self,
         customer: &str,
         subscriber_id: &str,
+        metered: bool,
     ) -> Result<stripe_checkout::checkout_session::CreateCheckoutSession> {
         use stripe_checkout::checkout_session::{
             CreateCheckoutSession, CreateCheckoutSessionLineItems,
+            CreateCheckoutSessionLineItemsAdjustableQuantity,
             CreateCheckoutSessionSubscriptionData,
         };
         let success = self.success_url.as_deref().ok_or_else(|| {
@@ -115,9 +135,34 @@ impl Checkout {
                 subscriber_id.to_owned(),
             )])
         };
+        if metered && (self.quantity.is_some() || self.adjustable.is_some()) {
+            return Err(Error::Config(format!(
+                "{} is a metered price: Stripe bills its usage and takes no quantity; \
+                 remove .quantity(...) and .adjustable_quantity(...)",
+                self.price
+            )));
+        }
+        let adjustable = match self.adjustable {
+            Some((min, max)) if min > max => {
+                return Err(Error::Config(format!(
+                    "adjustable_quantity({min}, {max}): the minimum is above the maximum"
+                )));
+            }
+            Some((min, max)) => Some(CreateCheckoutSessionLineItemsAdjustableQuantity {
+                enabled: true,
+                minimum: Some(i64::try_from(min).unwrap_or(i64::MAX)),
+                maximum: Some(i64::try_from(max).unwrap_or(i64::MAX)),
+            }),
+            None => None,
+        };
         let line = CreateCheckoutSessionLineItems {
             price: Some(self.price.clone()),
-            quantity: Some(self.quantity),
+            quantity: if metered {
+                None
+            } else {
+                Some(self.quantity.unwrap_or(1))
+            },
+            adjustable_quantity: adjustable,
             ..Default::default()
         };
         let mut request = CreateCheckoutSession::new()
@@ -184,7 +229,13 @@ impl Checkout {
         customer: Customer,
         subscriber_id: &str,
     ) -> Result<CheckoutSession> {
-        let request = self.request(&customer.id, subscriber_id)?;
+        // A metered price takes no quantity (Stripe refuses one): known from the mirror.
+        let metered = crate::models::price::Price::get(mirror, &self.price)
+            .await?
+            .is_some_and(|price| {
+                price.data().pointer("/recurring/usage_type") == Some(&json!("metered"))
+            });
+        let request = self.request(&customer.id, subscriber_id, metered)?;
         let object = format!("checkout session for subscriber {subscriber_id}");
         let session = mirror
             .stripe()

@@ -1235,6 +1235,68 @@ async fn checkout_and_portal_send_exactly_stripes_parameters() {
             "{}: {nobody}",
             b.name
         );
+
+        // Seats: a quantity, and a range the buyer may choose from.
+        Checkout::subscription("price_seat")
+            .quantity(5)
+            .adjustable_quantity(1, 50)
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        let last = || seen.lock().unwrap().last().unwrap().form.clone();
+        let line: BTreeMap<String, String> = last()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("line_items"))
+            .collect();
+        assert_eq!(
+            line,
+            form(&[
+                ("line_items[0][adjustable_quantity][enabled]", "true"),
+                ("line_items[0][adjustable_quantity][maximum]", "50"),
+                ("line_items[0][adjustable_quantity][minimum]", "1"),
+                ("line_items[0][price]", "price_seat"),
+                ("line_items[0][quantity]", "5"),
+            ]),
+            "{}",
+            b.name
+        );
+        // A metered price takes no quantity: Stripe would refuse the session.
+        stripe_mirror::Price::sync_from_stripe_data(
+            &m,
+            &json!({"id": "price_metered", "object": "price", "product": "prod_api", "active": true,
+                    "currency": "usd", "recurring": {"interval": "month", "usage_type": "metered"}}),
+        )
+        .await
+        .unwrap();
+        Checkout::subscription("price_metered")
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        let line: BTreeMap<String, String> = last()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("line_items"))
+            .collect();
+        assert_eq!(
+            line,
+            form(&[("line_items[0][price]", "price_metered")]),
+            "{}",
+            b.name
+        );
+        let sent = seen.lock().unwrap().len();
+        let refused = Checkout::subscription("price_metered")
+            .quantity(3)
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::Config(msg) if msg.contains("metered")),
+            "{}: {refused}",
+            b.name
+        );
+        assert_eq!(seen.lock().unwrap().len(), sent, "{}: nothing sent", b.name);
     }
 }
 
