@@ -197,7 +197,7 @@ pub use models::entitlement::{EntitlementSummary, ProductFeature};
 pub use models::price::{Price, RecurringInterval};
 pub use models::product::Product;
 pub use models::subscription::{
-    IncompleteSubscription, Subscription, SubscriptionItem, SubscriptionStatus,
+    IncompleteSubscription, PauseCollection, Subscription, SubscriptionItem, SubscriptionStatus,
 };
 pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};

@@ -1910,3 +1910,91 @@ async fn one_customers_summary_does_not_hide_anothers_product_features() {
         assert_eq!(told.features, ["exports"], "{}", b.name);
     }
 }
+
+/// A subscription whose payment collection is paused stays `active` in Stripe, which
+/// means the service to go on for free meanwhile: the gate grants it by default, can
+/// refuse it, and a pause past its `resumes_at` is over.
+#[tokio::test]
+async fn a_paused_collection_is_visible_and_refused_only_when_asked() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let cases = [
+            (
+                "paused",
+                json!({"behavior": "void", "resumes_at": null}),
+                true,
+            ),
+            (
+                "resuming",
+                json!({"behavior": "keep_as_draft", "resumes_at": FAR}),
+                true,
+            ),
+            (
+                "resumed",
+                json!({"behavior": "void", "resumes_at": PAST}),
+                false,
+            ),
+            ("billing", Value::Null, false),
+        ];
+        for (user, pause, paused) in cases {
+            let cus = format!("cus_{user}");
+            customer(&m, &cus, user).await;
+            let extra = json!({ "pause_collection": pause });
+            subscription(
+                &m,
+                &format!("sub_{user}"),
+                &cus,
+                "active",
+                &["prod_pro"],
+                extra,
+            )
+            .await;
+            let sub = Subscription::get(&m, &format!("sub_{user}"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(sub.is_collection_paused(), paused, "{} {user}", b.name);
+            assert_eq!(
+                sub.pause_collection().map(|p| p.behavior),
+                pause["behavior"].as_str().map(str::to_owned),
+                "{} {user}",
+                b.name
+            );
+            let default = require_subscription(user).check(&m).await.unwrap();
+            assert!(default.is_ok(), "{} {user}: {default:?}", b.name);
+            let strict = require_subscription(user)
+                .deny_paused_collection(true)
+                .check(&m)
+                .await
+                .unwrap();
+            match strict {
+                Err(Denial::CollectionPaused { subscription }) if paused => {
+                    assert_eq!(subscription, format!("sub_{user}"), "{}", b.name)
+                }
+                Ok(_) if !paused => {}
+                other => panic!("{} {user}: {other:?}", b.name),
+            }
+        }
+        // A second, unpaused subscription still opens the strict gate.
+        subscription(
+            &m,
+            "sub_paused_2",
+            "cus_paused",
+            "active",
+            &["prod_pro"],
+            json!({}),
+        )
+        .await;
+        let strict = require_subscription("paused")
+            .deny_paused_collection(true)
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(
+            strict.map(|s| s.id),
+            Ok("sub_paused_2".to_owned()),
+            "{}",
+            b.name
+        );
+    }
+}

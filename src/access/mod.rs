@@ -76,6 +76,12 @@ pub enum Denial {
         /// Its status.
         status: String,
     },
+    /// The newest subscription that would grant access has its payment collection
+    /// paused, and the gate refuses that ([`Gate::deny_paused_collection`]).
+    CollectionPaused {
+        /// The subscription.
+        subscription: String,
+    },
     /// Subscribed, but not to any of the products asked for.
     WrongProduct {
         /// The products asked for.
@@ -104,6 +110,7 @@ impl Denial {
                 | Denial::PastDue { .. }
                 | Denial::Canceled { .. }
                 | Denial::Inactive { .. }
+                | Denial::CollectionPaused { .. }
         )
     }
 
@@ -115,6 +122,7 @@ impl Denial {
             Denial::PastDue { .. } => "past_due",
             Denial::Canceled { .. } => "canceled",
             Denial::Inactive { .. } => "inactive",
+            Denial::CollectionPaused { .. } => "collection_paused",
             Denial::WrongProduct { .. } => "wrong_product",
             Denial::MissingRole { .. } => "missing_role",
             Denial::MissingFeature { .. } => "missing_feature",
@@ -145,6 +153,12 @@ impl fmt::Display for Denial {
             } => {
                 write!(f, "subscription {subscription} is {status}")
             }
+            Denial::CollectionPaused { subscription } => {
+                write!(
+                    f,
+                    "subscription {subscription} has its payment collection paused: resume it"
+                )
+            }
             Denial::WrongProduct { wanted } => {
                 write!(f, "no valid subscription to {}", wanted.join(" or "))
             }
@@ -174,6 +188,7 @@ pub struct Gate {
     role: Option<String>,
     feature: Option<String>,
     allow_past_due: bool,
+    deny_paused_collection: bool,
 }
 
 /// A gate for `subscriber_id` (the host's user id, as in [`Customer::by_subscriber`](crate::Customer::by_subscriber)):
@@ -185,6 +200,7 @@ pub fn require_subscription(subscriber_id: impl Into<String>) -> Gate {
         role: None,
         feature: None,
         allow_past_due: false,
+        deny_paused_collection: false,
     }
 }
 
@@ -222,6 +238,15 @@ impl Gate {
     /// keeps retrying the payment for a while; many apps allow that grace.
     pub fn allow_past_due(mut self, yes: bool) -> Self {
         self.allow_past_due = yes;
+        self
+    }
+
+    /// Whether a subscription whose payment collection is paused
+    /// ([`Subscription::pause_collection`]) is refused (default: no, as Stripe means
+    /// the service to go on for free meanwhile). For apps that stop serving what they
+    /// do not bill, as Pay treats a `void` pause.
+    pub fn deny_paused_collection(mut self, yes: bool) -> Self {
+        self.deny_paused_collection = yes;
         self
     }
 
@@ -275,9 +300,22 @@ impl Gate {
                     && s.status == Some(SubscriptionStatus::PastDue)
                     && !s.has_ended_at(now))
         };
-        let valid: Vec<Subscription> = subscriptions.into_iter().filter(|s| grants(s)).collect();
+        let paused =
+            |s: &Subscription| self.deny_paused_collection && s.is_collection_paused_at(now);
+        // The newest that would grant access but for a paused collection: the denial.
+        let held_by_pause = subscriptions
+            .iter()
+            .find(|s| grants(s) && paused(s))
+            .map(|s| s.id.clone());
+        let valid: Vec<Subscription> = subscriptions
+            .into_iter()
+            .filter(|s| grants(s) && !paused(s))
+            .collect();
         if valid.is_empty() {
-            return Ok(Err(status_denial(&newest, now)));
+            return Ok(Err(match held_by_pause {
+                Some(subscription) => Denial::CollectionPaused { subscription },
+                None => status_denial(&newest, now),
+            }));
         }
         let gate = self;
         let mut candidates = with_products(conn, valid)?;

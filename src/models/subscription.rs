@@ -674,6 +674,33 @@ impl Subscription {
             && self.trial_end.is_none_or(|end| end > now)
     }
 
+    /// Stripe's `pause_collection`, when payment collection is paused (from the
+    /// Dashboard, the API or the Billing Portal): the status stays `active` and
+    /// invoices are not collected until `resumes_at`. Stripe means the service to go
+    /// on meanwhile, so a pause alone does not end access; a gate can refuse it
+    /// ([`Gate::deny_paused_collection`](crate::access::Gate::deny_paused_collection)).
+    pub fn pause_collection(&self) -> Option<PauseCollection> {
+        #[derive(serde::Deserialize)]
+        struct Held {
+            pause_collection: Option<PauseCollection>,
+        }
+        serde_json::from_str::<Held>(&self.data)
+            .ok()?
+            .pause_collection
+    }
+
+    /// Whether payment collection is paused now ([`Subscription::pause_collection`]).
+    pub fn is_collection_paused(&self) -> bool {
+        self.is_collection_paused_at(unix_now())
+    }
+
+    /// [`Subscription::is_collection_paused`] at a given unix time: paused, and not
+    /// past its `resumes_at`.
+    pub fn is_collection_paused_at(&self, now: i64) -> bool {
+        self.pause_collection()
+            .is_some_and(|pause| pause.resumes_at.is_none_or(|at| at > now))
+    }
+
     /// Canceled (at period end or at a set time) but still within the paid period.
     pub fn on_grace_period(&self) -> bool {
         self.on_grace_period_at(unix_now())
@@ -688,4 +715,15 @@ impl Subscription {
         };
         self.is_status_current() && ends.is_some_and(|end| end > now)
     }
+}
+
+/// A subscription's paused payment collection ([`Subscription::pause_collection`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[non_exhaustive]
+pub struct PauseCollection {
+    /// What happens to invoices meanwhile: `void`, `keep_as_draft` or
+    /// `mark_uncollectible`.
+    pub behavior: String,
+    /// When collection resumes (unix time); `None` until resumed by hand.
+    pub resumes_at: Option<i64>,
 }
