@@ -255,7 +255,9 @@ impl Checkout {
 /// without waiting for webhooks: fetches it, links its customer to its subscriber
 /// (the same rule as `checkout.session.completed`: only an unlinked customer to a
 /// subscriber without one), and mirrors the subscription it created. Returns the
-/// session's `status` (`complete`, `open`, `expired`).
+/// session's status and payment status ([`SessionStatus`]): a session paid by bank
+/// debit (SEPA, ACH, Bacs) is `complete` days before it is paid, so fulfil a one-time
+/// purchase on [`SessionStatus::is_paid`], not on `complete`.
 ///
 /// The id comes from a URL anyone can edit, and the status is the session's, whoever
 /// it belongs to: to open a page to the signed-in user, ask the gate for that user
@@ -268,11 +270,13 @@ impl Checkout {
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
-/// let status = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
-/// assert_eq!(status.as_deref(), Some("complete"));
+/// let session = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
+/// if session.is_paid() {
+///     // fulfil a one-time purchase; a subscription's access is the gate's to say
+/// }
 /// # Ok(()) }
 /// ```
-pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<String>> {
+pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<SessionStatus> {
     // It comes from the success page's URL: only a session id goes into the request.
     let well_formed = session_id.starts_with("cs_")
         && session_id.len() < 256
@@ -295,12 +299,18 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<St
         .get("livemode")
         .and_then(Value::as_bool)
         .unwrap_or(mirror.live_mode());
-    let status = session
-        .get("status")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    if status.as_deref() != Some("complete") {
-        return Ok(status); // nothing to link until it is paid
+    let text = |field: &str| {
+        session
+            .get(field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let status = SessionStatus {
+        status: text("status"),
+        payment_status: text("payment_status"),
+    };
+    if !status.is_complete() {
+        return Ok(status); // nothing to link until the buyer has finished
     }
     let (linked, source) = (session.clone(), format!("checkout session {session_id}"));
     mirror
@@ -319,6 +329,34 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<Option<St
             .await?;
     }
     Ok(status)
+}
+
+/// Where a Checkout Session stands ([`sync_session`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionStatus {
+    /// `complete` (the buyer finished), `open` or `expired`.
+    pub status: Option<String>,
+    /// `paid`; `unpaid` (a bank debit on its way: Stripe then sends
+    /// `checkout.session.async_payment_succeeded` or `..._failed`); or
+    /// `no_payment_required` (a trial, a 100 % discount).
+    pub payment_status: Option<String>,
+}
+
+impl SessionStatus {
+    /// The buyer finished the session (which is not yet payment: see [`is_paid`](Self::is_paid)).
+    pub fn is_complete(&self) -> bool {
+        self.status.as_deref() == Some("complete")
+    }
+
+    /// Complete, and paid or owing nothing: what a one-time purchase is fulfilled on.
+    pub fn is_paid(&self) -> bool {
+        self.is_complete()
+            && matches!(
+                self.payment_status.as_deref(),
+                Some("paid" | "no_payment_required")
+            )
+    }
 }
 
 /// A Billing Portal session to send the customer to.

@@ -183,7 +183,9 @@ pub mod webhooks;
 pub use access::{
     AccessChange, AccessState, Denial, Gate, access_of, has_feature, has_role, require_subscription,
 };
-pub use checkout::{Checkout, CheckoutSession, PortalSession, billing_portal, sync_session};
+pub use checkout::{
+    Checkout, CheckoutSession, PortalSession, SessionStatus, billing_portal, sync_session,
+};
 pub use clock::Clock;
 pub use config::{Config, Mode};
 pub use db::{Backend, DbPool, schema};

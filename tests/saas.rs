@@ -1656,7 +1656,7 @@ async fn the_success_page_confirms_a_checkout_without_waiting_for_webhooks() {
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
         let status = stripe_mirror::sync_session(&m, "cs_ok").await.unwrap();
-        assert_eq!(status.as_deref(), Some("complete"));
+        assert!(status.is_complete(), "{}: {status:?}", b.name);
         let products = vec!["prod_pro".to_owned()];
         let granted = require_subscription("s-user")
             .to_products(&products)
@@ -1758,6 +1758,7 @@ async fn checkout_links_only_when_metadata_and_reference_agree_and_sessions_are_
             stripe_mirror::sync_session(&m, "cs_open")
                 .await
                 .unwrap()
+                .status
                 .as_deref(),
             Some("open")
         );
@@ -1996,5 +1997,49 @@ async fn a_paused_collection_is_visible_and_refused_only_when_asked() {
             "{}",
             b.name
         );
+    }
+}
+
+/// A bank debit (SEPA, ACH, Bacs) completes the session days before the money
+/// arrives: the success page learns both, so a one-time purchase waits for the payment.
+#[tokio::test]
+async fn the_success_page_tells_complete_from_paid() {
+    for b in backends() {
+        let session = |id: &str, payment: &str| {
+            json!({"id": id, "object": "checkout.session", "status": "complete", "mode": "payment",
+                   "payment_status": payment, "livemode": false, "customer": "cus_debit",
+                   "client_reference_id": "debit-user"})
+        };
+        let (base, _) = common::stripe_stub(vec![
+            (
+                "/v1/checkout/sessions/cs_debit",
+                200,
+                session("cs_debit", "unpaid"),
+            ),
+            (
+                "/v1/checkout/sessions/cs_card",
+                200,
+                session("cs_card", "paid"),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let debit = stripe_mirror::sync_session(&m, "cs_debit").await.unwrap();
+        assert!(
+            debit.is_complete() && !debit.is_paid(),
+            "{}: {debit:?}",
+            b.name
+        );
+        assert_eq!(debit.payment_status.as_deref(), Some("unpaid"));
+        // The buyer is linked all the same: who bought is known, the payment is not.
+        let linked = Customer::by_subscriber(&m, "debit-user").await.unwrap();
+        assert_eq!(
+            linked.map(|c| c.id),
+            Some("cus_debit".to_owned()),
+            "{}",
+            b.name
+        );
+        let card = stripe_mirror::sync_session(&m, "cs_card").await.unwrap();
+        assert!(card.is_paid(), "{}: {card:?}", b.name);
     }
 }
