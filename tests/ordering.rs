@@ -1651,3 +1651,43 @@ async fn reconcile_links_the_buyer_of_a_missed_checkout() {
         }
     }
 }
+
+/// A plan's event and its price's, of one change in one second, with no API key to
+/// fetch the price: whichever comes first, the price's whole payload is what stays.
+#[tokio::test]
+async fn a_plan_and_its_price_in_one_second_keep_the_price_without_an_api_key() {
+    for b in backends() {
+        let t = now();
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        for (k, order) in [["plan", "price"], ["price", "plan"]].iter().enumerate() {
+            let id = format!("price_pair{k}");
+            let key = format!("pair_{k}");
+            for kind in order {
+                let object = if *kind == "plan" {
+                    json!({"id": id, "object": "plan", "product": "prod_pair", "active": true,
+                           "currency": "usd", "amount": 700, "interval": "month", "created": t})
+                } else {
+                    json!({"id": id, "object": "price", "product": "prod_pair", "active": true,
+                           "currency": "usd", "unit_amount": 700, "lookup_key": key, "created": t,
+                           "recurring": {"interval": "month", "interval_count": 1}})
+                };
+                let ev = event(
+                    &format!("evt_pair{k}_{kind}"),
+                    &format!("{kind}.created"),
+                    t,
+                    object,
+                    None,
+                );
+                deliver(&webhooks, &m, &ev).await;
+            }
+            let p = Price::get(&m, &id).await.unwrap().unwrap();
+            assert_eq!(
+                (p.lookup_key.as_deref(), p.data()["object"].as_str()),
+                (Some(key.as_str()), Some("price")),
+                "{} order {order:?}",
+                b.name
+            );
+        }
+    }
+}

@@ -533,6 +533,18 @@ impl MirrorTable {
             execute(conn, &self.statements().revive, binds)?;
             return Ok(Written::Applied);
         }
+        // One change sent twice in one second, in part and whole (a plan's event and its
+        // price's): the whole payload wins whichever came first, even with no API key
+        // to fetch it.
+        if current.stamp == row.stamp.at
+            && current.stamp_rank == row.stamp.source as i32
+            && self.partial.is_some()
+            && !self.is_partial(value)
+            && serde_json::from_str::<Value>(&current.data).is_ok_and(|held| self.is_partial(&held))
+        {
+            execute(conn, &self.statements().forced, binds)?;
+            return Ok(Written::Applied);
+        }
         let in_play = |s: Option<Source>| matches!(s, Some(Source::Updated | Source::Fetched));
         let tie = current.stamp == row.stamp.at
             && in_play(Some(row.stamp.source))
