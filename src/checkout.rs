@@ -48,6 +48,8 @@ pub struct Checkout {
     success_url: Option<String>,
     cancel_url: Option<String>,
     trial_days: Option<u32>,
+    trial_once: bool,
+    unless_subscribed: bool,
     allow_promotion_codes: bool,
 }
 
@@ -62,6 +64,8 @@ impl Checkout {
             success_url: None,
             cancel_url: None,
             trial_days: None,
+            trial_once: false,
+            unless_subscribed: false,
             allow_promotion_codes: false,
         }
     }
@@ -90,6 +94,27 @@ impl Checkout {
     /// A free trial before the first charge (subscriptions only).
     pub fn trial_days(mut self, days: u32) -> Self {
         self.trial_days = Some(days);
+        self
+    }
+
+    /// A free trial for a subscriber's first subscription only: none for one who has
+    /// had a subscription before (any but one whose first payment never came), so
+    /// cancelling and subscribing again does not restart it. Asks Stripe for the
+    /// customer's subscriptions, as [`unless_subscribed`](Self::unless_subscribed) does.
+    pub fn trial_days_once(mut self, days: u32) -> Self {
+        self.trial_days = Some(days);
+        self.trial_once = true;
+        self
+    }
+
+    /// Refuses with [`Error::AlreadySubscribed`] when the subscriber already holds a
+    /// subscription Stripe still bills (`active`, `trialing`, `past_due`, `unpaid`,
+    /// `paused`): a second Checkout would bill them twice (a pricing page opened in two
+    /// tabs, the back button after paying). Send them to the Billing Portal instead.
+    /// Stripe is asked for the customer's subscriptions, so a purchase whose webhook has
+    /// not landed yet counts too; what it answers is mirrored on the way.
+    pub fn unless_subscribed(mut self) -> Self {
+        self.unless_subscribed = true;
         self
     }
 
@@ -210,16 +235,80 @@ impl Checkout {
             None => Customer::get_or_create(mirror, subscriber).await?,
         };
         let sent = customer.id.clone();
-        match self.open(mirror, customer, &id).await {
+        let this = self.checked(mirror, &customer.id, &id).await?;
+        match this.open(mirror, customer, &id).await {
             Err(err) if stale_customer(mirror, &err, &sent).await => {
                 let customer = match Customer::billing_customer(mirror, &id).await? {
                     Some(customer) => customer,
                     None => Customer::get_or_create(mirror, subscriber).await?,
                 };
-                self.open(mirror, customer, &id).await
+                let this = self.checked(mirror, &customer.id, &id).await?;
+                this.open(mirror, customer, &id).await
             }
             done => done,
         }
+    }
+
+    /// This Checkout as it goes out for `customer`: refused when the subscriber is
+    /// already subscribed ([`unless_subscribed`](Self::unless_subscribed)), without its
+    /// trial when they had one before ([`trial_days_once`](Self::trial_days_once)).
+    async fn checked(&self, mirror: &Mirror, customer: &str, subscriber: &str) -> Result<Self> {
+        let subscribing = self.mode == stripe_shared::CheckoutSessionMode::Subscription;
+        if !subscribing || !(self.unless_subscribed || self.trial_once) {
+            return Ok(self.clone());
+        }
+        // Stripe's list for the customer the session is for, mirrored (a purchase whose
+        // webhook has not landed yet), then every customer of the subscriber.
+        let mut query = serde_json::Map::new();
+        query.insert("customer".into(), json!(customer));
+        query.insert("status".into(), json!("all"));
+        let object = format!("subscriptions of customer {customer}");
+        let (listed, at) = mirror
+            .stripe()
+            .await?
+            .list_all("/subscriptions", query, &object, "subscription")
+            .await?;
+        for subscription in &listed {
+            crate::models::subscription::Subscription::sync_from_stripe_data_at(
+                mirror,
+                subscription,
+                at,
+            )
+            .await?;
+        }
+        let mut held = Vec::new();
+        for c in Customer::all_by_subscriber(mirror, subscriber).await? {
+            held.extend(
+                crate::models::subscription::Subscription::for_customer(mirror, &c.id).await?,
+            );
+        }
+        use crate::models::subscription::SubscriptionStatus as S;
+        let now = mirror.now();
+        if self.unless_subscribed
+            && let Some(s) = held.iter().find(|s| {
+                !s.deleted
+                    && !s.has_ended_at(now)
+                    && matches!(
+                        s.status,
+                        Some(S::Active | S::Trialing | S::PastDue | S::Unpaid | S::Paused)
+                    )
+            })
+        {
+            return Err(Error::AlreadySubscribed {
+                subscriber: subscriber.to_owned(),
+                subscription: s.id.clone(),
+                status: s.status.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            });
+        }
+        let mut this = self.clone();
+        let had_one = held.iter().any(|s| {
+            s.trial_end.is_some()
+                || !matches!(s.status, Some(S::Incomplete | S::IncompleteExpired) | None)
+        });
+        if self.trial_once && had_one {
+            this.trial_days = None;
+        }
+        Ok(this)
     }
 
     /// Creates the session for this customer.

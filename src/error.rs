@@ -74,6 +74,20 @@ pub enum Error {
         count: usize,
     },
 
+    /// [`Checkout::unless_subscribed`](crate::checkout::Checkout::unless_subscribed): the
+    /// subscriber already holds a subscription Stripe still bills.
+    #[error(
+        "subscriber {subscriber} already has subscription {subscription} ({status}): open the Billing Portal to change plans instead of a second Checkout"
+    )]
+    AlreadySubscribed {
+        /// The subscriber (the host's user id).
+        subscriber: String,
+        /// The subscription held.
+        subscription: String,
+        /// Its status.
+        status: String,
+    },
+
     /// An API key was not recognisably a Stripe key.
     #[error(
         "invalid Stripe API key {key}: {reason} (expected pk_/sk_/rk_ followed by test_ or live_)"

@@ -2043,3 +2043,106 @@ async fn the_success_page_tells_complete_from_paid() {
         assert!(card.is_paid(), "{}: {card:?}", b.name);
     }
 }
+
+/// Checkout asks Stripe what the subscriber holds: `unless_subscribed` refuses a second
+/// subscription (one whose webhook has not landed counts too), and `trial_days_once`
+/// gives a returning subscriber no second trial.
+#[tokio::test]
+async fn checkout_refuses_a_second_subscription_and_a_second_trial_when_asked() {
+    for b in backends() {
+        let sub = |id: &str, customer: &str, status: &str, trial_end: Value| {
+            json!({"id": id, "object": "subscription", "customer": customer, "status": status,
+                   "created": 100, "livemode": false, "trial_end": trial_end,
+                   "items": {"object": "list", "has_more": false, "data": [{"id": format!("si_{id}"),
+                       "object": "subscription_item", "price": {"id": "price_pro", "product": "prod_pro"},
+                       "current_period_end": FAR}]}})
+        };
+        let list = |data: Vec<Value>| json!({"object": "list", "has_more": false, "data": data});
+        let (base, seen) = recording_stub(vec![
+            // The buyer whose first purchase's webhook is still on its way.
+            ("GET", "/v1/subscriptions?customer=cus_paying", list(vec![sub("sub_new", "cus_paying", "active", Value::Null)])),
+            // Came back after cancelling a trial, and a newcomer whose first try expired.
+            ("GET", "/v1/subscriptions?customer=cus_back", list(vec![sub("sub_old", "cus_back", "canceled", json!(PAST))])),
+            ("GET", "/v1/subscriptions?customer=cus_fresh", list(vec![sub("sub_x", "cus_fresh", "incomplete_expired", Value::Null)])),
+            ("POST", "/v1/checkout/sessions", json!({"id": "cs_1", "object": "checkout.session",
+                                                     "url": "https://checkout.stripe.com/c/pay/cs_1"})),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        for (cus, user) in [
+            ("cus_paying", "paying"),
+            ("cus_back", "back"),
+            ("cus_fresh", "fresh"),
+        ] {
+            customer(&m, cus, user).await;
+        }
+        let checkout = |trial_once: bool| {
+            let c = Checkout::subscription("price_pro")
+                .success_url("https://app.example/welcome")
+                .unless_subscribed();
+            if trial_once {
+                c.trial_days_once(14)
+            } else {
+                c.trial_days(14)
+            }
+        };
+
+        let refused = checkout(true)
+            .create(&m, &User("paying"))
+            .await
+            .unwrap_err();
+        match &refused {
+            Error::AlreadySubscribed {
+                subscription,
+                status,
+                ..
+            } => {
+                assert_eq!(
+                    (subscription.as_str(), status.as_str()),
+                    ("sub_new", "active"),
+                    "{}",
+                    b.name
+                )
+            }
+            other => panic!("{}: {other}", b.name),
+        }
+        assert!(refused.to_string().contains("Billing Portal"), "{refused}");
+        assert!(
+            Subscription::get(&m, "sub_new").await.unwrap().is_some(),
+            "{}: what Stripe listed is mirrored",
+            b.name
+        );
+        let posted = |seen: &Arc<Mutex<Vec<Seen>>>| {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.method == "POST")
+                .count()
+        };
+        assert_eq!(posted(&seen), 0, "{}: no session made", b.name);
+
+        let trial = |seen: &Arc<Mutex<Vec<Seen>>>| {
+            let seen = seen.lock().unwrap();
+            let last = seen.iter().rev().find(|s| s.method == "POST").unwrap();
+            last.form
+                .get("subscription_data[trial_period_days]")
+                .cloned()
+        };
+        checkout(true).create(&m, &User("back")).await.unwrap();
+        assert_eq!(trial(&seen), None, "{}: no second trial", b.name);
+        checkout(false).create(&m, &User("back")).await.unwrap();
+        assert_eq!(
+            trial(&seen).as_deref(),
+            Some("14"),
+            "{}: trial_days always gives one",
+            b.name
+        );
+        checkout(true).create(&m, &User("fresh")).await.unwrap();
+        assert_eq!(
+            trial(&seen).as_deref(),
+            Some("14"),
+            "{}: a first try that expired is no trial",
+            b.name
+        );
+    }
+}
