@@ -51,6 +51,8 @@ pub struct Checkout {
     trial_once: bool,
     unless_subscribed: bool,
     allow_promotion_codes: bool,
+    automatic_tax: bool,
+    tax_id_collection: bool,
 }
 
 impl Checkout {
@@ -67,6 +69,8 @@ impl Checkout {
             trial_once: false,
             unless_subscribed: false,
             allow_promotion_codes: false,
+            automatic_tax: false,
+            tax_id_collection: false,
         }
     }
 
@@ -129,6 +133,22 @@ impl Checkout {
     /// (seats: the subscription's item then holds what they chose).
     pub fn adjustable_quantity(mut self, min: u64, max: u64) -> Self {
         self.adjustable = Some((min, max));
+        self
+    }
+
+    /// Stripe Tax computes the tax from the buyer's address, which Checkout collects and
+    /// saves to the customer (`customer_update[address]=auto`: Stripe refuses automatic
+    /// tax for an existing customer without it). Needs Stripe Tax set up in the
+    /// Dashboard.
+    pub fn automatic_tax(mut self, yes: bool) -> Self {
+        self.automatic_tax = yes;
+        self
+    }
+
+    /// Lets a business buyer enter its tax id (an EU VAT number), saved to the customer
+    /// with the business name it gives (`customer_update[name]=auto`).
+    pub fn tax_id_collection(mut self, yes: bool) -> Self {
+        self.tax_id_collection = yes;
         self
     }
 
@@ -202,6 +222,27 @@ impl Checkout {
         }
         if self.allow_promotion_codes {
             request = request.allow_promotion_codes(true);
+        }
+        if self.automatic_tax || self.tax_id_collection {
+            use stripe_checkout::checkout_session::{
+                CreateCheckoutSessionAutomaticTax, CreateCheckoutSessionCustomerUpdate,
+                CreateCheckoutSessionCustomerUpdateAddress as Address,
+                CreateCheckoutSessionCustomerUpdateName as Name,
+                CreateCheckoutSessionTaxIdCollection,
+            };
+            // The session is for an existing customer: what the buyer enters is saved
+            // to it, which Stripe requires for tax and tax ids.
+            let mut update = CreateCheckoutSessionCustomerUpdate::new();
+            if self.automatic_tax {
+                request = request.automatic_tax(CreateCheckoutSessionAutomaticTax::new(true));
+                update.address = Some(Address::Auto);
+            }
+            if self.tax_id_collection {
+                request =
+                    request.tax_id_collection(CreateCheckoutSessionTaxIdCollection::new(true));
+                update.name = Some(Name::Auto);
+            }
+            request = request.customer_update(update);
         }
         if self.mode == stripe_shared::CheckoutSessionMode::Subscription {
             let data = CreateCheckoutSessionSubscriptionData {

@@ -1261,6 +1261,29 @@ async fn checkout_and_portal_send_exactly_stripes_parameters() {
             "{}",
             b.name
         );
+        // Stripe Tax and tax ids: what the buyer enters is saved to the existing customer.
+        Checkout::subscription("price_seat")
+            .automatic_tax(true)
+            .tax_id_collection(true)
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        let tax: BTreeMap<String, String> = last()
+            .into_iter()
+            .filter(|(k, _)| k.contains("tax") || k.starts_with("customer_update"))
+            .collect();
+        assert_eq!(
+            tax,
+            form(&[
+                ("automatic_tax[enabled]", "true"),
+                ("customer_update[address]", "auto"),
+                ("customer_update[name]", "auto"),
+                ("tax_id_collection[enabled]", "true"),
+            ]),
+            "{}",
+            b.name
+        );
         // A metered price takes no quantity: Stripe would refuse the session.
         stripe_mirror::Price::sync_from_stripe_data(
             &m,
