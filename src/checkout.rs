@@ -516,44 +516,174 @@ pub async fn billing_portal(
     subscriber_id: &str,
     return_url: &str,
 ) -> Result<PortalSession> {
-    let none = || Error::NotFound {
-        object: "customer of subscriber",
-        id: subscriber_id.to_owned(),
-    };
-    let customer = Customer::billing_customer(mirror, subscriber_id)
-        .await?
-        .ok_or_else(none)?;
-    match open_portal(mirror, &customer.id, subscriber_id, return_url).await {
-        // Stripe no longer has it (a tombstone now): the subscriber's other customer, if any.
-        Err(err) if stale_customer(mirror, &err, &customer.id).await => {
-            let customer = Customer::billing_customer(mirror, subscriber_id)
-                .await?
-                .ok_or_else(none)?;
-            open_portal(mirror, &customer.id, subscriber_id, return_url).await
-        }
-        done => done,
-    }
+    BillingPortal::new(subscriber_id, return_url)
+        .open(mirror)
+        .await
 }
 
-/// Creates the Billing Portal session for this customer.
-async fn open_portal(
-    mirror: &Mirror,
-    customer: &str,
-    subscriber_id: &str,
-    return_url: &str,
-) -> Result<PortalSession> {
-    let request = stripe_billing::billing_portal_session::CreateBillingPortalSession::new()
-        .customer(customer)
-        .return_url(return_url);
-    let object = format!("billing portal session for subscriber {subscriber_id}");
-    let session = mirror
-        .stripe()
-        .await?
-        .request(&request, None, Some(&object))
-        .await?
-        .value;
-    session_of(&session, customer, "billing portal session")
-        .map(|(id, url)| PortalSession { id, url })
+/// A Billing Portal session with options: a page of its own to open at (a deep link:
+/// the card form for a `past_due` subscriber, the cancel or plan change of their
+/// subscription) and a portal configuration. [`billing_portal`] is the plain one.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// use stripe_mirror::checkout::BillingPortal;
+/// // A past-due subscriber, straight to the card form.
+/// let portal = BillingPortal::new("user-42", "https://example.com/account")
+///     .payment_method_update()
+///     .open(&mirror)
+///     .await?;
+/// println!("redirect to {}", portal.url);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct BillingPortal {
+    subscriber: String,
+    return_url: String,
+    flow: Option<PortalFlow>,
+    configuration: Option<String>,
+}
+
+/// Where a [`BillingPortal`] session opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortalFlow {
+    PaymentMethodUpdate,
+    SubscriptionCancel,
+    SubscriptionUpdate,
+}
+
+impl BillingPortal {
+    /// The portal of `subscriber_id`'s paying customer (as [`billing_portal`] opens),
+    /// sending them back to `return_url`.
+    pub fn new(subscriber_id: &str, return_url: &str) -> Self {
+        BillingPortal {
+            subscriber: subscriber_id.to_owned(),
+            return_url: return_url.to_owned(),
+            flow: None,
+            configuration: None,
+        }
+    }
+
+    /// Opens at the form that replaces the card (what a `past_due` subscriber needs).
+    pub fn payment_method_update(mut self) -> Self {
+        self.flow = Some(PortalFlow::PaymentMethodUpdate);
+        self
+    }
+
+    /// Opens at the cancellation of the subscriber's subscription (the newest that grants
+    /// access, else the newest one Stripe still bills).
+    pub fn subscription_cancel(mut self) -> Self {
+        self.flow = Some(PortalFlow::SubscriptionCancel);
+        self
+    }
+
+    /// Opens at the plan change of the subscriber's subscription (as
+    /// [`subscription_cancel`](Self::subscription_cancel) picks it); the plans offered
+    /// are the portal configuration's.
+    pub fn subscription_update(mut self) -> Self {
+        self.flow = Some(PortalFlow::SubscriptionUpdate);
+        self
+    }
+
+    /// A portal configuration of your own (`bpc_...`), for the features and plans it
+    /// offers; the account's default one otherwise.
+    pub fn configuration(mut self, id: &str) -> Self {
+        self.configuration = Some(id.to_owned());
+        self
+    }
+
+    /// Creates the session. Of the subscriber's customers, the one holding their newest
+    /// subscription that grants access is opened (else their newest subscription's). A
+    /// customer Stripe no longer has becomes a tombstone and the next one is opened; a
+    /// subscriber without one, or without a subscription for a subscription page, is
+    /// [`Error::NotFound`] (nothing to manage: send them to pricing).
+    pub async fn open(&self, mirror: &Mirror) -> Result<PortalSession> {
+        let subscriber_id = self.subscriber.as_str();
+        let none = || Error::NotFound {
+            object: "customer of subscriber",
+            id: subscriber_id.to_owned(),
+        };
+        let customer = Customer::billing_customer(mirror, subscriber_id)
+            .await?
+            .ok_or_else(none)?;
+        match self.open_for(mirror, &customer.id).await {
+            // Stripe no longer has it (a tombstone now): the subscriber's other customer, if any.
+            Err(err) if stale_customer(mirror, &err, &customer.id).await => {
+                let customer = Customer::billing_customer(mirror, subscriber_id)
+                    .await?
+                    .ok_or_else(none)?;
+                self.open_for(mirror, &customer.id).await
+            }
+            done => done,
+        }
+    }
+
+    /// Creates the Billing Portal session for this customer.
+    async fn open_for(&self, mirror: &Mirror, customer: &str) -> Result<PortalSession> {
+        use stripe_billing::billing_portal_session::{
+            CreateBillingPortalSession, CreateBillingPortalSessionFlowData as Flow,
+            CreateBillingPortalSessionFlowDataSubscriptionCancel as Cancel,
+            CreateBillingPortalSessionFlowDataSubscriptionUpdate as Update,
+            CreateBillingPortalSessionFlowDataType as Type,
+        };
+        let mut request = CreateBillingPortalSession::new()
+            .customer(customer)
+            .return_url(self.return_url.as_str());
+        if let Some(configuration) = &self.configuration {
+            request = request.configuration(configuration.as_str());
+        }
+        match self.flow {
+            None => {}
+            Some(PortalFlow::PaymentMethodUpdate) => {
+                request = request.flow_data(Flow::new(Type::PaymentMethodUpdate));
+            }
+            Some(flow) => {
+                let subscription = self.subscription_of(mirror, customer).await?;
+                request = request.flow_data(if flow == PortalFlow::SubscriptionCancel {
+                    Flow {
+                        subscription_cancel: Some(Cancel::new(subscription)),
+                        ..Flow::new(Type::SubscriptionCancel)
+                    }
+                } else {
+                    Flow {
+                        subscription_update: Some(Update::new(subscription)),
+                        ..Flow::new(Type::SubscriptionUpdate)
+                    }
+                });
+            }
+        }
+        let object = format!("billing portal session for subscriber {}", self.subscriber);
+        let session = mirror
+            .stripe()
+            .await?
+            .request(&request, None, Some(&object))
+            .await?
+            .value;
+        session_of(&session, customer, "billing portal session")
+            .map(|(id, url)| PortalSession { id, url })
+    }
+
+    /// The customer's subscription a subscription page is about: the newest that
+    /// grants access, else the newest Stripe still bills (`past_due`, `unpaid`, `paused`).
+    async fn subscription_of(&self, mirror: &Mirror, customer: &str) -> Result<String> {
+        use crate::models::subscription::{Subscription, SubscriptionStatus as S};
+        let held = Subscription::for_customer(mirror, customer).await?;
+        let now = mirror.now();
+        let billed = |s: &&Subscription| {
+            !s.deleted
+                && !s.has_ended_at(now)
+                && matches!(s.status, Some(S::PastDue | S::Unpaid | S::Paused))
+        };
+        held.iter()
+            .find(|s| s.is_valid_at(now))
+            .or_else(|| held.iter().find(billed))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| Error::NotFound {
+                object: "subscription of subscriber",
+                id: self.subscriber.clone(),
+            })
+    }
 }
 
 /// Whether `err` is Stripe refusing a session because `customer`, the one it was sent,

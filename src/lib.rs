@@ -184,7 +184,8 @@ pub use access::{
     AccessChange, AccessState, Denial, Gate, access_of, has_feature, has_role, require_subscription,
 };
 pub use checkout::{
-    Checkout, CheckoutSession, PortalSession, SessionStatus, billing_portal, sync_session,
+    BillingPortal, Checkout, CheckoutSession, PortalSession, SessionStatus, billing_portal,
+    sync_session,
 };
 pub use clock::Clock;
 pub use config::{Config, Mode};

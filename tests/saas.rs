@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use common::backends;
 use serde_json::{Value, json};
 use stripe_mirror::access::{Denial, require_subscription};
-use stripe_mirror::checkout::{Checkout, billing_portal};
+use stripe_mirror::checkout::{BillingPortal, Checkout, billing_portal};
 use stripe_mirror::models::price::NewPrice;
 use stripe_mirror::models::product::NewProduct;
 use stripe_mirror::webhooks::signature::sign;
@@ -2167,5 +2167,95 @@ async fn checkout_refuses_a_second_subscription_and_a_second_trial_when_asked() 
             "{}: a first try that expired is no trial",
             b.name
         );
+    }
+}
+
+/// The Billing Portal opens where the subscriber needs it: the card form for one past
+/// due, the cancel or plan change of their subscription, with a configuration of the
+/// host's; a subscription page for someone without one is NotFound, nothing sent.
+#[tokio::test]
+async fn the_billing_portal_deep_links_to_the_page_needed() {
+    for b in backends() {
+        let (base, seen) = recording_stub(vec![(
+            "POST",
+            "/v1/billing_portal/sessions",
+            json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/bps_1"}),
+        )])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_late", "late").await;
+        subscription(
+            &m,
+            "sub_old",
+            "cus_late",
+            "canceled",
+            &["prod_pro"],
+            json!({}),
+        )
+        .await;
+        subscription(
+            &m,
+            "sub_late",
+            "cus_late",
+            "past_due",
+            &["prod_pro"],
+            json!({"created": 200}),
+        )
+        .await;
+        customer(&m, "cus_none", "none").await;
+        let last = || seen.lock().unwrap().last().unwrap().form.clone();
+        let portal = |user: &str| BillingPortal::new(user, "https://app.example/account");
+
+        portal("late")
+            .payment_method_update()
+            .configuration("bpc_1")
+            .open(&m)
+            .await
+            .unwrap();
+        assert_eq!(
+            last(),
+            form(&[
+                ("customer", "cus_late"),
+                ("return_url", "https://app.example/account"),
+                ("configuration", "bpc_1"),
+                ("flow_data[type]", "payment_method_update"),
+            ]),
+            "{}",
+            b.name
+        );
+        portal("late").subscription_cancel().open(&m).await.unwrap();
+        assert_eq!(
+            last().get("flow_data[type]").map(String::as_str),
+            Some("subscription_cancel")
+        );
+        assert_eq!(
+            last()
+                .get("flow_data[subscription_cancel][subscription]")
+                .map(String::as_str),
+            Some("sub_late"),
+            "{}: the one Stripe still bills, not the canceled one",
+            b.name
+        );
+        portal("late").subscription_update().open(&m).await.unwrap();
+        assert_eq!(
+            last()
+                .get("flow_data[subscription_update][subscription]")
+                .map(String::as_str),
+            Some("sub_late"),
+            "{}",
+            b.name
+        );
+        let sent = seen.lock().unwrap().len();
+        let nothing = portal("none")
+            .subscription_cancel()
+            .open(&m)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(nothing, Error::NotFound { .. }),
+            "{}: {nothing}",
+            b.name
+        );
+        assert_eq!(seen.lock().unwrap().len(), sent, "{}", b.name);
     }
 }
