@@ -113,10 +113,12 @@ impl Checkout {
 
     /// Refuses with [`Error::AlreadySubscribed`] when the subscriber already holds a
     /// subscription Stripe still bills (`active`, `trialing`, `past_due`, `unpaid`,
-    /// `paused`): a second Checkout would bill them twice (a pricing page opened in two
-    /// tabs, the back button after paying). Send them to the Billing Portal instead.
-    /// Stripe is asked for the customer's subscriptions, so a purchase whose webhook has
-    /// not landed yet counts too; what it answers is mirrored on the way.
+    /// `paused`): a second one would bill them twice (a pricing page left open in
+    /// another tab, the back button after paying). Send them to the Billing Portal
+    /// instead. Stripe is asked for the customer's subscriptions, so a purchase whose
+    /// webhook has not landed yet counts too; what it answers is mirrored on the way.
+    /// Two sessions made before either is paid both pass: Stripe's own "limit customers
+    /// to one subscription" Checkout setting covers that.
     pub fn unless_subscribed(mut self) -> Self {
         self.unless_subscribed = true;
         self
@@ -180,6 +182,21 @@ impl Checkout {
                 subscriber_id.to_owned(),
             )])
         };
+        // Stripe's bounds: the quantity within the range the buyer may choose from.
+        const MAX_QUANTITY: u64 = 999_999;
+        let quantity = match (self.quantity, self.adjustable) {
+            (Some(quantity), _) => quantity,
+            (None, Some((min, _))) => min.max(1),
+            (None, None) => 1,
+        };
+        if let Some((min, max)) = self.adjustable
+            && (min > max || max > MAX_QUANTITY || !(min..=max).contains(&quantity))
+        {
+            return Err(Error::Config(format!(
+                "adjustable_quantity({min}, {max}) with quantity {quantity}: Stripe needs \
+                 min <= quantity <= max <= {MAX_QUANTITY}"
+            )));
+        }
         if metered && (self.quantity.is_some() || self.adjustable.is_some()) {
             return Err(Error::Config(format!(
                 "{} is a metered price: Stripe bills its usage and takes no quantity; \
@@ -187,26 +204,17 @@ impl Checkout {
                 self.price
             )));
         }
-        let adjustable = match self.adjustable {
-            Some((min, max)) if min > max => {
-                return Err(Error::Config(format!(
-                    "adjustable_quantity({min}, {max}): the minimum is above the maximum"
-                )));
-            }
-            Some((min, max)) => Some(CreateCheckoutSessionLineItemsAdjustableQuantity {
-                enabled: true,
-                minimum: Some(i64::try_from(min).unwrap_or(i64::MAX)),
-                maximum: Some(i64::try_from(max).unwrap_or(i64::MAX)),
-            }),
-            None => None,
-        };
+        let adjustable =
+            self.adjustable.map(
+                |(min, max)| CreateCheckoutSessionLineItemsAdjustableQuantity {
+                    enabled: true,
+                    minimum: Some(i64::try_from(min).unwrap_or(i64::MAX)),
+                    maximum: Some(i64::try_from(max).unwrap_or(i64::MAX)),
+                },
+            );
         let line = CreateCheckoutSessionLineItems {
             price: Some(self.price.clone()),
-            quantity: if metered {
-                None
-            } else {
-                Some(self.quantity.unwrap_or(1))
-            },
+            quantity: (!metered).then_some(quantity),
             adjustable_quantity: adjustable,
             ..Default::default()
         };
@@ -276,15 +284,13 @@ impl Checkout {
             None => Customer::get_or_create(mirror, subscriber).await?,
         };
         let sent = customer.id.clone();
-        let this = self.checked(mirror, &customer.id, &id).await?;
-        match this.open(mirror, customer, &id).await {
+        match self.open(mirror, customer, &id).await {
             Err(err) if stale_customer(mirror, &err, &sent).await => {
                 let customer = match Customer::billing_customer(mirror, &id).await? {
                     Some(customer) => customer,
                     None => Customer::get_or_create(mirror, subscriber).await?,
                 };
-                let this = self.checked(mirror, &customer.id, &id).await?;
-                this.open(mirror, customer, &id).await
+                self.open(mirror, customer, &id).await
             }
             done => done,
         }
@@ -304,35 +310,31 @@ impl Checkout {
         query.insert("customer".into(), json!(customer));
         query.insert("status".into(), json!("all"));
         let object = format!("subscriptions of customer {customer}");
-        let (listed, at) = mirror
-            .stripe()
-            .await?
+        let client = mirror.stripe().await?;
+        let (listed, at) = client
             .list_all("/subscriptions", query, &object, "subscription")
             .await?;
-        for subscription in &listed {
-            crate::models::subscription::Subscription::sync_from_stripe_data_at(
-                mirror,
-                subscription,
-                at,
-            )
+        use crate::models::subscription::{SUBSCRIPTIONS, Subscription, SubscriptionStatus as S};
+        for mut subscription in listed {
+            // Items past the first page, as `sync_all` completes them; what cannot be
+            // completed is written as listed and flagged for `reconcile`.
+            let _ = crate::sync::remote::complete(&client, &SUBSCRIPTIONS, &mut subscription).await;
+            Subscription::sync_from_stripe_data_at(mirror, &subscription, at).await?;
+        }
+        // Every customer the subscriber has had in this mode, deleted ones too (a trial
+        // on a customer since deleted was still had).
+        let (who, live) = (subscriber.to_owned(), mirror.live_mode());
+        let held = mirror
+            .db()
+            .read(move |conn| {
+                let ids = Customer::ids_ever_by_subscriber(conn, &who, live)?;
+                Subscription::of_customers(conn, &ids)
+            })
             .await?;
-        }
-        let mut held = Vec::new();
-        for c in Customer::all_by_subscriber(mirror, subscriber).await? {
-            held.extend(
-                crate::models::subscription::Subscription::for_customer(mirror, &c.id).await?,
-            );
-        }
-        use crate::models::subscription::SubscriptionStatus as S;
         let now = mirror.now();
         if self.unless_subscribed
             && let Some(s) = held.iter().find(|s| {
-                !s.deleted
-                    && !s.has_ended_at(now)
-                    && matches!(
-                        s.status,
-                        Some(S::Active | S::Trialing | S::PastDue | S::Unpaid | S::Paused)
-                    )
+                !s.deleted && !s.has_ended_at(now) && s.status.as_ref().is_some_and(S::is_billed)
             })
         {
             return Err(Error::AlreadySubscribed {
@@ -365,7 +367,10 @@ impl Checkout {
             .is_some_and(|price| {
                 price.data().pointer("/recurring/usage_type") == Some(&json!("metered"))
             });
-        let request = self.request(&customer.id, subscriber_id, metered)?;
+        // Stripe's answers about this customer (its subscriptions, then the session) both
+        // find out a customer it no longer has, which `create` then moves past.
+        let this = self.checked(mirror, &customer.id, subscriber_id).await?;
+        let request = this.request(&customer.id, subscriber_id, metered)?;
         let object = format!("checkout session for subscriber {subscriber_id}");
         let session = mirror
             .stripe()
@@ -449,13 +454,8 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<SessionSt
             conn.write(|c| crate::webhooks::link_session(c, &linked, livemode, &source))
         })
         .await?;
-    let subscription = match session.get("subscription") {
-        Some(Value::String(id)) => Some(id.clone()),
-        Some(other) => other.get("id").and_then(Value::as_str).map(str::to_owned),
-        None => None,
-    };
-    if let Some(id) = subscription {
-        crate::sync::remote::refetch(mirror, &crate::models::subscription::SUBSCRIPTIONS, &id)
+    if let Some(id) = crate::sync::upsert::id_named(&session, "subscription") {
+        crate::sync::remote::refetch(mirror, &crate::models::subscription::SUBSCRIPTIONS, id)
             .await?;
     }
     Ok(status)
@@ -665,18 +665,24 @@ impl BillingPortal {
     }
 
     /// The customer's subscription a subscription page is about: the newest that
-    /// grants access, else the newest Stripe still bills (`past_due`, `unpaid`, `paused`).
+    /// grants access, else the newest Stripe still bills (`past_due`, `unpaid`,
+    /// `paused`); for a cancellation, not one already set to cancel.
     async fn subscription_of(&self, mirror: &Mirror, customer: &str) -> Result<String> {
-        use crate::models::subscription::{Subscription, SubscriptionStatus as S};
+        use crate::models::subscription::Subscription;
         let held = Subscription::for_customer(mirror, customer).await?;
         let now = mirror.now();
+        let cancelling = |s: &Subscription| {
+            self.flow == Some(PortalFlow::SubscriptionCancel)
+                && (s.cancel_at_period_end == Some(true) || s.cancel_at.is_some())
+        };
         let billed = |s: &&Subscription| {
             !s.deleted
                 && !s.has_ended_at(now)
-                && matches!(s.status, Some(S::PastDue | S::Unpaid | S::Paused))
+                && s.status.as_ref().is_some_and(|status| status.is_billed())
+                && !cancelling(s)
         };
         held.iter()
-            .find(|s| s.is_valid_at(now))
+            .find(|s| s.is_valid_at(now) && !cancelling(s))
             .or_else(|| held.iter().find(billed))
             .map(|s| s.id.clone())
             .ok_or_else(|| Error::NotFound {

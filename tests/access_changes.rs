@@ -999,3 +999,62 @@ async fn the_hook_is_told_changes_of_its_own_mode_only() {
         assert_eq!(host.row("user-m"), "prod_m/-", "{}", b.name);
     }
 }
+
+/// Pausing payment collection keeps the subscription `active` and valid, but the hook is
+/// told (a host that stops serving what it does not bill copies it), and told again
+/// when collection resumes.
+#[tokio::test]
+async fn a_paused_collection_is_told_to_the_hook() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-pause"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        let c = customer("cus_pause", Some("user-pause"), "p@example.com");
+        deliver(
+            &webhooks,
+            &mirror,
+            &event("evt_pc", "customer.created", t, c),
+        )
+        .await;
+        let mut sub = subscription("sub_pause", "cus_pause", "active", "prod_pro");
+        deliver(
+            &webhooks,
+            &mirror,
+            &event("evt_ps", "customer.subscription.created", t, sub.clone()),
+        )
+        .await;
+        sub["pause_collection"] = json!({"behavior": "void", "resumes_at": null});
+        let mut paused = event(
+            "evt_pp",
+            "customer.subscription.updated",
+            t + 5,
+            sub.clone(),
+        );
+        paused["data"]["previous_attributes"] = json!({"pause_collection": null});
+        deliver(&webhooks, &mirror, &paused).await;
+        sub["pause_collection"] = Value::Null;
+        let mut resumed = event("evt_pr", "customer.subscription.updated", t + 9, sub);
+        resumed["data"]["previous_attributes"] =
+            json!({"pause_collection": {"behavior": "void", "resumes_at": null}});
+        deliver(&webhooks, &mirror, &resumed).await;
+        let told: Vec<(bool, bool)> = host
+            .calls()
+            .iter()
+            .map(|c| (c.after.valid, c.after.collection_paused))
+            .collect();
+        assert_eq!(
+            told,
+            vec![(true, false), (true, true), (true, false)],
+            "{}",
+            b.name
+        );
+        assert!(
+            !access_of(&mirror, "user-pause")
+                .await
+                .unwrap()
+                .collection_paused
+        );
+    }
+}

@@ -1691,3 +1691,58 @@ async fn a_plan_and_its_price_in_one_second_keep_the_price_without_an_api_key() 
         }
     }
 }
+
+/// Two versions of one subscription in one second, the held one partial (its items
+/// past the first page to come): not a plan and its price, so the whole one does not
+/// win for being whole; nothing settles them, so the row is kept and flagged.
+#[tokio::test]
+async fn a_whole_subscription_does_not_beat_a_partial_one_of_its_second_for_being_whole() {
+    for b in backends() {
+        let t = now();
+        let m = Mirror::connect(config(&b, None)).await.unwrap();
+        let webhooks = Webhooks::new();
+        let item = |i: usize| {
+            json!({"id": format!("si_pw{i}"), "object": "subscription_item",
+                   "price": {"id": format!("price_pw{i}"), "object": "price", "product": format!("prod_pw{i}")},
+                   "current_period_end": 4102444800_i64})
+        };
+        let sub = |items: Vec<Value>, more: bool| {
+            json!({"id": "sub_pw", "object": "subscription", "customer": "cus_pw", "status": "active",
+                   "items": {"object": "list", "has_more": more, "data": items}})
+        };
+        let newer = event(
+            "evt_pw_partial",
+            "customer.subscription.updated",
+            t,
+            sub(vec![item(1), item(2)], true),
+            None,
+        );
+        let older = event(
+            "evt_pw_whole",
+            "customer.subscription.updated",
+            t,
+            sub(vec![item(1)], false),
+            None,
+        );
+        deliver(&webhooks, &m, &newer).await;
+        deliver(&webhooks, &m, &older).await;
+        let s = Subscription::get(&m, "sub_pw").await.unwrap().unwrap();
+        let items: Vec<String> = s
+            .items(&m)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert!(
+            items.contains(&"si_pw2".to_owned()),
+            "{}: {items:?}",
+            b.name
+        );
+        assert!(
+            flagged(m.config(), "stripe_subscriptions", "sub_pw"),
+            "{}",
+            b.name
+        );
+    }
+}

@@ -1261,6 +1261,32 @@ async fn checkout_and_portal_send_exactly_stripes_parameters() {
             "{}",
             b.name
         );
+        // A range alone starts at its minimum (Stripe wants the quantity within it); a
+        // quantity outside it is refused before anything is sent.
+        Checkout::subscription("price_seat")
+            .adjustable_quantity(5, 50)
+            .success_url("https://app.example/thanks")
+            .create(&m, &User("buyer"))
+            .await
+            .unwrap();
+        assert_eq!(
+            last().get("line_items[0][quantity]").map(String::as_str),
+            Some("5"),
+            "{}",
+            b.name
+        );
+        let sent = seen.lock().unwrap().len();
+        for (quantity, min, max) in [(60, 1, 50), (1, 5, 2), (1, 1, 1_000_000)] {
+            let refused = Checkout::subscription("price_seat")
+                .quantity(quantity)
+                .adjustable_quantity(min, max)
+                .success_url("https://app.example/thanks")
+                .create(&m, &User("buyer"))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, Error::Config(_)), "{}: {refused}", b.name);
+        }
+        assert_eq!(seen.lock().unwrap().len(), sent, "{}: nothing sent", b.name);
         // Stripe Tax and tax ids: what the buyer enters is saved to the existing customer.
         Checkout::subscription("price_seat")
             .automatic_tax(true)
@@ -1999,6 +2025,15 @@ async fn a_paused_collection_is_visible_and_refused_only_when_asked() {
                 other => panic!("{} {user}: {other:?}", b.name),
             }
         }
+        // Paused, but to another product than the page's: the page's denial is the
+        // product, not the pause.
+        let elsewhere = require_subscription("paused")
+            .to_products(&["prod_basic"])
+            .deny_paused_collection(true)
+            .check(&m)
+            .await
+            .unwrap();
+        assert_eq!(elsewhere.unwrap_err().code(), "wrong_product", "{}", b.name);
         // A second, unpaused subscription still opens the strict gate.
         subscription(
             &m,
@@ -2143,6 +2178,16 @@ async fn checkout_refuses_a_second_subscription_and_a_second_trial_when_asked() 
                 .count()
         };
         assert_eq!(posted(&seen), 0, "{}: no session made", b.name);
+        // Canceled subscriptions are listed only when asked for: a trial had on one counts.
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.path == "/v1/subscriptions"
+                    && s.form.get("status").map(String::as_str) == Some("all")),
+            "{}",
+            b.name
+        );
 
         let trial = |seen: &Arc<Mutex<Vec<Seen>>>| {
             let seen = seen.lock().unwrap();
@@ -2257,5 +2302,67 @@ async fn the_billing_portal_deep_links_to_the_page_needed() {
             b.name
         );
         assert_eq!(seen.lock().unwrap().len(), sent, "{}", b.name);
+    }
+}
+
+/// `unless_subscribed` asks Stripe about the customer first: a customer Stripe no longer
+/// has is found out by that list too, and the session is made for a new one.
+#[tokio::test]
+async fn unless_subscribed_gets_past_a_customer_stripe_no_longer_has() {
+    for b in backends() {
+        let missing = json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+            "param": "customer", "message": "No such customer: 'cus_gone'"}});
+        let (base, seen) = recording_stub(vec![
+            ("GET", "/v1/subscriptions?customer=cus_gone", missing),
+            (
+                "GET",
+                "/v1/subscriptions",
+                json!({"object": "list", "has_more": false, "data": []}),
+            ),
+            (
+                "POST",
+                "/v1/customers",
+                json!({"id": "cus_anew", "object": "customer",
+                "metadata": {"stripe_mirror_subscriber": "gone-user"}}),
+            ),
+            (
+                "POST",
+                "/v1/checkout/sessions",
+                json!({"id": "cs_3", "object": "checkout.session",
+                "url": "https://checkout.stripe.com/c/pay/cs_3"}),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_gone", "gone-user").await;
+        let session = Checkout::subscription("price_pro")
+            .success_url("https://app.example/welcome")
+            .unless_subscribed()
+            .create(&m, &User("gone-user"))
+            .await
+            .unwrap();
+        assert_eq!(session.customer, "cus_anew", "{}", b.name);
+        assert!(
+            Customer::get(&m, "cus_gone")
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted,
+            "{}",
+            b.name
+        );
+        let posted: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.path.clone())
+            .collect();
+        assert_eq!(
+            posted,
+            ["/v1/customers", "/v1/checkout/sessions"],
+            "{}",
+            b.name
+        );
     }
 }

@@ -52,6 +52,10 @@ pub struct AccessState {
     /// The Entitlements features' lookup keys (the customer's active entitlement
     /// summary when Stripe has sent one, else the valid products' features), sorted.
     pub features: Vec<String>,
+    /// That subscription's payment collection is paused
+    /// ([`Subscription::pause_collection`]): still `valid` (Stripe means the service to
+    /// go on), for a host that stops serving what it does not bill.
+    pub collection_paused: bool,
 }
 
 impl AccessState {
@@ -71,15 +75,19 @@ impl AccessState {
     }
 
     fn to_json(&self) -> String {
-        json!({
+        let mut state = json!({
             "valid": self.valid,
             "subscription": self.subscription,
             "status": self.status.as_ref().map(|s| s.to_string()),
             "products": self.products,
             "roles": self.roles,
             "features": self.features,
-        })
-        .to_string()
+        });
+        // Only when paused: a state told before this field existed reads the same.
+        if self.collection_paused {
+            state["collection_paused"] = json!(true);
+        }
+        state.to_string()
     }
 
     fn from_json(text: &str) -> AccessState {
@@ -98,6 +106,7 @@ impl AccessState {
             products: list("products"),
             roles: list("roles"),
             features: list("features"),
+            collection_paused: v["collection_paused"].as_bool().unwrap_or(false),
         }
     }
 }
@@ -488,6 +497,7 @@ pub(crate) fn compute(
         products,
         roles,
         features,
+        collection_paused: shown.is_some_and(|s| s.is_collection_paused_at(now)),
     })
 }
 

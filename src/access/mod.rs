@@ -300,22 +300,9 @@ impl Gate {
                     && s.status == Some(SubscriptionStatus::PastDue)
                     && !s.has_ended_at(now))
         };
-        let paused =
-            |s: &Subscription| self.deny_paused_collection && s.is_collection_paused_at(now);
-        // The newest that would grant access but for a paused collection: the denial.
-        let held_by_pause = subscriptions
-            .iter()
-            .find(|s| grants(s) && paused(s))
-            .map(|s| s.id.clone());
-        let valid: Vec<Subscription> = subscriptions
-            .into_iter()
-            .filter(|s| grants(s) && !paused(s))
-            .collect();
+        let valid: Vec<Subscription> = subscriptions.into_iter().filter(|s| grants(s)).collect();
         if valid.is_empty() {
-            return Ok(Err(match held_by_pause {
-                Some(subscription) => Denial::CollectionPaused { subscription },
-                None => status_denial(&newest, now),
-            }));
+            return Ok(Err(status_denial(&newest, now)));
         }
         let gate = self;
         let mut candidates = with_products(conn, valid)?;
@@ -352,6 +339,19 @@ impl Gate {
             if candidates.is_empty() {
                 return Ok(Err(Denial::MissingFeature {
                     feature: feature.clone(),
+                }));
+            }
+        }
+        // Last: a paused collection refuses only what would otherwise have let them in.
+        if gate.deny_paused_collection {
+            let held_by_pause = candidates
+                .first()
+                .map(|(s, _)| s.id.clone())
+                .unwrap_or_default();
+            candidates.retain(|(s, _)| !s.is_collection_paused_at(now));
+            if candidates.is_empty() {
+                return Ok(Err(Denial::CollectionPaused {
+                    subscription: held_by_pause,
                 }));
             }
         }

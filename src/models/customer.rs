@@ -137,6 +137,19 @@ impl Customer {
             .next())
     }
 
+    /// The ids of every customer the subscriber has had in a mode, deleted ones too.
+    pub(crate) fn ids_ever_by_subscriber(
+        conn: &mut crate::db::Conn<'_>,
+        subscriber_id: &str,
+        live: bool,
+    ) -> Result<Vec<String>> {
+        Ok(on_conn!(conn, c => stripe_customers::table
+            .filter(stripe_customers::subscriber_id.eq(subscriber_id))
+            .filter(stripe_customers::livemode.eq(live))
+            .select(stripe_customers::id)
+            .load(c))?)
+    }
+
     /// The ids of the subscriber's live customers in a mode.
     pub(crate) fn ids_by_subscriber(
         conn: &mut crate::db::Conn<'_>,

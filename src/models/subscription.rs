@@ -333,6 +333,16 @@ super::string_enum! {
 }
 
 impl SubscriptionStatus {
+    /// The statuses Stripe still bills (`active`, `trialing`, `past_due`, `unpaid`,
+    /// `paused`): a subscription in one of them is not over, whatever access it grants.
+    pub fn is_billed(&self) -> bool {
+        use SubscriptionStatus as S;
+        matches!(
+            self,
+            S::Active | S::Trialing | S::PastDue | S::Unpaid | S::Paused
+        )
+    }
+
     /// `active` or `trialing`: the statuses that grant access.
     pub fn is_current(&self) -> bool {
         matches!(

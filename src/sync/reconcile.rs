@@ -42,8 +42,9 @@ pub struct ReconcileReport {
     pub tombstoned: usize,
     /// Objects that could not be fetched: kind, id, error. Run again later.
     pub failed: Vec<(String, String, String)>,
-    /// Completed Checkout Sessions in Stripe's event list whose customer was linked to
-    /// their subscriber, or already was (the webhook's rule, which is idempotent).
+    /// Completed Checkout Sessions in Stripe's event list put through the webhook's
+    /// linking rule (which links a customer to the session's subscriber when it may,
+    /// and does nothing when it is linked already or must not be).
     pub checkout_sessions: usize,
 }
 
@@ -73,27 +74,26 @@ pub async fn reconcile(mirror: &Mirror, since: Duration) -> Result<ReconcileRepo
     // Linked before the fetches, which then find the customer's subscriber (a missed
     // webhook left a Payment Link buyer's customer without one).
     for session in sessions {
-        let source = format!(
-            "reconcile: checkout session {}",
-            session
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or("<no id>")
-        );
+        let id = session
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("<no id>");
+        let source = format!("reconcile: checkout session {id}");
         let linked = session.clone();
-        mirror
+        let done = mirror
             .db()
             .run(move |conn| {
                 conn.write(|c| crate::webhooks::link_session(c, &linked, live, &source))
             })
-            .await?;
-        for (kind, field) in [("customer", "customer"), ("subscription", "subscription")] {
-            let id = match session.get(field) {
-                Some(Value::String(id)) => Some(id.as_str()),
-                Some(other) => other.get("id").and_then(Value::as_str),
-                None => None,
-            };
-            if let Some(id) = id.filter(|id| !id.is_empty()) {
+            .await;
+        if let Err(err) = done {
+            report
+                .failed
+                .push(("checkout.session".into(), id.to_owned(), err.to_string()));
+            continue;
+        }
+        for kind in ["customer", "subscription"] {
+            if let Some(id) = crate::sync::upsert::id_named(&session, kind) {
                 wanted.insert((kind, id.to_owned()));
             }
         }

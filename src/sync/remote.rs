@@ -107,7 +107,7 @@ pub(crate) async fn fetch_whole(
 
 /// Completes an object Stripe sent in part ([`MirrorTable::partial`]): a
 /// subscription's items past the first 10 are fetched.
-async fn complete(
+pub(crate) async fn complete(
     client: &crate::stripe::StripeClient,
     table: &MirrorTable,
     object: &mut Value,
@@ -454,7 +454,7 @@ pub async fn sync_all(
         let mut next = Some(AbortOnDrop(fetch(None, 0)));
         let (mut asked_after, mut pass): (Option<String>, usize) = (None, 0);
         // Ids an earlier list of the pass gave (a server that ignores `active` lists
-        // every price twice): written and counted once.
+        // every price twice): counted once.
         let mut listed_before: BTreeSet<String> = BTreeSet::new();
         let live = mirror.live_mode();
         // The live rows the mirror holds before the list: what it could leave out.
@@ -498,13 +498,13 @@ pub async fn sync_all(
                 (asked_after, pass) = (None, pass + 1);
                 next = Some(AbortOnDrop(fetch(None, pass)));
             }
-            if passes(table) > 1 {
-                let id = |item: &Value| item.get("id").and_then(Value::as_str).map(str::to_owned);
-                items.retain(|item| match id(item) {
-                    Some(id) => listed_before.insert(id),
-                    None => true,
-                });
-            }
+            // Listed again (archived between the two lists, or by a server that ignores
+            // `active`): written again, the guard keeping the fresher, but counted once.
+            let repeated = items
+                .iter()
+                .filter_map(|item| item.get("id").and_then(Value::as_str))
+                .filter(|id| passes(table) > 1 && !listed_before.insert((*id).to_owned()))
+                .count();
             // Objects listed in part (a subscription's items past the first 10) are
             // completed before the page is written; one that cannot be is written as
             // listed, flagged for `reconcile`, and reported.
@@ -532,7 +532,7 @@ pub async fn sync_all(
                 .run(move |conn| {
                     conn.write(|c| {
                         crate::access::changes::in_bulk(c, |c| {
-                            let (mut written, mut failures) = (0, Vec::new());
+                            let (mut written, mut failures) = (0_usize, Vec::new());
                             for item in &items {
                                 match table.row(item, stamp.clone(), None) {
                                     Ok(row) => {
@@ -558,7 +558,7 @@ pub async fn sync_all(
                     })
                 })
                 .await?;
-            done += written;
+            done += written.saturating_sub(repeated);
             unmapped.extend(failures.iter().map(|f: &SyncFailure| f.id.clone()));
             report.failures.extend(failures);
             report.failures.extend(incomplete);

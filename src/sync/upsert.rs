@@ -441,8 +441,8 @@ impl MirrorTable {
                 // Whatever its stamp, but not over a live row an event of a later
                 // second wrote: an object made again under the id (a product's, a
                 // plan's), which the old one's late deletion must not delete. A fetch's
-                // stamp is when Stripe answered, not when it read: a deletion racing a
-                // fetch still wins over it.
+                // stamp can be up to a second after Stripe read the object: a deletion
+                // racing a fetch still wins over it.
                 delete: format!(
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
                      stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END \
@@ -533,14 +533,17 @@ impl MirrorTable {
             execute(conn, &self.statements().revive, binds)?;
             return Ok(Written::Applied);
         }
-        // One change sent twice in one second, in part and whole (a plan's event and its
-        // price's): the whole payload wins whichever came first, even with no API key
-        // to fetch it.
+        // One change sent twice in one second in two shapes, one of them partial (a
+        // plan's event and its price's): the whole shape wins whichever came first, even
+        // with no API key to fetch it. Two versions of one shape (a subscription's
+        // events) are not this: their order is `order_tie`'s to find.
+        let other_shape = |held: &Value| held.get("object") != value.get("object");
         if current.stamp == row.stamp.at
             && current.stamp_rank == row.stamp.source as i32
             && self.partial.is_some()
             && !self.is_partial(value)
-            && serde_json::from_str::<Value>(&current.data).is_ok_and(|held| self.is_partial(&held))
+            && serde_json::from_str::<Value>(&current.data)
+                .is_ok_and(|held| self.is_partial(&held) && other_shape(&held))
         {
             execute(conn, &self.statements().forced, binds)?;
             return Ok(Written::Applied);
@@ -689,6 +692,11 @@ fn id_field<'a>(value: &'a Value, field: &str) -> Option<&'a Value> {
         Value::Object(o) => o.get("id"),
         other => Some(other),
     }
+}
+
+/// The id `field` names, as text ([`id_field`]); an empty id is none.
+pub(crate) fn id_named<'a>(value: &'a Value, field: &str) -> Option<&'a str> {
+    id_field(value, field)?.as_str().filter(|id| !id.is_empty())
 }
 
 /// Orders two versions of an object stamped in the same second, each given as its

@@ -132,11 +132,8 @@ pub(crate) fn checkout_subscription(event: &Event) -> Option<(&'static MirrorTab
     if event.event_type != "checkout.session.completed" || connected(event) {
         return None;
     }
-    let id = match event.object().get("subscription")? {
-        Value::String(id) => id.clone(),
-        other => other.get("id")?.as_str()?.to_owned(),
-    };
-    Some((&crate::models::subscription::SUBSCRIPTIONS, id))
+    let id = crate::sync::upsert::id_named(event.object(), "subscription")?;
+    Some((&crate::models::subscription::SUBSCRIPTIONS, id.to_owned()))
 }
 
 /// The stamp of an event's own payload.
@@ -170,13 +167,9 @@ pub(crate) fn link_session(
     source: &str,
 ) -> Result<()> {
     // No customer (or an empty id): nothing to link, and no placeholder to map.
-    let customer = match session.get("customer") {
-        Some(Value::String(id)) if !id.is_empty() => id.clone(),
-        Some(Value::Object(c)) => match c.get("id").and_then(Value::as_str) {
-            Some(id) if !id.is_empty() => id.to_owned(),
-            _ => return Ok(()),
-        },
-        _ => return Ok(()),
+    let Some(customer) = crate::sync::upsert::id_named(session, "customer").map(str::to_owned)
+    else {
+        return Ok(());
     };
     // The metadata is set by the server that created the session (`Checkout::create`);
     // `client_reference_id` can be set by the buyer (Payment Links): when both are
