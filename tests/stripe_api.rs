@@ -406,12 +406,12 @@ async fn sync_all_removes_only_what_stripe_says_is_gone_and_refuses_a_foreign_ke
             .unwrap();
         let removing = |kind| SyncOptions::default().objects(&[kind]).remove_missing(true);
 
-        // Not asked: one request (the list), nothing removed.
+        // Not asked: two requests (the test clocks, none here; the list), nothing removed.
         let before = *hits.lock().unwrap();
         let report = sync_all(&m, &SyncOptions::default().objects(&["customer"]), |_| {})
             .await
             .unwrap();
-        assert_eq!(*hits.lock().unwrap() - before, 1, "{}", b.name);
+        assert_eq!(*hits.lock().unwrap() - before, 2, "{}", b.name);
         assert!(report.removed.is_empty(), "{}: {report:?}", b.name);
         assert!(
             !Customer::get(&m, "cus_gone")
@@ -1584,5 +1584,44 @@ async fn sync_all_mirrors_archived_prices_too() {
             .await
             .unwrap();
         assert_eq!(report.counts["price"], 1, "{}: {report:?}", b.name);
+    }
+}
+
+/// In test mode Stripe leaves customers and subscriptions of a test clock out of its
+/// lists unless asked for by clock: the backfill asks for each clock's too.
+#[tokio::test]
+async fn sync_all_mirrors_what_test_clocks_hold() {
+    let list = |data: Value| json!({"object": "list", "has_more": false, "data": data});
+    let (base, _) = common::stripe_stub(vec![
+        (
+            "/v1/test_helpers/test_clocks",
+            200,
+            list(json!([{"id": "clock_1", "object": "test_helpers.test_clock"}])),
+        ),
+        (
+            "/v1/customers?test_clock=clock_1",
+            200,
+            list(json!([{"id": "cus_on_clock", "object": "customer", "livemode": false}])),
+        ),
+        (
+            "/v1/customers",
+            200,
+            list(json!([{"id": "cus_plain", "object": "customer", "livemode": false}])),
+        ),
+    ])
+    .await;
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let report = sync_all(&m, &SyncOptions::default().objects(&["customer"]), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.counts["customer"], 2, "{}: {report:?}", b.name);
+        for id in ["cus_plain", "cus_on_clock"] {
+            assert!(
+                Customer::get(&m, id).await.unwrap().is_some(),
+                "{}: {id}",
+                b.name
+            );
+        }
     }
 }

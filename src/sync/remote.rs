@@ -153,20 +153,60 @@ pub(crate) fn retrieve_request(
     })
 }
 
-/// How many lists make the whole of `table`: prices are listed active, then inactive
-/// (Stripe lists only active prices unless asked for the others, and an archived price
-/// still bills the subscriptions made on it).
-fn passes(table: &MirrorTable) -> usize {
-    if table.kind == "price" { 2 } else { 1 }
+/// One of the lists that together make the whole of a table.
+#[derive(Clone, Debug)]
+enum List {
+    /// Stripe's list as it comes.
+    Plain,
+    /// Prices, active or not: Stripe lists only active prices unless asked for the
+    /// others, and an archived price still bills the subscriptions made on it.
+    Active(bool),
+    /// Customers or subscriptions of a test clock, which Stripe leaves out of its list
+    /// unless asked for by clock (test mode).
+    TestClock(String),
 }
 
-/// async-stripe's typed list request for a page of `table` in list `pass` of
-/// [`passes`] (subscriptions of every status).
+/// The lists that make the whole of `table`: prices active then inactive; in test
+/// mode, customers and subscriptions of each test clock too.
+async fn lists(
+    client: &crate::stripe::StripeClient,
+    table: &MirrorTable,
+    live: bool,
+) -> Result<Vec<List>> {
+    Ok(match table.kind {
+        "price" => vec![List::Active(true), List::Active(false)],
+        "customer" | "subscription" if !live => {
+            let clocks = match client
+                .list_all(
+                    "/test_helpers/test_clocks",
+                    serde_json::Map::new(),
+                    "test clock list",
+                    "test_clock",
+                )
+                .await
+            {
+                Ok((clocks, _)) => clocks,
+                // A server without test clocks (a local fake: 404, whatever its body) has none.
+                Err(Error::Stripe(e)) if e.status == Some(404) => Vec::new(),
+                Err(err) => return Err(err),
+            };
+            let clocks = clocks
+                .iter()
+                .filter_map(|clock| clock.get("id").and_then(Value::as_str))
+                .map(|id| List::TestClock(id.to_owned()));
+            std::iter::once(List::Plain).chain(clocks).collect()
+        }
+        _ => vec![List::Plain],
+    })
+}
+
+/// async-stripe's typed list request for a page of `table` in `list` (subscriptions of
+/// every status).
 fn list_request(
     table: &MirrorTable,
     limit: i64,
     after: Option<&str>,
-    pass: usize,
+    list: &List,
 ) -> Result<stripe_client_core::RequestBuilder> {
     use stripe_client_core::StripeRequest;
     macro_rules! page {
@@ -179,13 +219,25 @@ fn list_request(
         }};
     }
     Ok(match table.kind {
-        "customer" => page!(stripe_core::customer::ListCustomer::new()),
+        "customer" => match list {
+            List::TestClock(clock) => {
+                page!(stripe_core::customer::ListCustomer::new().test_clock(clock.as_str()))
+            }
+            _ => page!(stripe_core::customer::ListCustomer::new()),
+        },
         "product" => page!(stripe_product::product::ListProduct::new()),
-        "price" => page!(stripe_product::price::ListPrice::new().active(pass == 0)),
-        "subscription" => page!(
-            stripe_billing::subscription::ListSubscription::new()
-                .status(stripe_billing::subscription::ListSubscriptionStatus::All)
-        ),
+        "price" => match list {
+            List::Active(active) => page!(stripe_product::price::ListPrice::new().active(*active)),
+            _ => page!(stripe_product::price::ListPrice::new()),
+        },
+        "subscription" => {
+            let all = stripe_billing::subscription::ListSubscription::new()
+                .status(stripe_billing::subscription::ListSubscriptionStatus::All);
+            match list {
+                List::TestClock(clock) => page!(all.test_clock(clock.as_str())),
+                _ => page!(all),
+            }
+        }
         other => return Err(Error::Config(format!("{other} objects cannot be listed"))),
     })
 }
@@ -440,12 +492,14 @@ pub async fn sync_all(
     for kind in &options.objects {
         let table = table_named(kind)?;
         let limit = i64::from(options.page_size.clamp(1, 100));
+        let live = mirror.live_mode();
+        let lists = lists(&client, table, live).await?;
         // The next page is fetched while this one is written: the network and the
         // database work side by side.
         let fetch = |after: Option<String>, pass: usize| {
-            let client = client.clone();
+            let (client, list) = (client.clone(), lists[pass].clone());
             tokio::spawn(async move {
-                let request = list_request(table, limit, after.as_deref(), pass)?;
+                let request = list_request(table, limit, after.as_deref(), &list)?;
                 client
                     .get_built(request, Some(&format!("{} list", table.kind)))
                     .await
@@ -453,10 +507,9 @@ pub async fn sync_all(
         };
         let mut next = Some(AbortOnDrop(fetch(None, 0)));
         let (mut asked_after, mut pass): (Option<String>, usize) = (None, 0);
-        // Ids an earlier list of the pass gave (a server that ignores `active` lists
-        // every price twice): counted once.
+        // Ids an earlier list gave (a price archived between its two lists; a server
+        // that ignores `active` lists every price twice): counted once.
         let mut listed_before: BTreeSet<String> = BTreeSet::new();
-        let live = mirror.live_mode();
         // The live rows the mirror holds before the list: what it could leave out.
         let held = if options.remove_missing {
             mirror
@@ -494,7 +547,7 @@ pub async fn sync_all(
             {
                 asked_after = Some(after.clone());
                 next = Some(AbortOnDrop(fetch(Some(after), pass)));
-            } else if pass + 1 < passes(table) {
+            } else if pass + 1 < lists.len() {
                 (asked_after, pass) = (None, pass + 1);
                 next = Some(AbortOnDrop(fetch(None, pass)));
             }
@@ -503,7 +556,7 @@ pub async fn sync_all(
             let repeated = items
                 .iter()
                 .filter_map(|item| item.get("id").and_then(Value::as_str))
-                .filter(|id| passes(table) > 1 && !listed_before.insert((*id).to_owned()))
+                .filter(|id| lists.len() > 1 && !listed_before.insert((*id).to_owned()))
                 .count();
             // Objects listed in part (a subscription's items past the first 10) are
             // completed before the page is written; one that cannot be is written as
