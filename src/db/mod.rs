@@ -356,11 +356,24 @@ impl Database {
         let pool = match parse_url(url) {
             #[cfg(feature = "sqlite")]
             Target::Sqlite(path) => {
-                // An in-memory database exists once per connection: keep a single one.
-                let size = if path.contains(":memory:") { 1 } else { size };
+                // An in-memory database exists once per connection: keep a single one,
+                // for good (r2d2 would replace it after 10 idle minutes, or 30 in all,
+                // with a new, empty database).
+                let memory = path.contains(":memory:");
+                let (size, idle, lifetime) = if memory {
+                    (1, None, None)
+                } else {
+                    (
+                        size,
+                        Some(Duration::from_secs(600)),
+                        Some(Duration::from_secs(1800)),
+                    )
+                };
                 Pool::Sqlite(
                     r2d2::Pool::builder()
                         .max_size(size)
+                        .idle_timeout(idle)
+                        .max_lifetime(lifetime)
                         // A file's connections do not break: no test query per checkout
                         // (Postgres keeps r2d2's, which finds connections a restart broke).
                         .test_on_check_out(false)
@@ -543,6 +556,30 @@ mod tests {
         assert!(!raw_at_in_userinfo(
             "postgres://u:p%40w@127.0.0.1:1/db?sslmode=disable"
         ));
+    }
+
+    /// An in-memory database lives in its one connection: the pool keeps it for good
+    /// (r2d2 replaces an idle or old connection, which would empty the database); a
+    /// file's connections are recycled as r2d2 does.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    #[allow(irrefutable_let_patterns)] // without the postgres feature
+    fn an_in_memory_database_is_never_recycled() {
+        let db = Database::open("sqlite::memory:", 4, Duration::from_secs(5)).unwrap();
+        let DbPool::Sqlite(pool) = db.pool() else {
+            panic!("sqlite")
+        };
+        assert_eq!(
+            (pool.max_size(), pool.idle_timeout(), pool.max_lifetime()),
+            (1, None, None)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("sqlite://{}", dir.path().join("m.db").display());
+        let db = Database::open(&file, 4, Duration::from_secs(5)).unwrap();
+        let DbPool::Sqlite(pool) = db.pool() else {
+            panic!("sqlite")
+        };
+        assert!(pool.idle_timeout().is_some() && pool.max_lifetime().is_some());
     }
 
     /// Every pooled SQLite connection syncs each commit (2 = FULL): a 200 is durable.
