@@ -397,7 +397,9 @@ pub(crate) fn record_handlers(
 
 /// Ends the claim `token`: processed when `error` is `None` and every handler in the
 /// log succeeded, else failed. False when the claim was lost (its lease ended and
-/// another worker took the event): nothing is written then.
+/// another worker took the event): nothing is written then. `keep_claim` (a handler
+/// cut off by its timeout, maybe still at work): failed, but still claimed until the
+/// lease ends, so neither a redelivery nor a replay runs it again before then.
 pub(crate) fn finish(
     conn: &mut Conn<'_>,
     id: &str,
@@ -405,6 +407,7 @@ pub(crate) fn finish(
     handlers: &HandlerLog,
     error: Option<&str>,
     synced: bool,
+    keep_claim: bool,
 ) -> Result<bool> {
     let unfinished: Vec<&str> = handlers
         .iter()
@@ -414,10 +417,16 @@ pub(crate) fn finish(
     let pending = (!unfinished.is_empty())
         .then(|| format!("handlers not yet succeeded: {}", unfinished.join(", ")));
     let error = error.map(str::to_owned).or(pending);
-    let status = if error.is_some() {
-        status::FAILED
+    let status = match (&error, keep_claim) {
+        // Still `processing` under the lease it holds: claimable again once it ends.
+        (Some(_), true) => status::PROCESSING,
+        (Some(_), false) => status::FAILED,
+        (None, _) => status::PROCESSED,
+    };
+    let claimed_until = if status == status::PROCESSING {
+        "claimed_at"
     } else {
-        status::PROCESSED
+        "NULL"
     };
     let log = serde_json::to_string(handlers).expect("a map of strings");
     let updated = on_conn!(conn, c => diesel::update(
@@ -431,7 +440,7 @@ pub(crate) fn finish(
             stripe_events::error.eq(error),
             stripe_events::handlers.eq(log),
             stripe_events::processed_at.eq(now()),
-            stripe_events::claimed_at.eq(None::<i64>),
+            stripe_events::claimed_at.eq(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::BigInt>>(claimed_until)),
             stripe_events::synced.eq(stripe_events::synced.or(diesel::dsl::sql::<diesel::sql_types::Bool>(if synced { "TRUE" } else { "FALSE" }))),
         ))
         .execute(c))?;

@@ -91,6 +91,10 @@ impl WebhookResponse {
 pub(crate) struct Failure {
     pub(crate) outcome: Outcome,
     pub(crate) error: String,
+    /// A handler was cut off by its timeout and may still be at work on another
+    /// thread: the event's claim is kept until its lease ends, so no redelivery or
+    /// replay runs the handler again meanwhile.
+    pub(crate) keep_claim: bool,
 }
 
 impl Failure {
@@ -98,6 +102,7 @@ impl Failure {
         Failure {
             outcome,
             error: error.to_string(),
+            keep_claim: false,
         }
     }
 
@@ -344,9 +349,9 @@ impl Webhooks {
             Ok(()) => self.run_due(mirror, &event, &mut work).await,
             Err(e) => Err(Failure::new(Outcome::Unavailable, e)),
         };
-        let (outcome, error) = match &result {
-            Ok(outcome) => (*outcome, None),
-            Err(f) => (f.outcome, Some(f.error.clone())),
+        let (outcome, error, keep_claim) = match &result {
+            Ok(outcome) => (*outcome, None, false),
+            Err(f) => (f.outcome, Some(f.error.clone()), f.keep_claim),
         };
         let id = event.id.clone();
         // Both records in one transaction, shared with other deliveries finishing now.
@@ -357,7 +362,15 @@ impl Webhooks {
             .write_retrying(&id, || {
                 let (id, handlers, error) = (id.clone(), handlers.clone(), error.clone());
                 move |conn: &mut crate::db::Conn<'_>| {
-                    if !event::finish(conn, &id, token, &handlers, error.as_deref(), false)? {
+                    if !event::finish(
+                        conn,
+                        &id,
+                        token,
+                        &handlers,
+                        error.as_deref(),
+                        false,
+                        keep_claim,
+                    )? {
                         let lost = Failure::new(Outcome::InProgress, CLAIM_LOST);
                         delivery::finish(
                             conn,
@@ -714,6 +727,7 @@ pub(crate) fn claim_and_sync(
                         &handlers,
                         Some(&err.to_string()),
                         false,
+                        false,
                     )?;
                     return Ok(Err(err));
                 }
@@ -780,7 +794,7 @@ pub(crate) fn claim_and_sync(
             }
             event::record_handlers(c, &event.id, &handlers, synced_now)?;
         } else if !settled {
-            event::finish(c, &event.id, token, &handlers, None, synced_now)?;
+            event::finish(c, &event.id, token, &handlers, None, synced_now, false)?;
         }
         Ok(Ok(Progress::Claimed(Work {
             token,

@@ -383,16 +383,20 @@ impl Webhooks {
             // Called inside the guard: a handler that panics before it returns its
             // future is caught like one that panics while it runs.
             let handler = handler.clone();
-            let error = match guarded(async move { handler(e, m).await }, limit).await {
+            let (error, timed_out) = match guarded(async move { handler(e, m).await }, limit).await
+            {
                 Ok(()) => {
                     log.insert(key, HANDLER_OK.to_owned());
                     continue;
                 }
-                Err(error) => format!("handler {key} {error}"),
+                Err(stopped) => (format!("handler {key} {stopped}"), stopped.timed_out),
             };
             tracing::warn!(event = %event.id, event_type = %event.event_type, %error, "webhook handler failed");
             log.insert(key, error.clone());
-            failed = Some(Failure::new(Outcome::HandlerFailed, error));
+            failed = Some(Failure {
+                keep_claim: timed_out,
+                ..Failure::new(Outcome::HandlerFailed, error)
+            });
             break;
         }
         // The first failure is the answer, a handler's before the hook's.

@@ -193,14 +193,13 @@ impl Webhooks {
                 fetched = follow_up(mirror, &event, &mut work, table, &id).await;
             }
             // As a delivery: the handlers wait until the re-fetch has landed.
-            let error = match fetched {
-                Err(failed) => Some(failed),
-                Ok(()) if work.due => self
-                    .run_due(mirror, &event, &mut work)
-                    .await
-                    .err()
-                    .map(|f| f.error),
-                Ok(()) => None,
+            let (error, keep_claim) = match fetched {
+                Err(failed) => (Some(failed), false),
+                Ok(()) if work.due => match self.run_due(mirror, &event, &mut work).await {
+                    Ok(_) => (None, false),
+                    Err(f) => (Some(f.error), f.keep_claim),
+                },
+                Ok(()) => (None, false),
             };
             let pending = work.handlers.values().any(|v| v != event::HANDLER_OK);
             if work.due {
@@ -208,7 +207,16 @@ impl Webhooks {
                 let kept = mirror
                     .db()
                     .run(move |conn| {
-                        event::finish(conn, &id, work.token, &work.handlers, err.as_deref(), false)
+                        let handlers = &work.handlers;
+                        event::finish(
+                            conn,
+                            &id,
+                            work.token,
+                            handlers,
+                            err.as_deref(),
+                            false,
+                            keep_claim,
+                        )
                     })
                     .await?;
                 if !kept {
