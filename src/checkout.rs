@@ -28,9 +28,12 @@ pub struct CheckoutSession {
 /// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
 /// use stripe_mirror::checkout::Checkout;
 /// let session = Checkout::subscription("price_pro_monthly")
-///     .success_url("https://example.com/members?checkout={CHECKOUT_SESSION_ID}")
+///     // Not a gated page: the buyer can land before Stripe's webhook does
+///     // (confirm the session there with `sync_session`).
+///     .success_url("https://example.com/welcome?session={CHECKOUT_SESSION_ID}")
 ///     .cancel_url("https://example.com/pricing")
-///     .trial_days(14)
+///     .trial_days_once(14)
+///     .unless_subscribed()
 ///     .allow_promotion_codes(true)
 ///     .create(&mirror, &user)
 ///     .await?;
@@ -95,7 +98,9 @@ impl Checkout {
         self
     }
 
-    /// A free trial before the first charge (subscriptions only).
+    /// A free trial before the first charge (subscriptions only), every time: a
+    /// subscriber who cancels and subscribes again gets it again
+    /// ([`trial_days_once`](Self::trial_days_once) does not).
     pub fn trial_days(mut self, days: u32) -> Self {
         self.trial_days = Some(days);
         self

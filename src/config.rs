@@ -383,7 +383,12 @@ impl Config {
             }
         };
         Ok(Config {
-            database_url: text("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            database_url: text("DATABASE_URL").unwrap_or_else(|| {
+                tracing::info!(
+                    "DATABASE_URL is not set: using the embedded default {DEFAULT_DATABASE_URL}"
+                );
+                DEFAULT_DATABASE_URL.to_owned()
+            }),
             live_mode,
             secret_key: secret("STRIPE_SECRET_KEY"),
             test_secret_key: secret("STRIPE_TEST_SECRET_KEY"),

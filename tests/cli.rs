@@ -853,10 +853,19 @@ async fn sync_prints_plain_progress_lines_and_json_off_a_terminal() {
         assert_eq!(as_json.status.code(), Some(2), "{as_json:?}");
         let stdout = String::from_utf8_lossy(&plain.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&plain.stderr).into_owned();
+        // Which database first (never its password), then the progress lines.
+        let (database, progress): (Vec<&str>, Vec<&str>) =
+            stderr.lines().partition(|l| l.starts_with("database: "));
         assert_eq!(
-            stderr.lines().collect::<Vec<_>>(),
+            progress,
             ["product: 2", "subscription: 1"],
             "{}: progress lines, no bar: {stderr:?}",
+            b.name
+        );
+        assert_eq!(database.len(), 1, "{}: {stderr:?}", b.name);
+        assert!(
+            stderr.starts_with("database: ") && !database[0].contains("password"),
+            "{}: {stderr:?}",
             b.name
         );
         assert!(
@@ -887,8 +896,8 @@ async fn sync_prints_plain_progress_lines_and_json_off_a_terminal() {
         );
         assert_eq!(
             String::from_utf8_lossy(&as_json.stderr).lines().count(),
-            2,
-            "{as_json:?}"
+            3,
+            "{as_json:?}: the database, then a line per kind"
         );
     }
 }

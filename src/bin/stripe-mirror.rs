@@ -222,6 +222,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
         });
     }
+    // Which database, on every command: with no DATABASE_URL the embedded default
+    // (./stripe-mirror.db) is used, which a deploy job meant for Postgres must notice.
+    eprintln!("database: {}", config.database_url_redacted());
     let mirror = Mirror::connect(config).await?;
     match cli.command {
         Command::Migrate => println!("database is up to date"),
