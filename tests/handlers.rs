@@ -554,3 +554,86 @@ async fn a_replay_takes_stuck_events_and_pages_through_many() {
         );
     }
 }
+
+/// A test-mode app given the live endpoint's secret too (one URL registered in both
+/// modes): a live event is verified, stored and mirrored as a live row, but the host's
+/// handlers do not run for it unless the host asks (`handle_other_mode`), nor does a
+/// replay run them.
+#[tokio::test]
+async fn handlers_run_for_the_mirrors_mode_only_unless_asked() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counting = |runs: Arc<AtomicUsize>| {
+            move |_e: Event, _m: Mirror| {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }
+        };
+        let webhooks = Webhooks::new().on("product.*", counting(runs.clone()));
+        let mut live = product_event("evt_live_mode");
+        live["livemode"] = json!(true);
+        let r = webhooks.receive(&m, post(&live)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Processed),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "{}: not run for the other mode",
+            b.name
+        );
+        assert_eq!(
+            stored(m.config(), "evt_live_mode").0,
+            "processed",
+            "{}",
+            b.name
+        );
+        let mirrored = common::query_count(
+            &m.config().database_url,
+            "SELECT COUNT(*) AS n FROM stripe_products WHERE id = 'prod_evt_live_mode' AND livemode = TRUE",
+        );
+        assert_eq!(mirrored, 1, "{}: mirrored as a live row", b.name);
+        let replay = stripe_mirror::webhooks::EventFilter {
+            ids: vec!["evt_live_mode".into()],
+            ..Default::default()
+        };
+        webhooks.process_events(&m, &replay).await.unwrap();
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "{}: nor by a replay",
+            b.name
+        );
+
+        // Asked for: the handlers run for both modes.
+        let both = Webhooks::new()
+            .on("product.*", counting(runs.clone()))
+            .handle_other_mode(true);
+        let mut live = product_event("evt_live_mode_2");
+        live["livemode"] = json!(true);
+        assert_eq!(
+            both.receive(&m, post(&live)).await.status,
+            200,
+            "{}",
+            b.name
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{}", b.name);
+        // And the mirror's own mode, of course.
+        assert_eq!(
+            webhooks
+                .receive(&m, post(&product_event("evt_test_mode")))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "{}", b.name);
+    }
+}

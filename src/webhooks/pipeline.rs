@@ -432,7 +432,7 @@ impl Webhooks {
         event: Event,
         (t, lease, live): (i64, i64, bool),
     ) -> Result<Step> {
-        let keys = self.handler_keys(&event.event_type);
+        let keys = self.handler_keys(&event, live);
         let access = self.has_access_hook().then_some(live);
         Ok(
             match claim_and_sync(conn, &event, false, t, lease, &keys, access) {

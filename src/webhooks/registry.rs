@@ -72,6 +72,8 @@ pub(crate) struct Registry {
     pub(crate) refetch: Vec<String>,
     /// The host's [`Webhooks::on_access_change`] hook.
     pub(crate) access_hook: Option<AccessHook>,
+    /// [`Webhooks::handle_other_mode`].
+    pub(crate) other_mode: bool,
 }
 
 impl Default for Webhooks {
@@ -116,6 +118,7 @@ impl Webhooks {
                 wildcard: Vec::new(),
                 refetch: Vec::new(),
                 access_hook: None,
+                other_mode: false,
             }),
         }
     }
@@ -327,6 +330,25 @@ impl Webhooks {
         self
     }
 
+    /// Whether the handlers also run for events of the other mode than the mirror's (a
+    /// test-mode event reaching a live app). Off by default: an app given both
+    /// endpoints' signing secrets (one URL registered in test and live mode) would
+    /// otherwise fulfil test purchases in production. Such events are still verified,
+    /// logged, stored and mirrored (as rows of their own mode); the access hook tells
+    /// only the mirror's mode either way.
+    pub fn handle_other_mode(mut self, yes: bool) -> Self {
+        self.registry().other_mode = yes;
+        self
+    }
+
+    /// The handlers that run for `event` in a mirror of mode `live`, with their keys.
+    fn handlers_of(&self, event: &Event, live: bool) -> Vec<(String, BoxHandler)> {
+        if event.livemode != live && !self.inner.other_mode {
+            return Vec::new();
+        }
+        self.handlers_for(&event.event_type)
+    }
+
     /// How many handlers would run for `event_type`.
     pub fn handler_count(&self, event_type: &str) -> usize {
         self.handlers_for(event_type).len()
@@ -350,9 +372,10 @@ impl Webhooks {
         exact.chain(wild).collect()
     }
 
-    /// The keys of the handlers for `event_type`, in the order they run.
-    pub(crate) fn handler_keys(&self, event_type: &str) -> Vec<String> {
-        self.handlers_for(event_type)
+    /// The keys of the handlers that run for `event` in a mirror of mode `live`, in
+    /// the order they run.
+    pub(crate) fn handler_keys(&self, event: &Event, live: bool) -> Vec<String> {
+        self.handlers_of(event, live)
             .into_iter()
             .map(|(k, _)| k)
             .collect()
@@ -371,7 +394,7 @@ impl Webhooks {
         deadline: tokio::time::Instant,
     ) -> std::result::Result<Outcome, Failure> {
         let mut failed = None;
-        for (key, handler) in self.handlers_for(&event.event_type) {
+        for (key, handler) in self.handlers_of(event, mirror.live_mode()) {
             if log.get(&key).map(String::as_str) == Some(HANDLER_OK) {
                 continue;
             }

@@ -161,7 +161,7 @@ impl Webhooks {
         for event in events {
             let (e, keys, t) = (
                 event.clone(),
-                self.handler_keys(&event.event_type),
+                self.handler_keys(&event, mirror.live_mode()),
                 mirror.now(),
             );
             let progress = mirror
