@@ -267,27 +267,20 @@ async fn checkout(
     let Some(price) = price.filter(recurring) else {
         return Ok((StatusCode::NOT_FOUND, "no such plan").into_response());
     };
-    // Already subscribed (even past due or unpaid): changing plans or paying what is
-    // owed is the Billing Portal's job, not a second subscription's.
-    if let Some(customer) = Customer::by_subscriber(&state.mirror, &user).await? {
-        let subscriptions = customer.subscriptions(&state.mirror).await?;
-        let ended = |s: &stripe_mirror::Subscription| {
-            matches!(
-                s.status.as_ref().map(|s| s.as_str()),
-                Some("canceled" | "incomplete_expired")
-            )
-        };
-        if subscriptions.iter().any(|s| !ended(s)) {
-            return Ok(Redirect::to("/account").into_response());
-        }
-    }
     let app = app_url(&headers);
     let session = Checkout::subscription(&price.id)
         .success_url(&format!("{app}/account?checkout={{CHECKOUT_SESSION_ID}}"))
         .cancel_url(&format!("{app}/pricing"))
+        .unless_subscribed()
         .create(&state.mirror, &User(user))
-        .await?;
-    Ok(Redirect::to(&session.url).into_response())
+        .await;
+    match session {
+        Ok(session) => Ok(Redirect::to(&session.url).into_response()),
+        // Already subscribed (even past due or unpaid), as Stripe says: changing plans
+        // or paying what is owed is the Billing Portal's job, not a second subscription's.
+        Err(Error::AlreadySubscribed { .. }) => Ok(Redirect::to("/account").into_response()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Only reached past the gate: `Access` carries the subscription that let the user in.
