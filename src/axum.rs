@@ -81,8 +81,9 @@ fn warn_without_secret(mirror: &Mirror) {
     }
 }
 
-/// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
-/// for the delivery log; warns when no webhook secret is configured.
+/// Serves [`webhook_router`] on `listener` until Ctrl-C or SIGTERM, then answers the
+/// deliveries in flight before it returns; with peer addresses for the delivery log.
+/// Warns when no webhook secret is configured.
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
@@ -109,7 +110,33 @@ pub async fn serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
+    .with_graceful_shutdown(stop_signal())
     .await
+}
+
+/// Ctrl-C, or SIGTERM (a deploy, `docker stop`): [`serve`] then takes no new request
+/// and ends once those in flight are answered. A delivery cut off instead would hold
+/// its event's claim until the lease ends, its redeliveries answered 409 meanwhile.
+async fn stop_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    eprintln!("stopping: answering the deliveries in flight");
 }
 
 /// Reads the body up to the cap plus one byte (enough to know it is over) and stops

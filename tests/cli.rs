@@ -299,8 +299,24 @@ fn serve_answers_signed_webhooks() {
             )
             .send(&body);
         let unsigned = ureq::post(&url).send(&body);
-        let _ = child.kill();
-        let _ = child.wait();
+        // SIGTERM (a deploy): it stops taking requests and exits cleanly.
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{}: serve ignored SIGTERM", b.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{}: {status:?}", b.name);
         assert_eq!(answer.unwrap().status(), 200, "{}", b.name);
         assert!(
             matches!(unsigned, Err(ureq::Error::StatusCode(400))),
