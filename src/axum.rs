@@ -81,9 +81,9 @@ fn warn_without_secret(mirror: &Mirror) {
     }
 }
 
-/// Serves [`webhook_router`] on `listener` until Ctrl-C or SIGTERM, then answers the
-/// deliveries in flight before it returns; with peer addresses for the delivery log.
-/// Warns when no webhook secret is configured.
+/// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
+/// for the delivery log; warns when no webhook secret is configured. To stop it cleanly
+/// (a deploy), [`serve_with_shutdown`].
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
@@ -95,6 +95,27 @@ pub async fn serve(
     mirror: Mirror,
     webhooks: Webhooks,
     listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    serve_with_shutdown(mirror, webhooks, listener, std::future::pending()).await
+}
+
+/// [`serve`] until `stop` completes, then no new request is taken and it returns once
+/// the deliveries in flight are answered (a delivery cut off would hold its event's
+/// claim until the lease ends, its redeliveries answered 409 meanwhile). Pass
+/// [`shutdown_signal`] for Ctrl-C and SIGTERM, as `stripe-mirror serve` does.
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
+/// use stripe_mirror::axum::{serve_with_shutdown, shutdown_signal};
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+/// serve_with_shutdown(mirror, stripe_mirror::Webhooks::new(), listener, shutdown_signal()).await
+/// # }
+/// ```
+pub async fn serve_with_shutdown(
+    mirror: Mirror,
+    webhooks: Webhooks,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if mirror.config().webhook_secrets.is_empty() {
         eprintln!(
@@ -110,16 +131,18 @@ pub async fn serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(stop_signal())
+    .with_graceful_shutdown(stop)
     .await
 }
 
-/// Ctrl-C, or SIGTERM (a deploy, `docker stop`): [`serve`] then takes no new request
-/// and ends once those in flight are answered. A delivery cut off instead would hold
-/// its event's claim until the lease ends, its redeliveries answered 409 meanwhile.
-async fn stop_signal() {
+/// Completes on Ctrl-C or SIGTERM (a deploy, `docker stop`), for
+/// [`serve_with_shutdown`]. Awaiting it takes those signals over for the process, so
+/// a host with its own shutdown passes that instead.
+pub async fn shutdown_signal() {
     let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let terminate = async {

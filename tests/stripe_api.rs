@@ -1624,4 +1624,25 @@ async fn sync_all_mirrors_what_test_clocks_hold() {
             );
         }
     }
+    // A restricted key not allowed to read test clocks: the backfill goes on without.
+    let refused = json!({"error": {"type": "invalid_request_error",
+        "message": "The provided key does not have the required permissions"}});
+    let (restricted, _) = common::stripe_stub(vec![
+        ("/v1/test_helpers/test_clocks", 403, refused),
+        (
+            "/v1/customers",
+            200,
+            list(json!([{"id": "cus_plain", "object": "customer", "livemode": false}])),
+        ),
+    ])
+    .await;
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &restricted))
+            .await
+            .unwrap();
+        let report = sync_all(&m, &SyncOptions::default().objects(&["customer"]), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(report.counts["customer"], 1, "{}: {report:?}", b.name);
+    }
 }

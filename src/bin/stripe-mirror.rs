@@ -369,7 +369,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 );
             }
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            stripe_mirror::axum::serve(mirror, Webhooks::new(), listener).await?;
+            let stop = stripe_mirror::axum::shutdown_signal();
+            stripe_mirror::axum::serve_with_shutdown(mirror, Webhooks::new(), listener, stop)
+                .await?;
         }
         Command::Doctor { .. } | Command::ApiKeys(ApiKeys::Encrypt | ApiKeys::NewEncryptionKey) => {
             unreachable!("handled before connecting")

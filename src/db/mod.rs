@@ -255,28 +255,34 @@ fn raw_at_in_userinfo(url: &str) -> bool {
 
 /// The URL with any password replaced, for error messages.
 pub(crate) fn redact_url(url: &str) -> String {
-    // The query first: an `@` in it is not the userinfo's.
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let mut shown = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &base[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => {
-                    format!(
-                        "{}://{}:***{}",
-                        &base[..scheme],
-                        &creds[..colon],
-                        &base[at..]
-                    )
+    // The userinfo ends at the last `@` before the path's `/` (a raw `?` or `@` in a
+    // password is the password's); with no path, at the last `@` before the query.
+    let (mut shown, rest) = match url.find("://") {
+        Some(scheme) => {
+            let after = &url[scheme + 3..];
+            let authority = match after.find('/') {
+                Some(path) => &after[..path],
+                None => after.split_once('?').map_or(after, |(a, _)| a),
+            };
+            match authority.rfind('@') {
+                Some(end) => {
+                    let creds = &after[..end];
+                    let user = match creds.find(':') {
+                        Some(colon) => format!("{}:***", &creds[..colon]),
+                        None => creds.to_owned(),
+                    };
+                    (format!("{}://{user}", &url[..scheme]), &after[end..])
                 }
-                None => base.to_owned(),
+                None => (url[..scheme + 3].to_owned(), after),
             }
         }
-        _ => base.to_owned(),
+        None => (String::new(), url),
     };
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (rest, None),
+    };
+    shown.push_str(base);
     if let Some(query) = query {
         // libpq also takes the password as a parameter: `?password=...`.
         let params: Vec<String> = query
@@ -762,6 +768,19 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:pw@h/db?sslpassword=hunter2"),
             "postgres://u:***@h/db?sslpassword=***"
+        );
+        // A raw `?` in the password (libpq takes it as the password's): still hidden.
+        assert_eq!(
+            redact_url("postgres://app:s3cr?t@db/prod"),
+            "postgres://app:***@db/prod"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h?password=p@ss"),
+            "postgres://u@h?password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p@ss-word@127.0.0.1:1/app"),
+            "postgres://app:***@127.0.0.1:1/app"
         );
     }
 }

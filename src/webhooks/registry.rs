@@ -349,7 +349,8 @@ impl Webhooks {
         self.handlers_for(&event.event_type)
     }
 
-    /// How many handlers would run for `event_type`.
+    /// How many handlers would run for `event_type` (for an event of the mirror's mode,
+    /// or of either with [`handle_other_mode`](Self::handle_other_mode)).
     pub fn handler_count(&self, event_type: &str) -> usize {
         self.handlers_for(event_type).len()
     }

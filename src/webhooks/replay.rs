@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
     /// Events whose processing failed, or stopped: a worker killed while it held the
-    /// event leaves it `processing` until its claim's lease ends, then it counts here.
+    /// event, or a handler cut off by its timeout, leaves it `processing` until its
+    /// claim's lease ends, then it counts here.
     pub failed: bool,
     /// These event ids, whatever their status.
     pub ids: Vec<String>,
