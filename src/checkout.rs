@@ -377,12 +377,7 @@ impl Checkout {
         let this = self.checked(mirror, &customer.id, subscriber_id).await?;
         let request = this.request(&customer.id, subscriber_id, metered)?;
         let object = format!("checkout session for subscriber {subscriber_id}");
-        let session = mirror
-            .stripe()
-            .await?
-            .request(&request, None, Some(&object))
-            .await?
-            .value;
+        let session = create(mirror, &request, &object).await?;
         session_of(&session, &customer.id, "checkout session").map(|(id, url)| CheckoutSession {
             id,
             url,
@@ -659,12 +654,7 @@ impl BillingPortal {
             }
         }
         let object = format!("billing portal session for subscriber {}", self.subscriber);
-        let session = mirror
-            .stripe()
-            .await?
-            .request(&request, None, Some(&object))
-            .await?
-            .value;
+        let session = create(mirror, &request, &object).await?;
         session_of(&session, customer, "billing portal session")
             .map(|(id, url)| PortalSession { id, url })
     }
@@ -718,6 +708,19 @@ async fn stale_customer(mirror: &Mirror, err: &Error, customer: &str) -> bool {
         tracing::warn!(%customer, "Stripe no longer has this customer: kept as a tombstone");
     }
     gone
+}
+
+/// Creates a session (Checkout's or the Portal's) with `request`: Stripe's answer.
+async fn create<R>(mirror: &Mirror, request: &R, object: &str) -> Result<Value>
+where
+    R: stripe_client_core::StripeRequest,
+{
+    let answer = mirror
+        .stripe()
+        .await?
+        .request(request, None, Some(object))
+        .await?;
+    Ok(answer.value)
 }
 
 /// The id and URL of a created session; an answer without them is a clear error.
