@@ -324,9 +324,24 @@ async fn account(
     let mirror = &state.mirror;
     let mut body = String::from("<h1>Account</h1>");
     if let Some(session) = pair(uri.query().unwrap_or("").split('&'), "checkout") {
+        // Back from Checkout, likely before Stripe's webhooks: mirror the session's
+        // subscription now, so the members page opens at once. The id comes from the
+        // URL: it only decides what is fetched; access is the gate's, for this user.
+        let confirmed = match stripe_mirror::sync_session(mirror, &session).await {
+            Ok(status) => status.is_complete(),
+            Err(error) => {
+                eprintln!("Checkout session {session} not confirmed ({error}); the webhooks will");
+                false
+            }
+        };
+        let next = if confirmed {
+            r#"your subscription is below; <a href="/members">go to the members page</a>."#
+        } else {
+            "your subscription shows here as soon as Stripe confirms it (reload in a moment)."
+        };
         let _ = write!(
             body,
-            r#"<p class="notice">Thank you! Checkout <code>{}</code> is complete; your subscription shows here as soon as Stripe's webhook has arrived (reload in a moment).</p>"#,
+            r#"<p class="notice">Thank you! Checkout <code>{}</code>: {next}</p>"#,
             escape(&session)
         );
     }

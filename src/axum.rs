@@ -82,8 +82,9 @@ fn warn_without_secret(mirror: &Mirror) {
 }
 
 /// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
-/// for the delivery log; warns when no webhook secret is configured. To stop it cleanly
-/// (a deploy), [`serve_with_shutdown`].
+/// for the delivery log; warns when no webhook secret is configured. A request's head,
+/// like its body, must arrive within [`Config::webhook_read_timeout`](crate::Config::webhook_read_timeout),
+/// or the connection is closed. To stop it cleanly (a deploy), [`serve_with_shutdown`].
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
@@ -126,13 +127,47 @@ pub async fn serve_with_shutdown(
         "listening on http://{}{WEBHOOK_PATH}",
         listener.local_addr()?
     );
+    let read_timeout = mirror.config().webhook_read_timeout;
     let app: Router = webhook_router(mirror, webhooks);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await
+    // hyper's own loop rather than `axum::serve`, which gives hyper no timer: a client
+    // that opens connections and never ends a request's head would hold each open for
+    // good (axum#2741). A head gets the body's read timeout, then the connection closes.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // A connection reset before it was taken, or no file descriptor left
+                // for now: the others go on (as `axum::serve` does).
+                Err(error) => {
+                    tracing::warn!(%error, "a connection could not be accepted");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        // The peer's address for the delivery log, as `into_make_service_with_connect_info`.
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(ConnectInfo(peer))),
+        );
+        let connection =
+            connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "a webhook connection ended in error");
+            }
+        });
+    }
+    // No new connection; those open finish the request in flight and close.
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM (a deploy, `docker stop`), for

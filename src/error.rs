@@ -54,8 +54,9 @@ pub enum Error {
         problem: String,
     },
 
-    /// An object asked for by id is not in the local mirror.
-    #[error("{object} {id} is not in the mirror; sync it first")]
+    /// An object asked for by id is not in the local mirror (for a model's `sync`:
+    /// nor in Stripe). The message says what to do, which depends on what is missing.
+    #[error("{object} {id} is not in the mirror; {}", not_found_advice(.object))]
     NotFound {
         /// The kind of object.
         object: &'static str,
@@ -207,6 +208,25 @@ impl Error {
             Error::Database(D::BrokenTransactionManager) => true,
             Error::Stripe(e) => e.status.is_none_or(|s| matches!(s, 409 | 429 | 500..=599)),
             _ => false,
+        }
+    }
+}
+
+/// What to do about a [`Error::NotFound`], by what is missing.
+fn not_found_advice(object: &str) -> &'static str {
+    match object {
+        // The Billing Portal: nobody to manage.
+        "customer of subscriber" => {
+            "they have never bought anything: send them to Checkout (or to your pricing page)"
+        }
+        "subscription of subscriber" => {
+            "they have no subscription to manage: send them to Checkout (or to your pricing page)"
+        }
+        "api key" => "store it first (`ApiKey::get_or_create`, or `stripe-mirror api-keys add`)",
+        // A model's `sync`: Stripe was asked and has none.
+        _ => {
+            "Stripe has none either: check the id, and that the key is of the same account \
+             and mode (test or live)"
         }
     }
 }

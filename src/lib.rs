@@ -197,8 +197,8 @@ pub use mirror::Mirror;
 pub use models::api_key::{ApiKey, ApiKeyKind};
 pub use models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
 pub use models::entitlement::{EntitlementSummary, ProductFeature};
-pub use models::price::{Price, RecurringInterval};
-pub use models::product::Product;
+pub use models::price::{NewPrice, Price, RecurringInterval};
+pub use models::product::{NewProduct, Product};
 pub use models::subscription::{
     IncompleteSubscription, PauseCollection, Subscription, SubscriptionItem, SubscriptionStatus,
 };

@@ -647,5 +647,22 @@ async fn handlers_run_for_the_mirrors_mode_only_unless_asked() {
             200
         );
         assert_eq!(runs.load(Ordering::SeqCst), 2, "{}", b.name);
+
+        // The same switch on a registry with the app's state.
+        let with_state: Webhooks = Webhooks::new()
+            .with_state(runs.clone())
+            .on(
+                "product.*",
+                |_e: Event, _m: Mirror, runs: Arc<AtomicUsize>| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+            )
+            .handle_other_mode(true)
+            .into();
+        let mut live = product_event("evt_live_mode_3");
+        live["livemode"] = json!(true);
+        assert_eq!(with_state.receive(&m, post(&live)).await.status, 200);
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "{}", b.name);
     }
 }

@@ -433,6 +433,98 @@ mod axum_route {
         assert_eq!(d.body_size, 10);
         assert!(!d.valid && d.error.is_some());
     }
+    /// `serve` closes a connection whose request head does not arrive within the read
+    /// timeout (`axum::serve` waits for it forever: axum#2741), still answers a whole
+    /// request with the peer's address logged, and returns once told to stop.
+    #[tokio::test]
+    async fn serve_closes_a_connection_whose_head_never_ends() {
+        let b = &backends()[0];
+        let config = b
+            .config
+            .clone()
+            .webhook_secret(SECRET)
+            .webhook_read_timeout(Duration::from_millis(300));
+        let m = Mirror::connect(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(stripe_mirror::axum::serve_with_shutdown(
+            m.clone(),
+            Webhooks::new(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        // Half a head, then nothing: the server hangs up once the timeout is past.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /stripe/webhook HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match slow.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the connection was still open 5 s after half a request head"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+
+        // A whole, signed delivery on another connection is answered and logged with
+        // its peer.
+        let body = event(
+            "evt_served",
+            "customer.created",
+            json!({"id": "cus_served", "object": "customer", "created": now()}),
+        )
+        .to_string();
+        let signature = sign(body.as_bytes(), &Secret::new(SECRET), now());
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /stripe/webhook HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Stripe-Signature: {signature}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+            .await
+            .expect("no answer to a whole delivery")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let d = last_delivery(&m).await;
+        assert_eq!(d.event_id.as_deref(), Some("evt_served"));
+        assert!(
+            d.remote_addr
+                .as_deref()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{:?}",
+            d.remote_addr
+        );
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve did not return once told to stop")
+            .unwrap()
+            .unwrap();
+    }
 }
 
 /// An unsigned request's headers get the same budget as its body: 100 headers of 2 KiB

@@ -547,6 +547,7 @@ async fn a_partial_entitlement_summary_is_fetched_whole() {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }), "{}: {err}", b.name);
+        assert!(err.to_string().contains("Stripe has none either"), "{err}");
         assert!(
             !has_feature(&m, "many-user", "f01").await.unwrap(),
             "{}",
@@ -1235,6 +1236,12 @@ async fn checkout_and_portal_send_exactly_stripes_parameters() {
             "{}: {nobody}",
             b.name
         );
+        // The advice fits the case: nothing to sync, someone to send to Checkout.
+        let said = nobody.to_string();
+        assert!(
+            said.contains("send them to Checkout") && !said.contains("sync it first"),
+            "{said}"
+        );
 
         // Seats: a quantity, and a range the buyer may choose from.
         Checkout::subscription("price_seat")
@@ -1763,6 +1770,14 @@ async fn gate_mistakes_are_refused_and_every_customer_of_a_subscriber_counts() {
             .await
             .unwrap();
         assert_eq!(granted.unwrap().id, "sub_m1", "{}", b.name);
+        // And the customer the app reads is the one the gate let in: the one that pays.
+        let paying = Customer::by_subscriber(&m, "multi-customer")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(paying.id, "cus_m2", "{}: the newer empty customer", b.name);
+        let held = paying.subscription(&m).await.unwrap();
+        assert_eq!(held.map(|s| s.id).as_deref(), Some("sub_m1"), "{}", b.name);
     }
 }
 
@@ -2300,6 +2315,10 @@ async fn the_billing_portal_deep_links_to_the_page_needed() {
             matches!(nothing, Error::NotFound { .. }),
             "{}: {nothing}",
             b.name
+        );
+        assert!(
+            nothing.to_string().contains("no subscription to manage"),
+            "{nothing}"
         );
         assert_eq!(seen.lock().unwrap().len(), sent, "{}", b.name);
     }

@@ -89,21 +89,34 @@ async fn steps(client: &Client, app: &str, localstripe: &str, user: &str) {
     assert_eq!(amount.text().await.unwrap(), "USD 30.00 / month");
     browser::screenshot(client, browser::screenshot_path("checkout.png")).await;
 
-    // Paying creates the subscription in localstripe and returns to the app...
+    // Paying creates the subscription in localstripe and returns to the app, whose
+    // success page confirms the session with Stripe (`sync_session`) before any
+    // webhook has arrived...
     click(client, "#pay").await;
     wait_for_url(client, &format!("{app}/account?checkout={session_id}")).await;
     let notice = client.find(Locator::Css(".notice")).await.unwrap();
-    assert!(notice.text().await.unwrap().contains(&session_id));
+    let notice = notice.text().await.unwrap();
+    assert!(notice.contains(&session_id), "{notice}");
+    assert!(notice.contains("go to the members page"), "{notice}");
+    let plan = client.find(Locator::Css("body")).await.unwrap();
+    assert!(
+        plan.text()
+            .await
+            .unwrap()
+            .contains("active, current period ends"),
+        "the account page shows the subscription"
+    );
     browser::screenshot(client, browser::screenshot_path("account.png")).await;
-    // ...but the mirror knows nothing of it until Stripe's webhooks arrive.
+    // ...so the members page opens at once.
     client.goto(&format!("{app}/members")).await.unwrap();
     assert_eq!(
         path(client).await,
-        "/pricing",
-        "no access before the events"
+        "/members",
+        "access before the events, from the success page"
     );
 
-    // The events Stripe would send, with the objects as the API has them now.
+    // The events Stripe sends afterwards, with the objects as the API has them now,
+    // change nothing.
     let session = stripe_get(localstripe, &format!("/v1/checkout/sessions/{session_id}"));
     assert_eq!(session["status"], "complete", "{session}");
     assert_eq!(session["client_reference_id"], user, "{session}");

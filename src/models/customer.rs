@@ -129,12 +129,13 @@ fn of_subscriber<'a>(subscriber_id: &'a str, live: bool, deleted: bool) -> _ {
 }
 
 impl Customer {
-    /// The customer of a host-app subscriber in the current mode (not deleted).
+    /// The customer of a host-app subscriber in the current mode (not deleted). Of
+    /// several (a Payment Link or a backfill can add one), the one that pays: the one
+    /// holding their newest subscription that grants access (else their newest
+    /// subscription's, else the newest customer), as the Billing Portal opens: a page
+    /// showing "your plan" shows the plan the access gate let in.
     pub async fn by_subscriber(mirror: &Mirror, subscriber_id: &str) -> Result<Option<Customer>> {
-        Ok(Self::all_by_subscriber(mirror, subscriber_id)
-            .await?
-            .into_iter()
-            .next())
+        Self::billing_customer(mirror, subscriber_id).await
     }
 
     /// The ids of every customer the subscriber has had in a mode, deleted ones too.

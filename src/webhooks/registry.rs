@@ -513,6 +513,18 @@ impl<S: Clone + Send + Sync + 'static> WithState<S> {
     {
         self.on("*", handler)
     }
+
+    /// [`Webhooks::refetch`].
+    pub fn refetch(mut self, kinds: &[&str]) -> Self {
+        self.webhooks = self.webhooks.refetch(kinds);
+        self
+    }
+
+    /// [`Webhooks::handle_other_mode`].
+    pub fn handle_other_mode(mut self, yes: bool) -> Self {
+        self.webhooks = self.webhooks.handle_other_mode(yes);
+        self
+    }
 }
 
 impl<S> From<WithState<S>> for Webhooks {
