@@ -840,6 +840,37 @@ async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
         assert_eq!(*hits.lock().unwrap(), 1, "{}", b.name);
         assert!(!fetched.deleted, "{}: fetched again: {fetched:?}", b.name);
         assert_eq!(fetched.name.as_deref(), Some("Fetched again"), "{}", b.name);
+        // The old product's deletion, retried late, does not delete the one made again
+        // that a fetch (`sync`, a backfill) brought in either.
+        let late_gone = event(
+            "evt_prod_again_f_gone_late",
+            "product.deleted",
+            t - 50,
+            product("prod_again_f", "First"),
+            None,
+        );
+        deliver(&webhooks, &m, &late_gone).await;
+        let p = Product::get(&m, "prod_again_f").await.unwrap().unwrap();
+        assert!(
+            !p.deleted,
+            "{}: a late deletion over a fetched row: {p:?}",
+            b.name
+        );
+        // But a deletion in the second before a fetch's stamp may be after Stripe read
+        // the object: it wins.
+        Product::sync_from_stripe_data_at(&m, &product("prod_race", "Fetched"), t)
+            .await
+            .unwrap();
+        let racing = event(
+            "evt_prod_race_gone",
+            "product.deleted",
+            t - 1,
+            product("prod_race", "Fetched"),
+            None,
+        );
+        deliver(&webhooks, &m, &racing).await;
+        let p = Product::get(&m, "prod_race").await.unwrap().unwrap();
+        assert!(p.deleted, "{}: a deletion racing a fetch: {p:?}", b.name);
     }
 }
 

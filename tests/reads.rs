@@ -135,6 +135,27 @@ async fn subscription_validity_over_time() {
         assert!(!grace.is_valid_at(FUTURE + 1), "{n}: not after");
         assert!(!grace.on_grace_period_at(FUTURE + 1), "{n}");
         assert!(!grace.is_period_current_at(FUTURE + 1), "{n}");
+        // Items of two intervals (a monthly and a yearly one): cancelling at period end
+        // ends at the earliest item's, which Stripe sets as `cancel_at`; the latest
+        // item's end is no grace.
+        let mixed = Subscription::sync_from_stripe_data(
+            &m,
+            &subscription(
+                "sub_mixed",
+                "cus_g",
+                "active",
+                "prod_pro",
+                json!({"cancel_at_period_end": true, "cancel_at": FUTURE - 1000}),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(mixed.on_grace_period_at(FUTURE - 1001), "{n}");
+        assert!(
+            !mixed.on_grace_period_at(FUTURE - 999),
+            "{n}: past cancel_at"
+        );
+        assert!(!mixed.is_valid_at(FUTURE - 999), "{n}");
 
         // A plain active subscription stays valid past its period end (renewal pending).
         let plain = Subscription::sync_from_stripe_data(

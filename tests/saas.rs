@@ -314,6 +314,64 @@ fn summary_event(id: &str, created: i64, customer: &str, keys: &[&str]) -> Value
            "customer": customer, "livemode": false, "entitlements": {"object": "list", "data": entitlements, "has_more": false}}}})
 }
 
+/// A feature detached from a product in Stripe changes what its subscribers may do:
+/// re-syncing the product's features marks them, and the access hook is told, as for
+/// a feature attached.
+#[tokio::test]
+async fn a_feature_detached_in_stripe_is_told_to_the_access_hook() {
+    for b in backends() {
+        let attached = json!({"object": "list", "has_more": false, "data": [
+            {"id": "prodft_d1", "object": "product_feature", "livemode": false,
+             "entitlement_feature": {"id": "feat_d1", "object": "entitlements.feature", "lookup_key": "exports"}}]});
+        let detached = json!({"object": "list", "has_more": false, "data": []});
+        let (before, _) =
+            common::stripe_stub(vec![("/v1/products/prod_det/features", 200, attached)]).await;
+        let (after, _) =
+            common::stripe_stub(vec![("/v1/products/prod_det/features", 200, detached)]).await;
+        let m = Mirror::connect(config(&b, Some(&before))).await.unwrap();
+        let told: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let seen = told.clone();
+        let webhooks = Webhooks::new().on_access_change(move |change, _m| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(change.after.features);
+                Ok(())
+            }
+        });
+        customer(&m, "cus_det", "detach-user").await;
+        subscription(&m, "sub_det", "cus_det", "active", &["prod_det"], json!({})).await;
+        ProductFeature::sync_for_product(&m, "prod_det")
+            .await
+            .unwrap();
+        let report = webhooks.deliver_access_changes(&m).await.unwrap();
+        assert_eq!(report.told, 1, "{}: {report:?}", b.name);
+        assert_eq!(told.lock().unwrap().last().unwrap(), &["exports"]);
+
+        // The same database, Stripe now listing no feature for the product.
+        let later = Mirror::connect(config(&b, Some(&after))).await.unwrap();
+        let left = ProductFeature::sync_for_product(&later, "prod_det")
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{}", b.name);
+        assert!(
+            !has_feature(&later, "detach-user", "exports").await.unwrap(),
+            "{}",
+            b.name
+        );
+        let report = webhooks.deliver_access_changes(&later).await.unwrap();
+        assert_eq!(
+            report.told, 1,
+            "{}: the detached feature was not told: {report:?}",
+            b.name
+        );
+        assert!(
+            told.lock().unwrap().last().unwrap().is_empty(),
+            "{}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn features_follow_the_entitlement_summary_then_product_features() {
     for b in backends() {

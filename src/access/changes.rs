@@ -425,7 +425,7 @@ pub(crate) fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<
 
 /// Marks every subscriber of a product. Not collected for the event at hand (there
 /// may be many): [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes) tells them.
-fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
+pub(crate) fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
     execute(
         conn,
         concat!(

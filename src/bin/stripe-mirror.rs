@@ -778,7 +778,7 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
     }
     // Anything secret that an error message might repeat is never shown.
     d.scrub.extend(
-        passwords_of(&config.database_url)
+        stripe_mirror::db::url_passwords(&config.database_url)
             .into_iter()
             .filter(|p| p.len() >= 3),
     );
@@ -1074,26 +1074,6 @@ fn stripe_status(err: &stripe_mirror::Error) -> Option<u16> {
     }
 }
 
-/// The passwords in a database URL: `scheme://user:password@host/...` and the
-/// `password=` / `sslpassword=` parameters libpq also takes.
-fn passwords_of(url: &str) -> Vec<String> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut found = Vec::new();
-    if let (Some(scheme), Some(at)) = (base.find("://"), base.rfind('@'))
-        && at > scheme
-        && let Some((_, password)) = base[scheme + 3..at].split_once(':')
-    {
-        found.push(password.to_owned());
-    }
-    for param in query.split('&') {
-        if let Some(("password" | "sslpassword", value)) = param.split_once('=') {
-            found.push(value.to_owned());
-        }
-    }
-    found.retain(|p| !p.is_empty());
-    found
-}
-
 /// Which of the crate's migrations a database has applied, read from diesel's
 /// `__diesel_schema_migrations` without writing anything (the library has no public
 /// call for pending migrations, and `migrate` would apply them).
@@ -1244,16 +1224,5 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
-    }
-
-    #[test]
-    fn database_passwords_are_found_for_scrubbing() {
-        assert_eq!(passwords_of("postgres://app:hunter2@db/app"), ["hunter2"]);
-        assert_eq!(
-            passwords_of("postgres://app@db/app?sslmode=require&password=hunter3"),
-            ["hunter3"]
-        );
-        assert!(passwords_of("postgres://app@db/app").is_empty());
-        assert!(passwords_of("sqlite://a:b.db").is_empty());
     }
 }

@@ -255,6 +255,59 @@ fn raw_at_in_userinfo(url: &str) -> bool {
 
 /// The URL with any password replaced, for error messages.
 pub(crate) fn redact_url(url: &str) -> String {
+    let mut shown = redact_parsed(url);
+    // Whatever the URL's shape (a raw `/` in a password ends the authority above),
+    // every reading of a password is masked where it stands.
+    let (userinfo, params) = password_readings(url);
+    for password in userinfo {
+        shown = shown.replace(&format!(":{password}@"), ":***@");
+    }
+    for password in params {
+        shown = shown.replace(&format!("password={password}"), "password=***");
+    }
+    shown
+}
+
+/// Every string of a database URL that may be a password, longest first: what lies
+/// between the user name's `:` and each `@` after it (a raw `/`, `?` or `@` may be
+/// part of a password), and each `password=` or `sslpassword=` parameter. For masking
+/// it in text that may repeat the URL (an error message of the database's driver):
+/// reading more of the URL as a password than its parser did only hides more.
+pub fn url_passwords(url: &str) -> Vec<String> {
+    let (mut found, params) = password_readings(url);
+    found.extend(params);
+    found.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    found.dedup();
+    found
+}
+
+/// The readings of [`url_passwords`]: of the user's password, of the parameters'.
+fn password_readings(url: &str) -> (Vec<String>, Vec<String>) {
+    let (mut userinfo, mut params) = (Vec::new(), Vec::new());
+    if let Some(scheme) = url.find("://") {
+        let after = &url[scheme + 3..];
+        // The user name's `:` comes before every `@` (a port's after the first).
+        let first_at = after.find('@').unwrap_or(0);
+        if let Some(colon) = after.find(':').filter(|colon| *colon < first_at) {
+            for (at, _) in after.match_indices('@') {
+                userinfo.push(after[colon + 1..at].to_owned());
+            }
+        }
+    }
+    for query in url.split('?').skip(1) {
+        for param in query.split('&') {
+            if let Some(("password" | "sslpassword", value)) = param.split_once('=') {
+                params.push(value.to_owned());
+            }
+        }
+    }
+    userinfo.retain(|p| !p.is_empty());
+    params.retain(|p| !p.is_empty());
+    (userinfo, params)
+}
+
+/// [`redact_url`] by the URL's shape.
+fn redact_parsed(url: &str) -> String {
     // The userinfo ends at the last `@` before the path's `/` (a raw `?` or `@` in a
     // password is the password's); with no path, at the last `@` before the query.
     let (mut shown, rest) = match url.find("://") {
@@ -782,5 +835,31 @@ mod tests {
             redact_url("postgres://app:p@ss-word@127.0.0.1:1/app"),
             "postgres://app:***@127.0.0.1:1/app"
         );
+        // A raw `/` (base64 passwords have them) ends the authority early: the
+        // password is still hidden.
+        let shown = redact_url("postgres://app:se/cret@db/app");
+        assert!(!shown.contains("cret"), "{shown}");
+        assert_eq!(shown, "postgres://app:***@db/app");
+        let shown = redact_url("postgres://app:a/b?c@db/app?password=x/y@z&sslmode=require");
+        assert!(!shown.contains("a/b") && !shown.contains("x/y"), "{shown}");
+        // Nothing else is taken for a password.
+        assert_eq!(
+            redact_url("postgres://u@h/db?application_name=a@b"),
+            "postgres://u@h/db?application_name=a@b"
+        );
+    }
+
+    #[test]
+    fn every_reading_of_a_password_is_found() {
+        assert_eq!(url_passwords("postgres://app:hunter2@db/app"), ["hunter2"]);
+        assert_eq!(url_passwords("postgres://app:se/cret@db/app"), ["se/cret"]);
+        assert_eq!(url_passwords("postgres://app:s3cr?t@db/prod"), ["s3cr?t"]);
+        assert_eq!(
+            url_passwords("postgres://app@db/app?sslmode=require&password=hunter3"),
+            ["hunter3"]
+        );
+        assert!(url_passwords("postgres://app@db/app").is_empty());
+        assert!(url_passwords("sqlite://a:b.db").is_empty());
+        assert!(url_passwords("postgres://u@h:5/db?application_name=a@b").is_empty());
     }
 }

@@ -217,7 +217,11 @@ impl ProductFeature {
                         sql.push_str(&format!(" AND id NOT IN ({})", vec!["?"; rows.len()].join(", ")));
                         binds.extend(rows.iter().map(|(r, _)| SqlValue::Text(Some(r.id.clone()))));
                     }
-                    execute(c, &sql, &binds)?;
+                    // A feature detached changes what the product's subscribers may do,
+                    // as one written does (marked by its write): they are told too.
+                    if execute(c, &sql, &binds)? > 0 {
+                        crate::access::changes::mark_product(c, &product)?;
+                    }
                     Self::for_products(c, std::slice::from_ref(&product), live)
                 })
             })

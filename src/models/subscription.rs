@@ -718,11 +718,13 @@ impl Subscription {
 
     /// [`Subscription::on_grace_period`] at a given unix time.
     pub fn on_grace_period_at(&self, now: i64) -> bool {
-        let ends = if self.cancel_at_period_end == Some(true) {
-            self.current_period_end
-        } else {
-            self.cancel_at
-        };
+        // Stripe sets `cancel_at` for a cancellation at period end too; of items with
+        // periods of their own (a monthly and a yearly one) that is the earliest
+        // item's end, where `current_period_end` holds the latest.
+        let at_period_end = self.cancel_at_period_end == Some(true);
+        let ends = self
+            .cancel_at
+            .or(self.current_period_end.filter(|_| at_period_end));
         self.is_status_current() && ends.is_some_and(|end| end > now)
     }
 }

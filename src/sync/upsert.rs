@@ -438,15 +438,17 @@ impl MirrorTable {
                     f = Source::Fetched as i32
                 ),
                 forced: upsert,
-                // Whatever its stamp, but not over a live row an event of a later
-                // second wrote: an object made again under the id (a product's, a
-                // plan's), which the old one's late deletion must not delete. A fetch's
-                // stamp can be up to a second after Stripe read the object: a deletion
-                // racing a fetch still wins over it.
+                // Not over a live row of a later second: an object made again under
+                // the id (a product's, a plan's), which the old one's late deletion
+                // (a retry Stripe kept sending while the endpoint failed) must not
+                // delete, whether an event or a fetch wrote it. A fetch's stamp can be
+                // up to a second after Stripe read the object: a deletion racing a
+                // fetch still wins over it.
                 delete: format!(
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
                      stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END \
-                     WHERE {t}.deleted OR {t}.stamp <= excluded.stamp OR {t}.stamp_rank NOT IN ({c}, {u})",
+                     WHERE {t}.deleted OR {t}.stamp <= excluded.stamp \
+                     OR ({t}.stamp_rank NOT IN ({c}, {u}) AND {t}.stamp <= excluded.stamp + 1)",
                     c = Source::Created as i32,
                     u = Source::Updated as i32
                 ),
