@@ -5,7 +5,7 @@ binds all interfaces and pickles its store to /tmp/localstripe.pickle).
 TEST INFRASTRUCTURE, not part of the crate: localstripe predates Stripe's Prices
 API, so this launcher adds a thin `/v1/prices` layer that stores each price as a
 localstripe plan (Stripe accepts a plan id wherever a price id goes) and lets
-`items[N][price]` stand for `items[N][plan]` on subscription creates. The crate never
+`items[N][price]` stand for `items[N][plan]` on subscription creates and updates. The crate never
 falls back from prices to plans itself; prices are also tested against
 stripe-stateful-mock, which implements them. One-time prices (no `recurring`), which
 plans cannot hold, are kept by this layer alone, for one-time Checkout payments.
@@ -137,14 +137,22 @@ def retrieve_price(request):
     return server.json_response(find_price(request.match_info["id"]))
 
 
+PRORATIONS = ("create_prorations", "always_invoice", "none")
+
+
 @web.middleware
 async def items_price_as_plan(request, handler):
-    """`items[N][price]` on a subscription create means `items[N][plan]` here."""
-    if request.method == "POST" and request.path == "/v1/subscriptions":
+    """`items[N][price]` on a subscription create or update means `items[N][plan]`
+    here. localstripe takes no `proration_behavior` on an update (it always prorates):
+    a valid one is dropped, anything else refused as Stripe would."""
+    if request.method == "POST" and request.path.startswith("/v1/subscriptions"):
         form = await request.post()
+        proration = form.get("proration_behavior")
+        if proration is not None and proration not in PRORATIONS:
+            raise UserError(400, f"Invalid proration_behavior: {proration}")
         request._post = MultiDict(
             (k.replace("][price]", "][plan]") if k.startswith("items[") else k, v)
-            for k, v in form.items())
+            for k, v in form.items() if k != "proration_behavior")
     return await handler(request)
 
 

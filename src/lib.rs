@@ -200,7 +200,8 @@ pub use models::entitlement::{EntitlementSummary, ProductFeature};
 pub use models::price::{NewPrice, Price, RecurringInterval};
 pub use models::product::{NewProduct, Product};
 pub use models::subscription::{
-    IncompleteSubscription, PauseCollection, Subscription, SubscriptionItem, SubscriptionStatus,
+    IncompleteSubscription, PauseCollection, Proration, Subscription, SubscriptionItem,
+    SubscriptionStatus,
 };
 pub use secret::Secret;
 pub use sync::reconcile::{ReconcileReport, reconcile};

@@ -488,7 +488,22 @@ async fn tombstones_cannot_be_resurrected() {
             .unwrap();
         assert!(p.deleted, "{n}");
         assert_eq!(p.name.as_deref(), Some("Pro"), "{n}");
-        // A late delete with an old stamp still deletes, and keeps the newer stamp.
+        // A late delete with an old stamp still deletes a row a fetch (or the host)
+        // wrote, and keeps the newer stamp: a customer's id never comes back, and the
+        // host's clock may have stamped it ahead.
+        Customer::sync_from_stripe_data_at(&m, &json!({"id": "cus_u", "object": "customer"}), 500)
+            .await
+            .unwrap();
+        let u = Customer::sync_from_stripe_data_at(
+            &m,
+            &json!({"id": "cus_u", "object": "customer", "deleted": true}),
+            10,
+        )
+        .await
+        .unwrap();
+        assert!(u.deleted && u.stamp == 500, "{n}");
+        // A product's id can be used again: a deletion seconds older than a fetch of
+        // it is the old product's (tests/ordering.rs), one within its second wins.
         Product::sync_from_stripe_data_at(
             &m,
             &json!({"id": "prod_u", "object": "product", "name": "U"}),
@@ -499,7 +514,7 @@ async fn tombstones_cannot_be_resurrected() {
         let u = Product::sync_from_stripe_data_at(
             &m,
             &json!({"id": "prod_u", "object": "product", "deleted": true}),
-            10,
+            499,
         )
         .await
         .unwrap();

@@ -116,6 +116,126 @@ async fn get_or_create_makes_one_customer_even_when_called_concurrently() {
     }
 }
 
+/// Cashier's and Pay's subscription changes against localstripe: cancel at period end,
+/// resume, swap, seats, cancel now; each sent to Stripe and mirrored at once.
+#[tokio::test]
+#[ignore = "needs localstripe: run scripts/test.sh"]
+async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored() {
+    let base = localstripe();
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let c = Customer::get_or_create(&m, &User(unique("actions")))
+            .await
+            .unwrap();
+        call(
+            "POST",
+            &format!("{base}v1/customers/{}", c.id),
+            &[("invoice_settings[default_payment_method]", "pm_card_visa")],
+        );
+        let product = call(
+            "POST",
+            &format!("{base}v1/products"),
+            &[("name", "Actions"), ("type", "service")],
+        );
+        let pid = product["id"].as_str().unwrap();
+        let plan = |amount: &str, interval: &str| {
+            call(
+                "POST",
+                &format!("{base}v1/plans"),
+                &[
+                    ("product", pid),
+                    ("amount", amount),
+                    ("currency", "usd"),
+                    ("interval", interval),
+                ],
+            )["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let (monthly, yearly) = (plan("900", "month"), plan("9000", "year"));
+        let sub = Subscription::create(&m, &c.id, &[monthly.as_str()])
+            .await
+            .unwrap();
+        let in_stripe = |sid: &str| call("GET", &format!("{base}v1/subscriptions/{sid}"), &[]);
+
+        let cancelling = sub.cancel_at_period_end(&m).await.unwrap();
+        assert_eq!(cancelling.cancel_at_period_end, Some(true), "{}", b.name);
+        assert!(cancelling.on_grace_period() && cancelling.is_valid());
+        assert_eq!(in_stripe(&sub.id)["cancel_at_period_end"], json!(true));
+        let mirrored = Subscription::get(&m, &sub.id).await.unwrap().unwrap();
+        assert_eq!(mirrored.cancel_at_period_end, Some(true), "{}", b.name);
+
+        let resumed = cancelling.resume(&m).await.unwrap();
+        assert_eq!(resumed.cancel_at_period_end, Some(false), "{}", b.name);
+        assert!(!resumed.on_grace_period() && resumed.is_valid());
+        assert_eq!(in_stripe(&sub.id)["cancel_at_period_end"], json!(false));
+
+        let swapped = resumed
+            .swap(&m, &yearly, stripe_mirror::Proration::None)
+            .await
+            .unwrap();
+        let items = swapped.items(&m).await.unwrap();
+        assert_eq!(items.len(), 1, "{}: {items:?}", b.name);
+        assert_eq!(items[0].price_id.as_deref(), Some(yearly.as_str()));
+        assert_eq!(
+            in_stripe(&sub.id)["items"]["data"][0]["plan"]["id"],
+            json!(yearly),
+            "{}",
+            b.name
+        );
+
+        let seats = swapped
+            .update_quantity(&m, 3, stripe_mirror::Proration::CreateProrations)
+            .await
+            .unwrap();
+        assert_eq!(seats.items(&m).await.unwrap()[0].quantity, Some(3));
+        assert_eq!(in_stripe(&sub.id)["items"]["data"][0]["quantity"], json!(3));
+        let zero = seats
+            .update_quantity(&m, 0, stripe_mirror::Proration::None)
+            .await
+            .unwrap_err();
+        assert!(matches!(zero, stripe_mirror::Error::Config(_)), "{zero}");
+
+        let ended = seats.cancel_now(&m).await.unwrap();
+        assert_eq!(
+            ended.status.as_ref().map(|s| s.as_str()),
+            Some("canceled"),
+            "{}",
+            b.name
+        );
+        assert!(!ended.is_valid(), "{}", b.name);
+        assert!(
+            c.subscription(&m).await.unwrap().is_none(),
+            "{}: no access left",
+            b.name
+        );
+        assert_eq!(in_stripe(&sub.id)["status"], json!("canceled"));
+
+        // Two items: swap does not guess which one; nothing is sent.
+        let two = Subscription::sync_from_stripe_data(
+            &m,
+            &json!({"id": format!("sub_two_{}", b.name), "object": "subscription",
+                "customer": c.id, "status": "active", "livemode": false,
+                "items": {"object": "list", "has_more": false, "data": [
+                    {"id": format!("si_two_a_{}", b.name), "object": "subscription_item",
+                     "price": {"id": monthly, "object": "price", "product": pid}},
+                    {"id": format!("si_two_b_{}", b.name), "object": "subscription_item",
+                     "price": {"id": yearly, "object": "price", "product": pid}}]}}),
+        )
+        .await
+        .unwrap();
+        let err = two
+            .swap(&m, &yearly, stripe_mirror::Proration::None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, stripe_mirror::Error::Config(m) if m.contains("2 items")),
+            "{err}"
+        );
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs localstripe: run scripts/test.sh"]
 async fn sync_follows_stripe_and_tombstones_what_it_lost() {

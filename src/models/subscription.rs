@@ -2,7 +2,7 @@
 //! when it is, and tombstoned when they leave its `items` list.
 
 use diesel::prelude::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::db::schema::{stripe_subscription_items, stripe_subscriptions};
@@ -726,6 +726,169 @@ impl Subscription {
             .cancel_at
             .or(self.current_period_end.filter(|_| at_period_end));
         self.is_status_current() && ends.is_some_and(|end| end > now)
+    }
+}
+
+/// How Stripe bills a change of price or quantity within a period
+/// ([`Subscription::swap`], [`Subscription::update_quantity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Proration {
+    /// The unused time is credited and the new price's charged, on the next invoice
+    /// (Stripe's default).
+    #[default]
+    CreateProrations,
+    /// As `CreateProrations`, invoiced (and charged) now.
+    AlwaysInvoice,
+    /// No proration: the change is billed from the next period.
+    None,
+}
+
+impl Proration {
+    fn as_str(self) -> &'static str {
+        match self {
+            Proration::CreateProrations => "create_prorations",
+            Proration::AlwaysInvoice => "always_invoice",
+            Proration::None => "none",
+        }
+    }
+}
+
+/// Changes made in Stripe, as Laravel Cashier's and Pay's subscriptions make them. Each
+/// sends one request and mirrors the subscription Stripe answers with at once (the
+/// webhooks that follow find it current). With an access hook, call
+/// [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change) for the
+/// subscriber afterwards, as after [`sync_session`](crate::sync_session).
+///
+/// ```no_run
+/// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// use stripe_mirror::{Customer, Proration};
+/// let customer = Customer::by_subscriber(&mirror, "user-42").await?.expect("a customer");
+/// if let Some(sub) = customer.subscription(&mirror).await? {
+///     let sub = sub.swap(&mirror, "price_pro_yearly", Proration::AlwaysInvoice).await?;
+///     let sub = sub.cancel_at_period_end(&mirror).await?; // access until the period ends
+///     assert!(sub.on_grace_period());
+///     sub.resume(&mirror).await?; // changed their mind
+/// }
+/// # Ok(()) }
+/// ```
+impl Subscription {
+    /// Cancels at the end of the paid period (Cashier's and Pay's `cancel`): access goes
+    /// on until then ([`on_grace_period`](Self::on_grace_period)), and
+    /// [`resume`](Self::resume) undoes it meanwhile.
+    pub async fn cancel_at_period_end(&self, mirror: &Mirror) -> Result<Subscription> {
+        self.update(mirror, json!({"cancel_at_period_end": true}), "cancel")
+            .await
+    }
+
+    /// Cancels now (Cashier's `cancelNow`, Pay's `cancel_now!`): access ends at once.
+    /// Stripe credits nothing unless its settings say so.
+    pub async fn cancel_now(&self, mirror: &Mirror) -> Result<Subscription> {
+        let client = mirror.stripe().await?;
+        let object = format!("subscription {}", self.id);
+        let path = format!("/subscriptions/{}", self.id);
+        let seen = crate::sync::remote::seen_before(mirror, &SUBSCRIPTIONS, &self.id).await?;
+        let answer = client.delete_at(&path, Some(&object)).await?;
+        self.mirror_answer(mirror, &client, answer, seen).await
+    }
+
+    /// Undoes a scheduled cancellation that has not taken effect (Cashier's and Pay's
+    /// `resume`), at period end or at a set time. Stripe refuses it for a subscription
+    /// that has ended ([`Error::Stripe`]): that subscriber goes through Checkout again.
+    pub async fn resume(&self, mirror: &Mirror) -> Result<Subscription> {
+        let form = match (self.cancel_at_period_end, self.cancel_at) {
+            // A set time (not the period's end): an empty value unsets it.
+            (Some(false) | None, Some(_)) => json!({"cancel_at": ""}),
+            _ => json!({"cancel_at_period_end": false}),
+        };
+        self.update(mirror, form, "resume").await
+    }
+
+    /// Moves a subscription of one item to another price (Cashier's and Pay's `swap`),
+    /// prorated as `proration` says. A subscription of several items is
+    /// [`Error::Config`]: change those in the Billing Portal or with the Stripe API.
+    pub async fn swap(
+        &self,
+        mirror: &Mirror,
+        price_id: &str,
+        proration: Proration,
+    ) -> Result<Subscription> {
+        let item = self.only_item(mirror, "swap").await?;
+        let form = json!({
+            "items": [{"id": item, "price": price_id}],
+            "proration_behavior": proration.as_str(),
+        });
+        self.update(mirror, form, "swap").await
+    }
+
+    /// Sets the quantity (seats) of a subscription of one item, prorated as `proration`
+    /// says (Cashier's `updateQuantity`). A subscription of several items is
+    /// [`Error::Config`], as for [`swap`](Self::swap).
+    pub async fn update_quantity(
+        &self,
+        mirror: &Mirror,
+        quantity: u64,
+        proration: Proration,
+    ) -> Result<Subscription> {
+        if quantity == 0 {
+            return Err(Error::Config(format!(
+                "subscription {}: a quantity of 0 (cancel it instead)",
+                self.id
+            )));
+        }
+        let item = self.only_item(mirror, "update_quantity").await?;
+        let form = json!({
+            "items": [{"id": item, "quantity": quantity}],
+            "proration_behavior": proration.as_str(),
+        });
+        self.update(mirror, form, "quantity").await
+    }
+
+    /// The id of the subscription's one item, from the mirror.
+    async fn only_item(&self, mirror: &Mirror, what: &str) -> Result<String> {
+        let items = self.items(mirror).await?;
+        match items.as_slice() {
+            [one] => Ok(one.id.clone()),
+            _ => Err(Error::Config(format!(
+                "subscription {} has {} items: {what} changes a subscription of one; \
+                 change several in the Billing Portal or with the Stripe API",
+                self.id,
+                items.len()
+            ))),
+        }
+    }
+
+    /// `POST /v1/subscriptions/{id}` with `form`, the answer mirrored.
+    async fn update(&self, mirror: &Mirror, form: Value, what: &str) -> Result<Subscription> {
+        let client = mirror.stripe().await?;
+        let object = format!("subscription {} ({what})", self.id);
+        let path = format!("/subscriptions/{}", self.id);
+        let seen = crate::sync::remote::seen_before(mirror, &SUBSCRIPTIONS, &self.id).await?;
+        // One random idempotency key, shared by the retries of this call.
+        let answer = client.post_at(&path, &form, None, Some(&object)).await?;
+        self.mirror_answer(mirror, &client, answer, seen).await
+    }
+
+    /// Stripe's answer, whole (items past the first 10 fetched) and mirrored as newer
+    /// than the row was before the request (`seen`), even within its second.
+    async fn mirror_answer(
+        &self,
+        mirror: &Mirror,
+        client: &crate::stripe::StripeClient,
+        mut answer: crate::stripe::Answer,
+        seen: Option<crate::sync::upsert::Seen>,
+    ) -> Result<Subscription> {
+        crate::sync::remote::complete(client, &SUBSCRIPTIONS, &mut answer.value)
+            .await
+            .map_err(crate::stripe::changed_while_read)?;
+        crate::sync::remote::write_answer(mirror, &SUBSCRIPTIONS, answer.value, answer.at, seen)
+            .await?;
+        Subscription::get(mirror, &self.id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                object: SUBSCRIPTIONS.kind,
+                id: self.id.clone(),
+            })
     }
 }
 

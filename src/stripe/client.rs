@@ -251,8 +251,13 @@ impl StripeClient {
 
     /// `DELETE /v1{path}`.
     pub async fn delete(&self, path: &str, object: Option<&str>) -> Result<Value> {
+        Ok(self.delete_at(path, object).await?.value)
+    }
+
+    /// `DELETE`, with when Stripe answered.
+    pub(crate) async fn delete_at(&self, path: &str, object: Option<&str>) -> Result<Answer> {
         let req = RequestBuilder::new(StripeMethod::Delete, path);
-        Ok(self.send(req, object, None).await?.value)
+        self.send(req, object, None).await
     }
 
     /// The HTTP request of `req`; an error is ours (an id that makes no URI, a key no

@@ -292,8 +292,7 @@ pub(crate) async fn refetch_touching(
     std::collections::BTreeSet<crate::access::changes::Touched>,
 )> {
     let client = mirror.stripe().await?;
-    let key = id.to_owned();
-    let seen = mirror.db().run(move |conn| table.seen(conn, &key)).await?;
+    let seen = seen_before(mirror, table, id).await?;
     // A row of the other mode: Stripe answers this mode's key 404 for it. Read (its
     // data parsed) only when a 404 comes.
     let other_mode = || {
@@ -327,6 +326,32 @@ pub(crate) async fn refetch_touching(
         ),
         Err(err) => return Err(err),
     };
+    let touched = write_answer(mirror, table, value, at, seen).await?;
+    Ok((outcome, touched))
+}
+
+/// What the row of `id` holds before a request whose answer [`write_answer`] writes.
+pub(crate) async fn seen_before(
+    mirror: &Mirror,
+    table: &'static MirrorTable,
+    id: &str,
+) -> Result<Option<super::upsert::Seen>> {
+    let key = id.to_owned();
+    mirror.db().run(move |conn| table.seen(conn, &key)).await
+}
+
+/// Writes an object as Stripe answered it at `at` (a fetch, or its answer to a change
+/// made here) through the guard. A same-second tie goes to it when the row is still
+/// what it was before the request (`seen`): the answer is newer. Unless the guard left
+/// it undecided, the row's `reconcile` flag is cleared, as it now reflects Stripe.
+/// Returns the subscribers whose access the write marked.
+pub(crate) async fn write_answer(
+    mirror: &Mirror,
+    table: &'static MirrorTable,
+    value: Value,
+    at: i64,
+    seen: Option<super::upsert::Seen>,
+) -> Result<std::collections::BTreeSet<crate::access::changes::Touched>> {
     mirror
         .db()
         .run(move |conn| {
@@ -341,9 +366,10 @@ pub(crate) async fn refetch_touching(
                         &[SqlValue::Text(Some(row.id.clone())), SqlValue::Int(Some(at))],
                     )?;
                 }
-                Ok(outcome)
+                Ok(())
             }));
-            Ok((written?, touched))
+            written?;
+            Ok(touched)
         })
         .await
 }

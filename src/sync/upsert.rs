@@ -400,6 +400,13 @@ impl MirrorTable {
         Ok(row)
     }
 
+    /// Whether an id of this kind can be used again once its object is deleted: a
+    /// product's (the host may choose it), and a legacy plan's, kept as a price row. A
+    /// customer's or a subscription's is Stripe's and never comes back.
+    fn ids_come_back(&self) -> bool {
+        matches!(self.kind, "product" | "price")
+    }
+
     /// The upsert statements, built once. `?` marks each bind; [`Bound`] turns it into
     /// the backend's placeholder, so one text serves SQLite and Postgres.
     fn statements(&self) -> &Statements {
@@ -438,19 +445,27 @@ impl MirrorTable {
                     f = Source::Fetched as i32
                 ),
                 forced: upsert,
-                // Not over a live row of a later second: an object made again under
-                // the id (a product's, a plan's), which the old one's late deletion
-                // (a retry Stripe kept sending while the endpoint failed) must not
-                // delete, whether an event or a fetch wrote it. A fetch's stamp can be
-                // up to a second after Stripe read the object: a deletion racing a
-                // fetch still wins over it.
+                // Whatever its stamp, but not over a live row an event of a later
+                // second wrote: an object made again under the id (a product's, a
+                // plan's), which the old one's late deletion (a retry Stripe kept
+                // sending while the endpoint failed) must not delete. Of those ids,
+                // not over a row a fetch of a later second wrote either; other rows
+                // written by a fetch, or handed in by the host (stamped by its clock,
+                // which may run ahead), are deleted: their ids never come back. A
+                // fetch's stamp can be up to a second after Stripe read the object: a
+                // deletion racing a fetch still wins over it.
                 delete: format!(
                     "{insert}deleted = TRUE, synced_at = excluded.synced_at, reconcile = FALSE, \
                      stamp = CASE WHEN excluded.stamp > {t}.stamp THEN excluded.stamp ELSE {t}.stamp END \
                      WHERE {t}.deleted OR {t}.stamp <= excluded.stamp \
-                     OR ({t}.stamp_rank NOT IN ({c}, {u}) AND {t}.stamp <= excluded.stamp + 1)",
+                     OR ({t}.stamp_rank NOT IN ({c}, {u}) AND {fetched})",
                     c = Source::Created as i32,
-                    u = Source::Updated as i32
+                    u = Source::Updated as i32,
+                    fetched = if self.ids_come_back() {
+                        format!("{t}.stamp <= excluded.stamp + 1")
+                    } else {
+                        "TRUE".to_owned()
+                    }
                 ),
                 revive,
             }
