@@ -84,7 +84,9 @@ fn warn_without_secret(mirror: &Mirror) {
 /// Serves [`webhook_router`] on `listener` until the server stops, with peer addresses
 /// for the delivery log; warns when no webhook secret is configured. A request's head,
 /// like its body, must arrive within [`Config::webhook_read_timeout`](crate::Config::webhook_read_timeout),
-/// or the connection is closed. To stop it cleanly (a deploy), [`serve_with_shutdown`].
+/// or the connection is closed (an idle keep-alive connection too, once that long
+/// has passed since its last answer). To stop it cleanly (a deploy),
+/// [`serve_with_shutdown`].
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> std::io::Result<()> {
@@ -141,11 +143,17 @@ pub async fn serve_with_shutdown(
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                // A connection reset before it was taken, or no file descriptor left
-                // for now: the others go on (as `axum::serve` does).
+                // As `axum::serve`: a connection reset before it was taken is nothing;
+                // anything else (no file descriptor left) is said, then waited out.
+                Err(error) if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(error) => {
-                    tracing::warn!(%error, "a connection could not be accepted");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tracing::error!(%error, "a connection could not be accepted");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             },

@@ -518,7 +518,27 @@ mod axum_route {
             d.remote_addr
         );
 
+        // A delivery in flight when told to stop is still read and answered.
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /stripe/webhook HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Stripe-Signature: t=1,v1=00\r\nContent-Length: 100\r\n\r\n"
+        );
+        late.write_all(head.as_bytes()).await.unwrap();
+        late.write_all(&[b' '; 40]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
         stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        late.write_all(&[b' '; 60]).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), late.read_to_string(&mut answer))
+            .await
+            .expect("the delivery in flight was not answered")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "the bad signature's answer: {answer}"
+        );
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("serve did not return once told to stop")

@@ -856,6 +856,13 @@ async fn a_product_made_again_under_a_deleted_ones_id_comes_back() {
             "{}: a late deletion over a fetched row: {p:?}",
             b.name
         );
+        // Not dropped either: Stripe was asked, and its live object settled it.
+        assert_eq!(*hits.lock().unwrap(), 2, "{}: not fetched again", b.name);
+        assert!(
+            !flagged(m.config(), "stripe_products", "prod_again_f"),
+            "{}",
+            b.name
+        );
         // But a deletion in the second before a fetch's stamp may be after Stripe read
         // the object: it wins.
         Product::sync_from_stripe_data_at(&m, &product("prod_race", "Fetched"), t)

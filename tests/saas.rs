@@ -960,6 +960,128 @@ fn form(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Cashier's subscription changes send exactly Stripe's parameters (localstripe takes no
+/// `proration_behavior` and no `cancel_at` to unset): a resume of a cancellation at a set
+/// time unsets it, and one the mirror thought at period end unsets a set time Stripe
+/// still had; a swap and a quantity carry the item and the proration; a cancel now
+/// whose retry Stripe refuses is answered by what Stripe holds.
+#[tokio::test]
+async fn subscription_changes_send_exactly_stripes_parameters() {
+    for b in backends() {
+        let sub = |id: &str, extra: Value| {
+            let mut v = json!({"id": id, "object": "subscription", "customer": "cus_ch",
+                "status": "active", "livemode": false, "cancel_at_period_end": false, "cancel_at": null,
+                "items": {"object": "list", "has_more": false, "data": [
+                    {"id": format!("si_{id}"), "object": "subscription_item", "quantity": 1,
+                     "price": {"id": "price_m", "object": "price", "product": "prod_ch"},
+                     "current_period_start": 1, "current_period_end": 4102444800_i64}]}});
+            for (k, val) in extra.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            v
+        };
+        let set_time = json!({"cancel_at": 4102444000_i64});
+        let (base, seen) = recording_stub(vec![
+            // sub_y: Stripe had a set time the mirror did not know of.
+            (
+                "POST",
+                "/v1/subscriptions/sub_y?cancel_at_period_end=false",
+                sub("sub_y", set_time.clone()),
+            ),
+            ("POST", "/v1/subscriptions/sub_y", sub("sub_y", json!({}))),
+            ("GET", "/v1/subscriptions/sub_y", sub("sub_y", json!({}))),
+            ("POST", "/v1/subscriptions/sub_x", sub("sub_x", json!({}))),
+            ("GET", "/v1/subscriptions/sub_x", sub("sub_x", json!({}))),
+            // sub_gone: cancelled by a try whose answer was lost; the retry is refused.
+            (
+                "DELETE",
+                "/v1/subscriptions/sub_gone",
+                json!({"error": {"type": "invalid_request_error", "message": "already canceled"}}),
+            ),
+            (
+                "GET",
+                "/v1/subscriptions/sub_gone",
+                sub("sub_gone", json!({"status": "canceled"})),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_ch", "changer").await;
+        let x = Subscription::sync_from_stripe_data_at(&m, &sub("sub_x", set_time.clone()), 1)
+            .await
+            .unwrap();
+        let y = Subscription::sync_from_stripe_data_at(
+            &m,
+            &sub("sub_y", json!({"cancel_at_period_end": true})),
+            1,
+        )
+        .await
+        .unwrap();
+        let gone = Subscription::sync_from_stripe_data_at(&m, &sub("sub_gone", json!({})), 1)
+            .await
+            .unwrap();
+        let posts = || -> Vec<(String, BTreeMap<String, String>)> {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.method == "POST")
+                .map(|s| (s.path.clone(), s.form.clone()))
+                .collect()
+        };
+
+        let resumed = x.resume(&m).await.unwrap();
+        assert_eq!(resumed.cancel_at, None, "{}", b.name);
+        resumed
+            .swap(&m, "price_y", stripe_mirror::Proration::AlwaysInvoice)
+            .await
+            .unwrap();
+        resumed
+            .update_quantity(&m, 3, stripe_mirror::Proration::None)
+            .await
+            .unwrap();
+        resumed.cancel_at_period_end(&m).await.unwrap();
+        let y = y.resume(&m).await.unwrap();
+        assert_eq!(y.cancel_at, None, "{}: the set time unset too", b.name);
+        let x = "/v1/subscriptions/sub_x".to_owned();
+        let y_path = "/v1/subscriptions/sub_y".to_owned();
+        assert_eq!(
+            posts(),
+            vec![
+                (x.clone(), form(&[("cancel_at", "")])),
+                (
+                    x.clone(),
+                    form(&[
+                        ("items[0][id]", "si_sub_x"),
+                        ("items[0][price]", "price_y"),
+                        ("proration_behavior", "always_invoice")
+                    ])
+                ),
+                (
+                    x.clone(),
+                    form(&[
+                        ("items[0][id]", "si_sub_x"),
+                        ("items[0][quantity]", "3"),
+                        ("proration_behavior", "none")
+                    ])
+                ),
+                (x, form(&[("cancel_at_period_end", "true")])),
+                (y_path.clone(), form(&[("cancel_at_period_end", "false")])),
+                (y_path, form(&[("cancel_at", "")])),
+            ],
+            "{}",
+            b.name
+        );
+
+        let ended = gone.cancel_now(&m).await.unwrap();
+        assert_eq!(
+            ended.status.as_ref().map(|s| s.as_str()),
+            Some("canceled"),
+            "{}",
+            b.name
+        );
+    }
+}
+
 /// A customer deleted in Stripe while its webhook was missed still sits in the mirror:
 /// Stripe refuses a session naming it. Checkout finds that out, keeps the customer as
 /// a tombstone and sells to a new customer; the Billing Portal answers `NotFound`

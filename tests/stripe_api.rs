@@ -123,7 +123,9 @@ async fn get_or_create_makes_one_customer_even_when_called_concurrently() {
 async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored() {
     let base = localstripe();
     for b in common::backends() {
-        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let m = Mirror::connect(with_api(&b.config, &base).webhook_secret("whsec_actions"))
+            .await
+            .unwrap();
         let c = Customer::get_or_create(&m, &User(unique("actions")))
             .await
             .unwrap();
@@ -170,6 +172,36 @@ async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored(
         assert_eq!(resumed.cancel_at_period_end, Some(false), "{}", b.name);
         assert!(!resumed.on_grace_period() && resumed.is_valid());
         assert_eq!(in_stripe(&sub.id)["cancel_at_period_end"], json!(false));
+        // The cancel's own event, arriving after the resume: its old values are what
+        // the resume left, yet it is older. When both fell in one second, only a
+        // fetch stamped past that second tells them apart.
+        let mut was = in_stripe(&sub.id);
+        was["cancel_at_period_end"] = json!(true);
+        let now = chrono::Utc::now().timestamp();
+        let event = json!({"id": unique("evt_cancel"), "object": "event",
+            "type": "customer.subscription.updated", "created": cancelling.stamp,
+            "livemode": false, "data": {"object": was,
+            "previous_attributes": {"cancel_at_period_end": false}}});
+        let body = event.to_string();
+        let request = WebhookRequest::new(body.clone()).header(
+            "Stripe-Signature",
+            stripe_mirror::webhooks::signature::sign(
+                body.as_bytes(),
+                &Secret::new("whsec_actions"),
+                now,
+            ),
+        );
+        let r = stripe_mirror::Webhooks::new().receive(&m, request).await;
+        assert_eq!(r.status, 200, "{}: {:?}", b.name, r.error);
+        let after = Subscription::get(&m, &sub.id).await.unwrap().unwrap();
+        assert_eq!(
+            after.cancel_at_period_end,
+            Some(false),
+            "{}: the cancel's late event undid the resume (stamps {} and {})",
+            b.name,
+            cancelling.stamp,
+            resumed.stamp
+        );
 
         let swapped = resumed
             .swap(&m, &yearly, stripe_mirror::Proration::None)

@@ -258,7 +258,9 @@ pub(crate) fn redact_url(url: &str) -> String {
     let mut shown = redact_parsed(url);
     // Whatever the URL's shape (a raw `/` in a password ends the authority above),
     // every reading of a password is masked where it stands.
-    let (userinfo, params) = password_readings(url);
+    let (mut userinfo, params) = password_readings(url);
+    // Longest first: a shorter reading is part of a longer one.
+    userinfo.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for password in userinfo {
         shown = shown.replace(&format!(":{password}@"), ":***@");
     }
@@ -842,6 +844,8 @@ mod tests {
         assert_eq!(shown, "postgres://app:***@db/app");
         let shown = redact_url("postgres://app:a/b?c@db/app?password=x/y@z&sslmode=require");
         assert!(!shown.contains("a/b") && !shown.contains("x/y"), "{shown}");
+        let shown = redact_url("postgres://app:a/b@c@db/x");
+        assert!(!shown.contains("a/b") && !shown.contains("@c@"), "{shown}");
         // Nothing else is taken for a password.
         assert_eq!(
             redact_url("postgres://u@h/db?application_name=a@b"),

@@ -172,7 +172,10 @@ impl ProductFeature {
     }
 
     /// Fetches a product's features (`GET /v1/products/{id}/features`) and mirrors
-    /// them; features no longer attached become tombstones. Returns the live ones.
+    /// them; features no longer attached become tombstones. Returns the live ones. The
+    /// product's subscribers are marked when its features change: with an access hook,
+    /// call [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes)
+    /// afterwards.
     /// Only the mirror's mode is touched: a product id of your choosing can exist in
     /// both modes, each with its own features.
     pub async fn sync_for_product(mirror: &Mirror, product_id: &str) -> Result<Vec<Self>> {

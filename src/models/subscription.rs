@@ -740,7 +740,9 @@ pub enum Proration {
     CreateProrations,
     /// As `CreateProrations`, invoiced (and charged) now.
     AlwaysInvoice,
-    /// No proration: the change is billed from the next period.
+    /// No proration: the new price or quantity is billed from the next renewal. A swap
+    /// to a price of another interval starts a new period (and invoice) now whatever
+    /// this says, as Stripe does.
     None,
 }
 
@@ -756,7 +758,10 @@ impl Proration {
 
 /// Changes made in Stripe, as Laravel Cashier's and Pay's subscriptions make them. Each
 /// sends one request and mirrors the subscription Stripe answers with at once (the
-/// webhooks that follow find it current). With an access hook, call
+/// webhooks that follow find it current). A change within the same second as the last
+/// one (a cancel and its resume) fetches the subscription again once that second is
+/// over, about a second later: Stripe stamps events in whole seconds, and the first
+/// change's late event must not read as newer than the second. With an access hook, call
 /// [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change) for the
 /// subscriber afterwards, as after [`sync_session`](crate::sync_session).
 ///
@@ -788,7 +793,19 @@ impl Subscription {
         let object = format!("subscription {}", self.id);
         let path = format!("/subscriptions/{}", self.id);
         let seen = crate::sync::remote::seen_before(mirror, &SUBSCRIPTIONS, &self.id).await?;
-        let answer = client.delete_at(&path, Some(&object)).await?;
+        let answer = match client.delete_at(&path, Some(&object)).await {
+            Ok(answer) => answer,
+            // A retry after a cancel whose answer was lost is refused: what Stripe holds
+            // now says whether it went through.
+            Err(err) if !err.is_transient() => {
+                let now = crate::sync::remote::sync_one::<Subscription>(mirror, &self.id).await?;
+                return match now.status {
+                    Some(SubscriptionStatus::Canceled) => Ok(now),
+                    _ => Err(err),
+                };
+            }
+            Err(err) => return Err(err),
+        };
         self.mirror_answer(mirror, &client, answer, seen).await
     }
 
@@ -796,12 +813,21 @@ impl Subscription {
     /// `resume`), at period end or at a set time. Stripe refuses it for a subscription
     /// that has ended ([`Error::Stripe`]): that subscriber goes through Checkout again.
     pub async fn resume(&self, mirror: &Mirror) -> Result<Subscription> {
-        let form = match (self.cancel_at_period_end, self.cancel_at) {
-            // A set time (not the period's end): an empty value unsets it.
-            (Some(false) | None, Some(_)) => json!({"cancel_at": ""}),
-            _ => json!({"cancel_at_period_end": false}),
-        };
-        self.update(mirror, form, "resume").await
+        let at_set_time =
+            |s: &Subscription| s.cancel_at_period_end != Some(true) && s.cancel_at.is_some();
+        // A set time (not the period's end): an empty value unsets it.
+        let unset_time = || json!({"cancel_at": ""});
+        if at_set_time(self) {
+            return self.update(mirror, unset_time(), "resume").await;
+        }
+        let resumed = self
+            .update(mirror, json!({"cancel_at_period_end": false}), "resume")
+            .await?;
+        // The mirror said "at period end" while Stripe had a set time: unset that too.
+        if at_set_time(&resumed) {
+            return resumed.update(mirror, unset_time(), "resume").await;
+        }
+        Ok(resumed)
     }
 
     /// Moves a subscription of one item to another price (Cashier's and Pay's `swap`),
@@ -881,8 +907,17 @@ impl Subscription {
         crate::sync::remote::complete(client, &SUBSCRIPTIONS, &mut answer.value)
             .await
             .map_err(crate::stripe::changed_while_read)?;
+        // A change of the same second as the row it changed (a cancel and its resume):
+        // the events of that second, arriving later, could order themselves after this
+        // answer (one whose old values it shows reads as newer). Fetched again once the
+        // second is over, the row is stamped past all of them.
+        let same_second = seen.as_ref().is_some_and(|s| s.stamp() >= answer.at);
         crate::sync::remote::write_answer(mirror, &SUBSCRIPTIONS, answer.value, answer.at, seen)
             .await?;
+        if same_second {
+            tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+            crate::sync::remote::refetch(mirror, &SUBSCRIPTIONS, &self.id).await?;
+        }
         Subscription::get(mirror, &self.id)
             .await?
             .ok_or_else(|| Error::NotFound {

@@ -150,6 +150,11 @@ pub(crate) struct Seen {
 }
 
 impl Seen {
+    /// The held version's stamp.
+    pub(crate) fn stamp(&self) -> i64 {
+        self.stamp
+    }
+
     /// The held object's mode (`livemode` of its data).
     pub(crate) fn livemode(&self) -> Option<bool> {
         let data: Value = serde_json::from_str(&self.data).ok()?;
@@ -481,7 +486,7 @@ impl MirrorTable {
         let before = crate::access::changes::before_write(conn, self, row)?;
         let written = if row.deleted {
             match execute(conn, &stmts.delete, &binds)? {
-                0 => Written::Kept,
+                0 => self.deletion_refused(conn, &row.id)?,
                 _ => Written::Applied,
             }
         } else if execute(conn, &stmts.live, &binds)? > 0 {
@@ -504,6 +509,25 @@ impl MirrorTable {
             }
         }
         Ok(written)
+    }
+
+    /// A deletion the guard refused. Over a live row of an id that can come back,
+    /// written by a fetch of a later second, it is the old object's (the row holds one
+    /// made again), unless that fetch's stamp ran late: undecided and flagged, so the
+    /// webhook's follow-up (or `reconcile`) asks Stripe, whose 404 or live object
+    /// settles it.
+    fn deletion_refused(&self, conn: &mut Conn<'_>, id: &str) -> Result<Written> {
+        if !self.ids_come_back() {
+            return Ok(Written::Kept);
+        }
+        let fetched = self.current(conn, id)?.is_some_and(|c| {
+            !c.deleted && Source::from_rank(c.stamp_rank) == Some(Source::Fetched)
+        });
+        if !fetched {
+            return Ok(Written::Kept);
+        }
+        self.flag(conn, id)?;
+        Ok(Written::Undecided)
     }
 
     /// Whether `value` holds only part of the object ([`MirrorTable::partial`]).
