@@ -10,6 +10,10 @@ use crate::Mirror;
 use crate::error::{Error, Result};
 use crate::models::customer::{Customer, SUBSCRIBER_METADATA_KEY, Subscriber};
 
+/// async-stripe's request for a Checkout Session, which [`Checkout::customize`] hands
+/// over (its parameters' enums are in [`crate::types`], e.g. `CheckoutSessionLocale`).
+pub use stripe_checkout::checkout_session::CreateCheckoutSession;
+
 /// A Checkout Session to send the buyer to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckoutSession {
@@ -56,6 +60,20 @@ pub struct Checkout {
     allow_promotion_codes: bool,
     automatic_tax: bool,
     tax_id_collection: bool,
+    metadata: std::collections::BTreeMap<String, String>,
+    customize: Option<Customize>,
+}
+
+/// The host's last word on the request ([`Checkout::customize`]).
+#[derive(Clone)]
+struct Customize(
+    std::sync::Arc<dyn Fn(CreateCheckoutSession) -> CreateCheckoutSession + Send + Sync>,
+);
+
+impl std::fmt::Debug for Customize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Customize(..)")
+    }
 }
 
 impl Checkout {
@@ -74,6 +92,8 @@ impl Checkout {
             allow_promotion_codes: false,
             automatic_tax: false,
             tax_id_collection: false,
+            metadata: Default::default(),
+            customize: None,
         }
     }
 
@@ -165,6 +185,42 @@ impl Checkout {
         self
     }
 
+    /// Metadata of your own on the session and, in subscription mode, on the
+    /// subscription it makes (Cashier's `withMetadata`), beside the subscriber's key
+    /// ([`SUBSCRIBER_METADATA_KEY`], which links the buyer and cannot be set here).
+    pub fn metadata(mut self, key: &str, value: &str) -> Self {
+        self.metadata.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Anything else Stripe's Checkout takes (a locale, billing address collection,
+    /// custom text, consent collection...), set on async-stripe's request just before it
+    /// is sent. Leave its customer, `client_reference_id` and subscriber metadata as they
+    /// are: they link the buyer to your user.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
+    /// use stripe_mirror::checkout::Checkout;
+    /// use stripe_mirror::types::{CheckoutSessionBillingAddressCollection, CheckoutSessionLocale};
+    /// let session = Checkout::subscription("price_pro_monthly")
+    ///     .success_url("https://example.com/welcome?session={CHECKOUT_SESSION_ID}")
+    ///     .customize(|request| {
+    ///         request
+    ///             .locale(CheckoutSessionLocale::Fr)
+    ///             .billing_address_collection(CheckoutSessionBillingAddressCollection::Required)
+    ///     })
+    ///     .create(&mirror, &user)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn customize(
+        mut self,
+        f: impl Fn(CreateCheckoutSession) -> CreateCheckoutSession + Send + Sync + 'static,
+    ) -> Self {
+        self.customize = Some(Customize(std::sync::Arc::new(f)));
+        self
+    }
+
     /// The form posted to `/v1/checkout/sessions` for `customer` and `subscriber_id`;
     /// `metered` when the mirror holds the price as metered.
     fn request(
@@ -181,11 +237,17 @@ impl Checkout {
         let success = self.success_url.as_deref().ok_or_else(|| {
             Error::Config("Checkout needs a success URL: call .success_url(...)".into())
         })?;
+        if self.metadata.contains_key(SUBSCRIBER_METADATA_KEY) {
+            return Err(Error::Config(format!(
+                "Checkout metadata {SUBSCRIBER_METADATA_KEY:?} is the subscriber's link, \
+                 set from the user the session is created for: use another key"
+            )));
+        }
         let subscriber_metadata = || {
-            std::collections::HashMap::from([(
-                SUBSCRIBER_METADATA_KEY.to_owned(),
-                subscriber_id.to_owned(),
-            )])
+            let mut metadata: std::collections::HashMap<String, String> =
+                self.metadata.clone().into_iter().collect();
+            metadata.insert(SUBSCRIBER_METADATA_KEY.to_owned(), subscriber_id.to_owned());
+            metadata
         };
         // Stripe's bounds: the quantity within the range the buyer may choose from.
         const MAX_QUANTITY: u64 = 999_999;
@@ -268,6 +330,9 @@ impl Checkout {
             return Err(Error::Config(
                 "a trial only applies to Checkout in subscription mode".into(),
             ));
+        }
+        if let Some(Customize(customize)) = &self.customize {
+            request = customize(request);
         }
         Ok(request)
     }

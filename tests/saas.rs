@@ -1287,6 +1287,66 @@ async fn checkout_and_portal_get_past_a_customer_stripe_no_longer_has() {
     }
 }
 
+/// Metadata of the host's own goes beside the subscriber's, on the session and its
+/// subscription; `customize` sets what the builder has no method for; the subscriber's
+/// key cannot be set as metadata.
+#[tokio::test]
+async fn checkout_takes_metadata_and_anything_else_stripe_takes() {
+    for b in backends() {
+        let (base, seen) = recording_stub(vec![(
+            "POST",
+            "/v1/checkout/sessions",
+            json!({"id": "cs_test_m", "object": "checkout.session",
+                   "url": "https://checkout.stripe.com/c/pay/cs_test_m"}),
+        )])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        customer(&m, "cus_meta", "meta-buyer").await;
+        use stripe_mirror::types::{
+            CheckoutSessionBillingAddressCollection, CheckoutSessionLocale,
+        };
+        Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/welcome")
+            .metadata("campaign", "fall")
+            .customize(|request| {
+                request
+                    .locale(CheckoutSessionLocale::Fr)
+                    .billing_address_collection(CheckoutSessionBillingAddressCollection::Required)
+            })
+            .create(&m, &User("meta-buyer"))
+            .await
+            .unwrap();
+        let sent = seen.lock().unwrap()[0].form.clone();
+        for (key, value) in [
+            ("metadata[campaign]", "fall"),
+            ("metadata[stripe_mirror_subscriber]", "meta-buyer"),
+            ("subscription_data[metadata][campaign]", "fall"),
+            (
+                "subscription_data[metadata][stripe_mirror_subscriber]",
+                "meta-buyer",
+            ),
+            ("locale", "fr"),
+            ("billing_address_collection", "required"),
+            ("customer", "cus_meta"),
+        ] {
+            assert_eq!(
+                sent.get(key).map(String::as_str),
+                Some(value),
+                "{}: {key} in {sent:?}",
+                b.name
+            );
+        }
+        let err = Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/welcome")
+            .metadata("stripe_mirror_subscriber", "someone-else")
+            .create(&m, &User("meta-buyer"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        assert_eq!(seen.lock().unwrap().len(), 1, "{}: nothing sent", b.name);
+    }
+}
+
 #[tokio::test]
 async fn checkout_and_portal_send_exactly_stripes_parameters() {
     for b in backends() {

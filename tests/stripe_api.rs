@@ -116,6 +116,51 @@ async fn get_or_create_makes_one_customer_even_when_called_concurrently() {
     }
 }
 
+/// A customer made before the mirror (Cashier's `users.stripe_id`) is linked to its
+/// user in Stripe's metadata and in the mirror; one of another user is refused.
+#[tokio::test]
+#[ignore = "needs localstripe: run scripts/test.sh"]
+async fn a_customer_made_elsewhere_is_linked_to_its_user() {
+    let base = localstripe();
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let made = call(
+            "POST",
+            &format!("{base}v1/customers"),
+            &[("email", "before@example.com")],
+        );
+        let id = made["id"].as_str().unwrap();
+        let user = unique("linked");
+        let linked = Customer::link(&m, id, &User(user.clone())).await.unwrap();
+        assert_eq!(
+            linked.subscriber_id.as_deref(),
+            Some(user.as_str()),
+            "{}",
+            b.name
+        );
+        let in_stripe = call("GET", &format!("{base}v1/customers/{id}"), &[]);
+        assert_eq!(
+            in_stripe["metadata"]["stripe_mirror_subscriber"],
+            json!(user)
+        );
+        let found = Customer::by_subscriber(&m, &user).await.unwrap().unwrap();
+        assert_eq!(found.id, id, "{}", b.name);
+        // Again for the same user: nothing changes.
+        let again = Customer::link(&m, id, &User(user.clone())).await.unwrap();
+        assert_eq!(again.subscriber_id.as_deref(), Some(user.as_str()));
+        // Another user: refused, and Stripe keeps the first.
+        let err = Customer::link(&m, id, &User(unique("thief")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        let in_stripe = call("GET", &format!("{base}v1/customers/{id}"), &[]);
+        assert_eq!(
+            in_stripe["metadata"]["stripe_mirror_subscriber"],
+            json!(user)
+        );
+    }
+}
+
 /// Cashier's and Pay's subscription changes against localstripe: cancel at period end,
 /// resume, swap, seats, cancel now; each sent to Stripe and mirrored at once.
 #[tokio::test]

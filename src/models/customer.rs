@@ -298,6 +298,69 @@ impl Customer {
         crate::sync::sync_from_stripe_data::<Customer>(mirror, created.value, created.at).await
     }
 
+    /// Links a customer made before the mirror (Cashier's `users.stripe_id`, one made in
+    /// the Dashboard) to `subscriber`: the subscriber's key is set in its Stripe
+    /// metadata, which every later event and backfill carries, and the answer mirrored.
+    /// One linked to another subscriber is [`Error::Config`] (remove the key in Stripe
+    /// first, should it really move); a deleted one is [`Error::NotFound`].
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
+    /// // Once per user whose customer was made elsewhere, then `sync_all` for the rest.
+    /// let customer = stripe_mirror::Customer::link(&mirror, "cus_from_before", &user).await?;
+    /// assert_eq!(customer.subscriber_id, Some(user.subscriber_id()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn link(
+        mirror: &Mirror,
+        customer_id: &str,
+        subscriber: &impl Subscriber,
+    ) -> Result<Customer> {
+        let id = subscriber.subscriber_id();
+        if id.trim().is_empty() {
+            return Err(Error::Config(
+                "the subscriber id is empty: Subscriber::subscriber_id must return your user's id"
+                    .into(),
+            ));
+        }
+        let client = mirror.stripe().await?;
+        let object = format!("customer {customer_id}");
+        let path = format!("/customers/{customer_id}");
+        let seen = crate::sync::remote::seen_before(mirror, &CUSTOMERS, customer_id).await?;
+        let current = client
+            .get_at(&path, &serde_json::json!({}), Some(&object))
+            .await?;
+        let not_found = || Error::NotFound {
+            object: CUSTOMERS.kind,
+            id: customer_id.to_owned(),
+        };
+        if current.value.get("deleted") == Some(&serde_json::Value::Bool(true)) {
+            return Err(not_found());
+        }
+        let held = current
+            .value
+            .pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}"))
+            .and_then(serde_json::Value::as_str)
+            .filter(|held| !held.is_empty());
+        let answer = match held {
+            Some(held) if held == id => current,
+            Some(held) => {
+                return Err(Error::Config(format!(
+                    "customer {customer_id} belongs to subscriber {held:?}, not {id:?}: \
+                     remove its metadata key {SUBSCRIBER_METADATA_KEY:?} in Stripe first if \
+                     it should move"
+                )));
+            }
+            None => {
+                let form = serde_json::json!({"metadata": {SUBSCRIBER_METADATA_KEY: id}});
+                client.post_at(&path, &form, None, Some(&object)).await?
+            }
+        };
+        crate::sync::remote::write_answer(mirror, &CUSTOMERS, answer.value, answer.at, seen)
+            .await?;
+        Self::get(mirror, customer_id).await?.ok_or_else(not_found)
+    }
+
     /// All of this customer's mirrored subscriptions (any status), newest first.
     pub async fn subscriptions(&self, mirror: &Mirror) -> Result<Vec<Subscription>> {
         Subscription::for_customer(mirror, &self.id).await
