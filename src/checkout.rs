@@ -195,8 +195,10 @@ impl Checkout {
 
     /// Anything else Stripe's Checkout takes (a locale, billing address collection,
     /// custom text, consent collection...), set on async-stripe's request just before it
-    /// is sent. Leave its customer, `client_reference_id` and subscriber metadata as they
-    /// are: they link the buyer to your user.
+    /// is sent. Its customer, `client_reference_id`, mode, metadata and subscription
+    /// metadata (which link the buyer to your user) and trial stay as Checkout's own
+    /// methods set them: a closure that changes one (an async-stripe setter replaces a
+    /// whole map) is [`Error::Config`], nothing sent.
     ///
     /// ```no_run
     /// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
@@ -332,7 +334,29 @@ impl Checkout {
             ));
         }
         if let Some(Customize(customize)) = &self.customize {
+            let before = serde_json::to_value(&request).unwrap_or_default();
             request = customize(request);
+            let after = serde_json::to_value(&request).unwrap_or_default();
+            // async-stripe's setters replace whole values: a closure setting its own
+            // `subscription_data` or `metadata` drops the subscriber's link (and the
+            // trial) without a word. Refused instead of sent.
+            let kept = [
+                "/inner/customer".to_owned(),
+                "/inner/client_reference_id".to_owned(),
+                "/inner/mode".to_owned(),
+                format!("/inner/metadata/{SUBSCRIBER_METADATA_KEY}"),
+                format!("/inner/subscription_data/metadata/{SUBSCRIBER_METADATA_KEY}"),
+                "/inner/subscription_data/trial_period_days".to_owned(),
+            ];
+            if let Some(changed) = kept.iter().find(|p| before.pointer(p) != after.pointer(p)) {
+                let field = changed.trim_start_matches("/inner/").replace('/', ".");
+                return Err(Error::Config(format!(
+                    "Checkout::customize changed `{field}`, which links the buyer to your \
+                     user or is set by Checkout's own methods (a setter of async-stripe \
+                     replaces the whole value): set it with those methods \
+                     (`metadata`, `trial_days`) instead"
+                )));
+            }
         }
         Ok(request)
     }

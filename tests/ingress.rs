@@ -529,6 +529,10 @@ mod axum_route {
         tokio::time::sleep(Duration::from_millis(50)).await;
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !server.is_finished(),
+            "serve returned with a delivery in flight"
+        );
         late.write_all(&[b' '; 60]).await.unwrap();
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(5), late.read_to_string(&mut answer))

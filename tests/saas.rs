@@ -992,11 +992,12 @@ async fn subscription_changes_send_exactly_stripes_parameters() {
             ("GET", "/v1/subscriptions/sub_y", sub("sub_y", json!({}))),
             ("POST", "/v1/subscriptions/sub_x", sub("sub_x", json!({}))),
             ("GET", "/v1/subscriptions/sub_x", sub("sub_x", json!({}))),
-            // sub_gone: cancelled by a try whose answer was lost; the retry is refused.
+            // sub_gone: cancelled by a try whose answer was lost; Stripe answers the
+            // retry 404 (unmatched). sub_act: a 404 while Stripe still bills it.
             (
-                "DELETE",
-                "/v1/subscriptions/sub_gone",
-                json!({"error": {"type": "invalid_request_error", "message": "already canceled"}}),
+                "GET",
+                "/v1/subscriptions/sub_act",
+                sub("sub_act", json!({})),
             ),
             (
                 "GET",
@@ -1018,6 +1019,9 @@ async fn subscription_changes_send_exactly_stripes_parameters() {
         .await
         .unwrap();
         let gone = Subscription::sync_from_stripe_data_at(&m, &sub("sub_gone", json!({})), 1)
+            .await
+            .unwrap();
+        let act = Subscription::sync_from_stripe_data_at(&m, &sub("sub_act", json!({})), 1)
             .await
             .unwrap();
         let posts = || -> Vec<(String, BTreeMap<String, String>)> {
@@ -1079,6 +1083,8 @@ async fn subscription_changes_send_exactly_stripes_parameters() {
             "{}",
             b.name
         );
+        let refused = act.cancel_now(&m).await.unwrap_err();
+        assert!(matches!(refused, Error::Stripe(_)), "{}: {refused}", b.name);
     }
 }
 
@@ -1343,6 +1349,24 @@ async fn checkout_takes_metadata_and_anything_else_stripe_takes() {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        // A setter of async-stripe replaces the whole map: the link would be lost.
+        let err = Checkout::subscription("price_pro_monthly")
+            .success_url("https://app.example/welcome")
+            .trial_days(7)
+            .customize(|request| {
+                request.metadata(std::collections::HashMap::from([(
+                    "campaign".to_owned(),
+                    "winter".to_owned(),
+                )]))
+            })
+            .create(&m, &User("meta-buyer"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("metadata.stripe_mirror_subscriber")),
+            "{}: {err}",
+            b.name
+        );
         assert_eq!(seen.lock().unwrap().len(), 1, "{}: nothing sent", b.name);
     }
 }

@@ -158,6 +158,26 @@ async fn a_customer_made_elsewhere_is_linked_to_its_user() {
             in_stripe["metadata"]["stripe_mirror_subscriber"],
             json!(user)
         );
+        // Linked in the mirror only (as a Payment Link's Checkout links its buyer):
+        // refused too, and Stripe's metadata stays unset.
+        let other = call("POST", &format!("{base}v1/customers"), &[]);
+        let other = other["id"].as_str().unwrap();
+        Customer::sync_from_stripe_data(
+            &m,
+            &json!({"id": other, "object": "customer",
+                    "metadata": {"stripe_mirror_subscriber": "paid-by-link"}}),
+        )
+        .await
+        .unwrap();
+        let err = Customer::link(&m, other, &User(unique("thief")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        let in_stripe = call("GET", &format!("{base}v1/customers/{other}"), &[]);
+        assert_eq!(
+            in_stripe["metadata"]["stripe_mirror_subscriber"],
+            Value::Null
+        );
     }
 }
 
@@ -206,7 +226,11 @@ async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored(
             .unwrap();
         let in_stripe = |sid: &str| call("GET", &format!("{base}v1/subscriptions/{sid}"), &[]);
 
+        // At the start of a second: the cancel and its resume fall in the same one.
+        let wait = 1_050 - chrono::Utc::now().timestamp_subsec_millis().min(1_000);
+        tokio::time::sleep(Duration::from_millis(u64::from(wait))).await;
         let cancelling = sub.cancel_at_period_end(&m).await.unwrap();
+        let resumed_in = chrono::Utc::now().timestamp();
         assert_eq!(cancelling.cancel_at_period_end, Some(true), "{}", b.name);
         assert!(cancelling.on_grace_period() && cancelling.is_valid());
         assert_eq!(in_stripe(&sub.id)["cancel_at_period_end"], json!(true));
@@ -214,6 +238,12 @@ async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored(
         assert_eq!(mirrored.cancel_at_period_end, Some(true), "{}", b.name);
 
         let resumed = cancelling.resume(&m).await.unwrap();
+        assert_eq!(
+            (cancelling.stamp, resumed_in),
+            (resumed_in, resumed_in),
+            "{}: the cancel and the resume were not in one second",
+            b.name
+        );
         assert_eq!(resumed.cancel_at_period_end, Some(false), "{}", b.name);
         assert!(!resumed.on_grace_period() && resumed.is_valid());
         assert_eq!(in_stripe(&sub.id)["cancel_at_period_end"], json!(false));

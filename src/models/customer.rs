@@ -302,7 +302,10 @@ impl Customer {
     /// the Dashboard) to `subscriber`: the subscriber's key is set in its Stripe
     /// metadata, which every later event and backfill carries, and the answer mirrored.
     /// One linked to another subscriber is [`Error::Config`] (remove the key in Stripe
-    /// first, should it really move); a deleted one is [`Error::NotFound`].
+    /// first, should it really move); a deleted one is [`Error::NotFound`]. With an
+    /// access hook, call [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change)
+    /// for the subscriber afterwards. Two processes linking one customer to two users
+    /// at the same moment are not told apart: run it from one place (a migration).
     ///
     /// ```no_run
     /// # async fn f(mirror: stripe_mirror::Mirror, user: impl stripe_mirror::Subscriber) -> stripe_mirror::Result<()> {
@@ -322,6 +325,18 @@ impl Customer {
                 "the subscriber id is empty: Subscriber::subscriber_id must return your user's id"
                     .into(),
             ));
+        }
+        // Linked in the mirror alone (a Payment Link's buyer, linked by its Checkout):
+        // that link counts as much as Stripe's metadata.
+        let mirrored = Self::get(mirror, customer_id).await?;
+        if let Some(held) = mirrored
+            .and_then(|c| c.subscriber_id)
+            .filter(|held| *held != id)
+        {
+            return Err(Error::Config(format!(
+                "customer {customer_id} belongs to subscriber {held:?}, not {id:?} (linked \
+                 by a Checkout): it does not move"
+            )));
         }
         let client = mirror.stripe().await?;
         let object = format!("customer {customer_id}");

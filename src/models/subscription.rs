@@ -758,10 +758,11 @@ impl Proration {
 
 /// Changes made in Stripe, as Laravel Cashier's and Pay's subscriptions make them. Each
 /// sends one request and mirrors the subscription Stripe answers with at once (the
-/// webhooks that follow find it current). A change within the same second as the last
-/// one (a cancel and its resume) fetches the subscription again once that second is
-/// over, about a second later: Stripe stamps events in whole seconds, and the first
-/// change's late event must not read as newer than the second. With an access hook, call
+/// webhooks that follow find it current). Stripe stamps events in whole seconds, so an
+/// earlier change of the same second (a cancel, then its resume) could read as newer
+/// when its event lands late: the subscription is fetched again once that second is
+/// over, in the background, or before returning (about a second) when the mirror
+/// already holds a change of that second. With an access hook, call
 /// [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change) for the
 /// subscriber afterwards, as after [`sync_session`](crate::sync_session).
 ///
@@ -795,12 +796,11 @@ impl Subscription {
         let seen = crate::sync::remote::seen_before(mirror, &SUBSCRIPTIONS, &self.id).await?;
         let answer = match client.delete_at(&path, Some(&object)).await {
             Ok(answer) => answer,
-            // A retry after a cancel whose answer was lost is refused: what Stripe holds
-            // now says whether it went through.
-            Err(err) if !err.is_transient() => {
-                let now = crate::sync::remote::sync_one::<Subscription>(mirror, &self.id).await?;
-                return match now.status {
-                    Some(SubscriptionStatus::Canceled) => Ok(now),
+            // A retry after a cancel whose answer was lost: Stripe answers 404 for a
+            // canceled subscription. What it holds now says whether it went through.
+            Err(err) if crate::stripe::is_missing(&err) => {
+                return match crate::sync::remote::sync_one::<Subscription>(mirror, &self.id).await {
+                    Ok(now) if now.status == Some(SubscriptionStatus::Canceled) => Ok(now),
                     _ => Err(err),
                 };
             }
@@ -911,12 +911,27 @@ impl Subscription {
         // the events of that second, arriving later, could order themselves after this
         // answer (one whose old values it shows reads as newer). Fetched again once the
         // second is over, the row is stamped past all of them.
+        // A change the mirror has not seen yet (made in the Portal, its event still on
+        // the way) can be of that second too: then the fetch runs in the background.
         let same_second = seen.as_ref().is_some_and(|s| s.stamp() >= answer.at);
         crate::sync::remote::write_answer(mirror, &SUBSCRIPTIONS, answer.value, answer.at, seen)
             .await?;
+        let past_the_second = {
+            let (mirror, id) = (mirror.clone(), self.id.clone());
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+                crate::sync::remote::refetch(&mirror, &SUBSCRIPTIONS, &id).await
+            }
+        };
         if same_second {
-            tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-            crate::sync::remote::refetch(mirror, &SUBSCRIPTIONS, &self.id).await?;
+            past_the_second.await?;
+        } else {
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                if let Err(error) = past_the_second.await {
+                    tracing::warn!(%error, subscription = %id, "the subscription could not be fetched again after its change; its next event or `reconcile` will");
+                }
+            });
         }
         Subscription::get(mirror, &self.id)
             .await?

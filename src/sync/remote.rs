@@ -315,13 +315,16 @@ pub(crate) async fn refetch_touching(
         // key cannot see the row (Stripe's message says so).
         // Stamped with Stripe's time of the 404: a host clock running ahead would
         // stamp it past the `*.created` of an object made again under the same id.
+        // Nothing written since the row was read is newer than Stripe's "gone": a row
+        // stamped past the 404 (by a host's clock running ahead) still takes it.
         Err(err) if crate::stripe::is_missing(&err) && !other_mode() => (
             tombstone_of(table, id),
             match &err {
                 Error::Stripe(e) => e.at,
                 _ => None,
             }
-            .unwrap_or_else(|| mirror.now()),
+            .unwrap_or_else(|| mirror.now())
+            .max(seen.as_ref().map_or(i64::MIN, super::upsert::Seen::stamp)),
             Refetch::Gone,
         ),
         Err(err) => return Err(err),
