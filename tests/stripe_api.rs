@@ -425,6 +425,19 @@ async fn sync_follows_stripe_and_tombstones_what_it_lost() {
             b.name
         );
 
+        // A product handed in by a host whose clock runs ahead, then missing in
+        // Stripe: Stripe's 404 still makes it a tombstone.
+        let ahead = unique("prod_ahead");
+        Product::sync_from_stripe_data_at(
+            &m,
+            &json!({"id": ahead, "object": "product", "name": "Ahead", "active": true}),
+            chrono::Utc::now().timestamp() + 1_000,
+        )
+        .await
+        .unwrap();
+        let gone = Product::sync(&m, &ahead).await.unwrap();
+        assert!(gone.deleted, "{}: {gone:?}", b.name);
+
         call("DELETE", &format!("{base}v1/customers/{}", c.id), &[]);
         let gone = Customer::sync(&m, &c.id).await.unwrap();
         assert!(
