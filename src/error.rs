@@ -17,7 +17,7 @@ pub enum Error {
     /// The database could not be reached, or a pooled connection could not be had in
     /// time. Transient: retry later.
     #[error(
-        "database {target} unavailable: {source}; check DATABASE_URL and that the server is up (or raise Config::connection_timeout / pool_size)"
+        "database {target} unavailable: {source}; check its URL (DATABASE_URL, or your pool's with `Mirror::from_pool`) and that the server is up, or give the pool more connections or time (Config::pool_size / connection_timeout, or your own pool's settings)"
     )]
     Unavailable {
         /// The database URL, password masked.
@@ -102,7 +102,7 @@ pub enum Error {
 
     /// No secret key is configured for the current mode.
     #[error(
-        "no Stripe secret key for {mode} mode: add one with `ApiKey::get_or_create` (or `stripe-mirror api-keys add`), or set STRIPE_SECRET_KEY or STRIPE_{env}_SECRET_KEY"
+        "no Stripe secret key for {mode} mode: add one with `ApiKey::get_or_create` (or `stripe-mirror api-keys add`), set `Config::secret_key`, or set STRIPE_SECRET_KEY or STRIPE_{env}_SECRET_KEY"
     )]
     NoApiKey {
         /// `test` or `live`.
