@@ -369,7 +369,7 @@ impl Checkout {
     pub async fn create(
         &self,
         mirror: &Mirror,
-        subscriber: &impl Subscriber,
+        subscriber: &(impl Subscriber + ?Sized),
     ) -> Result<CheckoutSession> {
         let id = subscriber.subscriber_id();
         // The customer that pays, should the subscriber have two (as the Portal opens).

@@ -1319,7 +1319,7 @@ async fn checkout_takes_metadata_and_anything_else_stripe_takes() {
                     .locale(CheckoutSessionLocale::Fr)
                     .billing_address_collection(CheckoutSessionBillingAddressCollection::Required)
             })
-            .create(&m, &User("meta-buyer"))
+            .create(&m, "meta-buyer") // a bare id is a subscriber too
             .await
             .unwrap();
         let sent = seen.lock().unwrap()[0].form.clone();

@@ -30,6 +30,9 @@ pub const SUBSCRIBER_METADATA_KEY: &str = "stripe_mirror_subscriber";
 ///     fn subscriber_id(&self) -> String { format!("team-{}", self.0) }
 /// }
 /// assert_eq!(Team("7".into()).email(), None);
+///
+/// // A bare id is a subscriber too (no email, no name): `Checkout::create(&mirror, "42")`.
+/// assert_eq!("42".subscriber_id(), "42");
 /// ```
 pub trait Subscriber {
     /// A stable id for this user, unique in the host app, not empty (Stripe drops an
@@ -42,6 +45,20 @@ pub trait Subscriber {
     /// The name to put on the Stripe customer.
     fn name(&self) -> Option<String> {
         None
+    }
+}
+
+/// A bare user id: no email or name goes to Stripe.
+impl Subscriber for str {
+    fn subscriber_id(&self) -> String {
+        self.to_owned()
+    }
+}
+
+/// A bare user id: no email or name goes to Stripe.
+impl Subscriber for String {
+    fn subscriber_id(&self) -> String {
+        self.clone()
     }
 }
 
@@ -249,7 +266,10 @@ impl Customer {
     /// assert_eq!(customer.subscriber_id.as_deref(), Some("42"));
     /// # Ok(()) }
     /// ```
-    pub async fn get_or_create(mirror: &Mirror, subscriber: &impl Subscriber) -> Result<Customer> {
+    pub async fn get_or_create(
+        mirror: &Mirror,
+        subscriber: &(impl Subscriber + ?Sized),
+    ) -> Result<Customer> {
         let id = subscriber.subscriber_id();
         if id.trim().is_empty() {
             // Stripe drops empty metadata: every call would create another customer.
@@ -317,7 +337,7 @@ impl Customer {
     pub async fn link(
         mirror: &Mirror,
         customer_id: &str,
-        subscriber: &impl Subscriber,
+        subscriber: &(impl Subscriber + ?Sized),
     ) -> Result<Customer> {
         let id = subscriber.subscriber_id();
         if id.trim().is_empty() {
