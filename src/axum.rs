@@ -319,6 +319,20 @@ pub trait AccessRule<S>: Send + Sync {
     fn anonymous(&self) -> Response {
         (StatusCode::UNAUTHORIZED, "sign in first").into_response()
     }
+
+    /// [`denied`](Self::denied), seeing the request: to send the user back where they
+    /// were going once they have paid (`/pricing?next=/members`). Calls `denied` unless
+    /// overridden.
+    fn denied_to(&self, denial: &Denial, _parts: &Parts) -> Response {
+        self.denied(denial)
+    }
+
+    /// [`anonymous`](Self::anonymous), seeing the request: to send the user back where
+    /// they were going once signed in (`/login?next=/members`). Calls `anonymous`
+    /// unless overridden.
+    fn anonymous_to(&self, _parts: &Parts) -> Response {
+        self.anonymous()
+    }
 }
 
 /// The default answer to a denial: 402 Payment Required when paying would help (no
@@ -393,7 +407,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let rule = R::from_ref(state);
         let Some(subscriber) = rule.subscriber(parts, state).await else {
-            return Err(rule.anonymous());
+            return Err(rule.anonymous_to(parts));
         };
         let mirror = Mirror::from_ref(state);
         match rule.gate(&subscriber).check(&mirror).await {
@@ -402,7 +416,7 @@ where
                 subscription,
                 rule: PhantomData,
             }),
-            Ok(Err(denial)) => Err(rule.denied(&denial)),
+            Ok(Err(denial)) => Err(rule.denied_to(&denial, parts)),
             // A gate built wrong (a price id for a product, an empty feature) is the
             // app's bug, not an outage: 500, not "try again".
             Err(err @ crate::Error::Config(_)) => {

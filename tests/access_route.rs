@@ -47,6 +47,14 @@ impl<S: Send + Sync> AccessRule<S> for Members {
             stripe_mirror::axum::deny(denial)
         }
     }
+    // Back where they were going once signed in (the denial keeps `denied`).
+    fn anonymous_to(&self, parts: &Parts) -> Response {
+        if self.redirect {
+            Redirect::to(&format!("/login?next={}", parts.uri.path())).into_response()
+        } else {
+            <Self as AccessRule<S>>::anonymous(self)
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -178,6 +186,13 @@ async fn a_protected_route_lets_subscribers_in_and_answers_the_rest_as_configure
             b.name
         );
         assert_eq!(get_as(&url, Some("pro")).await.0, 200, "{}", b.name);
+        let (status, location, _) = get_as(&url, None).await;
+        assert_eq!(
+            (status, location.as_deref()),
+            (303, Some("/login?next=/members")),
+            "{}: the request seen",
+            b.name
+        );
 
         // A gate built wrong is the app's bug: 500, not 503's "try again".
         let url = serve(AppState {
