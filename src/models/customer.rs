@@ -62,6 +62,20 @@ impl Subscriber for String {
     }
 }
 
+/// The subscriber's id, refused when empty: Stripe drops an empty metadata value, so
+/// the customer could never be found by it again (every call would make another).
+fn subscriber_id_of(subscriber: &(impl Subscriber + ?Sized)) -> Result<String> {
+    let id = subscriber.subscriber_id();
+    if id.trim().is_empty() {
+        return Err(Error::Config(
+            "the subscriber id is empty: Subscriber::subscriber_id must return your user's \
+             id, which finds their Stripe customer again"
+                .into(),
+        ));
+    }
+    Ok(id)
+}
+
 /// A mirrored Stripe customer.
 #[derive(Clone, Debug, Queryable, Selectable)]
 #[diesel(table_name = stripe_customers)]
@@ -270,15 +284,7 @@ impl Customer {
         mirror: &Mirror,
         subscriber: &(impl Subscriber + ?Sized),
     ) -> Result<Customer> {
-        let id = subscriber.subscriber_id();
-        if id.trim().is_empty() {
-            // Stripe drops empty metadata: every call would create another customer.
-            return Err(Error::Config(
-                "the subscriber id is empty: Subscriber::subscriber_id must return your user's \
-                 id, which finds their Stripe customer again"
-                    .into(),
-            ));
-        }
+        let id = subscriber_id_of(subscriber)?;
         if let Some(found) = Self::by_subscriber(mirror, &id).await? {
             return Ok(found);
         }
@@ -339,13 +345,7 @@ impl Customer {
         customer_id: &str,
         subscriber: &(impl Subscriber + ?Sized),
     ) -> Result<Customer> {
-        let id = subscriber.subscriber_id();
-        if id.trim().is_empty() {
-            return Err(Error::Config(
-                "the subscriber id is empty: Subscriber::subscriber_id must return your user's id"
-                    .into(),
-            ));
-        }
+        let id = subscriber_id_of(subscriber)?;
         // Linked in the mirror alone (a Payment Link's buyer, linked by its Checkout):
         // that link counts as much as Stripe's metadata.
         let mirrored = Self::get(mirror, customer_id).await?;
