@@ -612,6 +612,16 @@ static FLUSHED: Mutex<Vec<(std::path::PathBuf, std::time::Instant, std::time::In
 #[cfg(all(test, feature = "sqlite"))]
 static SYNC_GATE: Mutex<()> = Mutex::new(());
 
+/// Held by a test to keep a flush in flight (taken where the flush would begin).
+#[cfg(all(test, feature = "sqlite"))]
+static FLUSH_IN_FLIGHT: Mutex<()> = Mutex::new(());
+
+/// Told when a flush of this WAL begins (for a test).
+#[cfg(all(test, feature = "sqlite"))]
+type FlushStarted = Option<(std::path::PathBuf, mpsc::Sender<()>)>;
+#[cfg(all(test, feature = "sqlite"))]
+static FLUSH_STARTED: Mutex<FlushStarted> = Mutex::new(None);
+
 /// A WAL whose flushes fail as if the disk did (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
 static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
@@ -620,10 +630,18 @@ static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 /// later flush could succeed over commits that never reached the disk (and SQLite's
 /// recovery stops at the first missing one): nothing more is written on that WAL by
 /// the mirror's writer, and every later sync of it fails, until the process restarts.
-/// Postgres panics for the same reason. Its lock is held across each flush, so no
-/// flush on another thread can slip in between a failed flush and its record.
+/// Postgres panics for the same reason. Held only to read or add to the list: a
+/// writer checking it before its next group must not wait for a flush in flight.
 #[cfg(feature = "sqlite")]
 static FAILED_WALS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Held across each flush, its check before and its record after, so no flush on
+/// another thread can slip in between a failed flush and its record (and succeed
+/// over pages the failed one lost). Not [`FAILED_WALS`]'s lock: the writer checks that
+/// list before each group, and must not wait there for the syncer's flush: the next
+/// group's statements are meant to overlap it.
+#[cfg(feature = "sqlite")]
+static FLUSHING: Mutex<()> = Mutex::new(());
 
 /// The WAL files whose directory was synced, by inode: a WAL made anew (after every
 /// connection closed) is another file, whose directory entry must reach the disk.
@@ -721,8 +739,19 @@ impl Wal {
         SYNCED.lock().unwrap().push((self.path.clone(), asked));
         #[cfg(test)]
         let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
-        let mut failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
-        self.check(&failed)?;
+        let _flushing = FLUSHING.lock().unwrap_or_else(|p| p.into_inner());
+        self.check(&FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner()))?;
+        #[cfg(test)]
+        if let Some((_, started)) = FLUSH_STARTED
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(wal, _)| *wal == self.path)
+        {
+            let _ = started.send(());
+        }
+        #[cfg(test)]
+        let _in_flight = FLUSH_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
         #[cfg(test)]
         let flushed = match FAIL_FLUSH.lock().unwrap().as_deref() == Some(&*self.path) {
             true => Err(std::io::Error::from_raw_os_error(5)),
@@ -731,7 +760,7 @@ impl Wal {
         #[cfg(not(test))]
         let flushed = self.file.sync_data();
         if let Err(e) = flushed {
-            failed.push(self.path.clone());
+            (FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner())).push(self.path.clone());
             return Err(unsynced(&self.path, &e));
         }
         #[cfg(test)]
@@ -951,6 +980,80 @@ mod tests {
         go2_tx.send(()).unwrap();
         let ran = second.await.unwrap();
         check(ran, std::time::Instant::now());
+    }
+
+    /// While the syncer flushes one group, the writer runs the next: its check that no
+    /// earlier flush failed does not wait for the flush in flight.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The flush is held across awaits on purpose: it must stay in flight.
+    #[allow(clippy::await_holding_lock)]
+    async fn the_next_group_runs_while_the_last_one_is_flushed() {
+        use diesel::connection::SimpleConnection;
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = sqlite_db(&dir, "overlap.db", 4);
+        // Work that inserts a row, says it ran, then waits for the test's word.
+        let work = |ran: mpsc::Sender<()>, go: mpsc::Receiver<()>| {
+            move |conn: &mut Conn<'_>| -> Result<()> {
+                crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+                ran.send(()).unwrap();
+                go.recv().unwrap();
+                Ok(())
+            }
+        };
+        let (ran_tx, ran_rx) = mpsc::channel::<()>();
+        let ran = Arc::new(Mutex::new(ran_rx));
+        let wait_ran = || {
+            let ran = ran.clone();
+            tokio::task::spawn_blocking(move || {
+                ran.lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(10))
+            })
+        };
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        *FLUSH_STARTED.lock().unwrap() = Some((wal.clone(), started_tx));
+        let in_flight = FLUSH_IN_FLIGHT.lock().unwrap();
+        // The first group holds the writer until the second is queued: its flush goes
+        // to the syncer, and is held there in flight.
+        let (go_a, go_a_rx) = mpsc::channel::<()>();
+        let first = db.write_batched("evt_a", work(ran_tx.clone(), go_a_rx));
+        let mut first = std::pin::pin!(first);
+        assert!(first.as_mut().now_or_never().is_none());
+        wait_ran().await.unwrap().unwrap();
+        let (go_b, go_b_rx) = mpsc::channel::<()>();
+        let second = db.write_batched("evt_b", work(ran_tx.clone(), go_b_rx));
+        let mut second = std::pin::pin!(second);
+        assert!(second.as_mut().now_or_never().is_none());
+        go_a.send(()).unwrap();
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        wait_ran().await.unwrap().unwrap();
+        // A third group, queued once the first one's flush is in flight, starts while
+        // it is (on the old code its check waited for that flush, which never ends
+        // here).
+        let (go_c, go_c_rx) = mpsc::channel::<()>();
+        go_c.send(()).unwrap();
+        let third = db.write_batched("evt_c", work(ran_tx, go_c_rx));
+        let mut third = std::pin::pin!(third);
+        assert!(third.as_mut().now_or_never().is_none());
+        go_b.send(()).unwrap();
+        let started = wait_ran().await.unwrap();
+        assert!(
+            first.as_mut().now_or_never().is_none(),
+            "answered before its flush"
+        );
+        drop(in_flight);
+        *FLUSH_STARTED.lock().unwrap() = None;
+        assert!(
+            started.is_ok(),
+            "the next group waited for the last one's flush"
+        );
+        first.await.unwrap();
+        second.await.unwrap();
+        third.await.unwrap();
     }
 
     /// A flush of the WAL that fails (EIO) fails its commit, and every later commit on
