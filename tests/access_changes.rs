@@ -1058,3 +1058,80 @@ async fn a_paused_collection_is_told_to_the_hook() {
         );
     }
 }
+
+/// A product id such as `pro` may name a product in each mode. A test-mode change to
+/// its roles marks the test-mode subscribers only: the live ones' access did not
+/// change, and the live app would otherwise recompute each of them for nothing.
+#[tokio::test]
+async fn a_product_change_marks_the_subscribers_of_its_own_mode_only() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = 1_700_000_100;
+        let live = |mut v: Value| {
+            v["livemode"] = json!(true);
+            v
+        };
+        let objects = [
+            (
+                "customer.created",
+                customer("cus_bt", Some("user-test"), "t@example.com"),
+            ),
+            (
+                "customer.subscription.created",
+                subscription("sub_bt", "cus_bt", "active", "prod_both"),
+            ),
+            (
+                "customer.created",
+                live(customer("cus_bl", Some("user-live"), "l@example.com")),
+            ),
+            (
+                "customer.subscription.created",
+                live(subscription("sub_bl", "cus_bl", "active", "prod_both")),
+            ),
+        ];
+        for (n, (kind, object)) in objects.into_iter().enumerate() {
+            let mut e = event(&format!("evt_b{n}"), kind, t, object.clone());
+            e["livemode"] = object["livemode"].clone();
+            assert_eq!(
+                deliver(&webhooks, &mirror, &e).await,
+                Outcome::Processed,
+                "{}",
+                b.name
+            );
+        }
+        common::execute_sql(
+            &config.database_url,
+            "UPDATE stripe_access SET dirty = FALSE",
+        );
+        let roles = event(
+            "evt_b4",
+            "product.updated",
+            t + 1,
+            product("prod_both", "admin"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &roles).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        let dirty = |live: bool| {
+            common::query_count(
+                &config.database_url,
+                &format!(
+                    "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE AND livemode = {}",
+                    if live { "TRUE" } else { "FALSE" }
+                ),
+            )
+        };
+        assert_eq!(
+            dirty(false),
+            1,
+            "{}: the test-mode subscriber is marked",
+            b.name
+        );
+        assert_eq!(dirty(true), 0, "{}: a live subscriber was marked", b.name);
+    }
+}

@@ -326,14 +326,14 @@ pub(crate) fn after_write(
         }
         AccessLink::Product(column) => {
             if let Some(product) = row.text(column) {
-                mark_product(conn, &product)?;
+                mark_product(conn, &product, row.livemode)?;
             }
         }
         AccessLink::ProductRoles => {
             let now = super::roles_in(row.data());
             // A deleted product grants nothing any more, whatever its data says.
             if row.deleted || before.and_then(|b| b.roles).unwrap_or_default() != now {
-                mark_product(conn, &row.id)?;
+                mark_product(conn, &row.id, row.livemode)?;
             }
         }
     }
@@ -423,9 +423,10 @@ pub(crate) fn mark(conn: &mut Conn<'_>, subscriber: &str, live: bool) -> Result<
     Ok(())
 }
 
-/// Marks every subscriber of a product. Not collected for the event at hand (there
+/// Marks every subscriber of a product in one mode (an id such as `pro` may name a
+/// product in each mode, and a test-mode change must not touch live users). Not collected for the event at hand (there
 /// may be many): [`Webhooks::deliver_access_changes`](crate::Webhooks::deliver_access_changes) tells them.
-pub(crate) fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
+pub(crate) fn mark_product(conn: &mut Conn<'_>, product: &str, live: bool) -> Result<()> {
     execute(
         conn,
         concat!(
@@ -433,10 +434,14 @@ pub(crate) fn mark_product(conn: &mut Conn<'_>, product: &str) -> Result<()> {
          SELECT DISTINCT c.subscriber_id, c.livemode, TRUE, 1 FROM stripe_subscription_items i \
          JOIN stripe_subscriptions s ON s.id = i.subscription_id \
          JOIN stripe_customers c ON c.id = s.customer_id \
-         WHERE i.product_id = ? AND i.deleted = FALSE AND s.deleted = FALSE AND c.subscriber_id IS NOT NULL",
+         WHERE i.product_id = ? AND c.livemode = ? AND i.deleted = FALSE AND s.deleted = FALSE \
+         AND c.subscriber_id IS NOT NULL",
             marked!()
         ),
-        &[SqlValue::Text(Some(product.to_owned()))],
+        &[
+            SqlValue::Text(Some(product.to_owned())),
+            SqlValue::Bool(Some(live)),
+        ],
     )?;
     Ok(())
 }

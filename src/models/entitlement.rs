@@ -223,7 +223,7 @@ impl ProductFeature {
                     // A feature detached changes what the product's subscribers may do,
                     // as one written does (marked by its write): they are told too.
                     if execute(c, &sql, &binds)? > 0 {
-                        crate::access::changes::mark_product(c, &product)?;
+                        crate::access::changes::mark_product(c, &product, live)?;
                     }
                     Self::for_products(c, std::slice::from_ref(&product), live)
                 })
