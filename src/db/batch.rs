@@ -321,7 +321,7 @@ fn run_group(
     held: &mut Option<Writing>,
     group: Vec<Box<dyn Work>>,
     mut queued: Queued<'_>,
-    syncer: Option<&mpsc::Sender<Synced>>,
+    syncer: Option<&Syncer>,
 ) -> bool {
     let mut waiting = Some(group);
     let mut handovers: Vec<Handover> = Vec::new();
@@ -375,13 +375,14 @@ fn run_group(
     let ok = committed.is_ok();
     let wal = held.as_ref().and_then(|w| w.wal.clone());
     match (ok, syncer, wal) {
-        // Committed without a sync. Work is queued: the syncer answers this group once
-        // the WAL is on disk, while this writer runs the next one. None is: sync here,
-        // without the hop to another thread.
-        (true, Some(syncer), Some(wal)) if queued.waiting() => {
+        // Committed without a sync. Work is queued, or the syncer still holds a group
+        // (its flush in flight would hold a flush here back, and this writer with it):
+        // the syncer answers this group once the WAL is on disk, while this writer runs
+        // the next one. Neither: sync here, without the hop to another thread.
+        (true, Some(syncer), Some(wal)) if queued.waiting() || syncer.busy() => {
             // The syncer gone (it panicked): sync here, as with nothing queued.
             #[cfg(feature = "sqlite")]
-            if let Err(mpsc::SendError(lost)) = syncer.send(Synced { wal, handovers }) {
+            if let Err(lost) = syncer.hand_over(Synced { wal, handovers }) {
                 let synced = lost.wal.sync();
                 for handover in lost.handovers {
                     handover(synced.clone());
@@ -563,12 +564,39 @@ struct Synced {
     handovers: Vec<Handover>,
 }
 
+/// The syncer thread's inbox, and how many groups it holds not yet answered.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+struct Syncer {
+    tx: mpsc::Sender<Synced>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+impl Syncer {
+    /// Whether it holds a group not yet answered (its flush in flight, or to come).
+    fn busy(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    /// Hands a group over; gives it back when the syncer is gone.
+    fn hand_over(&self, group: Synced) -> std::result::Result<(), Synced> {
+        use std::sync::atomic::Ordering;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(group).map_err(|mpsc::SendError(lost)| {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            lost
+        })
+    }
+}
+
 /// Starts the thread that syncs a SQLite writer's commits and then answers their
 /// callers; it ends with its writer. `None` if it cannot start: commits then sync
 /// themselves (`synchronous = FULL`).
 #[cfg(feature = "sqlite")]
-fn start_syncer() -> Option<mpsc::Sender<Synced>> {
+fn start_syncer() -> Option<Syncer> {
     let (tx, rx) = mpsc::channel::<Synced>();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answered = pending.clone();
     std::thread::Builder::new()
         .name("stripe-mirror-syncer".into())
         .spawn(move || {
@@ -591,11 +619,12 @@ fn start_syncer() -> Option<mpsc::Sender<Synced>> {
                     for handover in group.handovers {
                         handover(result.clone());
                     }
+                    answered.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 }
             }
         })
         .ok()
-        .map(|_| tx)
+        .map(|_| Syncer { tx, pending })
 }
 
 /// The WAL files whose sync was asked for, and when (for the tests).
@@ -1036,11 +1065,40 @@ mod tests {
         // here).
         let (go_c, go_c_rx) = mpsc::channel::<()>();
         go_c.send(()).unwrap();
-        let third = db.write_batched("evt_c", work(ran_tx, go_c_rx));
+        let third = db.write_batched("evt_c", work(ran_tx.clone(), go_c_rx));
         let mut third = std::pin::pin!(third);
         assert!(third.as_mut().now_or_never().is_none());
         go_b.send(()).unwrap();
         let started = wait_ran().await.unwrap();
+        // The third commits with nothing queued, the syncer still holding the first
+        // two: it goes to the syncer too, and the writer takes a fourth (a flush of
+        // its own would wait for the one in flight, and hold the writer with it).
+        let committed = |n: i64| {
+            db.run_blocking(move |conn| {
+                use diesel::RunQueryDsl;
+                #[derive(diesel::QueryableByName)]
+                struct Count {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
+                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
+                })?;
+                Ok(rows[0].n >= n)
+            })
+            .unwrap()
+        };
+        let mut looks = 0;
+        while started.is_ok() && !committed(3) && looks < 1000 {
+            looks += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (go_d, go_d_rx) = mpsc::channel::<()>();
+        go_d.send(()).unwrap();
+        let fourth = db.write_batched("evt_d", work(ran_tx, go_d_rx));
+        let mut fourth = std::pin::pin!(fourth);
+        assert!(fourth.as_mut().now_or_never().is_none());
+        let then = wait_ran().await.unwrap();
         assert!(
             first.as_mut().now_or_never().is_none(),
             "answered before its flush"
@@ -1051,9 +1109,14 @@ mod tests {
             started.is_ok(),
             "the next group waited for the last one's flush"
         );
+        assert!(
+            then.is_ok(),
+            "the writer synced a group itself behind the syncer's flush"
+        );
         first.await.unwrap();
         second.await.unwrap();
         third.await.unwrap();
+        fourth.await.unwrap();
     }
 
     /// A flush of the WAL that fails (EIO) fails its commit, and every later commit on
@@ -1123,6 +1186,10 @@ mod tests {
                 carried: &mut carried,
             };
             let mut held = None;
+            let syncer = Syncer {
+                tx: syncer,
+                pending: Arc::default(),
+            };
             run_group(&db, &mut held, vec![work], queued, Some(&syncer))
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
