@@ -410,8 +410,9 @@ fn run_group(
 /// A writer's connection. On SQLite (a file) it commits with `synchronous = NORMAL`:
 /// the commit writes its pages to the WAL without waiting for the disk, and the WAL is
 /// synced ([`Wal::sync`]) before any caller of the group is answered, so a 200 still
-/// means the event is on disk, as with `FULL`. When more work is queued the syncer
-/// thread syncs and answers while this writer runs the next group: the disk's wait and
+/// means the event is on disk, as with `FULL`. When more work is queued (or the syncer
+/// still holds a group) the syncer thread syncs and answers while this writer runs the
+/// next group: the disk's wait and
 /// the next group's statements overlap, and one sync serves every group before it.
 /// Checkpoints still sync (SQLite's `NORMAL` syncs the WAL before a checkpoint and the
 /// database after it). The connection goes back to the pool with the `synchronous`
