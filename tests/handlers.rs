@@ -199,6 +199,66 @@ async fn a_replay_without_the_hosts_handlers_leaves_their_work_pending() {
     }
 }
 
+/// Two versions of the app on one database (a rolling deploy: the old one lacks the
+/// new handler; or `stripe-mirror serve` beside the host app): the handler fails on
+/// the app that has it, and Stripe's redelivery lands on the one without it. That
+/// answer must not be a 200, or Stripe stops redelivering and the handler never runs
+/// again by itself. Once the app that has it succeeds, every copy answers 200.
+#[tokio::test]
+async fn a_redelivery_to_an_app_without_the_failed_handler_is_not_a_200() {
+    for b in backends() {
+        let m = Mirror::connect(config(&b)).await.unwrap();
+        let (runs, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(1)));
+        let (other_runs, never) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let new_version = Webhooks::new().on("product.created", counting(&runs, &broken));
+        let ev = product_event("evt_roll");
+        assert_eq!(new_version.receive(&m, post(&ev)).await.status, 500);
+
+        // No handler at all (the CLI's `serve`), and another handler of its own.
+        let bare = Webhooks::new();
+        let old_version = Webhooks::new().on("product.*", counting(&other_runs, &never));
+        for (name, app) in [("no handler", &bare), ("another handler", &old_version)] {
+            let r = app.receive(&m, post(&ev)).await;
+            assert_eq!(
+                (r.status, r.outcome),
+                (500, Outcome::HandlerFailed),
+                "{}: {name}: {:?}",
+                b.name,
+                r.error
+            );
+            assert!(
+                r.error
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("product.created#1"),
+                "{}: {name}: {:?}",
+                b.name,
+                r.error
+            );
+            assert_eq!(stored(m.config(), "evt_roll").0, "failed", "{}", b.name);
+        }
+        assert_eq!(other_runs.load(Ordering::SeqCst), 1, "{}", b.name);
+        let outcome = common::query_text(
+            &m.config().database_url,
+            "SELECT outcome AS t FROM stripe_webhook_deliveries WHERE event_id = 'evt_roll' \
+             ORDER BY id DESC LIMIT 1",
+        );
+        assert_eq!(outcome, "handler_failed", "{}: the delivery log", b.name);
+
+        // The app that has the handler succeeds: done everywhere.
+        broken.store(0, Ordering::SeqCst);
+        assert_eq!(new_version.receive(&m, post(&ev)).await.status, 200);
+        let r = bare.receive(&m, post(&ev)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Duplicate),
+            "{}",
+            b.name
+        );
+        assert_eq!(stored(m.config(), "evt_roll").0, "processed", "{}", b.name);
+    }
+}
+
 /// A handler cut off by its timeout may still be at work (on a thread it handed work
 /// to): the event fails, but stays claimed until its lease ends, so a redelivery meanwhile
 /// is answered 409 and does not run the handler a second time beside the first.

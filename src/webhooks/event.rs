@@ -400,6 +400,17 @@ pub(crate) fn record_handlers(
 /// another worker took the event): nothing is written then. `keep_claim` (a handler
 /// cut off by its timeout, maybe still at work): failed, but still claimed until the
 /// lease ends, so neither a redelivery nor a replay runs it again before then.
+/// The entries of a handler log not yet succeeded, as the event's error says them.
+pub(crate) fn unfinished(handlers: &HandlerLog) -> Option<String> {
+    let unfinished: Vec<&str> = handlers
+        .iter()
+        .filter(|(_, v)| v.as_str() != HANDLER_OK)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    (!unfinished.is_empty())
+        .then(|| format!("handlers not yet succeeded: {}", unfinished.join(", ")))
+}
+
 pub(crate) fn finish(
     conn: &mut Conn<'_>,
     id: &str,
@@ -409,14 +420,7 @@ pub(crate) fn finish(
     synced: bool,
     keep_claim: bool,
 ) -> Result<bool> {
-    let unfinished: Vec<&str> = handlers
-        .iter()
-        .filter(|(_, v)| v.as_str() != HANDLER_OK)
-        .map(|(k, _)| k.as_str())
-        .collect();
-    let pending = (!unfinished.is_empty())
-        .then(|| format!("handlers not yet succeeded: {}", unfinished.join(", ")));
-    let error = error.map(str::to_owned).or(pending);
+    let error = error.map(str::to_owned).or_else(|| unfinished(handlers));
     let status = match (&error, keep_claim) {
         // Still `processing` under the lease it holds: claimable again once it ends.
         (Some(_), true) => status::PROCESSING,

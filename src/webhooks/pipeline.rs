@@ -349,6 +349,11 @@ impl Webhooks {
             Ok(()) => self.run_due(mirror, &event, &mut work).await,
             Err(e) => Err(Failure::new(Outcome::Unavailable, e)),
         };
+        // Ours all done, another registry's still due: as in `claim`.
+        let result = match (result, elsewhere(&work.handlers)) {
+            (Ok(_), Some(failure)) => Err(failure),
+            (result, _) => result,
+        };
         let (outcome, error, keep_claim) = match &result {
             Ok(outcome) => (*outcome, None, false),
             Err(f) => (f.outcome, Some(f.error.clone()), f.keep_claim),
@@ -444,7 +449,14 @@ impl Webhooks {
                     };
                     Step::Handlers(event, work)
                 }
-                Ok(Progress::Claimed(_)) => Step::Answer(Ok(Outcome::Processed)),
+                // Nothing of this registry is due, but the log may hold handlers of
+                // another instance or version of the app on this database, not yet
+                // succeeded (the event is stored failed): not a 200, or Stripe would
+                // stop redelivering before one of them ran it.
+                Ok(Progress::Claimed(work)) => match elsewhere(&work.handlers) {
+                    Some(failure) => Step::Answer(Err(failure)),
+                    None => Step::Answer(Ok(Outcome::Processed)),
+                },
                 Ok(Progress::Done) => Step::Answer(Ok(Outcome::Duplicate)),
                 Ok(Progress::Busy) => Step::Answer(Err(Failure::new(
                     Outcome::InProgress,
@@ -908,6 +920,22 @@ fn settle_failed(
 
 /// How long an answer waits for a follow-up re-fetch.
 const FOLLOW_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The failure to answer when a handler log holds entries not yet succeeded that this
+/// registry did not run (its own are done): handlers of another instance or version of
+/// the app sharing the database, or an access hook registered there.
+fn elsewhere(handlers: &event::HandlerLog) -> Option<Failure> {
+    event::unfinished(handlers).map(|pending| {
+        Failure::new(
+            Outcome::HandlerFailed,
+            format!(
+                "{pending} (registered by another instance or version of the app on this \
+                 database, not here): Stripe redelivers until one of them succeeds, or an app that has \
+                 them replays it (`Webhooks::process_events`, `EventFilter::failed`)"
+            ),
+        )
+    })
+}
 
 fn respond(
     event_id: Option<String>,
