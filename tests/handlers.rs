@@ -726,3 +726,76 @@ async fn handlers_run_for_the_mirrors_mode_only_unless_asked() {
         assert_eq!(runs.load(Ordering::SeqCst), 3, "{}", b.name);
     }
 }
+
+/// The handlers ran, then the record of their outcome could not be written (here a
+/// lock on the events table past the writers' lock wait, every try): the answer is a
+/// 5xx so that Stripe retries, and the delivery's row says what was answered, not
+/// "received" with no status (what a crash leaves).
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_delivery_whose_outcome_cannot_be_recorded_is_logged_with_its_answer() {
+    use stripe_mirror::diesel::{self, Connection, RunQueryDsl};
+    let mut config = Config::new(common::postgres_url());
+    config.webhook_secrets = vec![Secret::new(SECRET)];
+    let m = Mirror::connect(config.clone()).await.unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let go = Arc::new(tokio::sync::Notify::new());
+    let handler_go = go.clone();
+    let webhooks = Webhooks::new().on("product.created", move |_e: Event, _m: Mirror| {
+        started_tx.lock().unwrap().send(()).unwrap();
+        let go = handler_go.clone();
+        async move {
+            go.notified().await;
+            Ok(())
+        }
+    });
+    let ev = product_event("evt_unrecorded");
+    let receiving = tokio::spawn({
+        let (m, webhooks) = (m.clone(), webhooks.clone());
+        async move { webhooks.receive(&m, post(&ev)).await }
+    });
+    tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // Another session locks the events table against updates until told.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let url = config.database_url.clone();
+    let locker = std::thread::spawn(move || {
+        let mut c = diesel::PgConnection::establish(&url).unwrap();
+        diesel::sql_query("BEGIN").execute(&mut c).unwrap();
+        diesel::sql_query("LOCK TABLE stripe_events IN SHARE MODE")
+            .execute(&mut c)
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        diesel::sql_query("ROLLBACK").execute(&mut c).unwrap();
+    });
+    tokio::task::spawn_blocking(move || locked_rx.recv().unwrap())
+        .await
+        .unwrap();
+    go.notify_one();
+    let answer = receiving.await.unwrap();
+    release_tx.send(()).unwrap();
+    locker.join().unwrap();
+    assert!(answer.status >= 500, "{answer:?}");
+    let logged = || {
+        common::query_text(
+            &config.database_url,
+            "SELECT COALESCE(CAST(status_code AS TEXT), 'none') || ' ' || outcome AS t \
+             FROM stripe_webhook_deliveries WHERE event_id = 'evt_unrecorded'",
+        )
+    };
+    // Recorded in the background for a 503 (the database may be down for a while).
+    let want = format!("{} {}", answer.status, answer.outcome.as_str());
+    let mut row = logged();
+    for _ in 0..100 {
+        if row == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        row = logged();
+    }
+    assert_eq!(row, want, "the delivery's row");
+}

@@ -405,7 +405,15 @@ impl Webhooks {
             Err(err) => {
                 // The handlers ran but their outcome is not recorded: let Stripe retry.
                 tracing::error!(error = %err, delivery = delivery_id, "webhook outcome could not be recorded");
-                respond(event_id, Err(Failure::from_error(err)))
+                // Rolled back with the event's record: the delivery's row gets the answer
+                // on its own (it would read "received", as after a crash).
+                let failure = Failure::from_error(err);
+                let (outcome, error) = (failure.outcome, failure.error.clone());
+                record_failed(mirror, outcome, move |conn| {
+                    delivery::finish(conn, delivery_id, true, Some(&id), outcome, Some(&error))
+                })
+                .await;
+                respond(event_id, Err(failure))
             }
         }
     }
