@@ -1004,6 +1004,17 @@ async fn subscription_changes_send_exactly_stripes_parameters() {
                 "/v1/subscriptions/sub_gone",
                 sub("sub_gone", json!({"status": "canceled"})),
             ),
+            // sub_z: changed, then its fetch past the second fails.
+            (
+                "POST",
+                "/v1/subscriptions/sub_z",
+                sub("sub_z", json!({"cancel_at_period_end": true})),
+            ),
+            (
+                "GET",
+                "/v1/subscriptions/sub_z",
+                json!({"error": {"type": "api_error", "message": "try again later"}}),
+            ),
         ])
         .await;
         let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
@@ -1085,6 +1096,39 @@ async fn subscription_changes_send_exactly_stripes_parameters() {
         );
         let refused = act.cancel_now(&m).await.unwrap_err();
         assert!(matches!(refused, Error::Stripe(_)), "{}: {refused}", b.name);
+
+        // A row of the same second as Stripe's answer: the change is fetched again past
+        // the second before returning. That fetch failing is no failure of the change
+        // Stripe made and the mirror holds. (From the start of a second, so that the
+        // row and the answer fall in one.)
+        let into_second = chrono::Utc::now().timestamp_subsec_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(
+            1_010 - u64::from(into_second),
+        ))
+        .await;
+        let second = chrono::Utc::now().timestamp();
+        let z = Subscription::sync_from_stripe_data_at(&m, &sub("sub_z", json!({})), second)
+            .await
+            .unwrap();
+        let changed = z.cancel_at_period_end(&m).await;
+        assert!(
+            changed
+                .as_ref()
+                .is_ok_and(|s| s.cancel_at_period_end == Some(true)),
+            "{}: {changed:?}",
+            b.name
+        );
+        let fetched = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == "GET" && s.path == "/v1/subscriptions/sub_z")
+            .count();
+        assert_eq!(
+            fetched, 1,
+            "{}: fetched again once, before returning",
+            b.name
+        );
     }
 }
 

@@ -923,15 +923,18 @@ impl Subscription {
                 crate::sync::remote::refetch(&mirror, &SUBSCRIPTIONS, &id).await
             }
         };
+        // Stripe made the change and the mirror holds its answer: a failed fetch after
+        // it is no failure of the change (the next event or `reconcile` fetches it).
+        let id = self.id.clone();
+        let fetched_again = async move {
+            if let Err(error) = past_the_second.await {
+                tracing::warn!(%error, subscription = %id, "the subscription could not be fetched again after its change; its next event or `reconcile` will");
+            }
+        };
         if same_second {
-            past_the_second.await?;
+            fetched_again.await;
         } else {
-            let id = self.id.clone();
-            tokio::spawn(async move {
-                if let Err(error) = past_the_second.await {
-                    tracing::warn!(%error, subscription = %id, "the subscription could not be fetched again after its change; its next event or `reconcile` will");
-                }
-            });
+            tokio::spawn(fetched_again);
         }
         Subscription::get(mirror, &self.id)
             .await?
