@@ -1135,3 +1135,85 @@ async fn a_product_change_marks_the_subscribers_of_its_own_mode_only() {
         assert_eq!(dirty(true), 0, "{}: a live subscriber was marked", b.name);
     }
 }
+
+/// A customer linked to a user by the key in its Stripe metadata is unlinked when the
+/// key is removed there (to move it to another user, or to end the user's access):
+/// the user is told they lost access. One a Checkout linked (no key in Stripe) stays
+/// linked through the same kind of update.
+#[tokio::test]
+async fn removing_the_metadata_key_in_stripe_unlinks_the_customer() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let host = Host::new(&config, &["user-k"]);
+        let webhooks = host.webhooks();
+        let t = 1_700_000_100;
+        for (id, kind, created, object) in [
+            (
+                "evt_k1",
+                "customer.created",
+                t,
+                customer("cus_k", Some("user-k"), "k@example.com"),
+            ),
+            (
+                "evt_k2",
+                "customer.subscription.created",
+                t,
+                subscription("sub_k", "cus_k", "active", "prod_k"),
+            ),
+        ] {
+            let outcome = deliver(&webhooks, &mirror, &event(id, kind, created, object)).await;
+            assert_eq!(outcome, Outcome::Processed, "{}", b.name);
+        }
+        assert_eq!(host.row("user-k"), "prod_k/-", "{}", b.name);
+
+        // The key removed in the Dashboard: Stripe's next customer.updated lacks it.
+        let unlinked = event(
+            "evt_k3",
+            "customer.updated",
+            t + 5,
+            customer("cus_k", None, "k@example.com"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &unlinked).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        let row = Customer::get(&mirror, "cus_k").await.unwrap().unwrap();
+        assert_eq!(row.subscriber_id, None, "{}: still linked", b.name);
+        assert_eq!(
+            host.row("user-k"),
+            "-/-",
+            "{}: the user kept access",
+            b.name
+        );
+        let last = host.calls().last().cloned().unwrap();
+        assert!(!last.after.valid, "{}: {last:?}", b.name);
+
+        // A Checkout's link (no key in Stripe) survives an update without the key.
+        let session = json!({"id": "cs_k", "object": "checkout.session", "customer": "cus_c",
+            "client_reference_id": "user-c", "mode": "subscription", "livemode": false});
+        for (id, kind, created, object) in [
+            (
+                "evt_c1",
+                "customer.created",
+                t,
+                customer("cus_c", None, "c@example.com"),
+            ),
+            ("evt_c2", "checkout.session.completed", t + 1, session),
+            (
+                "evt_c3",
+                "customer.updated",
+                t + 5,
+                customer("cus_c", None, "c2@example.com"),
+            ),
+        ] {
+            let outcome = deliver(&webhooks, &mirror, &event(id, kind, created, object)).await;
+            assert_eq!(outcome, Outcome::Processed, "{}: {id}", b.name);
+        }
+        let row = Customer::get(&mirror, "cus_c").await.unwrap().unwrap();
+        assert_eq!(row.subscriber_id.as_deref(), Some("user-c"), "{}", b.name);
+        assert_eq!(row.email.as_deref(), Some("c2@example.com"), "{}", b.name);
+    }
+}

@@ -158,17 +158,42 @@ async fn a_customer_made_elsewhere_is_linked_to_its_user() {
             in_stripe["metadata"]["stripe_mirror_subscriber"],
             json!(user)
         );
-        // Linked in the mirror only (as a Payment Link's Checkout links its buyer):
-        // refused too, and Stripe's metadata stays unset.
+        // The key removed in Stripe (the Dashboard), the mirror not told yet: Stripe
+        // says it is free, and it moves.
+        call(
+            "POST",
+            &format!("{base}v1/customers/{id}"),
+            &[("metadata[stripe_mirror_subscriber]", "")],
+        );
+        let moved = unique("moved");
+        let relinked = Customer::link(&m, id, &User(moved.clone())).await.unwrap();
+        assert_eq!(
+            relinked.subscriber_id.as_deref(),
+            Some(moved.as_str()),
+            "{}",
+            b.name
+        );
+        let in_stripe = call("GET", &format!("{base}v1/customers/{id}"), &[]);
+        assert_eq!(
+            in_stripe["metadata"]["stripe_mirror_subscriber"],
+            json!(moved)
+        );
+        // Linked in the mirror only (as a Payment Link's Checkout links its buyer: no
+        // key in Stripe): refused too, and Stripe's metadata stays unset.
         let other = call("POST", &format!("{base}v1/customers"), &[]);
         let other = other["id"].as_str().unwrap();
         Customer::sync_from_stripe_data(
             &m,
-            &json!({"id": other, "object": "customer",
-                    "metadata": {"stripe_mirror_subscriber": "paid-by-link"}}),
+            &json!({"id": other, "object": "customer", "metadata": {}}),
         )
         .await
         .unwrap();
+        common::execute_sql(
+            &b.config.database_url,
+            &format!(
+                "UPDATE stripe_customers SET subscriber_id = 'paid-by-link' WHERE id = '{other}'"
+            ),
+        );
         let err = Customer::link(&m, other, &User(unique("thief")))
             .await
             .unwrap_err();

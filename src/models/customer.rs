@@ -107,14 +107,26 @@ mirror_table!(CUSTOMERS {
     api_path: Some("/customers"),
     id_from: None,
     accepts: &["customer"],
-    columns: &["email", "name", "subscriber_id"],
-    // Checkout links a subscriber without touching Stripe metadata; keep that link.
-    keep_when_null: &["subscriber_id"],
+    columns: &["email", "name", "subscriber_id", "subscriber_in_metadata"],
+    // Checkout links a subscriber without touching Stripe metadata: that link is kept.
+    // One read from the metadata goes when the key is removed there (to move the
+    // customer to another user, or to take their access away).
+    keep_when_null: &[
+        ("subscriber_id", Some("subscriber_in_metadata")),
+        ("subscriber_in_metadata", None),
+    ],
     extract: |f| {
+        let subscriber = f.str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?;
+        // Unknown when the payload has no metadata (a placeholder, part of an object).
+        let in_metadata = f
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .map(|_| subscriber.as_deref().is_some_and(|s| !s.is_empty()));
         Ok(vec![
             SqlValue::Text(f.str("email")?),
             SqlValue::Text(f.str("name")?),
-            SqlValue::Text(f.str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?),
+            SqlValue::Text(subscriber),
+            SqlValue::Bool(in_metadata),
         ])
     },
     final_tombstones: true,
@@ -347,11 +359,22 @@ impl Customer {
     ) -> Result<Customer> {
         let id = subscriber_id_of(subscriber)?;
         // Linked in the mirror alone (a Payment Link's buyer, linked by its Checkout):
-        // that link counts as much as Stripe's metadata.
-        let mirrored = Self::get(mirror, customer_id).await?;
-        if let Some(held) = mirrored
-            .and_then(|c| c.subscriber_id)
-            .filter(|held| *held != id)
+        // that link counts as much as Stripe's metadata. One read from the metadata is
+        // Stripe's to say (the key may have been removed there since).
+        let key = customer_id.to_owned();
+        let mirrored: Option<(Option<String>, Option<bool>)> = mirror
+            .db()
+            .run(move |conn| {
+                Ok(on_conn!(conn, c => stripe_customers::table
+                    .find(&key)
+                    .select((stripe_customers::subscriber_id, stripe_customers::subscriber_in_metadata))
+                    .first(c)
+                    .optional())?)
+            })
+            .await?;
+        if let Some((Some(held), in_metadata)) = mirrored
+            && held != id
+            && in_metadata != Some(true)
         {
             return Err(Error::Config(format!(
                 "customer {customer_id} belongs to subscriber {held:?}, not {id:?} (linked \

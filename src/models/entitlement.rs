@@ -254,7 +254,7 @@ mirror_table!(PRODUCT_FEATURES {
     id_from: None,
     accepts: &["product_feature"],
     columns: &["product_id", "lookup_key"],
-    keep_when_null: &["product_id"],
+    keep_when_null: &[("product_id", None)],
     extract: |f: &Fields<'_>| {
         Ok(vec![
             SqlValue::Text(f.id_ref("product")?),

@@ -41,8 +41,11 @@ pub(crate) struct MirrorTable {
     pub accepts: &'static [&'static str],
     /// The typed columns, in the order `extract` returns them.
     pub columns: &'static [&'static str],
-    /// Typed columns a later write with no value must not clear (set by other paths).
-    pub keep_when_null: &'static [&'static str],
+    /// Typed columns a later write with no value must not clear (set by other paths),
+    /// each with the typed column, if any, that says whether the object held the value
+    /// it has: when the stored row's says it did and the write's says the object now
+    /// holds none, the write clears it after all (a link removed in Stripe).
+    pub keep_when_null: &'static [(&'static str, Option<&'static str>)],
     /// Reads the typed column values from the object.
     pub extract: fn(&Fields<'_>) -> Result<Vec<SqlValue>>,
     /// Whether a tombstone is final. True for objects Stripe deletes for good; false
@@ -426,10 +429,15 @@ impl MirrorTable {
             let sets: Vec<String> = cols[1..]
                 .iter()
                 .map(|c| {
-                    if *c == "created" || self.keep_when_null.contains(c) {
-                        format!("{c} = COALESCE(excluded.{c}, {t}.{c})")
-                    } else {
-                        format!("{c} = excluded.{c}")
+                    let kept = self.keep_when_null.iter().find(|(k, _)| k == c);
+                    match kept {
+                        Some((_, Some(from))) => format!(
+                            "{c} = CASE WHEN excluded.{c} IS NULL AND excluded.{from} = FALSE \
+                             AND {t}.{from} = TRUE THEN NULL ELSE COALESCE(excluded.{c}, {t}.{c}) END"
+                        ),
+                        Some((_, None)) => format!("{c} = COALESCE(excluded.{c}, {t}.{c})"),
+                        None if *c == "created" => format!("{c} = COALESCE(excluded.{c}, {t}.{c})"),
+                        None => format!("{c} = excluded.{c}"),
                     }
                 })
                 .collect();

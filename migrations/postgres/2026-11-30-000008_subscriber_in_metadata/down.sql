@@ -1,0 +1,1 @@
+ALTER TABLE stripe_customers DROP COLUMN subscriber_in_metadata;
