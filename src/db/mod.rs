@@ -790,6 +790,54 @@ mod tests {
         assert_eq!(t(&mut c, rows), "2,3,4");
     }
 
+    /// The "subscriber in metadata" migration fills its column from each customer's
+    /// data: true where Stripe's metadata holds the key, false where it does not (a
+    /// Checkout's link), unknown where the row has no metadata (a placeholder).
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_subscriber_in_metadata_migration_reads_each_customers_data() {
+        use diesel::connection::SimpleConnection;
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            t: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upgrade.db");
+        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        let pending = c.pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let at = pending
+            .iter()
+            .position(|m| m.name().to_string().ends_with("_subscriber_in_metadata"))
+            .expect("the migration is embedded");
+        for m in &pending[..at] {
+            c.run_migration(m.as_ref()).unwrap();
+        }
+        c.batch_execute(
+            r#"INSERT INTO stripe_customers (id, livemode, data, stamp, synced_at, subscriber_id) VALUES
+             ('cus_meta', FALSE, '{"id":"cus_meta","metadata":{"stripe_mirror_subscriber":"u1"}}', 1, 1, 'u1'),
+             ('cus_checkout', FALSE, '{"id":"cus_checkout","metadata":{}}', 1, 1, 'u2'),
+             ('cus_empty', FALSE, '{"id":"cus_empty","metadata":{"stripe_mirror_subscriber":""}}', 1, 1, NULL),
+             ('cus_placeholder', FALSE, '{"id":"cus_placeholder"}', 0, 1, 'u3')"#,
+        )
+        .unwrap();
+        c.run_migration(pending[at].as_ref()).unwrap();
+        let rows = diesel::sql_query(
+            "SELECT group_concat(id || '=' || COALESCE(subscriber_in_metadata, '-'), ',') AS t \
+             FROM (SELECT * FROM stripe_customers ORDER BY id)",
+        )
+        .get_result::<T>(&mut c)
+        .unwrap()
+        .t;
+        assert_eq!(
+            rows,
+            "cus_checkout=0,cus_empty=0,cus_meta=1,cus_placeholder=-"
+        );
+        c.revert_migration(pending[at].as_ref()).unwrap();
+        c.run_migration(pending[at].as_ref()).unwrap();
+    }
+
     #[test]
     fn urls_pick_the_backend() {
         assert_eq!(parse_url("sqlite://a.db"), Target::Sqlite("a.db".into()));
