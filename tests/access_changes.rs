@@ -1190,6 +1190,22 @@ async fn removing_the_metadata_key_in_stripe_unlinks_the_customer() {
         );
         let last = host.calls().last().cloned().unwrap();
         assert!(!last.after.valid, "{}: {last:?}", b.name);
+        // The key set to "" (how the API removes one; some fakes keep it): no link to
+        // an empty subscriber id either.
+        let emptied = event(
+            "evt_k4",
+            "customer.updated",
+            t + 6,
+            customer("cus_k", Some(""), "k@example.com"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &emptied).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        let row = Customer::get(&mirror, "cus_k").await.unwrap().unwrap();
+        assert_eq!(row.subscriber_id, None, "{}: linked to \"\"", b.name);
 
         // A Checkout's link (no key in Stripe) survives an update without the key.
         let session = json!({"id": "cs_k", "object": "checkout.session", "customer": "cus_c",

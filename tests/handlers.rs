@@ -256,6 +256,52 @@ async fn a_redelivery_to_an_app_without_the_failed_handler_is_not_a_200() {
             b.name
         );
         assert_eq!(stored(m.config(), "evt_roll").0, "processed", "{}", b.name);
+
+        // Past an hour after the event (a handler removed for good, renumbered): the
+        // redelivery is a 200, the event stays failed for a replay.
+        let mut old = product_event("evt_old");
+        old["created"] = json!(now() - 7_200);
+        let (old_runs, old_broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(1)));
+        let had_it = Webhooks::new().on("product.created", counting(&old_runs, &old_broken));
+        assert_eq!(had_it.receive(&m, post(&old)).await.status, 500);
+        let r = bare.receive(&m, post(&old)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (200, Outcome::Processed),
+            "{}",
+            b.name
+        );
+        assert_eq!(stored(m.config(), "evt_old").0, "failed", "{}", b.name);
+
+        // The same when this app still has a fetch to make for the event (a Checkout's
+        // subscription, its sync not applied yet, as after a version whose mapping
+        // failed): the fetch is made, and the answer is still not a 200.
+        let session = json!({"id": "evt_cs", "object": "event", "type": "checkout.session.completed",
+            "created": now(), "livemode": false, "data": {"object": {"id": "cs_roll",
+            "object": "checkout.session", "mode": "subscription", "customer": "cus_roll",
+            "subscription": "sub_roll", "client_reference_id": "user-roll"}}});
+        let (cs_runs, cs_broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(1)));
+        let with_handler =
+            Webhooks::new().on("checkout.session.completed", counting(&cs_runs, &cs_broken));
+        assert_eq!(with_handler.receive(&m, post(&session)).await.status, 500);
+        common::execute_sql(
+            &m.config().database_url,
+            "UPDATE stripe_events SET synced = FALSE WHERE id = 'evt_cs'",
+        );
+        let r = bare.receive(&m, post(&session)).await;
+        assert_eq!(
+            (r.status, r.outcome),
+            (500, Outcome::HandlerFailed),
+            "{}: {:?}",
+            b.name,
+            r.error
+        );
+        let outcome = common::query_text(
+            &m.config().database_url,
+            "SELECT outcome AS t FROM stripe_webhook_deliveries WHERE event_id = 'evt_cs' \
+             ORDER BY id DESC LIMIT 1",
+        );
+        assert_eq!(outcome, "handler_failed", "{}: the delivery log", b.name);
     }
 }
 

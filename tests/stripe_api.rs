@@ -1189,6 +1189,40 @@ async fn get_or_create_after_the_customer_was_deleted_creates_a_new_one() {
     }
 }
 
+/// A subscriber whose customer was unlinked since (its key removed in Stripe) gets a
+/// new one, not the old one Stripe replays for the creation's idempotency key within
+/// its 24 hours (stripe-stateful-mock replays keys as Stripe does).
+#[tokio::test]
+#[ignore = "needs stripe-stateful-mock: run scripts/test.sh"]
+async fn get_or_create_after_the_customer_was_unlinked_creates_a_new_one() {
+    let base = stripe_mock();
+    for b in common::backends() {
+        let m = Mirror::connect(with_api(&b.config, &base)).await.unwrap();
+        let user = User(unique("unlinked"));
+        let first = Customer::get_or_create(&m, &user).await.unwrap();
+        // Its `customer.updated` without the key, as the Dashboard's removal sends it.
+        let mut unlinked = first.data();
+        unlinked["metadata"] = json!({});
+        let later = chrono::Utc::now().timestamp() + 5;
+        let row = Customer::sync_from_stripe_data_at(&m, &unlinked, later)
+            .await
+            .unwrap();
+        assert_eq!(row.subscriber_id, None, "{}", b.name);
+        let second = Customer::get_or_create(&m, &user).await.unwrap();
+        assert_ne!(
+            second.id, first.id,
+            "{}: the unlinked customer again",
+            b.name
+        );
+        assert_eq!(
+            second.subscriber_id.as_deref(),
+            Some(user.0.as_str()),
+            "{}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn sync_all_collects_bad_objects_or_stops_at_the_first_when_asked() {
     const PAGE: &str = r#"{"object":"list","has_more":false,"data":[

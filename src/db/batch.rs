@@ -771,17 +771,17 @@ impl Wal {
         let _gate = SYNC_GATE.lock().unwrap_or_else(|p| p.into_inner());
         let _flushing = FLUSHING.lock().unwrap_or_else(|p| p.into_inner());
         self.check(&FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner()))?;
+        // The test's WAL only: another test's flush must not wait for it.
         #[cfg(test)]
-        if let Some((_, started)) = FLUSH_STARTED
+        let held = FLUSH_STARTED
             .lock()
             .unwrap()
             .as_ref()
             .filter(|(wal, _)| *wal == self.path)
-        {
-            let _ = started.send(());
-        }
+            .map(|(_, started)| started.send(()))
+            .is_some();
         #[cfg(test)]
-        let _in_flight = FLUSH_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        let _in_flight = held.then(|| FLUSH_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()));
         #[cfg(test)]
         let flushed = match FAIL_FLUSH.lock().unwrap().as_deref() == Some(&*self.path) {
             true => Err(std::io::Error::from_raw_os_error(5)),
@@ -1057,9 +1057,13 @@ mod tests {
         let mut second = std::pin::pin!(second);
         assert!(second.as_mut().now_or_never().is_none());
         go_a.send(()).unwrap();
-        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            started_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the first group's flush began")
+        })
+        .await
+        .unwrap();
         wait_ran().await.unwrap().unwrap();
         // A third group, queued once the first one's flush is in flight, starts while
         // it is (on the old code its check waited for that flush, which never ends

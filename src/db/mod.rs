@@ -818,13 +818,13 @@ mod tests {
             r#"INSERT INTO stripe_customers (id, livemode, data, stamp, synced_at, subscriber_id) VALUES
              ('cus_meta', FALSE, '{"id":"cus_meta","metadata":{"stripe_mirror_subscriber":"u1"}}', 1, 1, 'u1'),
              ('cus_checkout', FALSE, '{"id":"cus_checkout","metadata":{}}', 1, 1, 'u2'),
-             ('cus_empty', FALSE, '{"id":"cus_empty","metadata":{"stripe_mirror_subscriber":""}}', 1, 1, NULL),
+             ('cus_empty', FALSE, '{"id":"cus_empty","metadata":{"stripe_mirror_subscriber":""}}', 1, 1, ''),
              ('cus_placeholder', FALSE, '{"id":"cus_placeholder"}', 0, 1, 'u3')"#,
         )
         .unwrap();
         c.run_migration(pending[at].as_ref()).unwrap();
         let rows = diesel::sql_query(
-            "SELECT group_concat(id || '=' || COALESCE(subscriber_in_metadata, '-'), ',') AS t \
+            "SELECT group_concat(id || '=' || COALESCE(subscriber_in_metadata, '-') || '/' || COALESCE(subscriber_id, '-'), ',') AS t \
              FROM (SELECT * FROM stripe_customers ORDER BY id)",
         )
         .get_result::<T>(&mut c)
@@ -832,7 +832,7 @@ mod tests {
         .t;
         assert_eq!(
             rows,
-            "cus_checkout=0,cus_empty=0,cus_meta=1,cus_placeholder=-"
+            "cus_checkout=0/u2,cus_empty=0/-,cus_meta=1/u1,cus_placeholder=-/u3"
         );
         c.revert_migration(pending[at].as_ref()).unwrap();
         c.run_migration(pending[at].as_ref()).unwrap();

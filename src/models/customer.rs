@@ -116,12 +116,15 @@ mirror_table!(CUSTOMERS {
         ("subscriber_in_metadata", None),
     ],
     extract: |f| {
-        let subscriber = f.str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?;
+        // An empty value is no link (the API's way to remove a key; some fakes keep it).
+        let subscriber = f
+            .str(&format!("metadata.{SUBSCRIBER_METADATA_KEY}"))?
+            .filter(|s| !s.is_empty());
         // Unknown when the payload has no metadata (a placeholder, part of an object).
         let in_metadata = f
             .get("metadata")
             .filter(|m| m.is_object())
-            .map(|_| subscriber.as_deref().is_some_and(|s| !s.is_empty()));
+            .map(|_| subscriber.is_some());
         Ok(vec![
             SqlValue::Text(f.str("email")?),
             SqlValue::Text(f.str("name")?),
@@ -322,18 +325,34 @@ impl Customer {
             .unwrap_or_default();
         // After a deleted customer, another key: Stripe would replay the deleted one.
         let deleted = Self::deleted_of(mirror, &id).await?;
-        let material = match deleted {
+        let mut material = match deleted {
             0 => format!("{id}/{form}"),
             n => format!("{id}/{form}/after {n} deleted"),
         };
-        let key = crate::sync::remote::creation_key("customer", mirror.live_mode(), &material);
         let object = format!("customer of subscriber {id}");
-        let created = mirror
-            .stripe()
-            .await?
-            .request(&create, Some(key), Some(&object))
-            .await?;
-        crate::sync::sync_from_stripe_data::<Customer>(mirror, created.value, created.at).await
+        let client = mirror.stripe().await?;
+        let mut replayed = None;
+        for _ in 0..2 {
+            let key = crate::sync::remote::creation_key("customer", mirror.live_mode(), &material);
+            let created = client.request(&create, Some(key), Some(&object)).await?;
+            let customer =
+                crate::sync::sync_from_stripe_data::<Customer>(mirror, created.value, created.at)
+                    .await?;
+            if customer.subscriber_id.as_deref() == Some(id.as_str()) {
+                return Ok(customer);
+            }
+            // Stripe replayed (within its 24 hours) the creation of a customer that has
+            // left this subscriber since (its key removed, or moved by `link`): another
+            // key, which racing callers derive alike.
+            material = format!("{material}/after {}", customer.id);
+            replayed = Some(customer.id);
+        }
+        Err(Error::Config(format!(
+            "Stripe answered the creation of subscriber {id:?}'s customer with {}, which \
+             belongs to another subscriber or none in the mirror; run `sync_all` for \
+             customers, then try again",
+            replayed.unwrap_or_default()
+        )))
     }
 
     /// Links a customer made before the mirror (Cashier's `users.stripe_id`, one made in

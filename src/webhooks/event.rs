@@ -395,11 +395,6 @@ pub(crate) fn record_handlers(
     Ok(())
 }
 
-/// Ends the claim `token`: processed when `error` is `None` and every handler in the
-/// log succeeded, else failed. False when the claim was lost (its lease ended and
-/// another worker took the event): nothing is written then. `keep_claim` (a handler
-/// cut off by its timeout, maybe still at work): failed, but still claimed until the
-/// lease ends, so neither a redelivery nor a replay runs it again before then.
 /// The entries of a handler log not yet succeeded, as the event's error says them.
 pub(crate) fn unfinished(handlers: &HandlerLog) -> Option<String> {
     let unfinished: Vec<&str> = handlers
@@ -411,6 +406,11 @@ pub(crate) fn unfinished(handlers: &HandlerLog) -> Option<String> {
         .then(|| format!("handlers not yet succeeded: {}", unfinished.join(", ")))
 }
 
+/// Ends the claim `token`: processed when `error` is `None` and every handler in the
+/// log succeeded, else failed. False when the claim was lost (its lease ended and
+/// another worker took the event): nothing is written then. `keep_claim` (a handler
+/// cut off by its timeout, maybe still at work): failed, but still claimed until the
+/// lease ends, so neither a redelivery nor a replay runs it again before then.
 pub(crate) fn finish(
     conn: &mut Conn<'_>,
     id: &str,

@@ -145,12 +145,16 @@ enum Step {
 impl Step {
     /// What the delivery row says once this step is written: its outcome, or
     /// `Received` while handlers (or a re-fetch) are still to come.
-    fn logged(&self) -> (Outcome, Option<&str>) {
+    fn logged(&self) -> (Outcome, Option<std::borrow::Cow<'_, str>>) {
         match self {
             Step::Answer(Ok(outcome)) => (*outcome, None),
-            Step::Answer(Err(f)) => (f.outcome, Some(f.error.as_str())),
-            // Only a follow-up fetch is left: the event is already processed.
-            Step::Handlers(_, work) if !work.due => (Outcome::Processed, None),
+            Step::Answer(Err(f)) => (f.outcome, Some(f.error.as_str().into())),
+            // Only a follow-up fetch is left: the event is done here (processed, or
+            // failed for handlers registered elsewhere).
+            Step::Handlers(_, work) if !work.due => match elsewhere(&work) {
+                Some(f) => (f.outcome, Some(f.error.into())),
+                None => (Outcome::Processed, None),
+            },
             Step::Handlers(..) | Step::Refetch(..) => (Outcome::Received, None),
         }
     }
@@ -164,6 +168,9 @@ pub(crate) struct Work {
     pub(crate) handlers: HandlerLog,
     /// Some of this registry's handlers have not succeeded yet.
     pub(crate) due: bool,
+    /// The event is recent enough that handlers registered elsewhere, not yet
+    /// succeeded, fail this delivery ([`ELSEWHERE_WINDOW_SECS`]).
+    pub(crate) recent: bool,
     /// An object to re-fetch once the claim is committed: the event's own when its
     /// sync met a same-second tie nothing settled, or the subscription a completed
     /// Checkout created.
@@ -255,7 +262,7 @@ impl Webhooks {
                         valid,
                         event_id: logged_id.as_deref(),
                         outcome,
-                        error,
+                        error: error.as_deref(),
                     };
                     let id = delivery::log(conn, &entry)?;
                     Ok((id, step))
@@ -308,6 +315,7 @@ impl Webhooks {
                         };
                         let (outcome, error) = step.logged();
                         if outcome != Outcome::Received {
+                            let error = error.as_deref();
                             delivery::finish(conn, delivery_id, true, Some(&id), outcome, error)?;
                         }
                         Ok(step)
@@ -339,7 +347,8 @@ impl Webhooks {
             fetched = follow_up(mirror, &event, &mut work, table, &id).await;
         }
         if !work.due {
-            return respond(event_id, Ok(Outcome::Processed));
+            let done = elsewhere(&work).map_or(Ok(Outcome::Processed), Err);
+            return respond(event_id, done);
         }
         // A re-fetch that did not land fails the event (503: Stripe could not be asked)
         // so that Stripe redelivers it and the mirror gets the whole, newer version. The
@@ -350,7 +359,7 @@ impl Webhooks {
             Err(e) => Err(Failure::new(Outcome::Unavailable, e)),
         };
         // Ours all done, another registry's still due: as in `claim`.
-        let result = match (result, elsewhere(&work.handlers)) {
+        let result = match (result, elsewhere(&work)) {
             (Ok(_), Some(failure)) => Err(failure),
             (result, _) => result,
         };
@@ -461,7 +470,7 @@ impl Webhooks {
                 // another instance or version of the app on this database, not yet
                 // succeeded (the event is stored failed): not a 200, or Stripe would
                 // stop redelivering before one of them ran it.
-                Ok(Progress::Claimed(work)) => match elsewhere(&work.handlers) {
+                Ok(Progress::Claimed(work)) => match elsewhere(&work) {
                     Some(failure) => Step::Answer(Err(failure)),
                     None => Step::Answer(Ok(Outcome::Processed)),
                 },
@@ -823,6 +832,7 @@ pub(crate) fn claim_and_sync(
             follow_up,
             lease_ends,
             access: hook,
+            recent: t.saturating_sub(event.created) <= ELSEWHERE_WINDOW_SECS,
         })))
     });
     attempt?
@@ -929,17 +939,30 @@ fn settle_failed(
 /// How long an answer waits for a follow-up re-fetch.
 const FOLLOW_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long after an event Stripe's redeliveries of it are answered 500 while handlers
+/// registered elsewhere have not succeeded ([`elsewhere`]): long enough for a rolling
+/// deploy, or for Stripe's next tries to reach the app that has them (its retries come
+/// minutes, then hours apart). Past it the event stays failed for a replay and the
+/// delivery is a 200: a handler removed from the app for good (or renumbered) must not
+/// fail each of its events for the 3 days Stripe keeps trying.
+const ELSEWHERE_WINDOW_SECS: i64 = 3_600;
+
 /// The failure to answer when a handler log holds entries not yet succeeded that this
 /// registry did not run (its own are done): handlers of another instance or version of
-/// the app sharing the database, or an access hook registered there.
-fn elsewhere(handlers: &event::HandlerLog) -> Option<Failure> {
-    event::unfinished(handlers).map(|pending| {
+/// the app sharing the database, or an access hook registered there. Only within
+/// [`ELSEWHERE_WINDOW_SECS`] of the event.
+fn elsewhere(work: &Work) -> Option<Failure> {
+    if !work.recent {
+        return None;
+    }
+    event::unfinished(&work.handlers).map(|pending| {
         Failure::new(
             Outcome::HandlerFailed,
             format!(
                 "{pending} (registered by another instance or version of the app on this \
-                 database, not here): Stripe redelivers until one of them succeeds, or an app that has \
-                 them replays it (`Webhooks::process_events`, `EventFilter::failed`)"
+                 database, not here): answered 500 for an hour after the event, so that \
+                 Stripe's next tries reach an app that has them; or replay it from one \
+                 (`Webhooks::process_events`, `EventFilter::failed`)"
             ),
         )
     })

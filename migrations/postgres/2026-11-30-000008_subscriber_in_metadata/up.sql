@@ -5,3 +5,5 @@ ALTER TABLE stripe_customers ADD COLUMN subscriber_in_metadata BOOLEAN;
 UPDATE stripe_customers
 SET subscriber_in_metadata = COALESCE(data::jsonb #>> '{metadata,stripe_mirror_subscriber}', '') <> ''
 WHERE jsonb_typeof(data::jsonb -> 'metadata') = 'object';
+-- An empty value was never a link (no subscriber id is empty).
+UPDATE stripe_customers SET subscriber_id = NULL WHERE subscriber_id = '';
