@@ -151,7 +151,7 @@ impl Step {
             Step::Answer(Err(f)) => (f.outcome, Some(f.error.as_str().into())),
             // Only a follow-up fetch is left: the event is done here (processed, or
             // failed for handlers registered elsewhere).
-            Step::Handlers(_, work) if !work.due => match elsewhere(&work) {
+            Step::Handlers(_, work) if !work.due => match elsewhere(work) {
                 Some(f) => (f.outcome, Some(f.error.into())),
                 None => (Outcome::Processed, None),
             },
