@@ -1206,6 +1206,23 @@ async fn removing_the_metadata_key_in_stripe_unlinks_the_customer() {
         );
         let row = Customer::get(&mirror, "cus_k").await.unwrap().unwrap();
         assert_eq!(row.subscriber_id, None, "{}: linked to \"\"", b.name);
+        // An old Checkout session naming the user (replayed by `reconcile`, a new
+        // event): the metadata alone links this customer now, and it holds no key.
+        let old_session = json!({"id": "cs_old", "object": "checkout.session", "customer": "cus_k",
+            "client_reference_id": "user-k", "mode": "subscription", "livemode": false});
+        let replayed = event("evt_k5", "checkout.session.completed", t + 7, old_session);
+        assert_eq!(
+            deliver(&webhooks, &mirror, &replayed).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        let row = Customer::get(&mirror, "cus_k").await.unwrap().unwrap();
+        assert_eq!(
+            row.subscriber_id, None,
+            "{}: linked again by an old session",
+            b.name
+        );
 
         // A Checkout's link (no key in Stripe) survives an update without the key.
         let session = json!({"id": "cs_k", "object": "checkout.session", "customer": "cus_c",

@@ -72,8 +72,9 @@ macro_rules! mirror_schema {
                 stamp_rank -> Integer,
                 stamp_event -> Nullable<Text>,
                 reconcile -> Bool,
-                /// Whether `subscriber_id` was read from the customer's Stripe metadata
-                /// (else a Checkout linked it); `NULL` when not known.
+                /// Whether `subscriber_id` is the customer's Stripe metadata's to say: true
+                /// once the metadata held the key (else a Checkout linked it); `NULL`
+                /// when not known.
                 subscriber_in_metadata -> Nullable<Bool>,
             }
         }

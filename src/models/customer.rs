@@ -109,8 +109,9 @@ mirror_table!(CUSTOMERS {
     accepts: &["customer"],
     columns: &["email", "name", "subscriber_id", "subscriber_in_metadata"],
     // Checkout links a subscriber without touching Stripe metadata: that link is kept.
-    // One read from the metadata goes when the key is removed there (to move the
-    // customer to another user, or to take their access away).
+    // Once the metadata held the key, the metadata alone links the customer: the link
+    // goes when the key is removed there (to move the customer to another user, or to
+    // take their access away), and no Checkout links it again.
     keep_when_null: &[
         ("subscriber_id", Some("subscriber_in_metadata")),
         ("subscriber_in_metadata", None),

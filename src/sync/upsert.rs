@@ -42,9 +42,10 @@ pub(crate) struct MirrorTable {
     /// The typed columns, in the order `extract` returns them.
     pub columns: &'static [&'static str],
     /// Typed columns a later write with no value must not clear (set by other paths),
-    /// each with the typed column, if any, that says whether the object held the value
-    /// it has: when the stored row's says it did and the write's says the object now
-    /// holds none, the write clears it after all (a link removed in Stripe).
+    /// each with the typed column, if any, that says whether the object held the value:
+    /// once the stored row's says it did (it stays true from then on: the object alone
+    /// decides) and the write's says the object holds none, the write clears it after
+    /// all (a link removed in Stripe).
     pub keep_when_null: &'static [(&'static str, Option<&'static str>)],
     /// Reads the typed column values from the object.
     pub extract: fn(&Fields<'_>) -> Result<Vec<SqlValue>>,
@@ -435,6 +436,16 @@ impl MirrorTable {
                             "{c} = CASE WHEN excluded.{c} IS NULL AND excluded.{from} = FALSE \
                              AND {t}.{from} = TRUE THEN NULL ELSE COALESCE(excluded.{c}, {t}.{c}) END"
                         ),
+                        // The flag of another kept column: once true, the object alone
+                        // decides that column from then on.
+                        Some((_, None))
+                            if self.keep_when_null.iter().any(|(_, f)| *f == Some(*c)) =>
+                        {
+                            format!(
+                                "{c} = CASE WHEN {t}.{c} = TRUE THEN TRUE \
+                                 ELSE COALESCE(excluded.{c}, {t}.{c}) END"
+                            )
+                        }
                         Some((_, None)) => format!("{c} = COALESCE(excluded.{c}, {t}.{c})"),
                         None if *c == "created" => format!("{c} = COALESCE(excluded.{c}, {t}.{c})"),
                         None => format!("{c} = excluded.{c}"),

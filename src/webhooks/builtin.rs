@@ -219,10 +219,17 @@ pub(crate) fn link_session(
             "checkout session names a subscriber that already has a customer; not linked");
         return Ok(());
     }
+    // Not one whose Stripe metadata held the key: that metadata alone links it (a
+    // link removed there stays removed, whatever an old session says).
     let linked = on_conn!(conn, c => diesel::update(
             stripe_customers::table
                 .find(&customer)
-                .filter(stripe_customers::subscriber_id.is_null()),
+                .filter(stripe_customers::subscriber_id.is_null())
+                .filter(
+                    stripe_customers::subscriber_in_metadata
+                        .is_null()
+                        .or(stripe_customers::subscriber_in_metadata.eq(false)),
+                ),
         )
         .set(stripe_customers::subscriber_id.eq(subscriber))
         .execute(c))?;
