@@ -412,8 +412,8 @@ fn run_group(
 /// synced ([`Wal::sync`]) before any caller of the group is answered, so a 200 still
 /// means the event is on disk, as with `FULL`. When more work is queued (or the syncer
 /// still holds a group) the syncer thread syncs and answers while this writer runs the
-/// next group: the disk's wait and
-/// the next group's statements overlap, and one sync serves every group before it.
+/// next group: the disk's wait and the next group's statements overlap, and one sync
+/// serves every group before it.
 /// Checkpoints still sync (SQLite's `NORMAL` syncs the WAL before a checkpoint and the
 /// database after it). The connection goes back to the pool with the `synchronous`
 /// level it came with (`FULL` from [`SqlitePragmas`](super::SqlitePragmas), or the
