@@ -683,14 +683,38 @@ mod tests {
         assert_eq!(wait(Duration::MAX), Duration::from_millis(i32::MAX as u64));
     }
 
+    /// A SQLite database migrated up to the embedded migration named `*{name}`, and
+    /// that migration, to run next.
+    #[cfg(feature = "sqlite")]
+    fn sqlite_before(
+        dir: &tempfile::TempDir,
+        name: &str,
+    ) -> (
+        SqliteConnection,
+        Box<dyn diesel::migration::Migration<diesel::sqlite::Sqlite>>,
+    ) {
+        use diesel::Connection;
+        let path = dir.path().join("upgrade.db");
+        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        let mut pending = c.pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let at = pending
+            .iter()
+            .position(|m| m.name().to_string().ends_with(name))
+            .expect("the migration is embedded");
+        for m in &pending[..at] {
+            c.run_migration(m.as_ref()).unwrap();
+        }
+        (c, pending.remove(at))
+    }
+
     /// The "fewer pages" migration rebuilds two tables on SQLite: every row survives
     /// it and its revert, delivery ids keep increasing, and the replay of failed
     /// events can use the partial index that replaced the status index.
     #[cfg(feature = "sqlite")]
     #[test]
     fn the_fewer_pages_migration_keeps_every_row_and_reverts() {
+        use diesel::RunQueryDsl;
         use diesel::connection::SimpleConnection;
-        use diesel::{Connection, RunQueryDsl};
         #[derive(diesel::QueryableByName)]
         struct N {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -714,16 +738,7 @@ mod tests {
                 .join("\n")
         };
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("upgrade.db");
-        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-        let pending = c.pending_migrations(SQLITE_MIGRATIONS).unwrap();
-        let at = pending
-            .iter()
-            .position(|m| m.name().to_string().ends_with("_fewer_pages"))
-            .expect("the migration is embedded");
-        for m in &pending[..at] {
-            c.run_migration(m.as_ref()).unwrap();
-        }
+        let (mut c, next) = sqlite_before(&dir, "_fewer_pages");
         let delivery = "INSERT INTO stripe_webhook_deliveries (received_at, headers, body, body_size, \
                         body_truncated, outcome) VALUES (1, '{}', x'', 0, FALSE, 'processed')";
         for _ in 0..3 {
@@ -740,7 +755,7 @@ mod tests {
                       FROM (SELECT * FROM stripe_access ORDER BY subscriber_id)";
         let (ids, marks) = (t(&mut c, rows), t(&mut c, access));
         assert_eq!(ids, "2,3");
-        c.run_migration(pending[at].as_ref()).unwrap();
+        c.run_migration(next.as_ref()).unwrap();
         assert_eq!(t(&mut c, rows), ids, "delivery rows and ids kept");
         assert_eq!(t(&mut c, access), marks, "access rows kept");
         c.batch_execute(delivery).unwrap();
@@ -796,24 +811,15 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[test]
     fn the_subscriber_in_metadata_migration_reads_each_customers_data() {
+        use diesel::RunQueryDsl;
         use diesel::connection::SimpleConnection;
-        use diesel::{Connection, RunQueryDsl};
         #[derive(diesel::QueryableByName)]
         struct T {
             #[diesel(sql_type = diesel::sql_types::Text)]
             t: String,
         }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("upgrade.db");
-        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-        let pending = c.pending_migrations(SQLITE_MIGRATIONS).unwrap();
-        let at = pending
-            .iter()
-            .position(|m| m.name().to_string().ends_with("_subscriber_in_metadata"))
-            .expect("the migration is embedded");
-        for m in &pending[..at] {
-            c.run_migration(m.as_ref()).unwrap();
-        }
+        let (mut c, next) = sqlite_before(&dir, "_subscriber_in_metadata");
         c.batch_execute(
             r#"INSERT INTO stripe_customers (id, livemode, data, stamp, synced_at, subscriber_id) VALUES
              ('cus_meta', FALSE, '{"id":"cus_meta","metadata":{"stripe_mirror_subscriber":"u1"}}', 1, 1, 'u1'),
@@ -822,7 +828,7 @@ mod tests {
              ('cus_placeholder', FALSE, '{"id":"cus_placeholder"}', 0, 1, 'u3')"#,
         )
         .unwrap();
-        c.run_migration(pending[at].as_ref()).unwrap();
+        c.run_migration(next.as_ref()).unwrap();
         let rows = diesel::sql_query(
             "SELECT group_concat(id || '=' || COALESCE(subscriber_in_metadata, '-') || '/' || COALESCE(subscriber_id, '-'), ',') AS t \
              FROM (SELECT * FROM stripe_customers ORDER BY id)",
@@ -834,8 +840,8 @@ mod tests {
             rows,
             "cus_checkout=0/u2,cus_empty=0/-,cus_meta=1/u1,cus_placeholder=-/u3"
         );
-        c.revert_migration(pending[at].as_ref()).unwrap();
-        c.run_migration(pending[at].as_ref()).unwrap();
+        c.revert_migration(next.as_ref()).unwrap();
+        c.run_migration(next.as_ref()).unwrap();
     }
 
     #[test]
