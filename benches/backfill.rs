@@ -17,40 +17,32 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query};
 use axum::routing::get;
-use serde_json::{Value, json};
+use serde_json::json;
 use stripe_mirror::{
     Config, Customer, Mirror, Secret, SyncOptions, require_subscription, sync_all,
 };
 
-fn customer(i: usize) -> Value {
-    json!({
-        "id": format!("cus_{i:08}"), "object": "customer", "livemode": false, "created": 1_700_000_000 + i,
-        "email": format!("user{i}@example.com"), "name": format!("User {i}"), "balance": 0, "currency": "usd",
-        "metadata": {"stripe_mirror_subscriber": format!("user-{i}"), "plan": "pro"},
-        "invoice_settings": {"default_payment_method": null, "footer": null, "custom_fields": null},
-        "address": {"city": "Paris", "country": "FR", "line1": "1 rue de Rivoli", "postal_code": "75001"},
-        "delinquent": false, "description": null, "discount": null, "phone": null, "preferred_locales": [],
-        "shipping": null, "tax_exempt": "none", "test_clock": null, "invoice_prefix": "ABC123",
-    })
+// The objects are written as text, not built as `serde_json::Value`s and serialized:
+// the stub shares the process and its 2 cores with the mirror, and in a real backfill
+// the pages cost the mirror nothing until they arrive.
+
+fn customer(i: usize) -> String {
+    let created = 1_700_000_000 + i;
+    format!(
+        r#"{{"id":"cus_{i:08}","object":"customer","livemode":false,"created":{created},"email":"user{i}@example.com","name":"User {i}","balance":0,"currency":"usd","metadata":{{"stripe_mirror_subscriber":"user-{i}","plan":"pro"}},"invoice_settings":{{"default_payment_method":null,"footer":null,"custom_fields":null}},"address":{{"city":"Paris","country":"FR","line1":"1 rue de Rivoli","postal_code":"75001"}},"delinquent":false,"description":null,"discount":null,"phone":null,"preferred_locales":[],"shipping":null,"tax_exempt":"none","test_clock":null,"invoice_prefix":"ABC123"}}"#
+    )
 }
 
-fn subscription(i: usize) -> Value {
-    let id = format!("sub_{i:08}");
-    json!({
-        "id": id, "object": "subscription", "livemode": false, "customer": format!("cus_{i:08}"),
-        "status": if i.is_multiple_of(10) { "canceled" } else { "active" }, "created": 1_700_000_000 + i,
-        "cancel_at_period_end": false, "cancel_at": null, "canceled_at": null, "ended_at": null,
-        "collection_method": "charge_automatically", "currency": "usd", "start_date": 1_700_000_000 + i,
-        "billing_cycle_anchor": 1_700_000_000 + i, "trial_start": null, "trial_end": null,
-        "metadata": {}, "default_payment_method": null, "latest_invoice": format!("in_{i:08}"),
-        "items": {"object": "list", "has_more": false, "total_count": 1, "url": format!("/v1/subscription_items?subscription={id}"),
-            "data": [{"id": format!("si_{i:08}"), "object": "subscription_item", "subscription": id,
-                "created": 1_700_000_000 + i, "quantity": 1, "metadata": {},
-                "current_period_start": 1_700_000_000 + i, "current_period_end": 4_102_444_800_i64,
-                "price": {"id": "price_pro_monthly", "object": "price", "active": true, "currency": "usd",
-                    "product": "prod_pro", "type": "recurring", "unit_amount": 2000, "livemode": false,
-                    "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"}}}]},
-    })
+fn subscription(i: usize) -> String {
+    let created = 1_700_000_000 + i;
+    let status = if i.is_multiple_of(10) {
+        "canceled"
+    } else {
+        "active"
+    };
+    format!(
+        r#"{{"id":"sub_{i:08}","object":"subscription","livemode":false,"customer":"cus_{i:08}","status":"{status}","created":{created},"cancel_at_period_end":false,"cancel_at":null,"canceled_at":null,"ended_at":null,"collection_method":"charge_automatically","currency":"usd","start_date":{created},"billing_cycle_anchor":{created},"trial_start":null,"trial_end":null,"metadata":{{}},"default_payment_method":null,"latest_invoice":"in_{i:08}","items":{{"object":"list","has_more":false,"total_count":1,"url":"/v1/subscription_items?subscription=sub_{i:08}","data":[{{"id":"si_{i:08}","object":"subscription_item","subscription":"sub_{i:08}","created":{created},"quantity":1,"metadata":{{}},"current_period_start":{created},"current_period_end":4102444800,"price":{{"id":"price_pro_monthly","object":"price","active":true,"currency":"usd","product":"prod_pro","type":"recurring","unit_amount":2000,"livemode":false,"recurring":{{"interval":"month","interval_count":1,"usage_type":"licensed"}}}}}}]}}}}"#
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -77,20 +69,30 @@ fn peak_rss_mib() -> f64 {
 async fn stub(per_kind: usize) -> String {
     let app = axum::Router::new().route(
         "/v1/{kind}",
-        get(move |Path(kind): Path<String>, Query(p): Query<Page>| async move {
-            let start = p
-                .starting_after
-                .and_then(|id| id.rsplit('_').next().and_then(|n| n.parse::<usize>().ok()))
-                .map_or(0, |i| i + 1);
-            let (total, make): (usize, fn(usize) -> Value) = match kind.as_str() {
-                "customers" => (per_kind, customer),
-                "subscriptions" => (per_kind, subscription),
-                _ => (0, customer),
-            };
-            let end = (start + p.limit.unwrap_or(10)).min(total);
-            let data: Vec<Value> = (start..end).map(make).collect();
-            axum::Json(json!({"object": "list", "url": format!("/v1/{kind}"), "data": data, "has_more": end < total}))
-        }),
+        get(
+            move |Path(kind): Path<String>, Query(p): Query<Page>| async move {
+                let start = p
+                    .starting_after
+                    .and_then(|id| id.rsplit('_').next().and_then(|n| n.parse::<usize>().ok()))
+                    .map_or(0, |i| i + 1);
+                let (total, make): (usize, fn(usize) -> String) = match kind.as_str() {
+                    "customers" => (per_kind, customer),
+                    "subscriptions" => (per_kind, subscription),
+                    _ => (0, customer),
+                };
+                let end = (start + p.limit.unwrap_or(10)).min(total);
+                let data: Vec<String> = (start..end).map(make).collect();
+                let page = format!(
+                    r#"{{"object":"list","url":"/v1/{kind}","data":[{}],"has_more":{}}}"#,
+                    data.join(","),
+                    end < total
+                );
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    page,
+                )
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

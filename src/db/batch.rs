@@ -654,7 +654,7 @@ static FLUSH_STARTED: Mutex<FlushStarted> = Mutex::new(None);
 
 /// A WAL whose flushes fail as if the disk did (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
-static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+pub(crate) static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
 /// The WAL files a flush failed for. The failed writeback's pages may be dropped, so a
 /// later flush could succeed over commits that never reached the disk (and SQLite's

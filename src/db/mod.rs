@@ -7,7 +7,7 @@
 //! queries is written once and compiled for each backend by the `on_conn!` macro,
 //! which keeps this a thin enum rather than a generic maze of trait bounds.
 
-mod batch;
+pub(crate) mod batch;
 pub mod schema;
 pub(crate) mod statement;
 

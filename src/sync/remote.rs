@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use crate::Mirror;
 use crate::error::{Error, Result};
 use crate::models::entitlement::ENTITLEMENT_SUMMARIES;
-use crate::sync::upsert::{SqlValue, Written};
+use crate::stripe::Answer;
+use crate::sync::upsert::{Row, SqlValue, Written};
 use crate::sync::{MirrorTable, Model, Stamp};
 
 /// In-process locks by key (one per subscriber being created). A key is forgotten
@@ -471,6 +472,64 @@ impl std::fmt::Display for SyncFailure {
 /// A prefetch that stops when `sync_all` stops (an error, or its caller gave up).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
+/// A page queued for [`sync_all`]'s writer, and what it reports once written.
+#[derive(Default)]
+struct PageWrite {
+    /// The write, answering how many objects it wrote once they are on disk.
+    write: Option<AbortOnDrop<Result<usize>>>,
+    /// Objects listed before (counted once).
+    repeated: usize,
+    /// Objects that map to no row (not written).
+    failures: Vec<SyncFailure>,
+    /// Objects written in part, flagged for `reconcile`.
+    incomplete: Vec<SyncFailure>,
+}
+
+impl PageWrite {
+    /// How many objects the page wrote, once they are on disk.
+    async fn wait(&mut self) -> Result<usize> {
+        match &mut self.write {
+            Some(write) => (&mut write.0)
+                .await
+                .map_err(|source| Error::Task { source })?,
+            None => Ok(0),
+        }
+    }
+}
+
+/// A list page as the fetching task hands it over: its objects, each already mapped
+/// to its row (or the mapping's error), so the page's write holds only statements.
+struct ListPage {
+    /// When Stripe answered (the rows' stamp).
+    at: i64,
+    /// The objects and their rows; `None` when the answer is not a list page.
+    items: Option<(Vec<Value>, Vec<Result<Row>>)>,
+    has_more: bool,
+}
+
+impl ListPage {
+    fn map(table: &'static MirrorTable, answer: Answer) -> Self {
+        let Answer { mut value, at } = answer;
+        let has_more = value.get("has_more").and_then(Value::as_bool) == Some(true);
+        let stamp = Stamp::fetched(at);
+        let items = match value.get_mut("data").map(Value::take) {
+            Some(Value::Array(items)) => {
+                let rows = items
+                    .iter()
+                    .map(|item| table.row(item, stamp.clone(), None))
+                    .collect();
+                Some((items, rows))
+            }
+            _ => None,
+        };
+        Self {
+            at,
+            items,
+            has_more,
+        }
+    }
+}
+
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
@@ -536,15 +595,16 @@ pub async fn sync_all(
         let table = table_named(kind)?;
         let limit = i64::from(options.page_size.clamp(1, 100));
         let lists = lists(table, &clocks);
-        // The next page is fetched while this one is written: the network and the
-        // database work side by side.
+        // The next page is fetched, parsed and mapped to rows while this one is written:
+        // the writer's thread only writes.
         let fetch = |after: Option<String>, pass: usize| {
             let (client, list) = (client.clone(), lists[pass].clone());
             tokio::spawn(async move {
                 let request = list_request(table, limit, after.as_deref(), &list)?;
-                client
+                let answer = client
                     .get_built(request, Some(&format!("{} list", table.kind)))
-                    .await
+                    .await?;
+                Ok::<_, Error>(ListPage::map(table, answer))
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None, 0)));
@@ -569,26 +629,38 @@ pub async fn sync_all(
         let mut began = None;
         // Evidence the key does not serve this mirror's mode; ids the list could not map.
         let (mut other_mode, mut unmapped) = (false, BTreeSet::new());
+        // The page written before this one: queued, its commit or its sync maybe still
+        // under way while this one is fetched and queued behind it.
+        let mut writing: Option<PageWrite> = None;
+        // Counts the page in once its write is on disk.
+        let mut settle = |page: PageWrite, written: usize| {
+            done += written.saturating_sub(page.repeated);
+            unmapped.extend(page.failures.iter().map(|f: &SyncFailure| f.id.clone()));
+            report.failures.extend(page.failures);
+            report.failures.extend(page.incomplete);
+            progress(&SyncProgress {
+                object: table.kind.to_owned(),
+                done,
+            });
+        };
         while let Some(mut fetching) = next.take() {
             let answer = (&mut fetching.0)
                 .await
                 .map_err(|source| Error::Task { source })??;
             began.get_or_insert(answer.at);
-            let (mut page, stamp) = (answer.value, crate::sync::Stamp::fetched(answer.at));
+            let stamp = Stamp::fetched(answer.at);
             // A page that is not a list, or says there is more without a last id to ask
             // after, is an error: ending there would report a partial backfill as whole.
             let list = |problem| Error::mapping("list", table.kind, "data", problem);
-            let mut items: Vec<Value> = match page.get_mut("data").map(Value::take) {
-                Some(Value::Array(items)) => items,
-                _ => return Err(list("is not an array (not a list page)")),
+            let Some((mut items, mut rows)) = answer.items else {
+                return Err(list("is not an array (not a list page)"));
             };
-            let has_more = page
-                .get("has_more")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if let Some(after) =
-                crate::stripe::next_after(&items, has_more, asked_after.as_deref(), table.kind)?
-            {
+            if let Some(after) = crate::stripe::next_after(
+                &items,
+                answer.has_more,
+                asked_after.as_deref(),
+                table.kind,
+            )? {
                 asked_after = Some(after.clone());
                 next = Some(AbortOnDrop(fetch(Some(after), pass)));
             } else if pass + 1 < lists.len() {
@@ -605,64 +677,95 @@ pub async fn sync_all(
             // Objects listed in part (a subscription's items past the first 10) are
             // completed before the page is written; one that cannot be is written as
             // listed, flagged for `reconcile`, and reported.
-            let mut incomplete = Vec::new();
-            for item in items.iter_mut().filter(|item| table.is_partial(item)) {
+            let mut page = PageWrite {
+                repeated,
+                ..PageWrite::default()
+            };
+            let mut stop = None;
+            for (item, row) in items.iter_mut().zip(rows.iter_mut()) {
+                if !table.is_partial(item) {
+                    continue;
+                }
                 let completed = complete(&client, table, item).await;
+                // Mapped again as it now is, completed or not.
+                *row = table.row(item, stamp.clone(), None);
                 if let Err(err) = completed.map_err(crate::stripe::changed_while_read) {
                     if options.fail_fast {
-                        return Err(err);
+                        stop = Some(err);
+                        break;
                     }
                     let id = item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
-                    incomplete.push(SyncFailure {
+                    page.incomplete.push(SyncFailure {
                         object: table.kind,
                         id: id.to_owned(),
                         error: format!("mirrored in part, flagged for reconcile: {err}"),
                     });
                 }
             }
+            // Objects that map to no row: reported and left out, or with `fail_fast` the
+            // end of the backfill (the page is not written).
+            if stop.is_none() && options.fail_fast {
+                stop = rows
+                    .iter()
+                    .position(Result::is_err)
+                    .and_then(|i| rows.swap_remove(i).err());
+            }
+            for (item, row) in items.iter().zip(&rows) {
+                if let Err(err) = row {
+                    page.failures.push(SyncFailure {
+                        object: table.kind,
+                        id: item
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .unwrap_or("<no id>")
+                            .to_owned(),
+                        error: err.to_string(),
+                    });
+                }
+            }
+            if let Some(err) = stop {
+                // The page before is written (or its error is the one to report).
+                if let Some(mut before) = writing.take() {
+                    let written = before.wait().await?;
+                    settle(before, written);
+                }
+                return Err(err);
+            }
             other_mode |= items
                 .iter()
                 .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
-            let fail_fast = options.fail_fast;
-            let (written, failures) = mirror
-                .db()
-                .run(move |conn| {
-                    conn.write(|c| {
-                        crate::access::changes::in_bulk(c, |c| {
-                            let (mut written, mut failures) = (0_usize, Vec::new());
-                            for item in &items {
-                                match table.row(item, stamp.clone(), None) {
-                                    Ok(row) => {
-                                        table.write(c, &row, item)?;
-                                        written += 1;
-                                    }
-                                    Err(err) if !fail_fast => {
-                                        let id = item
-                                            .get("id")
-                                            .and_then(Value::as_str)
-                                            .unwrap_or("<no id>");
-                                        failures.push(SyncFailure {
-                                            object: table.kind,
-                                            id: id.to_owned(),
-                                            error: err.to_string(),
-                                        });
-                                    }
-                                    Err(err) => return Err(err),
+            // Through the group-commit writer: on SQLite its commit does not wait for the
+            // disk, which the writer syncs while it runs the next page (queued below
+            // before this one's answer is awaited), as it does for webhook deliveries.
+            // A page lost to a concurrent write (Postgres) is written again.
+            let objects = Arc::new((items, rows));
+            let db = mirror.db().clone();
+            page.write = Some(AbortOnDrop(tokio::spawn(async move {
+                db.write_retrying("", move || {
+                    let objects = objects.clone();
+                    move |conn: &mut crate::db::Conn<'_>| {
+                        crate::access::changes::in_bulk(conn, |c| {
+                            let mut written = 0;
+                            for (item, row) in objects.0.iter().zip(&objects.1) {
+                                if let Ok(row) = row {
+                                    table.write(c, row, item)?;
+                                    written += 1;
                                 }
                             }
-                            Ok((written, failures))
+                            Ok(written)
                         })
-                    })
+                    }
                 })
-                .await?;
-            done += written.saturating_sub(repeated);
-            unmapped.extend(failures.iter().map(|f: &SyncFailure| f.id.clone()));
-            report.failures.extend(failures);
-            report.failures.extend(incomplete);
-            progress(&SyncProgress {
-                object: table.kind.to_owned(),
-                done,
-            });
+                .await
+            })));
+            if let Some(mut before) = writing.replace(page) {
+                let written = before.wait().await?;
+                settle(before, written);
+            }
+        }
+        if let Some(mut last) = writing.take() {
+            let written = last.wait().await?;
+            settle(last, written);
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
         if let Some(began) = began.filter(|_| held > 0) {
@@ -801,5 +904,120 @@ mod keyed_locks {
         tokio::join!(second, release);
         assert_eq!(*order.lock().unwrap(), ["first", "second"]);
         assert_eq!(locks.len(), 0);
+    }
+}
+
+/// `sync_all`'s pages go through the group-commit writer.
+#[cfg(all(test, feature = "sqlite"))]
+mod backfill_pages {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::Query;
+    use axum::routing::get;
+
+    use crate::{Config, Mirror, Secret, SyncOptions, sync_all};
+
+    /// Serves `/v1/customers` as pages of one customer each (`cus_1` to `cus_{n}`),
+    /// recording the `starting_after` of each request; anything else is a 404.
+    async fn stub(n: usize) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let app = axum::Router::new().route(
+            "/v1/customers",
+            get(
+                move |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let after = q.get("starting_after").cloned();
+                    log.lock().unwrap().push(after.clone());
+                    let i = after
+                        .and_then(|a| a.trim_start_matches("cus_").parse::<usize>().ok())
+                        .map_or(1, |i| i + 1);
+                    axum::Json(serde_json::json!({
+                        "object": "list", "url": "/v1/customers", "has_more": i < n,
+                        "data": [{"id": format!("cus_{i}"), "object": "customer",
+                            "livemode": false, "created": 1_700_000_000, "metadata": {}}],
+                    }))
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/"), asked)
+    }
+
+    async fn mirror(dir: &tempfile::TempDir, api_base: String) -> (Mirror, std::path::PathBuf) {
+        let path = dir.path().canonicalize().unwrap().join("backfill.db");
+        let mut config = Config::new(format!("sqlite://{}", path.display()));
+        config.api_base = Some(api_base);
+        config.secret_key = Some(Secret::new("sk_test_backfillpages0000"));
+        let mirror = Mirror::connect(config).await.unwrap();
+        (mirror, format!("{}-wal", path.display()).into())
+    }
+
+    fn customers() -> SyncOptions {
+        SyncOptions::default().objects(&["customer"]).page_size(1)
+    }
+
+    /// The next page is queued for the writer before the last one's write (and its
+    /// sync) is done: with the writer held, the backfill still asks for the third page,
+    /// which it does only once the second is queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_page_is_queued_while_the_last_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, asked) = stub(3).await;
+        let (mirror, _) = mirror(&dir, base).await;
+        // Holds the writer until told.
+        let (go, held) = std::sync::mpsc::channel::<()>();
+        let (running, started) = std::sync::mpsc::channel::<()>();
+        let db = mirror.db().clone();
+        let hold = tokio::spawn(async move {
+            db.write_batched("", move |_: &mut crate::db::Conn<'_>| {
+                running.send(()).unwrap();
+                held.recv().unwrap();
+                Ok(())
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        let backfill = {
+            let mirror = mirror.clone();
+            tokio::spawn(async move { sync_all(&mirror, &customers(), |_| {}).await })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while asked.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let pages = asked.lock().unwrap().clone();
+        go.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        let report = backfill.await.unwrap().unwrap();
+        assert_eq!(
+            pages,
+            [None, Some("cus_1".to_owned()), Some("cus_2".to_owned())],
+            "with the writer held, the backfill did not queue its second page"
+        );
+        assert_eq!(report.counts["customer"], 3);
+        for id in ["cus_1", "cus_2", "cus_3"] {
+            assert!(
+                crate::Customer::get(&mirror, id).await.unwrap().is_some(),
+                "{id} is not mirrored"
+            );
+        }
+    }
+
+    /// A backfill answers only once its pages are on disk: a page whose sync fails is
+    /// an error, not a count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backfill_whose_pages_cannot_be_synced_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = stub(2).await;
+        let (mirror, wal) = mirror(&dir, base).await;
+        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = Some(wal);
+        let failed = sync_all(&mirror, &customers(), |_| {}).await;
+        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = None;
+        let err = failed.expect_err("a backfill whose sync failed reported success");
+        assert!(err.to_string().contains("could not be synced"), "{err}");
     }
 }
