@@ -38,8 +38,8 @@ use std::fmt;
 use diesel::prelude::*;
 
 use crate::Mirror;
-use crate::db::on_conn;
 use crate::db::schema::{stripe_products, stripe_subscription_items};
+use crate::db::{by_ids, on_conn};
 use crate::error::Result;
 use crate::models::entitlement::ProductFeature;
 use crate::models::subscription::{Subscription, SubscriptionStatus};
@@ -316,12 +316,16 @@ impl Gate {
         }
         if let Some(role) = &gate.role {
             let all: Vec<String> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-            let metadata: Vec<(String, String)> = on_conn!(conn, c => stripe_products::table
-                .filter(stripe_products::id.eq_any(&all))
-                .filter(stripe_products::deleted.eq(false))
-                .filter(stripe_products::livemode.eq(live))
-                .select((stripe_products::id, stripe_products::data))
-                .load(c))?;
+            let metadata: Vec<(String, String)> = by_ids!(
+                all.as_slice(),
+                stripe_products::id,
+                |of| on_conn!(conn, c => stripe_products::table
+                    .filter(of)
+                    .filter(stripe_products::deleted.eq(false))
+                    .filter(stripe_products::livemode.eq(live))
+                    .select((stripe_products::id, stripe_products::data))
+                    .load(c))
+            )?;
             let granting: Vec<String> = metadata
                 .into_iter()
                 .filter(|(_, data)| roles_in(data).iter().any(|r| r == role))
@@ -370,11 +374,15 @@ pub(crate) fn with_products(
     subscriptions: Vec<Subscription>,
 ) -> Result<Vec<(Subscription, Vec<String>)>> {
     let ids: Vec<&str> = subscriptions.iter().map(|s| s.id.as_str()).collect();
-    let items: Vec<(Option<String>, Option<String>)> = on_conn!(conn, c => stripe_subscription_items::table
-        .filter(stripe_subscription_items::subscription_id.eq_any(&ids))
-        .filter(stripe_subscription_items::deleted.eq(false))
-        .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
-        .load(c))?;
+    let items: Vec<(Option<String>, Option<String>)> = by_ids!(
+        ids.as_slice(),
+        stripe_subscription_items::subscription_id,
+        |of| on_conn!(conn, c => stripe_subscription_items::table
+            .filter(of)
+            .filter(stripe_subscription_items::deleted.eq(false))
+            .select((stripe_subscription_items::subscription_id, stripe_subscription_items::product_id))
+            .load(c))
+    )?;
     Ok(subscriptions
         .into_iter()
         .map(|s| {
@@ -403,11 +411,15 @@ pub(crate) fn features_by_subscription(
         .iter()
         .filter_map(|(s, _)| s.customer_id.as_deref())
         .collect();
-    let summaries: Vec<(String, Option<String>)> = on_conn!(conn, c => es::table
-        .filter(es::id.eq_any(&customers))
-        .filter(es::deleted.eq(false))
-        .select((es::id, es::lookup_keys))
-        .load(c))?;
+    let summaries: Vec<(String, Option<String>)> = by_ids!(
+        customers.as_slice(),
+        es::id,
+        |of| on_conn!(conn, c => es::table
+            .filter(of)
+            .filter(es::deleted.eq(false))
+            .select((es::id, es::lookup_keys))
+            .load(c))
+    )?;
     let summary_of = |s: &Subscription| {
         summaries
             .iter()

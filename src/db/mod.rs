@@ -102,6 +102,26 @@ macro_rules! on_conn {
 }
 pub(crate) use on_conn;
 
+/// Runs `$query` with `$filter` bound to "`$column` is one of `$ids`" (a slice). One
+/// id (what access checks ask, nearly always) is `=`, a statement the connection keeps
+/// prepared; several are `IN (...)`, which diesel prepares anew on each run (a tenth of
+/// a gate's time on SQLite). The query is written once and compiled for both.
+macro_rules! by_ids {
+    ($ids:expr, $column:expr, |$filter:ident| $query:expr) => {
+        match $ids {
+            [one] => {
+                let $filter = $column.eq(one);
+                $query
+            }
+            many => {
+                let $filter = $column.eq_any(many);
+                $query
+            }
+        }
+    };
+}
+pub(crate) use by_ids;
+
 impl Conn<'_> {
     /// Runs `f` in a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so two
     /// writers queue on the busy timeout instead of failing on lock upgrade. Nested

@@ -7,8 +7,8 @@ use diesel::prelude::*;
 use serde_json::{Value, json};
 
 use crate::Mirror;
-use crate::db::on_conn;
 use crate::db::schema::{stripe_entitlement_summaries, stripe_product_features};
+use crate::db::{by_ids, on_conn};
 use crate::error::{Error, Result};
 use crate::sync::fields::Fields;
 use crate::sync::upsert::{SqlValue, Stamp, execute, mirror_table};
@@ -237,13 +237,17 @@ impl ProductFeature {
         products: &[String],
         live: bool,
     ) -> Result<Vec<Self>> {
-        Ok(on_conn!(conn, c => stripe_product_features::table
-            .filter(stripe_product_features::product_id.eq_any(products))
-            .filter(stripe_product_features::livemode.eq(live))
-            .filter(stripe_product_features::deleted.eq(false))
-            .order(stripe_product_features::id.asc())
-            .select(ProductFeature::as_select())
-            .load(c))?)
+        Ok(by_ids!(
+            products,
+            stripe_product_features::product_id,
+            |of| on_conn!(conn, c => stripe_product_features::table
+                .filter(of)
+                .filter(stripe_product_features::livemode.eq(live))
+                .filter(stripe_product_features::deleted.eq(false))
+                .order(stripe_product_features::id.asc())
+                .select(ProductFeature::as_select())
+                .load(c))
+        )?)
     }
 }
 

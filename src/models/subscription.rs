@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::Mirror;
 use crate::db::schema::{stripe_subscription_items, stripe_subscriptions};
-use crate::db::{Conn, on_conn};
+use crate::db::{Conn, by_ids, on_conn};
 use crate::error::{Error, Result};
 use crate::sync::fields::Fields;
 use crate::sync::upsert::{Children, SqlValue, mirror_table};
@@ -582,26 +582,20 @@ impl Subscription {
         conn: &mut crate::db::Conn<'_>,
         customer_ids: &[String],
     ) -> Result<Vec<Subscription>> {
-        macro_rules! newest_first {
-            ($customer:expr) => {
-                on_conn!(conn, c => stripe_subscriptions::table
-                    .filter($customer)
-                    .filter(stripe_subscriptions::deleted.eq(false))
-                    .order((
-                        stripe_subscriptions::created.is_null().asc(),
-                        stripe_subscriptions::created.desc(),
-                        stripe_subscriptions::id.desc(),
-                    ))
-                    .select(Subscription::as_select())
-                    .load(c))
-            };
-        }
-        // One customer (the usual case) is a statement the connection keeps prepared;
-        // diesel prepares an `IN (...)` list anew each time.
-        Ok(match customer_ids {
-            [one] => newest_first!(stripe_subscriptions::customer_id.eq(one))?,
-            many => newest_first!(stripe_subscriptions::customer_id.eq_any(many))?,
-        })
+        Ok(by_ids!(
+            customer_ids,
+            stripe_subscriptions::customer_id,
+            |of| on_conn!(conn, c => stripe_subscriptions::table
+                .filter(of)
+                .filter(stripe_subscriptions::deleted.eq(false))
+                .order((
+                    stripe_subscriptions::created.is_null().asc(),
+                    stripe_subscriptions::created.desc(),
+                    stripe_subscriptions::id.desc(),
+                ))
+                .select(Subscription::as_select())
+                .load(c))
+        )?)
     }
 
     /// A customer's subscriptions (any status, not deleted), newest first.
