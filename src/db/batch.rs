@@ -41,6 +41,15 @@ trait Work: Send {
 
 type Handover = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 
+/// How the writes of a group rolled back for another's failure are told.
+const ANOTHER_FAILED: &str = "another write of the group failed";
+
+/// Whether `error` is a write rolled back only because another write of its group
+/// failed: nothing of it was stored, and it may be run again as it was.
+pub(crate) fn rolled_back_for_another(error: &Error) -> bool {
+    matches!(error, Error::Commit { message } if message.starts_with(ANOTHER_FAILED))
+}
+
 struct Pending<R, F> {
     f: F,
     tx: oneshot::Sender<Result<R>>,
@@ -348,7 +357,7 @@ fn run_group(
                     // Rolled back; what did not run yet is failed below.
                     waiting = Some(group.collect());
                     return Err(Error::Commit {
-                        message: format!("another write of the group failed: {error}"),
+                        message: format!("{ANOTHER_FAILED}: {error}"),
                     });
                 }
             }

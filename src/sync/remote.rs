@@ -384,7 +384,7 @@ pub(crate) async fn write_answer(
 pub struct SyncOptions {
     /// Object kinds to sync, among `customer`, `product`, `price`, `subscription`.
     pub objects: Vec<String>,
-    /// Objects per page (and per database transaction), at most 100.
+    /// Objects per page (each page written atomically), at most 100.
     pub page_size: u32,
     /// Stop at the first object that cannot be mirrored.
     pub fail_fast: bool,
@@ -407,7 +407,7 @@ impl Default for SyncOptions {
 }
 
 impl SyncOptions {
-    /// Objects per page (and per transaction), 1 to 100.
+    /// Objects per page (each page written atomically), 1 to 100.
     pub fn page_size(mut self, size: u32) -> Self {
         self.page_size = size;
         self
@@ -497,6 +497,52 @@ impl PageWrite {
     }
 }
 
+/// Writes a page of `sync_all` through the group-commit writer, in a savepoint of its
+/// own: a page that fails rolls back only itself, not the webhook deliveries sharing
+/// its group. A page rolled back with its group for another write's failure, or lost
+/// to a concurrent write (Postgres), is written again; the stamp guard makes a second
+/// write of the same objects a no-op. Answers once the page is on disk.
+async fn write_page(
+    db: crate::db::Database,
+    table: &'static MirrorTable,
+    objects: Arc<(Vec<Value>, Vec<Result<Row>>)>,
+) -> Result<usize> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let objects = objects.clone();
+        let answer = db
+            .write_retrying("", move || {
+                let objects = objects.clone();
+                move |conn: &mut crate::db::Conn<'_>| {
+                    Ok(conn.write(|c| {
+                        crate::access::changes::in_bulk(c, |c| {
+                            let mut written = 0;
+                            for (item, row) in objects.0.iter().zip(&objects.1) {
+                                if let Ok(row) = row {
+                                    table.write(c, row, item)?;
+                                    written += 1;
+                                }
+                            }
+                            Ok(written)
+                        })
+                    }))
+                }
+            })
+            .await;
+        match answer {
+            Ok(Ok(written)) => return Ok(written),
+            Ok(Err(own)) if tries < 4 && own.is_conflict() => {}
+            Err(group) if tries < 4 && crate::db::batch::rolled_back_for_another(&group) => {}
+            Ok(Err(err)) | Err(err) => return Err(err),
+        }
+        tracing::debug!(
+            tries,
+            "a backfill page rolled back with its group; writing it again"
+        );
+    }
+}
+
 /// A list page as the fetching task hands it over: its objects, each already mapped
 /// to its row (or the mapping's error), so the page's write holds only statements.
 struct ListPage {
@@ -560,7 +606,11 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 
 /// Mirrors every object of the chosen kinds (the `djstripe_sync_models` analogue):
 /// follows pagination to the end one page at a time (memory stays flat), upserts each
-/// page in one transaction, never overwrites fresher data, and reports progress.
+/// page atomically (all of it or none), never overwrites fresher data, and reports
+/// progress once each page is on disk. Pages go through the mirror's group-commit
+/// writer, so they may share a transaction with webhook deliveries; on SQLite the next
+/// page is written while the last one is synced to disk. After an error, a page
+/// already queued may still be written: run the backfill again, it is idempotent.
 ///
 /// With [`SyncOptions::remove_missing`] it also tombstones what Stripe deleted while
 /// its webhooks were missed.
@@ -604,7 +654,10 @@ pub async fn sync_all(
                 let answer = client
                     .get_built(request, Some(&format!("{} list", table.kind)))
                     .await?;
-                Ok::<_, Error>(ListPage::map(table, answer))
+                // Milliseconds of CPU for a page: off the runtime's workers.
+                tokio::task::spawn_blocking(move || ListPage::map(table, answer))
+                    .await
+                    .map_err(|source| Error::Task { source })
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None, 0)));
@@ -737,30 +790,23 @@ pub async fn sync_all(
             // Through the group-commit writer: on SQLite its commit does not wait for the
             // disk, which the writer syncs while it runs the next page (queued below
             // before this one's answer is awaited), as it does for webhook deliveries.
-            // A page lost to a concurrent write (Postgres) is written again.
+            // On Postgres one page at a time: its writers commit side by side, and two
+            // pages in flight would hold each other's rows (a price listed by both
+            // passes, their subscribers' access rows) past the writers' lock wait.
             let objects = Arc::new((items, rows));
-            let db = mirror.db().clone();
-            page.write = Some(AbortOnDrop(tokio::spawn(async move {
-                db.write_retrying("", move || {
-                    let objects = objects.clone();
-                    move |conn: &mut crate::db::Conn<'_>| {
-                        crate::access::changes::in_bulk(conn, |c| {
-                            let mut written = 0;
-                            for (item, row) in objects.0.iter().zip(&objects.1) {
-                                if let Ok(row) = row {
-                                    table.write(c, row, item)?;
-                                    written += 1;
-                                }
-                            }
-                            Ok(written)
-                        })
-                    }
-                })
-                .await
-            })));
+            page.write = Some(AbortOnDrop(tokio::spawn(write_page(
+                mirror.db().clone(),
+                table,
+                objects,
+            ))));
+            let overlap = mirror.db().backend() == crate::db::Backend::Sqlite;
             if let Some(mut before) = writing.replace(page) {
                 let written = before.wait().await?;
                 settle(before, written);
+            }
+            if !overlap && let Some(mut this) = writing.take() {
+                let written = this.wait().await?;
+                settle(this, written);
             }
         }
         if let Some(mut last) = writing.take() {
@@ -958,9 +1004,10 @@ mod backfill_pages {
         SyncOptions::default().objects(&["customer"]).page_size(1)
     }
 
-    /// The next page is queued for the writer before the last one's write (and its
-    /// sync) is done: with the writer held, the backfill still asks for the third page,
-    /// which it does only once the second is queued.
+    /// The next page is fetched and queued for the writer before the last one's write
+    /// (and its sync) is done: with the writer held by other work, the first page's
+    /// write cannot end, and still the backfill asks for the third page (which it does
+    /// once the second page's answer is in, on its way to the writer's queue).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_next_page_is_queued_while_the_last_one_is_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -998,6 +1045,63 @@ mod backfill_pages {
             [None, Some("cus_1".to_owned()), Some("cus_2".to_owned())],
             "with the writer held, the backfill did not queue its second page"
         );
+        assert_eq!(report.counts["customer"], 3);
+        for id in ["cus_1", "cus_2", "cus_3"] {
+            assert!(
+                crate::Customer::get(&mirror, id).await.unwrap().is_some(),
+                "{id} is not mirrored"
+            );
+        }
+    }
+
+    /// A page that shares its group with a write that fails (a webhook delivery's) is
+    /// rolled back with it, and written again: the backfill does not fail for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_rolled_back_for_another_write_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, asked) = stub(3).await;
+        let (mirror, _) = mirror(&dir, base).await;
+        let (go, held) = std::sync::mpsc::channel::<()>();
+        let (running, started) = std::sync::mpsc::channel::<()>();
+        let db = mirror.db().clone();
+        let hold = tokio::spawn(async move {
+            db.write_batched("", move |_: &mut crate::db::Conn<'_>| {
+                running.send(()).unwrap();
+                held.recv().unwrap();
+                Ok(())
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        let backfill = {
+            let mirror = mirror.clone();
+            tokio::spawn(async move { sync_all(&mirror, &customers(), |_| {}).await })
+        };
+        // The third page asked for: the first is queued behind the held writer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while asked.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(asked.lock().unwrap().len(), 3, "the backfill stalled");
+        // Queued behind it (polled once), in the same group: a write that fails.
+        let db = mirror.db().clone();
+        let failing = db.write_batched(
+            "evt_failing",
+            |_: &mut crate::db::Conn<'_>| -> crate::Result<()> {
+                Err(crate::Error::Config("this write fails".into()))
+            },
+        );
+        let mut failing = std::pin::pin!(failing);
+        assert!(futures_util::FutureExt::now_or_never(failing.as_mut()).is_none());
+        go.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        assert!(failing.await.is_err());
+        let report = backfill
+            .await
+            .unwrap()
+            .expect("the backfill failed for another write's failure");
         assert_eq!(report.counts["customer"], 3);
         for id in ["cus_1", "cus_2", "cus_3"] {
             assert!(
