@@ -1004,16 +1004,22 @@ mod backfill_pages {
         SyncOptions::default().objects(&["customer"]).page_size(1)
     }
 
-    /// The next page is fetched and queued for the writer before the last one's write
-    /// (and its sync) is done: with the writer held by other work, the first page's
-    /// write cannot end, and still the backfill asks for the third page (which it does
-    /// once the second page's answer is in, on its way to the writer's queue).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_next_page_is_queued_while_the_last_one_is_written() {
+    /// A three-page backfill started while other work holds the writer: the mirror, the
+    /// backfill, the `starting_after` of each page asked for by the time it asked for a
+    /// third (or 10 s passed), and the sender that lets the held work end.
+    struct HeldBackfill {
+        mirror: Mirror,
+        backfill: tokio::task::JoinHandle<crate::Result<crate::SyncReport>>,
+        pages: Vec<Option<String>>,
+        go: std::sync::mpsc::Sender<()>,
+        hold: tokio::task::JoinHandle<crate::Result<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn backfill_behind_held_writer() -> HeldBackfill {
         let dir = tempfile::tempdir().unwrap();
         let (base, asked) = stub(3).await;
         let (mirror, _) = mirror(&dir, base).await;
-        // Holds the writer until told.
         let (go, held) = std::sync::mpsc::channel::<()>();
         let (running, started) = std::sync::mpsc::channel::<()>();
         let db = mirror.db().clone();
@@ -1037,56 +1043,54 @@ mod backfill_pages {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let pages = asked.lock().unwrap().clone();
-        go.send(()).unwrap();
-        hold.await.unwrap().unwrap();
-        let report = backfill.await.unwrap().unwrap();
-        assert_eq!(
+        HeldBackfill {
+            mirror,
+            backfill,
             pages,
-            [None, Some("cus_1".to_owned()), Some("cus_2".to_owned())],
-            "with the writer held, the backfill did not queue its second page"
-        );
+            go,
+            hold,
+            _dir: dir,
+        }
+    }
+
+    /// Every customer of the three pages is mirrored and counted once.
+    async fn all_three_mirrored(mirror: &Mirror, report: &crate::SyncReport) {
         assert_eq!(report.counts["customer"], 3);
         for id in ["cus_1", "cus_2", "cus_3"] {
             assert!(
-                crate::Customer::get(&mirror, id).await.unwrap().is_some(),
+                crate::Customer::get(mirror, id).await.unwrap().is_some(),
                 "{id} is not mirrored"
             );
         }
+    }
+
+    /// The next page is fetched and queued for the writer before the last one's write
+    /// (and its sync) is done: with the writer held by other work, the first page's
+    /// write cannot end, and still the backfill asks for the third page (which it does
+    /// once the second page's answer is in, on its way to the writer's queue).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_page_is_queued_while_the_last_one_is_written() {
+        let held = backfill_behind_held_writer().await;
+        held.go.send(()).unwrap();
+        held.hold.await.unwrap().unwrap();
+        let report = held.backfill.await.unwrap().unwrap();
+        assert_eq!(
+            held.pages,
+            [None, Some("cus_1".to_owned()), Some("cus_2".to_owned())],
+            "with the writer held, the backfill did not queue its second page"
+        );
+        all_three_mirrored(&held.mirror, &report).await;
     }
 
     /// A page that shares its group with a write that fails (a webhook delivery's) is
     /// rolled back with it, and written again: the backfill does not fail for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_rolled_back_for_another_write_is_written_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let (base, asked) = stub(3).await;
-        let (mirror, _) = mirror(&dir, base).await;
-        let (go, held) = std::sync::mpsc::channel::<()>();
-        let (running, started) = std::sync::mpsc::channel::<()>();
-        let db = mirror.db().clone();
-        let hold = tokio::spawn(async move {
-            db.write_batched("", move |_: &mut crate::db::Conn<'_>| {
-                running.send(()).unwrap();
-                held.recv().unwrap();
-                Ok(())
-            })
-            .await
-        });
-        tokio::task::spawn_blocking(move || started.recv().unwrap())
-            .await
-            .unwrap();
-        let backfill = {
-            let mirror = mirror.clone();
-            tokio::spawn(async move { sync_all(&mirror, &customers(), |_| {}).await })
-        };
+        let held = backfill_behind_held_writer().await;
         // The third page asked for: the first is queued behind the held writer.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while asked.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(asked.lock().unwrap().len(), 3, "the backfill stalled");
+        assert_eq!(held.pages.len(), 3, "the backfill stalled");
         // Queued behind it (polled once), in the same group: a write that fails.
-        let db = mirror.db().clone();
+        let db = held.mirror.db().clone();
         let failing = db.write_batched(
             "evt_failing",
             |_: &mut crate::db::Conn<'_>| -> crate::Result<()> {
@@ -1095,20 +1099,15 @@ mod backfill_pages {
         );
         let mut failing = std::pin::pin!(failing);
         assert!(futures_util::FutureExt::now_or_never(failing.as_mut()).is_none());
-        go.send(()).unwrap();
-        hold.await.unwrap().unwrap();
+        held.go.send(()).unwrap();
+        held.hold.await.unwrap().unwrap();
         assert!(failing.await.is_err());
-        let report = backfill
+        let report = held
+            .backfill
             .await
             .unwrap()
             .expect("the backfill failed for another write's failure");
-        assert_eq!(report.counts["customer"], 3);
-        for id in ["cus_1", "cus_2", "cus_3"] {
-            assert!(
-                crate::Customer::get(&mirror, id).await.unwrap().is_some(),
-                "{id} is not mirrored"
-            );
-        }
+        all_three_mirrored(&held.mirror, &report).await;
     }
 
     /// A backfill answers only once its pages are on disk: a page whose sync fails is
