@@ -114,7 +114,7 @@ p("|---|---|---|---|")
 for r in backfill:
     p(f"| {r['objects']:,} | {r['seconds']:.1f} | **{r['objects_per_s']:,.0f}** | {r['peak_rss_mib']:.0f} MiB |")
 p("")
-p("Each size runs in its own process; the stub generates each page on demand.")
+p("Each size runs in its own process; the stub in the same process writes each page on demand, as JSON text (no `serde_json::Value` built and serialized: in a real backfill the pages cost the mirror nothing until they arrive).")
 p("")
 if reads:
     p("## Subscription checks (SQLite, from the local database)")
