@@ -778,6 +778,52 @@ async fn a_backfill_marks_each_subscriber_it_changed_for_the_hook() {
         );
         assert_eq!(host.row("user-b1"), "prod_team/-", "{}", b.name);
         assert_eq!(host.row("user-b2"), "-/-", "{}", b.name);
+        // A later backfill finds cus_b1 moved to another subscriber: the one it left is
+        // marked too (read with the page's other customers before the page), and told
+        // its access is gone.
+        let (moved, _) = common::stripe_stub(vec![(
+            "/v1/customers",
+            200,
+            list(vec![
+                customer("cus_b2", Some("user-b2"), "b2@example.com"),
+                customer("cus_b1", Some("user-b9"), "b1@example.com"),
+            ]),
+        )])
+        .await;
+        let mut later = config.clone();
+        later.api_base = Some(moved);
+        let later = Mirror::connect(later).await.unwrap();
+        // A fetch of a later second than the first backfill's.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let next_second = 1_000 - u64::from(now.subsec_millis());
+        tokio::time::sleep(std::time::Duration::from_millis(next_second + 50)).await;
+        let counted = stripe_mirror::sync_all(
+            &later,
+            &stripe_mirror::SyncOptions::default().objects(&["customer"]),
+            |_| {},
+        )
+        .await
+        .unwrap()
+        .counts["customer"];
+        assert_eq!(counted, 2, "{}", b.name);
+        assert_eq!(
+            dirty(),
+            3,
+            "{}: user-b1 (left), user-b9 (joined) and user-b2 (rewritten) marked",
+            b.name
+        );
+        host.webhooks()
+            .deliver_access_changes(&later)
+            .await
+            .unwrap();
+        assert_eq!(
+            host.row("user-b1"),
+            "-/-",
+            "{}: user-b1 still has access",
+            b.name
+        );
     }
 }
 

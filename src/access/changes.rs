@@ -17,7 +17,7 @@
 //! touch access (an email update).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,13 +199,22 @@ thread_local! {
     static MARKED: RefCell<Option<BTreeSet<Touched>>> = const { RefCell::new(None) };
     /// The customers whose subscribers [`in_bulk`] marks at its end.
     static DEFERRED: RefCell<Option<BTreeSet<String>>> = const { RefCell::new(None) };
+    /// The subscribers of a page's customers as the rows held them before the page,
+    /// read by [`in_bulk`] in one statement; each is taken once (a second write of one
+    /// customer in the page reads its row again).
+    static BEFORE_PAGE: RefCell<Option<HashMap<String, Option<Touched>>>> =
+        const { RefCell::new(None) };
 }
 
 /// Runs a backfill page's writes (`f`, in the caller's transaction) and marks the
 /// subscribers of the customers they touched at the end, in one statement instead of
 /// one per object: a subscriber's mark then reads the customer as the page left it.
+/// For a page of customers (`ids`, of `table`), the subscribers the writes compare
+/// against are read first, in one statement instead of one per customer.
 pub(crate) fn in_bulk<R>(
     conn: &mut Conn<'_>,
+    table: &MirrorTable,
+    ids: &[&str],
     f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
 ) -> Result<R> {
     /// Puts the outer deferral back even if `f` fails or panics (blocking threads are
@@ -216,18 +225,28 @@ pub(crate) fn in_bulk<R>(
             if let Some(outer) = self.0.take() {
                 DEFERRED.with(|d| *d.borrow_mut() = outer);
             }
+            BEFORE_PAGE.with(|b| b.borrow_mut().take());
         }
     }
-    let restore = Restore(Some(
-        DEFERRED.with(|d| d.borrow_mut().replace(BTreeSet::new())),
-    ));
-    let result = f(conn)?;
-    let customers = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
-    drop(restore);
     // Lists of one length, padded with a repeated id: one statement the connection
     // keeps prepared, not one per page size.
     const LIST: usize = 100;
-    let customers: Vec<String> = customers.into_iter().collect();
+    let padded = |chunk: &[&str]| -> Vec<SqlValue> {
+        (0..LIST)
+            .map(|i| SqlValue::Text(Some(chunk[i.min(chunk.len() - 1)].to_owned())))
+            .collect()
+    };
+    let restore = Restore(Some(
+        DEFERRED.with(|d| d.borrow_mut().replace(BTreeSet::new())),
+    ));
+    if matches!(table.access, AccessLink::Customer("id")) && !ids.is_empty() {
+        let before = subscribers_before(conn, ids, LIST, &padded)?;
+        BEFORE_PAGE.with(|b| *b.borrow_mut() = Some(before));
+    }
+    let result = f(conn)?;
+    let customers = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    drop(restore);
+    let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
     for chunk in customers.chunks(LIST) {
         let sql = format!(
             "{} IN ({}){}",
@@ -235,12 +254,51 @@ pub(crate) fn in_bulk<R>(
             vec!["?"; LIST].join(", "),
             marked!()
         );
-        let values: Vec<SqlValue> = (0..LIST)
-            .map(|i| SqlValue::Text(Some(chunk[i.min(chunk.len() - 1)].clone())))
-            .collect();
-        execute(conn, &sql, &values)?;
+        execute(conn, &sql, &padded(chunk))?;
     }
     Ok(result)
+}
+
+/// The subscriber of each customer of `ids` (`None` for a new customer or one without
+/// a subscriber), as [`subscriber_of`] reads it, in statements of `list` ids.
+fn subscribers_before(
+    conn: &mut Conn<'_>,
+    ids: &[&str],
+    list: usize,
+    padded: &dyn Fn(&[&str]) -> Vec<SqlValue>,
+) -> Result<HashMap<String, Option<Touched>>> {
+    use diesel::sql_types::{Bool, Nullable, Text};
+    #[derive(QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = Text)]
+        id: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        subscriber_id: Option<String>,
+        #[diesel(sql_type = Bool)]
+        livemode: bool,
+    }
+    // Locked until the commit on Postgres, as in `subscriber_of`.
+    let lock = match conn {
+        #[cfg(feature = "postgres")]
+        Conn::Postgres(_) => " FOR UPDATE",
+        #[allow(unreachable_patterns)]
+        _ => "",
+    };
+    let sql = format!(
+        "SELECT id, subscriber_id, livemode FROM stripe_customers WHERE id IN ({}){lock}",
+        vec!["?"; list].join(", ")
+    );
+    let mut before = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(list) {
+        let values = padded(chunk);
+        let held: Vec<Held> = on_conn!(conn, c => Bound::new(&sql, &values).load(c))?;
+        before.extend(chunk.iter().map(|id| ((*id).to_owned(), None)));
+        before.extend(
+            held.into_iter()
+                .map(|h| (h.id, h.subscriber_id.map(|s| (s, h.livemode)))),
+        );
+    }
+    Ok(before)
 }
 
 /// Runs `f` and returns the subscribers it marked, with its result.
@@ -342,6 +400,11 @@ pub(crate) fn after_write(
 
 /// The customer's subscriber as the write about to change the row sees it.
 fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>> {
+    // Read with the page's other customers before the page ([`in_bulk`]).
+    let known = BEFORE_PAGE.with(|b| b.borrow_mut().as_mut().and_then(|m| m.remove(customer)));
+    if let Some(known) = known {
+        return Ok(known);
+    }
     let query = stripe_customers::table
         .find(customer)
         .select((stripe_customers::subscriber_id, stripe_customers::livemode));

@@ -515,8 +515,10 @@ async fn write_page(
             .write_retrying("", move || {
                 let objects = objects.clone();
                 move |conn: &mut crate::db::Conn<'_>| {
+                    let ids: Vec<&str> =
+                        objects.1.iter().flatten().map(|r| r.id.as_str()).collect();
                     Ok(conn.write(|c| {
-                        crate::access::changes::in_bulk(c, |c| {
+                        crate::access::changes::in_bulk(c, table, &ids, |c| {
                             let mut written = 0;
                             for (item, row) in objects.0.iter().zip(&objects.1) {
                                 if let Ok(row) = row {
