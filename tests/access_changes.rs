@@ -787,6 +787,8 @@ async fn a_backfill_marks_each_subscriber_it_changed_for_the_hook() {
             list(vec![
                 customer("cus_b2", Some("user-b2"), "b2@example.com"),
                 customer("cus_b1", Some("user-b9"), "b1@example.com"),
+                customer("cus_b3", Some("user-b3"), "b3@example.com"),
+                customer("cus_b4", Some("user-b4"), "b4@example.com"),
             ]),
         )])
         .await;
@@ -807,11 +809,12 @@ async fn a_backfill_marks_each_subscriber_it_changed_for_the_hook() {
         .await
         .unwrap()
         .counts["customer"];
-        assert_eq!(counted, 2, "{}", b.name);
+        assert_eq!(counted, 4, "{}", b.name);
         assert_eq!(
             dirty(),
-            3,
-            "{}: user-b1 (left), user-b9 (joined) and user-b2 (rewritten) marked",
+            5,
+            "{}: user-b1 (left), user-b9 (joined), user-b2 (rewritten), user-b3 (a \
+             customer without a subscriber gained one) and user-b4 (new) marked",
             b.name
         );
         host.webhooks()

@@ -217,15 +217,16 @@ pub(crate) fn in_bulk<R>(
     ids: &[&str],
     f: impl FnOnce(&mut Conn<'_>) -> Result<R>,
 ) -> Result<R> {
-    /// Puts the outer deferral back even if `f` fails or panics (blocking threads are
-    /// reused).
-    struct Restore(Option<Option<BTreeSet<String>>>);
+    /// Puts the outer deferral and page back even if `f` fails or panics (writer
+    /// threads are reused).
+    type Page = Option<HashMap<String, Option<Touched>>>;
+    struct Restore(Option<(Option<BTreeSet<String>>, Page)>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                DEFERRED.with(|d| *d.borrow_mut() = outer);
+            if let Some((deferred, page)) = self.0.take() {
+                DEFERRED.with(|d| *d.borrow_mut() = deferred);
+                BEFORE_PAGE.with(|b| *b.borrow_mut() = page);
             }
-            BEFORE_PAGE.with(|b| b.borrow_mut().take());
         }
     }
     // Lists of one length, padded with a repeated id: one statement the connection
@@ -236,9 +237,10 @@ pub(crate) fn in_bulk<R>(
             .map(|i| SqlValue::Text(Some(chunk[i.min(chunk.len() - 1)].to_owned())))
             .collect()
     };
-    let restore = Restore(Some(
+    let restore = Restore(Some((
         DEFERRED.with(|d| d.borrow_mut().replace(BTreeSet::new())),
-    ));
+        BEFORE_PAGE.with(|b| b.borrow_mut().take()),
+    )));
     if matches!(table.access, AccessLink::Customer("id")) && !ids.is_empty() {
         let before = subscribers_before(conn, ids, LIST, &padded)?;
         BEFORE_PAGE.with(|b| *b.borrow_mut() = Some(before));
@@ -277,12 +279,15 @@ fn subscribers_before(
         #[diesel(sql_type = Bool)]
         livemode: bool,
     }
-    // Locked until the commit on Postgres, as in `subscriber_of`.
-    let lock = match conn {
+    // Locked until the commit on Postgres, as in `subscriber_of`, in id order (every
+    // page and instance the same). A customer with no row yet is not locked there:
+    // another writer may store it before the page's upsert, so it is left out and
+    // read when written. SQLite's one writer holds the database: no row is no row.
+    let (lock, absent_known) = match conn {
         #[cfg(feature = "postgres")]
-        Conn::Postgres(_) => " FOR UPDATE",
+        Conn::Postgres(_) => (" ORDER BY id FOR UPDATE", false),
         #[allow(unreachable_patterns)]
-        _ => "",
+        _ => ("", true),
     };
     let sql = format!(
         "SELECT id, subscriber_id, livemode FROM stripe_customers WHERE id IN ({}){lock}",
@@ -292,7 +297,9 @@ fn subscribers_before(
     for chunk in ids.chunks(list) {
         let values = padded(chunk);
         let held: Vec<Held> = on_conn!(conn, c => Bound::new(&sql, &values).load(c))?;
-        before.extend(chunk.iter().map(|id| ((*id).to_owned(), None)));
+        if absent_known {
+            before.extend(chunk.iter().map(|id| ((*id).to_owned(), None)));
+        }
         before.extend(
             held.into_iter()
                 .map(|h| (h.id, h.subscriber_id.map(|s| (s, h.livemode)))),
