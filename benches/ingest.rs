@@ -72,8 +72,10 @@ impl Instrumentation for Counter {
             }
             InstrumentationEvent::StartQuery { query, .. } => {
                 STATEMENTS.fetch_add(1, Ordering::Relaxed);
-                // Outside a transaction a write commits by itself (a read does not).
-                if self.depth == 0 && !head(query).starts_with("SELECT") {
+                // Outside a transaction a write commits by itself (a read does not, nor
+                // a PRAGMA: the checkpointer's copy of the WAL commits no transaction).
+                let head = head(query);
+                if self.depth == 0 && !head.starts_with("SELECT") && !head.starts_with("PRAGMA") {
                     AUTOCOMMITS.fetch_add(1, Ordering::Relaxed);
                 }
             }

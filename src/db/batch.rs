@@ -210,12 +210,24 @@ const STARVED_CHECKS: u32 = 3;
 /// group fails (a connection a server restart broke is not used again).
 fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let mut held: Option<Writing> = None;
+    #[cfg(feature = "sqlite")]
+    let checkpointer = match &db.pool {
+        super::Pool::Sqlite(pool) if pool.max_size() >= CHECKPOINTER_POOL => {
+            start_checkpointer(pool.clone())
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
+    #[cfg(not(feature = "sqlite"))]
+    let checkpointer: Option<Checkpointer> = None;
     let syncer = match &db.pool {
         #[cfg(feature = "sqlite")]
-        super::Pool::Sqlite(_) => start_syncer(),
+        super::Pool::Sqlite(_) => start_syncer(checkpointer.clone()),
         #[cfg(feature = "postgres")]
         super::Pool::Postgres(_) => None,
     };
+    // Without a syncer commits sync themselves, and checkpoint themselves too.
+    let checkpointer = checkpointer.filter(|_| syncer.is_some());
     // Work taken from the queue after a group's commit (to know whether to sync
     // inline, [`Queued::waiting`]): it starts the next group ([`gather`]).
     let mut carried: Vec<Box<dyn Work>> = Vec::new();
@@ -229,7 +241,14 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
         };
         // A panic drops the group's senders: each caller gets `Error::Commit`.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_group(db, &mut held, group, queued, syncer.as_ref())
+            run_group(
+                db,
+                &mut held,
+                group,
+                queued,
+                syncer.as_ref(),
+                checkpointer.as_ref(),
+            )
         }));
         if !matches!(ran, Ok(true)) {
             held = None;
@@ -331,6 +350,7 @@ fn run_group(
     group: Vec<Box<dyn Work>>,
     mut queued: Queued<'_>,
     syncer: Option<&Syncer>,
+    checkpointer: Option<&Checkpointer>,
 ) -> bool {
     let mut waiting = Some(group);
     let mut handovers: Vec<Handover> = Vec::new();
@@ -338,7 +358,7 @@ fn run_group(
         Some(conn) => Ok(conn),
         None => db
             .hold()
-            .and_then(|conn| Writing::new(conn, syncer.is_some()))
+            .and_then(|conn| Writing::new(conn, syncer.is_some(), checkpointer.is_some()))
             .map(|conn| held.insert(conn)),
     };
     // After a failed flush nothing more is written on that WAL: the group never runs.
@@ -403,6 +423,9 @@ fn run_group(
         #[cfg(feature = "sqlite")]
         (true, Some(_), Some(wal)) => {
             let synced = wal.sync();
+            if let (Ok(()), Some(checkpointer)) = (&synced, checkpointer) {
+                checkpointer.due(&wal.path);
+            }
             for handover in handovers {
                 handover(synced.clone());
             }
@@ -435,6 +458,10 @@ struct Writing {
     /// The connection's `synchronous` level before the writer relaxed it.
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     synchronous: i32,
+    /// The connection's `wal_autocheckpoint` before the writer raised it (the
+    /// checkpointer copies the WAL into the database instead), if it did.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    autocheckpoint: Option<i32>,
 }
 
 /// Runs a group in one transaction: [`Conn::write`], but on Postgres with its lock
@@ -473,26 +500,36 @@ fn group_transaction<R>(
 }
 
 impl Writing {
-    fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
+    #[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
+    fn new(mut conn: Held, relaxed: bool, checkpointed: bool) -> Result<Writing> {
         let relaxed = match (relaxed, &mut conn) {
             #[cfg(feature = "sqlite")]
-            (true, Held::Sqlite(c)) => relax(c)?,
+            (true, Held::Sqlite(c)) => relax(c, checkpointed)?,
             _ => None,
         };
-        let (wal, synchronous) = relaxed.unzip();
+        let (wal, synchronous, autocheckpoint) = match relaxed {
+            Some((wal, synchronous, autocheckpoint)) => (Some(wal), synchronous, autocheckpoint),
+            None => (None, 2, None),
+        };
         Ok(Writing {
             conn,
             wal,
-            synchronous: synchronous.unwrap_or(2),
+            synchronous,
+            autocheckpoint,
         })
     }
 }
 
-/// Sets a SQLite writer's connection to commit without syncing; its WAL file and its
-/// `synchronous` level before, or `None` when its commits stay as they are (an
-/// in-memory database, another journal mode, a WAL that cannot be opened).
+/// Sets a SQLite writer's connection to commit without syncing, and when `checkpointed`
+/// (a [`Checkpointer`] runs) to leave the WAL's checkpoints to it; its WAL file and its
+/// `synchronous` and `wal_autocheckpoint` levels before, or `None` when its commits
+/// stay as they are (an in-memory database, another journal mode, a WAL that cannot be
+/// opened).
 #[cfg(feature = "sqlite")]
-fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
+fn relax(
+    c: &mut diesel::SqliteConnection,
+    checkpointed: bool,
+) -> Result<Option<(Wal, i32, Option<i32>)>> {
     use diesel::RunQueryDsl;
     use diesel::connection::SimpleConnection;
     #[derive(diesel::QueryableByName)]
@@ -509,6 +546,11 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
     struct Synchronous {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         synchronous: i32,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Autocheckpoint {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        wal_autocheckpoint: i32,
     }
     // Only a WAL is synced here: in another journal mode the commit syncs itself.
     let mode: Vec<Mode> = diesel::sql_query("PRAGMA journal_mode").load(c)?;
@@ -530,8 +572,21 @@ fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32)>> {
         return Ok(None);
     };
     let before: Synchronous = diesel::sql_query("PRAGMA synchronous").get_result(c)?;
+    let autocheckpoint = match checkpointed {
+        true => {
+            let before: Autocheckpoint =
+                diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)?;
+            Some(before.wal_autocheckpoint)
+        }
+        false => None,
+    };
     c.batch_execute("PRAGMA synchronous = NORMAL")?;
-    Ok(Some((wal, before.synchronous)))
+    if autocheckpoint.is_some() {
+        c.batch_execute(&format!(
+            "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
+        ))?;
+    }
+    Ok(Some((wal, before.synchronous, autocheckpoint)))
 }
 
 impl Drop for Writing {
@@ -542,7 +597,10 @@ impl Drop for Writing {
                 AnsiTransactionManager, SimpleConnection, TransactionManager,
             };
             let level = self.synchronous;
-            let sql = format!("PRAGMA synchronous = {level}");
+            let mut sql = format!("PRAGMA synchronous = {level}");
+            if let Some(pages) = self.autocheckpoint {
+                sql.push_str(&format!("; PRAGMA wal_autocheckpoint = {pages}"));
+            }
             #[cfg(test)]
             let sql = match FAIL_RESTORE.lock().unwrap().as_deref() == Some(&*_wal.path) {
                 true => "SELECT * FROM no_such_table".to_owned(),
@@ -603,7 +661,7 @@ impl Syncer {
 /// callers; it ends with its writer. `None` if it cannot start: commits then sync
 /// themselves (`synchronous = FULL`).
 #[cfg(feature = "sqlite")]
-fn start_syncer() -> Option<Syncer> {
+fn start_syncer(checkpointer: Option<Checkpointer>) -> Option<Syncer> {
     let (tx, rx) = mpsc::channel::<Synced>();
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let answered = pending.clone();
@@ -622,6 +680,9 @@ fn start_syncer() -> Option<Syncer> {
                         Some((_, result)) => result.clone(),
                         None => {
                             let result = group.wal.sync();
+                            if let (Ok(()), Some(checkpointer)) = (&result, &checkpointer) {
+                                checkpointer.due(&group.wal.path);
+                            }
                             synced.push((group.wal.path.clone(), result.clone()));
                             result
                         }
@@ -636,6 +697,86 @@ fn start_syncer() -> Option<Syncer> {
         .ok()
         .map(|_| Syncer { tx, pending })
 }
+
+/// WAL pages past which a writer whose WAL a [`Checkpointer`] copies still checkpoints
+/// itself, as SQLite does past 1,000 (the default): only if the checkpointer falls
+/// behind, say while a long read holds the WAL's pages.
+#[cfg(feature = "sqlite")]
+const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
+
+/// The pause after a checkpoint before the next: commits meanwhile share one.
+#[cfg(feature = "sqlite")]
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A pool this large or larger has a [`Checkpointer`]: it takes a connection for a
+/// moment, beside the writer's, and leaves two for reads and handlers.
+#[cfg(feature = "sqlite")]
+const CHECKPOINTER_POOL: u32 = 4;
+
+/// Copies a SQLite writer's WAL into the database file on a thread of its own
+/// (`PRAGMA wal_checkpoint(PASSIVE)` on a pooled connection), told after each sync of
+/// the WAL that succeeded (never after a failed one: nothing more of that WAL is
+/// copied, see [`FAILED_WALS`]).
+/// SQLite would do it inside a commit once the WAL holds 1,000 pages: a copy of about
+/// 4 MiB and two syncs on the writer's thread, which meanwhile writes nothing (a
+/// backfill's writer spent a sixth of its time there). The copy never waits for
+/// readers or the writer (`PASSIVE`); SQLite syncs the WAL before it copies. It ends
+/// with its writer.
+#[cfg(feature = "sqlite")]
+#[derive(Clone)]
+struct Checkpointer {
+    tx: mpsc::SyncSender<std::path::PathBuf>,
+}
+
+#[cfg(not(feature = "sqlite"))]
+struct Checkpointer;
+
+#[cfg(feature = "sqlite")]
+impl Checkpointer {
+    /// `wal` was synced: a checkpoint is due (one already due covers it).
+    fn due(&self, wal: &std::path::Path) {
+        let _ = self.tx.try_send(wal.to_owned());
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn start_checkpointer(
+    pool: diesel::r2d2::Pool<diesel::r2d2::ConnectionManager<diesel::SqliteConnection>>,
+) -> Option<Checkpointer> {
+    use diesel::connection::SimpleConnection;
+    let (tx, rx) = mpsc::sync_channel::<std::path::PathBuf>(1);
+    std::thread::Builder::new()
+        .name("stripe-mirror-checkpointer".into())
+        .spawn(move || {
+            while let Ok(wal) = rx.recv() {
+                // After a failed flush nothing more of that WAL goes anywhere.
+                let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
+                if failed.contains(&wal) {
+                    continue;
+                }
+                drop(failed);
+                // A pool with no spare connection: the next sync asks again.
+                let copied = pool
+                    .try_get()
+                    .map(|mut conn| conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE)"));
+                match copied {
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "a checkpoint of the WAL failed; the writer's own checkpoints still run");
+                    }
+                    #[cfg(test)]
+                    Some(Ok(())) => CHECKPOINTS.lock().unwrap().push(wal),
+                    _ => {}
+                }
+                std::thread::sleep(CHECKPOINT_PAUSE);
+            }
+        })
+        .ok()
+        .map(|_| Checkpointer { tx })
+}
+
+/// The WAL files the checkpointer copied (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static CHECKPOINTS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
 /// The WAL files whose sync was asked for, and when (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
@@ -1165,6 +1306,72 @@ mod tests {
         other.write_batched("evt_d", insert).await.unwrap();
     }
 
+    /// The writer leaves the WAL's checkpoints to a thread of its own (SQLite runs them
+    /// inside a commit, on the writer's thread, once the WAL holds 1,000 pages): pages
+    /// committed reach the database file far below that, and the writer's connection
+    /// goes back to the pool with SQLite's threshold. A WAL whose flush failed is not
+    /// copied any more.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_copied_into_the_database_off_the_writer() {
+        use diesel::RunQueryDsl;
+        use diesel::connection::SimpleConnection;
+        #[derive(diesel::QueryableByName)]
+        struct Autocheckpoint {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            wal_autocheckpoint: i32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = sqlite_db(&dir, "copied.db", 4);
+        let file = std::path::PathBuf::from(wal.to_str().unwrap().trim_end_matches("-wal"));
+        let before = std::fs::metadata(&file).unwrap().len();
+        // 300 rows of a page each: about 300 pages of WAL.
+        let rows = |conn: &mut Conn<'_>| -> Result<()> {
+            crate::db::on_conn!(conn, c => c.batch_execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) \
+                 INSERT INTO t SELECT zeroblob(3000) FROM n"
+            ))?;
+            Ok(())
+        };
+        db.write_batched("evt_a", rows).await.unwrap();
+        let copied = || {
+            std::fs::metadata(&file).unwrap().len() > before + 300 * 3000
+                && CHECKPOINTS.lock().unwrap().contains(&wal)
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !copied() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            copied(),
+            "the committed pages were not copied into {} ({} bytes, {before} before)",
+            file.display(),
+            std::fs::metadata(&file).unwrap().len()
+        );
+        // Once the writer gave its connection back (after LINGER without work), every
+        // pooled connection checkpoints at SQLite's own threshold again.
+        tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
+        let mut held: Vec<Held> = (0..4).map(|_| db.hold().unwrap()).collect();
+        for held in &mut held {
+            let level: Autocheckpoint = crate::db::on_conn!(&mut held.conn(), c => diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)).unwrap();
+            assert_eq!(level.wal_autocheckpoint, 1000);
+        }
+        drop(held);
+        CHECKPOINTS.lock().unwrap().retain(|w| *w != wal);
+        *FAIL_FLUSH.lock().unwrap() = Some(wal.clone());
+        let failed = db.write_batched("evt_b", rows).await.unwrap_err();
+        *FAIL_FLUSH.lock().unwrap() = None;
+        assert!(
+            failed.to_string().contains("could not be synced"),
+            "{failed}"
+        );
+        tokio::time::sleep(CHECKPOINT_PAUSE * 3).await;
+        assert!(
+            !CHECKPOINTS.lock().unwrap().contains(&wal),
+            "a WAL whose flush failed was copied into the database"
+        );
+    }
+
     /// A syncer that is gone (it panicked) leaves the writer syncing its groups itself:
     /// each caller is still answered, after a sync.
     #[cfg(feature = "sqlite")]
@@ -1204,7 +1411,7 @@ mod tests {
                 tx: syncer,
                 pending: Arc::default(),
             };
-            run_group(&db, &mut held, vec![work], queued, Some(&syncer))
+            run_group(&db, &mut held, vec![work], queued, Some(&syncer), None)
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
@@ -1230,7 +1437,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = sqlite_db(&dir, "first.db", 2);
-        let writing = Writing::new(db.hold().unwrap(), true).unwrap();
+        let writing = Writing::new(db.hold().unwrap(), true, false).unwrap();
         let kept = writing.wal.as_ref().expect("a WAL to sync");
         assert_eq!(kept.path, wal);
         assert_eq!(

@@ -52,28 +52,37 @@ where
     Option<bool>: ToSql<Nullable<Bool>, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        // diesel walks a statement three times per run (its text for the cache key, the
+        // cache check, the binds): the marks are found with `memchr`, not a `char` search.
         let mut values = self.values.iter();
-        for (i, piece) in self.sql.split('?').enumerate() {
-            if i > 0 {
-                match values.next() {
-                    Some(SqlValue::Text(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
-                    Some(SqlValue::Int(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
-                    Some(SqlValue::Bool(v)) => out.push_bind_param::<Nullable<Bool>, _>(v)?,
-                    None => {
-                        return Err(diesel::result::Error::QueryBuilderError(
-                            "fewer values than `?` marks".into(),
-                        ));
-                    }
+        let mut start = 0;
+        for mark in memchr::memchr_iter(b'?', self.sql.as_bytes()) {
+            out.push_sql(&self.sql[start..mark]);
+            start = mark + 1;
+            match values.next() {
+                Some(SqlValue::Text(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
+                Some(SqlValue::Int(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
+                Some(SqlValue::Bool(v)) => out.push_bind_param::<Nullable<Bool>, _>(v)?,
+                None => {
+                    return Err(diesel::result::Error::QueryBuilderError(
+                        "fewer values than `?` marks".into(),
+                    ));
                 }
             }
-            out.push_sql(piece);
         }
+        out.push_sql(&self.sql[start..]);
         if values.next().is_some() {
             return Err(diesel::result::Error::QueryBuilderError(
                 "more values than `?` marks".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Text and binds only: always safe to keep prepared (the walk diesel would run to
+    /// find that out is skipped).
+    fn is_safe_to_cache_prepared(&self, _backend: &DB) -> QueryResult<bool> {
+        Ok(true)
     }
 }
 

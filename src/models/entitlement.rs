@@ -104,7 +104,11 @@ pub(crate) async fn fetch_summary(
         "object": "entitlements.active_entitlement_summary", "customer": customer_id,
         "livemode": livemode, "entitlements": { "object": "list", "data": entitlements, "has_more": false },
     });
-    Ok(crate::stripe::Answer { value, at })
+    Ok(crate::stripe::Answer {
+        value,
+        at,
+        nul_free: false,
+    })
 }
 
 mirror_table!(ENTITLEMENT_SUMMARIES {

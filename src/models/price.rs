@@ -273,6 +273,7 @@ impl Price {
             Some(value) => crate::stripe::Answer {
                 value,
                 at: listed.at,
+                nul_free: listed.nul_free,
             },
             None => {
                 let currency = new
@@ -316,6 +317,7 @@ impl Price {
                             Some(value) => crate::stripe::Answer {
                                 value,
                                 at: again.at,
+                                nul_free: again.nul_free,
                             },
                             None => return Err(err),
                         }

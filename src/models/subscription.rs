@@ -482,6 +482,7 @@ impl Subscription {
             Some(value) => crate::stripe::Answer {
                 value: value.clone(),
                 at: listed.at,
+                nul_free: listed.nul_free,
             },
             None => {
                 let prices: Vec<&str> = wanted.iter().map(String::as_str).collect();

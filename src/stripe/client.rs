@@ -56,6 +56,9 @@ impl std::fmt::Debug for StripeClient {
 pub(crate) struct Answer {
     pub value: Value,
     pub at: i64,
+    /// The answer's text holds no `\u0000`, the only way JSON writes U+0000: no
+    /// string of `value` holds one (found with one scan of the bytes, not a walk).
+    pub nul_free: bool,
 }
 
 /// One attempt's raw outcome.
@@ -397,7 +400,12 @@ impl StripeClient {
                         .filter(|_| !reply.replayed)
                         .or_else(|| newest_timestamp(&value))
                         .unwrap_or_else(|| self.clock.now());
-                    return Ok(Answer { value, at });
+                    let nul_free = memchr::memmem::find(&reply.body, b"\\u0000").is_none();
+                    return Ok(Answer {
+                        value,
+                        at,
+                        nul_free,
+                    });
                 }
                 Ok(reply) => {
                     let retry = reply

@@ -2,7 +2,7 @@
 //! of a kind (`sync_all`), and upsert through the same guard the webhooks use, stamped
 //! with the fetch time so fresher webhook data is never overwritten.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -11,7 +11,7 @@ use crate::Mirror;
 use crate::error::{Error, Result};
 use crate::models::entitlement::ENTITLEMENT_SUMMARIES;
 use crate::stripe::Answer;
-use crate::sync::upsert::{Row, SqlValue, Written};
+use crate::sync::upsert::{Nul, Row, SqlValue, Written};
 use crate::sync::{MirrorTable, Model, Stamp};
 
 /// In-process locks by key (one per subscriber being created). A key is forgotten
@@ -469,6 +469,10 @@ impl std::fmt::Display for SyncFailure {
     }
 }
 
+/// How many pages of a SQLite backfill may wait for the disk while the next one is
+/// fetched and mapped.
+const SQLITE_PAGES_QUEUED: usize = 2;
+
 /// A prefetch that stops when `sync_all` stops (an error, or its caller gave up).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -545,36 +549,44 @@ async fn write_page(
     }
 }
 
-/// A list page as the fetching task hands it over: its objects, each already mapped
-/// to its row (or the mapping's error), so the page's write holds only statements.
+/// A list page as Stripe answered it, taken apart.
 struct ListPage {
     /// When Stripe answered (the rows' stamp).
     at: i64,
-    /// The objects and their rows; `None` when the answer is not a list page.
-    items: Option<(Vec<Value>, Vec<Result<Row>>)>,
+    /// The objects; `None` when the answer is not a list page.
+    items: Option<Vec<Value>>,
     has_more: bool,
+    /// Whether its strings are known to hold no U+0000 ([`Answer::nul_free`]).
+    nul: Nul,
 }
 
 impl ListPage {
-    fn map(table: &'static MirrorTable, answer: Answer) -> Self {
-        let Answer { mut value, at } = answer;
+    fn of(answer: Answer) -> Self {
+        let Answer {
+            mut value,
+            at,
+            nul_free,
+        } = answer;
         let has_more = value.get("has_more").and_then(Value::as_bool) == Some(true);
-        let stamp = Stamp::fetched(at);
         let items = match value.get_mut("data").map(Value::take) {
-            Some(Value::Array(items)) => {
-                let rows = items
-                    .iter()
-                    .map(|item| table.row(item, stamp.clone(), None))
-                    .collect();
-                Some((items, rows))
-            }
+            Some(Value::Array(items)) => Some(items),
             _ => None,
         };
         Self {
             at,
             items,
             has_more,
+            nul: if nul_free { Nul::Absent } else { Nul::Check },
         }
+    }
+
+    /// Each object mapped to its row (or the mapping's error), so the page's write
+    /// holds only statements: milliseconds of CPU for a page.
+    fn rows(table: &MirrorTable, items: &[Value], stamp: &Stamp, nul: Nul) -> Vec<Result<Row>> {
+        items
+            .iter()
+            .map(|item| table.listed_row(item, stamp.clone(), nul))
+            .collect()
     }
 }
 
@@ -647,19 +659,15 @@ pub async fn sync_all(
         let table = table_named(kind)?;
         let limit = i64::from(options.page_size.clamp(1, 100));
         let lists = lists(table, &clocks);
-        // The next page is fetched, parsed and mapped to rows while this one is written:
-        // the writer's thread only writes.
+        // Three stages at once: the next page is fetched while this one is mapped to
+        // rows and the one before is written (the writer's thread only writes).
         let fetch = |after: Option<String>, pass: usize| {
             let (client, list) = (client.clone(), lists[pass].clone());
             tokio::spawn(async move {
                 let request = list_request(table, limit, after.as_deref(), &list)?;
-                let answer = client
+                client
                     .get_built(request, Some(&format!("{} list", table.kind)))
-                    .await?;
-                // Milliseconds of CPU for a page: off the runtime's workers.
-                tokio::task::spawn_blocking(move || ListPage::map(table, answer))
                     .await
-                    .map_err(|source| Error::Task { source })
             })
         };
         let mut next = Some(AbortOnDrop(fetch(None, 0)));
@@ -684,9 +692,9 @@ pub async fn sync_all(
         let mut began = None;
         // Evidence the key does not serve this mirror's mode; ids the list could not map.
         let (mut other_mode, mut unmapped) = (false, BTreeSet::new());
-        // The page written before this one: queued, its commit or its sync maybe still
-        // under way while this one is fetched and queued behind it.
-        let mut writing: Option<PageWrite> = None;
+        // Pages queued and not yet on disk, oldest first: their commits and syncs under
+        // way while the next ones are fetched and mapped.
+        let mut writing: VecDeque<PageWrite> = VecDeque::new();
         // Counts the page in once its write is on disk.
         let mut settle = |page: PageWrite, written: usize| {
             done += written.saturating_sub(page.repeated);
@@ -702,17 +710,18 @@ pub async fn sync_all(
             let answer = (&mut fetching.0)
                 .await
                 .map_err(|source| Error::Task { source })??;
-            began.get_or_insert(answer.at);
-            let stamp = Stamp::fetched(answer.at);
+            let page = ListPage::of(answer);
+            began.get_or_insert(page.at);
+            let stamp = Stamp::fetched(page.at);
             // A page that is not a list, or says there is more without a last id to ask
             // after, is an error: ending there would report a partial backfill as whole.
             let list = |problem| Error::mapping("list", table.kind, "data", problem);
-            let Some((mut items, mut rows)) = answer.items else {
+            let Some(items) = page.items else {
                 return Err(list("is not an array (not a list page)"));
             };
             if let Some(after) = crate::stripe::next_after(
                 &items,
-                answer.has_more,
+                page.has_more,
                 asked_after.as_deref(),
                 table.kind,
             )? {
@@ -722,6 +731,16 @@ pub async fn sync_all(
                 (asked_after, pass) = (None, pass + 1);
                 next = Some(AbortOnDrop(fetch(None, pass)));
             }
+            // Mapped while the next page is fetched, off the runtime's workers.
+            let (mut items, mut rows) = {
+                let (stamp, nul) = (stamp.clone(), page.nul);
+                tokio::task::spawn_blocking(move || {
+                    let rows = ListPage::rows(table, &items, &stamp, nul);
+                    (items, rows)
+                })
+                .await
+                .map_err(|source| Error::Task { source })?
+            };
             // Listed again (archived between the two lists, or by a server that ignores
             // `active`): written again, the guard keeping the fresher, but counted once.
             let repeated = items
@@ -779,8 +798,8 @@ pub async fn sync_all(
                 }
             }
             if let Some(err) = stop {
-                // The page before is written (or its error is the one to report).
-                if let Some(mut before) = writing.take() {
+                // The pages before are written (or their error is the one to report).
+                while let Some(mut before) = writing.pop_front() {
                     let written = before.wait().await?;
                     settle(before, written);
                 }
@@ -790,9 +809,10 @@ pub async fn sync_all(
                 .iter()
                 .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
             // Through the group-commit writer: on SQLite its commit does not wait for the
-            // disk, which the writer syncs while it runs the next page (queued below
-            // before this one's answer is awaited), as it does for webhook deliveries.
-            // On Postgres one page at a time: its writers commit side by side, and two
+            // disk, which the writer syncs while it runs the next page, as it does for
+            // webhook deliveries; a page's sync takes as long as its statements, so
+            // `SQLITE_PAGES_QUEUED` pages wait on it while the next is mapped. On
+            // Postgres one page at a time: its writers commit side by side, and two
             // pages in flight would hold each other's rows (a price listed by both
             // passes, their subscribers' access rows) past the writers' lock wait.
             let objects = Arc::new((items, rows));
@@ -801,19 +821,21 @@ pub async fn sync_all(
                 table,
                 objects,
             ))));
-            let overlap = mirror.db().backend() == crate::db::Backend::Sqlite;
-            if let Some(mut before) = writing.replace(page) {
-                let written = before.wait().await?;
-                settle(before, written);
-            }
-            if !overlap && let Some(mut this) = writing.take() {
-                let written = this.wait().await?;
-                settle(this, written);
+            writing.push_back(page);
+            let queued = match mirror.db().backend() {
+                crate::db::Backend::Sqlite => SQLITE_PAGES_QUEUED,
+                _ => 0,
+            };
+            while writing.len() > queued
+                && let Some(mut oldest) = writing.pop_front()
+            {
+                let written = oldest.wait().await?;
+                settle(oldest, written);
             }
         }
-        if let Some(mut last) = writing.take() {
-            let written = last.wait().await?;
-            settle(last, written);
+        while let Some(mut oldest) = writing.pop_front() {
+            let written = oldest.wait().await?;
+            settle(oldest, written);
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
         if let Some(began) = began.filter(|_| held > 0) {
@@ -1006,6 +1028,53 @@ mod backfill_pages {
         SyncOptions::default().objects(&["customer"]).page_size(1)
     }
 
+    /// A list page whose text holds `\u0000` has each object checked for it (a page
+    /// without one is not walked): the object holding one, deep in its metadata, is
+    /// reported and left out; the others are mirrored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listed_object_holding_a_nul_is_left_out() {
+        let app = axum::Router::new().route(
+            "/v1/customers",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "object": "list", "url": "/v1/customers", "has_more": false,
+                    "data": [
+                        {"id": "cus_1", "object": "customer", "livemode": false,
+                         "metadata": {"note": "a\u{0}b"}},
+                        {"id": "cus_2", "object": "customer", "livemode": false, "metadata": {}},
+                    ],
+                }))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = tempfile::tempdir().unwrap();
+        let (mirror, _) = mirror(&dir, format!("http://{addr}/")).await;
+        let options = SyncOptions::default().objects(&["customer"]);
+        let report = sync_all(&mirror, &options, |_| {}).await.unwrap();
+        assert_eq!(report.counts["customer"], 1);
+        assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+        assert_eq!(report.failures[0].id, "cus_1");
+        assert!(
+            report.failures[0].error.contains("NUL"),
+            "{:?}",
+            report.failures
+        );
+        assert!(
+            crate::Customer::get(&mirror, "cus_1")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            crate::Customer::get(&mirror, "cus_2")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
     /// A three-page backfill started while other work holds the writer: the mirror, the
     /// backfill, the `starting_after` of each page asked for by the time it asked for a
     /// third (or 10 s passed), and the sender that lets the held work end.
@@ -1018,9 +1087,11 @@ mod backfill_pages {
         _dir: tempfile::TempDir,
     }
 
-    async fn backfill_behind_held_writer() -> HeldBackfill {
+    /// A backfill of `n` pages of one customer each, begun while other work holds the
+    /// writer; back once it asked for every page, or after 10 s.
+    async fn backfill_behind_held_writer(n: usize) -> HeldBackfill {
         let dir = tempfile::tempdir().unwrap();
-        let (base, asked) = stub(3).await;
+        let (base, asked) = stub(n).await;
         let (mirror, _) = mirror(&dir, base).await;
         let (go, held) = std::sync::mpsc::channel::<()>();
         let (running, started) = std::sync::mpsc::channel::<()>();
@@ -1041,7 +1112,7 @@ mod backfill_pages {
             tokio::spawn(async move { sync_all(&mirror, &customers(), |_| {}).await })
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while asked.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        while asked.lock().unwrap().len() < n && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let pages = asked.lock().unwrap().clone();
@@ -1055,40 +1126,43 @@ mod backfill_pages {
         }
     }
 
-    /// Every customer of the three pages is mirrored and counted once.
-    async fn all_three_mirrored(mirror: &Mirror, report: &crate::SyncReport) {
-        assert_eq!(report.counts["customer"], 3);
-        for id in ["cus_1", "cus_2", "cus_3"] {
+    /// Every customer of the `n` pages is mirrored and counted once.
+    async fn all_mirrored(n: usize, mirror: &Mirror, report: &crate::SyncReport) {
+        assert_eq!(report.counts["customer"], n);
+        for id in (1..=n).map(|i| format!("cus_{i}")) {
             assert!(
-                crate::Customer::get(mirror, id).await.unwrap().is_some(),
+                crate::Customer::get(mirror, &id).await.unwrap().is_some(),
                 "{id} is not mirrored"
             );
         }
     }
 
-    /// The next page is fetched and queued for the writer before the last one's write
-    /// (and its sync) is done: with the writer held by other work, the first page's
-    /// write cannot end, and still the backfill asks for the third page (which it does
-    /// once the second page's answer is in, on its way to the writer's queue).
+    /// The next pages are fetched and queued for the writer before the last one's
+    /// write (and its sync) is done: with the writer held by other work, the first
+    /// page's write cannot end, and still the backfill queues `SQLITE_PAGES_QUEUED` more
+    /// and asks for the page after them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_next_page_is_queued_while_the_last_one_is_written() {
-        let held = backfill_behind_held_writer().await;
+        let n = crate::sync::remote::SQLITE_PAGES_QUEUED + 2;
+        let held = backfill_behind_held_writer(n).await;
         held.go.send(()).unwrap();
         held.hold.await.unwrap().unwrap();
         let report = held.backfill.await.unwrap().unwrap();
+        let asked: Vec<Option<String>> = std::iter::once(None)
+            .chain((1..n).map(|i| Some(format!("cus_{i}"))))
+            .collect();
         assert_eq!(
-            held.pages,
-            [None, Some("cus_1".to_owned()), Some("cus_2".to_owned())],
-            "with the writer held, the backfill did not queue its second page"
+            held.pages, asked,
+            "with the writer held, the backfill did not queue the pages after the first"
         );
-        all_three_mirrored(&held.mirror, &report).await;
+        all_mirrored(n, &held.mirror, &report).await;
     }
 
     /// A page that shares its group with a write that fails (a webhook delivery's) is
     /// rolled back with it, and written again: the backfill does not fail for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_rolled_back_for_another_write_is_written_again() {
-        let held = backfill_behind_held_writer().await;
+        let held = backfill_behind_held_writer(3).await;
         // The third page asked for: the first is queued behind the held writer.
         assert_eq!(held.pages.len(), 3, "the backfill stalled");
         // Queued behind it (polled once), in the same group: a write that fails.
@@ -1109,7 +1183,7 @@ mod backfill_pages {
             .await
             .unwrap()
             .expect("the backfill failed for another write's failure");
-        all_three_mirrored(&held.mirror, &report).await;
+        all_mirrored(3, &held.mirror, &report).await;
     }
 
     /// A backfill answers only once its pages are on disk: a page whose sync fails is
