@@ -212,9 +212,7 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let mut held: Option<Writing> = None;
     #[cfg(feature = "sqlite")]
     let checkpointer = match &db.pool {
-        super::Pool::Sqlite(pool) if pool.max_size() >= CHECKPOINTER_POOL => {
-            start_checkpointer(pool.clone())
-        }
+        super::Pool::Sqlite(_) => start_checkpointer(),
         #[allow(unreachable_patterns)]
         _ => None,
     };
@@ -572,19 +570,30 @@ fn relax(
         return Ok(None);
     };
     let before: Synchronous = diesel::sql_query("PRAGMA synchronous").get_result(c)?;
+    // Raised only from SQLite's kind of threshold: a host's 0 (never) or a higher one
+    // stays as it chose.
     let autocheckpoint = match checkpointed {
         true => {
             let before: Autocheckpoint =
                 diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)?;
-            Some(before.wal_autocheckpoint)
+            Some(before.wal_autocheckpoint).filter(|pages| {
+                (1..i64::from(WRITER_CHECKPOINT_PAGES)).contains(&i64::from(*pages))
+            })
         }
         false => None,
     };
-    c.batch_execute("PRAGMA synchronous = NORMAL")?;
     if autocheckpoint.is_some() {
         c.batch_execute(&format!(
             "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
         ))?;
+    }
+    // Last: a connection must not go back to the pool at `NORMAL`, and from here on
+    // `Writing`'s drop sets it back.
+    if let Err(error) = c.batch_execute("PRAGMA synchronous = NORMAL") {
+        if let Some(pages) = autocheckpoint {
+            let _ = c.batch_execute(&format!("PRAGMA wal_autocheckpoint = {pages}"));
+        }
+        return Err(error.into());
     }
     Ok(Some((wal, before.synchronous, autocheckpoint)))
 }
@@ -607,7 +616,7 @@ impl Drop for Writing {
                 false => sql,
             };
             if let Err(error) = c.batch_execute(&sql) {
-                tracing::error!(%error, level, "a writer's connection could not be set back to its synchronous level; it is closed");
+                tracing::error!(%error, level, "a writer's connection could not be set back to its synchronous level (or its checkpoint threshold); it is closed");
                 // Not back into the pool at `NORMAL`, where the next user's commits
                 // would not sync: r2d2 drops a connection diesel reports broken.
                 AnsiTransactionManager::transaction_manager_status_mut(&mut **c).set_in_error();
@@ -708,20 +717,16 @@ const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 #[cfg(feature = "sqlite")]
 const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// A pool this large or larger has a [`Checkpointer`]: it takes a connection for a
-/// moment, beside the writer's, and leaves two for reads and handlers.
-#[cfg(feature = "sqlite")]
-const CHECKPOINTER_POOL: u32 = 4;
-
 /// Copies a SQLite writer's WAL into the database file on a thread of its own
-/// (`PRAGMA wal_checkpoint(PASSIVE)` on a pooled connection), told after each sync of
-/// the WAL that succeeded (never after a failed one: nothing more of that WAL is
-/// copied, see [`FAILED_WALS`]).
-/// SQLite would do it inside a commit once the WAL holds 1,000 pages: a copy of about
-/// 4 MiB and two syncs on the writer's thread, which meanwhile writes nothing (a
-/// backfill's writer spent a sixth of its time there). The copy never waits for
-/// readers or the writer (`PASSIVE`); SQLite syncs the WAL before it copies. It ends
-/// with its writer.
+/// (`PRAGMA wal_checkpoint(PASSIVE)`), told after each sync of the WAL that succeeded
+/// (never after a failed one: nothing more of that WAL is copied, see
+/// [`FAILED_WALS`]). SQLite would do it inside a commit once the WAL holds 1,000
+/// pages: a copy of about 4 MiB and two syncs on the writer's thread, which meanwhile
+/// writes nothing (a backfill's writer spent a sixth of its time there). The copy
+/// never waits for readers or the writer (`PASSIVE`). It runs on a connection of its
+/// own, outside the pool (a host's pool keeps all its connections), at
+/// `synchronous = FULL`: the WAL is synced before its pages are copied, and the
+/// database after. It ends with its writer.
 #[cfg(feature = "sqlite")]
 #[derive(Clone)]
 struct Checkpointer {
@@ -729,7 +734,7 @@ struct Checkpointer {
 }
 
 #[cfg(not(feature = "sqlite"))]
-struct Checkpointer;
+enum Checkpointer {}
 
 #[cfg(feature = "sqlite")]
 impl Checkpointer {
@@ -740,38 +745,72 @@ impl Checkpointer {
 }
 
 #[cfg(feature = "sqlite")]
-fn start_checkpointer(
-    pool: diesel::r2d2::Pool<diesel::r2d2::ConnectionManager<diesel::SqliteConnection>>,
-) -> Option<Checkpointer> {
-    use diesel::connection::SimpleConnection;
+fn start_checkpointer() -> Option<Checkpointer> {
     let (tx, rx) = mpsc::sync_channel::<std::path::PathBuf>(1);
     std::thread::Builder::new()
         .name("stripe-mirror-checkpointer".into())
         .spawn(move || {
-            while let Ok(wal) = rx.recv() {
-                // After a failed flush nothing more of that WAL goes anywhere.
+            // Opened at the first checkpoint and kept: its WAL handle predates any
+            // later failed flush, so the kernel reports that failure to its sync too.
+            let mut conn: Option<(std::path::PathBuf, diesel::SqliteConnection)> = None;
+            let mut next = rx.recv().ok();
+            while let Some(wal) = next.take() {
                 let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
-                if failed.contains(&wal) {
-                    continue;
-                }
+                let sound = !failed.contains(&wal);
                 drop(failed);
-                // A pool with no spare connection: the next sync asks again.
-                let copied = pool
-                    .try_get()
-                    .map(|mut conn| conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE)"));
-                match copied {
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "a checkpoint of the WAL failed; the writer's own checkpoints still run");
+                if sound {
+                    match checkpoint(&wal, &mut conn) {
+                        Err(error) => {
+                            conn = None;
+                            tracing::warn!(%error, "a checkpoint of the WAL failed; the writer's own checkpoints still run");
+                        }
+                        #[cfg(test)]
+                        Ok(()) => CHECKPOINTS.lock().unwrap().push(wal),
+                        #[cfg(not(test))]
+                        Ok(()) => {}
                     }
-                    #[cfg(test)]
-                    Some(Ok(())) => CHECKPOINTS.lock().unwrap().push(wal),
-                    _ => {}
                 }
-                std::thread::sleep(CHECKPOINT_PAUSE);
+                // A pause: syncs meanwhile share the next checkpoint.
+                let until = std::time::Instant::now() + CHECKPOINT_PAUSE;
+                loop {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(wal) => next = Some(wal),
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                if next.is_none() {
+                    next = rx.recv().ok();
+                }
             }
         })
         .ok()
         .map(|_| Checkpointer { tx })
+}
+
+/// One passive checkpoint of the database whose WAL is `wal`, on the checkpointer's
+/// connection to it (opened if need be).
+#[cfg(feature = "sqlite")]
+fn checkpoint(
+    wal: &std::path::Path,
+    conn: &mut Option<(std::path::PathBuf, diesel::SqliteConnection)>,
+) -> std::result::Result<(), String> {
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+    let c = match conn {
+        Some((open, c)) if open.as_path() == wal => c,
+        _ => {
+            let file = wal.to_string_lossy();
+            let file = file.strip_suffix("-wal").unwrap_or(&file);
+            let mut c = diesel::SqliteConnection::establish(file).map_err(|e| e.to_string())?;
+            c.batch_execute("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000")
+                .map_err(|e| e.to_string())?;
+            &mut conn.insert((wal.to_owned(), c)).1
+        }
+    };
+    c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+        .map_err(|e| e.to_string())
 }
 
 /// The WAL files the checkpointer copied (for the tests).
@@ -1307,10 +1346,10 @@ mod tests {
     }
 
     /// The writer leaves the WAL's checkpoints to a thread of its own (SQLite runs them
-    /// inside a commit, on the writer's thread, once the WAL holds 1,000 pages): pages
-    /// committed reach the database file far below that, and the writer's connection
-    /// goes back to the pool with SQLite's threshold. A WAL whose flush failed is not
-    /// copied any more.
+    /// inside a commit, on the writer's thread, once the WAL holds 1,000 pages): its
+    /// connection's threshold is raised while it writes, pages committed reach the
+    /// database file far below SQLite's, and the connection goes back to the pool with
+    /// SQLite's threshold.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_is_copied_into_the_database_off_the_writer() {
@@ -1334,6 +1373,14 @@ mod tests {
             Ok(())
         };
         db.write_batched("evt_a", rows).await.unwrap();
+        let level = db
+            .write_batched("evt_level", |conn| {
+                let level: Autocheckpoint = crate::db::on_conn!(conn, c => diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c))?;
+                Ok(level.wal_autocheckpoint)
+            })
+            .await
+            .unwrap();
+        assert_eq!(level, WRITER_CHECKPOINT_PAGES as i32);
         let copied = || {
             std::fs::metadata(&file).unwrap().len() > before + 300 * 3000
                 && CHECKPOINTS.lock().unwrap().contains(&wal)
@@ -1356,18 +1403,29 @@ mod tests {
             let level: Autocheckpoint = crate::db::on_conn!(&mut held.conn(), c => diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)).unwrap();
             assert_eq!(level.wal_autocheckpoint, 1000);
         }
-        drop(held);
-        CHECKPOINTS.lock().unwrap().retain(|w| *w != wal);
-        *FAIL_FLUSH.lock().unwrap() = Some(wal.clone());
-        let failed = db.write_batched("evt_b", rows).await.unwrap_err();
-        *FAIL_FLUSH.lock().unwrap() = None;
+    }
+
+    /// A checkpoint asked for a WAL whose flush failed does not run (its pages may not
+    /// be on disk); one asked for a sound WAL does.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wal_whose_flush_failed_is_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_failed_db, failed) = sqlite_db(&dir, "failed.db", 2);
+        let (_sound_db, sound) = sqlite_db(&dir, "sound.db", 2);
+        FAILED_WALS.lock().unwrap().push(failed.clone());
+        let checkpointer = start_checkpointer().unwrap();
+        checkpointer.due(&failed);
+        tokio::time::sleep(CHECKPOINT_PAUSE * 2).await;
+        checkpointer.due(&sound);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !CHECKPOINTS.lock().unwrap().contains(&sound) && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let copied = CHECKPOINTS.lock().unwrap().clone();
+        assert!(copied.contains(&sound), "the sound WAL was not copied");
         assert!(
-            failed.to_string().contains("could not be synced"),
-            "{failed}"
-        );
-        tokio::time::sleep(CHECKPOINT_PAUSE * 3).await;
-        assert!(
-            !CHECKPOINTS.lock().unwrap().contains(&wal),
+            !copied.contains(&failed),
             "a WAL whose flush failed was copied into the database"
         );
     }

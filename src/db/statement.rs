@@ -52,8 +52,8 @@ where
     Option<bool>: ToSql<Nullable<Bool>, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        // diesel walks a statement three times per run (its text for the cache key, the
-        // cache check, the binds): the marks are found with `memchr`, not a `char` search.
+        // diesel walks a statement several times per run (its text for the cache key,
+        // the cache check, the binds): the marks are found with `memchr`.
         let mut values = self.values.iter();
         let mut start = 0;
         for mark in memchr::memchr_iter(b'?', self.sql.as_bytes()) {
@@ -77,12 +77,6 @@ where
             ));
         }
         Ok(())
-    }
-
-    /// Text and binds only: always safe to keep prepared (the walk diesel would run to
-    /// find that out is skipped).
-    fn is_safe_to_cache_prepared(&self, _backend: &DB) -> QueryResult<bool> {
-        Ok(true)
     }
 }
 

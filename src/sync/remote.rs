@@ -469,9 +469,9 @@ impl std::fmt::Display for SyncFailure {
     }
 }
 
-/// How many pages of a SQLite backfill may wait for the disk while the next one is
-/// fetched and mapped.
-const SQLITE_PAGES_QUEUED: usize = 2;
+/// How many pages of a SQLite backfill may be queued for the writer at once (written,
+/// or waiting for the disk) while the next one is fetched and mapped.
+const SQLITE_PAGES_IN_FLIGHT: usize = 3;
 
 /// A prefetch that stops when `sync_all` stops (an error, or its caller gave up).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -623,7 +623,7 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// page atomically (all of it or none), never overwrites fresher data, and reports
 /// progress once each page is on disk. Pages go through the mirror's group-commit
 /// writer, so they may share a transaction with webhook deliveries; on SQLite the next
-/// page is written while the last one is synced to disk. After an error, a page
+/// pages are written while the last ones are synced to disk. After an error, pages
 /// already queued may still be written: run the backfill again, it is idempotent.
 ///
 /// With [`SyncOptions::remove_missing`] it also tombstones what Stripe deleted while
@@ -731,16 +731,33 @@ pub async fn sync_all(
                 (asked_after, pass) = (None, pass + 1);
                 next = Some(AbortOnDrop(fetch(None, pass)));
             }
-            // Mapped while the next page is fetched, off the runtime's workers.
-            let (mut items, mut rows) = {
+            // Mapped while the next page is fetched and the pages before are written,
+            // off the runtime's workers.
+            let mapping = {
                 let (stamp, nul) = (stamp.clone(), page.nul);
                 tokio::task::spawn_blocking(move || {
                     let rows = ListPage::rows(table, &items, &stamp, nul);
                     (items, rows)
                 })
-                .await
-                .map_err(|source| Error::Task { source })?
             };
+            // Through the group-commit writer: on SQLite its commit does not wait for the
+            // disk, which the writer syncs while it runs the next page, as it does for
+            // webhook deliveries; a page's sync takes about as long as its statements,
+            // so `SQLITE_PAGES_IN_FLIGHT` pages may be queued at once. On Postgres one
+            // page at a time: its writers commit side by side, and two pages in flight
+            // would hold each other's rows (a price listed by both passes, their
+            // subscribers' access rows) past the writers' lock wait.
+            let in_flight = match mirror.db().backend() {
+                crate::db::Backend::Sqlite => SQLITE_PAGES_IN_FLIGHT,
+                _ => 1,
+            };
+            while writing.len() >= in_flight
+                && let Some(mut oldest) = writing.pop_front()
+            {
+                let written = oldest.wait().await?;
+                settle(oldest, written);
+            }
+            let (mut items, mut rows) = mapping.await.map_err(|source| Error::Task { source })?;
             // Listed again (archived between the two lists, or by a server that ignores
             // `active`): written again, the guard keeping the fresher, but counted once.
             let repeated = items
@@ -808,13 +825,6 @@ pub async fn sync_all(
             other_mode |= items
                 .iter()
                 .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
-            // Through the group-commit writer: on SQLite its commit does not wait for the
-            // disk, which the writer syncs while it runs the next page, as it does for
-            // webhook deliveries; a page's sync takes as long as its statements, so
-            // `SQLITE_PAGES_QUEUED` pages wait on it while the next is mapped. On
-            // Postgres one page at a time: its writers commit side by side, and two
-            // pages in flight would hold each other's rows (a price listed by both
-            // passes, their subscribers' access rows) past the writers' lock wait.
             let objects = Arc::new((items, rows));
             page.write = Some(AbortOnDrop(tokio::spawn(write_page(
                 mirror.db().clone(),
@@ -822,16 +832,6 @@ pub async fn sync_all(
                 objects,
             ))));
             writing.push_back(page);
-            let queued = match mirror.db().backend() {
-                crate::db::Backend::Sqlite => SQLITE_PAGES_QUEUED,
-                _ => 0,
-            };
-            while writing.len() > queued
-                && let Some(mut oldest) = writing.pop_front()
-            {
-                let written = oldest.wait().await?;
-                settle(oldest, written);
-            }
         }
         while let Some(mut oldest) = writing.pop_front() {
             let written = oldest.wait().await?;
@@ -1028,9 +1028,10 @@ mod backfill_pages {
         SyncOptions::default().objects(&["customer"]).page_size(1)
     }
 
-    /// A list page whose text holds `\u0000` has each object checked for it (a page
-    /// without one is not walked): the object holding one, deep in its metadata, is
-    /// reported and left out; the others are mirrored.
+    /// A list page whose text holds `\u0000` has each object walked for U+0000 (the
+    /// scan of the page's bytes that lets a page without one skip the walk must find
+    /// it): the object holding one, deep in its metadata, is reported and left out;
+    /// the others are mirrored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_listed_object_holding_a_nul_is_left_out() {
         let app = axum::Router::new().route(
@@ -1075,21 +1076,23 @@ mod backfill_pages {
         );
     }
 
-    /// A three-page backfill started while other work holds the writer: the mirror, the
-    /// backfill, the `starting_after` of each page asked for by the time it asked for a
-    /// third (or 10 s passed), and the sender that lets the held work end.
+    /// A backfill started while other work holds the writer: the mirror, the backfill,
+    /// the `starting_after` of each page asked for by the time it asked for the pages
+    /// awaited (or 10 s passed), and the sender that lets the held work end.
     struct HeldBackfill {
         mirror: Mirror,
         backfill: tokio::task::JoinHandle<crate::Result<crate::SyncReport>>,
         pages: Vec<Option<String>>,
+        /// Every page asked for so far.
+        asked: Arc<Mutex<Vec<Option<String>>>>,
         go: std::sync::mpsc::Sender<()>,
         hold: tokio::task::JoinHandle<crate::Result<()>>,
         _dir: tempfile::TempDir,
     }
 
     /// A backfill of `n` pages of one customer each, begun while other work holds the
-    /// writer; back once it asked for every page, or after 10 s.
-    async fn backfill_behind_held_writer(n: usize) -> HeldBackfill {
+    /// writer; back once it asked for `asked_for` pages, or after 10 s.
+    async fn backfill_behind_held_writer(n: usize, asked_for: usize) -> HeldBackfill {
         let dir = tempfile::tempdir().unwrap();
         let (base, asked) = stub(n).await;
         let (mirror, _) = mirror(&dir, base).await;
@@ -1112,7 +1115,7 @@ mod backfill_pages {
             tokio::spawn(async move { sync_all(&mirror, &customers(), |_| {}).await })
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while asked.lock().unwrap().len() < n && std::time::Instant::now() < deadline {
+        while asked.lock().unwrap().len() < asked_for && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let pages = asked.lock().unwrap().clone();
@@ -1120,6 +1123,7 @@ mod backfill_pages {
             mirror,
             backfill,
             pages,
+            asked,
             go,
             hold,
             _dir: dir,
@@ -1139,21 +1143,25 @@ mod backfill_pages {
 
     /// The next pages are fetched and queued for the writer before the last one's
     /// write (and its sync) is done: with the writer held by other work, the first
-    /// page's write cannot end, and still the backfill queues `SQLITE_PAGES_QUEUED` more
-    /// and asks for the page after them.
+    /// page's write cannot end, and still the backfill queues `SQLITE_PAGES_IN_FLIGHT`
+    /// pages and asks for the two after them (one being mapped, one fetched), and no
+    /// more.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_next_page_is_queued_while_the_last_one_is_written() {
-        let n = crate::sync::remote::SQLITE_PAGES_QUEUED + 2;
-        let held = backfill_behind_held_writer(n).await;
+        let queued = crate::sync::remote::SQLITE_PAGES_IN_FLIGHT;
+        let n = queued + 3;
+        let mut held = backfill_behind_held_writer(n, queued + 2).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        held.pages = held.asked.lock().unwrap().clone();
         held.go.send(()).unwrap();
         held.hold.await.unwrap().unwrap();
         let report = held.backfill.await.unwrap().unwrap();
         let asked: Vec<Option<String>> = std::iter::once(None)
-            .chain((1..n).map(|i| Some(format!("cus_{i}"))))
+            .chain((1..queued + 2).map(|i| Some(format!("cus_{i}"))))
             .collect();
         assert_eq!(
             held.pages, asked,
-            "with the writer held, the backfill did not queue the pages after the first"
+            "with the writer held, the backfill did not queue {queued} pages, or queued more"
         );
         all_mirrored(n, &held.mirror, &report).await;
     }
@@ -1162,7 +1170,7 @@ mod backfill_pages {
     /// rolled back with it, and written again: the backfill does not fail for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_rolled_back_for_another_write_is_written_again() {
-        let held = backfill_behind_held_writer(3).await;
+        let held = backfill_behind_held_writer(3, 3).await;
         // The third page asked for: the first is queued behind the held writer.
         assert_eq!(held.pages.len(), 3, "the backfill stalled");
         // Queued behind it (polled once), in the same group: a write that fails.

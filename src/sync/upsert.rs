@@ -348,9 +348,9 @@ impl MirrorTable {
         self.map(value, stamp, livemode_hint, Nul::Check)
     }
 
-    /// [`row`](Self::row) for an object of a list page whose text held no `\u0000`:
-    /// JSON writes U+0000 only as that escape, so none of its strings holds one and the
-    /// walk over every string is skipped.
+    /// [`row`](Self::row) for an object of a list page, walked for U+0000 as `nul`
+    /// says: JSON writes U+0000 only as `\u0000`, so a page whose text holds none
+    /// needs no walk over every string ([`Nul::Absent`]).
     pub(crate) fn listed_row(&self, value: &Value, stamp: Stamp, nul: Nul) -> Result<Row> {
         self.map(value, stamp, None, nul)
     }
