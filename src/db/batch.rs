@@ -711,11 +711,11 @@ fn start_syncer(checkpointer: Option<Checkpointer>) -> Option<Syncer> {
 /// itself, as SQLite does past 1,000 (the default): only if the checkpointer falls
 /// behind, say while a long read holds the WAL's pages.
 #[cfg(feature = "sqlite")]
-const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
+const WRITER_CHECKPOINT_PAGES: u32 = 20_000;
 
 /// The pause after a checkpoint before the next: commits meanwhile share one.
 #[cfg(feature = "sqlite")]
-const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Copies a SQLite writer's WAL into the database file on a thread of its own
 /// (`PRAGMA wal_checkpoint(PASSIVE)`), told after each sync of the WAL that succeeded
