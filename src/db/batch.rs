@@ -94,6 +94,30 @@ where
 #[derive(Clone, Default)]
 pub(crate) struct Batcher {
     queue: Arc<OnceLock<mpsc::Sender<Box<dyn Work>>>>,
+    /// Backfills under way ([`Database::bulk`]).
+    bulk: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A backfill under way, until dropped ([`Database::bulk`]).
+pub(crate) struct Bulk(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Bulk {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Database {
+    /// Marks a backfill under way: while one is, a SQLite writer leaves the WAL's
+    /// checkpoints to its [`Checkpointer`] (a backfill's writer spent a sixth of its
+    /// time in them). Webhook deliveries alone keep SQLite's own checkpoints: one at a
+    /// time they ran about a tenth slower beside the checkpointer's syncs.
+    pub(crate) fn bulk(&self) -> Bulk {
+        self.batcher
+            .bulk
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Bulk(self.batcher.bulk.clone())
+    }
 }
 
 impl Database {
@@ -161,6 +185,7 @@ fn postgres_groups() -> usize {
 }
 
 fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
+    let self_bulk = db.batcher.bulk.clone();
     let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
     let rx = Arc::new(Mutex::new(rx));
     // Writers hold a connection while work keeps coming: at most half the pool, so
@@ -179,9 +204,10 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
             lock_wait: db.lock_wait,
         };
         let rx = rx.clone();
+        let bulk = self_bulk.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("stripe-mirror-writer-{n}"))
-            .spawn(move || writer(&db, &rx));
+            .spawn(move || writer(&db, &rx, &bulk));
         if let Err(error) = spawned {
             tracing::error!(%error, "a database writer thread could not start");
         }
@@ -208,7 +234,11 @@ const STARVED_CHECKS: u32 = 3;
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle, within
 /// [`STARVED_CHECKS`] looks when the pool has no other connection to give, or when a
 /// group fails (a connection a server restart broke is not used again).
-fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
+fn writer(
+    db: &Database,
+    rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>,
+    bulk: &Arc<std::sync::atomic::AtomicUsize>,
+) {
     let mut held: Option<Writing> = None;
     #[cfg(feature = "sqlite")]
     let checkpointer = match &db.pool {
@@ -220,7 +250,7 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
     let checkpointer: Option<Checkpointer> = None;
     let syncer = match &db.pool {
         #[cfg(feature = "sqlite")]
-        super::Pool::Sqlite(_) => start_syncer(checkpointer.clone()),
+        super::Pool::Sqlite(_) => start_syncer(checkpointer.clone().map(|c| (c, bulk.clone()))),
         #[cfg(feature = "postgres")]
         super::Pool::Postgres(_) => None,
     };
@@ -239,14 +269,10 @@ fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
         };
         // A panic drops the group's senders: each caller gets `Error::Commit`.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_group(
-                db,
-                &mut held,
-                group,
-                queued,
-                syncer.as_ref(),
-                checkpointer.as_ref(),
-            )
+            // A backfill under way: checkpoints go to the checkpointer.
+            let bulk = bulk.load(std::sync::atomic::Ordering::Acquire) > 0;
+            let checkpointer = checkpointer.as_ref().filter(|_| bulk);
+            run_group(db, &mut held, group, queued, syncer.as_ref(), checkpointer)
         }));
         if !matches!(ran, Ok(true)) {
             held = None;
@@ -348,7 +374,9 @@ fn run_group(
     group: Vec<Box<dyn Work>>,
     mut queued: Queued<'_>,
     syncer: Option<&Syncer>,
-    checkpointer: Option<&Checkpointer>,
+    #[cfg_attr(not(feature = "sqlite"), allow(unused_variables))] checkpointer: Option<
+        &Checkpointer,
+    >,
 ) -> bool {
     let mut waiting = Some(group);
     let mut handovers: Vec<Handover> = Vec::new();
@@ -356,7 +384,7 @@ fn run_group(
         Some(conn) => Ok(conn),
         None => db
             .hold()
-            .and_then(|conn| Writing::new(conn, syncer.is_some(), checkpointer.is_some()))
+            .and_then(|conn| Writing::new(conn, syncer.is_some()))
             .map(|conn| held.insert(conn)),
     };
     // After a failed flush nothing more is written on that WAL: the group never runs.
@@ -364,6 +392,12 @@ fn run_group(
     let conn = conn.and_then(|conn| match &conn.wal {
         Some(wal) => wal.sound().map(|()| conn),
         None => Ok(conn),
+    });
+    // The writer's own checkpoints: SQLite's while no backfill runs, rare while one does.
+    #[cfg(feature = "sqlite")]
+    let conn = conn.and_then(|conn| {
+        conn.checkpoint_rarely(checkpointer.is_some())
+            .map(|()| conn)
     });
     let committed = conn.and_then(|conn| {
         group_transaction(&mut conn.conn.conn(), db.lock_wait(), |conn| {
@@ -456,10 +490,13 @@ struct Writing {
     /// The connection's `synchronous` level before the writer relaxed it.
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     synchronous: i32,
-    /// The connection's `wal_autocheckpoint` before the writer raised it (the
-    /// checkpointer copies the WAL into the database instead), if it did.
+    /// The connection's `wal_autocheckpoint` as it came, when the writer may raise it
+    /// (SQLite's kind of threshold: a host's 0 or a higher one is left as it is).
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     autocheckpoint: Option<i32>,
+    /// Whether it is raised now ([`Writing::checkpoint_rarely`]).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    raised: bool,
 }
 
 /// Runs a group in one transaction: [`Conn::write`], but on Postgres with its lock
@@ -498,11 +535,10 @@ fn group_transaction<R>(
 }
 
 impl Writing {
-    #[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
-    fn new(mut conn: Held, relaxed: bool, checkpointed: bool) -> Result<Writing> {
+    fn new(mut conn: Held, relaxed: bool) -> Result<Writing> {
         let relaxed = match (relaxed, &mut conn) {
             #[cfg(feature = "sqlite")]
-            (true, Held::Sqlite(c)) => relax(c, checkpointed)?,
+            (true, Held::Sqlite(c)) => relax(c)?,
             _ => None,
         };
         let (wal, synchronous, autocheckpoint) = match relaxed {
@@ -514,20 +550,38 @@ impl Writing {
             wal,
             synchronous,
             autocheckpoint,
+            raised: false,
         })
+    }
+
+    /// Raises the connection's checkpoint threshold to [`WRITER_CHECKPOINT_PAGES`]
+    /// (`rarely`: a [`Checkpointer`] copies the WAL), or sets it back.
+    #[cfg(feature = "sqlite")]
+    fn checkpoint_rarely(&mut self, rarely: bool) -> Result<()> {
+        use diesel::connection::SimpleConnection;
+        let (Some(before), Held::Sqlite(c)) = (self.autocheckpoint, &mut self.conn) else {
+            return Ok(());
+        };
+        if rarely == self.raised {
+            return Ok(());
+        }
+        let pages = if rarely {
+            WRITER_CHECKPOINT_PAGES as i32
+        } else {
+            before
+        };
+        c.batch_execute(&format!("PRAGMA wal_autocheckpoint = {pages}"))?;
+        self.raised = rarely;
+        Ok(())
     }
 }
 
-/// Sets a SQLite writer's connection to commit without syncing, and when `checkpointed`
-/// (a [`Checkpointer`] runs) to leave the WAL's checkpoints to it; its WAL file and its
-/// `synchronous` and `wal_autocheckpoint` levels before, or `None` when its commits
-/// stay as they are (an in-memory database, another journal mode, a WAL that cannot be
-/// opened).
+/// Sets a SQLite writer's connection to commit without syncing; its WAL file, its
+/// `synchronous` level before and its `wal_autocheckpoint` when the writer may raise it
+/// ([`Writing::checkpoint_rarely`]), or `None` when its commits stay as they are (an
+/// in-memory database, another journal mode, a WAL that cannot be opened).
 #[cfg(feature = "sqlite")]
-fn relax(
-    c: &mut diesel::SqliteConnection,
-    checkpointed: bool,
-) -> Result<Option<(Wal, i32, Option<i32>)>> {
+fn relax(c: &mut diesel::SqliteConnection) -> Result<Option<(Wal, i32, Option<i32>)>> {
     use diesel::RunQueryDsl;
     use diesel::connection::SimpleConnection;
     #[derive(diesel::QueryableByName)]
@@ -572,29 +626,11 @@ fn relax(
     let before: Synchronous = diesel::sql_query("PRAGMA synchronous").get_result(c)?;
     // Raised only from SQLite's kind of threshold: a host's 0 (never) or a higher one
     // stays as it chose.
-    let autocheckpoint = match checkpointed {
-        true => {
-            let before: Autocheckpoint =
-                diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)?;
-            Some(before.wal_autocheckpoint).filter(|pages| {
-                (1..i64::from(WRITER_CHECKPOINT_PAGES)).contains(&i64::from(*pages))
-            })
-        }
-        false => None,
-    };
-    if autocheckpoint.is_some() {
-        c.batch_execute(&format!(
-            "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
-        ))?;
-    }
-    // Last: a connection must not go back to the pool at `NORMAL`, and from here on
-    // `Writing`'s drop sets it back.
-    if let Err(error) = c.batch_execute("PRAGMA synchronous = NORMAL") {
-        if let Some(pages) = autocheckpoint {
-            let _ = c.batch_execute(&format!("PRAGMA wal_autocheckpoint = {pages}"));
-        }
-        return Err(error.into());
-    }
+    let autocheckpoint: Autocheckpoint =
+        diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c)?;
+    let autocheckpoint = Some(autocheckpoint.wal_autocheckpoint)
+        .filter(|pages| (1..i64::from(WRITER_CHECKPOINT_PAGES)).contains(&i64::from(*pages)));
+    c.batch_execute("PRAGMA synchronous = NORMAL")?;
     Ok(Some((wal, before.synchronous, autocheckpoint)))
 }
 
@@ -607,7 +643,7 @@ impl Drop for Writing {
             };
             let level = self.synchronous;
             let mut sql = format!("PRAGMA synchronous = {level}");
-            if let Some(pages) = self.autocheckpoint {
+            if let (Some(pages), true) = (self.autocheckpoint, self.raised) {
                 sql.push_str(&format!("; PRAGMA wal_autocheckpoint = {pages}"));
             }
             #[cfg(test)]
@@ -670,7 +706,11 @@ impl Syncer {
 /// callers; it ends with its writer. `None` if it cannot start: commits then sync
 /// themselves (`synchronous = FULL`).
 #[cfg(feature = "sqlite")]
-fn start_syncer(checkpointer: Option<Checkpointer>) -> Option<Syncer> {
+/// `checkpointer` is told of each sync that succeeded while a backfill runs (its
+/// counter of backfills).
+fn start_syncer(
+    checkpointer: Option<(Checkpointer, Arc<std::sync::atomic::AtomicUsize>)>,
+) -> Option<Syncer> {
     let (tx, rx) = mpsc::channel::<Synced>();
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let answered = pending.clone();
@@ -689,7 +729,9 @@ fn start_syncer(checkpointer: Option<Checkpointer>) -> Option<Syncer> {
                         Some((_, result)) => result.clone(),
                         None => {
                             let result = group.wal.sync();
-                            if let (Ok(()), Some(checkpointer)) = (&result, &checkpointer) {
+                            if let (Ok(()), Some((checkpointer, bulk))) = (&result, &checkpointer)
+                                && bulk.load(std::sync::atomic::Ordering::Acquire) > 0
+                            {
                                 checkpointer.due(&group.wal.path);
                             }
                             synced.push((group.wal.path.clone(), result.clone()));
@@ -718,9 +760,9 @@ const WRITER_CHECKPOINT_PAGES: u32 = 20_000;
 const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Copies a SQLite writer's WAL into the database file on a thread of its own
-/// (`PRAGMA wal_checkpoint(PASSIVE)`), told after each sync of the WAL that succeeded
-/// (never after a failed one: nothing more of that WAL is copied, see
-/// [`FAILED_WALS`]). SQLite would do it inside a commit once the WAL holds 1,000
+/// (`PRAGMA wal_checkpoint(PASSIVE)`) while a backfill runs ([`Database::bulk`]), told
+/// after each sync of the WAL that succeeded (never after a failed one: nothing more
+/// of that WAL is copied, see [`FAILED_WALS`]). SQLite would do it inside a commit once the WAL holds 1,000
 /// pages: a copy of about 4 MiB and two syncs on the writer's thread, which meanwhile
 /// writes nothing (a backfill's writer spent a sixth of its time there). The copy
 /// never waits for readers or the writer (`PASSIVE`). It runs on a connection of its
@@ -1345,11 +1387,11 @@ mod tests {
         other.write_batched("evt_d", insert).await.unwrap();
     }
 
-    /// The writer leaves the WAL's checkpoints to a thread of its own (SQLite runs them
-    /// inside a commit, on the writer's thread, once the WAL holds 1,000 pages): its
-    /// connection's threshold is raised while it writes, pages committed reach the
-    /// database file far below SQLite's, and the connection goes back to the pool with
-    /// SQLite's threshold.
+    /// While a backfill runs, the writer leaves the WAL's checkpoints to a thread of its
+    /// own (SQLite runs them inside a commit, on the writer's thread, once the WAL holds
+    /// 1,000 pages): its connection's threshold is raised, and pages committed reach the
+    /// database file far below SQLite's. Without a backfill, and once it ended, SQLite's
+    /// own; the connection goes back to the pool with SQLite's threshold.
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_is_copied_into_the_database_off_the_writer() {
@@ -1372,15 +1414,25 @@ mod tests {
             ))?;
             Ok(())
         };
-        db.write_batched("evt_a", rows).await.unwrap();
-        let level = db
-            .write_batched("evt_level", |conn| {
+        let level = || {
+            db.write_batched("evt_level", |conn| {
                 let level: Autocheckpoint = crate::db::on_conn!(conn, c => diesel::sql_query("PRAGMA wal_autocheckpoint").get_result(c))?;
                 Ok(level.wal_autocheckpoint)
             })
-            .await
-            .unwrap();
-        assert_eq!(level, WRITER_CHECKPOINT_PAGES as i32);
+        };
+        // Webhook deliveries alone: SQLite's own checkpoints, nothing copied yet.
+        db.write_batched("evt_a", rows).await.unwrap();
+        assert_eq!(level().await.unwrap(), 1000);
+        tokio::time::sleep(CHECKPOINT_PAUSE / 2).await;
+        assert!(
+            !CHECKPOINTS.lock().unwrap().contains(&wal),
+            "copied without a backfill"
+        );
+        assert!(std::fs::metadata(&file).unwrap().len() < before + 300 * 3000);
+        // While a backfill runs: the checkpointer's.
+        let bulk = db.bulk();
+        db.write_batched("evt_b", rows).await.unwrap();
+        assert_eq!(level().await.unwrap(), WRITER_CHECKPOINT_PAGES as i32);
         let copied = || {
             std::fs::metadata(&file).unwrap().len() > before + 300 * 3000
                 && CHECKPOINTS.lock().unwrap().contains(&wal)
@@ -1395,8 +1447,11 @@ mod tests {
             file.display(),
             std::fs::metadata(&file).unwrap().len()
         );
+        // Once the backfill ended, the next group sets it back.
+        drop(bulk);
+        assert_eq!(level().await.unwrap(), 1000);
         // Once the writer gave its connection back (after LINGER without work), every
-        // pooled connection checkpoints at SQLite's own threshold again.
+        // pooled connection checkpoints at SQLite's own threshold.
         tokio::time::sleep(LINGER + std::time::Duration::from_millis(500)).await;
         let mut held: Vec<Held> = (0..4).map(|_| db.hold().unwrap()).collect();
         for held in &mut held {
@@ -1495,7 +1550,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = sqlite_db(&dir, "first.db", 2);
-        let writing = Writing::new(db.hold().unwrap(), true, false).unwrap();
+        let writing = Writing::new(db.hold().unwrap(), true).unwrap();
         let kept = writing.wal.as_ref().expect("a WAL to sync");
         assert_eq!(kept.path, wal);
         assert_eq!(

@@ -649,6 +649,8 @@ pub async fn sync_all(
     let client = mirror.stripe().await?;
     let mut report = SyncReport::default();
     let live = mirror.live_mode();
+    // While it runs, SQLite's WAL is copied into the database off the writer.
+    let _bulk = mirror.db().bulk();
     // Asked once, in test mode, when customers or subscriptions are to be listed.
     let clocked = |k: &String| k == "customer" || k == "subscription";
     let clocks = match !live && options.objects.iter().any(clocked) {
