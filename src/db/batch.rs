@@ -185,7 +185,6 @@ fn postgres_groups() -> usize {
 }
 
 fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
-    let self_bulk = db.batcher.bulk.clone();
     let (tx, rx) = mpsc::channel::<Box<dyn Work>>();
     let rx = Arc::new(Mutex::new(rx));
     // Writers hold a connection while work keeps coming: at most half the pool, so
@@ -197,17 +196,19 @@ fn start_writers(db: &Database) -> mpsc::Sender<Box<dyn Work>> {
         super::Pool::Postgres(p) => postgres_groups().min((p.max_size() as usize / 2).max(1)),
     };
     for n in 0..writers {
-        // The pool only: a writer must not keep the queue open.
+        // The pool and the backfills' count only: a writer must not keep the queue open.
         let db = Database {
             pool: db.pool.clone(),
-            batcher: Batcher::default(),
+            batcher: Batcher {
+                queue: Default::default(),
+                bulk: db.batcher.bulk.clone(),
+            },
             lock_wait: db.lock_wait,
         };
         let rx = rx.clone();
-        let bulk = self_bulk.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("stripe-mirror-writer-{n}"))
-            .spawn(move || writer(&db, &rx, &bulk));
+            .spawn(move || writer(&db, &rx));
         if let Err(error) = spawned {
             tracing::error!(%error, "a database writer thread could not start");
         }
@@ -234,11 +235,8 @@ const STARVED_CHECKS: u32 = 3;
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle, within
 /// [`STARVED_CHECKS`] looks when the pool has no other connection to give, or when a
 /// group fails (a connection a server restart broke is not used again).
-fn writer(
-    db: &Database,
-    rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>,
-    bulk: &Arc<std::sync::atomic::AtomicUsize>,
-) {
+fn writer(db: &Database, rx: &Mutex<mpsc::Receiver<Box<dyn Work>>>) {
+    let bulk = &db.batcher.bulk;
     let mut held: Option<Writing> = None;
     #[cfg(feature = "sqlite")]
     let checkpointer = match &db.pool {
@@ -271,7 +269,7 @@ fn writer(
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // A backfill under way: checkpoints go to the checkpointer.
             let bulk = bulk.load(std::sync::atomic::Ordering::Acquire) > 0;
-            let checkpointer = checkpointer.as_ref().filter(|_| bulk);
+            let checkpointer = checkpointer.as_ref().filter(|c| bulk && c.working());
             run_group(db, &mut held, group, queued, syncer.as_ref(), checkpointer)
         }));
         if !matches!(ran, Ok(true)) {
@@ -643,7 +641,8 @@ impl Drop for Writing {
             };
             let level = self.synchronous;
             let mut sql = format!("PRAGMA synchronous = {level}");
-            if let (Some(pages), true) = (self.autocheckpoint, self.raised) {
+            // Whether raised or not: nothing goes back to the pool at 20,000.
+            if let Some(pages) = self.autocheckpoint {
                 sql.push_str(&format!("; PRAGMA wal_autocheckpoint = {pages}"));
             }
             #[cfg(test)]
@@ -704,10 +703,9 @@ impl Syncer {
 
 /// Starts the thread that syncs a SQLite writer's commits and then answers their
 /// callers; it ends with its writer. `None` if it cannot start: commits then sync
-/// themselves (`synchronous = FULL`).
+/// themselves (`synchronous = FULL`). `checkpointer` is told of each sync that
+/// succeeded while a backfill runs (its counter of backfills).
 #[cfg(feature = "sqlite")]
-/// `checkpointer` is told of each sync that succeeded while a backfill runs (its
-/// counter of backfills).
 fn start_syncer(
     checkpointer: Option<(Checkpointer, Arc<std::sync::atomic::AtomicUsize>)>,
 ) -> Option<Syncer> {
@@ -773,10 +771,20 @@ const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(1
 #[derive(Clone)]
 struct Checkpointer {
     tx: mpsc::SyncSender<std::path::PathBuf>,
+    /// False once a checkpoint failed (or the thread ended), until one succeeds: the
+    /// writer then keeps SQLite's own checkpoints.
+    working: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[cfg(not(feature = "sqlite"))]
 enum Checkpointer {}
+
+#[cfg(not(feature = "sqlite"))]
+impl Checkpointer {
+    fn working(&self) -> bool {
+        match *self {}
+    }
+}
 
 #[cfg(feature = "sqlite")]
 impl Checkpointer {
@@ -784,34 +792,67 @@ impl Checkpointer {
     fn due(&self, wal: &std::path::Path) {
         let _ = self.tx.try_send(wal.to_owned());
     }
+
+    /// Whether its checkpoints run ([`Checkpointer::working`]).
+    fn working(&self) -> bool {
+        self.working.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[cfg(feature = "sqlite")]
 fn start_checkpointer() -> Option<Checkpointer> {
+    use std::sync::atomic::Ordering;
     let (tx, rx) = mpsc::sync_channel::<std::path::PathBuf>(1);
+    let working = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = working.clone();
     std::thread::Builder::new()
         .name("stripe-mirror-checkpointer".into())
         .spawn(move || {
+            // Ended (the writer is gone, or a panic): the writer checkpoints itself.
+            struct Ended(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _ended = Ended(flag.clone());
             // Opened at the first checkpoint and kept: its WAL handle predates any
             // later failed flush, so the kernel reports that failure to its sync too.
             let mut conn: Option<(std::path::PathBuf, diesel::SqliteConnection)> = None;
             let mut next = rx.recv().ok();
             while let Some(wal) = next.take() {
+                // A checkpoint syncs the WAL: like every flush of it, under `FLUSHING`
+                // with the check before and the record after, so none slips in between
+                // a failed flush and its record (a later sync on a fresh handle could
+                // succeed over pages the failed one lost).
+                let flushing = FLUSHING.lock().unwrap_or_else(|p| p.into_inner());
                 let failed = FAILED_WALS.lock().unwrap_or_else(|p| p.into_inner());
                 let sound = !failed.contains(&wal);
                 drop(failed);
-                if sound {
-                    match checkpoint(&wal, &mut conn) {
-                        Err(error) => {
-                            conn = None;
-                            tracing::warn!(%error, "a checkpoint of the WAL failed; the writer's own checkpoints still run");
-                        }
-                        #[cfg(test)]
-                        Ok(()) => CHECKPOINTS.lock().unwrap().push(wal),
-                        #[cfg(not(test))]
-                        Ok(()) => {}
+                let outcome = sound.then(|| checkpoint(&wal, &mut conn));
+                match outcome {
+                    Some(Err(Checkpoint::Io(error))) => {
+                        FAILED_WALS
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(wal.clone());
+                        conn = None;
+                        flag.store(false, Ordering::Release);
+                        tracing::error!(%error, wal = %wal.display(), "a checkpoint could not sync the WAL or the database: commits since may not be on disk, and the mirror's writer writes nothing more to this database until the process restarts");
                     }
+                    Some(Err(Checkpoint::Other(error))) => {
+                        conn = None;
+                        flag.store(false, Ordering::Release);
+                        tracing::warn!(%error, "a checkpoint of the WAL failed; the writer's own checkpoints run instead");
+                    }
+                    Some(Ok(())) => {
+                        flag.store(true, Ordering::Release);
+                        #[cfg(test)]
+                        CHECKPOINTS.lock().unwrap().push(wal);
+                    }
+                    None => {}
                 }
+                drop(flushing);
                 // A pause: syncs meanwhile share the next checkpoint.
                 let until = std::time::Instant::now() + CHECKPOINT_PAUSE;
                 loop {
@@ -828,31 +869,48 @@ fn start_checkpointer() -> Option<Checkpointer> {
             }
         })
         .ok()
-        .map(|_| Checkpointer { tx })
+        .map(|_| Checkpointer { tx, working })
+}
+
+/// Why a checkpoint failed.
+#[cfg(feature = "sqlite")]
+enum Checkpoint {
+    /// An I/O error (a sync of the WAL or of the database, a read): the WAL is
+    /// treated as a failed flush's ([`FAILED_WALS`]).
+    Io(String),
+    /// Anything else (the database could not be opened): nothing was copied.
+    Other(String),
 }
 
 /// One passive checkpoint of the database whose WAL is `wal`, on the checkpointer's
-/// connection to it (opened if need be).
+/// connection to it (opened if need be: only an existing file, by a UTF-8 path).
 #[cfg(feature = "sqlite")]
 fn checkpoint(
     wal: &std::path::Path,
     conn: &mut Option<(std::path::PathBuf, diesel::SqliteConnection)>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Checkpoint> {
     use diesel::Connection;
     use diesel::connection::SimpleConnection;
+    let other = |e: &dyn std::fmt::Display| Checkpoint::Other(e.to_string());
     let c = match conn {
         Some((open, c)) if open.as_path() == wal => c,
         _ => {
-            let file = wal.to_string_lossy();
-            let file = file.strip_suffix("-wal").unwrap_or(&file);
-            let mut c = diesel::SqliteConnection::establish(file).map_err(|e| e.to_string())?;
+            let file = wal
+                .to_str()
+                .and_then(|w| w.strip_suffix("-wal"))
+                .filter(|file| std::path::Path::new(file).is_file())
+                .ok_or_else(|| other(&format!("no database file beside {}", wal.display())))?;
+            let mut c = diesel::SqliteConnection::establish(file).map_err(|e| other(&e))?;
             c.batch_execute("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000")
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| other(&e))?;
             &mut conn.insert((wal.to_owned(), c)).1
         }
     };
     c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e.to_string() {
+            io if io.contains("I/O error") => Checkpoint::Io(io),
+            message => Checkpoint::Other(message),
+        })
 }
 
 /// The WAL files the checkpointer copied (for the tests).
@@ -1470,9 +1528,9 @@ mod tests {
         let (_sound_db, sound) = sqlite_db(&dir, "sound.db", 2);
         FAILED_WALS.lock().unwrap().push(failed.clone());
         let checkpointer = start_checkpointer().unwrap();
-        checkpointer.due(&failed);
-        tokio::time::sleep(CHECKPOINT_PAUSE * 2).await;
-        checkpointer.due(&sound);
+        // Sent, not `due`: the second waits for the first's pause.
+        checkpointer.tx.send(failed.clone()).unwrap();
+        checkpointer.tx.send(sound.clone()).unwrap();
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !CHECKPOINTS.lock().unwrap().contains(&sound) && std::time::Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -1483,6 +1541,28 @@ mod tests {
             !copied.contains(&failed),
             "a WAL whose flush failed was copied into the database"
         );
+    }
+
+    /// A checkpoint that fails (here: no database beside the WAL, nothing created)
+    /// says so, and the writer then keeps SQLite's own checkpoints.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_checkpointer_leaves_the_writer_its_own_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.db-wal");
+        let checkpointer = start_checkpointer().unwrap();
+        assert!(checkpointer.working());
+        checkpointer.tx.send(gone.clone()).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while checkpointer.working() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            !checkpointer.working(),
+            "a failed checkpoint left it working"
+        );
+        assert!(!dir.path().join("gone.db").exists(), "a database was made");
+        assert!(!CHECKPOINTS.lock().unwrap().contains(&gone));
     }
 
     /// A syncer that is gone (it panicked) leaves the writer syncing its groups itself:
