@@ -760,9 +760,10 @@ const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(1
 /// Copies a SQLite writer's WAL into the database file on a thread of its own
 /// (`PRAGMA wal_checkpoint(PASSIVE)`) while a backfill runs ([`Database::bulk`]), told
 /// after each sync of the WAL that succeeded (never after a failed one: nothing more
-/// of that WAL is copied, see [`FAILED_WALS`]). SQLite would do it inside a commit once the WAL holds 1,000
-/// pages: a copy of about 4 MiB and two syncs on the writer's thread, which meanwhile
-/// writes nothing (a backfill's writer spent a sixth of its time there). The copy
+/// of that WAL is copied, see [`FAILED_WALS`]). SQLite would do it inside a commit
+/// once the WAL holds 1,000 pages: a copy of about 4 MiB and two syncs on the writer's
+/// thread, which meanwhile writes nothing (a backfill's writer spent a sixth of its
+/// time there). The copy
 /// never waits for readers or the writer (`PASSIVE`). It runs on a connection of its
 /// own, outside the pool (a host's pool keeps all its connections), at
 /// `synchronous = FULL`: the WAL is synced before its pages are copied, and the
@@ -793,7 +794,8 @@ impl Checkpointer {
         let _ = self.tx.try_send(wal.to_owned());
     }
 
-    /// Whether its checkpoints run ([`Checkpointer::working`]).
+    /// Whether its checkpoints run: false after a failed one (or once its thread
+    /// ended), until one succeeds.
     fn working(&self) -> bool {
         self.working.load(std::sync::atomic::Ordering::Acquire)
     }
