@@ -353,10 +353,10 @@ pub(crate) fn before_write(
                 .select(stripe_products::data);
             let data: Option<String> = match conn {
                 #[cfg(feature = "sqlite")]
-                Conn::Sqlite(c) => query.first(&mut **c).optional()?,
+                Conn::Sqlite(c) => query.get_result(&mut **c).optional()?,
                 // Locked, as in `subscriber_of`.
                 #[cfg(feature = "postgres")]
-                Conn::Postgres(c) => query.for_update().first(&mut **c).optional()?,
+                Conn::Postgres(c) => query.for_update().get_result(&mut **c).optional()?,
             };
             Some(Before {
                 subscriber: None,
@@ -418,11 +418,11 @@ fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>>
     let found: Option<(Option<String>, bool)> = match conn {
         // SQLite's writers run one at a time: the row cannot change until the commit.
         #[cfg(feature = "sqlite")]
-        Conn::Sqlite(c) => query.first(&mut **c).optional()?,
+        Conn::Sqlite(c) => query.get_result(&mut **c).optional()?,
         // Locked until the commit: a concurrent write of the row commits first and is
         // read here (the subscriber it moved the customer to is the one left), or waits.
         #[cfg(feature = "postgres")]
-        Conn::Postgres(c) => query.for_update().first(&mut **c).optional()?,
+        Conn::Postgres(c) => query.for_update().get_result(&mut **c).optional()?,
     };
     Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
 }
@@ -742,7 +742,7 @@ fn claim(
         .optional())?;
     let Some((token, version, delivered)) = claimed else {
         let dirty: Option<bool> =
-            on_conn!(conn, c => key.select(stripe_access::dirty).first(c).optional())?;
+            on_conn!(conn, c => key.select(stripe_access::dirty).get_result(c).optional())?;
         return Ok(if dirty == Some(true) {
             Claimed::Busy
         } else {

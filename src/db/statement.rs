@@ -4,6 +4,11 @@
 //! cached by their text on each connection: the hot ones (an upsert per table, the
 //! event's store-and-claim, access marking) are parsed once per connection, which on
 //! Postgres also saves the server a parse and a plan per webhook.
+//!
+//! Lookups by key anywhere in the crate use diesel's `get_result`, not `first`. The
+//! bundled SQLite (3.50; `sqlite3ExprIsInteger` in its source) builds a bound
+//! `LIMIT ?` into the statement as a constant, and parses and plans it again whenever
+//! that value is bound anew, which `first` does on every run (`tests/prepared.rs`).
 
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};

@@ -213,7 +213,7 @@ impl ApiKey {
                     stripe_api_keys::table
                         .find(&row.id)
                         .select(ApiKeyRow::as_select())
-                        .first(c)?
+                        .get_result(c)?
                 }))
             })
             .await?;

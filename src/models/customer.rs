@@ -145,7 +145,7 @@ impl Model for Customer {
         Ok(on_conn!(conn, c => stripe_customers::table
             .find(id)
             .select(Customer::as_select())
-            .first(c)
+            .get_result(c)
             .optional())?)
     }
     fn from_row(row: &crate::sync::upsert::Row) -> Self {
@@ -388,7 +388,7 @@ impl Customer {
                 Ok(on_conn!(conn, c => stripe_customers::table
                     .find(&key)
                     .select((stripe_customers::subscriber_id, stripe_customers::subscriber_in_metadata))
-                    .first(c)
+                    .get_result(c)
                     .optional())?)
             })
             .await?;

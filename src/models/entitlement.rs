@@ -59,7 +59,7 @@ impl EntitlementSummary {
                     .find(&id)
                     .filter(stripe_entitlement_summaries::deleted.eq(false))
                     .select(EntitlementSummary::as_select())
-                    .first(c)
+                    .get_result(c)
                     .optional())?)
             })
             .await

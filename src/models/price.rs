@@ -92,7 +92,7 @@ impl Model for Price {
         Ok(on_conn!(conn, c => stripe_prices::table
             .find(id)
             .select(Price::as_select())
-            .first(c)
+            .get_result(c)
             .optional())?)
     }
     fn from_row(row: &crate::sync::upsert::Row) -> Self {

@@ -57,7 +57,7 @@ impl Model for Product {
         Ok(on_conn!(conn, c => stripe_products::table
             .find(id)
             .select(Product::as_select())
-            .first(c)
+            .get_result(c)
             .optional())?)
     }
     fn from_row(row: &crate::sync::upsert::Row) -> Self {

@@ -240,7 +240,7 @@ impl Model for Subscription {
         Ok(on_conn!(conn, c => stripe_subscriptions::table
             .find(id)
             .select(Subscription::as_select())
-            .first(c)
+            .get_result(c)
             .optional())?)
     }
     fn from_row(row: &crate::sync::upsert::Row) -> Self {
@@ -272,7 +272,7 @@ impl Model for SubscriptionItem {
         Ok(on_conn!(conn, c => stripe_subscription_items::table
             .find(id)
             .select(SubscriptionItem::as_select())
-            .first(c)
+            .get_result(c)
             .optional())?)
     }
     fn from_row(row: &crate::sync::upsert::Row) -> Self {

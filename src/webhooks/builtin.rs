@@ -240,7 +240,7 @@ pub(crate) fn link_session(
         let held: Option<Option<String>> = on_conn!(conn, c => stripe_customers::table
             .find(&customer)
             .select(stripe_customers::subscriber_id)
-            .first(c)
+            .get_result(c)
             .optional())?;
         if let Some(Some(held)) = held.filter(|h| h.as_deref() != Some(subscriber)) {
             tracing::warn!(source = %source, %customer, held = %held, claimed = %subscriber,

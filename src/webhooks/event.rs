@@ -339,7 +339,7 @@ pub(crate) fn is_processed(conn: &mut Conn<'_>, id: &str) -> Result<bool> {
     let current: Option<String> = on_conn!(conn, c => stripe_events::table
         .find(id)
         .select(stripe_events::status)
-        .first(c)
+        .get_result(c)
         .optional())?;
     Ok(current.as_deref() == Some(status::PROCESSED))
 }
@@ -361,7 +361,7 @@ pub(crate) fn previous_attributes(conn: &mut Conn<'_>, id: &str) -> Result<Optio
     let data: Option<String> = on_conn!(conn, c => stripe_events::table
         .find(id)
         .select(stripe_events::data)
-        .first(c)
+        .get_result(c)
         .optional())?;
     Ok(data
         .and_then(|d| serde_json::from_str::<Value>(&d).ok())
