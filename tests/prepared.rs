@@ -30,7 +30,10 @@ impl Instrumentation for Recorder {
         if let InstrumentationEvent::StartQuery { query, .. } = event {
             let text = query.to_string();
             if text.contains("LIMIT ?") {
-                LIMITED.lock().unwrap().push(text.chars().take(300).collect());
+                LIMITED
+                    .lock()
+                    .unwrap()
+                    .push(text.chars().take(300).collect());
             }
         }
     }
@@ -90,7 +93,12 @@ async fn webhook_writes_and_key_lookups_bind_no_limit() {
         event("evt_p1", "customer.created", now - 10, customer),
         event("evt_p2", "product.created", now - 9, product.clone()),
         event("evt_p3", "price.created", now - 8, price),
-        event("evt_p4", "customer.subscription.created", now - 7, subscription),
+        event(
+            "evt_p4",
+            "customer.subscription.created",
+            now - 7,
+            subscription,
+        ),
         event("evt_p5", "customer.updated", now - 6, renamed),
         event("evt_p6", "product.updated", now - 5, product),
         event("evt_p7", "customer.subscription.deleted", now - 4, canceled),
@@ -106,7 +114,10 @@ async fn webhook_writes_and_key_lookups_bind_no_limit() {
         .expect("the customer is mirrored");
     assert_eq!(customer.id, "cus_prep");
     assert!(customer.subscription(&mirror).await.unwrap().is_none());
-    let sub = Subscription::get(&mirror, "sub_prep").await.unwrap().unwrap();
+    let sub = Subscription::get(&mirror, "sub_prep")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(sub.customer_id.as_deref(), Some("cus_prep"));
 
     // The path ran (the access hook heard the subscription come and go), and bound no
