@@ -399,8 +399,23 @@ fn run_group(
     });
     let committed = conn.and_then(|conn| {
         group_transaction(&mut conn.conn.conn(), db.lock_wait(), |conn| {
-            let mut group = waiting.take().into_iter().flatten();
-            for work in group.by_ref() {
+            let group = waiting.take().unwrap_or_default();
+            let mut room = MAX_BATCH.saturating_sub(group.len());
+            let mut group = group.into_iter();
+            // While the syncer still flushes the groups before, what is queued joins this
+            // one: its commit would wait for the next flush anyway, and one commit
+            // writes the pages the deliveries share (the events' last leaf, the
+            // indexes) once. SQLite only: Postgres commits sync themselves.
+            let queued = &queued;
+            let joining = std::iter::from_fn(move || {
+                if room == 0 || !syncer.is_some_and(Syncer::busy) {
+                    return None;
+                }
+                let work = queued.queue()?.try_recv().ok()?;
+                room -= 1;
+                Some(work)
+            });
+            for work in group.by_ref().chain(joining) {
                 let (handover, failed) = work.run(conn);
                 handovers.push(handover);
                 if let Some(error) = failed {
@@ -1567,6 +1582,50 @@ mod tests {
         assert!(!CHECKPOINTS.lock().unwrap().contains(&gone));
     }
 
+    /// Work queued while the syncer still flushes the groups before joins the group
+    /// that runs: one commit, handed over whole. With the syncer idle it waits for the
+    /// next group, which runs while this one is flushed.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn queued_work_joins_the_group_while_the_syncer_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _wal) = sqlite_db(&dir, "join.db", 2);
+        for busy in [true, false] {
+            let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
+            for key in ["evt_b", "evt_c"] {
+                queue_tx.send(Box::new(Keyed(key))).unwrap();
+            }
+            let queue_rx = Mutex::new(queue_rx);
+            let (syncer_tx, syncer_rx) = mpsc::channel::<Synced>();
+            // A group handed over before and not yet answered: the syncer is busy.
+            let syncer = Syncer {
+                tx: syncer_tx,
+                pending: Arc::new(std::sync::atomic::AtomicUsize::new(usize::from(busy))),
+            };
+            let mut carried = Vec::new();
+            let queued = Queued {
+                rx: &queue_rx,
+                carried: &mut carried,
+            };
+            let mut held = None;
+            let work: Box<dyn Work> = Box::new(Keyed("evt_a"));
+            assert!(run_group(
+                &db,
+                &mut held,
+                vec![work],
+                queued,
+                Some(&syncer),
+                None
+            ));
+            let handed = syncer_rx.try_recv().expect("handed over to the syncer");
+            let left = queue_rx.lock().unwrap().try_iter().count() + carried.len();
+            match busy {
+                true => assert_eq!((handed.handovers.len(), left), (3, 0), "joined"),
+                false => assert_eq!((handed.handovers.len(), left), (1, 2), "left queued"),
+            }
+        }
+    }
+
     /// A syncer that is gone (it panicked) leaves the writer syncing its groups itself:
     /// each caller is still answered, after a sync.
     #[cfg(feature = "sqlite")]
@@ -1716,12 +1775,39 @@ mod tests {
         // Only now does B write: A's sync was asked for before B's pages existed.
         b_start.send(()).unwrap();
         signalled(b_ran).await;
-        // C is queued while B runs, so B's group goes to the syncer too, still in A's
-        // sync; C then holds the writer, which syncs nothing meanwhile.
+        // C is queued while B runs and joins B's group (the syncer is busy), which
+        // then goes to the syncer too, still in A's sync.
         assert!(c.as_mut().now_or_never().is_none(), "queued");
         b_go.send(()).unwrap();
         c_start.send(()).unwrap();
         signalled(c_ran).await;
+        c_go.send(()).unwrap();
+        // Committed (A's row, B's and C's), then handed over at once: A's sync is
+        // still held, so the syncer is busy.
+        let rows = || {
+            db.run_blocking(|conn| {
+                use diesel::RunQueryDsl;
+                #[derive(diesel::QueryableByName)]
+                struct Count {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
+                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
+                })?;
+                Ok(rows[0].n)
+            })
+            .unwrap()
+        };
+        let committed = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while rows() < 3 {
+            assert!(
+                std::time::Instant::now() < committed,
+                "B's group never committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         drop(held_back);
         let a_ran_at = a.await.unwrap();
         let b_ran_at = b.await.unwrap();
@@ -1731,7 +1817,6 @@ mod tests {
             flushed_between(&wal, b_ran_at, answered),
             "B was answered with the flush asked for before it wrote"
         );
-        c_go.send(()).unwrap();
         c.await.unwrap();
     }
 
