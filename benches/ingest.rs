@@ -104,8 +104,8 @@ impl Instrumentation for Counter {
     }
 }
 
-/// The first word of a statement, without formatting the rest (the whole text would
-/// print every bound body).
+/// The first word of a statement, without printing the values bound into it (diesel
+/// still builds the statement's whole SQL text first).
 fn head(query: &dyn std::fmt::Display) -> String {
     struct Head(String);
     impl std::fmt::Write for Head {

@@ -2,32 +2,40 @@
 //!
 //! SQLite (3.50, as the crate bundles it) builds a bound `LIMIT ?` into the statement
 //! as a constant and marks it to be parsed and planned again whenever that value is
-//! bound anew, which diesel's `.first()` does on every run. The hot lookups by key use
-//! `.get_result()` (a key finds one row, no `LIMIT`): this test fails if one of them
-//! goes back to `.first()`.
+//! bound anew, which diesel's `.first()` does on every run. Lookups by key use
+//! `.get_result()` (a key finds one row, no `LIMIT`): this test fails if one that the
+//! webhook path (new events of each kind, a redelivery) or a read by id runs goes back
+//! to `.first()`.
 //!
 //! It installs diesel's process-wide instrumentation, so this file holds one test.
+#![cfg(feature = "sqlite")]
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use serde_json::{Value, json};
 use stripe_mirror::webhooks::signature::sign;
 use stripe_mirror::webhooks::{Outcome, Webhooks};
-use stripe_mirror::{Config, Customer, Mirror, Secret, Subscription, WebhookRequest};
+use stripe_mirror::{
+    Config, Customer, Mirror, Price, Product, Secret, Subscription, WebhookRequest,
+};
 
 const SECRET: &str = "whsec_prepared";
 
 /// Every statement diesel ran whose text binds its `LIMIT`.
 static LIMITED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Every statement diesel ran: the recorder is attached.
+static SEEN: AtomicUsize = AtomicUsize::new(0);
 
 struct Recorder;
 
 impl Instrumentation for Recorder {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         if let InstrumentationEvent::StartQuery { query, .. } = event {
+            SEEN.fetch_add(1, Ordering::Relaxed);
             let text = query.to_string();
             if text.contains("LIMIT ?") {
                 LIMITED
@@ -107,6 +115,19 @@ async fn webhook_writes_and_key_lookups_bind_no_limit() {
         let answer = webhooks.receive(&mirror, delivery).await;
         assert_eq!(answer.outcome, Outcome::Processed, "delivery {i}");
     }
+    // A redelivery: the event is known and done.
+    let again = webhooks
+        .receive(
+            &mirror,
+            event(
+                "evt_p1",
+                "customer.created",
+                now - 10,
+                json!({"id": "cus_prep", "object": "customer"}),
+            ),
+        )
+        .await;
+    assert_eq!(again.outcome, Outcome::Duplicate);
     // Key lookups of the models a host reads most.
     let customer = Customer::by_subscriber(&mirror, "user-prep")
         .await
@@ -119,10 +140,18 @@ async fn webhook_writes_and_key_lookups_bind_no_limit() {
         .unwrap()
         .unwrap();
     assert_eq!(sub.customer_id.as_deref(), Some("cus_prep"));
+    assert!(Customer::get(&mirror, "cus_prep").await.unwrap().is_some());
+    let price = Price::get(&mirror, "price_prep").await.unwrap().unwrap();
+    assert!(price.product(&mirror).await.unwrap().is_some());
+    assert!(Product::get(&mirror, "prod_prep").await.unwrap().is_some());
 
     // The path ran (the access hook heard the subscription come and go), and bound no
     // `LIMIT` on the way.
     assert!(*seen.lock().unwrap() > 0, "the access hook ran");
+    assert!(
+        SEEN.load(Ordering::Relaxed) > 0,
+        "the recorder saw the statements"
+    );
     let limited = LIMITED.lock().unwrap().clone();
     assert!(
         limited.is_empty(),

@@ -35,7 +35,8 @@ trait Work: Send {
     fn fail(self: Box<Self>, message: String);
     /// What it locks first (an event id): a group runs its work in this order, so two
     /// groups holding the same event (a redelivery) lock in the same order and cannot
-    /// deadlock on it.
+    /// deadlock on it. Work that joins a running group (SQLite, [`run_group`]) runs after
+    /// it in arrival order: SQLite has one writer, which locks the whole database.
     fn key(&self) -> &str;
 }
 
@@ -231,7 +232,8 @@ const LINGER_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
 const STARVED_CHECKS: u32 = 3;
 
 /// A writer: takes what is queued, runs it in one transaction, commits, hands over.
-/// What arrives while it runs a group gathers into the next one. It keeps its
+/// What arrives while it runs a group gathers into the next one, or on SQLite joins
+/// this one while the syncer still flushes the groups before ([`run_group`]). It keeps its
 /// connection while work keeps coming, and gives it back after [`LINGER`] idle, within
 /// [`STARVED_CHECKS`] looks when the pool has no other connection to give, or when a
 /// group fails (a connection a server restart broke is not used again).
@@ -336,7 +338,8 @@ fn gather(
     Some(group)
 }
 
-/// The queue as a group that has committed sees it.
+/// The queue as a running group sees it: work that joins the group while the syncer is
+/// busy, and once the group committed, whether more is waiting.
 struct Queued<'a> {
     rx: &'a Mutex<mpsc::Receiver<Box<dyn Work>>>,
     /// Work taken from the queue: it starts the next group.
@@ -365,7 +368,10 @@ impl<'a> Queued<'a> {
 }
 
 /// Runs and commits a group on the held connection (taken from the pool when none is
-/// held); true when it committed.
+/// held); true when it committed. On SQLite, work queued while the syncer still
+/// flushes the groups before joins this one, up to [`MAX_BATCH`] in all: it shares the
+/// group's commit, its flush and its fate (a database error in any of its work, or a
+/// failed commit, fails them all).
 fn run_group(
     db: &Database,
     held: &mut Option<Writing>,
@@ -1371,19 +1377,6 @@ mod tests {
         .await
         .unwrap();
         wait_ran().await.unwrap().unwrap();
-        // A third group, queued once the first one's flush is in flight, starts while
-        // it is (on the old code its check waited for that flush, which never ends
-        // here).
-        let (go_c, go_c_rx) = mpsc::channel::<()>();
-        go_c.send(()).unwrap();
-        let third = db.write_batched("evt_c", work(ran_tx.clone(), go_c_rx));
-        let mut third = std::pin::pin!(third);
-        assert!(third.as_mut().now_or_never().is_none());
-        go_b.send(()).unwrap();
-        let started = wait_ran().await.unwrap();
-        // The third commits with nothing queued, the syncer still holding the first
-        // two: it goes to the syncer too, and the writer takes a fourth (a flush of
-        // its own would wait for the one in flight, and hold the writer with it).
         let committed = |n: i64| {
             db.run_blocking(move |conn| {
                 use diesel::RunQueryDsl;
@@ -1399,6 +1392,25 @@ mod tests {
             })
             .unwrap()
         };
+        // The second commits (nothing queued to join it) and goes to the syncer too.
+        go_b.send(()).unwrap();
+        let mut looks = 0;
+        while !committed(2) && looks < 1000 {
+            looks += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // A third group, queued once the first one's flush is in flight, starts while
+        // it is (on the old code its check waited for that flush, which never ends
+        // here).
+        let (go_c, go_c_rx) = mpsc::channel::<()>();
+        go_c.send(()).unwrap();
+        let third = db.write_batched("evt_c", work(ran_tx.clone(), go_c_rx));
+        let mut third = std::pin::pin!(third);
+        assert!(third.as_mut().now_or_never().is_none());
+        let started = wait_ran().await.unwrap();
+        // The third commits with nothing queued, the syncer still holding the first
+        // two: it goes to the syncer too, and the writer takes a fourth (a flush of
+        // its own would wait for the one in flight, and hold the writer with it).
         let mut looks = 0;
         while started.is_ok() && !committed(3) && looks < 1000 {
             looks += 1;
@@ -1626,6 +1638,109 @@ mod tests {
         }
     }
 
+    /// A joined write shares its group's fate: when it fails, the group is rolled back
+    /// and every caller hears it; the group takes at most [`MAX_BATCH`] writes in all.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_joined_write_fails_its_group_and_joining_stops_at_the_cap() {
+        use diesel::connection::SimpleConnection;
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _wal) = sqlite_db(&dir, "joined.db", 2);
+        let busy = || {
+            let (tx, rx) = mpsc::channel::<Synced>();
+            let syncer = Syncer {
+                tx,
+                pending: Arc::new(std::sync::atomic::AtomicUsize::new(1)),
+            };
+            (syncer, rx)
+        };
+        let insert = |key: &str, fails: bool| {
+            let (tx, rx) = oneshot::channel();
+            let work: Box<dyn Work> = Box::new(Pending {
+                f: move |conn: &mut Conn<'_>| -> Result<()> {
+                    crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+                    match fails {
+                        true => Err(Error::Config("this write fails".into())),
+                        false => Ok(()),
+                    }
+                },
+                tx,
+                key: key.into(),
+            });
+            (work, rx)
+        };
+        let rows = || {
+            db.run_blocking(|conn| {
+                use diesel::RunQueryDsl;
+                #[derive(diesel::QueryableByName)]
+                struct Count {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
+                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
+                })?;
+                Ok(rows[0].n)
+            })
+            .unwrap()
+        };
+        // The joined write fails: nothing is stored, each caller gets an error.
+        let (first, first_rx) = insert("evt_a", false);
+        let (joined, joined_rx) = insert("evt_b", true);
+        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
+        queue_tx.send(joined).unwrap();
+        let queue_rx = Mutex::new(queue_rx);
+        let (syncer, _handed) = busy();
+        let mut carried = Vec::new();
+        let queued = Queued {
+            rx: &queue_rx,
+            carried: &mut carried,
+        };
+        let mut held = None;
+        assert!(!run_group(
+            &db,
+            &mut held,
+            vec![first],
+            queued,
+            Some(&syncer),
+            None
+        ));
+        assert_eq!(rows(), 0, "rolled back");
+        let first = first_rx.blocking_recv().unwrap();
+        assert!(
+            matches!(&first, Err(Error::Commit { message }) if message.contains(ANOTHER_FAILED)),
+            "{first:?}"
+        );
+        let joined = joined_rx.blocking_recv().unwrap();
+        assert!(matches!(joined, Err(Error::Config(_))), "{joined:?}");
+        // A group one short of the cap takes one more; the rest stays queued.
+        let group: Vec<Box<dyn Work>> = (0..MAX_BATCH - 1)
+            .map(|_| Box::new(Keyed("evt_c")) as Box<dyn Work>)
+            .collect();
+        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
+        for _ in 0..3 {
+            queue_tx.send(Box::new(Keyed("evt_d"))).unwrap();
+        }
+        let queue_rx = Mutex::new(queue_rx);
+        let (syncer, handed) = busy();
+        let mut carried = Vec::new();
+        let queued = Queued {
+            rx: &queue_rx,
+            carried: &mut carried,
+        };
+        assert!(run_group(
+            &db,
+            &mut held,
+            group,
+            queued,
+            Some(&syncer),
+            None
+        ));
+        let handed = handed.try_recv().expect("handed over to the syncer");
+        let left = queue_rx.lock().unwrap().try_iter().count() + carried.len();
+        assert_eq!((handed.handovers.len(), left), (MAX_BATCH, 2));
+    }
+
     /// A syncer that is gone (it panicked) leaves the writer syncing its groups itself:
     /// each caller is still answered, after a sync.
     #[cfg(feature = "sqlite")]
@@ -1775,15 +1890,9 @@ mod tests {
         // Only now does B write: A's sync was asked for before B's pages existed.
         b_start.send(()).unwrap();
         signalled(b_ran).await;
-        // C is queued while B runs and joins B's group (the syncer is busy), which
-        // then goes to the syncer too, still in A's sync.
+        // C is queued while B runs and joins B's group (the syncer is busy): it runs in
+        // B's transaction, before B commits.
         assert!(c.as_mut().now_or_never().is_none(), "queued");
-        b_go.send(()).unwrap();
-        c_start.send(()).unwrap();
-        signalled(c_ran).await;
-        c_go.send(()).unwrap();
-        // Committed (A's row, B's and C's), then handed over at once: A's sync is
-        // still held, so the syncer is busy.
         let rows = || {
             db.run_blocking(|conn| {
                 use diesel::RunQueryDsl;
@@ -1799,6 +1908,17 @@ mod tests {
             })
             .unwrap()
         };
+        b_go.send(()).unwrap();
+        c_start.send(()).unwrap();
+        signalled(c_ran).await;
+        assert_eq!(
+            rows(),
+            1,
+            "C runs inside B's transaction, not after its commit"
+        );
+        // B's group commits and goes to the syncer, still held in A's sync. D, queued
+        // after that commit, runs only once the writer handed B's group over.
+        c_go.send(()).unwrap();
         let committed = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while rows() < 3 {
             assert!(
@@ -1807,17 +1927,27 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (d, d_start, d_ran, d_go) = gated("evt_d");
+        let mut d = Box::pin(d);
+        assert!(d.as_mut().now_or_never().is_none(), "queued");
+        d_start.send(()).unwrap();
+        signalled(d_ran).await;
         drop(held_back);
         let a_ran_at = a.await.unwrap();
         let b_ran_at = b.await.unwrap();
+        let c_ran_at = c.await.unwrap();
         let answered = std::time::Instant::now();
         assert!(flushed_between(&wal, a_ran_at, answered));
         assert!(
             flushed_between(&wal, b_ran_at, answered),
             "B was answered with the flush asked for before it wrote"
         );
-        c.await.unwrap();
+        assert!(
+            flushed_between(&wal, c_ran_at, answered),
+            "C, joined to B's group, was answered before a flush of its own"
+        );
+        d_go.send(()).unwrap();
+        d.await.unwrap();
     }
 
     /// The writer's connection goes back to the pool with the `synchronous` level it

@@ -80,10 +80,8 @@ pub(crate) fn plan(event: &Event) -> Result<Plan<'_>> {
     // Not an object (a fake's odd answer to a re-fetch): the mapping below refuses it.
     if deleted
         && table.final_tombstones
-        && let Some(fields) = object
-            .is_object()
-            .then(|| object.to_mut())
-            .and_then(Value::as_object_mut)
+        && object.is_object()
+        && let Some(fields) = object.to_mut().as_object_mut()
     {
         fields.insert("deleted".to_owned(), json!(true));
     }
