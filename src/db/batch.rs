@@ -929,12 +929,25 @@ fn checkpoint(
             &mut conn.insert((wal.to_owned(), c)).1
         }
     };
-    c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
-        .map_err(|e| match e.to_string() {
-            io if io.contains("I/O error") => Checkpoint::Io(io),
-            message => Checkpoint::Other(message),
-        })
+    let copied = c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)");
+    // SQLite's own words for `SQLITE_IOERR`, as a failing disk would give them.
+    #[cfg(test)]
+    let copied = match FAIL_CHECKPOINT.lock().unwrap().as_deref() == Some(wal) {
+        true => Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new("disk I/O error".to_owned()),
+        )),
+        false => copied,
+    };
+    copied.map_err(|e| match e.to_string() {
+        io if io.contains("I/O error") => Checkpoint::Io(io),
+        message => Checkpoint::Other(message),
+    })
 }
+
+/// A WAL whose checkpoints fail as if the disk did (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+static FAIL_CHECKPOINT: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
 /// The WAL files the checkpointer copied (for the tests).
 #[cfg(all(test, feature = "sqlite"))]
@@ -1569,6 +1582,42 @@ mod tests {
         assert!(
             !copied.contains(&failed),
             "a WAL whose flush failed was copied into the database"
+        );
+    }
+
+    /// A checkpoint that meets an I/O error is a failed flush: the WAL is recorded as
+    /// failed (its copy is not trusted, nor a later sync on a new handle), the writer
+    /// writes nothing more on it, and the checkpointer leaves the writer its own
+    /// checkpoints.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_that_meets_an_io_error_fails_later_writes() {
+        use diesel::connection::SimpleConnection;
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = sqlite_db(&dir, "eio.db", 2);
+        let insert = |conn: &mut Conn<'_>| -> Result<()> {
+            crate::db::on_conn!(conn, c => c.batch_execute("INSERT INTO t VALUES (1)"))?;
+            Ok(())
+        };
+        db.write_batched("evt_a", insert).await.unwrap();
+        *FAIL_CHECKPOINT.lock().unwrap() = Some(wal.clone());
+        let checkpointer = start_checkpointer().unwrap();
+        checkpointer.tx.send(wal.clone()).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while checkpointer.working() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        *FAIL_CHECKPOINT.lock().unwrap() = None;
+        assert!(!checkpointer.working(), "it kept checkpointing");
+        assert!(!CHECKPOINTS.lock().unwrap().contains(&wal));
+        assert!(
+            FAILED_WALS.lock().unwrap().contains(&wal),
+            "the WAL was not recorded as failed"
+        );
+        let refused = db.write_batched("evt_b", insert).await;
+        assert!(
+            matches!(&refused, Err(Error::Commit { .. })),
+            "a write went on after the failed checkpoint: {refused:?}"
         );
     }
 
