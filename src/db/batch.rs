@@ -1152,6 +1152,24 @@ mod tests {
         }
     }
 
+    /// The rows committed in a test database's table `t` (read on a pooled connection).
+    #[cfg(feature = "sqlite")]
+    fn rows_in_t(db: &Database) -> i64 {
+        db.run_blocking(|conn| {
+            use diesel::RunQueryDsl;
+            #[derive(diesel::QueryableByName)]
+            struct Count {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
+                diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
+            })?;
+            Ok(rows[0].n)
+        })
+        .unwrap()
+    }
+
     /// A new SQLite database in `dir` (a pool of `size`) with a table `t (x)`, and its
     /// WAL's path, named by the directory's real path as SQLite names its files.
     #[cfg(feature = "sqlite")]
@@ -1390,21 +1408,7 @@ mod tests {
         .await
         .unwrap();
         wait_ran().await.unwrap().unwrap();
-        let committed = |n: i64| {
-            db.run_blocking(move |conn| {
-                use diesel::RunQueryDsl;
-                #[derive(diesel::QueryableByName)]
-                struct Count {
-                    #[diesel(sql_type = diesel::sql_types::BigInt)]
-                    n: i64,
-                }
-                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
-                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
-                })?;
-                Ok(rows[0].n >= n)
-            })
-            .unwrap()
-        };
+        let committed = |n: i64| rows_in_t(&db) >= n;
         // The second commits (nothing queued to join it) and goes to the syncer too.
         go_b.send(()).unwrap();
         let mut looks = 0;
@@ -1718,21 +1722,7 @@ mod tests {
             });
             (work, rx)
         };
-        let rows = || {
-            db.run_blocking(|conn| {
-                use diesel::RunQueryDsl;
-                #[derive(diesel::QueryableByName)]
-                struct Count {
-                    #[diesel(sql_type = diesel::sql_types::BigInt)]
-                    n: i64,
-                }
-                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
-                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
-                })?;
-                Ok(rows[0].n)
-            })
-            .unwrap()
-        };
+        let rows = || rows_in_t(&db);
         // The joined write fails: nothing is stored, each caller gets an error.
         let (first, first_rx) = insert("evt_a", false);
         let (joined, joined_rx) = insert("evt_b", true);
@@ -1942,21 +1932,7 @@ mod tests {
         // C is queued while B runs and joins B's group (the syncer is busy): it runs in
         // B's transaction, before B commits.
         assert!(c.as_mut().now_or_never().is_none(), "queued");
-        let rows = || {
-            db.run_blocking(|conn| {
-                use diesel::RunQueryDsl;
-                #[derive(diesel::QueryableByName)]
-                struct Count {
-                    #[diesel(sql_type = diesel::sql_types::BigInt)]
-                    n: i64,
-                }
-                let rows: Vec<Count> = crate::db::on_conn!(conn, c => {
-                    diesel::sql_query("SELECT COUNT(*) AS n FROM t").load(c)
-                })?;
-                Ok(rows[0].n)
-            })
-            .unwrap()
-        };
+        let rows = || rows_in_t(&db);
         b_go.send(()).unwrap();
         c_start.send(()).unwrap();
         signalled(c_ran).await;
