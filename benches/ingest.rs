@@ -9,7 +9,8 @@
 //!   and with one no-op handler, over a corpus of distinct signed events built from
 //!   Stripe's example objects (customers, products, prices, subscriptions, invoices);
 //!   events/s, p50 and p99 latency, and the ratio to the one-client floor;
-//! - statements and commits per event, counted by diesel's instrumentation.
+//! - statements and commits per event, counted by diesel's instrumentation;
+//! - the disk's own flush: `fdatasync` after 1, 12 and 32 pages written.
 //!
 //! Prints one JSON object per measurement (`scripts/bench.sh` turns them into
 //! benches/README.md). Run: `cargo bench --all-features --bench ingest [-- EVENTS]`.
@@ -310,6 +311,41 @@ fn floor(backend: &str, admin: Option<&str>, body: &str, clients: usize, n: usiz
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The disk's own cost of a durable write of `pages` 4 KiB pages: `pwrite` each into a
+/// file where SQLite's files go (overwriting, as a WAL reused after a checkpoint does),
+/// then `fdatasync`; the median of `n` rounds, in µs. A delivery writes about 12 pages to
+/// the floor's one or two (the event, its delivery, the object, their indexes), and on
+/// this kind of disk the flush grows with every page: this is what sets both floors.
+fn flush_us(pages: usize, n: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("flush"))
+        .unwrap();
+    let page = vec![0x5a_u8; 4096];
+    // Allocated and on disk first: the rounds overwrite, as a reused WAL does.
+    for i in 0..pages {
+        file.write_all_at(&page, (i * 4096) as u64).unwrap();
+    }
+    file.sync_all().unwrap();
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            for i in 0..pages {
+                file.write_all_at(&page, (i * 4096) as u64).unwrap();
+            }
+            file.sync_data().unwrap();
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[n / 2]
+}
+
 /// Before a timed run on Postgres: a `CHECKPOINT`, so that no run pays for the pages
 /// the one before it left dirty (the server's own checkpoint would write them during
 /// the next run, whichever it is). The floors and the ingest runs all start so.
@@ -544,6 +580,12 @@ fn main() {
         }
         return;
     }
+    // The disk under both floors: a flush of 1, 12 and 32 pages.
+    let flush: Vec<(usize, f64)> = [1, 12, 32].iter().map(|&p| (p, flush_us(p, 300))).collect();
+    println!(
+        "{}",
+        json!({"disk_flush_us": flush.iter().map(|(p, us)| (p.to_string(), json!(us))).collect::<serde_json::Map<_, _>>()})
+    );
     let (http1, http1_p50) = http_floor(&rt, &corpus, 1);
     let (http8, http8_p50) = http_floor(&rt, &corpus, 8);
     println!(

@@ -623,8 +623,9 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// page atomically (all of it or none), never overwrites fresher data, and reports
 /// progress once each page is on disk. Pages go through the mirror's group-commit
 /// writer, so they may share a transaction with webhook deliveries; on SQLite the next
-/// pages are written while the last ones are synced to disk. After an error, pages
-/// already queued may still be written: run the backfill again, it is idempotent.
+/// pages are written while the last ones are synced to disk. An error is answered once
+/// the pages already queued are on disk (or failed), so nothing is written after it;
+/// the backfill is idempotent: run it again.
 ///
 /// With [`SyncOptions::remove_missing`] it also tombstones what Stripe deleted while
 /// its webhooks were missed.
@@ -708,136 +709,153 @@ pub async fn sync_all(
                 done,
             });
         };
-        while let Some(mut fetching) = next.take() {
-            let answer = (&mut fetching.0)
-                .await
-                .map_err(|source| Error::Task { source })??;
-            let page = ListPage::of(answer);
-            began.get_or_insert(page.at);
-            let stamp = Stamp::fetched(page.at);
-            // A page that is not a list, or says there is more without a last id to ask
-            // after, is an error: ending there would report a partial backfill as whole.
-            let list = |problem| Error::mapping("list", table.kind, "data", problem);
-            let Some(items) = page.items else {
-                return Err(list("is not an array (not a list page)"));
-            };
-            if let Some(after) = crate::stripe::next_after(
-                &items,
-                page.has_more,
-                asked_after.as_deref(),
-                table.kind,
-            )? {
-                asked_after = Some(after.clone());
-                next = Some(AbortOnDrop(fetch(Some(after), pass)));
-            } else if pass + 1 < lists.len() {
-                (asked_after, pass) = (None, pass + 1);
-                next = Some(AbortOnDrop(fetch(None, pass)));
-            }
-            // Mapped while the next page is fetched and the pages before are written,
-            // off the runtime's workers.
-            let mapping = {
-                let (stamp, nul) = (stamp.clone(), page.nul);
-                tokio::task::spawn_blocking(move || {
-                    let rows = ListPage::rows(table, &items, &stamp, nul);
-                    (items, rows)
-                })
-            };
-            // Through the group-commit writer: on SQLite its commit does not wait for the
-            // disk, which the writer syncs while it runs the next page, as it does for
-            // webhook deliveries; a page's sync takes about as long as its statements,
-            // so `SQLITE_PAGES_IN_FLIGHT` pages may be queued at once. On Postgres one
-            // page at a time: its writers commit side by side, and two pages in flight
-            // would hold each other's rows (a price listed by both passes, their
-            // subscribers' access rows) past the writers' lock wait.
-            let in_flight = match mirror.db().backend() {
-                crate::db::Backend::Sqlite => SQLITE_PAGES_IN_FLIGHT,
-                _ => 1,
-            };
-            while writing.len() >= in_flight
-                && let Some(mut oldest) = writing.pop_front()
-            {
-                let written = oldest.wait().await?;
-                settle(oldest, written);
-            }
-            let (mut items, mut rows) = mapping.await.map_err(|source| Error::Task { source })?;
-            // Listed again (archived between the two lists, or by a server that ignores
-            // `active`): written again, the guard keeping the fresher, but counted once.
-            let repeated = items
-                .iter()
-                .filter_map(|item| item.get("id").and_then(Value::as_str))
-                .filter(|id| overlapping && !listed_before.insert((*id).to_owned()))
-                .count();
-            // Objects listed in part (a subscription's items past the first 10) are
-            // completed before the page is written; one that cannot be is written as
-            // listed, flagged for `reconcile`, and reported.
-            let mut page = PageWrite {
-                repeated,
-                ..PageWrite::default()
-            };
-            let mut stop = None;
-            for (item, row) in items.iter_mut().zip(rows.iter_mut()) {
-                if !table.is_partial(item) {
-                    continue;
+        // A page's write that failed: its error comes before any later step's.
+        let mut failed: Option<Error> = None;
+        let looped = async {
+            while let Some(mut fetching) = next.take() {
+                let answer = (&mut fetching.0)
+                    .await
+                    .map_err(|source| Error::Task { source })??;
+                let page = ListPage::of(answer);
+                began.get_or_insert(page.at);
+                let stamp = Stamp::fetched(page.at);
+                // A page that is not a list, or says there is more without a last id to ask
+                // after, is an error: ending there would report a partial backfill as whole.
+                let list = |problem| Error::mapping("list", table.kind, "data", problem);
+                let Some(items) = page.items else {
+                    return Err(list("is not an array (not a list page)"));
+                };
+                if let Some(after) = crate::stripe::next_after(
+                    &items,
+                    page.has_more,
+                    asked_after.as_deref(),
+                    table.kind,
+                )? {
+                    asked_after = Some(after.clone());
+                    next = Some(AbortOnDrop(fetch(Some(after), pass)));
+                } else if pass + 1 < lists.len() {
+                    (asked_after, pass) = (None, pass + 1);
+                    next = Some(AbortOnDrop(fetch(None, pass)));
                 }
-                let completed = complete(&client, table, item).await;
-                // Mapped again as it now is, completed or not.
-                *row = table.row(item, stamp.clone(), None);
-                if let Err(err) = completed.map_err(crate::stripe::changed_while_read) {
-                    if options.fail_fast {
-                        stop = Some(err);
-                        break;
+                // Mapped while the next page is fetched and the pages before are written,
+                // off the runtime's workers.
+                let mapping = {
+                    let (stamp, nul) = (stamp.clone(), page.nul);
+                    tokio::task::spawn_blocking(move || {
+                        let rows = ListPage::rows(table, &items, &stamp, nul);
+                        (items, rows)
+                    })
+                };
+                // Through the group-commit writer: on SQLite its commit does not wait for the
+                // disk, which the writer syncs while it runs the next page, as it does for
+                // webhook deliveries; a page's sync takes about as long as its statements,
+                // so `SQLITE_PAGES_IN_FLIGHT` pages may be queued at once. On Postgres one
+                // page at a time: its writers commit side by side, and two pages in flight
+                // would hold each other's rows (a price listed by both passes, their
+                // subscribers' access rows) past the writers' lock wait.
+                let in_flight = match mirror.db().backend() {
+                    crate::db::Backend::Sqlite => SQLITE_PAGES_IN_FLIGHT,
+                    _ => 1,
+                };
+                while writing.len() >= in_flight
+                    && let Some(mut oldest) = writing.pop_front()
+                {
+                    match oldest.wait().await {
+                        Ok(written) => settle(oldest, written),
+                        Err(err) => {
+                            failed = Some(err);
+                            return Ok(());
+                        }
                     }
-                    let id = item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
-                    page.incomplete.push(SyncFailure {
-                        object: table.kind,
-                        id: id.to_owned(),
-                        error: format!("mirrored in part, flagged for reconcile: {err}"),
-                    });
                 }
-            }
-            // Objects that map to no row: reported and left out, or with `fail_fast` the
-            // end of the backfill (the page is not written).
-            if stop.is_none() && options.fail_fast {
-                stop = rows
+                let (mut items, mut rows) =
+                    mapping.await.map_err(|source| Error::Task { source })?;
+                // Listed again (archived between the two lists, or by a server that ignores
+                // `active`): written again, the guard keeping the fresher, but counted once.
+                let repeated = items
                     .iter()
-                    .position(Result::is_err)
-                    .and_then(|i| rows.swap_remove(i).err());
-            }
-            for (item, row) in items.iter().zip(&rows) {
-                if let Err(err) = row {
-                    page.failures.push(SyncFailure {
-                        object: table.kind,
-                        id: item
-                            .get("id")
-                            .and_then(Value::as_str)
-                            .unwrap_or("<no id>")
-                            .to_owned(),
-                        error: err.to_string(),
-                    });
+                    .filter_map(|item| item.get("id").and_then(Value::as_str))
+                    .filter(|id| overlapping && !listed_before.insert((*id).to_owned()))
+                    .count();
+                // Objects listed in part (a subscription's items past the first 10) are
+                // completed before the page is written; one that cannot be is written as
+                // listed, flagged for `reconcile`, and reported.
+                let mut page = PageWrite {
+                    repeated,
+                    ..PageWrite::default()
+                };
+                let mut stop = None;
+                for (item, row) in items.iter_mut().zip(rows.iter_mut()) {
+                    if !table.is_partial(item) {
+                        continue;
+                    }
+                    let completed = complete(&client, table, item).await;
+                    // Mapped again as it now is, completed or not.
+                    *row = table.row(item, stamp.clone(), None);
+                    if let Err(err) = completed.map_err(crate::stripe::changed_while_read) {
+                        if options.fail_fast {
+                            stop = Some(err);
+                            break;
+                        }
+                        let id = item.get("id").and_then(Value::as_str).unwrap_or("<no id>");
+                        page.incomplete.push(SyncFailure {
+                            object: table.kind,
+                            id: id.to_owned(),
+                            error: format!("mirrored in part, flagged for reconcile: {err}"),
+                        });
+                    }
                 }
-            }
-            if let Some(err) = stop {
-                // The pages before are written (or their error is the one to report).
-                while let Some(mut before) = writing.pop_front() {
-                    let written = before.wait().await?;
-                    settle(before, written);
+                // Objects that map to no row: reported and left out, or with `fail_fast` the
+                // end of the backfill (the page is not written).
+                if stop.is_none() && options.fail_fast {
+                    stop = rows
+                        .iter()
+                        .position(Result::is_err)
+                        .and_then(|i| rows.swap_remove(i).err());
                 }
-                return Err(err);
+                for (item, row) in items.iter().zip(&rows) {
+                    if let Err(err) = row {
+                        page.failures.push(SyncFailure {
+                            object: table.kind,
+                            id: item
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .unwrap_or("<no id>")
+                                .to_owned(),
+                            error: err.to_string(),
+                        });
+                    }
+                }
+                if let Some(err) = stop {
+                    return Err(err);
+                }
+                other_mode |= items
+                    .iter()
+                    .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
+                let objects = Arc::new((items, rows));
+                page.write = Some(AbortOnDrop(tokio::spawn(write_page(
+                    mirror.db().clone(),
+                    table,
+                    objects,
+                ))));
+                writing.push_back(page);
             }
-            other_mode |= items
-                .iter()
-                .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
-            let objects = Arc::new((items, rows));
-            page.write = Some(AbortOnDrop(tokio::spawn(write_page(
-                mirror.db().clone(),
-                table,
-                objects,
-            ))));
-            writing.push_back(page);
+            Ok::<(), Error>(())
         }
+        .await;
+        // Every page queued is on disk, or failed, before the backfill answers, even
+        // with an error: nothing is written after it, and an earlier page's failure is
+        // not hidden by a later step's.
         while let Some(mut oldest) = writing.pop_front() {
-            let written = oldest.wait().await?;
-            settle(oldest, written);
+            match oldest.wait().await {
+                Ok(written) => settle(oldest, written),
+                Err(err) => {
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        if let Some(err) = failed.or(looped.err()) {
+            return Err(err);
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
         if let Some(began) = began.filter(|_| held > 0) {
@@ -992,6 +1010,14 @@ mod backfill_pages {
     /// Serves `/v1/customers` as pages of one customer each (`cus_1` to `cus_{n}`),
     /// recording the `starting_after` of each request; anything else is a 404.
     async fn stub(n: usize) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        stub_failing(n, None).await
+    }
+
+    /// As [`stub`], with page `bad` (counted from 1) not a list.
+    async fn stub_failing(
+        n: usize,
+        bad: Option<usize>,
+    ) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
         let asked = Arc::new(Mutex::new(Vec::new()));
         let log = asked.clone();
         let app = axum::Router::new().route(
@@ -1003,10 +1029,15 @@ mod backfill_pages {
                     let i = after
                         .and_then(|a| a.trim_start_matches("cus_").parse::<usize>().ok())
                         .map_or(1, |i| i + 1);
+                    let data = match Some(i) == bad {
+                        true => serde_json::json!("not a list"),
+                        false => serde_json::json!([{"id": format!("cus_{i}"),
+                            "object": "customer", "livemode": false,
+                            "created": 1_700_000_000, "metadata": {}}]),
+                    };
                     axum::Json(serde_json::json!({
                         "object": "list", "url": "/v1/customers", "has_more": i < n,
-                        "data": [{"id": format!("cus_{i}"), "object": "customer",
-                            "livemode": false, "created": 1_700_000_000, "metadata": {}}],
+                        "data": data,
                     }))
                 },
             ),
@@ -1095,8 +1126,17 @@ mod backfill_pages {
     /// A backfill of `n` pages of one customer each, begun while other work holds the
     /// writer; back once it asked for `asked_for` pages, or after 10 s.
     async fn backfill_behind_held_writer(n: usize, asked_for: usize) -> HeldBackfill {
+        backfill_behind_held_writer_failing(n, None, asked_for).await
+    }
+
+    /// As [`backfill_behind_held_writer`], with page `bad` not a list.
+    async fn backfill_behind_held_writer_failing(
+        n: usize,
+        bad: Option<usize>,
+        asked_for: usize,
+    ) -> HeldBackfill {
         let dir = tempfile::tempdir().unwrap();
-        let (base, asked) = stub(n).await;
+        let (base, asked) = stub_failing(n, bad).await;
         let (mirror, _) = mirror(&dir, base).await;
         let (go, held) = std::sync::mpsc::channel::<()>();
         let (running, started) = std::sync::mpsc::channel::<()>();
@@ -1168,6 +1208,33 @@ mod backfill_pages {
         all_mirrored(n, &held.mirror, &report).await;
     }
 
+    /// An error is answered only once the pages queued before it are on disk: none is
+    /// written after `sync_all` returned. Here the third page is not a list while the
+    /// first two wait behind the held writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_error_is_answered_once_the_queued_pages_are_written() {
+        let held = backfill_behind_held_writer_failing(3, Some(3), 3).await;
+        assert_eq!(held.pages.len(), 3, "the backfill stalled");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !held.backfill.is_finished(),
+            "the backfill answered while its pages were still queued"
+        );
+        held.go.send(()).unwrap();
+        held.hold.await.unwrap().unwrap();
+        let err = held.backfill.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("not an array"), "{err}");
+        for id in ["cus_1", "cus_2"] {
+            assert!(
+                crate::Customer::get(&held.mirror, id)
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{id}, queued before the error, was not written when it was answered"
+            );
+        }
+    }
+
     /// A page that shares its group with a write that fails (a webhook delivery's) is
     /// rolled back with it, and written again: the backfill does not fail for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1202,6 +1269,20 @@ mod backfill_pages {
     async fn a_backfill_whose_pages_cannot_be_synced_fails() {
         let dir = tempfile::tempdir().unwrap();
         let (base, _) = stub(2).await;
+        let (mirror, wal) = mirror(&dir, base).await;
+        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = Some(wal);
+        let failed = sync_all(&mirror, &customers(), |_| {}).await;
+        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = None;
+        let err = failed.expect_err("a backfill whose sync failed reported success");
+        assert!(err.to_string().contains("could not be synced"), "{err}");
+    }
+
+    /// A page that failed is the error answered, not a later page's: here the first
+    /// page's sync fails while the third is not a list.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_earlier_page_failure_is_not_hidden_by_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = stub_failing(3, Some(3)).await;
         let (mirror, wal) = mirror(&dir, base).await;
         *crate::db::batch::FAIL_FLUSH.lock().unwrap() = Some(wal);
         let failed = sync_all(&mirror, &customers(), |_| {}).await;
