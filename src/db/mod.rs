@@ -8,6 +8,8 @@
 //! which keeps this a thin enum rather than a generic maze of trait bounds.
 
 pub(crate) mod batch;
+#[cfg(feature = "sqlite")]
+pub(crate) mod received;
 pub mod schema;
 pub(crate) mod statement;
 
@@ -824,6 +826,38 @@ mod tests {
         );
         c.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
         assert_eq!(t(&mut c, rows), "2,3,4");
+    }
+
+    /// The "received by rowid" migration drops SQLite's two indexes on `received_at`
+    /// (the prune and `reconcile` find their rows by rowid, `db::received`), and its
+    /// revert puts them back.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_received_by_rowid_migration_drops_two_indexes_and_reverts() {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            t: String,
+        }
+        let indexes = |c: &mut SqliteConnection| -> Vec<String> {
+            diesel::sql_query(
+                "SELECT name AS t FROM sqlite_master WHERE type = 'index' AND sql LIKE '%received_at%' ORDER BY name",
+            )
+            .load::<T>(c)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.t)
+            .collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, next) = sqlite_before(&dir, "_received_by_rowid");
+        let both = ["idx_deliveries_received_at", "idx_events_received_at"];
+        assert_eq!(indexes(&mut c), both);
+        c.run_migration(next.as_ref()).unwrap();
+        assert!(indexes(&mut c).is_empty(), "{:?}", indexes(&mut c));
+        c.revert_last_migration(SQLITE_MIGRATIONS).unwrap();
+        assert_eq!(indexes(&mut c), both);
     }
 
     /// The "subscriber in metadata" migration fills its column from each customer's

@@ -36,6 +36,11 @@ pub struct PruneReport {
 /// - deliveries, except those of an event that is kept, so a failed event keeps the
 ///   requests that brought it.
 ///
+/// On SQLite the rows are found by their rowid, which grows with the time they were
+/// received (it keeps an index off every delivery's commit, `db::received`): a row
+/// received out of order, after a step back of the host's clock, may wait for a later
+/// prune. Nothing received after the cut-off is ever removed.
+///
 /// The mirrored objects are never touched. Idempotency holds for as long as an event
 /// is kept: Stripe retries an event for up to three days, so an age below
 /// [`MIN_AGE`] is refused with [`Error::Config`](crate::Error::Config) (a redelivery
@@ -66,16 +71,34 @@ pub async fn prune(mirror: &Mirror, older_than: Duration) -> Result<PruneReport>
         .db()
         .run(move |conn| {
             conn.write(|conn| {
-                // `cutoff` is a number and the status a constant: nothing to bind.
+                // On SQLite, where the rows received before the cut-off end: found by
+                // rowid, with no index on `received_at` there (`db::received`). A row
+                // received out of order past that point waits for the next prune.
+                let (events_end, deliveries_end) = match conn {
+                    #[cfg(feature = "sqlite")]
+                    crate::db::Conn::Sqlite(c) => {
+                        use crate::db::received::{Log, first_received_since};
+                        let events = first_received_since(c, Log::Events, cutoff)?;
+                        let deliveries = first_received_since(c, Log::Deliveries, cutoff)?;
+                        (
+                            format!(" AND rowid < {events}"),
+                            format!(" AND id < {deliveries}"),
+                        )
+                    }
+                    #[allow(unreachable_patterns)]
+                    _ => (String::new(), String::new()),
+                };
+                // `cutoff` and the ends are numbers and the status a constant: nothing
+                // to bind.
                 let events = format!(
-                    "DELETE FROM stripe_events WHERE status = '{}' AND received_at < {cutoff}",
+                    "DELETE FROM stripe_events WHERE status = '{}' AND received_at < {cutoff}{events_end}",
                     status::PROCESSED
                 );
                 // `NOT EXISTS`, not `NOT IN`: Postgres cannot turn `NOT IN` into an
                 // anti-join, and past its hash memory it scans the events once per
                 // delivery.
                 let deliveries = format!(
-                    "DELETE FROM stripe_webhook_deliveries WHERE received_at < {cutoff} \
+                    "DELETE FROM stripe_webhook_deliveries WHERE received_at < {cutoff}{deliveries_end} \
                      AND (event_id IS NULL OR NOT EXISTS \
                      (SELECT 1 FROM stripe_events e WHERE e.id = stripe_webhook_deliveries.event_id))"
                 );
