@@ -311,33 +311,29 @@ fn floor(backend: &str, admin: Option<&str>, body: &str, clients: usize, n: usiz
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The disk's own cost of a durable write of `pages` 4 KiB pages: `pwrite` each into a
-/// file where SQLite's files go (overwriting, as a WAL reused after a checkpoint does),
-/// then `fdatasync`; the median of `n` rounds, in µs. A delivery writes about 12 pages to
-/// the floor's one or two (the event, its delivery, the object, their indexes), and on
-/// this kind of disk the flush grows with every page: this is what sets both floors.
+/// The disk's own cost of a durable write of `pages` 4 KiB pages: written over a file
+/// where SQLite's files go (overwriting, as a WAL reused after a checkpoint does), then
+/// `fdatasync`; the median of `n` rounds, in µs. A delivery writes about 10 pages to the
+/// floor's one or two (the event, its delivery, the object, their indexes), and on this
+/// kind of disk the flush grows with every page.
 fn flush_us(pages: usize, n: usize) -> f64 {
-    use std::os::unix::fs::FileExt;
+    use std::io::{Seek, Write};
     let dir = tempfile::tempdir().unwrap();
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("flush"))
-        .unwrap();
+    let mut file = std::fs::File::create(dir.path().join("flush")).unwrap();
     let page = vec![0x5a_u8; 4096];
+    let write = |file: &mut std::fs::File| {
+        file.rewind().unwrap();
+        for _ in 0..pages {
+            file.write_all(&page).unwrap();
+        }
+    };
     // Allocated and on disk first: the rounds overwrite, as a reused WAL does.
-    for i in 0..pages {
-        file.write_all_at(&page, (i * 4096) as u64).unwrap();
-    }
+    write(&mut file);
     file.sync_all().unwrap();
     let mut times: Vec<f64> = (0..n)
         .map(|_| {
             let start = Instant::now();
-            for i in 0..pages {
-                file.write_all_at(&page, (i * 4096) as u64).unwrap();
-            }
+            write(&mut file);
             file.sync_data().unwrap();
             start.elapsed().as_secs_f64() * 1e6
         })

@@ -977,9 +977,24 @@ type FlushStarted = Option<(std::path::PathBuf, mpsc::Sender<()>)>;
 #[cfg(all(test, feature = "sqlite"))]
 static FLUSH_STARTED: Mutex<FlushStarted> = Mutex::new(None);
 
-/// A WAL whose flushes fail as if the disk did (for the tests).
+/// The WALs whose flushes fail as if the disk did (for the tests; each test adds its
+/// own and takes it out, as tests run side by side in one process under `cargo test`).
 #[cfg(all(test, feature = "sqlite"))]
-pub(crate) static FAIL_FLUSH: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+pub(crate) static FAIL_FLUSH: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Makes the flushes of `wal` fail until the guard is dropped (for the tests).
+#[cfg(all(test, feature = "sqlite"))]
+pub(crate) fn fail_flush(wal: &std::path::Path) -> impl Drop {
+    struct Failing(std::path::PathBuf);
+    impl Drop for Failing {
+        fn drop(&mut self) {
+            let mut failing = FAIL_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+            failing.retain(|p| *p != self.0);
+        }
+    }
+    FAIL_FLUSH.lock().unwrap().push(wal.to_owned());
+    Failing(wal.to_owned())
+}
 
 /// The WAL files a flush failed for. The failed writeback's pages may be dropped, so a
 /// later flush could succeed over commits that never reached the disk (and SQLite's
@@ -1108,7 +1123,7 @@ impl Wal {
         #[cfg(test)]
         let _in_flight = held.then(|| FLUSH_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()));
         #[cfg(test)]
-        let flushed = match FAIL_FLUSH.lock().unwrap().as_deref() == Some(&*self.path) {
+        let flushed = match FAIL_FLUSH.lock().unwrap().contains(&self.path) {
             true => Err(std::io::Error::from_raw_os_error(5)),
             false => self.file.sync_data(),
         };
@@ -1474,9 +1489,9 @@ mod tests {
             Ok(())
         };
         db.write_batched("evt_a", insert).await.unwrap();
-        *FAIL_FLUSH.lock().unwrap() = Some(wal.clone());
+        let failing = fail_flush(&wal);
         let failed = db.write_batched("evt_b", insert).await.unwrap_err();
-        *FAIL_FLUSH.lock().unwrap() = None;
+        drop(failing);
         assert!(
             failed.to_string().contains("could not be synced"),
             "{failed}"

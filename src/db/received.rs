@@ -1,14 +1,11 @@
-//! Rows by when they were received, on SQLite, without an index on `received_at`.
-//!
-//! The event log and the delivery log are appended as deliveries arrive, and SQLite
-//! gives each new row the next rowid: `received_at` grows with the rowid, up to the
-//! order within one group commit (the same second) or a step back of the host's clock.
-//! An index on it cost every delivery one page per table in its commit, and a commit's
-//! time on disk grows with each page it writes. The daily prune and `reconcile` find
-//! where their time range begins by a binary search over the rowid instead: a few
-//! lookups by key. Their statements still test `received_at` itself, so a row out of
-//! order is never taken outside the range, only found by a later run. Postgres keeps
-//! its indexes (its tables have no rowid, and its commits are not bound by pages).
+//! Where the rows received before a time end, on SQLite, without an index on
+//! `received_at` (each cost every delivery one more page in its commit, and a commit's
+//! flush grows with each page). The event and delivery logs are appended as deliveries
+//! arrive and SQLite gives each new row the next rowid, so `received_at` grows with the
+//! rowid: `prune` finds its range by a binary search over the rowid, and still tests
+//! `received_at` itself, so a row out of order (the host's clock stepped back) is only
+//! left for a later prune. A rebuild of either table must keep its rows' rowid order.
+//! Postgres keeps its indexes.
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
@@ -49,7 +46,7 @@ struct Bounds {
 
 /// The rowid from which `log`'s rows were received at or after `at`: rows below it
 /// were received before (as far as the search saw), rows from it on at or after.
-/// One past the last row when none was received since `at`.
+/// One past the last row when none was received since `at`; 0 for an empty log.
 pub(crate) fn first_received_since(
     conn: &mut SqliteConnection,
     log: Log,

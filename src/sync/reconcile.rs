@@ -143,27 +143,13 @@ fn local_suspects(
         .collect();
         wanted.extend(ids.into_iter().map(|id| (table.kind, id)));
     }
-    // On SQLite, where the events received since `from` begin: found by rowid, with no
-    // index on `received_at` there (`db::received`), a day early for events received
-    // out of order (a step back of the host's clock).
-    let begin = match conn {
-        #[cfg(feature = "sqlite")]
-        Conn::Sqlite(c) => {
-            use crate::db::received::{Log, first_received_since};
-            let day_early = from.saturating_sub(24 * 3600);
-            format!(
-                "rowid >= {}",
-                first_received_since(c, Log::Events, day_early)?
-            )
-        }
-        #[allow(unreachable_patterns)]
-        _ => "TRUE".to_owned(),
-    };
+    // On SQLite this reads the whole event log (no index on `received_at` there,
+    // `db::received`): a search by rowid could miss events received before a step back
+    // of the host's clock, and `reconcile` is the mirror's safety net.
     let unsynced: Vec<String> = on_conn!(conn, c => stripe_events::table
         .filter(stripe_events::synced.eq(false))
         .filter(stripe_events::livemode.eq(live))
         .filter(stripe_events::received_at.ge(from))
-        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(&begin))
         .select(stripe_events::data)
         .load(c))?;
     wanted.extend(

@@ -624,8 +624,9 @@ fn table_named(kind: &str) -> Result<&'static MirrorTable> {
 /// progress once each page is on disk. Pages go through the mirror's group-commit
 /// writer, so they may share a transaction with webhook deliveries; on SQLite the next
 /// pages are written while the last ones are synced to disk. An error is answered once
-/// the pages already queued are on disk (or failed), so nothing is written after it;
-/// the backfill is idempotent: run it again.
+/// the pages already queued are on disk (or failed), so nothing is written after it.
+/// If the future is dropped instead, pages already queued may still be written. The
+/// backfill is idempotent: run it again.
 ///
 /// With [`SyncOptions::remove_missing`] it also tombstones what Stripe deleted while
 /// its webhooks were missed.
@@ -845,10 +846,13 @@ pub async fn sync_all(
         .await;
         // Every page queued is on disk, or failed, before the backfill answers, even
         // with an error: nothing is written after it, and an earlier page's failure is
-        // not hidden by a later step's.
+        // not hidden by a later step's. The next page is not fetched; progress stops at
+        // the first failure.
+        drop(next.take());
         while let Some(mut oldest) = writing.pop_front() {
             match oldest.wait().await {
-                Ok(written) => settle(oldest, written),
+                Ok(written) if failed.is_none() => settle(oldest, written),
+                Ok(_) => {}
                 Err(err) => {
                     failed.get_or_insert(err);
                 }
@@ -1215,7 +1219,11 @@ mod backfill_pages {
     async fn an_error_is_answered_once_the_queued_pages_are_written() {
         let held = backfill_behind_held_writer_failing(3, Some(3), 3).await;
         assert_eq!(held.pages.len(), 3, "the backfill stalled");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // Time to read the bad page: an answer before its queued pages would come now.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !held.backfill.is_finished() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert!(
             !held.backfill.is_finished(),
             "the backfill answered while its pages were still queued"
@@ -1270,11 +1278,27 @@ mod backfill_pages {
         let dir = tempfile::tempdir().unwrap();
         let (base, _) = stub(2).await;
         let (mirror, wal) = mirror(&dir, base).await;
-        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = Some(wal);
+        let failing = crate::db::batch::fail_flush(&wal);
         let failed = sync_all(&mirror, &customers(), |_| {}).await;
-        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = None;
+        drop(failing);
         let err = failed.expect_err("a backfill whose sync failed reported success");
         assert!(err.to_string().contains("could not be synced"), "{err}");
+    }
+
+    /// The first page's failure is the error answered when it is found while the
+    /// backfill waits for room in the writer's queue (more pages than it queues at
+    /// once): its own sync's error, not the refusal the pages after it get.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_failure_found_while_queueing_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = stub(crate::sync::remote::SQLITE_PAGES_IN_FLIGHT + 2).await;
+        let (mirror, wal) = mirror(&dir, base).await;
+        let failing = crate::db::batch::fail_flush(&wal);
+        let failed = sync_all(&mirror, &customers(), |_| {}).await;
+        drop(failing);
+        let err = failed.expect_err("a backfill whose sync failed reported success");
+        let first = "the commit could not be synced to disk";
+        assert!(err.to_string().contains(first), "{err}");
     }
 
     /// A page that failed is the error answered, not a later page's: here the first
@@ -1284,10 +1308,11 @@ mod backfill_pages {
         let dir = tempfile::tempdir().unwrap();
         let (base, _) = stub_failing(3, Some(3)).await;
         let (mirror, wal) = mirror(&dir, base).await;
-        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = Some(wal);
+        let failing = crate::db::batch::fail_flush(&wal);
         let failed = sync_all(&mirror, &customers(), |_| {}).await;
-        *crate::db::batch::FAIL_FLUSH.lock().unwrap() = None;
+        drop(failing);
         let err = failed.expect_err("a backfill whose sync failed reported success");
-        assert!(err.to_string().contains("could not be synced"), "{err}");
+        let first = "the commit could not be synced to disk";
+        assert!(err.to_string().contains(first), "{err}");
     }
 }
