@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::remote::{Refetch, refetch};
 use crate::Mirror;
-use crate::db::schema::stripe_events;
+use crate::db::statement::{Bound, SqlValue};
 use crate::db::{Conn, on_conn};
 use crate::error::Result;
 
@@ -120,6 +120,12 @@ fn object_of(event: &Value) -> Option<(&'static str, String)> {
     Some((table.kind, table.id_in(object)?))
 }
 
+/// The events of a mode received since a time whose sync did not apply. `synced =
+/// FALSE` is written as is (not bound): on SQLite these events have a partial index of
+/// their own (`idx_events_unsynced`), which only a constant lets the planner use.
+pub(crate) const UNSYNCED_SINCE: &str =
+    "SELECT data FROM stripe_events WHERE synced = FALSE AND livemode = ? AND received_at >= ?";
+
 /// Flagged rows, and objects of events received since `from` whose sync did not apply,
 /// in the current mode (the other mode's objects need the other mode's key).
 fn local_suspects(
@@ -143,19 +149,17 @@ fn local_suspects(
         .collect();
         wanted.extend(ids.into_iter().map(|id| (table.kind, id)));
     }
-    // On SQLite this reads the whole event log (no index on `received_at` there,
-    // `db::received`): a search by rowid could miss events received before a step back
-    // of the host's clock, and `reconcile` is the mirror's safety net.
-    let unsynced: Vec<String> = on_conn!(conn, c => stripe_events::table
-        .filter(stripe_events::synced.eq(false))
-        .filter(stripe_events::livemode.eq(live))
-        .filter(stripe_events::received_at.ge(from))
-        .select(stripe_events::data)
-        .load(c))?;
+    #[derive(QueryableByName)]
+    struct Data {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        data: String,
+    }
+    let values = [SqlValue::Bool(Some(live)), SqlValue::Int(Some(from))];
+    let unsynced: Vec<Data> = on_conn!(conn, c => Bound::new(UNSYNCED_SINCE, &values).load(c))?;
     wanted.extend(
         unsynced
             .iter()
-            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+            .filter_map(|row| serde_json::from_str::<Value>(&row.data).ok())
             .filter_map(|event| object_of(&event)),
     );
     Ok(wanted)
