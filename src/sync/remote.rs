@@ -1012,12 +1012,8 @@ mod backfill_pages {
     use crate::{Config, Mirror, Secret, SyncOptions, sync_all};
 
     /// Serves `/v1/customers` as pages of one customer each (`cus_1` to `cus_{n}`),
-    /// recording the `starting_after` of each request; anything else is a 404.
-    async fn stub(n: usize) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
-        stub_failing(n, None).await
-    }
-
-    /// As [`stub`], with page `bad` (counted from 1) not a list.
+    /// page `bad` (counted from 1) not a list, recording the `starting_after` of each
+    /// request; anything else is a 404.
     async fn stub_failing(
         n: usize,
         bad: Option<usize>,
@@ -1271,48 +1267,44 @@ mod backfill_pages {
         all_mirrored(3, &held.mirror, &report).await;
     }
 
-    /// A backfill answers only once its pages are on disk: a page whose sync fails is
-    /// an error, not a count.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_backfill_whose_pages_cannot_be_synced_fails() {
+    /// The error of a backfill of `n` pages (page `bad` not a list) whose flushes fail.
+    async fn backfill_failing_flush(n: usize, bad: Option<usize>) -> crate::Error {
         let dir = tempfile::tempdir().unwrap();
-        let (base, _) = stub(2).await;
+        let (base, _) = stub_failing(n, bad).await;
         let (mirror, wal) = mirror(&dir, base).await;
         let failing = crate::db::batch::fail_flush(&wal);
         let failed = sync_all(&mirror, &customers(), |_| {}).await;
         drop(failing);
-        let err = failed.expect_err("a backfill whose sync failed reported success");
+        failed.expect_err("a backfill whose sync failed reported success")
+    }
+
+    /// The error of the first page to fail, its own sync's, not the refusal of the
+    /// writes after it.
+    const FIRST_FAILURE: &str = "the commit could not be synced to disk";
+
+    /// A backfill answers only once its pages are on disk: a page whose sync fails is
+    /// an error, not a count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backfill_whose_pages_cannot_be_synced_fails() {
+        let err = backfill_failing_flush(2, None).await;
         assert!(err.to_string().contains("could not be synced"), "{err}");
     }
 
     /// The first page's failure is the error answered when it is found while the
     /// backfill waits for room in the writer's queue (more pages than it queues at
-    /// once): its own sync's error, not the refusal the pages after it get.
+    /// once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_failure_found_while_queueing_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let (base, _) = stub(crate::sync::remote::SQLITE_PAGES_IN_FLIGHT + 2).await;
-        let (mirror, wal) = mirror(&dir, base).await;
-        let failing = crate::db::batch::fail_flush(&wal);
-        let failed = sync_all(&mirror, &customers(), |_| {}).await;
-        drop(failing);
-        let err = failed.expect_err("a backfill whose sync failed reported success");
-        let first = "the commit could not be synced to disk";
-        assert!(err.to_string().contains(first), "{err}");
+        let err =
+            backfill_failing_flush(crate::sync::remote::SQLITE_PAGES_IN_FLIGHT + 2, None).await;
+        assert!(err.to_string().contains(FIRST_FAILURE), "{err}");
     }
 
     /// A page that failed is the error answered, not a later page's: here the first
     /// page's sync fails while the third is not a list.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_earlier_page_failure_is_not_hidden_by_a_later_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let (base, _) = stub_failing(3, Some(3)).await;
-        let (mirror, wal) = mirror(&dir, base).await;
-        let failing = crate::db::batch::fail_flush(&wal);
-        let failed = sync_all(&mirror, &customers(), |_| {}).await;
-        drop(failing);
-        let err = failed.expect_err("a backfill whose sync failed reported success");
-        let first = "the commit could not be synced to disk";
-        assert!(err.to_string().contains(first), "{err}");
+        let err = backfill_failing_flush(3, Some(3)).await;
+        assert!(err.to_string().contains(FIRST_FAILURE), "{err}");
     }
 }
