@@ -840,3 +840,43 @@ pub async fn access_of(mirror: &Mirror, subscriber_id: &str) -> Result<AccessSta
         .run(move |conn| compute(conn, &s, live, now))
         .await
 }
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+    use crate::db::Database;
+
+    /// A page whose writes fail, or panic, leaves nothing of it on the thread (writer
+    /// threads are reused): no subscribers read for it, no customers deferred, so the
+    /// next write outside a page marks its subscriber at once.
+    #[test]
+    fn a_failed_page_leaves_nothing_on_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("bulk.db").display());
+        let db = Database::open(&url, 1, std::time::Duration::from_secs(5)).unwrap();
+        db.migrate().unwrap();
+        let customers = crate::models::table_for_kind("customer").unwrap();
+        let left = || {
+            let page = BEFORE_PAGE.with(|b| b.borrow().is_some());
+            let deferred = DEFERRED.with(|d| d.borrow().is_some());
+            (page, deferred)
+        };
+        db.run_blocking(|conn| {
+            let failed = in_bulk(conn, customers, &["cus_1"], |_| -> Result<()> {
+                assert_eq!(left(), (true, true), "the page's state is in place");
+                Err(crate::Error::Config("this page fails".into()))
+            });
+            assert!(failed.is_err());
+            assert_eq!(left(), (false, false), "after a failed page");
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                in_bulk(conn, customers, &["cus_2"], |_| -> Result<()> {
+                    panic!("this page panics")
+                })
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(left(), (false, false), "after a page that panicked");
+            Ok(())
+        })
+        .unwrap();
+    }
+}
