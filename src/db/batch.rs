@@ -1185,6 +1185,30 @@ mod tests {
         .unwrap()
     }
 
+    /// Runs `group` with `queue` waiting in the writer's queue and `syncer` beside it:
+    /// whether it committed, and how much of the queue is left (queued or carried).
+    #[cfg(feature = "sqlite")]
+    fn run_with_queue(
+        db: &Database,
+        group: Vec<Box<dyn Work>>,
+        queue: Vec<Box<dyn Work>>,
+        syncer: &Syncer,
+    ) -> (bool, usize) {
+        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
+        for work in queue {
+            queue_tx.send(work).unwrap();
+        }
+        let queue_rx = Mutex::new(queue_rx);
+        let mut carried = Vec::new();
+        let queued = Queued {
+            rx: &queue_rx,
+            carried: &mut carried,
+        };
+        let committed = run_group(db, &mut None, group, queued, Some(syncer), None);
+        let left = queue_rx.lock().unwrap().try_iter().count() + carried.len();
+        (committed, left)
+    }
+
     /// A new SQLite database in `dir` (a pool of `size`) with a table `t (x)`, and its
     /// WAL's path, named by the directory's real path as SQLite names its files.
     #[cfg(feature = "sqlite")]
@@ -1671,34 +1695,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, _wal) = sqlite_db(&dir, "join.db", 2);
         for busy in [true, false] {
-            let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
-            for key in ["evt_b", "evt_c"] {
-                queue_tx.send(Box::new(Keyed(key))).unwrap();
-            }
-            let queue_rx = Mutex::new(queue_rx);
             let (syncer_tx, syncer_rx) = mpsc::channel::<Synced>();
             // A group handed over before and not yet answered: the syncer is busy.
             let syncer = Syncer {
                 tx: syncer_tx,
                 pending: Arc::new(std::sync::atomic::AtomicUsize::new(usize::from(busy))),
             };
-            let mut carried = Vec::new();
-            let queued = Queued {
-                rx: &queue_rx,
-                carried: &mut carried,
-            };
-            let mut held = None;
-            let work: Box<dyn Work> = Box::new(Keyed("evt_a"));
-            assert!(run_group(
-                &db,
-                &mut held,
-                vec![work],
-                queued,
-                Some(&syncer),
-                None
-            ));
+            let keyed = |key| Box::new(Keyed(key)) as Box<dyn Work>;
+            let queue = vec![keyed("evt_b"), keyed("evt_c")];
+            let (committed, left) = run_with_queue(&db, vec![keyed("evt_a")], queue, &syncer);
+            assert!(committed);
             let handed = syncer_rx.try_recv().expect("handed over to the syncer");
-            let left = queue_rx.lock().unwrap().try_iter().count() + carried.len();
             match busy {
                 true => assert_eq!((handed.handovers.len(), left), (3, 0), "joined"),
                 false => assert_eq!((handed.handovers.len(), left), (1, 2), "left queued"),
@@ -1741,24 +1748,9 @@ mod tests {
         // The joined write fails: nothing is stored, each caller gets an error.
         let (first, first_rx) = insert("evt_a", false);
         let (joined, joined_rx) = insert("evt_b", true);
-        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
-        queue_tx.send(joined).unwrap();
-        let queue_rx = Mutex::new(queue_rx);
         let (syncer, _handed) = busy();
-        let mut carried = Vec::new();
-        let queued = Queued {
-            rx: &queue_rx,
-            carried: &mut carried,
-        };
-        let mut held = None;
-        assert!(!run_group(
-            &db,
-            &mut held,
-            vec![first],
-            queued,
-            Some(&syncer),
-            None
-        ));
+        let (committed, _) = run_with_queue(&db, vec![first], vec![joined], &syncer);
+        assert!(!committed);
         assert_eq!(rows(), 0, "rolled back");
         let first = first_rx.blocking_recv().unwrap();
         assert!(
@@ -1771,27 +1763,13 @@ mod tests {
         let group: Vec<Box<dyn Work>> = (0..MAX_BATCH - 1)
             .map(|_| Box::new(Keyed("evt_c")) as Box<dyn Work>)
             .collect();
-        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
-        for _ in 0..3 {
-            queue_tx.send(Box::new(Keyed("evt_d"))).unwrap();
-        }
-        let queue_rx = Mutex::new(queue_rx);
+        let queue = (0..3)
+            .map(|_| Box::new(Keyed("evt_d")) as Box<dyn Work>)
+            .collect();
         let (syncer, handed) = busy();
-        let mut carried = Vec::new();
-        let queued = Queued {
-            rx: &queue_rx,
-            carried: &mut carried,
-        };
-        assert!(run_group(
-            &db,
-            &mut held,
-            group,
-            queued,
-            Some(&syncer),
-            None
-        ));
+        let (committed, left) = run_with_queue(&db, group, queue, &syncer);
+        assert!(committed);
         let handed = handed.try_recv().expect("handed over to the syncer");
-        let left = queue_rx.lock().unwrap().try_iter().count() + carried.len();
         assert_eq!((handed.handovers.len(), left), (MAX_BATCH, 2));
     }
 
@@ -1815,26 +1793,18 @@ mod tests {
             key: "evt_a".into(),
         });
         // Work is queued, so the group goes to the syncer, whose thread is gone.
-        let (queue_tx, queue_rx) = mpsc::channel::<Box<dyn Work>>();
-        queue_tx.send(Box::new(Keyed("evt_b"))).unwrap();
-        let queue_rx = Mutex::new(queue_rx);
         let (syncer, gone) = mpsc::channel::<Synced>();
         drop(gone);
         let mut rx = std::pin::pin!(rx);
         // Held back, the sync holds the answer back too.
         let held_back = SYNC_GATE.lock().unwrap();
         let group = tokio::task::spawn_blocking(move || {
-            let mut carried = Vec::new();
-            let queued = Queued {
-                rx: &queue_rx,
-                carried: &mut carried,
-            };
-            let mut held = None;
             let syncer = Syncer {
                 tx: syncer,
                 pending: Arc::default(),
             };
-            run_group(&db, &mut held, vec![work], queued, Some(&syncer), None)
+            let queue: Vec<Box<dyn Work>> = vec![Box::new(Keyed("evt_b"))];
+            run_with_queue(&db, vec![work], queue, &syncer).0
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
