@@ -262,8 +262,11 @@ async fn checkout(
         return Ok(Redirect::to("/pricing").into_response());
     };
     let price = Price::get(&state.mirror, &price_id).await?;
-    let recurring =
-        |p: &Price| p.active == Some(true) && !p.deleted && p.recurring_interval.is_some();
+    // The id is the URL's: a price of this mode, on sale, and a plan.
+    let live = state.mirror.live_mode();
+    let recurring = |p: &Price| {
+        p.livemode == live && p.active == Some(true) && !p.deleted && p.recurring_interval.is_some()
+    };
     let Some(price) = price.filter(recurring) else {
         return Ok((StatusCode::NOT_FOUND, "no such plan").into_response());
     };

@@ -38,6 +38,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "127.0.0.1:8000".into())
         .parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let path = stripe_mirror::axum::WEBHOOK_PATH;
+    println!("listening on http://{}{path}", listener.local_addr()?);
     stripe_mirror::axum::serve(mirror, webhooks, listener).await?;
     Ok(())
 }

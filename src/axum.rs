@@ -120,13 +120,10 @@ pub async fn serve_with_shutdown(
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if mirror.config().webhook_secrets.is_empty() {
-        eprintln!(
-            "warning: STRIPE_WEBHOOK_SECRET is not set; every signed delivery will fail (500) until it is"
-        );
-    }
-    println!(
-        "listening on http://{}{WEBHOOK_PATH}",
+    // Through `tracing`, as the rest of the crate: a host's stdout may be its JSON log.
+    // (`webhook_router` warns when no signing secret is set.)
+    tracing::info!(
+        "listening for Stripe webhooks on http://{}{WEBHOOK_PATH}",
         listener.local_addr()?
     );
     let read_timeout = mirror.config().webhook_read_timeout;
@@ -202,7 +199,7 @@ pub async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
-    eprintln!("stopping: answering the deliveries in flight");
+    tracing::info!("stopping: answering the deliveries in flight");
 }
 
 /// Reads the body up to the cap plus one byte (enough to know it is over) and stops

@@ -479,13 +479,17 @@ impl Checkout {
 /// without waiting for webhooks: fetches it, links its customer to its subscriber
 /// (the same rule as `checkout.session.completed`: only an unlinked customer to a
 /// subscriber without one), and mirrors the subscription it created. Returns the
-/// session's status and payment status ([`SessionStatus`]): a session paid by bank
-/// debit (SEPA, ACH, Bacs) is `complete` days before it is paid, so fulfil a one-time
-/// purchase on [`SessionStatus::is_paid`], not on `complete`.
+/// session's status, payment status and whom it names ([`SessionStatus`]): a session
+/// paid by bank debit (SEPA, ACH, Bacs) is `complete` days before it is paid, so
+/// fulfil a one-time purchase on [`SessionStatus::is_paid`], not on `complete`.
 ///
 /// The id comes from a URL anyone can edit, and the status is the session's, whoever
 /// it belongs to: to open a page to the signed-in user, ask the gate for that user
-/// (`require_subscription(user).check()`), not this status.
+/// (`require_subscription(user).check()`), not this status. Before fulfilling
+/// anything on it, check [`SessionStatus::belongs_to`] the signed-in user, and
+/// fulfil once per [`SessionStatus::id`] (a reload, or a second tab, brings the same
+/// id back); a bank debit paid days later reaches only your
+/// `checkout.session.async_payment_succeeded` handler.
 ///
 /// With an access hook ([`Webhooks::on_access_change`](crate::Webhooks::on_access_change)),
 /// call [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change)
@@ -494,9 +498,11 @@ impl Checkout {
 ///
 /// ```no_run
 /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+/// # let user = "user-42";
 /// let session = stripe_mirror::checkout::sync_session(&mirror, "cs_test_123").await?;
-/// if session.is_paid() {
-///     // fulfil a one-time purchase; a subscription's access is the gate's to say
+/// if session.is_paid() && session.belongs_to(user) {
+///     // fulfil a one-time purchase, once per `session.id`; a subscription's access
+///     // is the gate's to say
 /// }
 /// # Ok(()) }
 /// ```
@@ -508,7 +514,7 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<SessionSt
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !well_formed {
-        return Err(Error::Config(format!(
+        return Err(Error::Refused(format!(
             "{session_id:?} is not a Checkout Session id (cs_...)"
         )));
     }
@@ -529,9 +535,20 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<SessionSt
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
+    let id_of = |field: &str| crate::sync::upsert::id_named(&session, field).map(str::to_owned);
     let status = SessionStatus {
+        id: text("id").unwrap_or_else(|| session_id.to_owned()),
         status: text("status"),
         payment_status: text("payment_status"),
+        mode: text("mode"),
+        // Metadata and `client_reference_id` that disagree name nobody.
+        subscriber: crate::webhooks::session_subscriber(&session)
+            .ok()
+            .flatten()
+            .map(str::to_owned),
+        customer: id_of("customer"),
+        subscription: id_of("subscription"),
+        payment_intent: id_of("payment_intent"),
     };
     if !status.is_complete() {
         return Ok(status); // nothing to link until the buyer has finished
@@ -554,12 +571,26 @@ pub async fn sync_session(mirror: &Mirror, session_id: &str) -> Result<SessionSt
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionStatus {
+    /// The session's id (`cs_...`): fulfil a purchase once per id.
+    pub id: String,
     /// `complete` (the buyer finished), `open` or `expired`.
     pub status: Option<String>,
     /// `paid`; `unpaid` (a bank debit on its way: Stripe then sends
     /// `checkout.session.async_payment_succeeded` or `..._failed`); or
     /// `no_payment_required` (a trial, a 100 % discount).
     pub payment_status: Option<String>,
+    /// `payment` (a one-time purchase), `subscription` or `setup`.
+    pub mode: Option<String>,
+    /// The subscriber the session names: the subscriber metadata
+    /// [`Checkout::create`] sets, else its `client_reference_id` (which a buyer can set
+    /// on a Payment Link); `None` when neither is there or the two disagree.
+    pub subscriber: Option<String>,
+    /// The customer that paid (`cus_...`), once there is one.
+    pub customer: Option<String>,
+    /// The subscription a `subscription` session created (`sub_...`).
+    pub subscription: Option<String>,
+    /// The payment a `payment` session created (`pi_...`).
+    pub payment_intent: Option<String>,
 }
 
 impl SessionStatus {
@@ -575,6 +606,13 @@ impl SessionStatus {
                 self.payment_status.as_deref(),
                 Some("paid" | "no_payment_required")
             )
+    }
+
+    /// Whether the session names `subscriber_id` as its buyer ([`SessionStatus::subscriber`]).
+    /// The id in the success page's URL can be anyone's: check this for the signed-in
+    /// user before fulfilling anything on the session.
+    pub fn belongs_to(&self, subscriber_id: &str) -> bool {
+        !subscriber_id.is_empty() && self.subscriber.as_deref() == Some(subscriber_id)
     }
 }
 

@@ -236,9 +236,12 @@ impl Config {
         self
     }
 
-    /// The secret key, used in the mode its prefix names (`sk_test_`, `sk_live_`): before
-    /// the per-mode keys, after a secret key stored in the database
-    /// ([`ApiKey::default_secret_key`](crate::ApiKey::default_secret_key)).
+    /// The secret key (`sk_test_`, `sk_live_`, or a restricted `rk_` key): before the
+    /// per-mode keys, after a secret key stored in the database
+    /// ([`ApiKey::default_secret_key`](crate::ApiKey::default_secret_key)). Used only
+    /// when its prefix names the mirror's mode ([`Config::live_mode`], which a key does
+    /// not set): a key of the other mode is left unused, with a warning when the mirror
+    /// opens.
     pub fn secret_key(mut self, key: impl Into<String>) -> Self {
         self.secret_key = Some(Secret::new(key.into()));
         self

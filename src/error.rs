@@ -27,8 +27,10 @@ pub enum Error {
         source: diesel::r2d2::PoolError,
     },
 
-    /// A query failed.
-    #[error("database error: {0}")]
+    /// A query failed. When a `stripe_*` table or column is missing (a database never
+    /// migrated, or one older than this version of the crate), the message says to
+    /// migrate.
+    #[error("database error: {}{}", .0, schema_advice(.0))]
     Database(#[from] diesel::result::Error),
 
     /// Running the embedded migrations failed.
@@ -63,6 +65,14 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
+
+    /// The call cannot be done as asked: its input names something it cannot (a
+    /// Checkout Session id from a URL that is not one, a customer of another
+    /// subscriber, a price unlike the one asked for), or the object is not in a state
+    /// for it (a subscription of several items). The message says what to change. The
+    /// caller's input, not the setup and not an outage: answer a user 4xx, not 500.
+    #[error("refused: {0}")]
+    Refused(String),
 
     /// `Customer::subscription()` found more than one valid subscription.
     #[error(
@@ -212,6 +222,25 @@ impl Error {
     }
 }
 
+/// Advice for a query that failed on a missing table or column of the mirror's own.
+fn schema_advice(error: &diesel::result::Error) -> &'static str {
+    let message = error.to_string();
+    // SQLite: `no such table: stripe_x`, `no such column: y`, `table stripe_x has no
+    // column named y`; Postgres: `relation "stripe_x" does not exist`, `column "y" (of
+    // relation "stripe_x") does not exist`.
+    let missing = message.starts_with("no such table: stripe_")
+        || message.starts_with("no such column")
+        || (message.starts_with("table stripe_") && message.contains("has no column"))
+        || (message.starts_with("relation \"stripe_") && message.ends_with("does not exist"))
+        || (message.starts_with("column ") && message.ends_with("does not exist"));
+    if missing {
+        "; the mirror's tables are missing or older than this version of stripe-mirror: \
+         run `Mirror::migrate()` (or `stripe-mirror migrate`) against this database"
+    } else {
+        ""
+    }
+}
+
 /// What to do about a [`Error::NotFound`], by what is missing.
 fn not_found_advice(object: &str) -> &'static str {
     match object {
@@ -260,5 +289,36 @@ mod tests {
         let db = |kind| Error::Database(D::DatabaseError(kind, Box::new("x".to_owned())));
         assert!(db(K::SerializationFailure).is_transient());
         assert!(!db(K::UniqueViolation).is_transient());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_missing_table_or_column_says_to_migrate() {
+        use diesel::{Connection, RunQueryDsl, SqliteConnection, sql_query};
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        let fails = |conn: &mut SqliteConnection, sql: &str| {
+            Error::from(sql_query(sql).execute(conn).unwrap_err()).to_string()
+        };
+        let advice = "run `Mirror::migrate()`";
+        let missing = fails(&mut conn, "SELECT id FROM stripe_customers");
+        assert!(missing.contains(advice), "{missing}");
+        sql_query("CREATE TABLE stripe_customers (id TEXT PRIMARY KEY)")
+            .execute(&mut conn)
+            .unwrap();
+        for sql in [
+            "SELECT email FROM stripe_customers",
+            "INSERT INTO stripe_customers (id, email) VALUES ('a', 'b')",
+        ] {
+            let older = fails(&mut conn, sql);
+            assert!(older.contains(advice), "{sql}: {older}");
+        }
+        // Other failures are not the schema's.
+        sql_query("INSERT INTO stripe_customers (id) VALUES ('a')")
+            .execute(&mut conn)
+            .unwrap();
+        let duplicate = fails(&mut conn, "INSERT INTO stripe_customers (id) VALUES ('a')");
+        assert!(!duplicate.contains(advice), "{duplicate}");
+        let host = fails(&mut conn, "SELECT id FROM users");
+        assert!(!host.contains(advice), "{host}");
     }
 }

@@ -72,14 +72,24 @@ impl Mirror {
             .await
             .map_err(|source| crate::Error::Task { source })??
             .with_lock_wait(config.postgres_lock_wait);
-        Ok(Mirror {
+        Ok(Self::new(config, db))
+    }
+
+    fn new(config: Config, db: Database) -> Mirror {
+        // A key of the other mode is never used (it would act on the other mode's data
+        // while the mirror reads this one's): said once here, not first at the first
+        // Stripe call, nor by a gate that finds no live customer in a test-mode mirror.
+        if let Some(why) = config.env_secret_key_refused() {
+            tracing::warn!("{why}; it is not used");
+        }
+        Mirror {
             inner: Arc::new(Inner {
                 config,
                 db,
                 stripe: Default::default(),
                 creating: Default::default(),
             }),
-        })
+        }
     }
 
     /// A mirror on a connection pool the host app already has (diesel r2d2, SQLite or
@@ -110,14 +120,7 @@ impl Mirror {
     /// ```
     pub fn from_pool(pool: crate::DbPool, config: Config) -> Mirror {
         let db = Database::from_pool(pool).with_lock_wait(config.postgres_lock_wait);
-        Mirror {
-            inner: Arc::new(Inner {
-                config,
-                db,
-                stripe: Default::default(),
-                creating: Default::default(),
-            }),
-        }
+        Self::new(config, db)
     }
 
     /// The connection pool the mirror uses, for the app's own queries.

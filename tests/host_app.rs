@@ -86,6 +86,37 @@ async fn the_webhook_route_merges_into_an_app_with_state() {
     }
 }
 
+/// A secret key of the other mode is never used: a live key in a mirror left in test
+/// mode (`STRIPE_LIVE_MODE` unset) is said when the mirror opens, key masked, not
+/// first by a gate that finds no live customer.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn a_secret_key_of_the_other_mode_is_said_at_start() {
+    async fn logged(config: stripe_mirror::Config) -> String {
+        let captured = common::Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        Mirror::open(config).await.unwrap();
+        captured.text()
+    }
+    let bare = stripe_mirror::Config::new("sqlite::memory:");
+    let live_key = "sk_live_51RealMoneyKey00000wxyz";
+    let text = logged(bare.clone().secret_key(live_key)).await;
+    assert!(
+        text.contains("WARN")
+            && text.contains("sk_live_...wxyz")
+            && text.contains("STRIPE_LIVE_MODE=true"),
+        "{text}"
+    );
+    assert!(!text.contains(live_key), "{text}");
+    // In live mode it serves: nothing to say.
+    let text = logged(bare.live_mode(true).secret_key(live_key)).await;
+    assert!(!text.contains("STRIPE_LIVE_MODE"), "{text}");
+}
+
 /// A webhook route mounted without a signing secret refuses every delivery: the app
 /// hears it once, where the route is built, not first from Stripe's failed deliveries.
 #[cfg(feature = "cli")]

@@ -23,7 +23,8 @@ mod schema {
 }
 use schema::{stripe_customers, stripe_subscriptions, users};
 
-/// The emails of users with an active subscription, and the subscription.
+/// The emails of users with an active (or trialing) test-mode subscription, and the
+/// subscription: the README's query.
 macro_rules! active_users {
     ($conn:expr) => {
         users::table
@@ -35,7 +36,10 @@ macro_rules! active_users {
                 stripe_subscriptions::table
                     .on(stripe_subscriptions::customer_id.eq(stripe_customers::id.nullable())),
             )
-            .filter(stripe_subscriptions::status.eq("active"))
+            .filter(stripe_customers::livemode.eq(false))
+            .filter(stripe_customers::deleted.eq(false))
+            .filter(stripe_subscriptions::deleted.eq(false))
+            .filter(stripe_subscriptions::status.eq_any(["active", "trialing"]))
             .select((users::email, stripe_subscriptions::id))
             .load::<(String, String)>($conn)
             .unwrap()
@@ -43,6 +47,14 @@ macro_rules! active_users {
 }
 
 async fn fill(mirror: &Mirror) {
+    // A host pool's database is not migrated for it: the error says what to run.
+    let unmigrated = Customer::by_subscriber(mirror, "user-42")
+        .await
+        .unwrap_err();
+    assert!(
+        unmigrated.to_string().contains("run `Mirror::migrate()`"),
+        "{unmigrated}"
+    );
     mirror.migrate().await.unwrap();
     Customer::sync_from_stripe_data(
         mirror,
@@ -58,6 +70,31 @@ async fn fill(mirror: &Mirror) {
     )
     .await
     .unwrap();
+    // What the query must leave out: an ended subscription, another mode's customer
+    // and subscription. And one it must keep: a trial.
+    let customers = [
+        json!({"id": "cus_7", "object": "customer", "created": 1,
+            "metadata": {"stripe_mirror_subscriber": "user-7"}}),
+        json!({"id": "cus_7_live", "object": "customer", "created": 1, "livemode": true,
+            "metadata": {"stripe_mirror_subscriber": "user-7"}}),
+    ];
+    for customer in customers {
+        Customer::sync_from_stripe_data(mirror, &customer)
+            .await
+            .unwrap();
+    }
+    let subscriptions = [
+        ("sub_2", "cus_1", "canceled", false),
+        ("sub_7", "cus_7", "trialing", false),
+        ("sub_7_live", "cus_7_live", "active", true),
+    ];
+    for (id, customer, status, livemode) in subscriptions {
+        let subscription = json!({"id": id, "object": "subscription", "customer": customer,
+            "status": status, "livemode": livemode, "items": {"data": []}});
+        Subscription::sync_from_stripe_data(mirror, &subscription)
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test]
@@ -113,9 +150,14 @@ async fn a_host_table_joins_the_mirror_on_a_shared_pool() {
             #[cfg(not(feature = "postgres"))]
             None => unreachable!(),
         };
+        let mut rows = rows;
+        rows.sort();
         assert_eq!(
             rows,
-            [("ada@example.com".to_owned(), "sub_1".to_owned())],
+            [
+                ("ada@example.com".to_owned(), "sub_1".to_owned()),
+                ("bob@example.com".to_owned(), "sub_7".to_owned())
+            ],
             "{}",
             b.name
         );

@@ -2110,7 +2110,8 @@ async fn a_price_under_a_lookup_key_must_be_what_was_asked_for() {
         .await
         .unwrap_err();
         assert!(
-            raised.to_string().contains("unit_amount")
+            matches!(raised, Error::Refused(_))
+                && raised.to_string().contains("unit_amount")
                 && raised.to_string().contains("new lookup key"),
             "{}: {raised}",
             b.name
@@ -2143,9 +2144,10 @@ async fn checkout_links_only_when_metadata_and_reference_agree_and_sessions_are_
             b.name
         );
         assert!(
-            stripe_mirror::sync_session(&m, "../customers/cus_1")
-                .await
-                .is_err(),
+            matches!(
+                stripe_mirror::sync_session(&m, "../customers/cus_1").await,
+                Err(stripe_mirror::Error::Refused(_))
+            ),
             "only a session id is sent"
         );
 
@@ -2422,6 +2424,67 @@ async fn the_success_page_tells_complete_from_paid() {
         );
         let card = stripe_mirror::sync_session(&m, "cs_card").await.unwrap();
         assert!(card.is_paid(), "{}: {card:?}", b.name);
+        // What a success page needs before it fulfils: whose session, which one.
+        assert_eq!(card.id, "cs_card");
+        assert_eq!(card.mode.as_deref(), Some("payment"));
+        assert_eq!(card.customer.as_deref(), Some("cus_debit"));
+        assert_eq!(card.subscriber.as_deref(), Some("debit-user"));
+        assert!(card.belongs_to("debit-user") && !card.belongs_to("someone-else"));
+        assert!(!card.belongs_to(""));
+    }
+}
+
+/// The session id on the success page comes from a URL anyone can edit: the status
+/// says whose session it is, and a session whose two subscriber fields disagree (a
+/// Payment Link's `client_reference_id` is the buyer's to set) belongs to nobody.
+#[tokio::test]
+async fn a_session_status_names_its_buyer_and_ids() {
+    for b in backends() {
+        let (base, _) = common::stripe_stub(vec![
+            (
+                "/v1/checkout/sessions/cs_meta",
+                200,
+                json!({"id": "cs_meta", "object": "checkout.session", "status": "complete",
+                       "mode": "payment", "payment_status": "paid", "livemode": false,
+                       "customer": {"id": "cus_meta", "object": "customer"},
+                       "payment_intent": "pi_meta",
+                       "metadata": {"stripe_mirror_subscriber": "meta-user"}}),
+            ),
+            (
+                "/v1/checkout/sessions/cs_clash",
+                200,
+                json!({"id": "cs_clash", "object": "checkout.session", "status": "complete",
+                       "mode": "subscription", "payment_status": "paid", "livemode": false,
+                       "customer": "cus_clash", "subscription": null,
+                       "client_reference_id": "victim",
+                       "metadata": {"stripe_mirror_subscriber": "buyer"}}),
+            ),
+        ])
+        .await;
+        let m = Mirror::connect(config(&b, Some(&base))).await.unwrap();
+        let meta = stripe_mirror::sync_session(&m, "cs_meta").await.unwrap();
+        assert_eq!(meta.subscriber.as_deref(), Some("meta-user"), "{}", b.name);
+        // An expanded customer is named by its id.
+        assert_eq!(meta.customer.as_deref(), Some("cus_meta"));
+        assert_eq!(meta.payment_intent.as_deref(), Some("pi_meta"));
+        assert_eq!(meta.subscription, None);
+        assert!(meta.is_paid() && meta.belongs_to("meta-user"));
+        let clash = stripe_mirror::sync_session(&m, "cs_clash").await.unwrap();
+        assert_eq!(clash.subscriber, None, "{}: {clash:?}", b.name);
+        assert!(!clash.belongs_to("victim") && !clash.belongs_to("buyer"));
+        // Nor is the customer linked to either.
+        assert!(
+            Customer::by_subscriber(&m, "victim")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            Customer::by_subscriber(&m, "buyer")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }
 

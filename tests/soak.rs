@@ -119,6 +119,12 @@ mod server {
             let mirror = Mirror::connect(config).await.unwrap();
             let webhooks = Webhooks::new().on_any(record);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            // Its address for the test, which reads it from this line.
+            let addr = listener.local_addr().unwrap();
+            println!(
+                "listening on http://{addr}{}",
+                stripe_mirror::axum::WEBHOOK_PATH
+            );
             stripe_mirror::axum::serve(mirror, webhooks, listener)
                 .await
                 .unwrap();

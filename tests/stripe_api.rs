@@ -152,7 +152,7 @@ async fn a_customer_made_elsewhere_is_linked_to_its_user() {
         let err = Customer::link(&m, id, &User(unique("thief")))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        assert!(matches!(err, Error::Refused(_)), "{}: {err}", b.name);
         let in_stripe = call("GET", &format!("{base}v1/customers/{id}"), &[]);
         assert_eq!(
             in_stripe["metadata"]["stripe_mirror_subscriber"],
@@ -197,7 +197,7 @@ async fn a_customer_made_elsewhere_is_linked_to_its_user() {
         let err = Customer::link(&m, other, &User(unique("thief")))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Config(_)), "{}: {err}", b.name);
+        assert!(matches!(err, Error::Refused(_)), "{}: {err}", b.name);
         let in_stripe = call("GET", &format!("{base}v1/customers/{other}"), &[]);
         assert_eq!(
             in_stripe["metadata"]["stripe_mirror_subscriber"],
@@ -327,7 +327,7 @@ async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored(
             .update_quantity(&m, 0, stripe_mirror::Proration::None)
             .await
             .unwrap_err();
-        assert!(matches!(zero, stripe_mirror::Error::Config(_)), "{zero}");
+        assert!(matches!(zero, stripe_mirror::Error::Refused(_)), "{zero}");
 
         let ended = seats.cancel_now(&m).await.unwrap();
         assert_eq!(
@@ -362,7 +362,7 @@ async fn subscriptions_are_cancelled_resumed_and_swapped_in_stripe_and_mirrored(
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, stripe_mirror::Error::Config(m) if m.contains("2 items")),
+            matches!(&err, stripe_mirror::Error::Refused(m) if m.contains("2 items")),
             "{err}"
         );
     }

@@ -29,13 +29,17 @@ use schema::{stripe_customers, stripe_subscriptions, users};
 
 const SECRET: &str = "whsec_users_in_step";
 
-/// What the user's row should say: the product paid for, and the role it grants.
+/// The plans' products, best first (the README's ranking).
+const PLANS: [&str; 3] = ["prod_pro", "prod_starter", "prod_basic"];
+
+/// What the user's row should say: the best product paid for, and the role it grants.
 fn plan_and_role(change: &AccessChange) -> (Option<String>, Option<String>) {
+    let plan = PLANS
+        .iter()
+        .find(|p| change.after.has_product(p))
+        .map(|p| p.to_string());
     match change.after.valid {
-        true => (
-            change.after.products.first().cloned(),
-            change.after.roles.first().cloned(),
-        ),
+        true => (plan, change.after.roles.first().cloned()),
         false => (None, None),
     }
 }
@@ -63,18 +67,22 @@ macro_rules! host_app {
                 .await?
             }
 
-            /// Each user's plan, and the active subscription the mirror holds for them.
+            /// Each user's plan, and the active (or trialing) test-mode subscription the
+            /// mirror holds for them: the README's query.
             pub fn report(pool: &AppPool) -> Vec<(String, Option<String>, Option<String>)> {
                 let mut conn = pool.get().unwrap();
                 users::table
                     .left_join(
-                        stripe_customers::table
-                            .on(stripe_customers::subscriber_id.eq(users::id.nullable())),
+                        stripe_customers::table.on(stripe_customers::subscriber_id
+                            .eq(users::id.nullable())
+                            .and(stripe_customers::livemode.eq(false))
+                            .and(stripe_customers::deleted.eq(false))),
                     )
                     .left_join(
                         stripe_subscriptions::table.on(stripe_subscriptions::customer_id
                             .eq(stripe_customers::id.nullable())
-                            .and(stripe_subscriptions::status.eq("active"))),
+                            .and(stripe_subscriptions::deleted.eq(false))
+                            .and(stripe_subscriptions::status.eq_any(["active", "trialing"]))),
                     )
                     .select((users::id, users::plan, stripe_subscriptions::id.nullable()))
                     .order(users::id)

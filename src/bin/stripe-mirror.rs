@@ -369,7 +369,12 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 );
             }
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            let stop = stripe_mirror::axum::shutdown_signal();
+            let path = stripe_mirror::axum::WEBHOOK_PATH;
+            println!("listening on http://{}{path}", listener.local_addr()?);
+            let stop = async {
+                stripe_mirror::axum::shutdown_signal().await;
+                eprintln!("stopping: answering the deliveries in flight");
+            };
             stripe_mirror::axum::serve_with_shutdown(mirror, Webhooks::new(), listener, stop)
                 .await?;
         }

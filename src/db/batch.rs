@@ -135,15 +135,32 @@ impl Database {
         R: Send + 'static,
         F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
     {
+        self.queue_write(key, f).await
+    }
+
+    /// [`write_batched`](Self::write_batched), queued now rather than when the future is
+    /// first polled: writes queued one after the other reach the writer in that order
+    /// (a backfill's pages, in the order they were listed), whichever task awaits them.
+    pub(crate) fn queue_write<R, F>(
+        &self,
+        key: &str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<R>> + Send + 'static
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<R>>();
         let queue = self.batcher.queue.get_or_init(|| start_writers(self));
         let key = key.to_owned();
         if let Err(mpsc::SendError(work)) = queue.send(Box::new(Pending { f, tx, key })) {
             work.fail("the database writers stopped".into());
         }
-        rx.await.map_err(|_| Error::Commit {
-            message: "the write was dropped before its commit (a bug: a write panicked)".into(),
-        })?
+        async move {
+            rx.await.map_err(|_| Error::Commit {
+                message: "the write was dropped before its commit (a bug: a write panicked)".into(),
+            })?
+        }
     }
 }
 

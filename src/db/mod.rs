@@ -251,6 +251,9 @@ impl CustomizeConnection<SqliteConnection, r2d2::Error> for SqlitePragmas {
 pub(crate) enum Target {
     Sqlite(String),
     Postgres(String),
+    /// Neither: why (an unknown scheme, a libpq key-value string), said to the user
+    /// rather than opened as the path of a new SQLite file.
+    Refused(String),
 }
 
 pub(crate) fn parse_url(url: &str) -> Target {
@@ -261,7 +264,31 @@ pub(crate) fn parse_url(url: &str) -> Target {
         Target::Sqlite(path.to_owned())
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         Target::Sqlite(path.to_owned())
+    } else if let Some((scheme, _)) = url.split_once("://").filter(|(s, _)| *s != "file") {
+        Target::Refused(format!(
+            "DATABASE_URL {}: `{scheme}://` is not a database stripe-mirror opens; use \
+             postgres://user:password@host/db, or sqlite://path/to/file.db",
+            redact_url(url)
+        ))
+    } else if [
+        "host=",
+        "hostaddr=",
+        "dbname=",
+        "user=",
+        "port=",
+        "password=",
+    ]
+    .iter()
+    .any(|key| url.starts_with(key))
+    {
+        // Not echoed: it may hold a password in a form `redact_url` does not read.
+        Target::Refused(
+            "DATABASE_URL looks like a libpq key-value string (host=... dbname=...): give \
+             a URL instead, postgres://user:password@host:port/db"
+                .to_owned(),
+        )
     } else {
+        // A path (`app.db`, `/var/lib/app.db`, `:memory:`, a `file:` URI).
         Target::Sqlite(url.to_owned())
     }
 }
@@ -438,6 +465,7 @@ impl Database {
             source,
         };
         let pool = match parse_url(url) {
+            Target::Refused(why) => return Err(Error::Config(why)),
             #[cfg(feature = "sqlite")]
             Target::Sqlite(path) => {
                 // An in-memory database exists once per connection: keep a single one,
@@ -933,6 +961,29 @@ mod tests {
             parse_url("postgresql://u@h/db"),
             Target::Postgres(_)
         ));
+        assert_eq!(
+            parse_url("file:app.db?mode=rwc"),
+            Target::Sqlite("file:app.db?mode=rwc".into())
+        );
+        assert_eq!(
+            parse_url("file:///var/app.db"),
+            Target::Sqlite("file:///var/app.db".into())
+        );
+        // Not opened as a new SQLite file of that name: said.
+        let Target::Refused(why) = parse_url("mysql://app:hunter2@db/app") else {
+            panic!("an unknown scheme opened");
+        };
+        assert!(
+            why.contains("`mysql://`") && !why.contains("hunter2"),
+            "{why}"
+        );
+        let Target::Refused(why) = parse_url("host=db dbname=app password=hunter2") else {
+            panic!("a libpq string opened");
+        };
+        assert!(
+            why.contains("postgres://") && !why.contains("hunter2"),
+            "{why}"
+        );
     }
 
     #[test]

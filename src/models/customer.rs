@@ -396,7 +396,7 @@ impl Customer {
             && held != id
             && in_metadata != Some(true)
         {
-            return Err(Error::Config(format!(
+            return Err(Error::Refused(format!(
                 "customer {customer_id} belongs to subscriber {held:?}, not {id:?} (linked \
                  by a Checkout): it does not move"
             )));
@@ -423,7 +423,7 @@ impl Customer {
         let answer = match held {
             Some(held) if held == id => current,
             Some(held) => {
-                return Err(Error::Config(format!(
+                return Err(Error::Refused(format!(
                     "customer {customer_id} belongs to subscriber {held:?}, not {id:?}: \
                      remove its metadata key {SUBSCRIBER_METADATA_KEY:?} in Stripe first if \
                      it should move"

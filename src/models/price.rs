@@ -151,6 +151,45 @@ pub struct NewPrice {
 }
 
 impl NewPrice {
+    /// The currency and interval as Stripe's types, or an error saying what to write:
+    /// async-stripe takes any string (as an `Unknown` value) and Stripe's own answer
+    /// would come only after the lookup.
+    fn checked(
+        &self,
+    ) -> Result<(
+        stripe_types::Currency,
+        Option<stripe_product::price::CreatePriceRecurringInterval>,
+    )> {
+        use stripe_product::price::CreatePriceRecurringInterval as Interval;
+        let lower = |s: &str| match s.to_ascii_lowercase() {
+            l if l != s => format!(": write it in lowercase, {l:?}"),
+            _ => String::new(),
+        };
+        let Ok(currency) = self.currency.parse::<stripe_types::Currency>();
+        if matches!(currency, stripe_types::Currency::Unknown(_)) || self.currency.is_empty() {
+            return Err(crate::Error::Refused(format!(
+                "price {}: {:?} is not a currency code Stripe knows (usd, eur, ...){}",
+                self.lookup_key,
+                self.currency,
+                lower(&self.currency)
+            )));
+        }
+        let interval = match self.interval.as_deref() {
+            None => None,
+            Some(text) => match text.parse::<Interval>() {
+                Ok(Interval::Unknown(_)) | Err(_) => {
+                    return Err(crate::Error::Refused(format!(
+                        "price {}: {text:?} is not an interval: day, week, month or year{}",
+                        self.lookup_key,
+                        lower(text)
+                    )));
+                }
+                Ok(interval) => Some(interval),
+            },
+        };
+        Ok((currency, interval))
+    }
+
     /// `price` when it is what this describes, else an error naming the difference.
     fn matches(&self, price: Price) -> Result<Price> {
         let differs = [
@@ -175,7 +214,7 @@ impl NewPrice {
         if differs.is_empty() {
             return Ok(price);
         }
-        Err(crate::Error::Config(format!(
+        Err(crate::Error::Refused(format!(
             "price {} under lookup key {} differs in {}: create the new price under a new lookup key (or archive the old one in Stripe first)",
             price.id,
             self.lookup_key,
@@ -245,6 +284,9 @@ impl Price {
     /// interval is an error naming the difference (prices cannot change in Stripe: create
     /// the new one under a new lookup key, or archive the old one first).
     pub async fn get_or_create(mirror: &Mirror, new: &NewPrice) -> Result<Price> {
+        // Before anything is asked: a typo would otherwise reach Stripe as it is, or,
+        // in capitals, make a price whose currency never matches `new` again.
+        let (currency, interval) = new.checked()?;
         if let Some(found) = Self::by_lookup_key(mirror, &new.lookup_key).await? {
             return new.matches(found);
         }
@@ -276,27 +318,11 @@ impl Price {
                 nul_free: listed.nul_free,
             },
             None => {
-                let currency = new
-                    .currency
-                    .parse::<stripe_types::Currency>()
-                    .map_err(|_| {
-                        crate::Error::Config(format!(
-                            "{:?} is not a currency code (usd, eur, ...)",
-                            new.currency
-                        ))
-                    })?;
                 let mut create = stripe_product::price::CreatePrice::new(currency)
                     .product(new.product.as_str())
                     .unit_amount(new.unit_amount)
                     .lookup_key(new.lookup_key.as_str());
-                if let Some(interval) = &new.interval {
-                    let interval = interval
-                        .parse::<stripe_product::price::CreatePriceRecurringInterval>()
-                        .map_err(|_| {
-                            crate::Error::Config(format!(
-                                "{interval:?} is not an interval: day, week, month or year"
-                            ))
-                        })?;
+                if let Some(interval) = interval {
                     create = create
                         .recurring(stripe_product::price::CreatePriceRecurring::new(interval));
                 }
@@ -336,6 +362,37 @@ impl Price {
         match &self.product_id {
             Some(id) => Product::get(mirror, id).await,
             None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_price_to_create_is_checked_before_stripe_is_asked() {
+        let ok = NewPrice::recurring("pro_monthly", "prod_pro", "usd", 2900, "month");
+        let (currency, interval) = ok.checked().unwrap();
+        assert_eq!(currency, stripe_types::Currency::USD);
+        assert_eq!(interval.map(|i| i.to_string()).as_deref(), Some("month"));
+        assert!(
+            NewPrice::one_time("once", "prod_pro", "eur", 500)
+                .checked()
+                .unwrap()
+                .1
+                .is_none()
+        );
+        for (currency, interval, says) in [
+            ("USD", "month", "write it in lowercase, \"usd\""),
+            ("dollars", "month", "not a currency code"),
+            ("", "month", "not a currency code"),
+            ("usd", "monthly", "not an interval"),
+            ("usd", "Month", "write it in lowercase, \"month\""),
+        ] {
+            let new = NewPrice::recurring("pro_monthly", "prod_pro", currency, 2900, interval);
+            let err = new.checked().unwrap_err().to_string();
+            assert!(err.contains(says), "{currency} {interval}: {err}");
         }
     }
 }

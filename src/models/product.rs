@@ -187,7 +187,7 @@ impl Product {
             Err(err) => return Err(err),
         };
         if answer.value.get("deleted") == Some(&serde_json::Value::Bool(true)) {
-            return Err(Error::Config(format!(
+            return Err(Error::Refused(format!(
                 "product {} is deleted in Stripe and was not made again: choose another id \
                  for it",
                 new.id

@@ -852,7 +852,7 @@ impl Subscription {
         proration: Proration,
     ) -> Result<Subscription> {
         if quantity == 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::Refused(format!(
                 "subscription {}: a quantity of 0 (cancel it instead)",
                 self.id
             )));
@@ -870,7 +870,7 @@ impl Subscription {
         let items = self.items(mirror).await?;
         match items.as_slice() {
             [one] => Ok(one.id.clone()),
-            _ => Err(Error::Config(format!(
+            _ => Err(Error::Refused(format!(
                 "subscription {} has {} items: {what} changes a subscription of one; \
                  change several in the Billing Portal or with the Stripe API",
                 self.id,

@@ -105,7 +105,10 @@ macro_rules! sync_methods {
                 $crate::sync::tombstone::<Self>(mirror, id, mirror.now()).await
             }
 
-            #[doc = concat!("The mirrored ", $object, " with this Stripe id, tombstones included. No Stripe call.")]
+            #[doc = concat!("The mirrored ", $object, " with this Stripe id, tombstones included, of either")]
+            /// mode (ids are Stripe's, unique across modes: check `livemode` against
+            /// [`Mirror::live_mode`](crate::Mirror::live_mode) when the id comes from a
+            /// user). No Stripe call.
             pub async fn get(mirror: &$crate::Mirror, id: &str) -> $crate::Result<Option<Self>> {
                 let id = id.to_owned();
                 mirror.db().run(move |conn| <Self as $crate::sync::Model>::find(conn, &id)).await

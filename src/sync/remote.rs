@@ -505,47 +505,61 @@ impl PageWrite {
 /// own: a page that fails rolls back only itself, not the webhook deliveries sharing
 /// its group. A page rolled back with its group for another write's failure, or lost
 /// to a concurrent write (Postgres), is written again; the stamp guard makes a second
-/// write of the same objects a no-op. Answers once the page is on disk.
+/// write of the same objects a no-op. Answers once the page is on disk. `first` is
+/// its first try, queued when the page was listed ([`Database::queue_write`]), so
+/// pages reach the writer in the order they were listed: the first to fail is the
+/// first listed to fail.
+///
+/// [`Database::queue_write`]: crate::db::Database::queue_write
 async fn write_page(
     db: crate::db::Database,
     table: &'static MirrorTable,
     objects: Arc<(Vec<Value>, Vec<Result<Row>>)>,
+    first: impl std::future::Future<Output = Result<Result<usize>>>,
 ) -> Result<usize> {
-    let mut tries = 0;
+    let mut answer = first.await;
+    let mut tries = 1;
     loop {
-        tries += 1;
-        let objects = objects.clone();
-        let answer = db
-            .write_retrying("", move || {
-                let objects = objects.clone();
-                move |conn: &mut crate::db::Conn<'_>| {
-                    let ids: Vec<&str> =
-                        objects.1.iter().flatten().map(|r| r.id.as_str()).collect();
-                    Ok(conn.write(|c| {
-                        crate::access::changes::in_bulk(c, table, &ids, |c| {
-                            let mut written = 0;
-                            for (item, row) in objects.0.iter().zip(&objects.1) {
-                                if let Ok(row) = row {
-                                    table.write(c, row, item)?;
-                                    written += 1;
-                                }
-                            }
-                            Ok(written)
-                        })
-                    }))
-                }
-            })
-            .await;
         match answer {
             Ok(Ok(written)) => return Ok(written),
             Ok(Err(own)) if tries < 4 && own.is_conflict() => {}
-            Err(group) if tries < 4 && crate::db::batch::rolled_back_for_another(&group) => {}
+            Err(group)
+                if tries < 4
+                    && (crate::db::batch::rolled_back_for_another(&group)
+                        || group.is_conflict()) => {}
             Ok(Err(err)) | Err(err) => return Err(err),
         }
         tracing::debug!(
             tries,
             "a backfill page rolled back with its group; writing it again"
         );
+        tries += 1;
+        let objects = objects.clone();
+        answer = db
+            .write_retrying("", move || page_work(table, objects.clone()))
+            .await;
+    }
+}
+
+/// One try of a page's write ([`write_page`]).
+fn page_work(
+    table: &'static MirrorTable,
+    objects: Arc<(Vec<Value>, Vec<Result<Row>>)>,
+) -> impl FnOnce(&mut crate::db::Conn<'_>) -> Result<Result<usize>> + Send + 'static {
+    move |conn: &mut crate::db::Conn<'_>| {
+        let ids: Vec<&str> = objects.1.iter().flatten().map(|r| r.id.as_str()).collect();
+        Ok(conn.write(|c| {
+            crate::access::changes::in_bulk(c, table, &ids, |c| {
+                let mut written = 0;
+                for (item, row) in objects.0.iter().zip(&objects.1) {
+                    if let Ok(row) = row {
+                        table.write(c, row, item)?;
+                        written += 1;
+                    }
+                }
+                Ok(written)
+            })
+        }))
     }
 }
 
@@ -834,10 +848,11 @@ pub async fn sync_all(
                     .iter()
                     .any(|o| o.get("livemode").and_then(Value::as_bool) == Some(!live));
                 let objects = Arc::new((items, rows));
+                let db = mirror.db().clone();
+                // Queued here, in the order the pages were listed; awaited by its task.
+                let first = db.queue_write("", page_work(table, objects.clone()));
                 page.write = Some(AbortOnDrop(tokio::spawn(write_page(
-                    mirror.db().clone(),
-                    table,
-                    objects,
+                    db, table, objects, first,
                 ))));
                 writing.push_back(page);
             }

@@ -163,6 +163,24 @@ fn link_checkout_customer(conn: &mut Conn<'_>, event: &Event) -> Result<()> {
     link_session(conn, event.object(), event.livemode, &event.id)
 }
 
+/// The subscriber a Checkout Session names: its subscriber metadata (set by the server
+/// that created it, `Checkout::create`), else its `client_reference_id` (which a buyer
+/// can set on a Payment Link). Both there and different: `Err` with both (metadata,
+/// reference), and no subscriber.
+pub(crate) fn session_subscriber(
+    session: &Value,
+) -> std::result::Result<Option<&str>, (&str, &str)> {
+    fn text(v: Option<&Value>) -> Option<&str> {
+        v.and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+    let metadata = text(session.pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}")))
+        .or_else(|| text(session.pointer("/metadata/subscriber_id")));
+    match (metadata, text(session.get("client_reference_id"))) {
+        (Some(m), Some(r)) if m != r => Err((m, r)),
+        (m, r) => Ok(m.or(r)),
+    }
+}
+
 /// Links a Checkout Session's customer and subscriber (see `link_checkout_customer`);
 /// `source` names where the session came from, for the log.
 pub(crate) fn link_session(
@@ -176,22 +194,13 @@ pub(crate) fn link_session(
     else {
         return Ok(());
     };
-    // The metadata is set by the server that created the session (`Checkout::create`);
-    // `client_reference_id` can be set by the buyer (Payment Links): when both are
-    // there they must agree.
-    fn text(v: Option<&Value>) -> Option<&str> {
-        v.and_then(Value::as_str).filter(|s| !s.is_empty())
-    }
-    let metadata = text(session.pointer(&format!("/metadata/{SUBSCRIBER_METADATA_KEY}")))
-        .or_else(|| text(session.pointer("/metadata/subscriber_id")));
-    let reference = text(session.get("client_reference_id"));
-    let subscriber = match (metadata, reference) {
-        (Some(m), Some(r)) if m != r => {
-            tracing::warn!(%source, metadata = %m, client_reference_id = %r,
+    let subscriber = match session_subscriber(session) {
+        Ok(subscriber) => subscriber,
+        Err((metadata, reference)) => {
+            tracing::warn!(%source, %metadata, client_reference_id = %reference,
                 "checkout session's subscriber metadata and client_reference_id disagree; not linked");
             None
         }
-        (m, r) => m.or(r),
     };
     let Some(subscriber) = subscriber else {
         return Ok(());

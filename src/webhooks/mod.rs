@@ -23,7 +23,7 @@ mod replay;
 mod retention;
 pub mod signature;
 
-pub(crate) use builtin::link_session;
+pub(crate) use builtin::{link_session, session_subscriber};
 pub use delivery::{Delivery, Outcome};
 pub use event::Event;
 pub(crate) use pipeline::Failure;

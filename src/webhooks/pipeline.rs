@@ -503,11 +503,7 @@ impl Webhooks {
             return None;
         }
         let (table, id) = builtin::object_of(event)?;
-        let wanted = self
-            .inner
-            .refetch
-            .iter()
-            .any(|k| k == table.kind || (table.kind == "price" && k == "plan"));
+        let wanted = self.inner.refetch.iter().any(|k| k == table.kind);
         wanted.then_some((table, id))
     }
 

@@ -323,10 +323,23 @@ impl Webhooks {
     /// built-in sync re-fetches the object from the Stripe API and mirrors that (stamped
     /// with the fetch time) instead of trusting the event payload, as dj-stripe does.
     /// A failed fetch answers 500, so Stripe retries the delivery.
+    ///
+    /// # Panics
+    ///
+    /// On a kind the mirror cannot fetch (a typo would otherwise re-fetch nothing,
+    /// silently), as [`Webhooks::on`] does on a malformed pattern.
+    #[track_caller]
     pub fn refetch(mut self, kinds: &[&str]) -> Self {
-        self.registry()
-            .refetch
-            .extend(kinds.iter().map(|k| k.to_string()));
+        for kind in kinds {
+            let table = crate::models::table_for_kind(kind).filter(|t| t.api_path.is_some());
+            let Some(table) = table else {
+                panic!(
+                    "refetch {kind:?}: not a kind the mirror fetches; use customer, product, \
+                     price (or plan) or subscription"
+                );
+            };
+            self.registry().refetch.push(table.kind.to_owned());
+        }
         self
     }
 
@@ -515,6 +528,7 @@ impl<S: Clone + Send + Sync + 'static> WithState<S> {
     }
 
     /// [`Webhooks::refetch`].
+    #[track_caller]
     pub fn refetch(mut self, kinds: &[&str]) -> Self {
         self.webhooks = self.webhooks.refetch(kinds);
         self
@@ -585,4 +599,27 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refetch_takes_only_the_kinds_the_mirror_fetches() {
+        let webhooks = Webhooks::new().refetch(&["customers", "plan", "subscription"]);
+        assert_eq!(
+            webhooks.inner.refetch,
+            ["customer", "price", "subscription"]
+        );
+        // A typo would otherwise re-fetch nothing, silently.
+        for typo in ["Subscription", "invoice", "subscription_item", ""] {
+            let refused = std::panic::catch_unwind(|| Webhooks::new().refetch(&[typo]));
+            let message = panic_message(refused.expect_err(typo).as_ref());
+            assert!(
+                message.contains("not a kind the mirror fetches"),
+                "{message}"
+            );
+        }
+    }
 }
