@@ -469,12 +469,23 @@ impl Config {
 
     /// The environment's secret keys for the current mode, with their variables.
     fn env_secret_keys(&self) -> impl Iterator<Item = (&'static str, &Secret)> {
+        // Set from the environment or by `Config`'s setters: named both ways.
         let per_mode = if self.live_mode {
-            ("STRIPE_LIVE_SECRET_KEY", self.live_secret_key.as_ref())
+            (
+                "STRIPE_LIVE_SECRET_KEY (Config::live_secret_key)",
+                self.live_secret_key.as_ref(),
+            )
         } else {
-            ("STRIPE_TEST_SECRET_KEY", self.test_secret_key.as_ref())
+            (
+                "STRIPE_TEST_SECRET_KEY (Config::test_secret_key)",
+                self.test_secret_key.as_ref(),
+            )
         };
-        [("STRIPE_SECRET_KEY", self.secret_key.as_ref()), per_mode]
+        let secret_key = (
+            "STRIPE_SECRET_KEY (Config::secret_key)",
+            self.secret_key.as_ref(),
+        );
+        [secret_key, per_mode]
             .into_iter()
             .filter_map(|(name, key)| Some((name, key?)))
     }
@@ -489,8 +500,8 @@ impl Config {
                 "a publishable key, where a secret (sk_) or restricted (rk_) key goes".to_owned(),
             ),
             Ok((_, live)) if live != self.live_mode => Some(format!(
-                "a {} key while the mirror is in {} mode: set STRIPE_LIVE_MODE={} to use it, \
-                 or give a {} key",
+                "a {} key while the mirror is in {} mode: set STRIPE_LIVE_MODE={} \
+                 (Config::live_mode) to use it, or give a {} key",
                 mode(live),
                 mode(self.live_mode),
                 live,

@@ -228,11 +228,14 @@ fn schema_advice(error: &diesel::result::Error) -> &'static str {
     // SQLite: `no such table: stripe_x`, `no such column: y`, `table stripe_x has no
     // column named y`; Postgres: `relation "stripe_x" does not exist`, `column "y" (of
     // relation "stripe_x") does not exist`.
+    // A column's message names its table when diesel built the query (it qualifies
+    // columns) or when an INSERT named it: a host's own column is not ours to advise on.
+    let ours = message.contains("stripe_");
     let missing = message.starts_with("no such table: stripe_")
-        || message.starts_with("no such column")
+        || (message.starts_with("no such column") && ours)
         || (message.starts_with("table stripe_") && message.contains("has no column"))
         || (message.starts_with("relation \"stripe_") && message.ends_with("does not exist"))
-        || (message.starts_with("column ") && message.ends_with("does not exist"));
+        || (message.starts_with("column ") && message.ends_with("does not exist") && ours);
     if missing {
         "; the mirror's tables are missing or older than this version of stripe-mirror: \
          run `Mirror::migrate()` (or `stripe-mirror migrate`) against this database"
@@ -306,7 +309,8 @@ mod tests {
             .execute(&mut conn)
             .unwrap();
         for sql in [
-            "SELECT email FROM stripe_customers",
+            // As diesel writes a column: qualified.
+            "SELECT stripe_customers.email FROM stripe_customers",
             "INSERT INTO stripe_customers (id, email) VALUES ('a', 'b')",
         ] {
             let older = fails(&mut conn, sql);
@@ -320,5 +324,10 @@ mod tests {
         assert!(!duplicate.contains(advice), "{duplicate}");
         let host = fails(&mut conn, "SELECT id FROM users");
         assert!(!host.contains(advice), "{host}");
+        sql_query("CREATE TABLE users (id TEXT PRIMARY KEY)")
+            .execute(&mut conn)
+            .unwrap();
+        let host_column = fails(&mut conn, "SELECT users.plan FROM users");
+        assert!(!host_column.contains(advice), "{host_column}");
     }
 }

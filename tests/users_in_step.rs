@@ -29,17 +29,20 @@ use schema::{stripe_customers, stripe_subscriptions, users};
 
 const SECRET: &str = "whsec_users_in_step";
 
-/// The plans' products, best first (the README's ranking).
+/// The plans' products and their roles, best first (the README's ranking).
 const PLANS: [&str; 3] = ["prod_pro", "prod_starter", "prod_basic"];
+const ROLES: [&str; 2] = ["pro", "member"];
 
-/// What the user's row should say: the best product paid for, and the role it grants.
+/// What the user's row should say: the best product paid for, and the best role granted.
 fn plan_and_role(change: &AccessChange) -> (Option<String>, Option<String>) {
-    let plan = PLANS
-        .iter()
-        .find(|p| change.after.has_product(p))
-        .map(|p| p.to_string());
+    let best = |ranked: &[&str], held: &dyn Fn(&str) -> bool| {
+        ranked.iter().find(|x| held(x)).map(|x| x.to_string())
+    };
     match change.after.valid {
-        true => (plan, change.after.roles.first().cloned()),
+        true => (
+            best(&PLANS, &|p| change.after.has_product(p)),
+            best(&ROLES, &|r| change.after.has_role(r)),
+        ),
         false => (None, None),
     }
 }

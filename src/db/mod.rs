@@ -265,22 +265,12 @@ pub(crate) fn parse_url(url: &str) -> Target {
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         Target::Sqlite(path.to_owned())
     } else if let Some((scheme, _)) = url.split_once("://").filter(|(s, _)| *s != "file") {
+        // The scheme alone: the rest may hold a token `redact_url` does not know.
         Target::Refused(format!(
-            "DATABASE_URL {}: `{scheme}://` is not a database stripe-mirror opens; use \
-             postgres://user:password@host/db, or sqlite://path/to/file.db",
-            redact_url(url)
+            "DATABASE_URL `{scheme}://...` is not a database stripe-mirror opens; use \
+             postgres://user:password@host/db, or sqlite://path/to/file.db"
         ))
-    } else if [
-        "host=",
-        "hostaddr=",
-        "dbname=",
-        "user=",
-        "port=",
-        "password=",
-    ]
-    .iter()
-    .any(|key| url.starts_with(key))
-    {
+    } else if libpq_keywords(url) {
         // Not echoed: it may hold a password in a form `redact_url` does not read.
         Target::Refused(
             "DATABASE_URL looks like a libpq key-value string (host=... dbname=...): give \
@@ -291,6 +281,25 @@ pub(crate) fn parse_url(url: &str) -> Target {
         // A path (`app.db`, `/var/lib/app.db`, `:memory:`, a `file:` URI).
         Target::Sqlite(url.to_owned())
     }
+}
+
+/// Whether `text` reads as a libpq key-value string (`host=db dbname=app ...`, its
+/// keys in any order) rather than a path: its first word is `key=` with a key of
+/// letters and `_`, or one of its words sets a libpq connection key.
+fn libpq_keywords(text: &str) -> bool {
+    let mut words = text.split_whitespace();
+    let first_is_key = words
+        .next()
+        .and_then(|w| w.split_once('='))
+        .is_some_and(|(key, _)| {
+            !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        });
+    first_is_key
+        || words.any(|w| {
+            ["host=", "hostaddr=", "dbname=", "user=", "password="]
+                .iter()
+                .any(|key| w.starts_with(key))
+        })
 }
 
 /// Whether a Postgres URL's user or password holds a raw `@`: libpq takes its user
@@ -970,20 +979,29 @@ mod tests {
             Target::Sqlite("file:///var/app.db".into())
         );
         // Not opened as a new SQLite file of that name: said.
-        let Target::Refused(why) = parse_url("mysql://app:hunter2@db/app") else {
-            panic!("an unknown scheme opened");
-        };
-        assert!(
-            why.contains("`mysql://`") && !why.contains("hunter2"),
-            "{why}"
-        );
-        let Target::Refused(why) = parse_url("host=db dbname=app password=hunter2") else {
-            panic!("a libpq string opened");
-        };
-        assert!(
-            why.contains("postgres://") && !why.contains("hunter2"),
-            "{why}"
-        );
+        for url in [
+            "mysql://app:hunter2@db/app",
+            "redis://hunter2@db/0?token=hunter2",
+        ] {
+            let Target::Refused(why) = parse_url(url) else {
+                panic!("an unknown scheme opened: {url}");
+            };
+            assert!(why.contains("://...`") && !why.contains("hunter2"), "{why}");
+        }
+        for libpq in [
+            "host=db dbname=app password=hunter2",
+            "sslmode=require host=db password=hunter2",
+            "application_name=x dbname=app",
+            "/tmp/app.db password=hunter2",
+        ] {
+            let Target::Refused(why) = parse_url(libpq) else {
+                panic!("a libpq string opened: {libpq}");
+            };
+            assert!(
+                why.contains("postgres://") && !why.contains("hunter2"),
+                "{why}"
+            );
+        }
     }
 
     #[test]

@@ -359,7 +359,7 @@ impl Customer {
     /// Links a customer made before the mirror (Cashier's `users.stripe_id`, one made in
     /// the Dashboard) to `subscriber`: the subscriber's key is set in its Stripe
     /// metadata, which every later event and backfill carries, and the answer mirrored.
-    /// One linked to another subscriber is [`Error::Config`] (remove the key in Stripe
+    /// One linked to another subscriber is [`Error::Refused`] (remove the key in Stripe
     /// first, should it really move); a deleted one is [`Error::NotFound`]. With an
     /// access hook, call [`Webhooks::deliver_access_change`](crate::Webhooks::deliver_access_change)
     /// for the subscriber afterwards. Two processes linking one customer to two users

@@ -166,9 +166,12 @@ impl NewPrice {
             _ => String::new(),
         };
         let Ok(currency) = self.currency.parse::<stripe_types::Currency>();
-        if matches!(currency, stripe_types::Currency::Unknown(_)) || self.currency.is_empty() {
+        // One async-stripe does not list yet is sent as it is, if it has the shape.
+        let shaped =
+            self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_lowercase());
+        if matches!(currency, stripe_types::Currency::Unknown(_)) && !shaped {
             return Err(crate::Error::Refused(format!(
-                "price {}: {:?} is not a currency code Stripe knows (usd, eur, ...){}",
+                "price {}: {:?} is not a currency code, three lowercase letters (usd, eur, ...){}",
                 self.lookup_key,
                 self.currency,
                 lower(&self.currency)
@@ -383,10 +386,16 @@ mod tests {
                 .1
                 .is_none()
         );
+        // A code of the right shape that async-stripe does not list: Stripe's to judge.
+        let (newer, _) = NewPrice::one_time("once", "prod_pro", "zzz", 500)
+            .checked()
+            .unwrap();
+        assert_eq!(newer.to_string(), "zzz");
         for (currency, interval, says) in [
             ("USD", "month", "write it in lowercase, \"usd\""),
             ("dollars", "month", "not a currency code"),
             ("", "month", "not a currency code"),
+            ("us", "month", "not a currency code"),
             ("usd", "monthly", "not an interval"),
             ("usd", "Month", "write it in lowercase, \"month\""),
         ] {

@@ -827,7 +827,7 @@ impl Subscription {
 
     /// Moves a subscription of one item to another price (Cashier's and Pay's `swap`),
     /// prorated as `proration` says. A subscription of several items is
-    /// [`Error::Config`]: change those in the Billing Portal or with the Stripe API.
+    /// [`Error::Refused`]: change those in the Billing Portal or with the Stripe API.
     pub async fn swap(
         &self,
         mirror: &Mirror,
@@ -844,7 +844,7 @@ impl Subscription {
 
     /// Sets the quantity (seats) of a subscription of one item, prorated as `proration`
     /// says (Cashier's `updateQuantity`). A subscription of several items is
-    /// [`Error::Config`], as for [`swap`](Self::swap).
+    /// [`Error::Refused`], as for [`swap`](Self::swap).
     pub async fn update_quantity(
         &self,
         mirror: &Mirror,

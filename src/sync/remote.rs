@@ -507,8 +507,8 @@ impl PageWrite {
 /// to a concurrent write (Postgres), is written again; the stamp guard makes a second
 /// write of the same objects a no-op. Answers once the page is on disk. `first` is
 /// its first try, queued when the page was listed ([`Database::queue_write`]), so
-/// pages reach the writer in the order they were listed: the first to fail is the
-/// first listed to fail.
+/// first tries reach the writer in the order the pages were listed (a try again
+/// queues behind the pages after it).
 ///
 /// [`Database::queue_write`]: crate::db::Database::queue_write
 async fn write_page(
@@ -523,15 +523,17 @@ async fn write_page(
         match answer {
             Ok(Ok(written)) => return Ok(written),
             Ok(Err(own)) if tries < 4 && own.is_conflict() => {}
-            Err(group)
-                if tries < 4
-                    && (crate::db::batch::rolled_back_for_another(&group)
-                        || group.is_conflict()) => {}
+            Err(group) if tries < 4 && crate::db::batch::rolled_back_for_another(&group) => {}
+            // The group lost to a concurrent write (Postgres): a little apart, as
+            // `write_retrying` does, so the two writers do not meet again.
+            Err(group) if tries < 4 && group.is_conflict() => {
+                tokio::time::sleep(std::time::Duration::from_millis(2 * tries as u64)).await;
+            }
             Ok(Err(err)) | Err(err) => return Err(err),
         }
         tracing::debug!(
             tries,
-            "a backfill page rolled back with its group; writing it again"
+            "a backfill page rolled back, with its group or for a concurrent write; writing it again"
         );
         tries += 1;
         let objects = objects.clone();
