@@ -225,11 +225,11 @@ impl Error {
 /// Advice for a query that failed on a missing table or column of the mirror's own.
 fn schema_advice(error: &diesel::result::Error) -> &'static str {
     let message = error.to_string();
-    // SQLite: `no such table: stripe_x`, `no such column: y`, `table stripe_x has no
-    // column named y`; Postgres: `relation "stripe_x" does not exist`, `column "y" (of
-    // relation "stripe_x") does not exist`.
-    // A column's message names its table when diesel built the query (it qualifies
-    // columns) or when an INSERT named it: a host's own column is not ours to advise on.
+    // SQLite: `no such table: stripe_x`, `no such column: stripe_x.y`, `table stripe_x
+    // has no column named y`; Postgres: `relation "stripe_x" does not exist`, `column
+    // stripe_x.y does not exist`, `column "y" of relation "stripe_x" does not exist`. A
+    // column's message names its table when diesel built the query (it qualifies
+    // columns) or an INSERT named it: a host's own column is not ours to advise on.
     let ours = message.contains("stripe_");
     let missing = message.starts_with("no such table: stripe_")
         || (message.starts_with("no such column") && ours)
