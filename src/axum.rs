@@ -48,22 +48,24 @@ struct WebhookState {
 /// axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await.unwrap();
 /// # }
 /// ```
-pub fn webhook_router<S>(mirror: Mirror, webhooks: Webhooks) -> Router<S>
+pub fn webhook_router<S>(mirror: Mirror, webhooks: impl Into<Webhooks>) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     webhook_router_at(WEBHOOK_PATH, mirror, webhooks)
 }
 
-/// [`webhook_router`] at another path (`/billing/stripe-events`).
+/// [`webhook_router`] at another path (`/billing/stripe-events`). Both take
+/// [`Webhooks`] or the handlers with your state ([`Webhooks::with_state`]) as they are.
 ///
 /// Warns (a `tracing` warning) when no webhook secret is configured: every signed
 /// delivery is then answered 500 (our configuration is wrong, so Stripe keeps
 /// retrying until it is set) and logged.
-pub fn webhook_router_at<S>(path: &str, mirror: Mirror, webhooks: Webhooks) -> Router<S>
+pub fn webhook_router_at<S>(path: &str, mirror: Mirror, webhooks: impl Into<Webhooks>) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
+    let webhooks = webhooks.into();
     warn_without_secret(&mirror);
     Router::new()
         .route(path, post(receive))
@@ -96,7 +98,7 @@ fn warn_without_secret(mirror: &Mirror) {
 /// ```
 pub async fn serve(
     mirror: Mirror,
-    webhooks: Webhooks,
+    webhooks: impl Into<Webhooks>,
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
     serve_with_shutdown(mirror, webhooks, listener, std::future::pending()).await
@@ -116,7 +118,7 @@ pub async fn serve(
 /// ```
 pub async fn serve_with_shutdown(
     mirror: Mirror,
-    webhooks: Webhooks,
+    webhooks: impl Into<Webhooks>,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -32,17 +32,15 @@ async fn the_webhook_route_merges_into_an_app_with_state() {
         config.webhook_secrets = vec![Secret::new(SECRET)];
         let mirror = Mirror::connect(config).await.unwrap();
         let state = AppState::default();
-        let webhooks: Webhooks = Webhooks::new()
-            .with_state(state.clone())
-            .on(
-                "customer.subscription.*",
-                |e: Event, _m: Mirror, app: AppState| async move {
-                    let status = e.object()["status"].as_str().unwrap_or_default().to_owned();
-                    app.plans.lock().unwrap().push(status);
-                    Ok(())
-                },
-            )
-            .into();
+        // Handlers with the app's state, handed to the router as they are.
+        let webhooks = Webhooks::new().with_state(state.clone()).on(
+            "customer.subscription.*",
+            |e: Event, _m: Mirror, app: AppState| async move {
+                let status = e.object()["status"].as_str().unwrap_or_default().to_owned();
+                app.plans.lock().unwrap().push(status);
+                Ok(())
+            },
+        );
         let app: Router = Router::new()
             .route("/me/plan", get(plans))
             .merge(stripe_mirror::axum::webhook_router_at(
