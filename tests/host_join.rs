@@ -95,6 +95,21 @@ async fn fill(mirror: &Mirror) {
             .await
             .unwrap();
     }
+    // Whom each belongs to, from the mirror; nobody for a customer it does not hold.
+    let orphan = json!({"id": "sub_orphan", "object": "subscription", "customer": "cus_unknown",
+        "status": "active", "items": {"data": []}});
+    Subscription::sync_from_stripe_data(mirror, &orphan)
+        .await
+        .unwrap();
+    for (id, owner) in [
+        ("sub_1", Some("user-42")),
+        ("sub_7", Some("user-7")),
+        ("sub_orphan", None),
+    ] {
+        let subscription = Subscription::get(mirror, id).await.unwrap().unwrap();
+        let found = subscription.subscriber_id(mirror).await.unwrap();
+        assert_eq!(found.as_deref(), owner, "{id}");
+    }
 }
 
 #[tokio::test]

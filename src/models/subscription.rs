@@ -608,6 +608,26 @@ impl Subscription {
             .await
     }
 
+    /// Whom the subscription belongs to in the host app: its customer's subscriber id
+    /// (Cashier's `owner`), from the mirror; kept after the customer is deleted. `None`
+    /// when the customer is not mirrored or is linked to no subscriber.
+    ///
+    /// ```no_run
+    /// # async fn f(mirror: stripe_mirror::Mirror) -> stripe_mirror::Result<()> {
+    /// if let Some(subscription) = stripe_mirror::Subscription::get(&mirror, "sub_123").await? {
+    ///     let user = subscription.subscriber_id(&mirror).await?; // to email them, say
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscriber_id(&self, mirror: &Mirror) -> Result<Option<String>> {
+        let Some(customer) = &self.customer_id else {
+            return Ok(None);
+        };
+        Ok(crate::Customer::get(mirror, customer)
+            .await?
+            .and_then(|c| c.subscriber_id))
+    }
+
     /// The subscription's current items (not removed), by id.
     pub async fn items(&self, mirror: &Mirror) -> Result<Vec<SubscriptionItem>> {
         let id = self.id.clone();
