@@ -1,6 +1,8 @@
 //! One webhook request from bytes to answer: checks, the delivery log, the claim with
 //! the built-in sync, the handlers, the outcome.
 
+use std::sync::Arc;
+
 use super::event::{self, Claim, HandlerLog, Refetched};
 use super::{Event, Outcome, SignatureError, Webhooks, builtin, delivery, signature};
 use crate::Mirror;
@@ -82,7 +84,9 @@ impl WebhookResponse {
 
     /// A small JSON body for the HTTP response, with [`public_error`](Self::public_error).
     pub fn body(&self) -> String {
-        serde_json::json!({ "outcome": self.outcome.as_str(), "event": self.event_id, "error": self.public_error() }).to_string()
+        let body = serde_json::json!({ "outcome": self.outcome.as_str(), "event": self.event_id, "error": self.public_error() });
+        // Straight into a buffer, not through `fmt`; a `Value` always serializes.
+        serde_json::to_string(&body).unwrap_or_default()
     }
 }
 
@@ -137,9 +141,10 @@ enum Step {
     /// Decided, and the delivery's outcome recorded: answer this.
     Answer(std::result::Result<Outcome, Failure>),
     /// Stored, claimed and synced: the due handlers run next, then the outcome is recorded.
-    Handlers(Event, Work),
+    /// Shared with the write's retries until it is done ([`owned`]).
+    Handlers(Arc<Event>, Work),
     /// Verified and logged; its object is re-fetched from the API before claiming.
-    Refetch(Event, (&'static MirrorTable, String)),
+    Refetch(Arc<Event>, (&'static MirrorTable, String)),
 }
 
 impl Step {
@@ -207,7 +212,9 @@ impl Webhooks {
         let body_size = request.body_size.unwrap_or(0).max(request.body.len());
         let mut body = std::mem::take(&mut request.body);
         body.truncate(mirror.config().webhook_body_limit);
-        let checked = self.check(mirror, &request, &body, body_size);
+        // Shared by the write's tries, not copied for each (a copy and its drop were a
+        // twentieth of a delivery's CPU).
+        let checked = self.check(mirror, &request, &body, body_size).map(Arc::new);
         if checked.is_err() {
             // Unauthenticated bytes: keep enough to see what was sent, not to fill the log.
             body.truncate(delivery::REFUSED_BODY_LOG_LIMIT);
@@ -224,7 +231,7 @@ impl Webhooks {
         // answered before that transaction commits. The delivery is logged once, with its
         // outcome when it is already known (one row written, not a row and an update).
         let valid = checked.is_ok();
-        let (headers, body) = (std::sync::Arc::new(headers), std::sync::Arc::new(body));
+        let (headers, body) = (Arc::new(headers), Arc::new(body));
         let first = mirror
             .db()
             .write_retrying(event_id.as_deref().unwrap_or(""), || {
@@ -269,6 +276,8 @@ impl Webhooks {
                 }
             })
             .await;
+        // The tries are over: the step's event is ours alone again.
+        drop(checked);
         let (delivery_id, mut step) = match first {
             Ok(first) => first,
             Err(err) => {
@@ -302,13 +311,14 @@ impl Webhooks {
             let refetched = mirror
                 .db()
                 .write_retrying(&event.id, || {
-                    let (mut event, fetched, this) = (event.clone(), fetched.clone(), this.clone());
+                    let (event, fetched, this) = (event.clone(), fetched.clone(), this.clone());
                     move |conn: &mut crate::db::Conn<'_>| {
                         let id = event.id.clone();
                         let step = match fetched {
                             Ok(fetched) => {
+                                let mut event = owned(event);
                                 event.refetched = Some(fetched);
-                                this.claim(conn, event, (t, lease, live))?
+                                this.claim(conn, Arc::new(event), (t, lease, live))?
                             }
                             // Stripe could not be asked: 5xx so it redelivers.
                             Err(failure) => Step::Answer(Err(failure)),
@@ -338,7 +348,14 @@ impl Webhooks {
             };
         }
         let (event, mut work) = match step {
-            Step::Handlers(event, work) => (event, work),
+            // The handlers see this claim's count, the first one 1.
+            Step::Handlers(event, work) => (
+                Event {
+                    attempts: work.token,
+                    ..owned(event)
+                },
+                work,
+            ),
             Step::Answer(result) => return respond(event_id, result),
             Step::Refetch(..) => unreachable!("re-fetched above"),
         };
@@ -451,7 +468,7 @@ impl Webhooks {
     fn claim(
         &self,
         conn: &mut crate::db::Conn<'_>,
-        event: Event,
+        event: Arc<Event>,
         (t, lease, live): (i64, i64, bool),
     ) -> Result<Step> {
         let keys = self.handler_keys(&event, live);
@@ -459,11 +476,6 @@ impl Webhooks {
         Ok(
             match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
-                    // The handlers see this claim's count, the first one 1.
-                    let event = Event {
-                        attempts: work.token,
-                        ..event
-                    };
                     Step::Handlers(event, work)
                 }
                 // Nothing of this registry is due, but the log may hold handlers of
@@ -609,6 +621,11 @@ impl Webhooks {
         event.text = Some(text.into());
         Ok(event)
     }
+}
+
+/// The event itself once no try of its write holds it any more (copied only if one does).
+fn owned(event: Arc<Event>) -> Event {
+    Arc::try_unwrap(event).unwrap_or_else(|shared| (*shared).clone())
 }
 
 /// Writes, on its own, what a failed group rolled back of one delivery (its log row, or
