@@ -1,5 +1,7 @@
 //! The host's clock, injectable. The mirror reads the host's clock only for its own
-//! bookkeeping: signature tolerance, claim leases, data the host hands in. Freshness
+//! bookkeeping: signature tolerance and data the host hands in.
+//! Claim leases run on the database's clock, which every instance sharing it agrees
+//! on (a skewed host can neither steal a claim nor hold one too long). Freshness
 //! of Stripe's data is never judged by it: events carry Stripe's `created`, and API
 //! answers Stripe's `Date` (see [`StripeClient`](crate::stripe::StripeClient)), so a
 //! host clock minutes off changes nothing. Tests inject a skewed clock to prove it.

@@ -121,7 +121,7 @@ pub struct Config {
     /// it the handler is dropped and the event fails with a 500, so Stripe retries it.
     pub webhook_handler_timeout: Duration,
     /// How long a Postgres write waits for a row or table lock before its deliveries
-    /// are rolled back and tried again (up to 4 times, then answered 503 so Stripe
+    /// are rolled back and tried again (up to 4 tries in all, then answered 503 so Stripe
     /// redelivers). Default 250 ms: two app instances' writes locking a customer's rows
     /// in opposite orders deadlock, which Postgres breaks only after its
     /// `deadlock_timeout` (1 s), both stalled meanwhile. Longer if your migrations take
@@ -130,7 +130,8 @@ pub struct Config {
     /// 24 days. SQLite ignores it (its writers queue on `busy_timeout`).
     pub postgres_lock_wait: Duration,
     /// The host's clock (the system's unless a test injects one): used for signature
-    /// tolerance, claim leases and data the host hands in, never to judge Stripe data.
+    /// tolerance and data the host hands in, never to judge Stripe data. Claim leases
+    /// run on the database's clock.
     pub clock: Clock,
 }
 

@@ -303,3 +303,45 @@ fn the_environment_names_the_keys_and_refuses_bad_ones() {
         "{text}"
     );
 }
+
+/// Step 1 of a roll-out (`src/encryption.rs`): the new key set only among the previous
+/// keys opens rows but seals none. A key added then stays as the current setting has
+/// it (plaintext here, as no current key is set), and `encrypt_stored` refuses rather
+/// than seal rows that instances without the new key could no longer read.
+#[tokio::test]
+async fn previous_keys_alone_seal_nothing() {
+    for b in common::backends() {
+        let n = b.name;
+        let new_key = key(7);
+        let step1 = Mirror::connect(with_keys(&b.config, None, std::slice::from_ref(&new_key)))
+            .await
+            .unwrap();
+        ApiKey::get_or_create(&step1, SK).await.unwrap();
+        assert_eq!(stored(&b.config), vec![SK.to_owned()], "{n}: not sealed");
+        let err = ApiKey::encrypt_stored(&step1).await.unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{n}: {err:?}");
+        assert!(
+            err.to_string().contains("STRIPE_MIRROR_ENCRYPTION_KEY"),
+            "{n}: {err}"
+        );
+        assert_eq!(
+            stored(&b.config),
+            vec![SK.to_owned()],
+            "{n}: left as it was"
+        );
+        // An instance not yet given the new key still reads every row.
+        let old = Mirror::connect(with_keys(&b.config, None, &[]))
+            .await
+            .unwrap();
+        assert_eq!(secrets(&old).await, vec![SK.to_owned()], "{n}");
+        // Step 2: the new key becomes the current one, and rows are sealed with it.
+        let step2 = Mirror::connect(with_keys(&b.config, Some(new_key.clone()), &[]))
+            .await
+            .unwrap();
+        assert!(
+            stored(&b.config)[0].starts_with(&format!("enc:v1:{}:", new_key.id())),
+            "{n}"
+        );
+        assert_eq!(secrets(&step2).await, vec![SK.to_owned()], "{n}");
+    }
+}

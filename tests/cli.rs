@@ -428,6 +428,7 @@ fn parse_json(out: &Output) -> Value {
 
 const PUBLISHABLE: &str = "pk_test_clitests000000000000wxyz";
 const WEBHOOK_SECRET: &str = "whsec_clitests0000000000001234";
+const RESTRICTED: &str = "rk_test_clitests000000000000wxyz";
 
 /// `api-keys add` without the key on the command line: one line of stdin, or the
 /// variable named by `--from-env`; the key is never printed whole, and a missing key
@@ -723,6 +724,24 @@ fn doctor_passes_when_set_up_and_names_the_fix_when_not() {
                 .contains("STRIPE_WEBHOOK_SECRET"),
             "{json}"
         );
+
+        // A stored restricted key and no key in the environment: doctor says it is
+        // the stored key in use (not the variable, which is not set).
+        let added = ok(&run(url, None, &["api-keys", "add", RESTRICTED]));
+        let id = added.split_whitespace().next().unwrap().to_owned();
+        let mut cmd = command(url);
+        cmd.args(["doctor", "--offline"])
+            .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .env("STRIPE_TEST_PUBLISHABLE_KEY", PUBLISHABLE);
+        let text = ok(&cmd.output().unwrap());
+        assert!(
+            text.contains(&format!(
+                "ok secret key (test mode): rk_test_...wxyz from stored key {id}"
+            )),
+            "{}: {text}",
+            b.name
+        );
+        assert!(!text.contains(RESTRICTED), "{text}");
     }
 }
 

@@ -199,6 +199,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     if let Some(url) = cli.database_url {
         config.database_url = url;
     }
+    // Which database, on every command: with no DATABASE_URL the embedded default
+    // (./stripe-mirror.db) is used, which a deploy job meant for Postgres must notice.
+    eprintln!("database: {}", config.database_url_redacted());
     if let Command::ApiKeys(ApiKeys::Encrypt) = cli.command {
         // Opened without `connect`'s own sealing, to count what this run changes.
         let current = config.encryption_key.as_ref().map(|k| k.id().to_owned());
@@ -222,9 +225,6 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
         });
     }
-    // Which database, on every command: with no DATABASE_URL the embedded default
-    // (./stripe-mirror.db) is used, which a deploy job meant for Postgres must notice.
-    eprintln!("database: {}", config.database_url_redacted());
     let mirror = Mirror::connect(config).await?;
     match cli.command {
         Command::Migrate => println!("database is up to date"),
@@ -253,7 +253,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 for (kind, count) in report.counts.iter().filter(|_| !counts_shown) {
                     println!("{kind}: {count}");
                 }
-                for (kind, count) in &report.removed {
+                for (kind, count) in report.removed.iter().filter(|(_, n)| **n > 0) {
                     println!("{kind}: {count} gone from Stripe, now tombstones");
                 }
                 for failure in &report.failures {
@@ -902,11 +902,19 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         Some(mirror) => match ApiKey::default_secret_key(mirror).await {
             Ok(secret) => {
                 d.scrub.push(secret.expose().to_owned());
-                let stored = ApiKey::latest(mirror, ApiKeyKind::Secret, live)
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|k| k.secret() == &secret);
+                // Where `default_secret_key` found it: a stored secret key, the
+                // environment, or a stored restricted key (after the environment).
+                let mut stored = None;
+                for kind in [ApiKeyKind::Secret, ApiKeyKind::Restricted] {
+                    stored = ApiKey::latest(mirror, kind, live)
+                        .await
+                        .ok()
+                        .flatten()
+                        .filter(|k| k.secret() == &secret);
+                    if stored.is_some() {
+                        break;
+                    }
+                }
                 let (source, from) = match &stored {
                     Some(key) => (
                         format!("stored key {}", key.id),

@@ -188,8 +188,11 @@ impl ApiKey {
         let (kind, livemode) = parse_key(&secret)?;
         let id = key_id(&secret);
         let keys = mirror.config().encryption_keys();
+        // Sealed with the current key only: a previous key opens rows, it never seals
+        // one (step 1 of a roll-out sets the new key there, and instances without it
+        // must still read every row).
         let row = ApiKeyRow {
-            secret: match keys.first() {
+            secret: match &mirror.config().encryption_key {
                 Some(key) => {
                     encryption::seal(key, &seal_context(&id, kind.as_str(), livemode), &secret)
                 }
@@ -247,9 +250,10 @@ impl ApiKey {
     /// [`Mirror::connect`] runs it when an encryption key is configured.
     pub async fn encrypt_stored(mirror: &Mirror) -> Result<usize> {
         let keys = mirror.config().encryption_keys();
-        let Some(current) = keys.first().cloned() else {
+        // Previous keys alone seal nothing (step 1 of a roll-out).
+        let Some(current) = mirror.config().encryption_key.clone() else {
             return Err(Error::Config(
-                "no encryption key: set STRIPE_MIRROR_ENCRYPTION_KEY (64 hex characters, e.g. `openssl rand -hex 32`)".into(),
+                "no current encryption key: set STRIPE_MIRROR_ENCRYPTION_KEY (64 hex characters, e.g. `openssl rand -hex 32`); keys in STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS only open rows".into(),
             ));
         };
         let rows: Vec<ApiKeyRow> = mirror

@@ -618,7 +618,8 @@ pub struct SyncReport {
     /// Objects mirrored per kind.
     pub counts: BTreeMap<String, usize>,
     /// Objects the mirror held that Stripe's list no longer had and Stripe no longer
-    /// has (deleted while webhooks were missed), per kind: now tombstones.
+    /// has (deleted while webhooks were missed), per kind: now tombstones. With
+    /// [`SyncOptions::remove_missing`], every kind synced has an entry (0 when none).
     pub removed: BTreeMap<String, usize>,
     /// Objects that could not be mirrored: kind, id, error.
     pub failures: Vec<SyncFailure>,
@@ -879,6 +880,10 @@ pub async fn sync_all(
             return Err(err);
         }
         *report.counts.entry(table.kind.to_owned()).or_default() += done;
+        if options.remove_missing {
+            // Said for every kind looked at, 0 included, as the counts are.
+            report.removed.entry(table.kind.to_owned()).or_default();
+        }
         if let Some(began) = began.filter(|_| held > 0) {
             if other_mode {
                 return Err(Error::Config(format!(

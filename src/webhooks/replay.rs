@@ -13,7 +13,8 @@ pub struct EventFilter {
     /// event, or a handler cut off by its timeout, leaves it `processing` until its
     /// claim's lease ends, then it counts here.
     pub failed: bool,
-    /// These event ids, whatever their status.
+    /// These event ids: whatever their status alone; with `failed`, those of them
+    /// failed or stopped (the others are left, and not counted as `not_found`).
     pub ids: Vec<String>,
     /// Events whose type matches (`customer.*`, `invoice.paid`): with `failed`, the
     /// failed ones of that type; alone, every stored event of that type.
