@@ -82,6 +82,15 @@ impl Mirror {
         if let Some(why) = config.env_secret_key_refused() {
             tracing::warn!("{why}; it is not used");
         }
+        // Step 1 of a key roll-out, or a key put in the wrong variable: rows sealed with
+        // a previous key still open, but nothing is sealed with one.
+        if config.encryption_key.is_none() && !config.previous_encryption_keys.is_empty() {
+            tracing::warn!(
+                "STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS is set without STRIPE_MIRROR_ENCRYPTION_KEY: \
+                 stored API keys it seals still open, but keys added now are stored unencrypted; \
+                 set STRIPE_MIRROR_ENCRYPTION_KEY to encrypt them"
+            );
+        }
         Mirror {
             inner: Arc::new(Inner {
                 config,

@@ -107,7 +107,14 @@ fn api_keys_encrypt_seals_stored_keys_and_rotates() {
                 .env("STRIPE_MIRROR_PREVIOUS_ENCRYPTION_KEYS", previous);
             cmd.output().unwrap()
         };
-        let sealed = ok(&with(&k1, "", &["api-keys", "encrypt"]));
+        let first = with(&k1, "", &["api-keys", "encrypt"]);
+        // Which database, as every command says.
+        assert!(
+            String::from_utf8_lossy(&first.stderr).contains("database: "),
+            "{}: {first:?}",
+            b.name
+        );
+        let sealed = ok(&first);
         assert!(
             sealed.contains("sealed 1 of 1 stored keys"),
             "{}: {sealed}",
@@ -742,6 +749,14 @@ fn doctor_passes_when_set_up_and_names_the_fix_when_not() {
             b.name
         );
         assert!(!text.contains(RESTRICTED), "{text}");
+        // The same key in the environment too: that is where the library takes it
+        // from (before a stored restricted key), and what doctor names.
+        let text = ok(&cmd.env("STRIPE_SECRET_KEY", RESTRICTED).output().unwrap());
+        assert!(
+            text.contains("ok secret key (test mode): rk_test_...wxyz from STRIPE_SECRET_KEY"),
+            "{}: {text}",
+            b.name
+        );
     }
 }
 
@@ -872,17 +887,25 @@ async fn sync_prints_plain_progress_lines_and_json_off_a_terminal() {
     for b in common::backends() {
         let url = b.config.database_url.clone();
         let base = base.clone();
-        let (plain, as_json) = tokio::task::spawn_blocking(move || {
+        let (plain, as_json, removing) = tokio::task::spawn_blocking(move || {
             let plain = run(&url, Some(&base), &["sync", "products", "subscription"]);
             let as_json = run(
                 &url,
                 Some(&base),
                 &["sync", "product", "subscription", "--json"],
             );
-            (plain, as_json)
+            let removing = run(&url, Some(&base), &["sync", "product", "--remove-missing"]);
+            (plain, as_json, removing)
         })
         .await
         .unwrap();
+        // Nothing gone from Stripe: the counts, and no "0 gone" line.
+        assert_eq!(
+            ok(&removing).lines().collect::<Vec<_>>(),
+            ["product: 2"],
+            "{}: {removing:?}",
+            b.name
+        );
         // Ran to its end with one object failed: exit status 2, both ways.
         assert_eq!(plain.status.code(), Some(2), "{plain:?}");
         assert_eq!(as_json.status.code(), Some(2), "{as_json:?}");

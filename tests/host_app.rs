@@ -111,8 +111,25 @@ async fn a_secret_key_of_the_other_mode_is_said_at_start() {
     );
     assert!(!text.contains(live_key), "{text}");
     // In live mode it serves: nothing to say.
-    let text = logged(bare.live_mode(true).secret_key(live_key)).await;
+    let text = logged(bare.clone().live_mode(true).secret_key(live_key)).await;
     assert!(!text.contains("STRIPE_LIVE_MODE"), "{text}");
+    // Encryption keys only among the previous ones: they open rows but seal none,
+    // which the app hears at start (the key itself never).
+    let mut previous_only = bare.clone();
+    let key = stripe_mirror::EncryptionKey::from_bytes([7; 32]);
+    previous_only.previous_encryption_keys = vec![key];
+    let text = logged(previous_only).await;
+    assert!(
+        text.contains("WARN")
+            && text.contains("stored unencrypted")
+            && text.contains("set STRIPE_MIRROR_ENCRYPTION_KEY"),
+        "{text}"
+    );
+    assert!(!text.contains(&"07".repeat(32)), "{text}");
+    let mut both = bare;
+    both.encryption_key = Some(stripe_mirror::EncryptionKey::from_bytes([8; 32]));
+    both.previous_encryption_keys = vec![stripe_mirror::EncryptionKey::from_bytes([7; 32])];
+    assert!(!logged(both).await.contains("unencrypted"));
 }
 
 /// A webhook route mounted without a signing secret refuses every delivery: the app

@@ -886,7 +886,8 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         d.skip("migrations", "the database does not open");
     }
 
-    // The secret key, as the library picks it: stored first, then the environment.
+    // The secret key, as the library picks it: a stored secret key, the environment,
+    // then a stored restricted key.
     let secret_name = format!("secret key ({mode} mode)");
     let env_secret = if config.secret_key.is_some() {
         "STRIPE_SECRET_KEY".to_owned()
@@ -902,18 +903,19 @@ async fn doctor(database_url: Option<String>, offline: bool, json: bool) -> Exit
         Some(mirror) => match ApiKey::default_secret_key(mirror).await {
             Ok(secret) => {
                 d.scrub.push(secret.expose().to_owned());
-                // Where `default_secret_key` found it: a stored secret key, the
-                // environment, or a stored restricted key (after the environment).
-                let mut stored = None;
-                for kind in [ApiKeyKind::Secret, ApiKeyKind::Restricted] {
-                    stored = ApiKey::latest(mirror, kind, live)
+                // Where `default_secret_key` found it, in its order: a stored secret
+                // key, the environment, a stored restricted key.
+                let secret_ref = &secret;
+                let stored_of = |kind| async move {
+                    ApiKey::latest(mirror, kind, live)
                         .await
                         .ok()
                         .flatten()
-                        .filter(|k| k.secret() == &secret);
-                    if stored.is_some() {
-                        break;
-                    }
+                        .filter(|k| k.secret() == secret_ref)
+                };
+                let mut stored = stored_of(ApiKeyKind::Secret).await;
+                if stored.is_none() && config.env_secret_key() != Some(&secret) {
+                    stored = stored_of(ApiKeyKind::Restricted).await;
                 }
                 let (source, from) = match &stored {
                     Some(key) => (
