@@ -44,6 +44,8 @@
 //!    stripe-mirror = { version = "0.1", features = ["axum"] }
 //!    axum = "0.8" # your own routes; the same major version as the crate's
 //!    tokio = { version = "1", features = ["full"] }
+//!    serde_json = "1" # objects handed in (`sync_from_stripe_data`), test events
+//!    tracing-subscriber = "0.3" # to see the crate's warnings: `tracing_subscriber::fmt::init()`
 //!    ```
 //!
 //!    For operators, the `stripe-mirror` command: `cargo install stripe-mirror --features cli`
