@@ -400,7 +400,7 @@ impl StripeClient {
                         .filter(|_| !reply.replayed)
                         .or_else(|| newest_timestamp(&value))
                         .unwrap_or_else(|| self.clock.now());
-                    let nul_free = memchr::memmem::find(&reply.body, b"\\u0000").is_none();
+                    let nul_free = crate::sync::fields::text_nul_free(&reply.body);
                     return Ok(Answer {
                         value,
                         at,

@@ -20,6 +20,13 @@ pub(crate) struct Fields<'a> {
     pub deleted: bool,
 }
 
+/// Whether JSON text is known to hold no U+0000 without parsing it: JSON writes that
+/// character only as `\u0000` (a raw NUL byte is no valid JSON), so text without that
+/// sequence holds none (text with it may still hold none: `\\u0000` is a backslash).
+pub(crate) fn text_nul_free(text: &[u8]) -> bool {
+    memchr::memmem::find(text, b"\\u0000").is_none()
+}
+
 /// Whether any string or key in `v` holds U+0000: Postgres cannot store it, so it is
 /// refused on every backend alike (an event's whole body, an object's JSON).
 pub(crate) fn holds_nul(v: &Value) -> bool {
@@ -198,6 +205,26 @@ mod tests {
         );
         assert!(f.i64("bad").is_err());
         assert!(f.required("nope", None::<String>).is_err());
+    }
+
+    /// The text scan answers "none" only when the parsed value holds none: JSON has
+    /// no other way to write U+0000 (serde_json refuses a raw NUL byte).
+    #[test]
+    fn text_without_an_escaped_nul_holds_none() {
+        let with = br#"{"id":"cus_1","name":"a\u0000b"}"#;
+        assert!(!text_nul_free(with));
+        assert!(holds_nul(&serde_json::from_slice(with).unwrap()));
+        let key = br#"{"id":"cus_1","a\u0000":1}"#;
+        assert!(!text_nul_free(key) && holds_nul(&serde_json::from_slice(key).unwrap()));
+        let plain = br#"{"id":"cus_1","name":"ab"}"#;
+        assert!(text_nul_free(plain));
+        // An escaped backslash before `u0000` reads as a NUL to the scan; the walk decides.
+        let backslash = br#"{"name":"a\\u0000"}"#;
+        assert!(!text_nul_free(backslash));
+        assert!(!holds_nul(&serde_json::from_slice(backslash).unwrap()));
+        for raw in [&b"{\"name\":\"a\0b\"}"[..], b"{\"id\":1}\0"] {
+            assert!(serde_json::from_slice::<Value>(raw).is_err(), "{raw:?}");
+        }
     }
 
     #[test]

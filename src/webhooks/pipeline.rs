@@ -617,7 +617,9 @@ impl Webhooks {
                 "the event has no integer `created` (Stripe's time of the event)",
             ));
         }
-        let mut event = Event::from_json(raw).map_err(|e| Failure::new(Outcome::Malformed, e))?;
+        let nul_free = crate::sync::fields::text_nul_free(body);
+        let mut event =
+            Event::from_json(raw, nul_free).map_err(|e| Failure::new(Outcome::Malformed, e))?;
         event.text = Some(text.into());
         Ok(event)
     }
