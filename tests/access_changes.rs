@@ -1049,6 +1049,214 @@ async fn the_hook_is_told_changes_of_its_own_mode_only() {
     }
 }
 
+/// A subscriber of one mode left untold in an event's log (its app's hook failed) is
+/// that app's to tell: the other mode's app, replaying the failed event from the same
+/// database, does not tell its own hook of it (a live `users` table would get a test
+/// plan) nor take it off the log; the test-mode app's replay tells it.
+#[tokio::test]
+async fn an_untold_subscriber_of_the_other_mode_is_left_to_its_app() {
+    for b in backends() {
+        let test_config = config(&b);
+        let test_mirror = Mirror::connect(test_config.clone()).await.unwrap();
+        let test_host = Host::new(&test_config, &["user-o"]);
+        let test_webhooks = test_host.webhooks();
+        let t = 1_700_000_100;
+        *test_host.failing.lock().unwrap() = true;
+        for (id, kind, object) in [
+            (
+                "evt_o1",
+                "customer.created",
+                customer("cus_o", Some("user-o"), "o@example.com"),
+            ),
+            (
+                "evt_o2",
+                "customer.subscription.created",
+                subscription("sub_o", "cus_o", "active", "prod_o"),
+            ),
+        ] {
+            deliver(&test_webhooks, &test_mirror, &event(id, kind, t, object)).await;
+        }
+        // The subscription's event left the subscriber untold.
+        assert_eq!(
+            common::query_count(
+                &test_config.database_url,
+                "SELECT COUNT(*) AS n FROM stripe_events WHERE id = 'evt_o2' AND status = 'failed'",
+            ),
+            1,
+            "{}",
+            b.name
+        );
+
+        // The live app on the same database replays what failed.
+        let mut live = test_config.clone();
+        live.live_mode = true;
+        let live_mirror = Mirror::connect(live.clone()).await.unwrap();
+        let live_host = Host {
+            url: live.database_url.clone(),
+            calls: Arc::default(),
+            failing: Arc::default(),
+        };
+        let live_webhooks = live_host.webhooks();
+        let failed = EventFilter {
+            failed: true,
+            ..EventFilter::default()
+        };
+        let report = live_webhooks
+            .process_events(&live_mirror, &failed)
+            .await
+            .unwrap();
+        assert!(
+            live_host.calls().is_empty(),
+            "{}: {:?}",
+            b.name,
+            live_host.calls()
+        );
+        assert_eq!(
+            (report.processed, report.handlers_pending),
+            (0, 1),
+            "{}: left for the test-mode app: {report:?}",
+            b.name
+        );
+
+        // The test-mode app, its hook mended, tells it.
+        *test_host.failing.lock().unwrap() = false;
+        let report = test_webhooks
+            .process_events(&test_mirror, &failed)
+            .await
+            .unwrap();
+        assert!(report.failed.is_empty(), "{}: {report:?}", b.name);
+        assert_eq!(report.processed, 1, "{}: {report:?}", b.name);
+        let last = test_host.calls().pop().expect("told");
+        assert!(
+            !last.livemode && last.subscriber == "user-o" && last.after.valid,
+            "{}: {last:?}",
+            b.name
+        );
+        assert_eq!(test_host.row("user-o"), "prod_o/-", "{}", b.name);
+    }
+}
+
+/// One product id holds one row: a write of the other mode under the same id (an id
+/// such as `pro` made in both modes) moves what it grants from one mode's subscribers to
+/// the other's, so both are marked, even when its roles stay the same.
+#[tokio::test]
+async fn a_product_moving_to_the_other_mode_marks_both_modes() {
+    for b in backends() {
+        let config = config(&b);
+        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let webhooks = Webhooks::new();
+        let t = 1_700_000_100;
+        let live = |mut v: Value| {
+            v["livemode"] = json!(true);
+            v
+        };
+        let send = |id: String, kind: &'static str, at: i64, object: Value| {
+            let mut e = event(&id, kind, at, object.clone());
+            e["livemode"] = object["livemode"].clone();
+            e
+        };
+        let objects = [
+            (
+                "customer.created",
+                customer("cus_mt", Some("user-mt"), "t@example.com"),
+            ),
+            (
+                "customer.subscription.created",
+                subscription("sub_mt", "cus_mt", "active", "prod_flip"),
+            ),
+            (
+                "customer.created",
+                live(customer("cus_ml", Some("user-ml"), "l@example.com")),
+            ),
+            (
+                "customer.subscription.created",
+                live(subscription("sub_ml", "cus_ml", "active", "prod_flip")),
+            ),
+            ("product.created", live(product("prod_flip", "admin"))),
+        ];
+        for (n, (kind, object)) in objects.into_iter().enumerate() {
+            let e = send(format!("evt_mf{n}"), kind, t, object);
+            assert_eq!(
+                deliver(&webhooks, &mirror, &e).await,
+                Outcome::Processed,
+                "{}",
+                b.name
+            );
+        }
+        let dirty = |live: bool| {
+            common::query_count(
+                &config.database_url,
+                &format!(
+                    "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE AND livemode = {}",
+                    if live { "TRUE" } else { "FALSE" }
+                ),
+            )
+        };
+        let clean = || {
+            common::execute_sql(
+                &config.database_url,
+                "UPDATE stripe_access SET dirty = FALSE",
+            )
+        };
+        // The same roles, written by the test mode: the live subscriber loses them (the
+        // row is test-mode now), the test one gains them.
+        clean();
+        let e = send(
+            "evt_mf5".into(),
+            "product.updated",
+            t + 1,
+            product("prod_flip", "admin"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &e).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            (dirty(false), dirty(true)),
+            (1, 1),
+            "{}: both modes marked",
+            b.name
+        );
+        // And back: both again.
+        clean();
+        let e = send(
+            "evt_mf6".into(),
+            "product.updated",
+            t + 2,
+            live(product("prod_flip", "admin")),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &e).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            (dirty(false), dirty(true)),
+            (1, 1),
+            "{}: both modes marked",
+            b.name
+        );
+        // The same roles in the same mode: nothing changed, nobody marked.
+        clean();
+        let e = send(
+            "evt_mf7".into(),
+            "product.updated",
+            t + 3,
+            live(product("prod_flip", "admin")),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &e).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        assert_eq!((dirty(false), dirty(true)), (0, 0), "{}", b.name);
+    }
+}
+
 /// Pausing payment collection keeps the subscription `active` and valid, but the hook is
 /// told (a host that stops serving what it does not bill copies it), and told again
 /// when collection resumes.

@@ -170,7 +170,26 @@ pub(crate) enum AccessLink {
 /// What a write must know of the row as it was (read before the write).
 pub(crate) struct Before {
     subscriber: Option<(String, bool)>,
-    roles: Option<Vec<String>>,
+    /// The product's row before the write: its roles, mode and whether deleted.
+    product: Option<ProductGrant>,
+}
+
+/// What a product row grants, and in which mode: its roles unless it is deleted.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ProductGrant {
+    roles: Vec<String>,
+    live: bool,
+    deleted: bool,
+}
+
+impl ProductGrant {
+    /// The roles it grants to subscribers of `live`'s mode.
+    fn in_mode(grant: Option<&Self>, live: bool) -> &[String] {
+        match grant {
+            Some(g) if g.live == live && !g.deleted => &g.roles,
+            _ => &[],
+        }
+    }
 }
 
 /// A subscriber, in a mode.
@@ -345,13 +364,15 @@ pub(crate) fn before_write(
     Ok(match table.access {
         AccessLink::Customer("id") => Some(Before {
             subscriber: subscriber_of(conn, &row.id)?,
-            roles: None,
+            product: None,
         }),
         AccessLink::ProductRoles => {
-            let query = stripe_products::table
-                .find(&row.id)
-                .select(stripe_products::data);
-            let data: Option<String> = match conn {
+            let query = stripe_products::table.find(&row.id).select((
+                stripe_products::data,
+                stripe_products::livemode,
+                stripe_products::deleted,
+            ));
+            let found: Option<(String, bool, bool)> = match conn {
                 #[cfg(feature = "sqlite")]
                 Conn::Sqlite(c) => query.get_result(&mut **c).optional()?,
                 // Locked, as in `subscriber_of`.
@@ -360,7 +381,11 @@ pub(crate) fn before_write(
             };
             Some(Before {
                 subscriber: None,
-                roles: data.map(|d| super::roles_in(&d)),
+                product: found.map(|(data, live, deleted)| ProductGrant {
+                    roles: super::roles_in(&data),
+                    live,
+                    deleted,
+                }),
             })
         }
         _ => None,
@@ -395,10 +420,22 @@ pub(crate) fn after_write(
             }
         }
         AccessLink::ProductRoles => {
-            let now = super::roles_in(row.data());
-            // A deleted product grants nothing any more, whatever its data says.
-            if row.deleted || before.and_then(|b| b.roles).unwrap_or_default() != now {
-                mark_product(conn, &row.id, row.livemode)?;
+            // What the row grants in each mode, before and after: a deleted product
+            // grants nothing, whatever its data says, and one id holds one row, so a
+            // write of the other mode (an id such as `pro` made in both) moves the
+            // roles from one mode's subscribers to the other's.
+            let was = before.and_then(|b| b.product);
+            let now = ProductGrant {
+                roles: super::roles_in(row.data()),
+                live: row.livemode,
+                deleted: row.deleted,
+            };
+            for live in [false, true] {
+                if ProductGrant::in_mode(was.as_ref(), live)
+                    != ProductGrant::in_mode(Some(&now), live)
+                {
+                    mark_product(conn, &row.id, live)?;
+                }
             }
         }
     }

@@ -819,11 +819,16 @@ pub(crate) fn claim_and_sync(
         // With an access hook, a follow-up fetch may change access: keep the claim open;
         // a tracked re-fetch keeps it open until the fetched object is written.
         let mut due = (hook && follow_up.is_some()) || refetch_due;
-        for key in handlers
-            .keys()
-            .filter(|k| crate::access::changes::from_log_key(k).is_some())
-        {
-            due |= handlers[key] != event::HANDLER_OK;
+        // Subscribers left untold by an earlier attempt: ours to tell when of our mode;
+        // another mode's stay in the log for an app of that mode (the event is stored
+        // failed meanwhile, as for handlers registered elsewhere). Without a hook, any
+        // keeps the event open for a host's registry.
+        for (key, state) in &handlers {
+            let ours = match crate::access::changes::from_log_key(key) {
+                Some(touched) => access.is_none_or(|live| touched.1 == live),
+                None => false,
+            };
+            due |= ours && state != event::HANDLER_OK;
         }
         for key in keys {
             let entry = handlers

@@ -447,9 +447,14 @@ impl Webhooks {
         let Some(hook) = &self.inner.access_hook else {
             return answer(failed, None);
         };
+        // This mode's subscribers only: another mode's (pending in the log since its app
+        // failed to tell them) are that app's to tell, with its hook (`claim_and_sync`).
+        let live = mirror.live_mode();
         let due: Vec<String> = log
             .iter()
-            .filter(|(k, v)| v.as_str() != HANDLER_OK && changes::from_log_key(k).is_some())
+            .filter(|(k, v)| {
+                v.as_str() != HANDLER_OK && changes::from_log_key(k).is_some_and(|t| t.1 == live)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
