@@ -1136,124 +1136,136 @@ async fn an_untold_subscriber_of_the_other_mode_is_left_to_its_app() {
     }
 }
 
-/// One product id holds one row: a write of the other mode under the same id (an id
-/// such as `pro` made in both modes) moves what it grants from one mode's subscribers to
-/// the other's, so both are marked, even when its roles stay the same.
+/// The object in the other mode's form: `livemode` true.
+fn live(mut object: Value) -> Value {
+    object["livemode"] = json!(true);
+    object
+}
+
+/// An event whose mode is its object's.
+fn event_of_mode(id: &str, kind: &str, at: i64, object: Value) -> Value {
+    let mut e = event(id, kind, at, object.clone());
+    e["livemode"] = object["livemode"].clone();
+    e
+}
+
+/// `user-test` and `user-live`, each subscribed to `product` in its own mode, with no
+/// subscriber left marked.
+async fn subscribers_in_both_modes(
+    b: &common::Backend,
+    webhooks: &Webhooks,
+    mirror: &Mirror,
+    product: &str,
+) {
+    let objects = [
+        (
+            "customer.created",
+            customer("cus_bt", Some("user-test"), "t@example.com"),
+        ),
+        (
+            "customer.subscription.created",
+            subscription("sub_bt", "cus_bt", "active", product),
+        ),
+        (
+            "customer.created",
+            live(customer("cus_bl", Some("user-live"), "l@example.com")),
+        ),
+        (
+            "customer.subscription.created",
+            live(subscription("sub_bl", "cus_bl", "active", product)),
+        ),
+    ];
+    for (n, (kind, object)) in objects.into_iter().enumerate() {
+        let e = event_of_mode(&format!("evt_b{n}"), kind, 1_700_000_100, object);
+        assert_eq!(
+            deliver(webhooks, mirror, &e).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+    }
+    common::execute_sql(
+        &b.config.database_url,
+        "UPDATE stripe_access SET dirty = FALSE",
+    );
+}
+
+/// How many subscribers of each mode are marked: (test, live).
+fn marked_by_mode(b: &common::Backend) -> (i64, i64) {
+    let count = |live: &str| {
+        common::query_count(
+            &b.config.database_url,
+            &format!(
+                "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE AND livemode = {live}"
+            ),
+        )
+    };
+    (count("FALSE"), count("TRUE"))
+}
+
+/// A product id such as `pro` may name a product in each mode. A test-mode change to
+/// its roles marks the test-mode subscribers only: the live ones' access did not
+/// change, and the live app would otherwise recompute each of them for nothing.
+#[tokio::test]
+async fn a_product_change_marks_the_subscribers_of_its_own_mode_only() {
+    for b in backends() {
+        let mirror = Mirror::connect(config(&b)).await.unwrap();
+        let webhooks = Webhooks::new();
+        subscribers_in_both_modes(&b, &webhooks, &mirror, "prod_both").await;
+        let roles = event(
+            "evt_b4",
+            "product.updated",
+            1_700_000_101,
+            product("prod_both", "admin"),
+        );
+        assert_eq!(
+            deliver(&webhooks, &mirror, &roles).await,
+            Outcome::Processed,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            marked_by_mode(&b),
+            (1, 0),
+            "{}: the test-mode subscriber only",
+            b.name
+        );
+    }
+}
+
+/// One product id holds one row: a write of the other mode under the same id moves
+/// what it grants from one mode's subscribers to the other's, so both are marked, even
+/// when its roles stay the same.
 #[tokio::test]
 async fn a_product_moving_to_the_other_mode_marks_both_modes() {
     for b in backends() {
-        let config = config(&b);
-        let mirror = Mirror::connect(config.clone()).await.unwrap();
+        let mirror = Mirror::connect(config(&b)).await.unwrap();
         let webhooks = Webhooks::new();
-        let t = 1_700_000_100;
-        let live = |mut v: Value| {
-            v["livemode"] = json!(true);
-            v
-        };
-        let send = |id: String, kind: &'static str, at: i64, object: Value| {
-            let mut e = event(&id, kind, at, object.clone());
-            e["livemode"] = object["livemode"].clone();
-            e
-        };
-        let objects = [
-            (
-                "customer.created",
-                customer("cus_mt", Some("user-mt"), "t@example.com"),
-            ),
-            (
-                "customer.subscription.created",
-                subscription("sub_mt", "cus_mt", "active", "prod_flip"),
-            ),
-            (
-                "customer.created",
-                live(customer("cus_ml", Some("user-ml"), "l@example.com")),
-            ),
-            (
-                "customer.subscription.created",
-                live(subscription("sub_ml", "cus_ml", "active", "prod_flip")),
-            ),
-            ("product.created", live(product("prod_flip", "admin"))),
+        subscribers_in_both_modes(&b, &webhooks, &mirror, "prod_flip").await;
+        // Live first; then the same roles written by the test mode (the live subscriber
+        // loses them, the test one gains them); back to live, both again; the same
+        // roles in the same mode, nobody.
+        let steps = [
+            (live(product("prod_flip", "admin")), (0, 1)),
+            (product("prod_flip", "admin"), (1, 1)),
+            (live(product("prod_flip", "admin")), (1, 1)),
+            (live(product("prod_flip", "admin")), (0, 0)),
         ];
-        for (n, (kind, object)) in objects.into_iter().enumerate() {
-            let e = send(format!("evt_mf{n}"), kind, t, object);
+        for (n, (object, marked)) in steps.into_iter().enumerate() {
+            common::execute_sql(
+                &b.config.database_url,
+                "UPDATE stripe_access SET dirty = FALSE",
+            );
+            let at = 1_700_000_101 + n as i64;
+            let e = event_of_mode(&format!("evt_mf{n}"), "product.updated", at, object);
             assert_eq!(
                 deliver(&webhooks, &mirror, &e).await,
                 Outcome::Processed,
                 "{}",
                 b.name
             );
+            assert_eq!(marked_by_mode(&b), marked, "{}: step {n}", b.name);
         }
-        let dirty = |live: bool| {
-            common::query_count(
-                &config.database_url,
-                &format!(
-                    "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE AND livemode = {}",
-                    if live { "TRUE" } else { "FALSE" }
-                ),
-            )
-        };
-        let clean = || {
-            common::execute_sql(
-                &config.database_url,
-                "UPDATE stripe_access SET dirty = FALSE",
-            )
-        };
-        // The same roles, written by the test mode: the live subscriber loses them (the
-        // row is test-mode now), the test one gains them.
-        clean();
-        let e = send(
-            "evt_mf5".into(),
-            "product.updated",
-            t + 1,
-            product("prod_flip", "admin"),
-        );
-        assert_eq!(
-            deliver(&webhooks, &mirror, &e).await,
-            Outcome::Processed,
-            "{}",
-            b.name
-        );
-        assert_eq!(
-            (dirty(false), dirty(true)),
-            (1, 1),
-            "{}: both modes marked",
-            b.name
-        );
-        // And back: both again.
-        clean();
-        let e = send(
-            "evt_mf6".into(),
-            "product.updated",
-            t + 2,
-            live(product("prod_flip", "admin")),
-        );
-        assert_eq!(
-            deliver(&webhooks, &mirror, &e).await,
-            Outcome::Processed,
-            "{}",
-            b.name
-        );
-        assert_eq!(
-            (dirty(false), dirty(true)),
-            (1, 1),
-            "{}: both modes marked",
-            b.name
-        );
-        // The same roles in the same mode: nothing changed, nobody marked.
-        clean();
-        let e = send(
-            "evt_mf7".into(),
-            "product.updated",
-            t + 3,
-            live(product("prod_flip", "admin")),
-        );
-        assert_eq!(
-            deliver(&webhooks, &mirror, &e).await,
-            Outcome::Processed,
-            "{}",
-            b.name
-        );
-        assert_eq!((dirty(false), dirty(true)), (0, 0), "{}", b.name);
     }
 }
 
@@ -1313,83 +1325,6 @@ async fn a_paused_collection_is_told_to_the_hook() {
                 .unwrap()
                 .collection_paused
         );
-    }
-}
-
-/// A product id such as `pro` may name a product in each mode. A test-mode change to
-/// its roles marks the test-mode subscribers only: the live ones' access did not
-/// change, and the live app would otherwise recompute each of them for nothing.
-#[tokio::test]
-async fn a_product_change_marks_the_subscribers_of_its_own_mode_only() {
-    for b in backends() {
-        let config = config(&b);
-        let mirror = Mirror::connect(config.clone()).await.unwrap();
-        let webhooks = Webhooks::new();
-        let t = 1_700_000_100;
-        let live = |mut v: Value| {
-            v["livemode"] = json!(true);
-            v
-        };
-        let objects = [
-            (
-                "customer.created",
-                customer("cus_bt", Some("user-test"), "t@example.com"),
-            ),
-            (
-                "customer.subscription.created",
-                subscription("sub_bt", "cus_bt", "active", "prod_both"),
-            ),
-            (
-                "customer.created",
-                live(customer("cus_bl", Some("user-live"), "l@example.com")),
-            ),
-            (
-                "customer.subscription.created",
-                live(subscription("sub_bl", "cus_bl", "active", "prod_both")),
-            ),
-        ];
-        for (n, (kind, object)) in objects.into_iter().enumerate() {
-            let mut e = event(&format!("evt_b{n}"), kind, t, object.clone());
-            e["livemode"] = object["livemode"].clone();
-            assert_eq!(
-                deliver(&webhooks, &mirror, &e).await,
-                Outcome::Processed,
-                "{}",
-                b.name
-            );
-        }
-        common::execute_sql(
-            &config.database_url,
-            "UPDATE stripe_access SET dirty = FALSE",
-        );
-        let roles = event(
-            "evt_b4",
-            "product.updated",
-            t + 1,
-            product("prod_both", "admin"),
-        );
-        assert_eq!(
-            deliver(&webhooks, &mirror, &roles).await,
-            Outcome::Processed,
-            "{}",
-            b.name
-        );
-        let dirty = |live: bool| {
-            common::query_count(
-                &config.database_url,
-                &format!(
-                    "SELECT COUNT(*) AS n FROM stripe_access WHERE dirty = TRUE AND livemode = {}",
-                    if live { "TRUE" } else { "FALSE" }
-                ),
-            )
-        };
-        assert_eq!(
-            dirty(false),
-            1,
-            "{}: the test-mode subscriber is marked",
-            b.name
-        );
-        assert_eq!(dirty(true), 0, "{}: a live subscriber was marked", b.name);
     }
 }
 

@@ -431,9 +431,11 @@ pub(crate) fn after_write(
                 deleted: row.deleted,
             };
             for live in [false, true] {
-                if ProductGrant::in_mode(was.as_ref(), live)
-                    != ProductGrant::in_mode(Some(&now), live)
-                {
+                let changed = ProductGrant::in_mode(was.as_ref(), live)
+                    != ProductGrant::in_mode(Some(&now), live);
+                // A deletion marks its mode as it always did (a mark whose state comes
+                // out unchanged tells no one).
+                if changed || (row.deleted && live == row.livemode) {
                     mark_product(conn, &row.id, live)?;
                 }
             }
