@@ -159,10 +159,14 @@ pub async fn serve_with_shutdown(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        // The peer's address for the delivery log, as `into_make_service_with_connect_info`.
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone().layer(axum::Extension(ConnectInfo(peer))),
-        );
+        // The peer's address for the delivery log, as `into_make_service_with_connect_info`:
+        // put in each request, not layered onto a copy of the router per connection
+        // (Stripe may open one per delivery).
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower::ServiceExt::oneshot(app.clone(), request.map(axum::body::Body::new))
+        });
         let connection =
             connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {
