@@ -865,6 +865,57 @@ mod tests {
         assert_eq!(t(&mut c, rows), "2,3,4");
     }
 
+    /// The columns the upserts take for indexed ([`crate::sync::upsert::INDEXED`]:
+    /// on SQLite an update first leaves them out of its `SET`) are those the
+    /// migrations index, table by mirrored table.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_indexed_columns_are_the_schemas() {
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct Index {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            tbl_name: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            sql: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("indexed.db");
+        let mut c = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        c.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let indexes: Vec<Index> = diesel::sql_query(
+            "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+        )
+        .load(&mut c)
+        .unwrap();
+        let mut tables: Vec<&str> = crate::models::MIRRORED.iter().map(|t| t.table).collect();
+        tables.push(crate::models::subscription::SUBSCRIPTION_ITEMS.table);
+        for table in tables {
+            let mut found: Vec<String> = Vec::new();
+            for index in indexes.iter().filter(|i| i.tbl_name == table) {
+                assert!(
+                    !index.sql.contains(" WHERE "),
+                    "a partial index: {}",
+                    index.sql
+                );
+                let (_, columns) = index.sql.split_once('(').unwrap();
+                let (columns, _) = columns.rsplit_once(')').unwrap();
+                found.extend(columns.split(',').map(|c| c.trim().to_owned()));
+            }
+            found.sort();
+            found.dedup();
+            let mut listed: Vec<String> = crate::sync::upsert::INDEXED
+                .iter()
+                .find(|(t, _)| *t == table)
+                .map_or(&[][..], |(_, columns)| *columns)
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            listed.sort();
+            assert_eq!(found, listed, "{table}");
+        }
+    }
+
     /// The "received by rowid" migration drops SQLite's two indexes on `received_at`
     /// (the prune finds its rows by rowid, `db::received`) for a partial index of the
     /// events not synced, which `reconcile` reads; its revert puts them back.
