@@ -202,6 +202,17 @@ macro_rules! marked {
     };
 }
 
+/// [`marked!`] for a subscriber still marked: one version on, and no `dirty` in the
+/// `SET`, which SQLite would otherwise rewrite in `idx_access_dirty` (one more page
+/// in the commit) though it stays true. Marks nobody not marked: [`mark_customer`]
+/// runs [`marked!`] then.
+macro_rules! marked_again {
+    () => {
+        " ON CONFLICT (subscriber_id, livemode) DO UPDATE SET version = stripe_access.version + 1 \
+         WHERE stripe_access.dirty = TRUE"
+    };
+}
+
 /// Marks the subscribers of the customers whose `id` the caller's condition follows
 /// with (` = ?`, ` IN (...)`).
 macro_rules! mark_customers {
@@ -409,9 +420,14 @@ pub(crate) fn after_write(
             if let Some(customer) = customer {
                 mark_customer(conn, &customer)?;
             }
-            // A customer moved to another subscriber: the one it left changes too.
+            // A customer moved to another subscriber: the one it left changes too. (One
+            // that stays is marked above: not again, a statement and on SQLite a page.)
             if let Some((old, live)) = before.and_then(|b| b.subscriber) {
-                mark(conn, &old, live)?;
+                let stays = live == row.livemode
+                    && row.text("subscriber_id").as_deref() == Some(old.as_str());
+                if !stays {
+                    mark(conn, &old, live)?;
+                }
             }
         }
         AccessLink::Product(column) => {
@@ -477,6 +493,16 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         livemode: bool,
     }
     const MARK_CUSTOMER: &str = concat!(mark_customers!(), " = ?", marked!());
+    const AGAIN: &str = concat!(mark_customers!(), " = ?", marked_again!());
+    // On SQLite a subscriber still marked (no hook tells it) is marked first without
+    // touching its `dirty` entry; Postgres keeps an unchanged entry by itself.
+    let again = match conn {
+        #[cfg(feature = "sqlite")]
+        Conn::Sqlite(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    };
+    let values = [SqlValue::Text(Some(customer.to_owned()))];
     // Nobody collects: marked with the others at the end of the page ([`in_bulk`]),
     // or now, with a prepared statement the connection keeps.
     if MARKED.with(|m| m.borrow().is_none()) {
@@ -486,19 +512,31 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
                 .map(|set| set.insert(customer.to_owned()))
                 .is_some()
         });
-        if deferred {
+        if deferred || (again && execute(conn, AGAIN, &values)? > 0) {
             return Ok(());
         }
-        execute(
-            conn,
-            MARK_CUSTOMER,
-            &[SqlValue::Text(Some(customer.to_owned()))],
-        )?;
+        execute(conn, MARK_CUSTOMER, &values)?;
         return Ok(());
     }
-    let sql = format!("{MARK_CUSTOMER} RETURNING subscriber_id, livemode");
-    let values = [SqlValue::Text(Some(customer.to_owned()))];
-    let marked: Vec<Marked> = on_conn!(conn, c => Bound::new(&sql, &values).load(c))?;
+    let mut marked: Vec<Marked> = Vec::new();
+    if again {
+        let sql = concat!(
+            mark_customers!(),
+            " = ?",
+            marked_again!(),
+            " RETURNING subscriber_id, livemode"
+        );
+        marked = on_conn!(conn, c => Bound::new(sql, &values).load(c))?;
+    }
+    if marked.is_empty() {
+        let sql = concat!(
+            mark_customers!(),
+            " = ?",
+            marked!(),
+            " RETURNING subscriber_id, livemode"
+        );
+        marked = on_conn!(conn, c => Bound::new(sql, &values).load(c))?;
+    }
     for m in marked {
         collected(m.subscriber_id, m.livemode);
     }
