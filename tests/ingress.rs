@@ -307,69 +307,6 @@ async fn prune_removes_old_processed_events_and_keeps_failed_ones() {
 
 /// The axum route, over a real socket: the request is written by hand so that the
 /// body can be longer than what is sent, or slower than the timeout.
-/// On Postgres the two logs' receive times are indexed by BRIN, not B-tree (one
-/// summary per block range: no entry per delivery), and the prune's and `reconcile`'s
-/// queries can still read an index: the BRIN for rows received before a time, the
-/// partial index of the events whose sync did not apply.
-#[cfg(feature = "postgres")]
-#[tokio::test]
-async fn postgres_indexes_receive_times_by_block_range() {
-    use diesel::{Connection, RunQueryDsl};
-    let url = common::postgres_url();
-    Mirror::connect(stripe_mirror::Config::new(url.clone()))
-        .await
-        .unwrap();
-    let indexes = common::query_text(
-        &url,
-        "SELECT string_agg(indexname || ' ' || split_part(split_part(indexdef, 'USING ', 2), ' ', 1), ', ' \
-         ORDER BY indexname) AS t FROM pg_indexes WHERE indexdef LIKE '%received_at%'",
-    );
-    assert_eq!(
-        indexes,
-        "idx_deliveries_received_brin brin, idx_events_received_brin brin, idx_events_unsynced btree"
-    );
-    #[derive(diesel::QueryableByName)]
-    struct Plan {
-        #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
-        line: String,
-    }
-    let mut c = diesel::PgConnection::establish(&url).unwrap();
-    // Empty tables: the planner would scan them; forbid that to see what serves each.
-    diesel::sql_query("SET enable_seqscan = off")
-        .execute(&mut c)
-        .unwrap();
-    let plan = |c: &mut diesel::PgConnection, sql: &str| -> String {
-        diesel::sql_query(format!("EXPLAIN {sql}"))
-            .load::<Plan>(c)
-            .unwrap()
-            .into_iter()
-            .map(|p| p.line)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let prune_events = plan(
-        &mut c,
-        "DELETE FROM stripe_events WHERE status = 'processed' AND received_at < 1700000000",
-    );
-    assert!(
-        prune_events.contains("idx_events_received_brin"),
-        "{prune_events}"
-    );
-    let prune_deliveries = plan(
-        &mut c,
-        "DELETE FROM stripe_webhook_deliveries WHERE received_at < 1700000000",
-    );
-    assert!(
-        prune_deliveries.contains("idx_deliveries_received_brin"),
-        "{prune_deliveries}"
-    );
-    let unsynced = plan(
-        &mut c,
-        "SELECT data FROM stripe_events WHERE synced = FALSE AND livemode = FALSE AND received_at >= 1700000000",
-    );
-    assert!(unsynced.contains("idx_events_unsynced"), "{unsynced}");
-}
-
 #[cfg(feature = "axum")]
 mod axum_route {
     use std::net::SocketAddr;

@@ -482,7 +482,9 @@ fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>>
     Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
 }
 
-/// Marks the subscriber of this customer, if it has one yet (one statement).
+/// Marks the subscriber of this customer, if it has one yet: one statement, on SQLite
+/// two when the subscriber is not marked (a hook told it since) or the customer has
+/// none, as `marked_again!` is tried first.
 pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
     use diesel::sql_types::{Bool, Text};
     #[derive(QueryableByName)]

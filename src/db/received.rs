@@ -5,7 +5,7 @@
 //! rowid: `prune` finds its range by a binary search over the rowid, and still tests
 //! `received_at` itself, so a row out of order (the host's clock stepped back) is only
 //! left for a later prune. A rebuild of either table must keep its rows' rowid order.
-//! Postgres indexes `received_at` by block range (BRIN), which costs a delivery no entry.
+//! Postgres keeps its indexes.
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
