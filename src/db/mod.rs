@@ -966,6 +966,34 @@ mod tests {
         assert_eq!(indexes(&mut c), both);
     }
 
+    /// The "unindexed email" migration drops the customers' email index, which no
+    /// query of the mirror reads; its revert puts it back.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_unindexed_email_migration_drops_the_index_and_reverts() {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let count = |c: &mut SqliteConnection| {
+            diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE name = 'idx_customers_email'",
+            )
+            .get_result::<N>(c)
+            .unwrap()
+            .n
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, next) = sqlite_before(&dir, "_unindexed_email");
+        assert_eq!(count(&mut c), 1);
+        c.run_migration(next.as_ref()).unwrap();
+        assert_eq!(count(&mut c), 0);
+        c.revert_last_migration(SQLITE_MIGRATIONS).unwrap();
+        assert_eq!(count(&mut c), 1);
+    }
+
     /// The "subscriber in metadata" migration fills its column from each customer's
     /// data: true where Stripe's metadata holds the key, false where it does not (a
     /// Checkout's link), unknown where the row has no metadata (a placeholder).
