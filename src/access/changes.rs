@@ -494,15 +494,29 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         #[diesel(sql_type = Bool)]
         livemode: bool,
     }
-    const MARK_CUSTOMER: &str = concat!(mark_customers!(), " = ?", marked!());
-    const AGAIN: &str = concat!(mark_customers!(), " = ?", marked_again!());
     // On SQLite a subscriber still marked (no hook tells it) is marked first without
-    // touching its `dirty` entry; Postgres keeps an unchanged entry by itself.
-    let again = match conn {
+    // touching its `dirty` entry; Postgres keeps an unchanged entry by itself. Each
+    // statement is written with and without `RETURNING` (for whether one collects).
+    macro_rules! with_and_without_returning {
+        ($ending:ident) => {
+            [
+                concat!(mark_customers!(), " = ?", $ending!()),
+                concat!(
+                    mark_customers!(),
+                    " = ?",
+                    $ending!(),
+                    " RETURNING subscriber_id, livemode"
+                ),
+            ]
+        };
+    }
+    const AGAIN: [&str; 2] = with_and_without_returning!(marked_again);
+    const MARK: [&str; 2] = with_and_without_returning!(marked);
+    let tries: &[[&str; 2]] = match conn {
         #[cfg(feature = "sqlite")]
-        Conn::Sqlite(_) => true,
+        Conn::Sqlite(_) => &[AGAIN, MARK],
         #[allow(unreachable_patterns)]
-        _ => false,
+        _ => &[MARK],
     };
     let values = [SqlValue::Text(Some(customer.to_owned()))];
     // Nobody collects: marked with the others at the end of the page ([`in_bulk`]),
@@ -514,30 +528,21 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
                 .map(|set| set.insert(customer.to_owned()))
                 .is_some()
         });
-        if deferred || (again && execute(conn, AGAIN, &values)? > 0) {
-            return Ok(());
+        if !deferred {
+            for [sql, _] in tries {
+                if execute(conn, sql, &values)? > 0 {
+                    break;
+                }
+            }
         }
-        execute(conn, MARK_CUSTOMER, &values)?;
         return Ok(());
     }
     let mut marked: Vec<Marked> = Vec::new();
-    if again {
-        let sql = concat!(
-            mark_customers!(),
-            " = ?",
-            marked_again!(),
-            " RETURNING subscriber_id, livemode"
-        );
+    for [_, sql] in tries {
         marked = on_conn!(conn, c => Bound::new(sql, &values).load(c))?;
-    }
-    if marked.is_empty() {
-        let sql = concat!(
-            mark_customers!(),
-            " = ?",
-            marked!(),
-            " RETURNING subscriber_id, livemode"
-        );
-        marked = on_conn!(conn, c => Bound::new(sql, &values).load(c))?;
+        if !marked.is_empty() {
+            break;
+        }
     }
     for m in marked {
         collected(m.subscriber_id, m.livemode);
