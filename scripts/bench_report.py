@@ -44,7 +44,7 @@ p("for the pages the run before it left dirty.")
 p("")
 load = f", load average before the run {machine['load']:.2f}" if machine["load"] is not None else ""
 p(f"Run: {machine['at']} UTC, {os.cpu_count()} cores ({cpu()}){load}. "
-  "The VM is noisy: runs minutes apart differ by 10-30 %.")
+  "The VM is noisy: runs minutes apart differ by up to 40 %, and more over an hour (benches/notes.md).")
 p("")
 p(f"Corpus: {corpus['events']} distinct signed events built from Stripe's example objects"
   f" (`tests/fixtures/stripe_fixtures3.json`): customer created and updated, product, price,"
