@@ -506,18 +506,19 @@ impl MirrorTable {
                     (*c, value)
                 })
                 .collect();
-            let assign = |sets: &[&(&str, String)]| {
-                sets.iter()
+            fn assign<'s>(sets: impl IntoIterator<Item = &'s (&'s str, String)>) -> String {
+                let sets: Vec<String> = sets
+                    .into_iter()
                     .map(|(c, value)| format!("{c} = {value}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+                    .collect();
+                sets.join(", ")
+            }
             let live = if self.final_tombstones {
                 format!("{t}.deleted = FALSE")
             } else {
                 "TRUE".to_owned()
             };
-            let revive = format!("{insert}{}", assign(&sets.iter().collect::<Vec<_>>()));
+            let revive = format!("{insert}{}", assign(&sets));
             let upsert = format!("{revive} WHERE {live}");
             // Newer stamp, or the same stamp from a later source; an update and a
             // fetch (or two of either) in one second are left to `settle_tie`.
@@ -539,7 +540,7 @@ impl MirrorTable {
                     .map(|(c, value)| format!("{t}.{c} IS ({value})"))
                     .collect::<Vec<_>>()
                     .join(" AND ");
-                let forced = format!("{insert}{} WHERE {live} AND {same}", assign(&other));
+                let forced = format!("{insert}{} WHERE {live} AND {same}", assign(other));
                 (format!("{forced} AND {fresher}"), forced)
             });
             Statements {
