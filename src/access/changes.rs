@@ -16,7 +16,7 @@
 //! events came in, at least once per change, and never for a change that does not
 //! touch access (an email update).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,6 +234,25 @@ thread_local! {
     /// customer in the page reads its row again).
     static BEFORE_PAGE: RefCell<Option<HashMap<String, Option<Touched>>>> =
         const { RefCell::new(None) };
+    /// An access hook tells this thread's marks as they are made ([`told_by_hook`]):
+    /// its subscribers' rows are then most often clean, and a mark goes straight to
+    /// the statement that sets `dirty`.
+    static TOLD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (a webhook's sync) knowing whether an access hook will tell the marks it
+/// makes: on SQLite [`mark_customer`] then skips `marked_again!`, which would find
+/// the row clean (told since its last mark) and write nothing.
+pub(crate) fn told_by_hook<R>(hook: bool, f: impl FnOnce() -> R) -> R {
+    /// Puts the outer value back even if `f` panics (blocking threads are reused).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TOLD.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(TOLD.with(|t| t.replace(hook)));
+    f()
 }
 
 /// Runs a backfill page's writes (`f`, in the caller's transaction) and marks the
@@ -482,9 +501,9 @@ fn subscriber_of(conn: &mut Conn<'_>, customer: &str) -> Result<Option<Touched>>
     Ok(found.and_then(|(s, live)| s.map(|s| (s, live))))
 }
 
-/// Marks the subscriber of this customer, if it has one yet: one statement, on SQLite
-/// two when the subscriber is not marked (a hook told it since) or the customer has
-/// none, as `marked_again!` is tried first.
+/// Marks the subscriber of this customer, if it has one yet: one statement. On SQLite
+/// without a hook `marked_again!` is tried first, so two when the subscriber is not
+/// marked (told since) or the customer has none.
 pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
     use diesel::sql_types::{Bool, Text};
     #[derive(QueryableByName)]
@@ -495,8 +514,9 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
         livemode: bool,
     }
     // On SQLite a subscriber still marked (no hook tells it) is marked first without
-    // touching its `dirty` entry; Postgres keeps an unchanged entry by itself. Each
-    // statement is written with and without `RETURNING` (for whether one collects).
+    // touching its `dirty` entry; Postgres keeps an unchanged entry by itself, and with
+    // a hook the row is most often clean. Each statement is written with and without
+    // `RETURNING` (for whether one collects).
     macro_rules! with_and_without_returning {
         ($ending:ident) => {
             [
@@ -510,11 +530,12 @@ pub(crate) fn mark_customer(conn: &mut Conn<'_>, customer: &str) -> Result<()> {
             ]
         };
     }
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     const AGAIN: [&str; 2] = with_and_without_returning!(marked_again);
     const MARK: [&str; 2] = with_and_without_returning!(marked);
     let tries: &[[&str; 2]] = match conn {
         #[cfg(feature = "sqlite")]
-        Conn::Sqlite(_) => &[AGAIN, MARK],
+        Conn::Sqlite(_) if !TOLD.with(Cell::get) => &[AGAIN, MARK],
         #[allow(unreachable_patterns)]
         _ => &[MARK],
     };
@@ -929,6 +950,57 @@ pub async fn access_of(mirror: &Mirror, subscriber_id: &str) -> Result<AccessSta
 mod tests {
     use super::*;
     use crate::db::Database;
+
+    /// On SQLite a customer's mark tries `marked_again!` first unless a hook tells the
+    /// marks: a marked subscriber is marked in one statement, a clean one in two
+    /// without a hook and in one with. Each leaves the row marked, one version on.
+    #[test]
+    fn a_mark_takes_one_statement_where_the_row_is_as_expected() {
+        use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Count(Arc<AtomicUsize>);
+        impl Instrumentation for Count {
+            fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+                if let InstrumentationEvent::StartQuery { .. } = event {
+                    self.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("marks.db").display());
+        let db = crate::db::Database::open(&url, 1, Duration::from_secs(5)).unwrap();
+        db.migrate().unwrap();
+        drop(db);
+        let path = dir.path().join("marks.db");
+        let mut c = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        c.batch_execute(
+            "INSERT INTO stripe_customers (id, livemode, data, stamp, synced_at, subscriber_id) \
+             VALUES ('cus_m', FALSE, '{}', 1, 1, 'u1')",
+        )
+        .unwrap();
+        let statements = Arc::new(AtomicUsize::new(0));
+        c.set_instrumentation(Count(statements.clone()));
+        // Statements of one mark of `cus_m` with its row as `dirty` says, and the row after.
+        let mut mark_once = |dirty: bool, hook: bool| {
+            c.batch_execute(&format!(
+                "INSERT OR REPLACE INTO stripe_access (subscriber_id, livemode, dirty, version) \
+                 VALUES ('u1', FALSE, {dirty}, 5)"
+            ))
+            .unwrap();
+            statements.store(0, Ordering::Relaxed);
+            told_by_hook(hook, || mark_customer(&mut Conn::Sqlite(&mut c), "cus_m")).unwrap();
+            let count = statements.load(Ordering::Relaxed);
+            let row: (bool, i64) = stripe_access::table
+                .select((stripe_access::dirty, stripe_access::version))
+                .get_result(&mut c)
+                .unwrap();
+            (count, row)
+        };
+        assert_eq!(mark_once(true, false), (1, (true, 6)), "marked, no hook");
+        assert_eq!(mark_once(false, false), (2, (true, 6)), "clean, no hook");
+        assert_eq!(mark_once(false, true), (1, (true, 6)), "clean, a hook");
+        assert_eq!(mark_once(true, true), (1, (true, 6)), "marked, a hook");
+    }
 
     /// A page whose writes fail, or panic, leaves nothing of it on the thread (writer
     /// threads are reused): no subscribers read for it, no customers deferred, so the

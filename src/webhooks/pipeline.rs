@@ -776,8 +776,9 @@ pub(crate) fn claim_and_sync(
                     return Ok(Err(err));
                 }
             };
-            let (written, touched) =
-                crate::access::changes::collect(|| builtin::apply(c, event, plan));
+            let (written, touched) = crate::access::changes::collect(|| {
+                crate::access::changes::told_by_hook(hook, || builtin::apply(c, event, plan))
+            });
             // Mapping is done above: a mapping error now would follow writes that no
             // savepoint can undo, so it must fail the whole transaction.
             let written = written.map_err(|err| match err {
