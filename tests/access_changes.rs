@@ -53,6 +53,34 @@ fn subscription(id: &str, customer: &str, status: &str, product: &str) -> Value 
                "current_period_start": 1_700_000_100, "current_period_end": PERIOD_END}]}})
 }
 
+/// A subscriber signing up, as `tag` names it: the events of customer `cus_{tag}` of
+/// `user-{tag}` and its active subscription `sub_{tag}` to `prod_{tag}`, at `t`.
+fn signup(tag: &str, t: i64) -> [Value; 2] {
+    [
+        event(
+            &format!("evt_{tag}1"),
+            "customer.created",
+            t,
+            customer(
+                &format!("cus_{tag}"),
+                Some(&format!("user-{tag}")),
+                &format!("{tag}@example.com"),
+            ),
+        ),
+        event(
+            &format!("evt_{tag}2"),
+            "customer.subscription.created",
+            t,
+            subscription(
+                &format!("sub_{tag}"),
+                &format!("cus_{tag}"),
+                "active",
+                &format!("prod_{tag}"),
+            ),
+        ),
+    ]
+}
+
 fn product(id: &str, roles: &str) -> Value {
     json!({"id": id, "object": "product", "livemode": false, "name": "Pro", "metadata": {"roles": roles}})
 }
@@ -1013,19 +1041,8 @@ async fn the_hook_is_told_changes_of_its_own_mode_only() {
         let host = Host::new(&live, &["user-m"]);
         let webhooks = host.webhooks();
         let t = 1_700_000_100;
-        for (id, kind, object) in [
-            (
-                "evt_m1",
-                "customer.created",
-                customer("cus_m", Some("user-m"), "m@example.com"),
-            ),
-            (
-                "evt_m2",
-                "customer.subscription.created",
-                subscription("sub_m", "cus_m", "active", "prod_m"),
-            ),
-        ] {
-            let outcome = deliver(&webhooks, &live_mirror, &event(id, kind, t, object)).await;
+        for event in signup("m", t) {
+            let outcome = deliver(&webhooks, &live_mirror, &event).await;
             assert_eq!(outcome, Outcome::Processed, "{}", b.name);
         }
         let report = webhooks.deliver_access_changes(&live_mirror).await.unwrap();
@@ -1062,19 +1079,8 @@ async fn an_untold_subscriber_of_the_other_mode_is_left_to_its_app() {
         let test_webhooks = test_host.webhooks();
         let t = 1_700_000_100;
         *test_host.failing.lock().unwrap() = true;
-        for (id, kind, object) in [
-            (
-                "evt_o1",
-                "customer.created",
-                customer("cus_o", Some("user-o"), "o@example.com"),
-            ),
-            (
-                "evt_o2",
-                "customer.subscription.created",
-                subscription("sub_o", "cus_o", "active", "prod_o"),
-            ),
-        ] {
-            deliver(&test_webhooks, &test_mirror, &event(id, kind, t, object)).await;
+        for event in signup("o", t) {
+            deliver(&test_webhooks, &test_mirror, &event).await;
         }
         // The subscription's event left the subscriber untold.
         assert_eq!(
@@ -1340,21 +1346,8 @@ async fn removing_the_metadata_key_in_stripe_unlinks_the_customer() {
         let host = Host::new(&config, &["user-k"]);
         let webhooks = host.webhooks();
         let t = 1_700_000_100;
-        for (id, kind, created, object) in [
-            (
-                "evt_k1",
-                "customer.created",
-                t,
-                customer("cus_k", Some("user-k"), "k@example.com"),
-            ),
-            (
-                "evt_k2",
-                "customer.subscription.created",
-                t,
-                subscription("sub_k", "cus_k", "active", "prod_k"),
-            ),
-        ] {
-            let outcome = deliver(&webhooks, &mirror, &event(id, kind, created, object)).await;
+        for event in signup("k", t) {
+            let outcome = deliver(&webhooks, &mirror, &event).await;
             assert_eq!(outcome, Outcome::Processed, "{}", b.name);
         }
         assert_eq!(host.row("user-k"), "prod_k/-", "{}", b.name);
