@@ -427,6 +427,58 @@ async fn items_left_out_of_a_partial_list_stay() {
     }
 }
 
+/// A whole list written over several items: the ones it names are written with their
+/// new data, the ones it leaves out become tombstones, and an item of another
+/// subscription is untouched. (On Postgres the tombstones ride with the last item's
+/// upsert, in one statement: this checks that statement's binds line up.)
+#[tokio::test]
+async fn a_whole_list_writes_what_it_names_and_tombstones_the_rest() {
+    for b in backends() {
+        let m = b.mirror().await;
+        let n = b.name;
+        let three = sub_version(
+            "active",
+            &[("si_a", "price_a"), ("si_b", "price_b"), ("si_c", "price_c")],
+        );
+        Subscription::sync_from_stripe_data_at(&m, &three, 100)
+            .await
+            .unwrap();
+        let mut other = sub_version("active", &[("si_x", "price_x")]);
+        other["id"] = json!("sub_other");
+        Subscription::sync_from_stripe_data_at(&m, &other, 100)
+            .await
+            .unwrap();
+        let mut next = sub_version("active", &[("si_b", "price_b2"), ("si_d", "price_d")]);
+        next["items"]["has_more"] = json!(false);
+        let s = Subscription::sync_from_stripe_data_at(&m, &next, 200)
+            .await
+            .unwrap();
+        let items = s.items(&m).await.unwrap();
+        let listed: Vec<_> = items
+            .iter()
+            .map(|i| (i.id.as_str(), i.price_id.as_deref()))
+            .collect();
+        assert_eq!(
+            listed,
+            [("si_b", Some("price_b2")), ("si_d", Some("price_d"))],
+            "{n}"
+        );
+        for (id, gone) in [("si_a", true), ("si_c", true), ("si_x", false)] {
+            let item = SubscriptionItem::get(&m, id).await.unwrap().unwrap();
+            assert_eq!(item.deleted, gone, "{n}: {id}");
+        }
+        // The list emptied: every item left is gone.
+        let mut none = sub_version("canceled", &[]);
+        none["items"]["has_more"] = json!(false);
+        let s = Subscription::sync_from_stripe_data_at(&m, &none, 300)
+            .await
+            .unwrap();
+        assert!(s.items(&m).await.unwrap().is_empty(), "{n}");
+        let item = SubscriptionItem::get(&m, "si_d").await.unwrap().unwrap();
+        assert!(item.deleted, "{n}");
+    }
+}
+
 fn page_all(ids: &[&str]) -> serde_json::Value {
     let mut v = sub_version(
         "active",
