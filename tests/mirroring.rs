@@ -438,7 +438,11 @@ async fn a_whole_list_writes_what_it_names_and_tombstones_the_rest() {
         let n = b.name;
         let three = sub_version(
             "active",
-            &[("si_a", "price_a"), ("si_b", "price_b"), ("si_c", "price_c")],
+            &[
+                ("si_a", "price_a"),
+                ("si_b", "price_b"),
+                ("si_c", "price_c"),
+            ],
         );
         Subscription::sync_from_stripe_data_at(&m, &three, 100)
             .await
