@@ -152,6 +152,79 @@ async fn redelivery_runs_nothing_twice() {
     }
 }
 
+/// Each verified delivery's row says what was answered, whichever way its claim
+/// ended: processed, a duplicate, a bad shape, with handlers that succeed or fail. (On
+/// Postgres the row is written by the claim's own statement, with the outcome the
+/// claim was expected to end in, and corrected after: this checks every correction.)
+#[tokio::test]
+async fn each_delivery_row_says_what_was_answered() {
+    for b in backends() {
+        let m = mirror(&b).await;
+        let n = b.name;
+        let none = Webhooks::new();
+        let failing = Webhooks::new().on("product.created", |_e: Event, _m: Mirror| async {
+            Err("mail server down".into())
+        });
+        let log: Log = Default::default();
+        let listening = Webhooks::new().on("product.created", recorder(&log, "h"));
+        let customer = event("evt_row1", "customer.created", now(), fixture("customer"));
+        let bad = event(
+            "evt_row2",
+            "customer.subscription.updated",
+            now(),
+            json!({"id": "sub_bad", "object": "subscription", "status": 5, "customer": "cus_1"}),
+        );
+        let product = |id: &str| {
+            event(
+                id,
+                "product.created",
+                now(),
+                json!({"id": format!("prod_{id}"), "object": "product", "name": "P"}),
+            )
+        };
+        let cases: [(&Webhooks, Value, Outcome); 7] = [
+            (&none, customer.clone(), Outcome::Processed),
+            (&none, customer.clone(), Outcome::Duplicate),
+            (&listening, customer, Outcome::Duplicate),
+            (&none, bad, Outcome::InvalidObject),
+            (&listening, product("evt_row3"), Outcome::Processed),
+            (&failing, product("evt_row4"), Outcome::HandlerFailed),
+            // Its handler, registered elsewhere, has not succeeded yet: not a 200.
+            (&none, product("evt_row4"), Outcome::HandlerFailed),
+        ];
+        for (i, (webhooks, ev, outcome)) in cases.into_iter().enumerate() {
+            let r = webhooks.receive(&m, post(&ev)).await;
+            assert_eq!(r.outcome, outcome, "{n}: case {i}: {:?}", r.error);
+            let d = &Delivery::recent(&m, 1).await.unwrap()[0];
+            let row = (
+                d.outcome.as_str(),
+                d.status_code,
+                d.error.is_some(),
+                d.body.is_empty(),
+                d.valid,
+                d.event_id.as_deref(),
+                d.remote_addr.as_deref(),
+                d.body_truncated,
+            );
+            let answered = (
+                outcome.as_str(),
+                Some(r.status as i32),
+                r.error.is_some(),
+                true,
+                true,
+                ev["id"].as_str(),
+                Some("127.0.0.1:5555"),
+                false,
+            );
+            assert_eq!(row, answered, "{n}: case {i}");
+            assert_eq!(d.body_size as usize, ev.to_string().len(), "{n}: case {i}");
+            assert!(d.headers.contains("stripe-signature"), "{n}: case {i}");
+            assert!((now() - d.received_at).abs() < 60, "{n}: case {i}");
+        }
+        assert_eq!(log.lock().unwrap().len(), 1, "{n}");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_deliveries_of_one_event_run_each_handler_once() {
     for b in backends() {

@@ -250,8 +250,9 @@ pub(crate) fn insert_and_claim(
     settled: bool,
     t: i64,
     lease_secs: i64,
+    ride: Option<&mut crate::webhooks::delivery::Ride>,
 ) -> Result<Claim> {
-    use diesel::sql_types::{Bool, Integer, Text};
+    use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
     #[derive(QueryableByName)]
     struct Claimed {
         #[diesel(sql_type = Integer)]
@@ -279,7 +280,7 @@ pub(crate) fn insert_and_claim(
     } else {
         format!("'{PROCESSING}', ?, 1, ({now}) + {lease_secs}, FALSE, ?")
     };
-    let sql = format!(
+    let claim = format!(
         "INSERT INTO stripe_events (id, \"type\", livemode, api_version, created, data, status, received_at, attempts, claimed_at, synced, processed_at) \
          VALUES (?, ?, ?, ?, ?, ?, {fresh}) \
          ON CONFLICT (id) DO UPDATE SET status = 'processing', attempts = stripe_events.attempts + 1, \
@@ -302,8 +303,51 @@ pub(crate) fn insert_and_claim(
         SqlValue::Int(Some(t)),
         SqlValue::Int(settled.then_some(t)),
     ];
-    let claimed: Option<Claimed> =
-        on_conn!(conn, c => Bound::new(&sql, &values).get_result(c).optional())?;
+    let claimed: Option<Claimed> = match ride {
+        // The delivery's row rides along: one round trip. Its id comes back whether the
+        // event was claimed or not (`LEFT JOIN`).
+        Some(ride) => {
+            #[derive(QueryableByName)]
+            struct Logged {
+                #[diesel(sql_type = BigInt)]
+                delivery: i64,
+                #[diesel(sql_type = Nullable<Integer>)]
+                attempts: Option<i32>,
+                #[diesel(sql_type = Nullable<Bool>)]
+                synced: Option<bool>,
+                #[diesel(sql_type = Nullable<Text>)]
+                handlers: Option<String>,
+                #[diesel(sql_type = Nullable<Text>)]
+                status: Option<String>,
+            }
+            let sql = format!(
+                "WITH logged AS ({}), claimed AS ({claim}) \
+                 SELECT logged.id AS delivery, claimed.attempts, claimed.synced, \
+                 claimed.handlers, claimed.status FROM logged LEFT JOIN claimed ON TRUE",
+                crate::webhooks::delivery::Ride::INSERT
+            );
+            let mut binds = ride.binds();
+            binds.extend(values);
+            let logged: Logged = on_conn!(conn, c => Bound::new(&sql, &binds).get_result(c))?;
+            ride.written(logged.delivery);
+            match logged {
+                Logged {
+                    attempts: Some(attempts),
+                    synced: Some(synced),
+                    handlers: Some(handlers),
+                    status: Some(status),
+                    ..
+                } => Some(Claimed {
+                    attempts,
+                    synced,
+                    handlers,
+                    status,
+                }),
+                _ => None,
+            }
+        }
+        None => on_conn!(conn, c => Bound::new(&claim, &values).get_result(c).optional())?,
+    };
     if let Some(Claimed {
         attempts,
         synced,

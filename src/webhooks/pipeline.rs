@@ -239,6 +239,7 @@ impl Webhooks {
                 let (headers, body, remote) = (headers.clone(), body.clone(), remote.clone());
                 let logged_id = event_id.clone();
                 move |conn: &mut crate::db::Conn<'_>| {
+                    let mut ride = None;
                     let step = match (checked, refetch) {
                         (Err(failure), _) => Step::Answer(Err(failure)),
                         // A redelivery of a processed event is a duplicate, answered
@@ -248,7 +249,11 @@ impl Webhooks {
                         }
                         // The API call must not sit inside a transaction: claim after it.
                         (Ok(event), Some(target)) => Step::Refetch(event, target),
-                        (Ok(event), None) => this.claim(conn, event, (t, lease, live))?,
+                        (Ok(event), None) => {
+                            let (addr, id) = (remote.as_deref(), &event.id);
+                            ride = delivery::Ride::on(conn, addr, &headers, body_size, id);
+                            this.claim(conn, event, (t, lease, live), ride.as_mut())?
+                        }
                     };
                     let (outcome, error) = step.logged();
                     // A verified event's body is stored once, as its event's `data`; kept
@@ -271,7 +276,11 @@ impl Webhooks {
                         outcome,
                         error: error.as_deref(),
                     };
-                    let id = delivery::log(conn, &entry)?;
+                    // Written with the claim (Postgres), else now.
+                    let id = match delivery::Ride::logged(ride.as_ref(), conn, &entry)? {
+                        Some(id) => id,
+                        None => delivery::log(conn, &entry)?,
+                    };
                     Ok((id, step))
                 }
             })
@@ -318,7 +327,7 @@ impl Webhooks {
                             Ok(fetched) => {
                                 let mut event = owned(event);
                                 event.refetched = Some(fetched);
-                                this.claim(conn, Arc::new(event), (t, lease, live))?
+                                this.claim(conn, Arc::new(event), (t, lease, live), None)?
                             }
                             // Stripe could not be asked: 5xx so it redelivers.
                             Err(failure) => Step::Answer(Err(failure)),
@@ -470,11 +479,20 @@ impl Webhooks {
         conn: &mut crate::db::Conn<'_>,
         event: Arc<Event>,
         (t, lease, live): (i64, i64, bool),
+        mut ride: Option<&mut delivery::Ride>,
     ) -> Result<Step> {
         let keys = self.handler_keys(&event, live);
         let access = self.has_access_hook().then_some(live);
+        // With nothing of this registry to run, the claim ends processed; else its
+        // delivery is received, to be finished once they ran.
+        if let Some(ride) = ride.as_deref_mut() {
+            ride.presume(match keys.is_empty() && access.is_none() {
+                true => Outcome::Processed,
+                false => Outcome::Received,
+            });
+        }
         Ok(
-            match claim_and_sync(conn, &event, false, t, lease, &keys, access) {
+            match claim_and_sync(conn, &event, false, t, lease, &keys, access, ride) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
                     Step::Handlers(event, work)
                 }
@@ -718,6 +736,7 @@ pub(crate) fn claim_and_sync(
     lease: i64,
     keys: &[String],
     access: Option<bool>,
+    ride: Option<&mut delivery::Ride>,
 ) -> Result<Progress> {
     // `access`: the mirror's mode when an access hook listens. Only subscribers of that
     // mode are told (the gate reads that mode alone); the others stay marked for an app
@@ -735,7 +754,7 @@ pub(crate) fn claim_and_sync(
     let settle = !force && keys.is_empty() && !hook && plan.is_ok();
     let attempt = conn.atomic(|c| {
         let (token, synced, mut handlers, settled) =
-            match event::insert_and_claim(c, event, force, settle, t, lease)? {
+            match event::insert_and_claim(c, event, force, settle, t, lease, ride)? {
                 Claim::Claimed {
                     token,
                     synced,

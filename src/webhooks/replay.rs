@@ -168,7 +168,7 @@ impl Webhooks {
             );
             let progress = mirror
                 .db()
-                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys, access))
+                .run(move |conn| claim_and_sync(conn, &e, force, t, lease, &keys, access, None))
                 .await;
             let mut work = match progress {
                 Ok(Progress::Claimed(work)) => work,
