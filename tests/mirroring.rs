@@ -471,6 +471,24 @@ async fn a_whole_list_writes_what_it_names_and_tombstones_the_rest() {
             let item = SubscriptionItem::get(&m, id).await.unwrap().unwrap();
             assert_eq!(item.deleted, gone, "{n}: {id}");
         }
+        // The last item listed is one stored already: its new data applies.
+        let mut again = sub_version("active", &[("si_b", "price_b3"), ("si_d", "price_d2")]);
+        again["items"]["has_more"] = json!(false);
+        let s = Subscription::sync_from_stripe_data_at(&m, &again, 250)
+            .await
+            .unwrap();
+        let prices: Vec<_> = s
+            .items(&m)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.price_id)
+            .collect();
+        assert_eq!(
+            prices,
+            [Some("price_b3".to_owned()), Some("price_d2".to_owned())],
+            "{n}"
+        );
         // The list emptied: every item left is gone.
         let mut none = sub_version("canceled", &[]);
         none["items"]["has_more"] = json!(false);

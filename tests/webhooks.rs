@@ -182,12 +182,15 @@ async fn each_delivery_row_says_what_was_answered() {
                 json!({"id": format!("prod_{id}"), "object": "product", "name": "P"}),
             )
         };
-        let cases: [(&Webhooks, Value, Outcome); 7] = [
+        // On Postgres `none` presumes `Processed` (nothing of it listens); `listening`
+        // and `failing` presume `Received` for a product (their handler will run).
+        let cases: [(&Webhooks, Value, Outcome); 8] = [
             (&none, customer.clone(), Outcome::Processed),
             (&none, customer.clone(), Outcome::Duplicate),
             (&listening, customer, Outcome::Duplicate),
             (&none, bad, Outcome::InvalidObject),
             (&listening, product("evt_row3"), Outcome::Processed),
+            (&listening, product("evt_row3"), Outcome::Duplicate),
             (&failing, product("evt_row4"), Outcome::HandlerFailed),
             // Its handler, registered elsewhere, has not succeeded yet: not a 200.
             (&none, product("evt_row4"), Outcome::HandlerFailed),
@@ -195,7 +198,10 @@ async fn each_delivery_row_says_what_was_answered() {
         for (i, (webhooks, ev, outcome)) in cases.into_iter().enumerate() {
             let r = webhooks.receive(&m, post(&ev)).await;
             assert_eq!(r.outcome, outcome, "{n}: case {i}: {:?}", r.error);
-            let d = &Delivery::recent(&m, 1).await.unwrap()[0];
+            // One row per delivery, not a presumed one and a corrected one.
+            let rows = Delivery::recent(&m, 100).await.unwrap();
+            assert_eq!(rows.len(), i + 1, "{n}: case {i}");
+            let d = &rows[0];
             let row = (
                 d.outcome.as_str(),
                 d.status_code,
@@ -1116,6 +1122,39 @@ async fn a_damaged_handler_log_fails_its_event_alone() {
             "{}",
             b.name
         );
+        // Each delivery of the group has one row, saying what it was answered; the
+        // damaged event's keeps its body (no event row stores it as taken).
+        let rows = Delivery::recent(&m, 100).await.unwrap();
+        assert_eq!(rows.len(), 18, "{}", b.name);
+        let mut logged: Vec<_> = rows
+            .iter()
+            .take(17)
+            .map(|d| {
+                (
+                    d.event_id.clone().unwrap(),
+                    d.outcome.clone(),
+                    d.status_code,
+                )
+            })
+            .collect();
+        logged.sort();
+        let mut ids: Vec<String> = others
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.insert(4, "evt_dmg".to_owned());
+        let mut expected: Vec<_> = ids
+            .into_iter()
+            .zip(&answers)
+            .map(|(id, a)| (id, a.outcome.as_str().to_owned(), Some(a.status as i32)))
+            .collect();
+        expected.sort();
+        assert_eq!(logged, expected, "{}", b.name);
+        let kept = rows
+            .iter()
+            .find(|d| d.event_id.as_deref() == Some("evt_dmg") && d.outcome == "error")
+            .expect("the damaged event's delivery");
+        assert_eq!(kept.body, damaged.to_string().into_bytes(), "{}", b.name);
     }
 }
 

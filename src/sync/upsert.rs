@@ -809,9 +809,11 @@ impl MirrorTable {
             (sql, binds)
         });
         // On Postgres the tombstones ride with the last child's upsert, one round trip
-        // fewer: the rows they touch are the ones the list leaves out, so the statement
-        // writes no row twice.
-        let ride = match conn {
+        // fewer. The two parts never meet on a row: the `NOT IN` list holds every child's
+        // id, this one's too (a narrower list would have the statement write a row
+        // twice). Their order within the statement is Postgres' to choose; nothing here
+        // relies on it.
+        let ride: Option<usize> = match conn {
             #[cfg(feature = "postgres")]
             Conn::Postgres(_) => parent.children.len().checked_sub(1),
             #[allow(unreachable_patterns)]

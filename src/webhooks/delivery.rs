@@ -2,7 +2,8 @@
 //! `stripe_webhook_deliveries` with its outcome (dj-stripe's WebhookEventTrigger). A
 //! verified event's row is written in the transaction that stores the event, so one
 //! commit serves both; when that transaction fails, the row is written on its own
-//! afterwards (for a 503, after the answer, best effort).
+//! afterwards (for a 503, after the answer, best effort). On Postgres that row is
+//! written by the very statement that stores the event (`Ride`), a round trip fewer.
 
 use diesel::prelude::*;
 

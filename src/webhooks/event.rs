@@ -243,6 +243,9 @@ pub(crate) enum Claim {
 /// finish it). Its sync runs next in the same transaction; an object that cannot be
 /// mapped is known before this runs (`settled` is then false), and work the sync
 /// leaves due (a re-fetch) claims it with [`reopen`].
+///
+/// `ride` (Postgres): the delivery's log row, inserted by the same statement, claimed
+/// or not; its id is kept in it.
 pub(crate) fn insert_and_claim(
     conn: &mut Conn<'_>,
     event: &Event,
@@ -343,7 +346,14 @@ pub(crate) fn insert_and_claim(
                     handlers,
                     status,
                 }),
-                _ => None,
+                Logged { attempts: None, .. } => None,
+                // The claim's columns are NOT NULL: claimed, all four are there.
+                _ => {
+                    return Err(Error::Corrupt {
+                        what: format!("event {}", event.id),
+                        problem: "its claim came back with a NULL column".to_owned(),
+                    });
+                }
             }
         }
         None => on_conn!(conn, c => Bound::new(&claim, &values).get_result(c).optional())?,

@@ -229,7 +229,9 @@ impl Webhooks {
         let (headers, remote) = (request.headers, request.remote_addr);
         // Group commit: deliveries arriving together share one transaction, and none is
         // answered before that transaction commits. The delivery is logged once, with its
-        // outcome when it is already known (one row written, not a row and an update).
+        // outcome when it is already known (one row written, not a row and an update; on
+        // Postgres the claim's statement writes it, updated only when the claim ends
+        // otherwise than presumed: [`delivery::Ride`]).
         let valid = checked.is_ok();
         let (headers, body) = (Arc::new(headers), Arc::new(body));
         let first = mirror
@@ -470,10 +472,12 @@ impl Webhooks {
             .await
     }
 
-    /// Stores, claims and syncs a verified event, and records the delivery's outcome
-    /// unless handlers still have to run. A database failure is returned as an error.
-    /// Claims and syncs; `Err` only for a write lost to a concurrent one (the group is
-    /// rolled back and tried again).
+    /// Stores, claims and syncs a verified event: the step its delivery is answered
+    /// with, or handlers to run. Bad input (an object that cannot be mapped, a damaged
+    /// stored event) is a step that fails this delivery alone; `Err` is a database
+    /// failure, which rolls the group back (a write lost to a concurrent one is tried
+    /// again). `ride`: the delivery's row, written by the claim's statement with the
+    /// outcome this registry should end in.
     fn claim(
         &self,
         conn: &mut crate::db::Conn<'_>,
