@@ -483,18 +483,10 @@ impl Webhooks {
         conn: &mut crate::db::Conn<'_>,
         event: Arc<Event>,
         (t, lease, live): (i64, i64, bool),
-        mut ride: Option<&mut delivery::Ride>,
+        ride: Option<&mut delivery::Ride>,
     ) -> Result<Step> {
         let keys = self.handler_keys(&event, live);
         let access = self.has_access_hook().then_some(live);
-        // With nothing of this registry to run, the claim ends processed; else its
-        // delivery is received, to be finished once they ran.
-        if let Some(ride) = ride.as_deref_mut() {
-            ride.presume(match keys.is_empty() && access.is_none() {
-                true => Outcome::Processed,
-                false => Outcome::Received,
-            });
-        }
         Ok(
             match claim_and_sync(conn, &event, false, t, lease, &keys, access, ride) {
                 Ok(Progress::Claimed(work)) if work.due || work.follow_up.is_some() => {
@@ -740,7 +732,7 @@ pub(crate) fn claim_and_sync(
     lease: i64,
     keys: &[String],
     access: Option<bool>,
-    ride: Option<&mut delivery::Ride>,
+    mut ride: Option<&mut delivery::Ride>,
 ) -> Result<Progress> {
     // `access`: the mirror's mode when an access hook listens. Only subscribers of that
     // mode are told (the gate reads that mode alone); the others stay marked for an app
@@ -756,6 +748,14 @@ pub(crate) fn claim_and_sync(
     let plan = builtin::plan(event);
     // Nothing of this registry listens: a new event can be stored processed at once.
     let settle = !force && keys.is_empty() && !hook && plan.is_ok();
+    // The delivery's row (Postgres) is written with the claim: processed when nothing
+    // of this registry is to run, else received, finished once it ran.
+    if let Some(ride) = ride.as_deref_mut() {
+        ride.presume(match keys.is_empty() && !hook {
+            true => Outcome::Processed,
+            false => Outcome::Received,
+        });
+    }
     let attempt = conn.atomic(|c| {
         let (token, synced, mut handlers, settled) =
             match event::insert_and_claim(c, event, force, settle, t, lease, ride)? {
